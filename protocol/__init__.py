@@ -1,0 +1,8 @@
+"""The wire contract both sides import.
+
+Pure modules (no I/O): ``topics`` (topic tree, id validation), ``envelope`` (JSON
+envelope codec), ``binary`` (tensor/chunk frames), ``config_loader``.
+The single network edge is ``mqttlink`` (paho → asyncio), imported only by daemons.
+"""
+from .topics import SCHEMA_VERSION, Topics, validate_id, InvalidId  # noqa: F401
+from .envelope import Envelope, DecodeError, decode, encode  # noqa: F401

@@ -1,0 +1,101 @@
+"""``edge-agent`` command line: thin over config + daemon.
+
+Options may also come from the environment: ``EDGE_AGENT_RUN_CONFIG`` etc.
+(click's ``auto_envvar_prefix``).
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+import click
+
+from . import __version__
+from .config import AgentConfig, ConfigError, load_config
+
+
+def setup_logging(level: str, json_logs: bool = False) -> None:
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), format=fmt, stream=sys.stderr)
+    logging.getLogger("paho").setLevel(logging.WARNING)
+
+
+def _overrides(broker: str | None, device_id: str | None) -> dict:
+    o: dict = {}
+    if broker:
+        o.setdefault("mqtt", {})["broker"] = broker
+    if device_id:
+        o.setdefault("device", {})["id"] = device_id
+    return o
+
+
+@click.group(context_settings={"auto_envvar_prefix": "EDGE_AGENT", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edge-agent")
+def cli() -> None:
+    """edgefleet's board daemon."""
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="agent TOML config")
+@click.option("--broker", default=None, help="override mqtt.broker (mqtt://host:port)")
+@click.option("--device-id", default=None, help="override device.id")
+def check(config_path: str, broker: str | None, device_id: str | None) -> None:
+    """Validate a config file; exit non-zero with the reason if it is bad."""
+    try:
+        cfg = load_config(config_path, _overrides(broker, device_id))
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(2)
+    click.echo(f"config OK: device {cfg.device.id} → {cfg.mqtt.broker}")
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="agent TOML config")
+@click.option("--broker", default=None, help="override mqtt.broker (mqtt://host:port)")
+@click.option("--device-id", default=None, help="override device.id")
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+def run(config_path: str, broker: str | None, device_id: str | None, log_level: str) -> None:
+    """Run the agent until SIGTERM/SIGINT."""
+    try:
+        cfg = load_config(config_path, _overrides(broker, device_id))
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(2)
+    setup_logging(log_level)
+    sys.exit(asyncio.run(_serve(cfg)))
+
+
+async def _serve(cfg: AgentConfig) -> int:
+    from .daemon import Agent  # imported here so `check` stays light
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    hits = {"n": 0}
+
+    def on_signal(signum: int) -> None:
+        # Handlers only set flags; a second signal forces exit (uvicorn's rule).
+        hits["n"] += 1
+        if hits["n"] > 1:
+            os._exit(128 + signum)
+        logging.getLogger("edge_agent").info("signal %s: shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    agent = Agent(cfg)
+    await agent.run(stop)
+    return 0
+
+
+def main() -> None:
+    cli(prog_name="edge-agent")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The agent's config: one frozen, typed object loaded from TOML.
+
+Every field has a default, so the smallest valid file is::
+
+    [device]
+    id = "pi-07"
+
+Loading has no side effects; ``load_config`` raises ``ConfigError`` naming the key.
+Environment overrides come from the CLI (``EDGE_AGENT_*``), not from here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from protocol.config_loader import ConfigError, build, check, load_toml, one_of
+from protocol.mqttlink import PROTOCOLS, BrokerUrlError, parse_broker_url
+from protocol.topics import InvalidId, validate_id, validate_root
+
+__all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
+
+
+@dataclass(frozen=True)
+class DeviceSection:
+    id: str = ""
+    group: str = "default"
+    location: str = ""
+
+    def __post_init__(self) -> None:
+        check(bool(self.id), "device.id", "is required (a unique id per board, e.g. 'pi-07')")
+        for key, val in (("device.id", self.id), ("device.group", self.group)):
+            try:
+                validate_id(val, key)
+            except InvalidId as exc:
+                raise ConfigError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    broker: str = "mqtt://127.0.0.1:1883"
+    protocol: str = "auto"
+    keepalive: int = 30
+    topic_root: str = "edgefleet"
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    min_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_message_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        try:
+            parse_broker_url(self.broker)
+        except BrokerUrlError as exc:
+            raise ConfigError(f"mqtt.broker: {exc}") from None
+        one_of(self.protocol, PROTOCOLS, "mqtt.protocol")
+        check(5 <= self.keepalive <= 3600, "mqtt.keepalive", f"must be 5..3600 s, got {self.keepalive}")
+        try:
+            validate_root(self.topic_root)
+        except InvalidId as exc:
+            raise ConfigError(f"mqtt.topic_root: {exc}") from None
+        check(0 < self.min_backoff_s <= self.max_backoff_s, "mqtt.min_backoff_s",
+              "must be > 0 and <= mqtt.max_backoff_s")
+        check(1024 <= self.max_message_bytes <= 64 * 1024 * 1024, "mqtt.max_message_bytes",
+              f"must be 1 KiB..64 MiB, got {self.max_message_bytes}")
+
+
+@dataclass(frozen=True)
+class TelemetrySection:
+    interval_s: float = 10.0
+    disk_path: str = "/"
+
+    def __post_init__(self) -> None:
+        check(0.1 <= self.interval_s <= 86400, "telemetry.interval_s", f"must be 0.1..86400, got {self.interval_s}")
+
+
+@dataclass(frozen=True)
+class HomeAssistantSection:
+    enabled: bool = True
+    prefix: str = "homeassistant"
+
+    def __post_init__(self) -> None:
+        try:
+            validate_root(self.prefix)
+        except InvalidId as exc:
+            raise ConfigError(f"homeassistant.prefix: {exc}") from None
+
+
+@dataclass(frozen=True)
+class StateSection:
+    dir: str = "/var/lib/edgefleet"
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device: DeviceSection = field(default_factory=DeviceSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    telemetry: TelemetrySection = field(default_factory=TelemetrySection)
+    homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
+    state: StateSection = field(default_factory=StateSection)
+    source: str = ""  # where it was loaded from, for messages
+
+    @property
+    def state_dir(self) -> Path:
+        return Path(self.state.dir)
+
+
+def parse_config(table: dict[str, Any], source: str = "<dict>") -> AgentConfig:
+    if "device" not in table:
+        raise ConfigError("[device] section with id = \"...\" is required")
+    cfg = build(AgentConfig, {k: v for k, v in table.items() if k != "source"})
+    return replace(cfg, source=source)
+
+
+def load_config(path: str | Path, overrides: dict[str, dict[str, Any]] | None = None) -> AgentConfig:
+    """Load and validate; ``overrides`` ({section: {key: value}}) win over the file."""
+    table = load_toml(path)
+    for section, values in (overrides or {}).items():
+        table.setdefault(section, {})
+        if not isinstance(table[section], dict):
+            raise ConfigError(f"{section} must be a table")
+        table[section].update(values)
+    return parse_config(table, str(path))

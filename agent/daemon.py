@@ -1,0 +1,262 @@
+"""The edge-agent daemon: wiring between the MQTT edge and the agent's parts.
+
+Lifecycle (uvicorn's shape): the CLI captures signals and loads config → ``Agent.run``
+connects, announces itself (retained state, HA discovery), publishes telemetry on an
+interval and serves commands/requests → on stop it publishes ``offline``, flushes
+and returns. Every inbound message goes through ``protocol.envelope.decode``; a bad
+one is logged with its reason, counted, and the loop goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import inspect
+import json
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+from protocol import envelope as env_mod
+from protocol.envelope import DecodeError, Envelope, encode
+from protocol.mqttlink import BrokerAddress, Message, MqttLink, TlsFiles, Will, parse_broker_url
+from protocol.topics import Topics
+
+from . import __version__, hass, sysinfo
+from .config import AgentConfig
+from .counters import Counters
+
+log = logging.getLogger("edge_agent")
+
+CommandHandler = Callable[[dict[str, Any], Envelope], "Awaitable[dict[str, Any]] | dict[str, Any]"]
+
+
+class CommandError(Exception):
+    """A command that cannot be carried out; the message goes back in the reply."""
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig) -> None:
+        self.cfg = cfg
+        self.device_id = cfg.device.id
+        self.topics = Topics(cfg.mqtt.topic_root)
+        self.counters = Counters(self.topics, cfg.homeassistant.prefix)
+        self.started = time.monotonic()
+        self.seq = 0
+        self.link: MqttLink | None = None
+        self.commands: dict[str, CommandHandler] = {
+            "ping": self._cmd_ping,
+            "describe": self._cmd_describe,
+            "telemetry.now": self._cmd_telemetry_now,
+        }
+        #: name → callable returning a JSON-able dict merged into telemetry under that name
+        self.telemetry_providers: dict[str, Callable[[], dict[str, Any]]] = {}
+        self.request_handlers: dict[str, Callable[[Envelope, Message], Awaitable[None]]] = {}
+        self.runtimes: list[str] = []
+        self._telemetry_now = asyncio.Event()
+        self._stopping = False
+
+    # -- payload builders ------------------------------------------------
+    def _envelope(self, kind: str, body: dict[str, Any], **kw: Any) -> Envelope:
+        return Envelope(kind=kind, sender=self.device_id, body=body, **kw)
+
+    def state_body(self, status: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"status": status, "group": self.cfg.device.group}
+        if status == "online":
+            body["versions"] = {"agent": __version__, "protocol": env_mod.SCHEMA_VERSION}
+            body["capabilities"] = sysinfo.capabilities(self.runtimes)
+            if self.cfg.device.location:
+                body["location"] = self.cfg.device.location
+        return body
+
+    def telemetry_body(self) -> dict[str, Any]:
+        self.seq += 1
+        body: dict[str, Any] = {"seq": self.seq, "interval_s": self.cfg.telemetry.interval_s}
+        body.update(sysinfo.health(self.cfg.telemetry.disk_path, self.started))
+        body.update(self.counters.snapshot())
+        link = self.link
+        if link is not None:
+            body["link"] = {"connects": link.connects, "disconnects": link.disconnects,
+                            "mqtt": "5" if link.is_v5 else "3.1.1",
+                            "dropped_incoming": link.dropped_incoming}
+        for name, provider in self.telemetry_providers.items():
+            try:
+                body[name] = provider()
+            except Exception:  # noqa: BLE001 - a broken provider must not stop telemetry
+                log.exception("telemetry provider %s failed", name)
+                self.counters.reject("telemetry_provider_error")
+        return body
+
+    # -- publishing ------------------------------------------------------
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, **props: Any) -> bool:
+        link = self.link
+        if link is None:
+            return False
+        ok = link.publish(topic, payload, qos, retain, **props)
+        if ok:
+            self.counters.sent(topic, len(payload))
+        else:
+            self.counters.reject("unsent_" + self.counters.topic_class(topic))
+        return ok
+
+    def emit_event(self, event: str, level: str = "info", **data: Any) -> bool:
+        body = {"event": event, "level": level, **data}
+        return self.publish(self.topics.events(self.device_id), encode(self._envelope("event", body)), qos=1)
+
+    def publish_telemetry(self) -> bool:
+        env = self._envelope("telemetry", self.telemetry_body())
+        return self.publish(self.topics.telemetry(self.device_id), encode(env), qos=0)
+
+    def reply(self, request: Envelope, msg: Message | None, body: dict[str, Any]) -> bool:
+        """Reply inside our own subtree: the requester's reply_to if it is ours, else the default."""
+        topic = self.topics.reply(self.device_id)
+        reply_to = request.reply_to or (msg.response_topic if msg else None)
+        if reply_to:
+            if self.topics.is_own_reply(self.device_id, reply_to):
+                topic = reply_to
+            else:
+                self.counters.reject("reply_to_outside_subtree")
+                body = {"ok": False, "error": f"reply_to {reply_to!r} is outside {topic}/..."}
+        corr = request.corr or (msg.correlation.decode("utf-8", "replace") if msg and msg.correlation else None)
+        env = Envelope(kind="reply", sender=self.device_id, body=body, corr=corr or request.id)
+        return self.publish(topic, encode(env), qos=1,
+                            correlation=msg.correlation if msg and msg.correlation else None)
+
+    # -- connection hooks ------------------------------------------------
+    async def _on_connect(self) -> None:
+        state = encode(self._envelope("state", self.state_body("online")))
+        self.publish(self.topics.state(self.device_id), state, qos=1, retain=True)
+        if self.cfg.homeassistant.enabled:
+            self.announce_hass()
+        self.emit_event("connected", mqtt="5" if self.link and self.link.is_v5 else "3.1.1")
+        self._telemetry_now.set()
+
+    def announce_hass(self) -> None:
+        for topic, payload in hass.discovery_messages(self.topics, self.device_id,
+                                                      self.cfg.homeassistant.prefix, __version__):
+            self.publish(topic, payload, qos=1, retain=True)
+
+    # -- main ------------------------------------------------------------
+    def _make_link(self) -> MqttLink:
+        m = self.cfg.mqtt
+        addr: BrokerAddress = parse_broker_url(m.broker)
+        if m.username:
+            password = None
+            if m.password_file:
+                with open(m.password_file, encoding="utf-8") as fh:
+                    password = fh.read().strip()
+            addr = BrokerAddress(addr.host, addr.port, addr.tls, m.username, password)
+        offline = encode(self._envelope("state", self.state_body("offline")))
+        subs = [(self.topics.cmd(self.device_id), 1), (self.topics.req(self.device_id), 1),
+                (self.topics.group_cmd(self.cfg.device.group), 1)]
+        if self.cfg.homeassistant.enabled:
+            subs.append((hass.birth_topic(self.cfg.homeassistant.prefix), 0))
+        tls = TlsFiles(m.ca_file or None, m.cert_file or None, m.key_file or None) if m.ca_file else None
+        return MqttLink(self.device_id, addr, protocol=m.protocol, keepalive=m.keepalive,
+                        will=Will(self.topics.state(self.device_id), offline, 1, True), tls=tls,
+                        subscriptions=subs, on_connect=self._on_connect,
+                        min_backoff=m.min_backoff_s, max_backoff=m.max_backoff_s)
+
+    async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
+        self.link = self._make_link()
+        await self.link.start()
+        tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
+                 asyncio.create_task(self._message_loop(), name="messages")]
+        if ready:
+            ready()
+        try:
+            await stop.wait()
+        finally:
+            self._stopping = True
+            await self.shutdown(tasks)
+
+    async def shutdown(self, tasks: list[asyncio.Task], timeout: float = 1.2) -> None:
+        link = self.link
+        if link is not None and link.connected.is_set():
+            offline = encode(self._envelope("state", self.state_body("offline")))
+            await link.publish_and_wait(self.topics.state(self.device_id), offline, 1, True, timeout)
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if link is not None:
+            await link.stop()
+
+    async def _telemetry_loop(self) -> None:
+        interval = self.cfg.telemetry.interval_s
+        while True:
+            try:
+                await asyncio.wait_for(self._telemetry_now.wait(), interval)
+            except asyncio.TimeoutError:
+                pass
+            self._telemetry_now.clear()
+            if self.link and self.link.connected.is_set():
+                self.publish_telemetry()
+
+    async def _message_loop(self) -> None:
+        assert self.link is not None
+        q = self.link.messages
+        while True:
+            msg = await q.get()
+            try:
+                await self.handle_message(msg)
+            except Exception:  # noqa: BLE001 - our bug; count it and keep serving
+                log.exception("internal error handling a message on %s", msg.topic)
+                self.counters.reject("internal_error")
+
+    async def handle_message(self, msg: Message) -> None:
+        self.counters.received(msg.topic, len(msg.payload))
+        if self.cfg.homeassistant.enabled and msg.topic == hass.birth_topic(self.cfg.homeassistant.prefix):
+            if msg.payload.strip() == b"online":
+                log.info("Home Assistant (re)started: re-announcing discovery")
+                self.announce_hass()
+            return
+        try:
+            env = env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes)
+        except DecodeError as exc:
+            self.counters.reject(exc.reason)
+            log.warning("rejected message on %s: %s", msg.topic, exc)
+            return
+        if env.kind == "cmd":
+            await self._handle_cmd(env, msg)
+        elif env.kind in self.request_handlers:
+            await self.request_handlers[env.kind](env, msg)
+        else:
+            self.counters.reject("unexpected_kind")
+            log.warning("rejected %s message on %s: not handled by this agent", env.kind, msg.topic)
+            if env.reply_to or msg.response_topic:
+                self.reply(env, msg, {"ok": False, "error": f"kind {env.kind!r} is not served here"})
+
+    async def _handle_cmd(self, env: Envelope, msg: Message) -> None:
+        name = env.body["command"]
+        args = env.body.get("args") or {}
+        handler = self.commands.get(name)
+        if handler is None:
+            self.counters.reject("unknown_command")
+            log.warning("unknown command %r from %s", name, env.sender)
+            self.reply(env, msg, {"ok": False, "command": name,
+                                  "error": f"unknown command {name!r}; known: {', '.join(sorted(self.commands))}"})
+            return
+        try:
+            result = handler(args, env)
+            if inspect.isawaitable(result):
+                result = await result
+        except CommandError as exc:
+            self.counters.reject("command_failed")
+            self.reply(env, msg, {"ok": False, "command": name, "error": str(exc)})
+            return
+        self.counters.events["cmd_" + name] += 1
+        self.reply(env, msg, {"ok": True, "command": name, "result": result})
+
+    # -- built-in commands -----------------------------------------------
+    def _cmd_ping(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        return {"pong": True, "agent_uptime_s": round(time.monotonic() - self.started, 3)}
+
+    def _cmd_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        return {"state": self.state_body("online"), "commands": sorted(self.commands),
+                "config_source": self.cfg.source}
+
+    def _cmd_telemetry_now(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        self._telemetry_now.set()
+        return {"scheduled": True}
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, separators=(",", ":"))

@@ -1,0 +1,69 @@
+"""Home Assistant MQTT discovery: pure builders of (topic, payload) pairs.
+
+Each device becomes an HA device with a handful of sensors read straight from the
+telemetry topic with value templates; availability follows the retained state
+topic, so HA greys the device out when the last will fires.
+"""
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from protocol.topics import Topics
+
+# (object id, name, value template over the telemetry envelope, unit, device class, state class)
+SENSORS: tuple[tuple[str, str, str, str | None, str | None], ...] = (
+    ("cpu", "CPU", "{{ value_json.body.cpu_percent }}", "%", None),
+    ("memory", "Memory used", "{{ value_json.body.mem_used_percent }}", "%", None),
+    ("disk", "Disk used", "{{ value_json.body.disk.used_percent }}", "%", None),
+    ("temperature", "Temperature", "{{ value_json.body.temperature_c }}", "°C", "temperature"),
+    ("rss", "Agent memory", "{{ value_json.body.rss_mb }}", "MB", None),
+    ("load", "Load (1 min)", "{{ value_json.body.load[0] }}", None, None),
+    ("uptime", "Uptime", "{{ value_json.body.uptime_s }}", "s", "duration"),
+    ("tx_bytes", "Data sent", "{{ value_json.body.bytes.tx_total }}", "B", "data_size"),
+)
+
+
+def node_id(device_id: str) -> str:
+    """HA object ids allow [a-zA-Z0-9_-]; our ids may also carry '.' and ':'."""
+    return "edgefleet_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in device_id)
+
+
+def discovery_messages(topics: Topics, device_id: str, prefix: str, sw_version: str,
+                       model: str = "edge-agent") -> list[tuple[str, bytes]]:
+    nid = node_id(device_id)
+    device: dict[str, Any] = {"identifiers": [nid], "name": device_id, "manufacturer": "edgefleet",
+                              "model": model, "sw_version": sw_version}
+    out: list[tuple[str, bytes]] = []
+    for oid, name, tmpl, unit, dclass in SENSORS:
+        cfg: dict[str, Any] = {
+            "name": name,
+            "unique_id": f"{nid}_{oid}",
+            "object_id": f"{nid}_{oid}",
+            "state_topic": topics.telemetry(device_id),
+            "value_template": tmpl,
+            "availability_topic": topics.state(device_id),
+            "availability_template": "{{ value_json.body.status }}",
+            "payload_available": "online",
+            "payload_not_available": "offline",
+            "state_class": "measurement" if dclass not in ("data_size",) else "total_increasing",
+            "device": device,
+        }
+        if unit:
+            cfg["unit_of_measurement"] = unit
+        if dclass:
+            cfg["device_class"] = dclass
+        out.append((f"{prefix}/sensor/{nid}/{oid}/config", json.dumps(cfg, separators=(",", ":")).encode()))
+    status = {
+        "name": "Status", "unique_id": f"{nid}_status", "object_id": f"{nid}_status",
+        "state_topic": topics.state(device_id), "value_template": "{{ value_json.body.status }}",
+        "payload_on": "online", "payload_off": "offline", "device_class": "connectivity",
+        "device": device,
+    }
+    out.append((f"{prefix}/binary_sensor/{nid}/status/config", json.dumps(status, separators=(",", ":")).encode()))
+    return out
+
+
+def birth_topic(prefix: str) -> str:
+    """HA publishes 'online' here when it (re)starts; we re-announce on it."""
+    return f"{prefix}/status"

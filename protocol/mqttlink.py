@@ -1,0 +1,305 @@
+"""The one MQTT edge both sides use: paho-mqtt handed to an asyncio loop.
+
+This is the only module in ``protocol`` that touches the network, and nothing in the
+pure modules imports it. Paho's types stop here: callers see ``Message`` and plain
+``publish``/``subscribe`` calls.
+
+Shape (aiomqtt-like, kept small):
+* paho's network thread does socket I/O and hands every callback to the asyncio loop
+  with ``call_soon_threadsafe``; all our state lives on the loop thread.
+* reconnects with exponential backoff whose first step is jittered (``on_disconnect``
+  re-seeds paho's delay), so a fleet does not stampede a restarted broker.
+* ``protocol="auto"`` tries MQTT 5 and falls back to 3.1.1 when the broker says
+  "unsupported protocol version" (amqtt, old brokers). MQTT 5 response-topic /
+  correlation-data are used only when the session is v5; the envelope carries
+  ``reply_to``/``corr`` either way.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+import logging
+import random
+import ssl
+from typing import Awaitable, Callable
+from urllib.parse import urlsplit, unquote
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+log = logging.getLogger(__name__)
+
+PROTOCOLS = ("auto", "5", "3.1.1")
+
+
+class BrokerUrlError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool = False
+    username: str | None = None
+    password: str | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """``mqtt://[user[:pass]@]host[:port]`` or ``mqtts://...``; clear error otherwise."""
+    if not isinstance(url, str) or "://" not in url:
+        raise BrokerUrlError(f"broker URL {url!r} must look like mqtt://host:port")
+    parts = urlsplit(url)
+    if parts.scheme not in ("mqtt", "mqtts", "tcp", "ssl"):
+        raise BrokerUrlError(f"broker URL scheme {parts.scheme!r} is not mqtt:// or mqtts://")
+    tls = parts.scheme in ("mqtts", "ssl")
+    if not parts.hostname:
+        raise BrokerUrlError(f"broker URL {url!r} has no host")
+    try:
+        port = parts.port or (8883 if tls else 1883)
+    except ValueError:
+        raise BrokerUrlError(f"broker URL {url!r} has an invalid port") from None
+    if parts.path not in ("", "/"):
+        raise BrokerUrlError(f"broker URL {url!r} must not have a path")
+    return BrokerAddress(parts.hostname, port, tls,
+                         unquote(parts.username) if parts.username else None,
+                         unquote(parts.password) if parts.password else None)
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+
+
+@dataclass(frozen=True)
+class Will:
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+@dataclass(frozen=True)
+class Message:
+    topic: str
+    payload: bytes
+    qos: int = 0
+    retain: bool = False
+    response_topic: str | None = None
+    correlation: bytes | None = None
+
+
+class MqttLink:
+    """One MQTT session, reconnecting forever until ``stop()``."""
+
+    def __init__(self, client_id: str, broker: BrokerAddress, *, protocol: str = "auto",
+                 keepalive: int = 30, will: Will | None = None, tls: TlsFiles | None = None,
+                 subscriptions: list[tuple[str, int]] | None = None,
+                 on_connect: Callable[[], Awaitable[None] | None] | None = None,
+                 min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000) -> None:
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
+        self.client_id = client_id
+        self.broker = broker
+        self.protocol = protocol
+        self.keepalive = keepalive
+        self.will = will
+        self.tls = tls
+        self.subscriptions = list(subscriptions or [])
+        self.on_connect = on_connect
+        self.min_backoff = min_backoff
+        self.max_backoff = max_backoff
+        self.messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self.connected = asyncio.Event()
+        self.dropped_incoming = 0
+        self.connects = 0
+        self.disconnects = 0
+        self.last_error: str | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._client: mqtt.Client | None = None
+        self._v5 = protocol != "3.1.1"
+        self._stopping = False
+        self._tasks: set[asyncio.Task] = set()
+
+    # -- lifecycle -------------------------------------------------------
+    @property
+    def is_v5(self) -> bool:
+        return self._v5 and self.connected.is_set()
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._start_client()
+
+    def _start_client(self) -> None:
+        proto = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto,
+                        clean_session=None if self._v5 else True)
+        if self.broker.username:
+            c.username_pw_set(self.broker.username, self.broker.password)
+        if self.broker.tls or (self.tls and self.tls.ca_file):
+            t = self.tls or TlsFiles()
+            c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
+                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+        if self.will:
+            c.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
+        c.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
+        c.max_queued_messages_set(10000)
+        c.on_connect = self._cb_connect
+        c.on_disconnect = self._cb_disconnect
+        c.on_message = self._cb_message
+        self._client = c
+        c.connect_async(self.broker.host, self.broker.port, self.keepalive)
+        c.loop_start()
+
+    def _jittered_min(self) -> float:
+        return self.min_backoff * random.uniform(0.5, 1.5)
+
+    async def stop(self, timeout: float = 1.0) -> None:
+        """Clean disconnect (no last will is sent) and stop the network thread."""
+        self._stopping = True
+        c = self._client
+        if c is None:
+            return
+        try:
+            c.disconnect()
+        except Exception:  # noqa: BLE001 - already gone is fine
+            pass
+        await asyncio.get_running_loop().run_in_executor(None, c.loop_stop)
+        self.connected.clear()
+        for t in list(self._tasks):
+            t.cancel()
+
+    async def wait_connected(self, timeout: float | None = None) -> bool:
+        try:
+            await asyncio.wait_for(self.connected.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    # -- paho thread → loop ---------------------------------------------
+    def _post(self, fn: Callable, *args: object) -> None:
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            try:
+                loop.call_soon_threadsafe(fn, *args)
+            except RuntimeError:  # loop closing during shutdown
+                pass
+
+    def _cb_connect(self, client, userdata, flags, rc, props=None) -> None:
+        self._post(self._on_connect, client, rc.value if hasattr(rc, "value") else int(rc), str(rc))
+
+    def _cb_disconnect(self, client, userdata, flags, rc, props=None) -> None:
+        try:
+            client.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
+        except Exception:  # noqa: BLE001
+            pass
+        self._post(self._on_disconnect, client, str(rc))
+
+    def _cb_message(self, client, userdata, m) -> None:
+        rt = corr = None
+        props = getattr(m, "properties", None)
+        if props is not None:
+            rt = getattr(props, "ResponseTopic", None)
+            corr = getattr(props, "CorrelationData", None)
+        self._post(self._enqueue, Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr))
+
+    # -- loop thread -----------------------------------------------------
+    def _enqueue(self, msg: Message) -> None:
+        try:
+            self.messages.put_nowait(msg)
+        except asyncio.QueueFull:
+            self.dropped_incoming += 1
+
+    def _on_connect(self, client: mqtt.Client, rc: int, reason: str) -> None:
+        if client is not self._client or self._stopping:
+            return
+        if rc != 0:
+            self.last_error = reason
+            if self.protocol == "auto" and self._v5 and rc in (1, 0x84):
+                log.info("broker %s does not speak MQTT 5 (%s); falling back to 3.1.1", self.broker.url, reason)
+                self._v5 = False
+                self._client = None
+                self._spawn(self._restart(client))
+            else:
+                log.warning("MQTT connect to %s refused: %s", self.broker.url, reason)
+            return
+        self.connects += 1
+        self.last_error = None
+        for flt, qos in self.subscriptions:
+            client.subscribe(flt, qos)
+        self.connected.set()
+        log.info("connected to %s as %s (MQTT %s)", self.broker.url, self.client_id, "5" if self._v5 else "3.1.1")
+        if self.on_connect:
+            res = self.on_connect()
+            if asyncio.iscoroutine(res):
+                self._spawn(res)
+
+    async def _restart(self, old: mqtt.Client) -> None:
+        try:
+            old.disconnect()
+        except Exception:  # noqa: BLE001
+            pass
+        await asyncio.get_running_loop().run_in_executor(None, old.loop_stop)
+        if not self._stopping:
+            self._start_client()
+
+    def _on_disconnect(self, client: mqtt.Client, reason: str) -> None:
+        if client is not self._client:
+            return
+        if self.connected.is_set():
+            self.disconnects += 1
+            if not self._stopping:
+                log.warning("disconnected from %s: %s", self.broker.url, reason)
+        self.connected.clear()
+
+    def _spawn(self, coro: Awaitable) -> None:
+        t = asyncio.ensure_future(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # -- API used from the loop thread ----------------------------------
+    def subscribe(self, flt: str, qos: int = 1) -> None:
+        """Subscribe now and on every reconnect."""
+        if (flt, qos) not in self.subscriptions:
+            self.subscriptions.append((flt, qos))
+        if self._client is not None and self.connected.is_set():
+            self._client.subscribe(flt, qos)
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, *,
+                response_topic: str | None = None, correlation: bytes | None = None) -> bool:
+        """Hand a message to paho. False if it could not be accepted (not connected)."""
+        c = self._client
+        if c is None or not self.connected.is_set():
+            return False
+        props = None
+        if self._v5 and (response_topic or correlation):
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+        info = c.publish(topic, payload, qos, retain, properties=props)
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    async def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
+                               timeout: float = 1.0) -> bool:
+        """Publish and wait until the broker acknowledged it (QoS 1) or ``timeout``."""
+        c = self._client
+        if c is None or not self.connected.is_set():
+            return False
+        info = c.publish(topic, payload, qos, retain)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            return False
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while not info.is_published() and loop.time() < deadline:
+            await asyncio.sleep(0.01)
+        return info.is_published()
