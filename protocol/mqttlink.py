@@ -123,6 +123,7 @@ class MqttLink:
         self.connects = 0
         self.disconnects = 0
         self.last_error: str | None = None
+        self.connack_timeout = 3.0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._v5 = protocol != "3.1.1"
@@ -155,6 +156,7 @@ class MqttLink:
         c.on_connect = self._cb_connect
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
+        c.on_socket_open = self._cb_socket_open
         self._client = c
         c.connect_async(self.broker.host, self.broker.port, self.keepalive)
         c.loop_start()
@@ -196,7 +198,19 @@ class MqttLink:
     def _cb_connect(self, client, userdata, flags, rc, props=None) -> None:
         self._post(self._on_connect, client, rc.value if hasattr(rc, "value") else int(rc), str(rc))
 
+    def _cb_socket_open(self, client, userdata, sock) -> None:
+        if self.protocol == "auto" and self._v5 and self.connects == 0:
+            self._post(self._arm_connack_timer, client)
+
+    def _arm_connack_timer(self, client: mqtt.Client) -> None:
+        # amqtt (3.1.1 only) silently ignores an MQTT 5 CONNECT that carries a will:
+        # no CONNACK, no close. Treat "TCP up but no CONNACK" as "speaks 3.1.1 only".
+        if self._loop is not None:
+            self._loop.call_later(self.connack_timeout, self._maybe_fallback, client, "no CONNACK")
+
     def _cb_disconnect(self, client, userdata, flags, rc, props=None) -> None:
+        # Some 3.1.1-only brokers (amqtt with a will) drop a v5 CONNECT without a CONNACK.
+        self._post(self._maybe_fallback, client, str(rc))
         try:
             client.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
         except Exception:  # noqa: BLE001
@@ -241,6 +255,14 @@ class MqttLink:
             res = self.on_connect()
             if asyncio.iscoroutine(res):
                 self._spawn(res)
+
+    def _maybe_fallback(self, client: mqtt.Client, reason: str) -> None:
+        if (client is self._client and self.protocol == "auto" and self._v5 and self.connects == 0
+                and not self._stopping and not self.connected.is_set()):
+            log.info("broker %s did not accept an MQTT 5 connect (%s); falling back to 3.1.1", self.broker.url, reason)
+            self._v5 = False
+            self._client = None
+            self._spawn(self._restart(client))
 
     async def _restart(self, old: mqtt.Client) -> None:
         try:

@@ -1,0 +1,287 @@
+"""``fleetctl``: the controller service and the CLI people use.
+
+Global options (also from the environment, click's auto_envvar_prefix):
+``--broker`` / FLEETCTL_BROKER, ``--config`` / FLEETCTL_CONFIG, ``--db`` / FLEETCTL_DB.
+Reads (`devices`, `device show`, `telemetry`) come from the registry that
+`fleetctl serve` writes; live views (`telemetry --follow`, `cmd`) use the broker.
+``--json`` output is stable and documented in docs/cli.md.
+"""
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import logging
+import os
+import signal
+import sys
+from dataclasses import replace
+from typing import Any
+
+import click
+
+from .config import ConfigError, ControllerConfig, load_config
+from .registry import Registry, RegistryError
+from .table import age, render
+
+log = logging.getLogger("fleetctl")
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(level=getattr(logging, level.upper(), logging.INFO), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+class Ctx:
+    def __init__(self, config: str | None, broker: str | None, db: str | None, topic_root: str | None) -> None:
+        self.config_path, self.broker, self.db, self.topic_root = config, broker, db, topic_root
+
+    def cfg(self) -> ControllerConfig:
+        o: dict[str, dict[str, Any]] = {}
+        if self.broker:
+            o.setdefault("mqtt", {})["broker"] = self.broker
+        if self.topic_root:
+            o.setdefault("mqtt", {})["topic_root"] = self.topic_root
+        if self.db:
+            o.setdefault("registry", {})["path"] = self.db
+        try:
+            return load_config(self.config_path, o)
+        except ConfigError as exc:
+            raise click.UsageError(f"config error: {exc}") from None
+
+    def registry(self) -> Registry:
+        try:
+            return Registry(self.cfg().db_path, readonly=True)
+        except RegistryError as exc:
+            raise click.ClickException(str(exc)) from None
+
+
+pass_ctx = click.make_pass_decorator(Ctx)
+
+
+@click.group(context_settings={"auto_envvar_prefix": "FLEETCTL", "help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), default=None, help="controller TOML config")
+@click.option("--broker", default=None, help="broker URL, mqtt://host:port (overrides config)")
+@click.option("--db", default=None, help="registry SQLite file (overrides config)")
+@click.option("--topic-root", default=None, help="topic root (default edgefleet)")
+@click.version_option("0.1.0", prog_name="fleetctl")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, broker: str | None, db: str | None, topic_root: str | None) -> None:
+    """edgefleet's fleet controller and CLI."""
+    ctx.obj = Ctx(config, broker, db, topic_root)
+
+
+# -- service ------------------------------------------------------------------
+@cli.command()
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@pass_ctx
+def serve(c: Ctx, log_level: str) -> None:
+    """Run the controller service until SIGTERM/SIGINT."""
+    cfg = c.cfg()
+    setup_logging(log_level)
+    asyncio.run(_serve(cfg))
+
+
+async def _serve(cfg: ControllerConfig) -> None:
+    from .service import ControllerService
+
+    stop = asyncio.Event()
+    hits = {"n": 0}
+
+    def on_signal(signum: int) -> None:
+        hits["n"] += 1
+        if hits["n"] > 1:
+            os._exit(128 + signum)
+        stop.set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal, sig)
+    svc = ControllerService(cfg)
+    log.info("registry %s, broker %s", cfg.db_path, cfg.mqtt.broker)
+    await svc.run(stop)
+
+
+# -- registry reads -----------------------------------------------------------
+def device_rows(devs: list) -> tuple[list[str], list[list[Any]]]:
+    headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C"]
+    rows = []
+    for d in devs:
+        m = d.key_metrics()
+        rows.append([d.id, d.group, d.online, age(d.last_seen), d.model, m["cpu_percent"],
+                     m["mem_used_percent"], m["rss_mb"], m["temperature_c"]])
+    return headers, rows
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="machine-readable output")
+@pass_ctx
+def devices(c: Ctx, as_json: bool) -> None:
+    """List devices: id, online, last seen, model, key metrics."""
+    reg = c.registry()
+    devs = reg.devices()
+    if as_json:
+        click.echo(json.dumps({"devices": [_device_summary(d) for d in devs]}, indent=2))
+        return
+    if not devs:
+        click.echo("no devices yet")
+        return
+    click.echo(render(*device_rows(devs)))
+
+
+def _device_summary(d: Any) -> dict[str, Any]:
+    return {"id": d.id, "group": d.group, "online": d.online, "last_seen": d.last_seen,
+            "model": d.model, "metrics": d.key_metrics()}
+
+
+@cli.group()
+def device() -> None:
+    """One device."""
+
+
+@device.command("show")
+@click.argument("device_id")
+@click.option("--json", "as_json", is_flag=True)
+@pass_ctx
+def device_show(c: Ctx, device_id: str, as_json: bool) -> None:
+    """Everything the registry knows about DEVICE_ID."""
+    reg = c.registry()
+    d = reg.device(device_id)
+    if d is None:
+        raise click.ClickException(f"unknown device {device_id!r}")
+    events = reg.events(device_id, limit=10)
+    if as_json:
+        click.echo(json.dumps({**d.to_json(), "recent_events": events}, indent=2))
+        return
+    caps = (d.state or {}).get("capabilities", {})
+    t = d.telemetry or {}
+    lines = [f"device     {d.id}", f"group      {d.group}", f"online     {'yes' if d.online else 'no'}",
+             f"last seen  {age(d.last_seen)}", f"model      {d.model or '-'}",
+             f"runtimes   {', '.join(caps.get('runtimes', [])) or '-'}",
+             f"cores      {caps.get('cores', '-')}   memory {caps.get('memory_mb', '-')} MB   arch {caps.get('arch', '-')}"]
+    if t:
+        lines += [f"cpu        {t.get('cpu_percent')}%   load {t.get('load')}",
+                  f"memory     {t.get('mem_used_percent')}% used, agent RSS {t.get('rss_mb')} MB",
+                  f"uptime     {t.get('uptime_s')} s (agent {t.get('agent_uptime_s')} s)",
+                  f"bytes      tx {t.get('bytes', {}).get('tx')}  rx {t.get('bytes', {}).get('rx')}"]
+    if events:
+        lines.append("events")
+        lines += [f"  {age(e['ts'])}  {e['level'] or ''} {e['event']}" for e in events]
+    click.echo("\n".join(lines))
+
+
+@cli.command()
+@click.option("--device", "device_id", default=None, help="only this device")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--follow", "-f", is_flag=True, help="stream live telemetry from the broker")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@pass_ctx
+def telemetry(c: Ctx, device_id: str | None, limit: int, follow: bool, as_json: bool) -> None:
+    """Recent telemetry from the registry, or live with --follow."""
+    if follow:
+        try:
+            asyncio.run(_follow(c.cfg(), device_id, as_json))
+        except KeyboardInterrupt:
+            pass
+        return
+    reg = c.registry()
+    rows = reg.telemetry(device_id, limit=limit)
+    for r in rows:
+        _print_telemetry(r["device"], r["ts"], r["body"], as_json)
+
+
+def _print_telemetry(dev: str, ts: float, body: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps({"device": dev, "ts": ts, "body": body}))
+    else:
+        click.echo(f"{dev:<16} seq={body.get('seq')} cpu={body.get('cpu_percent')}% "
+                   f"mem={body.get('mem_used_percent')}% rss={body.get('rss_mb')}MB "
+                   f"tx={body.get('bytes', {}).get('tx_total')}B")
+
+
+async def _follow(cfg: ControllerConfig, device_id: str | None, as_json: bool) -> None:
+    from .client import FleetClient
+    from protocol.envelope import DecodeError
+
+    async with FleetClient(cfg) as fc:
+        async for dev, env in fc.follow("telemetry"):
+            if device_id and dev != device_id:
+                continue
+            if isinstance(env, DecodeError):
+                click.echo(f"{dev}: rejected: {env}", err=True)
+                continue
+            _print_telemetry(dev, env.ts, dict(env.body), as_json)
+
+
+@cli.command("cmd")
+@click.argument("device_id")
+@click.argument("command")
+@click.option("--arg", "args", multiple=True, help="KEY=VALUE (VALUE parsed as JSON when it can be)")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@pass_ctx
+def cmd(c: Ctx, device_id: str, command: str, args: tuple[str, ...], timeout: float) -> None:
+    """Send COMMAND to DEVICE_ID and print its reply (e.g. `fleetctl cmd pi-07 ping`)."""
+    from protocol.topics import InvalidId, validate_id
+
+    try:
+        validate_id(device_id)
+    except InvalidId as exc:
+        raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from None
+    parsed: dict[str, Any] = {}
+    for a in args:
+        if "=" not in a:
+            raise click.BadParameter(f"{a!r} is not KEY=VALUE", param_hint="--arg")
+        k, v = a.split("=", 1)
+        try:
+            parsed[k] = json.loads(v)
+        except ValueError:
+            parsed[k] = v
+    reply = asyncio.run(_cmd(c.cfg(), device_id, command, parsed, timeout))
+    click.echo(json.dumps(reply, indent=2))
+    if not reply.get("ok"):
+        sys.exit(1)
+
+
+async def _cmd(cfg: ControllerConfig, device_id: str, command: str, args: dict[str, Any], timeout: float) -> dict:
+    from .client import FleetClient, FleetClientError
+
+    try:
+        async with FleetClient(cfg) as fc:
+            return await fc.command(device_id, command, args, timeout)
+    except FleetClientError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+# -- demo ---------------------------------------------------------------------
+@cli.command()
+@click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50), help="number of agents")
+@click.option("--duration", default=None, type=click.FloatRange(1, 86400), help="stop after S seconds")
+@click.option("--json", "as_json", is_flag=True, help="print a final machine-readable summary")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.2, 60), help="telemetry interval")
+@click.pass_context
+def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool, interval: float) -> None:
+    """Embedded broker + controller + N agents, with the fleet shown live."""
+    from .demo import run_demo
+
+    c: Ctx = ctx.obj
+    sys.exit(run_demo(agents=agents, broker=c.broker, duration=duration, as_json=as_json, interval=interval,
+                      topic_root=c.topic_root))
+
+
+def _register_optional() -> None:
+    """Sub-command groups that live in their own modules (model tooling, certs…)."""
+    for module, attr in (("controller.model_cli", "model"), ("controller.certs_cli", "certs")):
+        if importlib.util.find_spec(module) is not None:
+            mod = importlib.import_module(module)
+            cli.add_command(getattr(mod, attr))
+
+
+_register_optional()
+
+
+def main() -> None:
+    cli(prog_name="fleetctl")
+
+
+if __name__ == "__main__":
+    main()

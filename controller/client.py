@@ -1,0 +1,98 @@
+"""A short-lived fleet client for the CLI: request/response and live subscriptions.
+
+Replies come back inside the device's own subtree
+(``{root}/v1/dev/{id}/reply/{client_id}``) so the broker ACL never has to let a
+device write elsewhere; correlation is by ``corr`` in the envelope (and MQTT 5
+correlation data when the session is v5).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any, AsyncIterator
+
+from protocol import envelope as env_mod
+from protocol.envelope import DecodeError, Envelope, encode, new_id
+from protocol.mqttlink import Message, MqttLink
+from protocol.topics import Topics, validate_id
+
+from .config import ControllerConfig
+from .service import make_link
+
+
+class FleetClientError(RuntimeError):
+    pass
+
+
+class FleetClient:
+    def __init__(self, cfg: ControllerConfig, name: str = "fleetctl") -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.topic_root)
+        self.client_id = f"{name}-{os.urandom(4).hex()}"
+        self.link: MqttLink = make_link(cfg, self.client_id,
+                                        subscriptions=[(f"{self.topics.base}/dev/+/reply/{self.client_id}", 1)])
+        self._pending: dict[str, asyncio.Future] = {}
+        self._pump: asyncio.Task | None = None
+        self.extra: asyncio.Queue[Message] = asyncio.Queue()
+
+    async def __aenter__(self) -> "FleetClient":
+        await self.link.start()
+        if not await self.link.wait_connected(10):
+            await self.link.stop()
+            raise FleetClientError(f"cannot connect to {self.cfg.mqtt.broker}: {self.link.last_error or 'timeout'}")
+        self._pump = asyncio.create_task(self._run(), name="fleet-client")
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._pump:
+            self._pump.cancel()
+        await self.link.stop()
+
+    async def _run(self) -> None:
+        while True:
+            msg = await self.link.messages.get()
+            parsed = self.topics.parse(msg.topic)
+            if parsed and parsed[1] == "reply" and parsed[2] == (self.client_id,):
+                try:
+                    env = env_mod.decode(msg.payload, expect_sender=parsed[0])
+                except DecodeError:
+                    continue
+                fut = self._pending.pop(env.corr or "", None)
+                if fut and not fut.done():
+                    fut.set_result(env)
+            else:
+                self.extra.put_nowait(msg)
+
+    async def command(self, device_id: str, command: str, args: dict[str, Any] | None = None,
+                      timeout: float = 5.0) -> dict[str, Any]:
+        validate_id(device_id)
+        corr = new_id()
+        env = Envelope(kind="cmd", sender=self.cfg.controller.id, body={"command": command, "args": args or {}},
+                       reply_to=self.topics.reply(device_id, self.client_id), corr=corr)
+        return await self.request(device_id, self.topics.cmd(device_id), env, timeout)
+
+    async def request(self, device_id: str, topic: str, env: Envelope, timeout: float = 5.0) -> dict[str, Any]:
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._pending[env.corr or env.id] = fut
+        if not self.link.publish(topic, encode(env), 1, response_topic=env.reply_to,
+                                 correlation=(env.corr or env.id).encode()):
+            self._pending.pop(env.corr or env.id, None)
+            raise FleetClientError("not connected to the broker")
+        try:
+            reply: Envelope = await asyncio.wait_for(fut, timeout)
+        except asyncio.TimeoutError:
+            self._pending.pop(env.corr or env.id, None)
+            raise FleetClientError(f"no reply from {device_id} within {timeout:g}s") from None
+        return dict(reply.body)
+
+    async def follow(self, leaf: str) -> AsyncIterator[tuple[str, Envelope | DecodeError]]:
+        self.link.subscribe(self.topics.all_devices(leaf), 0)
+        while True:
+            msg = await self.extra.get()
+            parsed = self.topics.parse(msg.topic)
+            if not parsed or parsed[1] != leaf:
+                continue
+            try:
+                yield parsed[0], env_mod.decode(msg.payload, expect_sender=parsed[0])
+            except DecodeError as exc:
+                yield parsed[0], exc

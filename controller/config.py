@@ -1,0 +1,92 @@
+"""The controller's config: one frozen, typed object loaded from TOML (all optional)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+import os
+from pathlib import Path
+from typing import Any
+
+from protocol.config_loader import ConfigError, build, check, load_toml, one_of
+from protocol.mqttlink import PROTOCOLS, BrokerUrlError, parse_broker_url
+from protocol.topics import InvalidId, validate_id, validate_root
+
+__all__ = ["ControllerConfig", "ConfigError", "load_config", "default_db_path"]
+
+
+def default_db_path() -> str:
+    if os.geteuid() == 0 and Path("/var/lib/edgefleet").is_dir():
+        return "/var/lib/edgefleet/controller.db"
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return os.path.join(base, "edgefleet", "controller.db")
+
+
+@dataclass(frozen=True)
+class ControllerSection:
+    id: str = "controller"
+    offline_after_s: float = 0.0  # >0: mark silent devices offline after this long (LWT covers the rest)
+
+    def __post_init__(self) -> None:
+        try:
+            validate_id(self.id, "controller.id")
+        except InvalidId as exc:
+            raise ConfigError(str(exc)) from None
+        check(self.offline_after_s >= 0, "controller.offline_after_s", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class MqttSection:
+    broker: str = "mqtt://127.0.0.1:1883"
+    protocol: str = "auto"
+    keepalive: int = 30
+    topic_root: str = "edgefleet"
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    max_message_bytes: int = 8 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        try:
+            parse_broker_url(self.broker)
+        except BrokerUrlError as exc:
+            raise ConfigError(f"mqtt.broker: {exc}") from None
+        one_of(self.protocol, PROTOCOLS, "mqtt.protocol")
+        try:
+            validate_root(self.topic_root)
+        except InvalidId as exc:
+            raise ConfigError(f"mqtt.topic_root: {exc}") from None
+
+
+@dataclass(frozen=True)
+class RegistrySection:
+    path: str = ""
+    telemetry_keep_per_device: int = 1000
+    events_keep_per_device: int = 1000
+
+    def __post_init__(self) -> None:
+        check(self.telemetry_keep_per_device >= 1, "registry.telemetry_keep_per_device", "must be >= 1")
+        check(self.events_keep_per_device >= 1, "registry.events_keep_per_device", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class ControllerConfig:
+    controller: ControllerSection = field(default_factory=ControllerSection)
+    mqtt: MqttSection = field(default_factory=MqttSection)
+    registry: RegistrySection = field(default_factory=RegistrySection)
+    source: str = ""
+
+    @property
+    def db_path(self) -> str:
+        return self.registry.path or default_db_path()
+
+
+def parse_config(table: dict[str, Any], source: str = "<dict>") -> ControllerConfig:
+    return replace(build(ControllerConfig, table), source=source)
+
+
+def load_config(path: str | Path | None, overrides: dict[str, dict[str, Any]] | None = None) -> ControllerConfig:
+    table: dict[str, Any] = load_toml(path) if path else {}
+    for section, values in (overrides or {}).items():
+        table.setdefault(section, {}).update(values)
+    return parse_config(table, str(path) if path else "<defaults>")

@@ -1,0 +1,170 @@
+"""``fleetctl demo``: the whole system from one command.
+
+Starts an embedded MQTT broker on a free loopback port (or uses ``--broker``), the
+controller service in this process, and N real ``edge-agent`` processes, then shows
+the fleet live from the registry until ``--duration`` or Ctrl-C.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from .config import parse_config
+from .registry import Registry
+from .service import ControllerService
+from .table import render
+
+AGENT_TOML = """\
+[device]
+id = "{id}"
+group = "demo"
+location = "bench-{n}"
+
+[mqtt]
+broker = "{broker}"
+topic_root = "{root}"
+protocol = "{protocol}"
+
+[telemetry]
+interval_s = {interval}
+
+[state]
+dir = "{state}"
+"""
+
+
+def _agent_cmd(config: Path) -> list[str]:
+    return [sys.executable, "-m", "agent.cli", "run", "--config", str(config), "--log-level", "warning"]
+
+
+def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | None = None,
+             as_json: bool = False, interval: float = 1.0, topic_root: str | None = None,
+             out=None) -> int:
+    out = out or sys.stdout
+    live = sys.stderr if as_json else out
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
+    embedded = None
+    if broker is None:
+        from .broker import EmbeddedBroker
+
+        embedded = EmbeddedBroker().start()
+        broker = embedded.url
+        print(f"embedded MQTT broker (amqtt, MQTT 3.1.1) on {broker}", file=live)
+    root = topic_root or "edgefleet"
+    protocol = "3.1.1" if embedded else "auto"  # amqtt speaks 3.1.1 only: skip the v5 probe
+    cfg = parse_config({"mqtt": {"broker": broker, "topic_root": root, "protocol": protocol},
+                        "registry": {"path": str(work / "controller.db")}}, "demo")
+    procs: list[subprocess.Popen] = []
+    logs = []
+    try:
+        for i in range(1, agents + 1):
+            dev = f"demo-{i:02d}"
+            path = work / f"{dev}.toml"
+            path.write_text(AGENT_TOML.format(id=dev, n=i, broker=broker, root=root, interval=interval, protocol=protocol,
+                                              state=work / dev))
+            log = open(work / f"{dev}.log", "wb")
+            logs.append(log)
+            procs.append(subprocess.Popen(_agent_cmd(path), stdout=log, stderr=subprocess.STDOUT,
+                                          env={**os.environ, "PYTHONUNBUFFERED": "1"}))
+        print(f"controller + {agents} agents started (logs in {work})", file=live)
+        summary = asyncio.run(_run(cfg, procs, duration, live, as_json, embedded is not None))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for log in logs:
+            log.close()
+        if embedded:
+            embedded.stop()
+    summary["broker"] = broker
+    summary["embedded_broker"] = embedded is not None
+    if as_json:
+        print(json.dumps(summary, indent=2), file=out)
+    else:
+        print(f"\ndemo finished: {summary['online_at_end']}/{agents} agents were online, "
+              f"{summary['messages']['telemetry']} telemetry messages, rejects {summary['rejects'] or 'none'}",
+              file=out)
+    shutil.rmtree(work, ignore_errors=True)
+    return 0 if summary["online_at_end"] == agents else 1
+
+
+async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    svc = ControllerService(cfg)
+    started = time.monotonic()
+    svc_stop = asyncio.Event()
+    svc_task = asyncio.create_task(svc.run(svc_stop), name="controller")
+    tty = live.isatty()
+    snapshot: list = []
+    try:
+        while not stop.is_set():
+            try:
+                await asyncio.wait_for(stop.wait(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+            elapsed = time.monotonic() - started
+            svc.registry.commit()
+            snapshot = svc.registry.devices()
+            _show(snapshot, svc, elapsed, live, tty)
+            dead = [p for p in procs if p.poll() is not None]
+            if dead:
+                print(f"{len(dead)} agent process(es) exited early (code {dead[0].returncode})", file=live)
+                break
+            if duration and elapsed >= duration:
+                break
+    finally:
+        snapshot = svc.registry.devices()
+        devices = [_final(d) for d in snapshot]
+        online_at_end = sum(1 for d in snapshot if d.online)
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        t0 = time.monotonic()
+        while any(p.poll() is None for p in procs) and time.monotonic() - t0 < 5:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # let the offline states land
+        svc_stop.set()
+        await svc_task
+        after = {d.id: d.online for d in svc.registry.devices()}
+    return {
+        "duration_s": round(time.monotonic() - started, 2),
+        "online_at_end": online_at_end,
+        "devices": devices,
+        "clean_shutdown": all(p.returncode == 0 for p in procs) and not any(after.values()),
+        "messages": {k: svc.counts.get(k, 0) for k in ("state", "telemetry", "events", "duplicates", "rejected")},
+        "rejects": svc.registry.rejects(),
+    }
+
+
+def _final(d) -> dict[str, Any]:
+    return {"id": d.id, "group": d.group, "online": d.online, "last_seen": d.last_seen, "model": d.model,
+            "state": d.state, "last_telemetry": d.telemetry}
+
+
+def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool) -> None:
+    headers = ["DEVICE", "ONLINE", "SEQ", "CPU%", "MEM%", "RSS MB", "TX BYTES", "LAST SEEN"]
+    now = time.time()
+    rows = []
+    for d in devs:
+        t = d.telemetry or {}
+        rows.append([d.id, d.online, t.get("seq"), t.get("cpu_percent"), t.get("mem_used_percent"),
+                     t.get("rss_mb"), (t.get("bytes") or {}).get("tx_total"), f"{now - d.last_seen:.1f}s"])
+    head = (f"edgefleet demo  t={elapsed:5.1f}s  devices={len(devs)}  telemetry={svc.counts.get('telemetry', 0)}"
+            f"  rejected={svc.counts.get('rejected', 0)}")
+    if tty:
+        live.write("\x1b[H\x1b[2J" + head + "\n\n" + render(headers, rows) + "\n")
+    else:
+        live.write(head + "\n" + render(headers, rows) + "\n\n")
+    live.flush()

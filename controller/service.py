@@ -1,0 +1,150 @@
+"""``fleetctl serve``: ingest the fleet's state, telemetry and events into the registry.
+
+Every message is validated (envelope, kind matches the topic leaf, sender matches
+the device id in the topic); a bad one is logged with its reason and counted in the
+registry's ``rejects`` table, and ingestion goes on.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections import Counter
+from typing import Any, Callable
+
+from protocol import envelope as env_mod
+from protocol.envelope import DecodeError, Envelope, encode
+from protocol.mqttlink import BrokerAddress, Message, MqttLink, TlsFiles, Will, parse_broker_url
+from protocol.topics import Topics
+
+from .config import ControllerConfig
+from .registry import Registry
+
+log = logging.getLogger("fleetctl.serve")
+
+# which envelope kind may appear on which device leaf
+LEAF_KINDS = {"state": ("state",), "telemetry": ("telemetry",), "events": ("event",), "reply": ("reply",)}
+
+
+def make_link(cfg: ControllerConfig, client_id: str, *, will: Will | None = None,
+              subscriptions: list[tuple[str, int]] | None = None,
+              on_connect: Callable[[], Any] | None = None) -> MqttLink:
+    m = cfg.mqtt
+    addr: BrokerAddress = parse_broker_url(m.broker)
+    if m.username:
+        password = None
+        if m.password_file:
+            with open(m.password_file, encoding="utf-8") as fh:
+                password = fh.read().strip()
+        addr = BrokerAddress(addr.host, addr.port, addr.tls, m.username, password)
+    tls = TlsFiles(m.ca_file or None, m.cert_file or None, m.key_file or None) if m.ca_file else None
+    return MqttLink(client_id, addr, protocol=m.protocol, keepalive=m.keepalive, will=will, tls=tls,
+                    subscriptions=subscriptions, on_connect=on_connect)
+
+
+class ControllerService:
+    def __init__(self, cfg: ControllerConfig, registry: Registry | None = None) -> None:
+        self.cfg = cfg
+        self.topics = Topics(cfg.mqtt.topic_root)
+        self.registry = registry or Registry(cfg.db_path, telemetry_keep=cfg.registry.telemetry_keep_per_device,
+                                             events_keep=cfg.registry.events_keep_per_device)
+        self.link: MqttLink | None = None
+        self.counts: Counter[str] = Counter()
+        self.listeners: list[Callable[[str, Envelope], None]] = []
+
+    def _ctl_state(self, status: str) -> bytes:
+        return encode(Envelope(kind="ctl.state", sender=self.cfg.controller.id, body={"status": status}))
+
+    async def _on_connect(self) -> None:
+        if self.link:
+            self.link.publish(self.topics.ctl_state, self._ctl_state("online"), 1, True)
+
+    async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
+        subs = [(self.topics.all_devices(leaf), 1) for leaf in ("state", "telemetry", "events")]
+        self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
+                              will=Will(self.topics.ctl_state, self._ctl_state("offline")),
+                              subscriptions=subs, on_connect=self._on_connect)
+        await self.link.start()
+        pump = asyncio.create_task(self._pump(), name="ingest")
+        sweeper = asyncio.create_task(self._sweep(), name="offline-sweep")
+        if ready:
+            ready()
+        try:
+            await stop.wait()
+        finally:
+            if self.link.connected.is_set():
+                await self.link.publish_and_wait(self.topics.ctl_state, self._ctl_state("offline"), 1, True, 1.0)
+            for t in (pump, sweeper):
+                t.cancel()
+            await asyncio.gather(pump, sweeper, return_exceptions=True)
+            await self.link.stop()
+            self.registry.commit()
+
+    async def _pump(self) -> None:
+        assert self.link is not None
+        q = self.link.messages
+        while True:
+            msg = await q.get()
+            self._safe_ingest(msg)
+            while not q.empty():  # drain a burst, then commit once
+                self._safe_ingest(q.get_nowait())
+            self.registry.commit()
+
+    def _safe_ingest(self, msg: Message) -> None:
+        try:
+            self.ingest(msg)
+        except Exception:  # noqa: BLE001 - our bug; survive and count
+            log.exception("internal error ingesting %s", msg.topic)
+            self.reject("internal_error", msg.topic, "internal error")
+
+    async def _sweep(self) -> None:
+        limit = self.cfg.controller.offline_after_s
+        while True:
+            await asyncio.sleep(max(1.0, limit / 4) if limit else 3600)
+            if limit:
+                now = time.time()
+                for d in self.registry.devices():
+                    if d.online and now - d.last_seen > limit:
+                        log.info("device %s silent for %.0fs: marking offline", d.id, now - d.last_seen)
+                        self.registry.mark_offline(d.id, now)
+                self.registry.commit()
+
+    def reject(self, reason: str, topic: str, detail: str) -> None:
+        self.counts["rejected"] += 1
+        self.registry.count_reject(reason)
+        log.warning("rejected message on %s: %s", topic, detail)
+
+    def ingest(self, msg: Message) -> Envelope | None:
+        """Validate one message and store it. Returns the envelope, or None if rejected."""
+        parsed = self.topics.parse(msg.topic)
+        if parsed is None:
+            self.reject("bad_topic", msg.topic, "not a device topic (or invalid device id)")
+            return None
+        device_id, leaf, _rest = parsed
+        if leaf == "state" and not msg.payload:
+            return None  # retained state cleared by an operator
+        try:
+            env = env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes, expect_sender=device_id)
+        except DecodeError as exc:
+            self.reject(exc.reason, msg.topic, str(exc))
+            return None
+        if env.kind not in LEAF_KINDS.get(leaf, ()):
+            self.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} does not belong on /{leaf}")
+            return None
+        if leaf == "state":
+            self.registry.record_state(env)
+        elif leaf == "telemetry":
+            if not self.registry.record_telemetry(env):
+                self.counts["duplicates"] += 1
+        elif leaf == "events":
+            if not self.registry.record_event(env):
+                self.counts["duplicates"] += 1
+        self.counts[leaf] += 1
+        for fn in self.listeners:
+            fn(leaf, env)
+        return env
+
+
+def pretty(obj: Any) -> str:
+    return json.dumps(obj, indent=2, sort_keys=True)
