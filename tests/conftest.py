@@ -83,3 +83,58 @@ def mosquitto(tmp_path):
     broker = Mosquitto(tmp_path).start()
     yield broker
     broker.stop()
+
+
+class Probe:
+    """A plain paho client for tests: records what it sees, publishes what it is told."""
+
+    def __init__(self, port: int, subscribe: tuple[str, ...] = (), client_id: str | None = None,
+                 protocol: str = "5") -> None:
+        import threading
+        import paho.mqtt.client as mqtt
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        self._subs = subscribe
+        proto = mqtt.MQTTv5 if protocol == "5" else mqtt.MQTTv311
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or f"probe-{os.getpid()}-{id(self)}",
+                                  protocol=proto)
+        self._connected = threading.Event()
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        if not self._connected.wait(10):
+            raise TimeoutError("probe could not connect")
+
+    def _on_connect(self, client, userdata, flags, rc, props=None):
+        for s in self._subs:
+            client.subscribe(s, 1)
+        self._connected.set()
+
+    def _on_message(self, client, userdata, m):
+        with self._lock:
+            self.messages.append((m.topic, bytes(m.payload), bool(m.retain)))
+
+    def seen(self, pred=lambda t, p: True) -> list[tuple[str, bytes, bool]]:
+        with self._lock:
+            return [m for m in self.messages if pred(m[0], m[1])]
+
+    def publish(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> None:
+        self.client.publish(topic, payload, qos, retain).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value {last!r})")

@@ -1,0 +1,196 @@
+"""The walking skeleton end to end: real Mosquitto, real agent and controller processes."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import Probe, wait_for
+from controller.registry import Registry
+from protocol.envelope import Envelope, encode
+
+ROOT = Path(__file__).resolve().parents[2]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+
+
+def agent_config(tmp: Path, dev: str, broker: str, interval: float = 0.3, extra: str = "") -> Path:
+    p = tmp / f"{dev}.toml"
+    p.write_text(f'[device]\nid = "{dev}"\n[mqtt]\nbroker = "{broker}"\nkeepalive = 5\nmin_backoff_s = 0.2\n'
+                 f'max_backoff_s = 1.0\n[telemetry]\ninterval_s = {interval}\n[state]\ndir = "{tmp / dev}"\n' + extra)
+    return p
+
+
+def start_agent(cfg: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+
+
+def start_controller(broker: str, db: Path, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "controller.cli", "--broker", broker, "--db", str(db), "serve"],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+
+
+def fleetctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True,
+                          env=ENV, cwd=ROOT, timeout=timeout)
+
+
+def device(db: Path, dev: str):
+    if not db.exists():
+        return None
+    reg = Registry(db, readonly=True)
+    try:
+        return reg.device(dev)
+    finally:
+        reg.close()
+
+
+def stop(p: subprocess.Popen) -> None:
+    if p.poll() is None:
+        p.terminate()
+        try:
+            p.wait(5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto):
+    procs: list[subprocess.Popen] = []
+    db = tmp_path / "registry.db"
+    procs.append(start_controller(mosquitto.url, db, tmp_path / "controller.log"))
+
+    def add_agent(dev: str, **kw) -> subprocess.Popen:
+        p = start_agent(agent_config(tmp_path, dev, mosquitto.url, **kw), tmp_path / f"{dev}.log")
+        procs.append(p)
+        return p
+
+    yield db, add_agent
+    for p in procs:
+        stop(p)
+
+
+def test_device_appears_telemetry_lands_and_sigterm_goes_offline(fleet, mosquitto, tmp_path):
+    db, add_agent = fleet
+    agent = add_agent("pi-1")
+    d = wait_for(lambda: (x := device(db, "pi-1")) and x.online and x.telemetry and x, what="pi-1 online")
+    assert d.state["capabilities"]["cores"] >= 1
+    assert "rss_mb" in d.telemetry and "bytes" in d.telemetry
+    wait_for(lambda: Registry(db, readonly=True).telemetry_count("pi-1") >= 3, what="3 telemetry rows")
+
+    out = fleetctl("--db", str(db), "devices", "--json")
+    assert out.returncode == 0, out.stderr
+    devs = json.loads(out.stdout)["devices"]
+    assert [(x["id"], x["online"]) for x in devs] == [("pi-1", True)]
+    human = fleetctl("--db", str(db), "devices")
+    assert "pi-1" in human.stdout and "ONLINE" in human.stdout
+    show = fleetctl("--db", str(db), "device", "show", "pi-1", "--json")
+    assert json.loads(show.stdout)["id"] == "pi-1"
+
+    ping = fleetctl("--broker", mosquitto.url, "cmd", "pi-1", "ping")
+    assert ping.returncode == 0, ping.stderr
+    assert json.loads(ping.stdout)["result"]["pong"] is True
+
+    t0 = time.monotonic()
+    agent.send_signal(signal.SIGTERM)
+    assert agent.wait(5) == 0
+    assert time.monotonic() - t0 < 2.0, "agent must exit within 2 s of SIGTERM"
+    wait_for(lambda: device(db, "pi-1").online is False, what="pi-1 offline after SIGTERM")
+
+
+def test_kill9_goes_offline_via_last_will(fleet, tmp_path):
+    db, add_agent = fleet
+    agent = add_agent("pi-9")
+    wait_for(lambda: (x := device(db, "pi-9")) and x.online, what="pi-9 online")
+    probe_state = device(db, "pi-9").status_changed
+    agent.kill()
+    agent.wait()
+    d = wait_for(lambda: (x := device(db, "pi-9")) and not x.online and x, timeout=15, what="last will")
+    assert d.status_changed > probe_state
+
+
+def test_bad_input_is_counted_and_survived(fleet, mosquitto, tmp_path):
+    db, add_agent = fleet
+    add_agent("pi-2")
+    wait_for(lambda: (x := device(db, "pi-2")) and x.online, what="pi-2 online")
+    probe = Probe(mosquitto.port)
+    cmd = "edgefleet/v1/dev/pi-2/cmd"
+    bad = [
+        b"not json at all",
+        json.dumps({"schema": 99, "kind": "cmd", "id": "x", "sender": "c", "ts": 1, "body": {}}).encode(),
+        json.dumps({"schema": 1, "kind": "weird", "id": "x", "sender": "c", "ts": 1, "body": {}}).encode(),
+        b"{" * 300_000,
+    ]
+    for payload in bad:
+        probe.publish(cmd, payload)
+    # a device may not speak for another, and garbage telemetry must not reach the registry
+    probe.publish("edgefleet/v1/dev/pi-2/telemetry",
+                  encode(Envelope(kind="telemetry", sender="pi-3", body={"seq": 1, "interval_s": 1})))
+    probe.publish("edgefleet/v1/dev/pi-2/telemetry", b"\x00\xff garbage")
+    probe.close()
+
+    ping = fleetctl("--broker", mosquitto.url, "cmd", "pi-2", "ping")
+    assert ping.returncode == 0, ping.stderr
+
+    def agent_rejects():
+        rows = Registry(db, readonly=True).telemetry("pi-2", limit=1)
+        return rows and rows[-1]["body"]["msgs"]["rejected"]
+
+    rej = wait_for(lambda: (r := agent_rejects()) and sum(r.values()) >= 4 and r, what="agent reject counters")
+    assert rej.get("bad_json") == 1 and rej.get("schema") == 1 and rej.get("unknown_kind") == 1
+    assert rej.get("oversize") == 1
+    reg = Registry(db, readonly=True)
+    assert reg.rejects() == {"sender_mismatch": 1, "bad_json": 1}
+    assert device(db, "pi-2").online
+    unknown = fleetctl("--broker", mosquitto.url, "cmd", "pi-2", "no-such-command")
+    assert unknown.returncode == 1 and "unknown command" in unknown.stdout
+
+
+def test_home_assistant_discovery_and_reannounce(fleet, mosquitto):
+    db, add_agent = fleet
+    probe = Probe(mosquitto.port, subscribe=("homeassistant/#",))
+    add_agent("pi-4")
+    configs = lambda: probe.seen(lambda t, p: t.startswith("homeassistant/") and t.endswith("/config"))
+    first = wait_for(lambda: len(configs()) >= 9 and configs(), what="discovery configs")
+    cpu = json.loads(next(p for t, p, _ in first if t.endswith("/cpu/config")))
+    assert cpu["state_topic"] == "edgefleet/v1/dev/pi-4/telemetry"
+    assert cpu["availability_topic"] == "edgefleet/v1/dev/pi-4/state"
+    n = len(configs())
+    probe.publish("homeassistant/status", b"online")
+    wait_for(lambda: len(configs()) >= 2 * n, what="re-announce on HA birth")
+    probe.close()
+    late = Probe(mosquitto.port, subscribe=("homeassistant/#",))
+    wait_for(lambda: any(r for _, _, r in late.seen()), what="retained discovery for a late subscriber")
+    late.close()
+
+
+def test_agent_reconnects_after_broker_restart(fleet, mosquitto):
+    db, add_agent = fleet
+    add_agent("pi-5")
+    wait_for(lambda: (x := device(db, "pi-5")) and x.online, what="pi-5 online")
+    mosquitto.stop()
+    time.sleep(1.0)
+    mosquitto.start()
+    before = Registry(db, readonly=True).telemetry_count("pi-5")
+    wait_for(lambda: Registry(db, readonly=True).telemetry_count("pi-5") > before + 2, timeout=20,
+             what="telemetry after reconnect")
+    rows = Registry(db, readonly=True).telemetry("pi-5", limit=1)
+    assert rows[-1]["body"]["link"]["connects"] >= 2
+
+
+def test_demo_on_the_embedded_broker():
+    out = fleetctl("demo", "--agents", "2", "--duration", "4", "--interval", "0.5", "--json", timeout=90)
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads(out.stdout)
+    assert summary["embedded_broker"] is True
+    assert [d["id"] for d in summary["devices"]] == ["demo-01", "demo-02"]
+    assert all(d["online"] and d["last_telemetry"]["seq"] >= 2 for d in summary["devices"])
+    assert summary["clean_shutdown"] is True
+    assert summary["rejects"] == {}
