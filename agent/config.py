@@ -14,8 +14,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from protocol.config_loader import ConfigError, build, check, load_toml, one_of
-from protocol.mqttlink import PROTOCOLS, BrokerUrlError, parse_broker_url
+from protocol.config_loader import ConfigError, build, check, load_toml
+from protocol.mqttlink import MqttSettings
 from protocol.topics import InvalidId, validate_id, validate_root
 
 __all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
@@ -34,38 +34,6 @@ class DeviceSection:
                 validate_id(val, key)
             except InvalidId as exc:
                 raise ConfigError(str(exc)) from None
-
-
-@dataclass(frozen=True)
-class MqttSection:
-    broker: str = "mqtt://127.0.0.1:1883"
-    protocol: str = "auto"
-    keepalive: int = 30
-    topic_root: str = "edgefleet"
-    username: str = ""
-    password_file: str = ""
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    min_backoff_s: float = 0.5
-    max_backoff_s: float = 30.0
-    max_message_bytes: int = 256 * 1024
-
-    def __post_init__(self) -> None:
-        try:
-            parse_broker_url(self.broker)
-        except BrokerUrlError as exc:
-            raise ConfigError(f"mqtt.broker: {exc}") from None
-        one_of(self.protocol, PROTOCOLS, "mqtt.protocol")
-        check(5 <= self.keepalive <= 3600, "mqtt.keepalive", f"must be 5..3600 s, got {self.keepalive}")
-        try:
-            validate_root(self.topic_root)
-        except InvalidId as exc:
-            raise ConfigError(f"mqtt.topic_root: {exc}") from None
-        check(0 < self.min_backoff_s <= self.max_backoff_s, "mqtt.min_backoff_s",
-              "must be > 0 and <= mqtt.max_backoff_s")
-        check(1024 <= self.max_message_bytes <= 64 * 1024 * 1024, "mqtt.max_message_bytes",
-              f"must be 1 KiB..64 MiB, got {self.max_message_bytes}")
 
 
 @dataclass(frozen=True)
@@ -97,7 +65,7 @@ class StateSection:
 @dataclass(frozen=True)
 class AgentConfig:
     device: DeviceSection = field(default_factory=DeviceSection)
-    mqtt: MqttSection = field(default_factory=MqttSection)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
     state: StateSection = field(default_factory=StateSection)

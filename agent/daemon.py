@@ -17,7 +17,7 @@ from typing import Any, Awaitable, Callable
 
 from protocol import envelope as env_mod
 from protocol.envelope import DecodeError, Envelope, encode
-from protocol.mqttlink import BrokerAddress, Message, MqttLink, TlsFiles, Will, parse_broker_url
+from protocol.mqttlink import Message, MqttLink, Will
 from protocol.topics import Topics
 
 from . import __version__, hass, sysinfo
@@ -136,24 +136,14 @@ class Agent:
 
     # -- main ------------------------------------------------------------
     def _make_link(self) -> MqttLink:
-        m = self.cfg.mqtt
-        addr: BrokerAddress = parse_broker_url(m.broker)
-        if m.username:
-            password = None
-            if m.password_file:
-                with open(m.password_file, encoding="utf-8") as fh:
-                    password = fh.read().strip()
-            addr = BrokerAddress(addr.host, addr.port, addr.tls, m.username, password)
         offline = encode(self._envelope("state", self.state_body("offline")))
         subs = [(self.topics.cmd(self.device_id), 1), (self.topics.req(self.device_id), 1),
                 (self.topics.group_cmd(self.cfg.device.group), 1)]
         if self.cfg.homeassistant.enabled:
             subs.append((hass.birth_topic(self.cfg.homeassistant.prefix), 0))
-        tls = TlsFiles(m.ca_file or None, m.cert_file or None, m.key_file or None) if m.ca_file else None
-        return MqttLink(self.device_id, addr, protocol=m.protocol, keepalive=m.keepalive,
-                        will=Will(self.topics.state(self.device_id), offline, 1, True), tls=tls,
-                        subscriptions=subs, on_connect=self._on_connect,
-                        min_backoff=m.min_backoff_s, max_backoff=m.max_backoff_s)
+        return MqttLink.from_settings(self.cfg.mqtt, self.device_id, subscriptions=subs,
+                                      will=Will(self.topics.state(self.device_id), offline, 1, True),
+                                      on_connect=self._on_connect)
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         self.link = self._make_link()

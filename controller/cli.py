@@ -99,7 +99,11 @@ async def _serve(cfg: ControllerConfig) -> None:
         loop.add_signal_handler(sig, on_signal, sig)
     svc = ControllerService(cfg)
     log.info("registry %s, broker %s", cfg.db_path, cfg.mqtt.broker)
-    await svc.run(stop)
+    try:
+        await svc.run(stop)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        sys.exit(2)
 
 
 # -- registry reads -----------------------------------------------------------

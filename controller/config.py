@@ -6,9 +6,9 @@ import os
 from pathlib import Path
 from typing import Any
 
-from protocol.config_loader import ConfigError, build, check, load_toml, one_of
-from protocol.mqttlink import PROTOCOLS, BrokerUrlError, parse_broker_url
-from protocol.topics import InvalidId, validate_id, validate_root
+from protocol.config_loader import ConfigError, build, check, load_toml
+from protocol.mqttlink import MqttSettings
+from protocol.topics import InvalidId, validate_id
 
 __all__ = ["ControllerConfig", "ConfigError", "load_config", "default_db_path"]
 
@@ -34,31 +34,6 @@ class ControllerSection:
 
 
 @dataclass(frozen=True)
-class MqttSection:
-    broker: str = "mqtt://127.0.0.1:1883"
-    protocol: str = "auto"
-    keepalive: int = 30
-    topic_root: str = "edgefleet"
-    username: str = ""
-    password_file: str = ""
-    ca_file: str = ""
-    cert_file: str = ""
-    key_file: str = ""
-    max_message_bytes: int = 8 * 1024 * 1024
-
-    def __post_init__(self) -> None:
-        try:
-            parse_broker_url(self.broker)
-        except BrokerUrlError as exc:
-            raise ConfigError(f"mqtt.broker: {exc}") from None
-        one_of(self.protocol, PROTOCOLS, "mqtt.protocol")
-        try:
-            validate_root(self.topic_root)
-        except InvalidId as exc:
-            raise ConfigError(f"mqtt.topic_root: {exc}") from None
-
-
-@dataclass(frozen=True)
 class RegistrySection:
     path: str = ""
     telemetry_keep_per_device: int = 1000
@@ -72,7 +47,7 @@ class RegistrySection:
 @dataclass(frozen=True)
 class ControllerConfig:
     controller: ControllerSection = field(default_factory=ControllerSection)
-    mqtt: MqttSection = field(default_factory=MqttSection)
+    mqtt: MqttSettings = field(default_factory=MqttSettings)
     registry: RegistrySection = field(default_factory=RegistrySection)
     source: str = ""
 

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 from protocol import envelope as env_mod
 from protocol.envelope import DecodeError, Envelope, encode
-from protocol.mqttlink import BrokerAddress, Message, MqttLink, TlsFiles, Will, parse_broker_url
+from protocol.mqttlink import Message, MqttLink, Will
 from protocol.topics import Topics
 
 from .config import ControllerConfig
@@ -30,17 +30,8 @@ LEAF_KINDS = {"state": ("state",), "telemetry": ("telemetry",), "events": ("even
 def make_link(cfg: ControllerConfig, client_id: str, *, will: Will | None = None,
               subscriptions: list[tuple[str, int]] | None = None,
               on_connect: Callable[[], Any] | None = None) -> MqttLink:
-    m = cfg.mqtt
-    addr: BrokerAddress = parse_broker_url(m.broker)
-    if m.username:
-        password = None
-        if m.password_file:
-            with open(m.password_file, encoding="utf-8") as fh:
-                password = fh.read().strip()
-        addr = BrokerAddress(addr.host, addr.port, addr.tls, m.username, password)
-    tls = TlsFiles(m.ca_file or None, m.cert_file or None, m.key_file or None) if m.ca_file else None
-    return MqttLink(client_id, addr, protocol=m.protocol, keepalive=m.keepalive, will=will, tls=tls,
-                    subscriptions=subscriptions, on_connect=on_connect)
+    return MqttLink.from_settings(cfg.mqtt, client_id, will=will, subscriptions=subscriptions,
+                                  on_connect=on_connect)
 
 
 class ControllerService:

@@ -97,6 +97,64 @@ class Message:
     correlation: bytes | None = None
 
 
+@dataclass(frozen=True)
+class MqttSettings:
+    """The ``[mqtt]`` config section, shared by agent and controller configs."""
+
+    broker: str = "mqtt://127.0.0.1:1883"
+    protocol: str = "auto"
+    keepalive: int = 30
+    topic_root: str = "edgefleet"
+    username: str = ""
+    password_file: str = ""
+    ca_file: str = ""
+    cert_file: str = ""
+    key_file: str = ""
+    min_backoff_s: float = 0.5
+    max_backoff_s: float = 30.0
+    max_message_bytes: int = 256 * 1024
+
+    def __post_init__(self) -> None:
+        from .config_loader import ConfigError, check, one_of
+        from .topics import InvalidId, validate_root
+
+        try:
+            parse_broker_url(self.broker)
+        except BrokerUrlError as exc:
+            raise ConfigError(f"mqtt.broker: {exc}") from None
+        one_of(self.protocol, PROTOCOLS, "mqtt.protocol")
+        check(5 <= self.keepalive <= 3600, "mqtt.keepalive", f"must be 5..3600 s, got {self.keepalive}")
+        try:
+            validate_root(self.topic_root)
+        except InvalidId as exc:
+            raise ConfigError(f"mqtt.topic_root: {exc}") from None
+        check(0 < self.min_backoff_s <= self.max_backoff_s, "mqtt.min_backoff_s",
+              "must be > 0 and <= mqtt.max_backoff_s")
+        check(1024 <= self.max_message_bytes <= 64 * 1024 * 1024, "mqtt.max_message_bytes",
+              f"must be 1 KiB..64 MiB, got {self.max_message_bytes}")
+        check(not (self.cert_file or self.key_file) or bool(self.ca_file), "mqtt.ca_file",
+              "is required when cert_file/key_file are set")
+
+    def address(self) -> BrokerAddress:
+        """Broker address with credentials; reads ``password_file`` (clear error if unreadable)."""
+        from .config_loader import ConfigError
+
+        addr = parse_broker_url(self.broker)
+        if not self.username:
+            return addr
+        password = None
+        if self.password_file:
+            try:
+                with open(self.password_file, encoding="utf-8") as fh:
+                    password = fh.read().strip()
+            except OSError as exc:
+                raise ConfigError(f"mqtt.password_file {self.password_file}: {exc.strerror}") from None
+        return BrokerAddress(addr.host, addr.port, addr.tls, self.username, password)
+
+    def tls_files(self) -> TlsFiles | None:
+        return TlsFiles(self.ca_file or None, self.cert_file or None, self.key_file or None) if self.ca_file else None
+
+
 class MqttLink:
     """One MQTT session, reconnecting forever until ``stop()``."""
 
@@ -129,6 +187,12 @@ class MqttLink:
         self._v5 = protocol != "3.1.1"
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    def from_settings(cls, settings: MqttSettings, client_id: str, **kw: object) -> "MqttLink":
+        return cls(client_id, settings.address(), protocol=settings.protocol, keepalive=settings.keepalive,
+                   tls=settings.tls_files(), min_backoff=settings.min_backoff_s,
+                   max_backoff=settings.max_backoff_s, **kw)  # type: ignore[arg-type]
 
     # -- lifecycle -------------------------------------------------------
     @property

@@ -61,24 +61,48 @@ def stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
-@pytest.fixture
-def fleet(tmp_path, mosquitto):
+def _fleet(tmp_path, url):
     procs: list[subprocess.Popen] = []
     db = tmp_path / "registry.db"
-    procs.append(start_controller(mosquitto.url, db, tmp_path / "controller.log"))
+    procs.append(start_controller(url, db, tmp_path / "controller.log"))
 
     def add_agent(dev: str, **kw) -> subprocess.Popen:
-        p = start_agent(agent_config(tmp_path, dev, mosquitto.url, **kw), tmp_path / f"{dev}.log")
+        p = start_agent(agent_config(tmp_path, dev, url, **kw), tmp_path / f"{dev}.log")
         procs.append(p)
         return p
 
+    return db, add_agent, procs
+
+
+@pytest.fixture
+def fleet(tmp_path, mosquitto):
+    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
     yield db, add_agent
     for p in procs:
         stop(p)
 
 
-def test_device_appears_telemetry_lands_and_sigterm_goes_offline(fleet, mosquitto, tmp_path):
-    db, add_agent = fleet
+@pytest.fixture(params=["mosquitto", "amqtt"])
+def any_fleet(request, tmp_path):
+    """The smoke tests run on both brokers: Mosquitto (v5) and the embedded amqtt (3.1.1 only)."""
+    if request.param == "mosquitto":
+        url = request.getfixturevalue("mosquitto").url
+        embedded = None
+    else:
+        from controller.broker import EmbeddedBroker
+
+        embedded = EmbeddedBroker().start()
+        url = embedded.url
+    db, add_agent, procs = _fleet(tmp_path, url)
+    yield db, add_agent, url
+    for p in procs:
+        stop(p)
+    if embedded:
+        embedded.stop()
+
+
+def test_device_appears_telemetry_lands_and_sigterm_goes_offline(any_fleet, tmp_path):
+    db, add_agent, url = any_fleet
     agent = add_agent("pi-1")
     d = wait_for(lambda: (x := device(db, "pi-1")) and x.online and x.telemetry and x, what="pi-1 online")
     assert d.state["capabilities"]["cores"] >= 1
@@ -94,7 +118,7 @@ def test_device_appears_telemetry_lands_and_sigterm_goes_offline(fleet, mosquitt
     show = fleetctl("--db", str(db), "device", "show", "pi-1", "--json")
     assert json.loads(show.stdout)["id"] == "pi-1"
 
-    ping = fleetctl("--broker", mosquitto.url, "cmd", "pi-1", "ping")
+    ping = fleetctl("--broker", url, "cmd", "pi-1", "ping")
     assert ping.returncode == 0, ping.stderr
     assert json.loads(ping.stdout)["result"]["pong"] is True
 
@@ -105,8 +129,8 @@ def test_device_appears_telemetry_lands_and_sigterm_goes_offline(fleet, mosquitt
     wait_for(lambda: device(db, "pi-1").online is False, what="pi-1 offline after SIGTERM")
 
 
-def test_kill9_goes_offline_via_last_will(fleet, tmp_path):
-    db, add_agent = fleet
+def test_kill9_goes_offline_via_last_will(any_fleet, tmp_path):
+    db, add_agent, _ = any_fleet
     agent = add_agent("pi-9")
     wait_for(lambda: (x := device(db, "pi-9")) and x.online, what="pi-9 online")
     probe_state = device(db, "pi-9").status_changed
