@@ -88,8 +88,8 @@ async def _serve(cfg: AgentConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
-    agent = Agent(cfg)
     try:
+        agent = Agent(cfg)
         await agent.run(stop)
     except ConfigError as exc:  # e.g. an unreadable password or key file, found at connect time
         logging.getLogger("edge_agent").error("config error: %s", exc)

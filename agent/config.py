@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from protocol.config_loader import ConfigError, build, check, load_toml
+from protocol.config_loader import ConfigError, build, check, load_toml, one_of
 from protocol.mqttlink import MqttSettings
 from protocol.topics import InvalidId, validate_id, validate_root
 
@@ -63,12 +63,31 @@ class StateSection:
 
 
 @dataclass(frozen=True)
+class SecuritySection:
+    trusted_keys: tuple[str, ...] = ()       # controller Ed25519 public keys (PEM files)
+    require_signed_commands: str = "auto"    # auto = required as soon as a trusted key is configured
+    max_command_skew_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        one_of(self.require_signed_commands, ("auto", "yes", "no"), "security.require_signed_commands")
+        check(self.require_signed_commands != "yes" or bool(self.trusted_keys), "security.trusted_keys",
+              "must list at least one key when require_signed_commands = \"yes\"")
+        check(self.max_command_skew_s > 0, "security.max_command_skew_s", "must be > 0")
+
+    @property
+    def require_signed(self) -> bool:
+        return self.require_signed_commands == "yes" or (self.require_signed_commands == "auto"
+                                                          and bool(self.trusted_keys))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     device: DeviceSection = field(default_factory=DeviceSection)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)
     homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
     state: StateSection = field(default_factory=StateSection)
+    security: SecuritySection = field(default_factory=SecuritySection)
     source: str = ""  # where it was loaded from, for messages
 
     @property

@@ -13,7 +13,7 @@ import inspect
 import json
 import logging
 import time
-from typing import Any, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from protocol import envelope as env_mod
 from protocol.envelope import DecodeError, Envelope, encode
@@ -21,10 +21,13 @@ from protocol.mqttlink import Message, MqttLink, Will
 from protocol.topics import Topics
 
 from . import __version__, hass, sysinfo
-from .config import AgentConfig
+from .config import AgentConfig, ConfigError
 from .counters import Counters
 
 log = logging.getLogger("edge_agent")
+
+if TYPE_CHECKING:  # pragma: no cover
+    from protocol.cmdauth import CommandVerifier
 
 CommandHandler = Callable[[dict[str, Any], Envelope], "Awaitable[dict[str, Any]] | dict[str, Any]"]
 
@@ -53,6 +56,22 @@ class Agent:
         self.runtimes: list[str] = []
         self._telemetry_now = asyncio.Event()
         self._stopping = False
+        self.verifier = self._make_verifier()
+
+    def _make_verifier(self) -> "CommandVerifier | None":
+        sec = self.cfg.security
+        if not sec.require_signed:
+            return None
+        from protocol.cmdauth import CommandVerifier
+        from protocol.signing import SignatureError, load_public
+
+        keys = []
+        for path in sec.trusted_keys:
+            try:
+                keys.append(load_public(path))
+            except SignatureError as exc:
+                raise ConfigError(f"security.trusted_keys: {exc}") from None
+        return CommandVerifier(keys, max_skew_s=sec.max_command_skew_s)
 
     # -- payload builders ------------------------------------------------
     def _envelope(self, kind: str, body: dict[str, Any], **kw: Any) -> Envelope:
@@ -217,6 +236,17 @@ class Agent:
     async def _handle_cmd(self, env: Envelope, msg: Message) -> None:
         name = env.body["command"]
         args = env.body.get("args") or {}
+        if self.verifier is not None:
+            from protocol.signing import SignatureError
+
+            try:
+                self.verifier.verify(env, msg.topic, time.time())
+            except SignatureError as exc:
+                self.counters.reject("unauthenticated")
+                log.warning("refused command %r on %s: %s", name, msg.topic, exc)
+                self.emit_event("command.refused", "warning", command=name, reason=str(exc))
+                self.reply(env, msg, {"ok": False, "command": name, "error": f"refused: {exc}"})
+                return
         handler = self.commands.get(name)
         if handler is None:
             self.counters.reject("unknown_command")

@@ -33,8 +33,10 @@ def setup_logging(level: str) -> None:
 
 
 class Ctx:
-    def __init__(self, config: str | None, broker: str | None, db: str | None, topic_root: str | None) -> None:
+    def __init__(self, config: str | None, broker: str | None, db: str | None, topic_root: str | None,
+                 signing_key: str | None = None) -> None:
         self.config_path, self.broker, self.db, self.topic_root = config, broker, db, topic_root
+        self.signing_key = signing_key
 
     def cfg(self) -> ControllerConfig:
         o: dict[str, dict[str, Any]] = {}
@@ -44,6 +46,8 @@ class Ctx:
             o.setdefault("mqtt", {})["topic_root"] = self.topic_root
         if self.db:
             o.setdefault("registry", {})["path"] = self.db
+        if self.signing_key:
+            o.setdefault("security", {})["signing_key"] = self.signing_key
         try:
             return load_config(self.config_path, o)
         except ConfigError as exc:
@@ -64,11 +68,14 @@ pass_ctx = click.make_pass_decorator(Ctx)
 @click.option("--broker", default=None, help="broker URL, mqtt://host:port (overrides config)")
 @click.option("--db", default=None, help="registry SQLite file (overrides config)")
 @click.option("--topic-root", default=None, help="topic root (default edgefleet)")
+@click.option("--signing-key", default=None, type=click.Path(dir_okay=False),
+              help="Ed25519 private key that signs commands (fleetctl keys init)")
 @click.version_option("0.1.0", prog_name="fleetctl")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, broker: str | None, db: str | None, topic_root: str | None) -> None:
+def cli(ctx: click.Context, config: str | None, broker: str | None, db: str | None, topic_root: str | None,
+        signing_key: str | None) -> None:
     """edgefleet's fleet controller and CLI."""
-    ctx.obj = Ctx(config, broker, db, topic_root)
+    ctx.obj = Ctx(config, broker, db, topic_root, signing_key)
 
 
 # -- service ------------------------------------------------------------------
@@ -274,7 +281,8 @@ def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool,
 
 def _register_optional() -> None:
     """Sub-command groups that live in their own modules (model tooling, certs…)."""
-    for module, attr in (("controller.model_cli", "model"), ("controller.certs_cli", "certs")):
+    for module, attr in (("controller.keys_cli", "keys"), ("controller.model_cli", "model"),
+                         ("controller.certs_cli", "certs")):
         if importlib.util.find_spec(module) is not None:
             mod = importlib.import_module(module)
             cli.add_command(getattr(mod, attr))

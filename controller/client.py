@@ -32,6 +32,14 @@ class FleetClient:
         self.link: MqttLink = make_link(cfg, self.client_id,
                                         subscriptions=[(f"{self.topics.base}/dev/+/reply/{self.client_id}", 1)])
         self._pending: dict[str, asyncio.Future] = {}
+        self._key = None
+        if cfg.security.signing_key:
+            from protocol.signing import SignatureError, load_private
+
+            try:
+                self._key = load_private(cfg.security.signing_key)
+            except SignatureError as exc:
+                raise FleetClientError(f"security.signing_key: {exc}") from None
         self._pump: asyncio.Task | None = None
         self.extra: asyncio.Queue[Message] = asyncio.Queue()
 
@@ -69,7 +77,16 @@ class FleetClient:
         corr = new_id()
         env = Envelope(kind="cmd", sender=self.cfg.controller.id, body={"command": command, "args": args or {}},
                        reply_to=self.topics.reply(device_id, self.client_id), corr=corr)
-        return await self.request(device_id, self.topics.cmd(device_id), env, timeout)
+        topic = self.topics.cmd(device_id)
+        return await self.request(device_id, topic, self.sign(env, topic), timeout)
+
+    def sign(self, env: Envelope, topic: str) -> Envelope:
+        """Sign a command end to end when a signing key is configured."""
+        if self._key is None:
+            return env
+        from protocol.cmdauth import sign_envelope
+
+        return sign_envelope(env, topic, self._key)
 
     async def request(self, device_id: str, topic: str, env: Envelope, timeout: float = 5.0) -> dict[str, Any]:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()

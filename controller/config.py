@@ -45,10 +45,15 @@ class RegistrySection:
 
 
 @dataclass(frozen=True)
+class SecuritySection:
+    signing_key: str = ""   # Ed25519 private key (PEM) that signs commands and patches
+
+@dataclass(frozen=True)
 class ControllerConfig:
     controller: ControllerSection = field(default_factory=ControllerSection)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     registry: RegistrySection = field(default_factory=RegistrySection)
+    security: SecuritySection = field(default_factory=SecuritySection)
     source: str = ""
 
     @property

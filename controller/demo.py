@@ -39,6 +39,9 @@ interval_s = {interval}
 
 [state]
 dir = "{state}"
+
+[security]
+trusted_keys = ["{pubkey}"]
 """
 
 
@@ -61,8 +64,12 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
         print(f"embedded MQTT broker (amqtt, MQTT 3.1.1) on {broker}", file=live)
     root = topic_root or "edgefleet"
     protocol = "3.1.1" if embedded else "auto"  # amqtt speaks 3.1.1 only: skip the v5 probe
+    from protocol.signing import generate, save_keypair
+
+    save_keypair(generate(), work / "controller.pem", work / "controller.pub")  # commands are signed end to end
     cfg = parse_config({"mqtt": {"broker": broker, "topic_root": root, "protocol": protocol},
-                        "registry": {"path": str(work / "controller.db")}}, "demo")
+                        "registry": {"path": str(work / "controller.db")},
+                        "security": {"signing_key": str(work / "controller.pem")}}, "demo")
     procs: list[subprocess.Popen] = []
     logs = []
     try:
@@ -70,6 +77,7 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
             dev = f"demo-{i:02d}"
             path = work / f"{dev}.toml"
             path.write_text(AGENT_TOML.format(id=dev, n=i, broker=broker, root=root, interval=interval, protocol=protocol,
+                                              pubkey=work / "controller.pub",
                                               state=work / dev))
             log = open(work / f"{dev}.log", "wb")
             logs.append(log)
@@ -108,6 +116,8 @@ async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
     svc_task = asyncio.create_task(svc.run(svc_stop), name="controller")
     tty = live.isatty()
     snapshot: list = []
+    pings: dict[str, Any] = {}
+    ping_task = asyncio.create_task(_ping_all(cfg, svc, pings), name="demo-ping")
     try:
         while not stop.is_set():
             try:
@@ -117,7 +127,7 @@ async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
             elapsed = time.monotonic() - started
             svc.registry.commit()
             snapshot = svc.registry.devices()
-            _show(snapshot, svc, elapsed, live, tty)
+            _show(snapshot, svc, elapsed, live, tty, pings)
             dead = [p for p in procs if p.poll() is not None]
             if dead:
                 print(f"{len(dead)} agent process(es) exited early (code {dead[0].returncode})", file=live)
@@ -135,6 +145,8 @@ async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
         while any(p.poll() is None for p in procs) and time.monotonic() - t0 < 5:
             await asyncio.sleep(0.05)
         await asyncio.sleep(0.3)  # let the offline states land
+        ping_task.cancel()
+        await asyncio.gather(ping_task, return_exceptions=True)
         svc_stop.set()
         await svc_task
         after = {d.id: d.online for d in svc.registry.devices()}
@@ -145,7 +157,27 @@ async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
         "clean_shutdown": all(p.returncode == 0 for p in procs) and not any(after.values()),
         "messages": {k: svc.counts.get(k, 0) for k in ("state", "telemetry", "events", "duplicates", "rejected")},
         "rejects": svc.registry.rejects(),
+        "signed_ping_ms": pings,
     }
+
+
+async def _ping_all(cfg, svc: ControllerService, pings: dict[str, Any]) -> None:
+    """Signed request/response round trips to every agent, every few seconds."""
+    from .client import FleetClient, FleetClientError
+
+    try:
+        async with FleetClient(cfg, name="demo") as fc:
+            while True:
+                for dev in [d.id for d in svc.registry.devices() if d.online]:
+                    t0 = time.perf_counter()
+                    try:
+                        reply = await fc.command(dev, "ping", timeout=1.0)
+                        pings[dev] = round((time.perf_counter() - t0) * 1000, 2) if reply.get("ok") else reply.get("error")
+                    except FleetClientError:
+                        pings[dev] = None
+                await asyncio.sleep(1.0)
+    except FleetClientError:
+        return
 
 
 def _final(d) -> dict[str, Any]:
@@ -153,14 +185,15 @@ def _final(d) -> dict[str, Any]:
             "state": d.state, "last_telemetry": d.telemetry}
 
 
-def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool) -> None:
-    headers = ["DEVICE", "ONLINE", "SEQ", "CPU%", "MEM%", "RSS MB", "TX BYTES", "LAST SEEN"]
+def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: dict[str, Any]) -> None:
+    headers = ["DEVICE", "ONLINE", "SEQ", "CPU%", "MEM%", "RSS MB", "TX BYTES", "PING MS", "LAST SEEN"]
     now = time.time()
     rows = []
     for d in devs:
         t = d.telemetry or {}
         rows.append([d.id, d.online, t.get("seq"), t.get("cpu_percent"), t.get("mem_used_percent"),
-                     t.get("rss_mb"), (t.get("bytes") or {}).get("tx_total"), f"{now - d.last_seen:.1f}s"])
+                     t.get("rss_mb"), (t.get("bytes") or {}).get("tx_total"), pings.get(d.id),
+                     f"{now - d.last_seen:.1f}s"])
     head = (f"edgefleet demo  t={elapsed:5.1f}s  devices={len(devs)}  telemetry={svc.counts.get('telemetry', 0)}"
             f"  rejected={svc.counts.get('rejected', 0)}")
     if tty:

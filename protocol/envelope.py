@@ -55,6 +55,7 @@ class Envelope:
     schema: int = SCHEMA_VERSION
     reply_to: str | None = None
     corr: str | None = None
+    auth: Mapping[str, Any] | None = None  # end-to-end signature (protocol.cmdauth)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {"schema": self.schema, "kind": self.kind, "id": self.id,
@@ -63,6 +64,8 @@ class Envelope:
             d["reply_to"] = self.reply_to
         if self.corr is not None:
             d["corr"] = self.corr
+        if self.auth is not None:
+            d["auth"] = dict(self.auth)
         return d
 
     def reply(self, sender: str, kind: str, body: Mapping[str, Any]) -> "Envelope":
@@ -225,6 +228,10 @@ def from_dict(obj: Mapping[str, Any], *, expect_sender: str | None = None,
     corr = obj.get("corr")
     if corr is not None and (not isinstance(corr, str) or not (0 < len(corr) <= _ID_MAX)):
         raise DecodeError("field", f"must be a string of 1-{_ID_MAX} chars", "corr")
+    auth = obj.get("auth")
+    if auth is not None and (not isinstance(auth, dict) or not all(isinstance(auth.get(k), str)
+                                                                    for k in ("alg", "key_id", "sig"))):
+        raise DecodeError("field", "must be an object with string alg, key_id and sig", "auth")
     check(body)
     return Envelope(kind=kind, sender=sender, body=body, id=mid, ts=float(ts), schema=schema,
-                    reply_to=reply_to, corr=corr)
+                    reply_to=reply_to, corr=corr, auth=auth)

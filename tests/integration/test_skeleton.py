@@ -218,3 +218,41 @@ def test_demo_on_the_embedded_broker():
     assert all(d["online"] and d["last_telemetry"]["seq"] >= 2 for d in summary["devices"])
     assert summary["clean_shutdown"] is True
     assert summary["rejects"] == {}
+    assert all(isinstance(v, float) for v in summary["signed_ping_ms"].values()), summary["signed_ping_ms"]
+    assert set(summary["signed_ping_ms"]) == {"demo-01", "demo-02"}
+
+
+def test_commands_must_be_signed_when_a_key_is_trusted(tmp_path, mosquitto):
+    keys = tmp_path / "keys"
+    out = fleetctl("keys", "init", "--dir", str(keys))
+    assert out.returncode == 0, out.stderr
+    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    try:
+        add_agent("pi-s", extra=f'[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
+        wait_for(lambda: (x := device(db, "pi-s")) and x.online, what="pi-s online")
+        unsigned = fleetctl("--broker", mosquitto.url, "cmd", "pi-s", "ping")
+        assert unsigned.returncode == 1
+        assert "unsigned command" in json.loads(unsigned.stdout)["error"]
+        other = tmp_path / "other"
+        fleetctl("keys", "init", "--dir", str(other))
+        wrong = fleetctl("--broker", mosquitto.url, "--signing-key", str(other / "controller.pem"), "cmd", "pi-s", "ping")
+        assert wrong.returncode == 1 and "not trusted" in json.loads(wrong.stdout)["error"]
+        signed = fleetctl("--broker", mosquitto.url, "--signing-key", str(keys / "controller.pem"), "cmd", "pi-s", "ping")
+        assert signed.returncode == 0, signed.stdout + signed.stderr
+        assert json.loads(signed.stdout)["result"]["pong"] is True
+        events = wait_for(lambda: [e for e in Registry(db, readonly=True).events("pi-s")
+                                   if e["event"] == "command.refused"], what="refusal events")
+        assert len(events) == 2
+    finally:
+        for p in procs:
+            stop(p)
+
+
+def test_bad_trusted_key_is_a_config_error(tmp_path, mosquitto):
+    bad = tmp_path / "bad.pub"
+    bad.write_text("nope")
+    cfg = agent_config(tmp_path, "pi-k", mosquitto.url, extra=f'[security]\ntrusted_keys = ["{bad}"]\n')
+    p = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)], capture_output=True,
+                       text=True, env=ENV, cwd=ROOT, timeout=30)
+    assert p.returncode == 2
+    assert "security.trusted_keys" in p.stderr

@@ -1,0 +1,46 @@
+"""``fleetctl keys``: the controller's Ed25519 key that signs commands and patches."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def keys() -> None:
+    """Signing keys (Ed25519): agents trust the public key in their config."""
+
+
+@keys.command("init")
+@click.option("--dir", "directory", default="keys", show_default=True, type=click.Path(file_okay=False),
+              help="where to write controller.pem (private, 0600) and controller.pub")
+@click.option("--name", default="controller", show_default=True, help="file name stem")
+@click.option("--force", is_flag=True, help="overwrite an existing key")
+def init(directory: str, name: str, force: bool) -> None:
+    """Make a new signing key pair."""
+    from protocol.signing import generate, key_id, save_keypair
+
+    d = Path(directory)
+    priv, pub = d / f"{name}.pem", d / f"{name}.pub"
+    if priv.exists() and not force:
+        raise click.ClickException(f"{priv} exists; use --force to replace it (agents trusting it must be updated)")
+    key = generate()
+    save_keypair(key, priv, pub)
+    click.echo(f"key {key_id(key.public_key())}\n  private {priv} (keep secret; fleetctl --signing-key)\n"
+               f"  public  {pub} (agents: [security] trusted_keys)")
+
+
+@keys.command("show")
+@click.argument("path", type=click.Path(dir_okay=False, exists=True))
+def show(path: str) -> None:
+    """Print the key id of a public or private key file."""
+    from protocol.signing import SignatureError, key_id, load_private, load_public
+
+    try:
+        k = load_public(path)
+    except SignatureError:
+        try:
+            k = load_private(path).public_key()
+        except SignatureError as exc:
+            raise click.ClickException(str(exc)) from None
+    click.echo(key_id(k))
