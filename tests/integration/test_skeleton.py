@@ -240,9 +240,10 @@ def test_commands_must_be_signed_when_a_key_is_trusted(tmp_path, mosquitto):
         signed = fleetctl("--broker", mosquitto.url, "--signing-key", str(keys / "controller.pem"), "cmd", "pi-s", "ping")
         assert signed.returncode == 0, signed.stdout + signed.stderr
         assert json.loads(signed.stdout)["result"]["pong"] is True
-        events = wait_for(lambda: [e for e in Registry(db, readonly=True).events("pi-s")
-                                   if e["event"] == "command.refused"], what="refusal events")
+        refused = lambda: [e for e in Registry(db, readonly=True).events("pi-s") if e["event"] == "command.refused"]
+        events = wait_for(lambda: len(refused()) >= 2 and refused(), what="two refusal events")
         assert len(events) == 2
+        assert {e["body"]["reason"].split(" ")[0] for e in events} == {"unsigned", "command"}
     finally:
         for p in procs:
             stop(p)
