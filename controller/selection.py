@@ -1,0 +1,99 @@
+"""Client selection and compute-aware task sizing for federated rounds (pure).
+
+Selection reads what the registry knows from live telemetry: online, enough labelled
+samples, not overloaded. Task sizing follows the FedCompass idea: a device's measured
+training speed (samples/s it reported) decides how many local steps it gets, so that
+fast and slow devices finish at about the same time, inside the deadline.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import random
+from typing import Any, Mapping, Sequence
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    device_id: str
+    online: bool
+    labelled_samples: int = 0
+    cpu_percent: float | None = None
+    samples_per_s: float | None = None   # measured local training speed
+    last_seen_age_s: float = 0.0
+    group: str | None = None
+
+    @classmethod
+    def from_registry(cls, device: Any, now: float) -> "ClientInfo":
+        t = device.telemetry or {}
+        learning = t.get("learning") or {}
+        return cls(device.id, bool(device.online), int(learning.get("labelled_samples") or 0),
+                   t.get("cpu_percent"), learning.get("samples_per_s"), max(0.0, now - device.last_seen),
+                   device.group)
+
+
+@dataclass(frozen=True)
+class SelectionPolicy:
+    clients: int = 10                 # how many to pick (at most)
+    min_samples: int = 1
+    max_cpu_percent: float = 90.0
+    max_silence_s: float = 120.0
+    group: str | None = None
+    deadline_s: float = 60.0
+    local_steps: int = 20             # default when a device's speed is unknown
+    min_steps: int = 1
+    max_steps: int = 500
+    batch_size: int = 32
+    deadline_fill: float = 0.6        # aim to finish in this fraction of the deadline
+
+
+@dataclass(frozen=True)
+class Selection:
+    selected: tuple[str, ...]
+    steps: Mapping[str, int]
+    excluded: Mapping[str, str]       # device → reason
+
+
+def eligible(c: ClientInfo, p: SelectionPolicy) -> str | None:
+    """None if the client may take part, else the reason it may not."""
+    if not c.online:
+        return "offline"
+    if p.group is not None and c.group != p.group:
+        return f"not in group {p.group}"
+    if c.last_seen_age_s > p.max_silence_s:
+        return f"silent for {c.last_seen_age_s:.0f}s"
+    if c.labelled_samples < p.min_samples:
+        return f"{c.labelled_samples} labelled samples < {p.min_samples}"
+    if c.cpu_percent is not None and c.cpu_percent > p.max_cpu_percent:
+        return f"busy (cpu {c.cpu_percent:.0f}% > {p.max_cpu_percent:.0f}%)"
+    return None
+
+
+def size_steps(c: ClientInfo, p: SelectionPolicy) -> int:
+    """Local steps so this client finishes in ``deadline_fill × deadline``."""
+    if not c.samples_per_s or c.samples_per_s <= 0:
+        return max(p.min_steps, min(p.max_steps, p.local_steps))
+    budget_samples = c.samples_per_s * p.deadline_s * p.deadline_fill
+    steps = int(budget_samples // max(1, p.batch_size))
+    return max(p.min_steps, min(p.max_steps, steps))
+
+
+def select(clients: Sequence[ClientInfo], p: SelectionPolicy, rng: random.Random | None = None,
+           exclude: Sequence[str] = ()) -> Selection:
+    """Pick up to ``p.clients`` eligible clients at random (seeded for reproducible runs)."""
+    rng = rng or random.Random(0)
+    excluded: dict[str, str] = {}
+    pool: list[ClientInfo] = []
+    for c in sorted(clients, key=lambda c: c.device_id):
+        if c.device_id in exclude:
+            excluded[c.device_id] = "already in this round"
+            continue
+        why = eligible(c, p)
+        if why:
+            excluded[c.device_id] = why
+        else:
+            pool.append(c)
+    rng.shuffle(pool)
+    chosen = sorted(pool[:p.clients], key=lambda c: c.device_id)
+    for c in pool[p.clients:]:
+        excluded[c.device_id] = "not drawn this round"
+    return Selection(tuple(c.device_id for c in chosen), {c.device_id: size_steps(c, p) for c in chosen}, excluded)
