@@ -1,0 +1,186 @@
+"""Persistent federated-round state (SQLite, in the controller's registry file).
+
+A controller killed mid-round restarts from here: the run's global head and strategy
+state, the round's selection and deadline, which tasks were already sent (never sent
+twice to the same device for the same round) and every update already received.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import io
+import json
+import sqlite3
+import time
+from typing import Any, Mapping
+
+import numpy as np
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS fl_runs(
+    id TEXT PRIMARY KEY, created REAL NOT NULL, status TEXT NOT NULL, config TEXT NOT NULL,
+    round_no INTEGER NOT NULL DEFAULT 0, global_version INTEGER NOT NULL DEFAULT 0,
+    head BLOB, strategy_state TEXT, error TEXT, updated REAL);
+CREATE TABLE IF NOT EXISTS fl_rounds(
+    run_id TEXT NOT NULL, round_no INTEGER NOT NULL, status TEXT NOT NULL, started REAL NOT NULL,
+    deadline REAL NOT NULL, selected TEXT NOT NULL, steps TEXT NOT NULL, tasks_sent TEXT NOT NULL,
+    finished REAL, metrics TEXT, PRIMARY KEY(run_id, round_no));
+CREATE TABLE IF NOT EXISTS fl_updates(
+    run_id TEXT NOT NULL, round_no INTEGER NOT NULL, device_id TEXT NOT NULL, received REAL NOT NULL,
+    accepted INTEGER NOT NULL, reason TEXT, num_samples INTEGER, base_version INTEGER, meta TEXT,
+    update_blob BLOB, PRIMARY KEY(run_id, round_no, device_id));
+"""
+
+
+def pack_head(head: Mapping[str, np.ndarray]) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in head.items()})
+    return buf.getvalue()
+
+
+def unpack_head(blob: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+@dataclass(frozen=True)
+class RunRow:
+    id: str
+    created: float
+    status: str
+    config: dict[str, Any]
+    round_no: int
+    global_version: int
+    head: dict[str, np.ndarray] | None
+    strategy_state: dict[str, Any] | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class RoundRow:
+    run_id: str
+    round_no: int
+    status: str
+    started: float
+    deadline: float
+    selected: tuple[str, ...]
+    steps: dict[str, int]
+    tasks_sent: frozenset[str]
+    finished: float | None
+    metrics: dict[str, Any] | None
+
+
+@dataclass(frozen=True)
+class UpdateRow:
+    device_id: str
+    received: float
+    accepted: bool
+    reason: str | None
+    num_samples: int
+    base_version: int
+    meta: dict[str, Any]
+    update: dict[str, np.ndarray] | None
+
+
+class RoundStore:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self.db.executescript(SCHEMA)
+        self.db.commit()
+
+    # -- runs --------------------------------------------------------------
+    def create_run(self, run_id: str, config: Mapping[str, Any], head: Mapping[str, np.ndarray],
+                   version: int = 0) -> None:
+        self.db.execute("INSERT INTO fl_runs(id, created, status, config, head, global_version, updated) "
+                        "VALUES(?,?,?,?,?,?,?)",
+                        (run_id, time.time(), "pending", json.dumps(dict(config)), pack_head(head), version,
+                         time.time()))
+        self.db.commit()
+
+    def _run(self, r: tuple) -> RunRow:
+        return RunRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], unpack_head(r[6]) if r[6] else None,
+                      json.loads(r[7]) if r[7] else None, r[8])
+
+    _RUN = "id, created, status, config, round_no, global_version, head, strategy_state, error"
+
+    def run(self, run_id: str) -> RunRow | None:
+        r = self.db.execute(f"SELECT {self._RUN} FROM fl_runs WHERE id=?", (run_id,)).fetchone()
+        return self._run(r) if r else None
+
+    def runs(self, status: tuple[str, ...] | None = None, limit: int = 50) -> list[RunRow]:
+        q = f"SELECT {self._RUN} FROM fl_runs"
+        args: list[Any] = []
+        if status:
+            q += f" WHERE status IN ({','.join('?' * len(status))})"
+            args += list(status)
+        q += " ORDER BY created DESC LIMIT ?"
+        return [self._run(r) for r in self.db.execute(q, args + [limit])]
+
+    def update_run(self, run_id: str, **fields: Any) -> None:
+        cols, args = [], []
+        for k, v in fields.items():
+            if k == "head":
+                v = pack_head(v)
+            elif k in ("strategy_state", "config"):
+                v = json.dumps(v)
+            cols.append(f"{k}=?")
+            args.append(v)
+        cols.append("updated=?")
+        args.append(time.time())
+        self.db.execute(f"UPDATE fl_runs SET {', '.join(cols)} WHERE id=?", args + [run_id])
+        self.db.commit()
+
+    # -- rounds ------------------------------------------------------------
+    def create_round(self, run_id: str, round_no: int, started: float, deadline: float,
+                     selected: tuple[str, ...], steps: Mapping[str, int]) -> None:
+        self.db.execute("INSERT INTO fl_rounds(run_id, round_no, status, started, deadline, selected, steps, "
+                        "tasks_sent) VALUES(?,?,?,?,?,?,?,?)",
+                        (run_id, round_no, "running", started, deadline, json.dumps(list(selected)),
+                         json.dumps(dict(steps)), "[]"))
+        self.db.commit()
+
+    def mark_task_sent(self, run_id: str, round_no: int, device_id: str) -> None:
+        row = self.round(run_id, round_no)
+        if row is None or device_id in row.tasks_sent:
+            return
+        sent = sorted(row.tasks_sent | {device_id})
+        self.db.execute("UPDATE fl_rounds SET tasks_sent=? WHERE run_id=? AND round_no=?",
+                        (json.dumps(sent), run_id, round_no))
+        self.db.commit()
+
+    def finish_round(self, run_id: str, round_no: int, status: str, metrics: Mapping[str, Any]) -> None:
+        self.db.execute("UPDATE fl_rounds SET status=?, finished=?, metrics=? WHERE run_id=? AND round_no=?",
+                        (status, time.time(), json.dumps(dict(metrics)), run_id, round_no))
+        self.db.commit()
+
+    def _round(self, r: tuple) -> RoundRow:
+        return RoundRow(r[0], r[1], r[2], r[3], r[4], tuple(json.loads(r[5])), json.loads(r[6]),
+                        frozenset(json.loads(r[7])), r[8], json.loads(r[9]) if r[9] else None)
+
+    _ROUND = "run_id, round_no, status, started, deadline, selected, steps, tasks_sent, finished, metrics"
+
+    def round(self, run_id: str, round_no: int) -> RoundRow | None:
+        r = self.db.execute(f"SELECT {self._ROUND} FROM fl_rounds WHERE run_id=? AND round_no=?",
+                            (run_id, round_no)).fetchone()
+        return self._round(r) if r else None
+
+    def rounds(self, run_id: str) -> list[RoundRow]:
+        return [self._round(r) for r in self.db.execute(
+            f"SELECT {self._ROUND} FROM fl_rounds WHERE run_id=? ORDER BY round_no", (run_id,))]
+
+    # -- updates -----------------------------------------------------------
+    def add_update(self, run_id: str, round_no: int, u: UpdateRow) -> bool:
+        """Store an update once per device per round; False if one was already stored."""
+        cur = self.db.execute(
+            "INSERT OR IGNORE INTO fl_updates(run_id, round_no, device_id, received, accepted, reason, num_samples, "
+            "base_version, meta, update_blob) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            (run_id, round_no, u.device_id, u.received, int(u.accepted), u.reason, u.num_samples, u.base_version,
+             json.dumps(u.meta), pack_head(u.update) if u.update is not None else None))
+        self.db.commit()
+        return cur.rowcount == 1
+
+    def updates(self, run_id: str, round_no: int) -> list[UpdateRow]:
+        rows = self.db.execute(
+            "SELECT device_id, received, accepted, reason, num_samples, base_version, meta, update_blob "
+            "FROM fl_updates WHERE run_id=? AND round_no=? ORDER BY received", (run_id, round_no))
+        return [UpdateRow(r[0], r[1], bool(r[2]), r[3], r[4] or 0, r[5] or 0, json.loads(r[6]) if r[6] else {},
+                          unpack_head(r[7]) if r[7] else None) for r in rows]

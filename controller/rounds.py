@@ -1,0 +1,359 @@
+"""The federated round engine: decides, never does I/O (the runner acts).
+
+Inputs: a snapshot of clients (from the registry), updates as they arrive, and the
+time. Outputs: tasks to send and round outcomes. All state lives in ``RoundStore``,
+so a new engine built over the same store after a controller crash resumes the run:
+updates already received are kept and a task is never sent twice to the same device
+for the same round.
+
+Sync mode: select → tasks → aggregate what arrived by the deadline if the quorum is
+met (late updates are refused), else the round fails and no new head is published.
+Async mode (FedBuff): every eligible client works continuously from the version it
+was given; each ``buffer`` accepted updates make a new version, weighted by
+staleness; an update staler than ``max_staleness`` versions is refused.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+import math
+import random
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+
+from .round_store import RoundStore, UpdateRow
+from .selection import ClientInfo, SelectionPolicy, select
+
+Head = dict[str, np.ndarray]
+# (global head, [(delta, num_samples, staleness)], strategy state) -> (new head | None, new state)
+Aggregator = Callable[[Head, list[tuple[Head, int, int]], dict[str, Any]], tuple["Head | None", dict[str, Any]]]
+
+
+class RunConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    strategy: str = "fedavg"
+    strategy_params: Mapping[str, Any] = field(default_factory=dict)
+    rounds: int = 3
+    mode: str = "sync"
+    clients: int = 10
+    min_clients: int = 1
+    deadline_s: float = 60.0
+    local_steps: int = 20
+    lr: float = 0.05
+    batch_size: int = 32
+    optimizer: str = "sgd"
+    prox_mu: float = 0.0
+    min_samples: int = 8
+    max_update_norm: float = 1e4
+    compression: Mapping[str, Any] = field(default_factory=dict)
+    dp: Mapping[str, Any] | None = None
+    buffer: int = 2
+    max_staleness: int = 4
+    group: str | None = None
+    seed: int = 0
+    start_timeout_s: float = 120.0
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, msg: str) -> None:
+            if not cond:
+                raise RunConfigError(msg)
+        need(self.mode in ("sync", "async"), f"mode must be sync or async, got {self.mode!r}")
+        need(1 <= self.rounds <= 10000, "rounds must be 1..10000")
+        need(1 <= self.min_clients <= self.clients, "need 1 <= min_clients <= clients")
+        need(0 < self.deadline_s <= 86400, "deadline must be 0..86400 s")
+        need(1 <= self.local_steps <= 100000, "local_steps must be 1..100000")
+        need(0 < self.lr < 10, "lr must be in (0, 10)")
+        need(self.prox_mu >= 0, "prox_mu must be >= 0")
+        need(self.max_update_norm > 0, "max_update_norm must be > 0")
+        need(1 <= self.buffer <= self.clients, "async buffer must be 1..clients")
+        need(self.max_staleness >= 0, "max_staleness must be >= 0")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RunConfig":
+        known = set(cls.__dataclass_fields__)
+        unknown = set(d) - known
+        if unknown:
+            raise RunConfigError(f"unknown run config keys: {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+    def policy(self) -> SelectionPolicy:
+        return SelectionPolicy(clients=self.clients, min_samples=self.min_samples, group=self.group,
+                               deadline_s=self.deadline_s, local_steps=self.local_steps, batch_size=self.batch_size)
+
+
+@dataclass(frozen=True)
+class Task:
+    device_id: str
+    round_no: int
+    body: dict[str, Any]
+    head: Head
+
+
+@dataclass(frozen=True)
+class Verdict:
+    accepted: bool
+    reason: str
+
+
+@dataclass(frozen=True)
+class RoundOutcome:
+    round_no: int
+    status: str                     # "aggregated" | "failed"
+    metrics: dict[str, Any]
+    new_version: int | None = None
+
+
+def validate_update(delta: Mapping[str, np.ndarray], global_head: Mapping[str, np.ndarray],
+                    max_norm: float) -> str | None:
+    """None if the update may be aggregated, else the reason it may not (pure)."""
+    if set(delta) != set(global_head):
+        return f"tensor names {sorted(delta)} do not match the global head {sorted(global_head)}"
+    sq = 0.0
+    for k, g in global_head.items():
+        d = np.asarray(delta[k])
+        if d.shape != g.shape:
+            return f"{k}: shape {list(d.shape)} != {list(g.shape)}"
+        if d.dtype.kind != "f":
+            return f"{k}: dtype {d.dtype} is not floating point"
+        if not np.all(np.isfinite(d)):
+            return f"{k}: NaN or inf values"
+        sq += float(np.sum(np.square(d, dtype=np.float64)))
+    norm = math.sqrt(sq)
+    if norm > max_norm:
+        return f"update L2 norm {norm:.3g} exceeds the bound {max_norm:.3g}"
+    return None
+
+
+class RoundEngine:
+    def __init__(self, run_id: str, store: RoundStore, aggregator: Aggregator) -> None:
+        run = store.run(run_id)
+        if run is None:
+            raise KeyError(f"unknown run {run_id}")
+        self.run_id = run_id
+        self.store = store
+        self.cfg = RunConfig.from_dict(run.config)
+        self.aggregate = aggregator
+        self.rng = random.Random(self.cfg.seed + run.round_no)
+        self.started_waiting: float | None = None
+
+    # -- helpers -----------------------------------------------------------
+    @property
+    def run(self):  # fresh from the store: the store is the truth
+        return self.store.run(self.run_id)
+
+    def _task_body(self, round_no: int, steps: int, version: int, deadline: float) -> dict[str, Any]:
+        c = self.cfg
+        body: dict[str, Any] = {"run_id": self.run_id, "round": round_no, "base_version": version, "steps": steps,
+                                "lr": c.lr, "batch_size": c.batch_size, "optimizer": c.optimizer,
+                                "prox_mu": c.prox_mu, "deadline_ts": deadline, "compression": dict(c.compression)}
+        if c.dp:
+            body["dp"] = {"clip": c.dp.get("clip", 1.0)}
+        return body
+
+    # -- decide ------------------------------------------------------------
+    def step(self, now: float, clients: Sequence[ClientInfo]) -> tuple[list[Task], list[RoundOutcome]]:
+        """Advance the run: start rounds, (re)issue unsent tasks, close rounds that are due."""
+        run = self.run
+        if run is None or run.status in ("done", "failed", "cancelled"):
+            return [], []
+        if run.status == "pending":
+            self.store.update_run(self.run_id, status="running")
+        return self._step_async(now, clients) if self.cfg.mode == "async" else self._step_sync(now, clients)
+
+    def _step_sync(self, now: float, clients: Sequence[ClientInfo]) -> tuple[list[Task], list[RoundOutcome]]:
+        run = self.run
+        outcomes: list[RoundOutcome] = []
+        cur = self.store.round(self.run_id, run.round_no) if run.round_no else None
+        if cur is not None and cur.status == "running":
+            online = {c.device_id for c in clients if c.online}
+            got = {u.device_id for u in self.store.updates(self.run_id, cur.round_no)}
+            waiting = [d for d in cur.selected if d not in got and d in online]
+            if now >= cur.deadline or not waiting:
+                outcomes.append(self._close_sync(cur, now, gone=[d for d in cur.selected
+                                                                 if d not in got and d not in online]))
+                run = self.run
+            else:
+                return self._unsent(cur, run.global_version), outcomes
+        if run.status != "running":
+            return [], outcomes
+        if run.round_no >= self.cfg.rounds:
+            self.store.update_run(self.run_id, status="done")
+            return [], outcomes
+        sel = select(clients, self.cfg.policy(), self.rng)
+        if len(sel.selected) < self.cfg.min_clients:
+            if self.started_waiting is None:
+                self.started_waiting = now
+            if now - self.started_waiting > self.cfg.start_timeout_s:
+                self.store.update_run(self.run_id, status="failed",
+                                      error=f"only {len(sel.selected)} eligible clients "
+                                            f"(need {self.cfg.min_clients}): {dict(sel.excluded)}")
+            return [], outcomes
+        self.started_waiting = None
+        round_no = run.round_no + 1
+        deadline = now + self.cfg.deadline_s
+        self.store.create_round(self.run_id, round_no, now, deadline, sel.selected, sel.steps)
+        self.store.update_run(self.run_id, round_no=round_no)
+        return self._unsent(self.store.round(self.run_id, round_no), run.global_version), outcomes
+
+    def _unsent(self, cur, version: int) -> list[Task]:
+        head = self.run.head or {}
+        return [Task(d, cur.round_no, self._task_body(cur.round_no, cur.steps.get(d, self.cfg.local_steps), version,
+                                                      cur.deadline), head)
+                for d in cur.selected if d not in cur.tasks_sent]
+
+    def task_sent(self, task: Task) -> None:
+        self.store.mark_task_sent(self.run_id, task.round_no, task.device_id)
+
+    def _close_sync(self, cur, now: float, gone: list[str]) -> RoundOutcome:
+        run = self.run
+        ups = [u for u in self.store.updates(self.run_id, cur.round_no) if u.accepted]
+        metrics: dict[str, Any] = {"selected": len(cur.selected), "received": len(ups), "dropped": gone,
+                                   "duration_s": round(now - cur.started, 3)}
+        metrics.update(_update_metrics(ups))
+        if len(ups) < self.cfg.min_clients:
+            metrics["reason"] = f"quorum not met: {len(ups)} of {self.cfg.min_clients} updates by the deadline"
+            self.store.finish_round(self.run_id, cur.round_no, "failed", metrics)
+            return RoundOutcome(cur.round_no, "failed", metrics)
+        return self._apply(cur.round_no, [(u.update, u.num_samples, 0) for u in ups], metrics)
+
+    def _apply(self, round_no: int, results: list[tuple[Head, int, int]], metrics: dict[str, Any]) -> RoundOutcome:
+        run = self.run
+        new_head, state = self.aggregate(run.head or {}, results, run.strategy_state or {})
+        if new_head is None:
+            metrics["reason"] = "strategy produced no new model"
+            self.store.finish_round(self.run_id, round_no, "failed", metrics)
+            return RoundOutcome(round_no, "failed", metrics)
+        version = run.global_version + 1
+        self.store.update_run(self.run_id, head=new_head, global_version=version, strategy_state=state)
+        metrics["version"] = version
+        self.store.finish_round(self.run_id, round_no, "aggregated", metrics)
+        return RoundOutcome(round_no, "aggregated", metrics, version)
+
+    # -- updates -----------------------------------------------------------
+    def on_update(self, now: float, device_id: str, round_no: int, base_version: int, num_samples: int,
+                  delta: Head | None, meta: Mapping[str, Any]) -> Verdict:
+        run = self.run
+        if run is None or run.status != "running":
+            return Verdict(False, "run is not running")
+        if self.cfg.mode == "async":
+            return self._on_update_async(now, device_id, round_no, base_version, num_samples, delta, meta)
+        cur = self.store.round(self.run_id, round_no)
+        if cur is None or device_id not in cur.selected:
+            return Verdict(False, f"{device_id} has no task in round {round_no}")
+        if cur.status != "running" or now > cur.deadline:
+            return self._record(round_no, device_id, now, False, "late: the round's deadline has passed",
+                                num_samples, base_version, meta, None)
+        if base_version != run.global_version:
+            return self._record(round_no, device_id, now, False,
+                                f"base version {base_version} != global {run.global_version}",
+                                num_samples, base_version, meta, None)
+        return self._check_and_record(round_no, device_id, now, num_samples, base_version, delta, meta)
+
+    def _check_and_record(self, round_no, device_id, now, num_samples, base_version, delta, meta) -> Verdict:
+        if delta is None:
+            return self._record(round_no, device_id, now, False, "no update tensors", num_samples, base_version,
+                                meta, None)
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
+            return self._record(round_no, device_id, now, False, f"num_samples must be > 0, got {num_samples!r}",
+                                0, base_version, meta, None)
+        why = validate_update(delta, self.run.head or {}, self.cfg.max_update_norm)
+        if why:
+            return self._record(round_no, device_id, now, False, why, num_samples, base_version, meta, None)
+        return self._record(round_no, device_id, now, True, "accepted", num_samples, base_version, meta, delta)
+
+    def _record(self, round_no, device_id, now, ok, reason, n, base, meta, delta) -> Verdict:
+        fresh = self.store.add_update(self.run_id, round_no, UpdateRow(device_id, now, ok, None if ok else reason,
+                                                                        n, base, dict(meta), delta))
+        if not fresh:
+            return Verdict(False, "duplicate: an update from this device is already recorded for this round")
+        return Verdict(ok, reason)
+
+    # -- async (FedBuff) ---------------------------------------------------
+    def _step_async(self, now: float, clients: Sequence[ClientInfo]) -> tuple[list[Task], list[RoundOutcome]]:
+        """One round row per aggregation window; idle eligible clients get a task from the current version."""
+        run = self.run
+        if run.round_no >= self.cfg.rounds and self._window_done(run):
+            self.store.update_run(self.run_id, status="done")
+            return [], []
+        if run.round_no == 0:
+            self.store.update_run(self.run_id, round_no=1)
+            run = self.run
+        cur = self.store.round(self.run_id, run.round_no)
+        if cur is None:
+            self.store.create_round(self.run_id, run.round_no, now, now + self.cfg.deadline_s, (), {})
+            cur = self.store.round(self.run_id, run.round_no)
+        online = {c.device_id for c in clients if c.online}
+        busy = self._busy(cur, online)
+        room = self.cfg.clients - len(busy)
+        if room <= 0:
+            return [], []
+        sel = select(clients, self.cfg.policy(), self.rng, exclude=sorted(busy))
+        tasks = []
+        for d in sel.selected[:room]:
+            tasks.append(Task(d, cur.round_no, self._task_body(cur.round_no, sel.steps[d], run.global_version,
+                                                               now + self.cfg.deadline_s), run.head or {}))
+        return tasks, []
+
+    def _window_done(self, run) -> bool:
+        cur = self.store.round(self.run_id, run.round_no)
+        return cur is None or cur.status != "running"
+
+    def _busy(self, cur, online: set[str]) -> set[str]:
+        """Online devices holding a task of this window that has not produced an update yet."""
+        got = {u.device_id for u in self.store.updates(self.run_id, cur.round_no)}
+        return {d for d in cur.tasks_sent if d not in got and d in online}
+
+    def _on_update_async(self, now, device_id, round_no, base_version, num_samples, delta, meta) -> Verdict:
+        run = self.run
+        staleness = run.global_version - base_version
+        if staleness < 0:
+            return Verdict(False, f"base version {base_version} is ahead of global {run.global_version}")
+        if staleness > self.cfg.max_staleness:
+            return self._record(run.round_no, device_id, now, False,
+                                f"stale: {staleness} versions behind (max {self.cfg.max_staleness})",
+                                num_samples, base_version, meta, None)
+        meta = {**meta, "staleness": staleness}
+        v = self._check_and_record(run.round_no, device_id, now, num_samples, base_version, delta, meta)
+        return v
+
+    def maybe_aggregate_async(self, now: float) -> RoundOutcome | None:
+        """Aggregate once ``buffer`` accepted updates are in; outstanding tasks carry over."""
+        run = self.run
+        if self.cfg.mode != "async" or run is None or run.status != "running":
+            return None
+        cur = self.store.round(self.run_id, run.round_no)
+        if cur is None or cur.status != "running":
+            return None
+        all_ups = self.store.updates(self.run_id, cur.round_no)
+        ups = [u for u in all_ups if u.accepted]
+        if len(ups) < self.cfg.buffer:
+            return None
+        results = [(u.update, u.num_samples, int(u.meta.get("staleness", 0))) for u in ups]
+        metrics = {"received": len(ups), "staleness": [r[2] for r in results], **_update_metrics(ups),
+                   "duration_s": round(now - cur.started, 3)}
+        out = self._apply(cur.round_no, results, metrics)
+        if cur.round_no < self.cfg.rounds:
+            nxt = cur.round_no + 1
+            self.store.create_round(self.run_id, nxt, now, now + self.cfg.deadline_s, (), {})
+            self.store.update_run(self.run_id, round_no=nxt)
+            got = {u.device_id for u in all_ups}
+            for d in cur.tasks_sent - got:
+                self.store.mark_task_sent(self.run_id, nxt, d)
+        else:
+            self.store.update_run(self.run_id, status="done")
+        return out
+
+
+def _update_metrics(ups: list[UpdateRow]) -> dict[str, Any]:
+    losses = [u.meta.get("train_loss") for u in ups if isinstance(u.meta.get("train_loss"), (int, float))]
+    sizes = [u.meta.get("bytes") for u in ups if isinstance(u.meta.get("bytes"), int)]
+    return {"mean_train_loss": round(float(np.mean(losses)), 6) if losses else None,
+            "uplink_bytes": int(sum(sizes)) if sizes else 0,
+            "samples": int(sum(u.num_samples for u in ups))}
