@@ -8,8 +8,12 @@ Layout, all integers little-endian::
     4   4   header length H (uint32)
     8   H   header: UTF-8 JSON = the envelope (schema, kind, id, sender, ts, body)
             plus "tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...]
-            and "blob": {"offset", "nbytes", "sha256"?} when a raw blob is carried
+            and "blob": {"offset", "nbytes"} when a raw blob is carried,
+            and "payload_sha256": hex SHA-256 of the payload (checked on decode)
     8+H ... payload; tensor/blob offsets are relative to its start
+
+A signed frame (``protocol.cmdauth.sign_frame``) also puts ``payload_sha256`` into the
+envelope body before signing, so the signature covers the tensors too.
 
 dtype is a numpy name from ``DTYPES`` (little-endian). Every offset/size is checked
 against the payload before any array is built, so a hostile frame cannot make us
@@ -18,6 +22,7 @@ read out of bounds or allocate more than it sent.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+import hashlib
 import json
 import struct
 from typing import Any, Mapping
@@ -41,29 +46,38 @@ class Frame:
     envelope: Envelope
     tensors: dict[str, np.ndarray] = field(default_factory=dict)
     blob: bytes = b""
+    payload_sha256: str = ""
 
 
-def encode_frame(env: Envelope, tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"") -> bytes:
-    header: dict[str, Any] = env.to_dict()
+def payload_of(tensors: Mapping[str, np.ndarray] | None, blob: bytes = b"") -> tuple[list[dict[str, Any]], bytes]:
+    """Tensor specs and the payload bytes, exactly as ``encode_frame`` lays them out."""
     parts: list[bytes] = []
     offset = 0
-    specs = []
+    specs: list[dict[str, Any]] = []
     for name, arr in (tensors or {}).items():
         a = np.asarray(arr)
         if a.dtype.name not in DTYPES:
             raise ValueError(f"tensor {name!r}: dtype {a.dtype} not allowed on the wire")
         data = np.ascontiguousarray(a, dtype=a.dtype.newbyteorder("<")).tobytes()
-        specs.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape),
-                      "offset": offset, "nbytes": len(data)})
+        specs.append({"name": name, "dtype": a.dtype.name, "shape": list(a.shape), "offset": offset,
+                      "nbytes": len(data)})
         parts.append(data)
         offset += len(data)
+    if blob:
+        parts.append(bytes(blob))
+    return specs, b"".join(parts)
+
+
+def encode_frame(env: Envelope, tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"") -> bytes:
+    header: dict[str, Any] = env.to_dict()
+    specs, payload = payload_of(tensors, blob)
     if specs:
         header["tensors"] = specs
     if blob:
-        header["blob"] = {"offset": offset, "nbytes": len(blob)}
-        parts.append(bytes(blob))
+        header["blob"] = {"offset": len(payload) - len(blob), "nbytes": len(blob)}
+    header["payload_sha256"] = hashlib.sha256(payload).hexdigest()
     hb = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hb)) + hb + b"".join(parts)
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hb)) + hb + payload
 
 
 def is_frame(payload: bytes | memoryview) -> bool:
@@ -95,6 +109,10 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = MA
         raise DecodeError("bad_json", "header must be an object", "header")
     env = from_dict(header, expect_sender=expect_sender, kinds=kinds)
     data = mv[_PREFIX.size + hlen:]
+    digest = hashlib.sha256(data).hexdigest()
+    if header.get("payload_sha256") != digest:
+        raise DecodeError("bad_frame", "payload SHA-256 does not match the header (corrupt or truncated)",
+                          "payload_sha256")
     tensors: dict[str, np.ndarray] = {}
     specs = header.get("tensors", [])
     if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
@@ -109,7 +127,7 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = MA
     if bspec is not None:
         off, n = _span(bspec, len(data), "blob")
         blob = bytes(data[off:off + n])
-    return Frame(env, tensors, blob)
+    return Frame(env, tensors, blob, digest)
 
 
 def _span(spec: Any, limit: int, where: str) -> tuple[int, int]:

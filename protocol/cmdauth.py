@@ -18,6 +18,12 @@ from typing import Any, Iterable
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+import hashlib
+from typing import Mapping
+
+import numpy as np
+
+from .binary import Frame, encode_frame, payload_of
 from .envelope import Envelope
 from .signing import SignatureError, key_id
 
@@ -70,3 +76,21 @@ class CommandVerifier:
         while len(self._seen) > self.remember:
             self._seen.popitem(last=False)
         return auth["key_id"]
+
+
+def sign_frame(env: Envelope, topic: str, key: Ed25519PrivateKey | None,
+               tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"") -> bytes:
+    """Encode a binary frame whose signature (when ``key`` is given) also covers its payload."""
+    _, payload = payload_of(tensors, blob)
+    env = replace(env, body={**env.body, "payload_sha256": hashlib.sha256(payload).hexdigest()})
+    if key is not None:
+        env = sign_envelope(env, topic, key)
+    return encode_frame(env, tensors, blob)
+
+
+def verify_frame(verifier: "CommandVerifier", frame: Frame, topic: str, now: float) -> str:
+    """Verify the envelope's signature and that it names this frame's payload."""
+    kid = verifier.verify(frame.envelope, topic, now)
+    if frame.envelope.body.get("payload_sha256") != frame.payload_sha256:
+        raise SignatureError("signed payload hash does not match the frame's payload")
+    return kid

@@ -35,10 +35,19 @@ def test_every_truncation_is_rejected_cleanly():
             decode_frame(data[:n])
 
 
-def test_trailing_garbage_does_not_change_the_tensors():
-    _, tensors, data = make()
-    f = decode_frame(data + b"garbage")
-    np.testing.assert_array_equal(f.tensors["dense0.weight"], tensors["dense0.weight"])
+def test_trailing_garbage_is_caught_by_the_payload_hash():
+    _, _, data = make()
+    with pytest.raises(DecodeError) as ei:
+        decode_frame(data + b"garbage")
+    assert ei.value.reason == "bad_frame" and ei.value.field == "payload_sha256"
+
+
+def test_payload_bit_flip_is_caught():
+    _, _, data = make(b"blob")
+    b = bytearray(data)
+    b[-1] ^= 0x01
+    with pytest.raises(DecodeError, match="SHA-256"):
+        decode_frame(bytes(b))
 
 
 @pytest.mark.parametrize("mutate,reason", [

@@ -41,3 +41,23 @@ def test_refusals(case, msg):
         v.verify(env, topic, now)
     with pytest.raises(SignatureError, match=msg):
         v.verify(env, topic, now)
+
+
+def test_signed_frame_covers_the_tensors():
+    import numpy as np
+
+    from protocol.binary import decode_frame
+    from protocol.cmdauth import sign_frame, verify_frame
+    from protocol.envelope import register_kind
+
+    register_kind("test.frame", lambda body: None)
+    key = generate()
+    v = CommandVerifier([key.public_key()])
+    env = Envelope(kind="test.frame", sender="controller", body={"round": 1}, ts=1000.0)
+    data = sign_frame(env, TOPIC, key, {"w": np.ones(4, np.float32)})
+    assert verify_frame(v, decode_frame(data), TOPIC, 1000.0)
+    # same signed envelope, other tensors (hash recomputed so the frame itself is well-formed)
+    from protocol.binary import encode_frame
+    forged = encode_frame(decode_frame(data).envelope, {"w": np.zeros(4, np.float32)})
+    with pytest.raises(SignatureError, match="payload hash"):
+        verify_frame(CommandVerifier([key.public_key()]), decode_frame(forged), TOPIC, 1000.0)
