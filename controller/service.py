@@ -43,6 +43,18 @@ class ControllerService:
         self.link: MqttLink | None = None
         self.counts: Counter[str] = Counter()
         self.listeners: list[Callable[[str, Envelope], None]] = []
+        self.signing_key = None
+        if cfg.security.signing_key:
+            from protocol.config_loader import ConfigError
+            from protocol.signing import SignatureError, load_private
+
+            try:
+                self.signing_key = load_private(cfg.security.signing_key)
+            except SignatureError as exc:
+                raise ConfigError(f"security.signing_key: {exc}") from None
+        from .round_runner import RoundRunner
+
+        self.rounds = RoundRunner(self)
 
     def _ctl_state(self, status: str) -> bytes:
         return encode(Envelope(kind="ctl.state", sender=self.cfg.controller.id, body={"status": status}))
@@ -53,12 +65,14 @@ class ControllerService:
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         subs = [(self.topics.all_devices(leaf), 1) for leaf in ("state", "telemetry", "events")]
+        subs.append((f"{self.topics.base}/dev/+/data/#", 1))
         self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
                               will=Will(self.topics.ctl_state, self._ctl_state("offline")),
                               subscriptions=subs, on_connect=self._on_connect)
         await self.link.start()
         pump = asyncio.create_task(self._pump(), name="ingest")
         sweeper = asyncio.create_task(self._sweep(), name="offline-sweep")
+        rounds = asyncio.create_task(self.rounds.run(), name="rounds")
         if ready:
             ready()
         try:
@@ -66,9 +80,9 @@ class ControllerService:
         finally:
             if self.link.connected.is_set():
                 await self.link.publish_and_wait(self.topics.ctl_state, self._ctl_state("offline"), 1, True, 1.0)
-            for t in (pump, sweeper):
+            for t in (pump, sweeper, rounds):
                 t.cancel()
-            await asyncio.gather(pump, sweeper, return_exceptions=True)
+            await asyncio.gather(pump, sweeper, rounds, return_exceptions=True)
             await self.link.stop()
             self.registry.commit()
 
@@ -112,9 +126,15 @@ class ControllerService:
         if parsed is None:
             self.reject("bad_topic", msg.topic, "not a device topic (or invalid device id)")
             return None
-        device_id, leaf, _rest = parsed
+        device_id, leaf, rest = parsed
         if leaf == "state" and not msg.payload:
             return None  # retained state cleared by an operator
+        if leaf == "data":
+            if rest == ("fl",):
+                self.rounds.on_update_message(device_id, msg)
+            else:
+                self.reject("bad_topic", msg.topic, "no handler for this data topic")
+            return None
         try:
             env = env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes, expect_sender=device_id)
         except DecodeError as exc:

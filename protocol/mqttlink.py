@@ -112,7 +112,8 @@ class MqttSettings:
     key_file: str = ""
     min_backoff_s: float = 0.5
     max_backoff_s: float = 30.0
-    max_message_bytes: int = 256 * 1024
+    max_message_bytes: int = 256 * 1024      # JSON messages
+    max_frame_bytes: int = 8 * 1024 * 1024   # binary frames (tensors, chunks)
 
     def __post_init__(self) -> None:
         from .config_loader import ConfigError, check, one_of
@@ -132,6 +133,8 @@ class MqttSettings:
               "must be > 0 and <= mqtt.max_backoff_s")
         check(1024 <= self.max_message_bytes <= 64 * 1024 * 1024, "mqtt.max_message_bytes",
               f"must be 1 KiB..64 MiB, got {self.max_message_bytes}")
+        check(1024 <= self.max_frame_bytes <= 256 * 1024 * 1024, "mqtt.max_frame_bytes",
+              f"must be 1 KiB..256 MiB, got {self.max_frame_bytes}")
         check(not (self.cert_file or self.key_file) or bool(self.ca_file), "mqtt.ca_file",
               "is required when cert_file/key_file are set")
 

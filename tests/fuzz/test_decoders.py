@@ -107,7 +107,7 @@ def test_controller_ingest_survives_every_topic(tmp_path):
     svc = ControllerService(parse_config({"registry": {"path": str(tmp_path / "r.db")}}))
 
     @FUZZ
-    @given(st.sampled_from(["state", "telemetry", "events", "reply", "cmd", "bogus"]),
+    @given(st.sampled_from(["state", "telemetry", "events", "reply", "cmd", "bogus", "data/fl", "data/x"]),
            st.one_of(st.binary(max_size=200), near_envelopes()))
     def inner(leaf, payload):
         svc.ingest(Message(f"edgefleet/v1/dev/pi-1/{leaf}", payload))

@@ -1,0 +1,226 @@
+"""``fleetctl round …``: start federated runs and watch them.
+
+The CLI writes the run into the registry's SQLite file; ``fleetctl serve`` (which owns
+the broker side) picks it up within half a second and drives it. A restarted service
+resumes running runs from the same file.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import numpy as np
+
+
+def parse_duration(value: str) -> float:
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
+    if not m:
+        raise click.BadParameter(f"{value!r} is not a duration like 60s, 500ms, 2m")
+    n, unit = float(m.group(1)), m.group(2) or "s"
+    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
+
+
+def _kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for it in items:
+        if "=" not in it:
+            raise click.BadParameter(f"{it!r} is not KEY=VALUE", param_hint=what)
+        k, v = it.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def load_head(path: str) -> dict[str, np.ndarray]:
+    p = Path(path)
+    f = p / "head.npz" if p.is_dir() else p
+    try:
+        with np.load(f, allow_pickle=False) as z:
+            head = {k: z[k].astype(np.float32) for k in z.files}
+    except (OSError, ValueError) as exc:
+        raise click.BadParameter(f"cannot read a head from {f}: {exc}", param_hint="--bundle") from None
+    if not head or not all(k.startswith("dense") for k in head):
+        raise click.BadParameter(f"{f} holds no dense{{i}}.weight/bias tensors", param_hint="--bundle")
+    return head
+
+
+def _store(ctx: click.Context, create: bool):
+    from .round_store import RoundStore
+
+    cfg = ctx.obj.cfg()
+    path = cfg.db_path
+    if not create and not os.path.exists(path):
+        raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    db = sqlite3.connect(path, timeout=10)
+    db.execute("PRAGMA journal_mode=WAL")
+    return RoundStore(db)
+
+
+@click.group()
+def round() -> None:  # noqa: A001 - the command is called "round"
+    """Federated rounds: start, status, history."""
+
+
+@round.command("start")
+@click.option("--bundle", required=True, help="bundle dir (or head .npz) holding the initial global head")
+@click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam, fedyogi, median, "
+              "trimmed_mean, krum, multikrum, fedbuff")
+@click.option("--strategy-param", "sparams", multiple=True, help="KEY=VALUE for the strategy")
+@click.option("--clients", default=10, show_default=True, type=click.IntRange(1, 100000))
+@click.option("--min-clients", default=None, type=click.IntRange(1, 100000), help="quorum (default: half)")
+@click.option("--rounds", "n_rounds", default=3, show_default=True, type=click.IntRange(1, 10000))
+@click.option("--deadline", default="60s", show_default=True, help="per-round deadline, e.g. 60s")
+@click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 100000), help="local steps (default)")
+@click.option("--lr", default=0.05, show_default=True, type=click.FloatRange(0, 10, min_open=True))
+@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 65536))
+@click.option("--prox-mu", default=0.0, show_default=True, type=click.FloatRange(0, 100))
+@click.option("--min-samples", default=8, show_default=True, type=click.IntRange(0, 10**9))
+@click.option("--async", "is_async", is_flag=True, help="buffered asynchronous mode (FedBuff)")
+@click.option("--buffer", default=2, show_default=True, type=click.IntRange(1, 100000), help="async: updates per version")
+@click.option("--max-staleness", default=4, show_default=True, type=click.IntRange(0, 1000))
+@click.option("--compress", "compress", multiple=True, help="KEY=VALUE compression option sent to devices, "
+              "e.g. topk=0.1 int8=true zstd=true")
+@click.option("--dp", "dp", multiple=True, help="KEY=VALUE differential privacy, e.g. clip=1.0 noise=0.8")
+@click.option("--group", default=None, help="only devices of this group")
+@click.option("--max-update-norm", default=1e4, show_default=True, type=click.FloatRange(0, min_open=True))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--wait/--no-wait", default=True, show_default=True, help="follow progress until the run ends")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ...], clients: int,
+          min_clients: int | None, n_rounds: int, deadline: str, steps: int, lr: float, batch_size: int,
+          prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
+          compress: tuple[str, ...], dp: tuple[str, ...], group: str | None, max_update_norm: float, seed: int,
+          wait: bool, as_json: bool) -> None:
+    """Start a federated run (fleetctl serve executes it)."""
+    from .rounds import RunConfig, RunConfigError
+
+    head = load_head(bundle)
+    try:
+        from . import strategies
+
+        strategies.make(strategy, **_kv(sparams, "--strategy-param"))
+    except ImportError:
+        pass
+    except (KeyError, TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--strategy") from None
+    try:
+        cfg = RunConfig(strategy=strategy, strategy_params=_kv(sparams, "--strategy-param"), rounds=n_rounds,
+                        mode="async" if is_async else "sync", clients=clients,
+                        min_clients=min_clients or max(1, clients // 2), deadline_s=parse_duration(deadline),
+                        local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
+                        max_update_norm=max_update_norm, compression=_kv(compress, "--compress"),
+                        dp=_kv(dp, "--dp") or None, buffer=min(buffer, clients), max_staleness=max_staleness,
+                        group=group, seed=seed)
+    except RunConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    store = _store(ctx, create=True)
+    run_id = time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+    store.create_run(run_id, cfg.to_dict(), head)
+    if not as_json:
+        click.echo(f"{run_id}: {cfg.mode} {strategy}, {n_rounds} rounds, up to {clients} clients, "
+                   f"deadline {cfg.deadline_s:g}s")
+    if wait:
+        _follow(store, run_id, as_json)
+    elif as_json:
+        click.echo(json.dumps({"run_id": run_id}))
+
+
+def _follow(store, run_id: str, as_json: bool) -> None:
+    last = None
+    with click.progressbar(length=store.run(run_id).config["rounds"], label="rounds", file=sys.stderr,
+                           show_pos=True) as bar:
+        done = 0
+        while True:
+            run = store.run(run_id)
+            finished = [r for r in store.rounds(run_id) if r.status in ("aggregated", "failed")]
+            if len(finished) > done:
+                bar.update(len(finished) - done)
+                done = len(finished)
+            if run.status in ("done", "failed", "cancelled"):
+                break
+            if last != (run.status, run.round_no):
+                last = (run.status, run.round_no)
+            time.sleep(0.3)
+    summary = _run_json(store, run_id)
+    if as_json:
+        click.echo(json.dumps(summary, indent=2))
+    else:
+        _print_history(summary)
+    if summary["status"] != "done":
+        sys.exit(1)
+
+
+def _run_json(store, run_id: str) -> dict[str, Any]:
+    run = store.run(run_id)
+    rounds = []
+    for r in store.rounds(run_id):
+        ups = store.updates(run_id, r.round_no)
+        rounds.append({"round": r.round_no, "status": r.status, "selected": list(r.selected),
+                       "tasks_sent": sorted(r.tasks_sent), "started": r.started, "deadline": r.deadline,
+                       "finished": r.finished, "metrics": r.metrics,
+                       "updates": [{"device": u.device_id, "accepted": u.accepted, "reason": u.reason,
+                                    "num_samples": u.num_samples, "base_version": u.base_version,
+                                    "meta": u.meta} for u in ups]})
+    return {"run_id": run.id, "status": run.status, "error": run.error, "config": run.config,
+            "round": run.round_no, "global_version": run.global_version, "created": run.created, "rounds": rounds}
+
+
+def _print_history(s: dict[str, Any]) -> None:
+    from .table import render
+
+    click.echo(f"{s['run_id']}: {s['status']}  version {s['global_version']}"
+               + (f"  error: {s['error']}" if s["error"] else ""))
+    rows = []
+    for r in s["rounds"]:
+        m = r["metrics"] or {}
+        rej = sum(1 for u in r["updates"] if not u["accepted"])
+        rows.append([r["round"], r["status"], len(r["selected"]), m.get("received", 0), rej,
+                     m.get("mean_train_loss"), m.get("uplink_bytes"), m.get("duration_s"), m.get("reason", "")])
+    if rows:
+        click.echo(render(["ROUND", "STATUS", "SELECTED", "UPDATES", "REJECTED", "LOSS", "UPLINK B", "SECONDS",
+                           "NOTE"], rows))
+
+
+@round.command("status")
+@click.argument("run_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
+    """The current (or given) run."""
+    store = _store(ctx, create=False)
+    runs = [store.run(run_id)] if run_id else store.runs(limit=1)
+    if not runs or runs[0] is None:
+        raise click.ClickException("no such run" if run_id else "no runs yet")
+    s = _run_json(store, runs[0].id)
+    click.echo(json.dumps(s, indent=2) if as_json else "")
+    if not as_json:
+        _print_history(s)
+
+
+@round.command("history")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def history(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Past runs, newest first."""
+    from .table import render
+
+    store = _store(ctx, create=False)
+    runs = store.runs(limit=limit)
+    if as_json:
+        click.echo(json.dumps({"runs": [_run_json(store, r.id) for r in runs]}, indent=2))
+        return
+    click.echo(render(["RUN", "STATUS", "MODE", "STRATEGY", "ROUND", "VERSION", "ERROR"],
+                      [[r.id, r.status, r.config.get("mode"), r.config.get("strategy"), r.round_no, r.global_version,
+                        (r.error or "")[:60]] for r in runs]))

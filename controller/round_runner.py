@@ -1,0 +1,165 @@
+"""The round runner: the I/O side of federated rounds, inside ``fleetctl serve``.
+
+It owns concurrency, deadlines and the broker; the engine (``rounds.py``) decides and
+the strategy (``strategies.py``) computes. Every half second it advances each running
+run against the registry's live view of the fleet, sends the tasks the engine asks
+for (signed frames), and feeds arriving updates back to the engine, answering each
+device with ``fl.ack``. All state is in SQLite, so a restarted service resumes.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protocol import fl as fl_msgs  # noqa: F401 - registers the fl.* kinds
+from protocol.binary import Frame, decode_frame
+from protocol.cmdauth import sign_frame
+from protocol.envelope import DecodeError, Envelope, encode
+from protocol.mqttlink import Message
+
+from .round_store import RoundStore
+from .rounds import Aggregator, RoundEngine, RunConfig
+from .selection import ClientInfo
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .service import ControllerService
+
+log = logging.getLogger("fleetctl.rounds")
+
+
+def aggregator_for(cfg: RunConfig) -> Aggregator:
+    """Bind the run's strategy (by name, from ``controller.strategies``) to the engine's signature."""
+    from . import strategies
+
+    strategy = strategies.make(cfg.strategy, **dict(cfg.strategy_params))
+
+    def aggregate(global_head: dict, results: list, state: dict) -> tuple[Any, dict]:
+        if state:
+            strategy.load_state(state)
+        new = strategy.aggregate_deltas(global_head, results)
+        return new, strategy.state()
+
+    return aggregate
+
+
+def decompress_update(frame: Frame, global_head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The device's delta as float tensors (raw tensors, or a compressed blob)."""
+    if frame.envelope.body["encoding"] == "raw":
+        return {k: np.asarray(v, dtype=np.float32) for k, v in frame.tensors.items()}
+    from protocol.compression import decode_update
+
+    return decode_update(frame.blob, {k: v.shape for k, v in global_head.items()})
+
+
+class RoundRunner:
+    def __init__(self, service: "ControllerService", tick_s: float = 0.5) -> None:
+        self.svc = service
+        self.store = RoundStore(service.registry.db)
+        self.engines: dict[str, RoundEngine] = {}
+        self.tick_s = tick_s
+        self.counts: dict[str, int] = {"tasks_sent": 0, "updates": 0, "rejected_updates": 0}
+
+    def engine(self, run_id: str) -> RoundEngine:
+        eng = self.engines.get(run_id)
+        if eng is None:
+            run = self.store.run(run_id)
+            eng = RoundEngine(run_id, self.store, aggregator_for(RunConfig.from_dict(run.config)))
+            self.engines[run_id] = eng
+        return eng
+
+    def clients(self, now: float) -> list[ClientInfo]:
+        return [ClientInfo.from_registry(d, now) for d in self.svc.registry.devices()]
+
+    async def run(self) -> None:
+        while True:
+            try:
+                self.tick(time.time())
+            except Exception:  # noqa: BLE001 - a bad run must not stop ingestion
+                log.exception("round runner tick failed")
+            await asyncio.sleep(self.tick_s)
+
+    def tick(self, now: float) -> None:
+        self.svc.registry.commit()
+        for run in self.store.runs(status=("pending", "running")):
+            try:
+                eng = self.engine(run.id)
+            except Exception as exc:  # noqa: BLE001 - e.g. unknown strategy: fail the run, loudly
+                log.error("run %s cannot start: %s", run.id, exc)
+                self.store.update_run(run.id, status="failed", error=str(exc))
+                continue
+            tasks, outcomes = eng.step(now, self.clients(now))
+            for o in outcomes:
+                self._announce(run.id, o)
+            out = eng.maybe_aggregate_async(now)
+            if out:
+                self._announce(run.id, out)
+            for t in tasks:
+                if self._send_task(t):
+                    eng.task_sent(t)
+
+    def _send_task(self, task) -> bool:
+        link = self.svc.link
+        if link is None or not link.connected.is_set():
+            return False
+        topic = self.svc.topics.cmd(task.device_id)
+        env = Envelope(kind="fl.task", sender=self.svc.cfg.controller.id, body=task.body)
+        ok = link.publish(topic, sign_frame(env, topic, self.svc.signing_key, task.head), 1)
+        if ok:
+            self.counts["tasks_sent"] += 1
+            log.info("round %s/%d: task to %s (%d steps)", task.body["run_id"], task.round_no, task.device_id,
+                     task.body["steps"])
+        return ok
+
+    def _announce(self, run_id: str, outcome) -> None:
+        lvl = logging.INFO if outcome.status == "aggregated" else logging.WARNING
+        log.log(lvl, "run %s round %d %s: %s", run_id, outcome.round_no, outcome.status, outcome.metrics)
+
+    def on_update_message(self, device_id: str, msg: Message) -> None:
+        """An ``fl.update`` frame from ``device_id`` (topic already parsed)."""
+        try:
+            frame = decode_frame(msg.payload, max_bytes=self.svc.cfg.mqtt.max_frame_bytes, expect_sender=device_id)
+        except DecodeError as exc:
+            self.svc.reject(exc.reason, msg.topic, str(exc))
+            return
+        env = frame.envelope
+        if env.kind != "fl.update":
+            self.svc.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on an update topic")
+            return
+        b = env.body
+        run = self.store.run(b["run_id"])
+        if run is None:
+            self._ack(device_id, b, False, f"unknown run {b['run_id']!r}")
+            return
+        try:
+            delta = decompress_update(frame, run.head or {})
+        except (ValueError, KeyError) as exc:
+            self._ack(device_id, b, False, f"cannot decode update: {exc}")
+            return
+        meta = {k: b[k] for k in ("train_loss", "train_time_s", "samples_per_s", "steps") if k in b}
+        meta["bytes"] = len(msg.payload)
+        verdict = self.engine(run.id).on_update(time.time(), device_id, b["round"], b["base_version"],
+                                                b["num_samples"], delta, meta)
+        self.counts["updates"] += 1
+        if not verdict.accepted:
+            self.counts["rejected_updates"] += 1
+            log.warning("update from %s for %s/%d rejected: %s", device_id, run.id, b["round"], verdict.reason)
+        self._ack(device_id, b, verdict.accepted, verdict.reason)
+        self.tick(time.time())  # close the round now if this was the last update
+
+    def _ack(self, device_id: str, body: dict, accepted: bool, reason: str) -> None:
+        link = self.svc.link
+        if link is None:
+            return
+        env = Envelope(kind="fl.ack", sender=self.svc.cfg.controller.id,
+                       body={"run_id": str(body.get("run_id")), "round": int(body.get("round", 0)),
+                             "accepted": accepted, "reason": reason})
+        topic = self.svc.topics.cmd(device_id)
+        if self.svc.signing_key is not None:
+            from protocol.cmdauth import sign_envelope
+
+            env = sign_envelope(env, topic, self.svc.signing_key)
+        link.publish(topic, encode(env), 1)
