@@ -16,6 +16,7 @@ import time
 from typing import TYPE_CHECKING, Any, Awaitable, Callable
 
 from protocol import envelope as env_mod
+from protocol.binary import Frame, decode_frame, is_frame
 from protocol.envelope import DecodeError, Envelope, encode
 from protocol.mqttlink import Message, MqttLink, Will
 from protocol.topics import Topics
@@ -52,7 +53,10 @@ class Agent:
         }
         #: name → callable returning a JSON-able dict merged into telemetry under that name
         self.telemetry_providers: dict[str, Callable[[], dict[str, Any]]] = {}
-        self.request_handlers: dict[str, Callable[[Envelope, Message], Awaitable[None]]] = {}
+        #: kind → handler for the controller channel (cmd and group cmd topics; signed when required)
+        self.control_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {"cmd": self._handle_cmd}
+        #: kind → handler for the request topic (inference requests from any authorised client)
+        self.request_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {}
         self.runtimes: list[str] = []
         self._telemetry_now = asyncio.Event()
         self._stopping = False
@@ -211,42 +215,61 @@ class Agent:
                 self.counters.reject("internal_error")
 
     async def handle_message(self, msg: Message) -> None:
+        """Validate, authenticate (controller channel) and dispatch one inbound message."""
         self.counters.received(msg.topic, len(msg.payload))
         if self.cfg.homeassistant.enabled and msg.topic == hass.birth_topic(self.cfg.homeassistant.prefix):
             if msg.payload.strip() == b"online":
                 log.info("Home Assistant (re)started: re-announcing discovery")
                 self.announce_hass()
             return
+        control = msg.topic in (self.topics.cmd(self.device_id), self.topics.group_cmd(self.cfg.device.group))
+        frame: Frame | None = None
         try:
-            env = env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes)
+            if is_frame(msg.payload):
+                frame = decode_frame(msg.payload, max_bytes=self.cfg.mqtt.max_frame_bytes)
+                env = frame.envelope
+            else:
+                env = env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes)
         except DecodeError as exc:
             self.counters.reject(exc.reason)
             log.warning("rejected message on %s: %s", msg.topic, exc)
             return
-        if env.kind == "cmd":
-            await self._handle_cmd(env, msg)
-        elif env.kind in self.request_handlers:
-            await self.request_handlers[env.kind](env, msg)
-        else:
-            self.counters.reject("unexpected_kind")
-            log.warning("rejected %s message on %s: not handled by this agent", env.kind, msg.topic)
+        table = self.control_handlers if control else self.request_handlers
+        handler = table.get(env.kind)
+        if handler is None:
+            self.counters.reject("kind_topic_mismatch" if env.kind in {**self.control_handlers, **self.request_handlers}
+                                 else "unexpected_kind")
+            log.warning("rejected %s message on %s: not served on this topic", env.kind, msg.topic)
             if env.reply_to or msg.response_topic:
-                self.reply(env, msg, {"ok": False, "error": f"kind {env.kind!r} is not served here"})
+                self.reply(env, msg, {"ok": False, "error": f"kind {env.kind!r} is not served on {msg.topic}"})
+            return
+        if control and self.verifier is not None and not self._authenticated(env, frame, msg):
+            return
+        await handler(frame if frame is not None else env, msg)
+
+    def _authenticated(self, env: Envelope, frame: "Frame | None", msg: Message) -> bool:
+        from protocol.cmdauth import verify_frame
+        from protocol.signing import SignatureError
+
+        assert self.verifier is not None
+        try:
+            if frame is not None:
+                verify_frame(self.verifier, frame, msg.topic, time.time())
+            else:
+                self.verifier.verify(env, msg.topic, time.time())
+            return True
+        except SignatureError as exc:
+            what = env.body.get("command", env.kind) if env.kind == "cmd" else env.kind
+            self.counters.reject("unauthenticated")
+            log.warning("refused %r on %s: %s", what, msg.topic, exc)
+            self.emit_event("command.refused", "warning", command=what, reason=str(exc))
+            if env.kind == "cmd":
+                self.reply(env, msg, {"ok": False, "command": what, "error": f"refused: {exc}"})
+            return False
 
     async def _handle_cmd(self, env: Envelope, msg: Message) -> None:
         name = env.body["command"]
         args = env.body.get("args") or {}
-        if self.verifier is not None:
-            from protocol.signing import SignatureError
-
-            try:
-                self.verifier.verify(env, msg.topic, time.time())
-            except SignatureError as exc:
-                self.counters.reject("unauthenticated")
-                log.warning("refused command %r on %s: %s", name, msg.topic, exc)
-                self.emit_event("command.refused", "warning", command=name, reason=str(exc))
-                self.reply(env, msg, {"ok": False, "command": name, "error": f"refused: {exc}"})
-                return
         handler = self.commands.get(name)
         if handler is None:
             self.counters.reject("unknown_command")
