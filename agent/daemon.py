@@ -9,6 +9,7 @@ one is logged with its reason, counted, and the loop goes on.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 import inspect
 import json
 import logging
@@ -61,6 +62,9 @@ class Agent:
         self._telemetry_now = asyncio.Event()
         self._stopping = False
         self.verifier = self._make_verifier()
+        self.outbox: Any = None  # on-disk outbox, when configured
+        self._pending: deque[tuple[str, str, bytes, int, bool]] = deque(maxlen=10000)
+        self._drain_task: asyncio.Future | None = None
 
     def _make_verifier(self) -> "CommandVerifier | None":
         sec = self.cfg.security
@@ -120,9 +124,41 @@ class Agent:
             self.counters.reject("unsent_" + self.counters.topic_class(topic))
         return ok
 
+    def publish_reliable(self, kind: str, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
+        """Publish now, or keep it (on disk when an outbox is configured) and send it on reconnect."""
+        if self.outbox is None and not self._pending:
+            if self.publish(topic, payload, qos, retain):
+                return True
+        self._keep(kind, topic, payload, qos, retain)
+        self._drain_soon()
+        return False
+
+    def _keep(self, kind: str, topic: str, payload: bytes, qos: int, retain: bool) -> None:
+        if self.outbox is not None:
+            self.outbox.put(kind, topic, payload, qos, retain)
+        else:
+            if len(self._pending) >= self._pending.maxlen:  # type: ignore[operator]
+                self.counters.reject(f"dropped_{kind}")
+            self._pending.append((kind, topic, payload, qos, retain))
+
+    def _drain_soon(self) -> None:
+        if self.link is not None and self.link.connected.is_set() and (self._drain_task is None or self._drain_task.done()):
+            self._drain_task = asyncio.ensure_future(self._drain())
+
+    async def _drain(self) -> None:
+        """Send what waited, oldest first, while the link is up."""
+        link = self.link
+        while link is not None and link.connected.is_set() and self._pending:
+            kind, topic, payload, qos, retain = self._pending[0]
+            if not await link.publish_and_wait(topic, payload, qos, retain, timeout=5.0):
+                return
+            self.counters.sent(topic, len(payload))
+            self._pending.popleft()
+
     def emit_event(self, event: str, level: str = "info", **data: Any) -> bool:
         body = {"event": event, "level": level, **data}
-        return self.publish(self.topics.events(self.device_id), encode(self._envelope("event", body)), qos=1)
+        return self.publish_reliable("event", self.topics.events(self.device_id),
+                                     encode(self._envelope("event", body)), qos=1)
 
     def publish_telemetry(self) -> bool:
         env = self._envelope("telemetry", self.telemetry_body())
@@ -151,6 +187,7 @@ class Agent:
             self.announce_hass()
         self.emit_event("connected", mqtt="5" if self.link and self.link.is_v5 else "3.1.1")
         self._telemetry_now.set()
+        self._drain_soon()
 
     def announce_hass(self) -> None:
         for topic, payload in hass.discovery_messages(self.topics, self.device_id,

@@ -81,6 +81,12 @@ class Registry:
             if not os.path.exists(self.path):
                 raise RegistryError(f"no registry at {self.path} (is `fleetctl serve` running with this --db?)")
             self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
+            try:
+                ok = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='devices'").fetchone()
+            except sqlite3.DatabaseError as exc:
+                raise RegistryError(f"{self.path} is not a registry: {exc}") from None
+            if not ok:
+                raise RegistryError(f"registry {self.path} is not initialised yet (fleetctl serve creates it)")
         else:
             Path(self.path).parent.mkdir(parents=True, exist_ok=True)
             self.db = sqlite3.connect(self.path, timeout=5)

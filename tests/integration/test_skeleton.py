@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import Probe, wait_for
-from controller.registry import Registry
+from controller.registry import Registry, RegistryError
 from protocol.envelope import Envelope, encode
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -44,7 +44,10 @@ def fleetctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
 def device(db: Path, dev: str):
     if not db.exists():
         return None
-    reg = Registry(db, readonly=True)
+    try:
+        reg = Registry(db, readonly=True)
+    except RegistryError:
+        return None
     try:
         return reg.device(dev)
     finally:

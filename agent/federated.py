@@ -1,0 +1,181 @@
+"""The agent's side of federated rounds.
+
+On an ``fl.task`` (a signed frame carrying the global head) the agent trains the head
+locally from that starting point on its own labelled features — in a worker thread,
+so inference keeps running — and uploads only the delta (compressed when the task
+asks), never raw data. ``fl.ack`` tells it whether the update was used.
+
+The training itself is the learner's (``agent.learning``); this module is the glue
+and the rules: one update per (run, round), no training past the deadline, the
+delta's shape must match the global head.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping, Protocol
+
+import numpy as np
+
+from protocol import fl as fl_msgs  # noqa: F401 - registers fl.* kinds
+from protocol.binary import Frame, encode_frame
+from protocol.envelope import Envelope
+from protocol.mqttlink import Message
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .daemon import Agent
+
+log = logging.getLogger("edge_agent.fl")
+
+Head = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    head: Head
+    num_samples: int
+    loss: float
+    seconds: float
+    steps: int
+
+
+class LocalTrainer(Protocol):
+    """What the learner offers to federated rounds."""
+
+    def labelled_count(self) -> int: ...
+
+    def train_from(self, start: Head, *, steps: int, lr: float, batch_size: int, prox_mu: float,
+                   optimizer: str, budget_s: float) -> LocalResult: ...
+
+
+class TaskRefused(Exception):
+    pass
+
+
+def check_task_head(global_head: Mapping[str, np.ndarray], local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    if set(global_head) != set(local_shapes):
+        raise TaskRefused(f"global head tensors {sorted(global_head)} != local head {sorted(local_shapes)}")
+    for k, v in global_head.items():
+        if tuple(v.shape) != tuple(local_shapes[k]):
+            raise TaskRefused(f"{k}: global shape {list(v.shape)} != local {list(local_shapes[k])}")
+        if not np.all(np.isfinite(v)):
+            raise TaskRefused(f"{k}: global head holds NaN/inf")
+
+
+def clip_delta(delta: Head, clip: float) -> tuple[Head, float]:
+    """L2-clip the whole update to ``clip`` (DP-FedAvg's client step); returns (delta, original norm)."""
+    norm = math.sqrt(sum(float(np.sum(np.square(v, dtype=np.float64))) for v in delta.values()))
+    if clip > 0 and norm > clip:
+        scale = clip / norm
+        delta = {k: (v * scale).astype(np.float32) for k, v in delta.items()}
+    return delta, norm
+
+
+class Participant:
+    def __init__(self, agent: "Agent", trainer: LocalTrainer, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.agent = agent
+        self.trainer = trainer
+        self.local_shapes = dict(local_shapes)
+        self.state_file = Path(agent.cfg.state.dir) / "fl_rounds.json"
+        self.done: dict[str, int] = self._load()
+        self.stats = {"tasks": 0, "updates_sent": 0, "accepted": 0, "rejected": 0, "refused_tasks": 0}
+        self.last_samples_per_s: float | None = None
+        self.busy = False
+        self._compressors: dict[str, Any] = {}
+
+    def _load(self) -> dict[str, int]:
+        try:
+            data = json.loads(self.state_file.read_text())
+            return {str(k): int(v) for k, v in data.items()} if isinstance(data, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _save(self) -> None:
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.done))
+        os.replace(tmp, self.state_file)
+
+    def telemetry(self) -> dict[str, Any]:
+        return {"labelled_samples": self.trainer.labelled_count(), "samples_per_s": self.last_samples_per_s,
+                "fl": dict(self.stats), "fl_busy": self.busy}
+
+    # -- handlers ----------------------------------------------------------
+    async def on_task(self, frame: Frame, msg: Message) -> None:
+        b = frame.envelope.body
+        key = f"{b['run_id']}#{b['round']}"
+        self.stats["tasks"] += 1
+        try:
+            if self.done.get(key) is not None:
+                raise TaskRefused(f"already trained for round {b['round']} of {b['run_id']}")
+            if self.busy:
+                raise TaskRefused("still training the previous task")
+            budget = float(b["deadline_ts"]) - time.time()
+            if budget <= 0.5:
+                raise TaskRefused("task arrived after its deadline")
+            check_task_head(frame.tensors, self.local_shapes)
+            if self.trainer.labelled_count() < 1:
+                raise TaskRefused("no labelled samples on this device")
+        except TaskRefused as exc:
+            self.stats["refused_tasks"] += 1
+            self.agent.counters.reject("fl_task_refused")
+            log.warning("refused fl task %s: %s", key, exc)
+            self.agent.emit_event("fl.task_refused", "warning", run_id=b["run_id"], round=b["round"], reason=str(exc))
+            return
+        self.done[key] = 0
+        self._save()
+        self.busy = True
+        try:
+            res = await asyncio.to_thread(self.trainer.train_from, dict(frame.tensors), steps=int(b["steps"]),
+                                          lr=float(b["lr"]), batch_size=int(b["batch_size"]),
+                                          prox_mu=float(b.get("prox_mu", 0.0)),
+                                          optimizer=str(b.get("optimizer") or "sgd"), budget_s=budget * 0.8)
+        finally:
+            self.busy = False
+        if res.seconds > 0:
+            self.last_samples_per_s = round(res.steps * int(b["batch_size"]) / res.seconds, 2)
+        delta = {k: (res.head[k].astype(np.float32) - frame.tensors[k].astype(np.float32)) for k in frame.tensors}
+        dp = b.get("dp") or {}
+        delta, norm = clip_delta(delta, float(dp.get("clip", 0.0)))
+        self._send_update(b, delta, res, norm)
+        self.done[key] = 1
+        self._save()
+
+    def _send_update(self, task: Mapping[str, Any], delta: Head, res: LocalResult, norm: float) -> None:
+        body = {"run_id": task["run_id"], "round": int(task["round"]), "base_version": int(task["base_version"]),
+                "num_samples": int(res.num_samples), "steps": int(res.steps), "train_loss": float(res.loss),
+                "train_time_s": round(res.seconds, 4), "samples_per_s": self.last_samples_per_s or 0.0,
+                "update_norm": round(norm, 6)}
+        comp = task.get("compression") or {}
+        if comp:
+            from protocol.compression import Compressor
+
+            c = self._compressors.setdefault(task["run_id"], Compressor(**comp))
+            blob = c.encode(delta)
+            env = Envelope(kind="fl.update", sender=self.agent.device_id, body={**body, "encoding": "compressed"})
+            payload = encode_frame(env, None, blob)
+        else:
+            env = Envelope(kind="fl.update", sender=self.agent.device_id, body={**body, "encoding": "raw"})
+            payload = encode_frame(env, delta)
+        topic = self.agent.topics.data(self.agent.device_id, "fl")
+        self.agent.publish_reliable("update", topic, payload, qos=1)
+        self.stats["updates_sent"] += 1
+        log.info("fl update for %s#%s: %d samples, loss %.4f, %d bytes", task["run_id"], task["round"],
+                 res.num_samples, res.loss, len(payload))
+
+    async def on_ack(self, env: Envelope, msg: Message) -> None:
+        b = env.body
+        if b["accepted"]:
+            self.stats["accepted"] += 1
+        else:
+            self.stats["rejected"] += 1
+            log.warning("controller rejected our update for %s#%s: %s", b["run_id"], b["round"], b["reason"])
+        self.agent.emit_event("fl.update_" + ("accepted" if b["accepted"] else "rejected"),
+                              "info" if b["accepted"] else "warning", run_id=b["run_id"], round=b["round"],
+                              reason=b["reason"])
