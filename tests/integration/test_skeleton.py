@@ -260,3 +260,28 @@ def test_bad_trusted_key_is_a_config_error(tmp_path, mosquitto):
                        text=True, env=ENV, cwd=ROOT, timeout=30)
     assert p.returncode == 2
     assert "security.trusted_keys" in p.stderr
+
+
+def test_telemetry_follow_streams_live_json(fleet, mosquitto, tmp_path):
+    db, add_agent = fleet
+    add_agent("pi-f")
+    p = subprocess.Popen([sys.executable, "-m", "controller.cli", "--broker", mosquitto.url, "telemetry", "--follow",
+                          "--json", "--device", "pi-f"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=ENV,
+                         cwd=ROOT, text=True)
+    try:
+        lines = [json.loads(p.stdout.readline()) for _ in range(2)]
+    finally:
+        p.send_signal(signal.SIGINT)
+        p.wait(5)
+    assert [x["device"] for x in lines] == ["pi-f", "pi-f"]
+    assert lines[1]["body"]["seq"] > lines[0]["body"]["seq"]
+    assert p.returncode == 0
+
+
+def test_cli_errors_are_clear(tmp_path):
+    out = fleetctl("--db", str(tmp_path / "none.db"), "devices")
+    assert out.returncode == 1 and "no registry" in out.stderr
+    bad = fleetctl("--broker", "http://x", "cmd", "pi-1", "ping")
+    assert bad.returncode == 2 and "mqtt.broker" in bad.stderr
+    wild = fleetctl("--broker", "mqtt://127.0.0.1:1", "cmd", "pi/+", "ping")
+    assert wild.returncode == 2 and "DEVICE_ID" in wild.stderr and "contains '+'" in wild.stderr
