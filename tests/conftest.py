@@ -138,3 +138,36 @@ def wait_for(pred, timeout: float = 10.0, interval: float = 0.05, what: str = "c
             return last
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout}s waiting for {what} (last value {last!r})")
+
+
+@pytest.fixture(scope="session")
+def example_bundle(tmp_path_factory):
+    """The real example bundle (digits, int8 ONNX backbone + float head), built once per test session."""
+    from controller.modeltools.example import build_example
+
+    out = tmp_path_factory.mktemp("bundles") / "digits-1.0.0"
+    report = build_example(out, "small", seed=0, epochs=30)
+    return out, report
+
+
+@pytest.fixture(scope="session")
+def digits_test():
+    from controller.modeltools.example import digits_split
+
+    _, _, x, y = digits_split(0)
+    return x, y
+
+
+def make_plain_bundle(out: Path, model: Path, version: str = "1.0.0", name: str = "plain") -> Path:
+    """A backbone-only bundle around a single-graph model (its output is the class scores)."""
+    import shutil as _sh
+
+    from protocol.bundle import write_manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    _sh.copy(model, out / model.name)
+    write_manifest(out, {"name": name, "version": version,
+                         "input": {"name": "input", "shape": [1, 64], "dtype": "float32", "min": 0.0, "max": 16.0},
+                         "labels": [str(i) for i in range(10)],
+                         "files": {model.name: {"role": "backbone"}}})
+    return out
