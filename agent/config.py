@@ -63,6 +63,38 @@ class StateSection:
 
 
 @dataclass(frozen=True)
+class ModelSection:
+    bundle: str = ""                 # a bundle directory to install at start-up (the board's first model)
+    threads: int = 1                 # runtime intra-op threads
+    providers: tuple[str, ...] = ()  # ONNX Runtime execution providers (default CPU)
+    keep_versions: int = 3           # installed versions kept for rollback
+
+    def __post_init__(self) -> None:
+        check(1 <= self.threads <= 64, "model.threads", f"must be 1..64, got {self.threads}")
+        check(2 <= self.keep_versions <= 20, "model.keep_versions", f"must be 2..20, got {self.keep_versions}")
+
+
+@dataclass(frozen=True)
+class InferenceSection:
+    source: str = "none"             # none | replay | stdin
+    replay_x: str = ""               # .npy [n, ...] or .csv (optional trailing 'label' column)
+    replay_y: str = ""               # optional labels .npy
+    rate_hz: float = 5.0
+    loop: bool = True
+    results: str = "summary"         # every | summary | off
+    results_interval_s: float = 10.0
+    max_results_per_s: float = 20.0
+
+    def __post_init__(self) -> None:
+        one_of(self.source, ("none", "replay", "stdin"), "inference.source")
+        check(self.source != "replay" or bool(self.replay_x), "inference.replay_x", "is required for source = replay")
+        check(0 <= self.rate_hz <= 100000, "inference.rate_hz", "must be 0..100000 (0 = as fast as possible)")
+        one_of(self.results, ("every", "summary", "off"), "inference.results")
+        check(self.results_interval_s > 0, "inference.results_interval_s", "must be > 0")
+        check(self.max_results_per_s > 0, "inference.max_results_per_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class SecuritySection:
     trusted_keys: tuple[str, ...] = ()       # controller Ed25519 public keys (PEM files)
     require_signed_commands: str = "auto"    # auto = required as soon as a trusted key is configured
@@ -88,6 +120,8 @@ class AgentConfig:
     homeassistant: HomeAssistantSection = field(default_factory=HomeAssistantSection)
     state: StateSection = field(default_factory=StateSection)
     security: SecuritySection = field(default_factory=SecuritySection)
+    model: ModelSection = field(default_factory=ModelSection)
+    inference: InferenceSection = field(default_factory=InferenceSection)
     source: str = ""  # where it was loaded from, for messages
 
     @property

@@ -58,11 +58,19 @@ class Agent:
         self.control_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {"cmd": self._handle_cmd}
         #: kind → handler for the request topic (inference requests from any authorised client)
         self.request_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {}
-        self.runtimes: list[str] = []
         self._telemetry_now = asyncio.Event()
         self._stopping = False
         self.verifier = self._make_verifier()
         self.outbox: Any = None  # on-disk outbox, when configured
+        from .runtimes import available_runtimes
+        from .serving import Serving
+
+        self.runtimes = available_runtimes()
+        self.serving = Serving(self)
+        self.request_handlers["infer.request"] = self.serving.handle_request
+        self.telemetry_providers["model"] = self.serving.metrics
+        self.commands["model.describe"] = self._cmd_model_describe
+        self.commands["model.rollback"] = self._cmd_model_rollback
         self._pending: deque[tuple[str, str, bytes, int, bool]] = deque(maxlen=10000)
         self._drain_task: asyncio.Future | None = None
 
@@ -92,6 +100,9 @@ class Agent:
             body["capabilities"] = sysinfo.capabilities(self.runtimes)
             if self.cfg.device.location:
                 body["location"] = self.cfg.device.location
+            info = self.serving.model_info()
+            if info:
+                body["model"] = info
         return body
 
     def telemetry_body(self) -> dict[str, Any]:
@@ -206,10 +217,21 @@ class Agent:
                                       on_connect=self._on_connect)
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
+        from .serving import make_source
+        from .sources import SourceError
+
+        self.serving.start()
+        try:
+            source = make_source(self)
+        except SourceError as exc:
+            raise ConfigError(f"inference: {exc}") from None
         self.link = self._make_link()
         await self.link.start()
         tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
-                 asyncio.create_task(self._message_loop(), name="messages")]
+                 asyncio.create_task(self._message_loop(), name="messages"),
+                 asyncio.create_task(self.serving.summary_ticker(), name="results")]
+        if source is not None:
+            tasks.append(asyncio.create_task(self.serving.run_source(source), name="source"))
         if ready:
             ready()
         try:
@@ -332,6 +354,32 @@ class Agent:
     def _cmd_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         return {"state": self.state_body("online"), "commands": sorted(self.commands),
                 "config_source": self.cfg.source}
+
+    def _cmd_model_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        store = self.serving.store
+        return {"serving": self.serving.model_info(), "store": store.describe() if store else None,
+                "load_error": self.serving.load_error}
+
+    def _cmd_model_rollback(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        store = self.serving.store
+        if store is None:
+            raise CommandError("no model store")
+        target = None
+        if args.get("version"):
+            target = store.find(str(args["version"]))
+            if target is None:
+                raise CommandError(f"version {args['version']!r} is not installed here")
+        res = store.rollback(target)
+        if not res.ok:
+            raise CommandError(res.reason)
+        self.serving.load_current()
+        self.emit_event("model.rolled_back", "warning", version=res.version, reason="on command")
+        self.republish_state()
+        return {"version": res.version}
+
+    def republish_state(self) -> None:
+        state = encode(self._envelope("state", self.state_body("online")))
+        self.publish(self.topics.state(self.device_id), state, qos=1, retain=True)
 
     def _cmd_telemetry_now(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         self._telemetry_now.set()

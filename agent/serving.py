@@ -1,96 +1,178 @@
-"""Model serving on the agent: inference requests over MQTT, streaming sources, results.
+"""Model serving on the agent: the model store, inference requests, streaming sources, results.
 
-Wiring only: the engine (``agent.inference``) does the maths, the bundle loader
-(``protocol.bundle``) verifies files, sources (``agent.sources``) produce samples and the
-results limiter (``agent.results``) decides what to publish. A bad request gets a clear
-error reply and the next one is served normally; a bad bundle is refused and the agent
-keeps the model it had.
+Wiring only: the engine (``agent.inference``) does the maths, ``protocol.bundle`` verifies
+files, ``agent.modelstore`` installs versions A/B, sources produce samples and
+``agent.results`` decides what to publish. A bad request gets a clear error reply and the
+next one is served normally; a bad bundle is refused and the agent keeps what it had.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
-from typing import Any, TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
 from protocol.envelope import Envelope, encode
 from protocol.mqttlink import Message
 
+from .inference import InferenceEngine, InputError, Prediction
+from .results import ResultsLimiter
+
 if TYPE_CHECKING:  # pragma: no cover
     from .daemon import Agent
+    from .modelstore import ModelStore
+    from .sources import Sample
 
 log = logging.getLogger("edge_agent.serving")
 
 
+def prediction_body(pred: Prediction, path: str = "local") -> dict[str, Any]:
+    return {"label": pred.label, "label_name": pred.label_name, "confidence": round(pred.confidence, 5),
+            "entropy": round(pred.entropy, 5), "latency_ms": round(pred.latency_ms, 4), "path": path}
+
+
 class Serving:
-    """Owns the current engine; swaps it atomically on a new bundle."""
+    """Owns the serving engine; swaps it atomically when a new version is installed."""
 
     def __init__(self, agent: "Agent") -> None:
         self.agent = agent
-        self.engine: Any = None
-        self.bundle: Any = None
-        self.errors = 0
+        self.engine: InferenceEngine | None = None
+        self.store: "ModelStore | None" = None
         self.requests = 0
+        self.request_errors = 0
         self.load_error: str | None = None
+        inf = agent.cfg.inference
+        self.results = ResultsLimiter(inf.results, inf.results_interval_s, inf.max_results_per_s)
+        #: called with (sample id, prediction, label) for every streamed or requested inference
+        self.observers: list[Callable[[str, Prediction, int | None], None]] = []
+        self.sources: list[Any] = []
 
     # -- model lifecycle -------------------------------------------------
-    def load(self, path: str) -> None:
-        """Load and verify a bundle; on failure keep the current model and raise."""
-        from protocol.bundle import BundleError, load_bundle
-        from .inference import InferenceEngine
+    def start(self) -> None:
+        """Open the store, install the configured first bundle if needed, serve ``current``."""
+        from .modelstore import ModelStore
 
-        mcfg = self.agent.cfg.model
+        cfg = self.agent.cfg
+        self.store = ModelStore(Path(cfg.state.dir) / "models", keep=cfg.model.keep_versions)
+        for note in self.store.recover():
+            log.warning("model store: %s", note)
+        if cfg.model.bundle and self.store.current is None:
+            res = self.store.install_bundle_dir(cfg.model.bundle, health=self.health_check)
+            self.agent.emit_event("model.installed" if res.ok else "model.refused", "info" if res.ok else "error",
+                                  version=res.version, reason=res.reason, source=cfg.model.bundle)
+            if not res.ok:
+                self.load_error = res.reason
+        self.load_current()
+
+    def load_current(self) -> bool:
+        from protocol.bundle import BundleError, load_bundle
+
+        cur = self.store.current if self.store else None
+        if cur is None:
+            return False
         try:
-            bundle = load_bundle(path)
-            engine = InferenceEngine(bundle, threads=mcfg.threads, providers=list(mcfg.providers) or None)
-        except BundleError as exc:
-            self.load_error = str(exc)
+            engine = InferenceEngine(load_bundle(cur), threads=self.agent.cfg.model.threads,
+                                     providers=list(self.agent.cfg.model.providers) or None)
+        except (BundleError, ValueError, RuntimeError) as exc:
+            self.load_error = f"{cur.name}: {exc}"
             self.agent.counters.reject("bad_bundle")
-            self.agent.emit_event("model.refused", "error", path=str(path), reason=str(exc))
-            raise
-        self.bundle, self.engine, self.load_error = bundle, engine, None
-        log.info("serving %s@%s", bundle.manifest.name, bundle.manifest.version)
+            log.error("cannot serve %s: %s", cur.name, exc)
+            self.agent.emit_event("model.refused", "error", dir=cur.name, reason=str(exc))
+            return False
+        self.engine, self.load_error = engine, None
+        m = engine.bundle.manifest
+        log.info("serving %s %s (%s)", m.name, m.version, engine.runtime.name)
+        return True
+
+    def health_check(self, staged: Path) -> None:
+        from .health import Unhealthy, check_bundle
+
+        try:
+            figures = check_bundle(staged, self.agent.cfg.model.threads, current=self.engine)
+        except Unhealthy as exc:
+            raise RuntimeError(str(exc)) from None
+        log.info("staged %s healthy: %s", staged.name, figures)
 
     def model_info(self) -> dict[str, Any] | None:
-        if self.bundle is None:
+        if self.engine is None:
             return None
-        m = self.bundle.manifest
-        return {"name": m.name, "version": m.version}
+        m = self.engine.bundle.manifest
+        return {"name": m.name, "version": m.version, "runtime": self.engine.runtime.name,
+                "labels": len(m.labels), "head_version": self.engine.head_version}
 
     def metrics(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"requests": self.requests, "errors": self.errors}
+        out: dict[str, Any] = {"requests": self.requests, "request_errors": self.request_errors}
         if self.engine is not None:
             out.update(self.engine.metrics())
         if self.load_error:
             out["load_error"] = self.load_error
+        for src in self.sources:
+            for attr in ("bad", "dropped"):
+                v = getattr(src, attr, None)
+                if v:
+                    out.setdefault("source_" + attr, 0)
+                    out["source_" + attr] += sum(v.values()) if isinstance(v, dict) else int(v)
         return out
 
-    # -- requests --------------------------------------------------------
-    def predict(self, x: Any) -> Any:
+    # -- inference ---------------------------------------------------------
+    def predict(self, x: Any) -> Prediction:
         if self.engine is None:
-            raise LookupError("no model loaded on this device")
-        return self.engine.predict(np.asarray(x, dtype=np.float32))
+            raise LookupError(f"no model loaded on this device{': ' + self.load_error if self.load_error else ''}")
+        return self.engine.predict(x)
 
     async def handle_request(self, env: Envelope, msg: Message) -> None:
-        from .inference import InputError
-
         self.requests += 1
         try:
             pred = self.predict(env.body["x"])
-        except (InputError, LookupError, ValueError, TypeError) as exc:
-            self.errors += 1
+        except (InputError, LookupError) as exc:
+            self.request_errors += 1
             self.agent.counters.reject("bad_request")
             self.agent.reply(env, msg, {"ok": False, "error": str(exc)})
             return
-        body = prediction_body(pred)
-        if env.body.get("label") is not None:
-            body["label_given"] = env.body["label"]
-        self.agent.reply(env, msg, {"ok": True, "result": body})
+        label = env.body.get("label")
+        for fn in self.observers:
+            fn(env.corr or env.id, pred, label)
+        self.agent.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": prediction_body(pred)})
+
+    async def run_source(self, source: Any) -> None:
+        """Consume a streaming source: predict, tell observers, publish results as configured."""
+        self.sources.append(source)
+        topic = self.agent.topics.results(self.agent.device_id)
+        async for sample in source:
+            try:
+                pred = self.predict(sample.x)
+            except (InputError, LookupError) as exc:
+                self.agent.counters.reject("bad_sample")
+                log.debug("sample %s rejected: %s", sample.id, exc)
+                continue
+            for fn in self.observers:
+                fn(sample.id, pred, sample.label)
+            for body in self.results.add(time.monotonic(), {**prediction_body(pred), "id": sample.id}, sample.label):
+                env = Envelope(kind="result", sender=self.agent.device_id, body=body)
+                if body["type"] == "summary":
+                    self.agent.publish_reliable("result", topic, encode(env), qos=1)
+                else:
+                    self.agent.publish(topic, encode(env), qos=0)
+
+    async def summary_ticker(self) -> None:
+        topic = self.agent.topics.results(self.agent.device_id)
+        while True:
+            await asyncio.sleep(min(1.0, self.results.interval_s))
+            for body in self.results.tick(time.monotonic()):
+                self.agent.publish_reliable("result", topic, encode(Envelope(kind="result",
+                                                                             sender=self.agent.device_id, body=body)))
 
 
-def prediction_body(pred: Any) -> dict[str, Any]:
-    return {"label": int(pred.label), "label_name": pred.label_name, "confidence": round(float(pred.confidence), 5),
-            "entropy": round(float(pred.entropy), 5), "latency_ms": round(float(pred.latency_ms), 4),
-            "path": "local"}
+def make_source(agent: "Agent") -> Any:
+    from .sources import ReplaySource, StdinSource, load_replay
+
+    inf = agent.cfg.inference
+    if inf.source == "replay":
+        x, y = load_replay(inf.replay_x, inf.replay_y or None)
+        return ReplaySource(x, y, inf.rate_hz, inf.loop)
+    if inf.source == "stdin":
+        return StdinSource()
+    return None

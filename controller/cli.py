@@ -263,6 +263,52 @@ async def _cmd(cfg: ControllerConfig, device_id: str, command: str, args: dict[s
         raise click.ClickException(str(exc)) from None
 
 
+@cli.command("infer")
+@click.argument("device_id")
+@click.option("--x", "x_json", default=None, help="input as a JSON list, e.g. '[0, 3, 16, ...]'")
+@click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None, help="take the input from a .npy")
+@click.option("--row", default=0, show_default=True, type=click.IntRange(0), help="row of --npy")
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@pass_ctx
+def infer_cmd(c: Ctx, device_id: str, x_json: str | None, npy: str | None, row: int, timeout: float) -> None:
+    """Ask DEVICE_ID for one inference (request/response over MQTT)."""
+    from protocol.topics import InvalidId, validate_id
+
+    try:
+        validate_id(device_id)
+    except InvalidId as exc:
+        raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from None
+    if (x_json is None) == (npy is None):
+        raise click.UsageError("give exactly one of --x or --npy")
+    if npy:
+        import numpy as np
+
+        try:
+            arr = np.load(npy, allow_pickle=False)
+            x = arr[row].tolist()
+        except (OSError, ValueError, IndexError) as exc:
+            raise click.BadParameter(f"{npy}: {exc}", param_hint="--npy") from None
+    else:
+        try:
+            x = json.loads(x_json)
+        except ValueError as exc:
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--x") from None
+    reply = asyncio.run(_infer(c.cfg(), device_id, x, timeout))
+    click.echo(json.dumps(reply, indent=2))
+    if not reply.get("ok"):
+        sys.exit(1)
+
+
+async def _infer(cfg: ControllerConfig, device_id: str, x: Any, timeout: float) -> dict:
+    from .client import FleetClient, FleetClientError
+
+    try:
+        async with FleetClient(cfg) as fc:
+            return await fc.infer(device_id, x, timeout=timeout)
+    except FleetClientError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
 # -- demo ---------------------------------------------------------------------
 @cli.command()
 @click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50), help="number of agents")

@@ -80,6 +80,19 @@ class FleetClient:
         topic = self.topics.cmd(device_id)
         return await self.request(device_id, topic, self.sign(env, topic), timeout)
 
+    async def infer(self, device_id: str, x: Any, label: int | None = None, timeout: float = 5.0,
+                    deadline_ms: float | None = None) -> dict[str, Any]:
+        """Inference request/response on the device's request topic."""
+        validate_id(device_id)
+        body: dict[str, Any] = {"x": x}
+        if label is not None:
+            body["label"] = label
+        if deadline_ms is not None:
+            body["deadline_ms"] = deadline_ms
+        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body=body,
+                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        return await self.request(device_id, self.topics.req(device_id), env, timeout)
+
     def sign(self, env: Envelope, topic: str) -> Envelope:
         """Sign a command end to end when a signing key is configured."""
         if self._key is None:

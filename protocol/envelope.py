@@ -148,6 +148,12 @@ def _check_infer_request(body: Mapping[str, Any]) -> None:
     _req(body, "deadline_ms", (int, float), optional=True)
 
 
+def _check_result(body: Mapping[str, Any]) -> None:
+    t = _req(body, "type", str)
+    if t not in ("result", "summary"):
+        raise DecodeError("field", f"must be 'result' or 'summary', got {t!r}", "body.type")
+
+
 def _check_any(body: Mapping[str, Any]) -> None:
     return None
 
@@ -161,6 +167,7 @@ KINDS: dict[str, BodyCheck] = {
     "reply": _check_reply,
     "infer.request": _check_infer_request,
     "ctl.state": _check_any,
+    "result": _check_result,
 }
 
 

@@ -10,6 +10,7 @@ can confine a device to its own topics with a ``%c``/``%u`` pattern::
     {root}/v1/dev/{id}/req          requests to the device (e.g. inference) from any client
     {root}/v1/dev/{id}/reply[/...]  the device's replies; requesters pick a suffix
     {root}/v1/dev/{id}/data[/...]   binary payloads from the device (tensors, updates, chunks)
+    {root}/v1/dev/{id}/results      JSON inference results / per-interval summaries
     {root}/v1/group/{group}/cmd     commands to every device of a group
     {root}/v1/ctl/state             retained controller state
     {root}/v1/offload/req           offload requests; workers share one subscription
@@ -29,7 +30,7 @@ TREE_VERSION = "v1"
 # Device/group ids: a wildcard or separator in an id defeats broker ACL patterns.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 
-DEVICE_LEAVES = ("state", "telemetry", "events", "cmd", "req", "reply", "data")
+DEVICE_LEAVES = ("state", "telemetry", "events", "cmd", "req", "reply", "data", "results")
 
 
 class InvalidId(ValueError):
@@ -99,6 +100,9 @@ class Topics:
 
     def reply(self, device_id: str, suffix: str | None = None) -> str:
         return self.device(device_id, "reply", suffix) if suffix else self.device(device_id, "reply")
+
+    def results(self, device_id: str) -> str:
+        return self.device(device_id, "results")
 
     def data(self, device_id: str, *rest: str) -> str:
         return self.device(device_id, "data", *rest)
