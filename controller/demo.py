@@ -42,7 +42,38 @@ dir = "{state}"
 
 [security]
 trusted_keys = ["{pubkey}"]
+{model}"""
+
+MODEL_TOML = """
+[model]
+bundle = "{bundle}"
+
+[inference]
+source = "replay"
+replay_x = "{x}"
+replay_y = "{y}"
+rate_hz = {rate}
+results = "summary"
+results_interval_s = 2.0
 """
+
+
+def example_bundle(cache: Path | None = None) -> Path | None:
+    """Build (once, cached) the example digits bundle; None when the model tools are not installed."""
+    try:
+        from .modeltools.example import build_example
+    except ImportError:
+        return None
+    try:
+        import onnxruntime  # noqa: F401
+        import sklearn  # noqa: F401
+    except ImportError:
+        return None
+    base = cache or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "edgefleet"
+    out = base / "example-digits-1.0.0"
+    if not (out / "manifest.json").exists():
+        build_example(out, "small")
+    return out
 
 
 def _agent_cmd(config: Path) -> list[str]:
@@ -72,12 +103,23 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
                         "security": {"signing_key": str(work / "controller.pem")}}, "demo")
     procs: list[subprocess.Popen] = []
     logs = []
+    model_toml = ""
+    bundle = example_bundle()
+    if bundle is not None:
+        from .modeltools.example import write_replay
+
+        xs, ys = write_replay(work)
+        print(f"example model: {bundle} (digits, int8 ONNX backbone + float head)", file=live)
+    else:
+        print("model tools not installed (pip install 'edgefleet[demo]'): agents run without a model", file=live)
     try:
         for i in range(1, agents + 1):
+            if bundle is not None:
+                model_toml = MODEL_TOML.format(bundle=bundle, x=xs, y=ys, rate=20)
             dev = f"demo-{i:02d}"
             path = work / f"{dev}.toml"
             path.write_text(AGENT_TOML.format(id=dev, n=i, broker=broker, root=root, interval=interval, protocol=protocol,
-                                              pubkey=work / "controller.pub",
+                                              pubkey=work / "controller.pub", model=model_toml,
                                               state=work / dev))
             log = open(work / f"{dev}.log", "wb")
             logs.append(log)
@@ -158,6 +200,7 @@ async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
         "messages": {k: svc.counts.get(k, 0) for k in ("state", "telemetry", "events", "duplicates", "rejected")},
         "rejects": svc.registry.rejects(),
         "signed_ping_ms": pings,
+        "results": svc.registry.last_results(),
     }
 
 
@@ -186,13 +229,19 @@ def _final(d) -> dict[str, Any]:
 
 
 def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: dict[str, Any]) -> None:
-    headers = ["DEVICE", "ONLINE", "SEQ", "CPU%", "MEM%", "RSS MB", "TX BYTES", "PING MS", "LAST SEEN"]
+    headers = ["DEVICE", "ONLINE", "MODEL", "INFER", "P99 MS", "ACCURACY", "CONF", "CPU%", "RSS MB", "TX BYTES",
+               "PING MS", "LAST SEEN"]
     now = time.time()
     rows = []
+    results = svc.registry.last_results()
     for d in devs:
         t = d.telemetry or {}
-        rows.append([d.id, d.online, t.get("seq"), t.get("cpu_percent"), t.get("mem_used_percent"),
-                     t.get("rss_mb"), (t.get("bytes") or {}).get("tx_total"), pings.get(d.id),
+        m = t.get("model") or {}
+        r = results.get(d.id, {})
+        rows.append([d.id, d.online, d.model, m.get("inferences"), (m.get("latency_ms") or {}).get("p99_ms"),
+                     f"{r['accuracy']:.1%}" if "accuracy" in r else None,
+                     f"{m['mean_confidence']:.3f}" if m.get("mean_confidence") is not None else None,
+                     t.get("cpu_percent"), t.get("rss_mb"), (t.get("bytes") or {}).get("tx_total"), pings.get(d.id),
                      f"{now - d.last_seen:.1f}s"])
     head = (f"edgefleet demo  t={elapsed:5.1f}s  devices={len(devs)}  telemetry={svc.counts.get('telemetry', 0)}"
             f"  rejected={svc.counts.get('rejected', 0)}")

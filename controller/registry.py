@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS events(
     event TEXT NOT NULL, level TEXT, body TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_dev_ts ON events(device_id, ts);
 CREATE TABLE IF NOT EXISTS rejects(reason TEXT PRIMARY KEY, count INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS results(device_id TEXT PRIMARY KEY, ts REAL NOT NULL, body TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT);
 """
 
@@ -143,6 +144,17 @@ class Registry:
             return False
         self._touch(env.sender, now)
         return True
+
+    def record_result(self, env: Envelope) -> None:
+        """Keep the last results summary per device (dashboards subscribe for the stream)."""
+        if env.body.get("type") != "summary":
+            return
+        self.db.execute("INSERT INTO results(device_id, ts, body) VALUES(?,?,?) ON CONFLICT(device_id) DO UPDATE "
+                        "SET ts=excluded.ts, body=excluded.body WHERE excluded.ts >= results.ts",
+                        (env.sender, env.ts, json.dumps(dict(env.body))))
+
+    def last_results(self) -> dict[str, dict[str, Any]]:
+        return {r[0]: {"ts": r[1], **json.loads(r[2])} for r in self.db.execute("SELECT device_id, ts, body FROM results")}
 
     def mark_offline(self, device_id: str, now: float | None = None) -> None:
         self.db.execute("UPDATE devices SET online=0, status_changed=? WHERE id=? AND online=1",

@@ -24,7 +24,8 @@ from .registry import Registry
 log = logging.getLogger("fleetctl.serve")
 
 # which envelope kind may appear on which device leaf
-LEAF_KINDS = {"state": ("state",), "telemetry": ("telemetry",), "events": ("event",), "reply": ("reply",)}
+LEAF_KINDS = {"state": ("state",), "telemetry": ("telemetry",), "events": ("event",), "reply": ("reply",),
+              "results": ("result",)}
 
 
 def make_link(cfg: ControllerConfig, client_id: str, *, will: Will | None = None,
@@ -64,7 +65,7 @@ class ControllerService:
             self.link.publish(self.topics.ctl_state, self._ctl_state("online"), 1, True)
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
-        subs = [(self.topics.all_devices(leaf), 1) for leaf in ("state", "telemetry", "events")]
+        subs = [(self.topics.all_devices(leaf), 1) for leaf in ("state", "telemetry", "events", "results")]
         subs.append((f"{self.topics.base}/dev/+/data/#", 1))
         self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
                               will=Will(self.topics.ctl_state, self._ctl_state("offline")),
@@ -151,6 +152,8 @@ class ControllerService:
         elif leaf == "events":
             if not self.registry.record_event(env):
                 self.counts["duplicates"] += 1
+        elif leaf == "results":
+            self.registry.record_result(env)
         self.counts[leaf] += 1
         for fn in self.listeners:
             fn(leaf, env)
