@@ -36,9 +36,9 @@ class Prediction:
 
 
 def _softmax1(logits: np.ndarray) -> np.ndarray:
-    z = logits - logits.max()
-    e = np.exp(z)
-    return e / e.sum()
+    e = np.exp(logits - logits.max())
+    e /= e.sum()
+    return e
 
 
 class InferenceEngine:
@@ -93,12 +93,15 @@ class InferenceEngine:
             raise InputError(f"input has shape {list(a.shape)}; expected {list(self._sample_shape)} "
                              f"(or {list(self._batch_shape)})")
         a = a.reshape(self._batch_shape)
-        if not np.isfinite(a).all():
-            raise InputError("input contains NaN or inf")
-        lo, hi = float(a.min()), float(a.max())
-        if lo < self._lo - self._tol or hi > self._hi + self._tol:
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates through min/max: one pass checks both
+        if not (lo >= self._lo - self._tol and hi <= self._hi + self._tol):
+            if lo != lo or hi != hi or np.isinf(lo) or np.isinf(hi):
+                raise InputError("input contains NaN or inf")
             raise InputError(f"input values span [{lo:g}, {hi:g}], outside the model's range "
                              f"[{self._lo:g}, {self._hi:g}]")
+        if np.isinf(self._lo) or np.isinf(self._hi):
+            if not np.isfinite(a).all():
+                raise InputError("input contains NaN or inf")
         return a
 
     def features(self, x: Any) -> np.ndarray:
@@ -122,8 +125,7 @@ class InferenceEngine:
             probs = flat if (flat.min() >= 0 and abs(s - 1.0) < 1e-3) else _softmax1(flat)
         label = int(probs.argmax())
         conf = float(probs[label])
-        nz = probs[probs > 0]
-        ent = float(-(nz * np.log(nz)).sum())
+        ent = float(-np.dot(probs, np.log(np.maximum(probs, 1e-30))))
         ms = (time.perf_counter() - t0) * 1000.0
         self.hist.record(ms)
         self.count += 1
