@@ -30,9 +30,9 @@ LEAF_KINDS = {"state": ("state",), "telemetry": ("telemetry",), "events": ("even
 
 def make_link(cfg: ControllerConfig, client_id: str, *, will: Will | None = None,
               subscriptions: list[tuple[str, int]] | None = None,
-              on_connect: Callable[[], Any] | None = None) -> MqttLink:
+              on_connect: Callable[[], Any] | None = None, persistent: bool = False) -> MqttLink:
     return MqttLink.from_settings(cfg.mqtt, client_id, will=will, subscriptions=subscriptions,
-                                  on_connect=on_connect)
+                                  on_connect=on_connect, persistent=persistent)
 
 
 class ControllerService:
@@ -69,7 +69,7 @@ class ControllerService:
         subs.append((f"{self.topics.base}/dev/+/data/#", 1))
         self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
                               will=Will(self.topics.ctl_state, self._ctl_state("offline")),
-                              subscriptions=subs, on_connect=self._on_connect)
+                              subscriptions=subs, on_connect=self._on_connect, persistent=True)
         await self.link.start()
         pump = asyncio.create_task(self._pump(), name="ingest")
         sweeper = asyncio.create_task(self._sweep(), name="offline-sweep")

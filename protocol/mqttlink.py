@@ -165,7 +165,10 @@ class MqttLink:
                  keepalive: int = 30, will: Will | None = None, tls: TlsFiles | None = None,
                  subscriptions: list[tuple[str, int]] | None = None,
                  on_connect: Callable[[], Awaitable[None] | None] | None = None,
-                 min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000) -> None:
+                 min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000,
+                 persistent: bool = False, session_expiry_s: int = 7 * 86400) -> None:
+        """``persistent``: keep the broker session (subscriptions + queued QoS 1 messages) across
+        disconnects and restarts, so nothing sent to us while we were away is lost."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.client_id = client_id
@@ -176,6 +179,8 @@ class MqttLink:
         self.tls = tls
         self.subscriptions = list(subscriptions or [])
         self.on_connect = on_connect
+        self.persistent = persistent
+        self.session_expiry_s = session_expiry_s
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
@@ -209,7 +214,7 @@ class MqttLink:
     def _start_client(self) -> None:
         proto = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto,
-                        clean_session=None if self._v5 else True)
+                        clean_session=None if self._v5 else not self.persistent)
         if self.broker.username:
             c.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls or (self.tls and self.tls.ca_file):
@@ -225,7 +230,15 @@ class MqttLink:
         c.on_message = self._cb_message
         c.on_socket_open = self._cb_socket_open
         self._client = c
-        c.connect_async(self.broker.host, self.broker.port, self.keepalive)
+        if self._v5:
+            props = None
+            if self.persistent:
+                props = Properties(PacketTypes.CONNECT)
+                props.SessionExpiryInterval = self.session_expiry_s
+            c.connect_async(self.broker.host, self.broker.port, self.keepalive,
+                            clean_start=not self.persistent, properties=props)
+        else:
+            c.connect_async(self.broker.host, self.broker.port, self.keepalive)
         c.loop_start()
 
     def _jittered_min(self) -> float:

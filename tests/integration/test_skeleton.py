@@ -68,6 +68,14 @@ def _fleet(tmp_path, url):
     procs: list[subprocess.Popen] = []
     db = tmp_path / "registry.db"
     procs.append(start_controller(url, db, tmp_path / "controller.log"))
+    # agents start once the controller is subscribed (its retained state says online), so the
+    # tests see every event from an agent's first second
+    port = int(url.rsplit(":", 1)[1])
+    probe = Probe(port, subscribe=("edgefleet/v1/ctl/state",), protocol="3.1.1")
+    try:
+        wait_for(lambda: any(b'"online"' in p for _, p, _ in probe.seen()), timeout=15, what="controller online")
+    finally:
+        probe.close()
 
     def add_agent(dev: str, **kw) -> subprocess.Popen:
         p = start_agent(agent_config(tmp_path, dev, url, **kw), tmp_path / f"{dev}.log")
