@@ -1,0 +1,156 @@
+"""A numpy trainer for the head: softmax cross-entropy, SGD with momentum or Adam, weight
+decay, and FedProx's proximal term μ/2‖θ − θ_ref‖² toward a reference head.
+
+``loss_and_grads`` is a pure function (checked against finite differences in the tests);
+``HeadTrainer`` keeps optimizer state and never touches the serving head: it trains a copy.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import time
+from typing import Mapping
+
+import numpy as np
+
+Head = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    optimizer: str = "sgd"       # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    prox_mu: float = 0.0
+    batch_size: int = 32
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in ("sgd", "adam"):
+            raise ValueError(f"optimizer must be sgd or adam, got {self.optimizer!r}")
+        if not (0 < self.lr < 10):
+            raise ValueError("lr must be in (0, 10)")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainReport:
+    loss: float
+    steps: int
+    samples: int
+    seconds: float
+
+    @property
+    def samples_per_s(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+
+def n_layers(head: Mapping[str, np.ndarray]) -> int:
+    return sum(1 for k in head if k.endswith(".weight"))
+
+
+def loss_and_grads(head: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, weight_decay: float = 0.0,
+                   prox_mu: float = 0.0, ref: Mapping[str, np.ndarray] | None = None) -> tuple[float, Head]:
+    """Mean softmax cross-entropy (+ L2 on weights, + proximal term) and its exact gradients."""
+    n = n_layers(head)
+    acts = [x]
+    h = x
+    for i in range(n):
+        h = h @ head[f"dense{i}.weight"] + head[f"dense{i}.bias"]
+        if i < n - 1:
+            h = np.maximum(h, 0)
+        acts.append(h)
+    z = h - h.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    p = e / e.sum(axis=1, keepdims=True)
+    m = len(y)
+    loss = float(-np.log(p[np.arange(m), y] + 1e-12).mean())
+    g = p
+    g[np.arange(m), y] -= 1
+    g /= m
+    grads: Head = {}
+    for i in range(n - 1, -1, -1):
+        w = head[f"dense{i}.weight"]
+        grads[f"dense{i}.weight"] = acts[i].T @ g
+        grads[f"dense{i}.bias"] = g.sum(axis=0)
+        if i > 0:
+            g = (g @ w.T) * (acts[i] > 0)
+    if weight_decay:
+        for i in range(n):
+            w = head[f"dense{i}.weight"]
+            loss += 0.5 * weight_decay * float(np.sum(w * w))
+            grads[f"dense{i}.weight"] = grads[f"dense{i}.weight"] + weight_decay * w
+    if prox_mu and ref is not None:
+        for k, v in head.items():
+            d = v - ref[k]
+            loss += 0.5 * prox_mu * float(np.sum(d * d))
+            grads[k] = grads[k] + prox_mu * d
+    return loss, grads
+
+
+class HeadTrainer:
+    def __init__(self, head: Mapping[str, np.ndarray], cfg: TrainConfig, ref: Mapping[str, np.ndarray] | None = None):
+        self.cfg = cfg
+        self.params: Head = {k: np.array(v, dtype=np.float32, copy=True) for k, v in head.items()}
+        self.ref = {k: np.asarray(v, np.float32) for k, v in (ref or head).items()} if cfg.prox_mu else None
+        self.rng = np.random.default_rng(cfg.seed)
+        self._m = {k: np.zeros_like(v) for k, v in self.params.items()}
+        self._v = {k: np.zeros_like(v) for k, v in self.params.items()} if cfg.optimizer == "adam" else None
+        self._t = 0
+
+    def head(self) -> Head:
+        return {k: v.copy() for k, v in self.params.items()}
+
+    def step(self, x: np.ndarray, y: np.ndarray) -> float:
+        c = self.cfg
+        loss, grads = loss_and_grads(self.params, x, y, c.weight_decay, c.prox_mu, self.ref)
+        if not np.isfinite(loss):
+            raise FloatingPointError(f"training loss is {loss}")
+        self._t += 1
+        for k, g in grads.items():
+            if c.optimizer == "sgd":
+                m = self._m[k]
+                m *= c.momentum
+                m += g
+                self.params[k] -= c.lr * m
+            else:
+                m, v = self._m[k], self._v[k]  # type: ignore[index]
+                m *= 0.9
+                m += 0.1 * g
+                v *= 0.999
+                v += 0.001 * g * g
+                self.params[k] -= c.lr * (m / (1 - 0.9 ** self._t)) / (np.sqrt(v / (1 - 0.999 ** self._t)) + 1e-8)
+        return loss
+
+    def train(self, x: np.ndarray, y: np.ndarray, steps: int, budget_s: float | None = None,
+              yield_every: int = 1) -> TrainReport:
+        """Minibatch steps (sampled with replacement) until ``steps`` or the time budget."""
+        t0 = time.perf_counter()
+        n = len(x)
+        losses = []
+        done = 0
+        bs = min(self.cfg.batch_size, n)
+        for s in range(steps):
+            idx = self.rng.integers(0, n, bs)
+            losses.append(self.step(x[idx], y[idx]))
+            done += 1
+            if yield_every and s % yield_every == 0:
+                time.sleep(0)  # let the inference thread have the GIL between steps
+            if budget_s is not None and time.perf_counter() - t0 >= budget_s:
+                break
+        secs = time.perf_counter() - t0
+        tail = losses[-max(1, len(losses) // 4):]
+        return TrainReport(float(np.mean(tail)) if tail else float("nan"), done, done * bs, secs)
+
+
+def accuracy(head: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    if len(y) == 0:
+        return float("nan")
+    h = x
+    n = n_layers(head)
+    for i in range(n):
+        h = h @ head[f"dense{i}.weight"] + head[f"dense{i}.bias"]
+        if i < n - 1:
+            h = np.maximum(h, 0)
+    return float((h.argmax(1) == y).mean())
