@@ -95,6 +95,44 @@ class InferenceSection:
 
 
 @dataclass(frozen=True)
+class LearningSection:
+    enabled: bool = False            # adapt the head on this board from labelled data
+    trigger: str = "every_n"         # every_n | drift | command
+    every_n: int = 50
+    optimizer: str = "sgd"           # sgd | adam
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    batch_size: int = 32
+    max_steps: int = 200             # per training cycle
+    budget_s: float = 2.0            # wall time per cycle
+    cpu_fraction: float = 0.25       # share of wall time training may take (paces each cycle too)
+    buffer_bytes: int = 2 << 20      # replay buffer of features, in bytes
+    policy: str = "class_balanced"   # class_balanced | reservoir
+    holdout_every: int = 5
+    min_holdout: int = 10
+    min_train: int = 20
+    adopt_margin: float = 0.0
+    pending_max: int = 2048          # unlabelled requests kept for later feedback
+    pending_ttl_s: float = 600.0
+    federated: bool = True           # take part in federated rounds
+    isolate: str = "process"         # process: train in a short-lived child (inference keeps its latency)
+
+    def __post_init__(self) -> None:
+        one_of(self.trigger, ("every_n", "drift", "command"), "learning.trigger")
+        one_of(self.optimizer, ("sgd", "adam"), "learning.optimizer")
+        one_of(self.policy, ("class_balanced", "reservoir"), "learning.policy")
+        one_of(self.isolate, ("process", "thread"), "learning.isolate")
+        check(0 < self.lr < 10, "learning.lr", "must be in (0, 10)")
+        check(0 < self.cpu_fraction <= 1, "learning.cpu_fraction", "must be in (0, 1]")
+        check(4096 <= self.buffer_bytes <= 1 << 30, "learning.buffer_bytes", "must be 4 KiB..1 GiB")
+        check(self.every_n >= 1 and self.max_steps >= 1 and self.batch_size >= 1, "learning",
+              "every_n, max_steps and batch_size must be >= 1")
+        check(self.holdout_every >= 2, "learning.holdout_every", "must be >= 2")
+        check(self.budget_s > 0, "learning.budget_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class SecuritySection:
     trusted_keys: tuple[str, ...] = ()       # controller Ed25519 public keys (PEM files)
     require_signed_commands: str = "auto"    # auto = required as soon as a trusted key is configured
@@ -122,6 +160,7 @@ class AgentConfig:
     security: SecuritySection = field(default_factory=SecuritySection)
     model: ModelSection = field(default_factory=ModelSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
+    learning: LearningSection = field(default_factory=LearningSection)
     source: str = ""  # where it was loaded from, for messages
 
     @property

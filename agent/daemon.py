@@ -69,6 +69,9 @@ class Agent:
         self.serving = Serving(self)
         self.request_handlers["infer.request"] = self.serving.handle_request
         self.telemetry_providers["model"] = self.serving.metrics
+        from .adaptation import Adaptation
+
+        self.adaptation = Adaptation(self)
         self.commands["model.describe"] = self._cmd_model_describe
         self.commands["model.rollback"] = self._cmd_model_rollback
         self._pending: deque[tuple[str, str, bytes, int, bool]] = deque(maxlen=10000)
@@ -221,6 +224,7 @@ class Agent:
         from .sources import SourceError
 
         self.serving.start()
+        self.adaptation.start()
         try:
             source = make_source(self)
         except SourceError as exc:
@@ -229,7 +233,8 @@ class Agent:
         await self.link.start()
         tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
                  asyncio.create_task(self._message_loop(), name="messages"),
-                 asyncio.create_task(self.serving.summary_ticker(), name="results")]
+                 asyncio.create_task(self.serving.summary_ticker(), name="results"),
+                 asyncio.create_task(self.adaptation.run(), name="learning")]
         if source is not None:
             tasks.append(asyncio.create_task(self.serving.run_source(source), name="source"))
         if ready:

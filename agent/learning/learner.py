@@ -39,7 +39,7 @@ class LearnConfig:
     batch_size: int = 32
     max_steps: int = 200              # per cycle
     budget_s: float = 2.0             # wall time per cycle
-    cpu_fraction: float = 0.5         # training time / wall time, at most
+    cpu_fraction: float = 0.25        # training time / wall time, at most (also paces each cycle)
     buffer_bytes: int = 2 << 20
     policy: str = "class_balanced"
     holdout_every: int = 5
@@ -48,6 +48,8 @@ class LearnConfig:
     adopt_margin: float = 0.0         # candidate may be at most this much worse (0: not worse)
     pending_max: int = 2048
     pending_ttl_s: float = 600.0
+    isolate: str = "process"          # process: train in a short-lived child (no GIL contention with
+                                      # inference); thread: in the caller's thread (less memory)
     drift: DriftConfig = field(default_factory=DriftConfig)
 
     def __post_init__(self) -> None:
@@ -55,6 +57,8 @@ class LearnConfig:
             raise ValueError(f"trigger must be every_n, drift or command, got {self.trigger!r}")
         if not (0 < self.cpu_fraction <= 1):
             raise ValueError("cpu_fraction must be in (0, 1]")
+        if self.isolate not in ("process", "thread"):
+            raise ValueError(f"isolate must be process or thread, got {self.isolate!r}")
 
 
 @dataclass(frozen=True)
@@ -67,6 +71,13 @@ class CycleResult:
     acc_after: float | None
     steps: int
     seconds: float
+
+
+def _train_candidate(start, tcfg, x, y, steps, budget_s, cpu_fraction):
+    """Train a copy of ``start``; top-level so a child process can run it."""
+    trainer = HeadTrainer(start, tcfg)
+    rep = trainer.train(x, y, steps, budget_s, cpu_fraction=cpu_fraction)
+    return trainer.head(), rep
 
 
 class Learner:
@@ -175,12 +186,10 @@ class Learner:
             x, y = self.buffer.train_view()
             hx, hy = self.buffer.holdout_view()
             t0 = time.perf_counter()
-            trainer = HeadTrainer(self.head, self._train_cfg())
             try:
-                rep = trainer.train(x, y, self.cfg.max_steps, self.cfg.budget_s)
+                cand, rep = self._train(self.head, self._train_cfg(), x, y, self.cfg.max_steps, self.cfg.budget_s)
             except FloatingPointError as exc:
                 return self._finish(False, f"training diverged: {exc}", None, None, None, None, 0, t0)
-            cand = trainer.head()
             if not all(np.isfinite(v).all() for v in cand.values()) or not math.isfinite(rep.loss):
                 return self._finish(False, "candidate head has NaN/inf", None, rep.loss, None, None, rep.steps, t0)
             if rep.seconds > 0:
@@ -215,13 +224,24 @@ class Learner:
 
         with self._busy:
             x, y = self.buffer.train_view()
-            trainer = HeadTrainer(start, self._train_cfg(lr=lr, batch_size=batch_size, prox_mu=prox_mu,
-                                                         optimizer=optimizer))
-            rep = trainer.train(x, y, steps, budget_s)
+            head, rep = self._train(start, self._train_cfg(lr=lr, batch_size=batch_size, prox_mu=prox_mu,
+                                                           optimizer=optimizer), x, y, steps, budget_s)
             self._train_time += rep.seconds
             if rep.seconds > 0:
                 self.last_samples_per_s = rep.samples_per_s
-            return LocalResult(trainer.head(), len(y), rep.loss, rep.seconds, rep.steps)
+            return LocalResult(head, len(y), rep.loss, rep.seconds, rep.steps)
+
+    def _train(self, start: Mapping[str, np.ndarray], tcfg: TrainConfig, x: np.ndarray, y: np.ndarray, steps: int,
+               budget_s: float):
+        args = (dict(start), tcfg, x, y, steps, budget_s, self.cfg.cpu_fraction)
+        if self.cfg.isolate == "thread":
+            return _train_candidate(*args)
+        import concurrent.futures
+        import multiprocessing
+
+        # a short-lived child: true parallelism with inference, and its memory is returned after
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+            return ex.submit(_train_candidate, *args).result()
 
     def adopt_global(self, head: Mapping[str, np.ndarray]) -> None:
         """A new global head from a federated round becomes the learner's base."""

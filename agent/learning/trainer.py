@@ -124,18 +124,25 @@ class HeadTrainer:
         return loss
 
     def train(self, x: np.ndarray, y: np.ndarray, steps: int, budget_s: float | None = None,
-              yield_every: int = 1) -> TrainReport:
-        """Minibatch steps (sampled with replacement) until ``steps`` or the time budget."""
+              yield_every: int = 1, cpu_fraction: float = 1.0) -> TrainReport:
+        """Minibatch steps (sampled with replacement) until ``steps`` or the time budget.
+
+        ``cpu_fraction`` < 1 paces the loop (sleeping in proportion to each step's time), so
+        inference sharing the interpreter keeps its latency while training runs."""
         t0 = time.perf_counter()
+        pause = (1.0 - cpu_fraction) / cpu_fraction if 0 < cpu_fraction < 1 else 0.0
         n = len(x)
         losses = []
         done = 0
         bs = min(self.cfg.batch_size, n)
         for s in range(steps):
+            ts = time.perf_counter()
             idx = self.rng.integers(0, n, bs)
             losses.append(self.step(x[idx], y[idx]))
             done += 1
-            if yield_every and s % yield_every == 0:
+            if pause:
+                time.sleep((time.perf_counter() - ts) * pause)
+            elif yield_every and s % yield_every == 0:
                 time.sleep(0)  # let the inference thread have the GIL between steps
             if budget_s is not None and time.perf_counter() - t0 >= budget_s:
                 break
