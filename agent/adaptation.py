@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from protocol.envelope import DecodeError, Envelope, _req, register_kind
+from protocol.envelope import Envelope
 from protocol.mqttlink import Message
 
 from .learning import LearnConfig, Learner
@@ -24,16 +24,6 @@ if TYPE_CHECKING:  # pragma: no cover
     from .daemon import Agent
 
 log = logging.getLogger("edge_agent.learning")
-
-
-def _check_feedback(body: Any) -> None:
-    rid = _req(body, "request_id", str)
-    if not (0 < len(rid) <= 64):
-        raise DecodeError("field", "must be 1-64 chars", "body.request_id")
-    _req(body, "label", int)
-
-
-register_kind("feedback", _check_feedback)
 
 
 def _reference_stats(engine: Any) -> tuple[float, float]:

@@ -309,6 +309,36 @@ async def _infer(cfg: ControllerConfig, device_id: str, x: Any, timeout: float) 
         raise click.ClickException(str(exc)) from None
 
 
+@cli.command("feedback")
+@click.argument("device_id")
+@click.argument("request_id")
+@click.argument("label", type=int)
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@pass_ctx
+def feedback_cmd(c: Ctx, device_id: str, request_id: str, label: int, timeout: float) -> None:
+    """Label an earlier inference REQUEST_ID on DEVICE_ID (on-device learning uses it)."""
+    from protocol.topics import InvalidId, validate_id
+
+    try:
+        validate_id(device_id)
+    except InvalidId as exc:
+        raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from None
+
+    async def go() -> dict:
+        from .client import FleetClient, FleetClientError
+
+        try:
+            async with FleetClient(c.cfg()) as fc:
+                return await fc.feedback(device_id, request_id, label, timeout)
+        except FleetClientError as exc:
+            raise click.ClickException(str(exc)) from None
+
+    reply = asyncio.run(go())
+    click.echo(json.dumps(reply, indent=2))
+    if not reply.get("ok"):
+        sys.exit(1)
+
+
 # -- demo ---------------------------------------------------------------------
 @cli.command()
 @click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50), help="number of agents")

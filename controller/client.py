@@ -93,6 +93,13 @@ class FleetClient:
                        reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
         return await self.request(device_id, self.topics.req(device_id), env, timeout)
 
+    async def feedback(self, device_id: str, request_id: str, label: int, timeout: float = 5.0) -> dict[str, Any]:
+        """Label an earlier inference request so the device can learn from it."""
+        validate_id(device_id)
+        env = Envelope(kind="feedback", sender=self.cfg.controller.id, body={"request_id": request_id, "label": label},
+                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        return await self.request(device_id, self.topics.req(device_id), env, timeout)
+
     def sign(self, env: Envelope, topic: str) -> Envelope:
         """Sign a command end to end when a signing key is configured."""
         if self._key is None:

@@ -154,6 +154,13 @@ def _check_result(body: Mapping[str, Any]) -> None:
         raise DecodeError("field", f"must be 'result' or 'summary', got {t!r}", "body.type")
 
 
+def _check_feedback(body: Mapping[str, Any]) -> None:
+    rid = _req(body, "request_id", str)
+    if not (0 < len(rid) <= 64):
+        raise DecodeError("field", "must be 1-64 chars", "body.request_id")
+    _req(body, "label", int)
+
+
 def _check_any(body: Mapping[str, Any]) -> None:
     return None
 
@@ -168,6 +175,7 @@ KINDS: dict[str, BodyCheck] = {
     "infer.request": _check_infer_request,
     "ctl.state": _check_any,
     "result": _check_result,
+    "feedback": _check_feedback,
 }
 
 
