@@ -34,12 +34,22 @@ log = logging.getLogger("fleetctl.rounds")
 def aggregator_for(cfg: RunConfig) -> Aggregator:
     """Bind the run's strategy (by name, from ``controller.strategies``) to the engine's signature."""
     from . import strategies
+    from .privacy import DPConfig, epsilon, private_mean
 
     strategy = strategies.make(cfg.strategy, **dict(cfg.strategy_params))
+    dp = DPConfig.from_dict(cfg.dp)
+    rng = np.random.default_rng(cfg.seed + 7919)
 
     def aggregate(global_head: dict, results: list, state: dict) -> tuple[Any, dict]:
         if state:
             strategy.load_state(state)
+        if dp is not None and dp.noise > 0:
+            # DP-FedAvg: uniform mean of clipped updates + Gaussian noise (see controller/privacy.py)
+            new = strategy.apply(global_head, private_mean([r[0] for r in results], dp, rng))
+            rounds = int(state.get("dp_rounds", 0)) + 1
+            eps, order = epsilon(dp.noise, rounds, dp.delta)
+            return new, {**strategy.state(), "dp_rounds": rounds, "dp_epsilon": round(eps, 4),
+                         "dp_delta": dp.delta, "dp_order": order}
         new = strategy.aggregate_deltas(global_head, results)
         return new, strategy.state()
 
@@ -117,6 +127,25 @@ class RoundRunner:
     def _announce(self, run_id: str, outcome) -> None:
         lvl = logging.INFO if outcome.status == "aggregated" else logging.WARNING
         log.log(lvl, "run %s round %d %s: %s", run_id, outcome.round_no, outcome.status, outcome.metrics)
+        if outcome.status == "aggregated" and outcome.new_version is not None:
+            self.publish_head(run_id, outcome.new_version)
+
+    def publish_head(self, run_id: str, version: int) -> int:
+        """Send the new global head to every online device of the run that learns (until rollouts ship it)."""
+        link = self.svc.link
+        run = self.store.run(run_id)
+        if link is None or run is None or not run.head:
+            return 0
+        group = run.config.get("group")
+        sent = 0
+        for d in self.svc.registry.devices():
+            if not d.online or (group and d.group != group) or "learning" not in (d.telemetry or {}):
+                continue
+            topic = self.svc.topics.cmd(d.id)
+            env = Envelope(kind="fl.head", sender=self.svc.cfg.controller.id, body={"run_id": run_id, "version": version})
+            if link.publish(topic, sign_frame(env, topic, self.svc.signing_key, run.head), 1):
+                sent += 1
+        return sent
 
     def on_update_message(self, device_id: str, msg: Message) -> None:
         """An ``fl.update`` frame from ``device_id`` (topic already parsed)."""

@@ -233,6 +233,8 @@ class RoundEngine:
         version = run.global_version + 1
         self.store.update_run(self.run_id, head=new_head, global_version=version, strategy_state=state)
         metrics["version"] = version
+        if "dp_epsilon" in state:
+            metrics["dp_epsilon"], metrics["dp_delta"] = state["dp_epsilon"], state.get("dp_delta")
         self.store.finish_round(self.run_id, round_no, "aggregated", metrics)
         return RoundOutcome(round_no, "aggregated", metrics, version)
 
