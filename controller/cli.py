@@ -358,7 +358,7 @@ def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool,
 def _register_optional() -> None:
     """Sub-command groups that live in their own modules (model tooling, certs…)."""
     for module, attr in (("controller.keys_cli", "keys"), ("controller.round_cli", "round"),
-                         ("controller.patch_cli", "patch"),
+                         ("controller.patch_cli", "patch"), ("controller.report_cli", "report"),
                          ("controller.model_cli", "model"),
                          ("controller.certs_cli", "certs")):
         if importlib.util.find_spec(module) is not None:

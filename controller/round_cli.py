@@ -53,6 +53,28 @@ def load_head(path: str) -> dict[str, np.ndarray]:
     return head
 
 
+def _eval_features(bundle: str, out: Path) -> Path | None:
+    """Backbone features of the bundle's eval set (ONNX backbones; needs the tools extra)."""
+    p = Path(bundle)
+    try:
+        m = json.loads((p / "manifest.json").read_text())
+        ev = next(n for n, e in m["files"].items() if e.get("role") == "eval")
+        bb = next(n for n, e in m["files"].items() if e.get("role") == "backbone")
+        if not bb.endswith(".onnx"):
+            return None
+        import onnxruntime as ort
+
+        with np.load(p / ev, allow_pickle=False) as z:
+            x, y = z["x"].astype(np.float32), z["y"]
+        sess = ort.InferenceSession(str(p / bb), providers=["CPUExecutionProvider"])
+        feats = sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    except (OSError, ValueError, KeyError, StopIteration, ImportError):
+        return None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(out, features=feats, y=y)
+    return out
+
+
 def _store(ctx: click.Context, create: bool):
     from .round_store import RoundStore
 
@@ -126,6 +148,11 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
         raise click.UsageError(str(exc)) from None
     store = _store(ctx, create=True)
     run_id = time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+    eval_file = _eval_features(bundle, Path(ctx.obj.cfg().db_path).parent / "runs" / f"{run_id}-eval.npz")
+    if eval_file:
+        from dataclasses import replace
+
+        cfg = replace(cfg, eval_file=str(eval_file))
     store.create_run(run_id, cfg.to_dict(), head)
     if not as_json:
         click.echo(f"{run_id}: {cfg.mode} {strategy}, {n_rounds} rounds, up to {clients} clients, "
@@ -186,10 +213,11 @@ def _print_history(s: dict[str, Any]) -> None:
         m = r["metrics"] or {}
         rej = sum(1 for u in r["updates"] if not u["accepted"])
         rows.append([r["round"], r["status"], len(r["selected"]), m.get("received", 0), rej,
-                     m.get("mean_train_loss"), m.get("uplink_bytes"), m.get("duration_s"), m.get("reason", "")])
+                     m.get("accuracy"), m.get("mean_train_loss"), m.get("uplink_bytes"), m.get("dp_epsilon"),
+                     m.get("duration_s"), m.get("reason", "")])
     if rows:
-        click.echo(render(["ROUND", "STATUS", "SELECTED", "UPDATES", "REJECTED", "LOSS", "UPLINK B", "SECONDS",
-                           "NOTE"], rows))
+        click.echo(render(["ROUND", "STATUS", "SELECTED", "UPDATES", "REJECTED", "ACCURACY", "LOSS", "UPLINK B",
+                           "EPSILON", "SECONDS", "NOTE"], rows))
 
 
 @round.command("status")

@@ -56,6 +56,21 @@ def aggregator_for(cfg: RunConfig) -> Aggregator:
     return aggregate
 
 
+def evaluator_for(cfg: RunConfig):
+    """Accuracy of a head on the run's held-out features (computed once at ``round start``)."""
+    if not cfg.eval_file:
+        return None
+    try:
+        with np.load(cfg.eval_file, allow_pickle=False) as z:
+            feats, labels = z["features"].astype(np.float32), z["y"].astype(np.int64)
+    except (OSError, KeyError, ValueError) as exc:
+        log.warning("run evaluation disabled: %s", exc)
+        return None
+    from protocol.bundle import head_forward
+
+    return lambda head: float((head_forward(head, feats).argmax(1) == labels).mean())
+
+
 def decompress_update(frame: Frame, global_head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The device's delta as float tensors (raw tensors, or a compressed blob)."""
     if frame.envelope.body["encoding"] == "raw":
@@ -77,7 +92,8 @@ class RoundRunner:
         eng = self.engines.get(run_id)
         if eng is None:
             run = self.store.run(run_id)
-            eng = RoundEngine(run_id, self.store, aggregator_for(RunConfig.from_dict(run.config)))
+            cfg = RunConfig.from_dict(run.config)
+            eng = RoundEngine(run_id, self.store, aggregator_for(cfg), evaluator_for(cfg))
             self.engines[run_id] = eng
         return eng
 

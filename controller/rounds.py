@@ -56,6 +56,7 @@ class RunConfig:
     group: str | None = None
     seed: int = 0
     start_timeout_s: float = 120.0
+    eval_file: str | None = None      # npz of backbone features + labels: accuracy of each new head
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -132,7 +133,8 @@ def validate_update(delta: Mapping[str, np.ndarray], global_head: Mapping[str, n
 
 
 class RoundEngine:
-    def __init__(self, run_id: str, store: RoundStore, aggregator: Aggregator) -> None:
+    def __init__(self, run_id: str, store: RoundStore, aggregator: Aggregator,
+                 evaluate: "Callable[[Head], float] | None" = None) -> None:
         run = store.run(run_id)
         if run is None:
             raise KeyError(f"unknown run {run_id}")
@@ -140,6 +142,7 @@ class RoundEngine:
         self.store = store
         self.cfg = RunConfig.from_dict(run.config)
         self.aggregate = aggregator
+        self.evaluate = evaluate
         self.rng = random.Random(self.cfg.seed + run.round_no)
         self.started_waiting: float | None = None
 
@@ -233,6 +236,11 @@ class RoundEngine:
         version = run.global_version + 1
         self.store.update_run(self.run_id, head=new_head, global_version=version, strategy_state=state)
         metrics["version"] = version
+        if self.evaluate is not None:
+            try:
+                metrics["accuracy"] = round(float(self.evaluate(new_head)), 5)
+            except Exception as exc:  # noqa: BLE001 - evaluation is informative, never fatal
+                metrics["accuracy_error"] = str(exc)
         if "dp_epsilon" in state:
             metrics["dp_epsilon"], metrics["dp_delta"] = state["dp_epsilon"], state.get("dp_delta")
         self.store.finish_round(self.run_id, round_no, "aggregated", metrics)

@@ -91,6 +91,9 @@ def test_sync_round_completes_on_quorum_when_a_device_dies_mid_round(tmp_path, m
             assert events(db, dev, "fl.update_accepted")
         hist = fleetctl("--db", str(db), "round", "history", "--json")
         assert json.loads(hist.stdout)["runs"][0]["rounds"][0]["status"] == "aggregated"
+        assert r1.metrics["accuracy"] > 0.5   # the new global head, evaluated on the bundle's eval set
+        rep = fleetctl("--db", str(db), "report", "rounds", "--json")
+        assert json.loads(rep.stdout)["rounds"][0]["accuracy"] == r1.metrics["accuracy"]
     finally:
         for p in procs:
             stop(p)
@@ -139,10 +142,16 @@ def test_poisoned_update_is_rejected_and_never_aggregated(tmp_path, mosquitto, e
         evil = EvilDevice(mosquitto.port)
         wait_for(lambda: (d := device(db, "evil-1")) and d.online, what="evil device registered")
         run_id = start_run(mosquitto.url, db, bundle, "--clients", "3", "--min-clients", "2", "--rounds", "1",
-                           "--deadline", "20s", "--steps", "30")
+                           "--deadline", "20s", "--steps", "30", "--compress", "topk=0.2", "--compress", "int8=true",
+                           "--dp", "clip=1.0", "--dp", "noise=0.5")
         run = wait_run(db, run_id)
         assert run.status == "done" and run.global_version == 1
         ups = {u.device_id: u for u in store(db).updates(run_id, 1)}
+        # the honest devices sent compressed (top-k + int8 + zstd) updates; DP was accounted
+        m = store(db).round(run_id, 1).metrics
+        assert m["dp_epsilon"] > 0 and m["dp_delta"] == 1e-5
+        raw = sum(v.nbytes for v in run.head.values())
+        assert all(ups[d].meta["bytes"] < raw for d in ("ok-0", "ok-1"))
         assert not ups["evil-1"].accepted and "NaN" in ups["evil-1"].reason
         assert ups["ok-0"].accepted and ups["ok-1"].accepted
         assert all(np.isfinite(v).all() for v in run.head.values())
