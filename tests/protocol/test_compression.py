@@ -26,8 +26,10 @@ def test_round_trip_and_ratio(opts):
     if opts.get("int8") and not opts.get("topk"):
         for k in d:
             assert np.abs(back[k] - d[k]).max() <= np.abs(d[k]).max() / 127 + 1e-7
+    if opts.get("topk") == 0.05 and opts.get("int8"):
+        assert raw / len(blob) >= 15
     if opts.get("topk") == 0.1 and opts.get("int8"):
-        assert raw / len(blob) >= 5
+        assert raw / len(blob) >= 8
 
 
 def test_error_feedback_sends_what_was_left_out_later():
@@ -50,7 +52,7 @@ def test_corrupt_inputs_are_refused():
             decode_update(bad, SHAPES)
     with pytest.raises(CompressionError, match="do not match"):
         decode_update(blob, {"other": (3,)})
-    with pytest.raises(CompressionError, match="shape"):
+    with pytest.raises(CompressionError, match="do not match"):  # same names, other shapes: checksum differs
         decode_update(blob, {"dense0.weight": (10, 64), "dense0.bias": (10,)})
 
 
@@ -59,7 +61,7 @@ def test_corrupt_inputs_are_refused():
 def test_fuzz_decoder(data, pos, val):
     good = bytearray(Compressor(topk=0.3, int8=True, zstd=False).encode(delta()))
     good[pos % len(good)] = val
-    for b in (bytes(good), data, b"EFU1" + data):
+    for b in (bytes(good), data, b"EFU2" + data):
         try:
             decode_update(b, SHAPES)
         except CompressionError:
