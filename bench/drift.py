@@ -112,7 +112,7 @@ def main() -> None:
                p99_ratio_training_vs_idle=round(busy / idle, 3), training_steps_during_measurement=steps_done,
                inferences_measured=n_idle + n_busy,
                peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
-               trainer_child_peak_rss_mb=round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024, 1),
+               trainer_child_peak_rss_mb=lr.child_peak_rss_mb,
                buffer_bytes=lr.buffer.nbytes)
     print(f"inference p99 idle {idle:.3f} ms, while training ({steps_done} steps) {busy:.3f} ms: "
           f"ratio {busy / idle:.2f}; peak RSS {fig['peak_rss_mb']} MB + trainer child "

@@ -104,6 +104,7 @@ class Learner:
         self.cycles = {"adopted": 0, "rejected": 0}
         self.rejects: dict[str, int] = {}
         self.last_samples_per_s: float | None = None
+        self.child_peak_rss_mb: float | None = None
         self._train_time = 0.0
         self._t_started = time.monotonic()
 
@@ -236,12 +237,25 @@ class Learner:
         args = (dict(start), tcfg, x, y, steps, budget_s, self.cfg.cpu_fraction)
         if self.cfg.isolate == "thread":
             return _train_candidate(*args)
-        import concurrent.futures
-        import multiprocessing
+        import os
+        import pickle
+        import subprocess
+        import sys
 
-        # a short-lived child: true parallelism with inference, and its memory is returned after
-        with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
-            return ex.submit(_train_candidate, *args).result()
+        # a short-lived child: true parallelism with inference; only numpy + the trainer load in it,
+        # and its memory goes back to the board when the cycle ends
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env = {**os.environ, "PYTHONPATH": pkg_root + os.pathsep + os.environ.get("PYTHONPATH", "")}
+        proc = subprocess.run([sys.executable, "-m", "agent.learning.child"], input=pickle.dumps(args),
+                              capture_output=True, timeout=budget_s + 60, env=env, check=False)
+        if proc.returncode != 0:
+            err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            last = err[-1] if err else f"exit code {proc.returncode}"
+            if "FloatingPointError" in last:
+                raise FloatingPointError(last)
+            raise RuntimeError(f"training child failed: {last}")
+        head, rep, self.child_peak_rss_mb = pickle.loads(proc.stdout)
+        return head, rep
 
     def adopt_global(self, head: Mapping[str, np.ndarray]) -> None:
         """A new global head from a federated round becomes the learner's base."""
@@ -299,4 +313,5 @@ class Learner:
                 "last_cycle": None if last is None else {"adopted": last.adopted, "reason": last.reason,
                                                          "steps": last.steps, "seconds": round(last.seconds, 3)},
                 "samples_per_s": None if self.last_samples_per_s is None else round(self.last_samples_per_s, 1),
+                "trainer_peak_rss_mb": self.child_peak_rss_mb,
                 "drift": self.drift.status(), "rejected": dict(self.rejects)}

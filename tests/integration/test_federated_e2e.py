@@ -92,8 +92,9 @@ def test_sync_round_completes_on_quorum_when_a_device_dies_mid_round(tmp_path, m
         hist = fleetctl("--db", str(db), "round", "history", "--json")
         assert json.loads(hist.stdout)["runs"][0]["rounds"][0]["status"] == "aggregated"
         assert r1.metrics["accuracy"] > 0.5   # the new global head, evaluated on the bundle's eval set
-        rep = fleetctl("--db", str(db), "report", "rounds", "--json")
+        rep = fleetctl("--db", str(db), "report", "rounds", "--json", "--png", str(tmp_path / "rounds.png"))
         assert json.loads(rep.stdout)["rounds"][0]["accuracy"] == r1.metrics["accuracy"]
+        assert (tmp_path / "rounds.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     finally:
         for p in procs:
             stop(p)
