@@ -60,6 +60,10 @@ class HomeAssistantSection:
 @dataclass(frozen=True)
 class StateSection:
     dir: str = "/var/lib/edgefleet"
+    outbox_bytes: int = 16 << 20     # on-disk outbox for what cannot be sent now
+
+    def __post_init__(self) -> None:
+        check(64 << 10 <= self.outbox_bytes <= 4 << 30, "state.outbox_bytes", "must be 64 KiB..4 GiB")
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,9 @@ one is logged with its reason, counted, and the loop goes on.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 import inspect
+from pathlib import Path
+import sqlite3
 import json
 import logging
 import time
@@ -61,7 +62,13 @@ class Agent:
         self._telemetry_now = asyncio.Event()
         self._stopping = False
         self.verifier = self._make_verifier()
-        self.outbox: Any = None  # on-disk outbox, when configured
+        from .outbox import Outbox
+
+        try:
+            self.outbox = Outbox(Path(cfg.state.dir) / "outbox.db", cfg.state.outbox_bytes)
+        except (OSError, sqlite3.Error) as exc:
+            raise ConfigError(f"state.dir {cfg.state.dir}: cannot open the outbox there: {exc}") from None
+        self._draining = False
         from .runtimes import available_runtimes
         from .serving import Serving
 
@@ -74,7 +81,6 @@ class Agent:
         self.adaptation = Adaptation(self)
         self.commands["model.describe"] = self._cmd_model_describe
         self.commands["model.rollback"] = self._cmd_model_rollback
-        self._pending: deque[tuple[str, str, bytes, int, bool]] = deque(maxlen=10000)
         self._drain_task: asyncio.Future | None = None
 
     def _make_verifier(self) -> "CommandVerifier | None":
@@ -118,6 +124,7 @@ class Agent:
             body["link"] = {"connects": link.connects, "disconnects": link.disconnects,
                             "mqtt": "5" if link.is_v5 else "3.1.1",
                             "dropped_incoming": link.dropped_incoming}
+        body["outbox"] = self.outbox.stats()
         for name, provider in self.telemetry_providers.items():
             try:
                 body[name] = provider()
@@ -139,35 +146,44 @@ class Agent:
         return ok
 
     def publish_reliable(self, kind: str, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
-        """Publish now, or keep it (on disk when an outbox is configured) and send it on reconnect."""
-        if self.outbox is None and not self._pending:
+        """Publish now (QoS 1: paho re-sends what was in flight after a reconnect), or put it in the
+        on-disk outbox and send it, in order, when the link is back. Nothing is lost silently."""
+        link = self.link
+        if link is not None and link.connected.is_set() and not len(self.outbox) and not self._draining:
             if self.publish(topic, payload, qos, retain):
                 return True
-        self._keep(kind, topic, payload, qos, retain)
+        from .outbox import OutboxFull
+
+        try:
+            self.outbox.put(kind, topic, payload, qos, retain)
+        except OutboxFull as exc:
+            self.counters.reject("outbox_full")
+            log.error("could not keep a %s for later: %s", kind, exc)
+            return False
         self._drain_soon()
         return False
-
-    def _keep(self, kind: str, topic: str, payload: bytes, qos: int, retain: bool) -> None:
-        if self.outbox is not None:
-            self.outbox.put(kind, topic, payload, qos, retain)
-        else:
-            if len(self._pending) >= self._pending.maxlen:  # type: ignore[operator]
-                self.counters.reject(f"dropped_{kind}")
-            self._pending.append((kind, topic, payload, qos, retain))
 
     def _drain_soon(self) -> None:
         if self.link is not None and self.link.connected.is_set() and (self._drain_task is None or self._drain_task.done()):
             self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
-        """Send what waited, oldest first, while the link is up."""
+        """Send what waited, oldest first, while the link is up; each item leaves the outbox on PUBACK."""
         link = self.link
-        while link is not None and link.connected.is_set() and self._pending:
-            kind, topic, payload, qos, retain = self._pending[0]
-            if not await link.publish_and_wait(topic, payload, qos, retain, timeout=5.0):
-                return
-            self.counters.sent(topic, len(payload))
-            self._pending.popleft()
+        self._draining = True
+        try:
+            while link is not None and link.connected.is_set():
+                batch = self.outbox.peek(50)
+                if not batch:
+                    return
+                for item in batch:
+                    if not await link.publish_and_wait(item.topic, item.payload, max(1, item.qos), item.retain,
+                                                       timeout=5.0):
+                        return
+                    self.counters.sent(item.topic, len(item.payload))
+                    self.outbox.ack([item.id])
+        finally:
+            self._draining = False
 
     def emit_event(self, event: str, level: str = "info", **data: Any) -> bool:
         body = {"event": event, "level": level, **data}
@@ -176,7 +192,7 @@ class Agent:
 
     def publish_telemetry(self) -> bool:
         env = self._envelope("telemetry", self.telemetry_body())
-        return self.publish(self.topics.telemetry(self.device_id), encode(env), qos=0)
+        return self.publish_reliable("telemetry", self.topics.telemetry(self.device_id), encode(env), qos=1)
 
     def reply(self, request: Envelope, msg: Message | None, body: dict[str, Any]) -> bool:
         """Reply inside our own subtree: the requester's reply_to if it is ours, else the default."""
@@ -217,7 +233,10 @@ class Agent:
             subs.append((hass.birth_topic(self.cfg.homeassistant.prefix), 0))
         return MqttLink.from_settings(self.cfg.mqtt, self.device_id, subscriptions=subs,
                                       will=Will(self.topics.state(self.device_id), offline, 1, True),
-                                      on_connect=self._on_connect)
+                                      on_connect=self._on_connect, on_disconnect=self._on_disconnect)
+
+    def _on_disconnect(self, reason: str) -> None:
+        self.emit_event("link.lost", "warning", reason=reason)  # waits in the outbox, arrives on reconnect
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         from .serving import make_source
@@ -255,6 +274,7 @@ class Agent:
         await asyncio.gather(*tasks, return_exceptions=True)
         if link is not None:
             await link.stop()
+        self.outbox.close()
 
     async def _telemetry_loop(self) -> None:
         interval = self.cfg.telemetry.interval_s
@@ -264,8 +284,7 @@ class Agent:
             except asyncio.TimeoutError:
                 pass
             self._telemetry_now.clear()
-            if self.link and self.link.connected.is_set():
-                self.publish_telemetry()
+            self.publish_telemetry()  # offline samples wait in the outbox
 
     async def _message_loop(self) -> None:
         assert self.link is not None

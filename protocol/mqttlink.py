@@ -166,7 +166,8 @@ class MqttLink:
                  subscriptions: list[tuple[str, int]] | None = None,
                  on_connect: Callable[[], Awaitable[None] | None] | None = None,
                  min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000,
-                 persistent: bool = False, session_expiry_s: int = 7 * 86400) -> None:
+                 persistent: bool = False, session_expiry_s: int = 7 * 86400,
+                 on_disconnect: Callable[[str], None] | None = None) -> None:
         """``persistent``: keep the broker session (subscriptions + queued QoS 1 messages) across
         disconnects and restarts, so nothing sent to us while we were away is lost."""
         if protocol not in PROTOCOLS:
@@ -181,6 +182,7 @@ class MqttLink:
         self.on_connect = on_connect
         self.persistent = persistent
         self.session_expiry_s = session_expiry_s
+        self.on_disconnect = on_disconnect
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
         self.messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
@@ -356,11 +358,14 @@ class MqttLink:
     def _on_disconnect(self, client: mqtt.Client, reason: str) -> None:
         if client is not self._client:
             return
-        if self.connected.is_set():
+        was = self.connected.is_set()
+        self.connected.clear()
+        if was:
             self.disconnects += 1
             if not self._stopping:
                 log.warning("disconnected from %s: %s", self.broker.url, reason)
-        self.connected.clear()
+                if self.on_disconnect:
+                    self.on_disconnect(reason)
 
     def _spawn(self, coro: Awaitable) -> None:
         t = asyncio.ensure_future(coro)

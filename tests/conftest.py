@@ -38,8 +38,9 @@ def mosquitto_binary() -> str:
 class Mosquitto:
     """A real Mosquitto process; ``stop()``/``start()`` simulate an outage on the same port."""
 
-    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "") -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra_conf: str = "", persistence: bool = False) -> None:
         self.workdir = workdir
+        self.persistence = persistence
         self.port = port or free_port()
         self.extra_conf = extra_conf
         self.proc: subprocess.Popen | None = None
@@ -54,7 +55,11 @@ class Mosquitto:
         self.conf.write_text(
             f"listener {self.port} 127.0.0.1\n"
             "allow_anonymous true\n"
-            "persistence false\n"
+            # started as root, mosquitto would switch to its own user and could not write its log
+            # or persistence file into the test's directory
+            + ("user root\n" if os.geteuid() == 0 else "")
+            + (f"persistence true\npersistence_location {self.workdir}/\n" if self.persistence else "persistence false\n")
+            +
             f"log_dest file {self.log}\n"
             "log_type error\nlog_type warning\nlog_type notice\n"
             + self.extra_conf)

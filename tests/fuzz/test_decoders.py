@@ -117,13 +117,13 @@ def test_controller_ingest_survives_every_topic(tmp_path):
     assert svc.counts["rejected"] > 0
 
 
-def test_agent_handler_survives_every_topic():
+def test_agent_handler_survives_every_topic(tmp_path):
     """Each inbound agent topic (cmd, req, group cmd, HA birth), through Agent.handle_message."""
     import asyncio
 
     from agent.daemon import Agent
 
-    agent = Agent(parse_agent({"device": {"id": "pi-1"}}))
+    agent = Agent(parse_agent({"device": {"id": "pi-1"}, "state": {"dir": str(tmp_path)}}))
     topics = ["edgefleet/v1/dev/pi-1/cmd", "edgefleet/v1/dev/pi-1/req", "edgefleet/v1/group/default/cmd",
               "homeassistant/status"]
     loop = asyncio.new_event_loop()
