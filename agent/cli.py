@@ -88,12 +88,33 @@ async def _serve(cfg: AgentConfig) -> int:
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal, sig)
+    from .sdnotify import Notifier, watchdog_interval
+    from .watchdog import LoopWatchdog
+
+    notifier = Notifier()
+    wd_interval = watchdog_interval()
+    watchdog = LoopWatchdog(notifier, wd_interval) if wd_interval else None
+    beat = asyncio.create_task(watchdog.heartbeat(), name="watchdog-heartbeat") if watchdog else None
+    if watchdog:
+        watchdog.start()
+
+    def ready() -> None:
+        notifier.ready(f"serving as {cfg.device.id} via {cfg.mqtt.broker}")
+
     try:
         agent = Agent(cfg)
-        await agent.run(stop)
+        agent.notifier = notifier
+        await agent.run(stop, ready=ready)
     except ConfigError as exc:  # e.g. an unreadable password or key file, found at connect time
         logging.getLogger("edge_agent").error("config error: %s", exc)
+        notifier.status(f"config error: {exc}")
         return 2
+    finally:
+        notifier.stopping()
+        if watchdog:
+            watchdog.stop()
+        if beat:
+            beat.cancel()
     return 0
 
 

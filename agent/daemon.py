@@ -69,6 +69,7 @@ class Agent:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"state.dir {cfg.state.dir}: cannot open the outbox there: {exc}") from None
         self._draining = False
+        self.notifier: Any = None  # systemd notifier (agent.sdnotify), set by the CLI
         from .runtimes import available_runtimes
         from .serving import Serving
 
@@ -216,6 +217,9 @@ class Agent:
         if self.cfg.homeassistant.enabled:
             self.announce_hass()
         self.emit_event("connected", mqtt="5" if self.link and self.link.is_v5 else "3.1.1")
+        if self.notifier is not None:
+            self.notifier.status(f"connected to {self.cfg.mqtt.broker}; model "
+                                 f"{(self.serving.model_info() or {}).get('version', 'none')}")
         self._telemetry_now.set()
         self._drain_soon()
 
@@ -237,6 +241,8 @@ class Agent:
 
     def _on_disconnect(self, reason: str) -> None:
         self.emit_event("link.lost", "warning", reason=reason)  # waits in the outbox, arrives on reconnect
+        if self.notifier is not None:
+            self.notifier.status(f"broker unreachable ({reason}); {len(self.outbox)} messages kept on disk")
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         from .serving import make_source
