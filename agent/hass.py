@@ -25,21 +25,24 @@ SENSORS: tuple[tuple[str, str, str, str | None, str | None], ...] = (
 
 
 def node_id(device_id: str) -> str:
-    """HA object ids allow [a-zA-Z0-9_-]; our ids may also carry '.' and ':'."""
-    return "edgefleet_" + "".join(c if c.isalnum() or c in "_-" else "_" for c in device_id)
+    """The discovery node-id level is the device id itself, so a broker ACL can confine a device
+    to ``homeassistant/+/%u/+/config`` (Mosquitto substitutes %u only for a whole level). HA allows
+    [a-zA-Z0-9_-] there; other characters are replaced (such ids cannot use the ACL pattern)."""
+    return "".join(c if c.isalnum() or c in "_-" else "_" for c in device_id)
 
 
 def discovery_messages(topics: Topics, device_id: str, prefix: str, sw_version: str,
                        model: str = "edge-agent") -> list[tuple[str, bytes]]:
     nid = node_id(device_id)
-    device: dict[str, Any] = {"identifiers": [nid], "name": device_id, "manufacturer": "edgefleet",
+    uid = f"edgefleet_{nid}"
+    device: dict[str, Any] = {"identifiers": [uid], "name": device_id, "manufacturer": "edgefleet",
                               "model": model, "sw_version": sw_version}
     out: list[tuple[str, bytes]] = []
     for oid, name, tmpl, unit, dclass in SENSORS:
         cfg: dict[str, Any] = {
             "name": name,
-            "unique_id": f"{nid}_{oid}",
-            "object_id": f"{nid}_{oid}",
+            "unique_id": f"{uid}_{oid}",
+            "object_id": f"{uid}_{oid}",
             "state_topic": topics.telemetry(device_id),
             "value_template": tmpl,
             "availability_topic": topics.state(device_id),
@@ -55,7 +58,7 @@ def discovery_messages(topics: Topics, device_id: str, prefix: str, sw_version: 
             cfg["device_class"] = dclass
         out.append((f"{prefix}/sensor/{nid}/{oid}/config", json.dumps(cfg, separators=(",", ":")).encode()))
     status = {
-        "name": "Status", "unique_id": f"{nid}_status", "object_id": f"{nid}_status",
+        "name": "Status", "unique_id": f"{uid}_status", "object_id": f"{uid}_status",
         "state_topic": topics.state(device_id), "value_template": "{{ value_json.body.status }}",
         "payload_on": "online", "payload_off": "offline", "device_class": "connectivity",
         "device": device,
