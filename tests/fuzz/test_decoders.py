@@ -138,3 +138,50 @@ def test_agent_handler_survives_every_topic(tmp_path):
     finally:
         loop.close()
     assert sum(agent.counters.rejected.values()) > 0
+
+
+manifest_keys = st.sampled_from(["name", "version", "files", "input", "features", "labels", "reference", "eval",
+                                 "metrics", "parent_version"])
+
+
+@FUZZ
+@given(st.dictionaries(manifest_keys, json_values, max_size=8))
+def test_bundle_manifest_decoder(d):
+    from protocol.bundle import BundleError, parse_manifest
+
+    try:
+        parse_manifest(d)
+    except BundleError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=400), st.integers(0, 5000), st.integers(0, 255))
+def test_patch_decoder(data, pos, val):
+    from protocol.patch import PatchError, verify_patch
+    from protocol.signing import generate
+
+    key = generate()
+    for blob in (b"EFP1" + data, data):
+        try:
+            verify_patch(blob, [key.public_key()], None)
+        except PatchError:
+            pass
+
+
+@FUZZ
+@given(st.binary(max_size=300), st.integers(0, 2000), st.integers(0, 255))
+def test_update_decoder(data, pos, val):
+    import numpy as np
+
+    from protocol.compression import CompressionError, Compressor, decode_update
+
+    shapes = {"dense0.weight": (16, 4), "dense0.bias": (4,)}
+    good = bytearray(Compressor(topk=0.3, int8=True, zstd=False).encode(
+        {k: np.ones(s, np.float32) for k, s in shapes.items()}))
+    good[pos % len(good)] = val
+    for blob in (bytes(good), data, b"EFU2" + data):
+        try:
+            decode_update(blob, shapes)
+        except CompressionError:
+            pass
