@@ -1,4 +1,7 @@
-"""The unit files verify, score "OK" or better on systemd's exposure scale, and sd_notify works."""
+"""The unit files verify, score "OK" or better on systemd's exposure scale, and the agent speaks sd_notify.
+
+Needs systemd-analyze (Debian package: systemd). Missing, the tests fail: they never skip.
+"""
 from __future__ import annotations
 
 import os
@@ -41,23 +44,65 @@ def test_units_exist():
                                        "fleet-offload-worker@.service"}
 
 
+# systemd-analyze verify prints nothing for a clean unit; these lines come from the machine, not the unit
+_ENVIRONMENT_NOISE = ("Failed to put bus name", "Failed to connect to bus")
+
+
+def verify(unit: Path) -> list[str]:
+    p = subprocess.run([analyze(), "verify", str(unit)], capture_output=True, text=True)
+    return [l for l in (p.stdout + p.stderr).splitlines()
+            if l.strip() and not any(n in l for n in _ENVIRONMENT_NOISE)]
+
+
 def test_every_unit_verifies(tmp_path):
     for unit in staged(tmp_path):
-        p = subprocess.run([analyze(), "verify", str(unit)], capture_output=True, text=True)
-        problems = [l for l in (p.stdout + p.stderr).splitlines()
-                    if l.strip() and "Failed to put bus name" not in l and "does not exist" not in l]
-        assert p.returncode == 0 and not problems, f"{unit.name}: {p.stdout}{p.stderr}"
+        problems = verify(unit)
+        assert not problems, f"{unit.name}: " + "\n".join(problems)
 
 
-@pytest.mark.parametrize("unit,limit", [("edge-agent.service", 4.9), ("fleet-controller.service", 4.9)])
-def test_exposure_score_is_ok_or_better(tmp_path, unit, limit):
-    path = next(u for u in staged(tmp_path) if u.name == unit)
-    p = subprocess.run([analyze(), "security", "--offline=true", str(path)], capture_output=True, text=True)
+def test_verify_catches_what_staging_hides_and_nothing_else(tmp_path):
+    """The shipped file differs from the staged copy only by the ExecStart binary, and verify
+    really reports mistakes (so the test above can fail)."""
+    original = verify(ROOT / "systemd" / "edge-agent.service")
+    assert original and all("/opt/edgefleet/bin/edge-agent" in l and "not executable" in l for l in original), original
+    agent = next(u for u in staged(tmp_path) if u.name == "edge-agent.service")
+    broken = tmp_path / "broken.service"
+    broken.write_text(agent.read_text().replace("ProtectHome=yes", "ProtectHome=perhaps")
+                      .replace("Type=notify", "Type=notfiy"))
+    out = "\n".join(verify(broken))
+    assert "protect home" in out.lower() and "service type" in out.lower(), out
+
+
+def exposure(unit: Path) -> tuple[float, str]:
+    p = subprocess.run([analyze(), "security", "--offline=true", str(unit)], capture_output=True, text=True)
     m = re.search(r"Overall exposure level for \S+: ([0-9.]+) (\w+)", p.stdout)
     assert m, p.stdout[-500:] + p.stderr
-    score = float(m.group(1))
-    print(f"\n{unit}: exposure {score} {m.group(2)}")
-    assert score <= limit
+    return float(m.group(1)), m.group(2)
+
+
+# systemd's bands: <= 4.9 "OK", <= 6.9 "MEDIUM"... The limits hold what the units reach today.
+@pytest.mark.parametrize("unit,limit", [("edge-agent.service", 2.0), ("fleet-controller.service", 1.5),
+                                        ("fleet-offload-worker@.service", 1.5)])
+def test_exposure_score_is_ok_or_better(tmp_path, unit, limit):
+    path = next(u for u in staged(tmp_path) if u.name == unit)
+    if unit.endswith("@.service"):  # security needs an instance of a template
+        inst = path.with_name(unit.replace("@.", "@digits-large."))
+        path.rename(inst)
+        path = inst
+    score, band = exposure(path)
+    print(f"\n{unit}: exposure {score} {band}")
+    assert band == "OK" and score <= limit, (score, band)
+
+
+def test_agent_unit_has_what_the_agent_relies_on():
+    text = (ROOT / "systemd" / "edge-agent.service").read_text()
+    for line in ("Type=notify", "NotifyAccess=main", "WatchdogSec=", "Restart=on-failure", "StartLimitBurst=",
+                 "StartLimitIntervalSec=", "User=edgefleet", "SupplementaryGroups=dialout", "StateDirectory=edgefleet",
+                 "ConfigurationDirectory=edgefleet", "LogsDirectory=edgefleet", "DeviceAllow=char-ttyUSB rw",
+                 "DeviceAllow=char-ttyACM rw", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
+                 "CapabilityBoundingSet=\n", "MemoryMax=",
+                 "ExecStart=/opt/edgefleet/bin/edge-agent run --config /etc/edgefleet/agent.toml"):
+        assert line in text, line
 
 
 def _notify_socket(tmp_path, abstract: bool):
@@ -69,51 +114,6 @@ def _notify_socket(tmp_path, abstract: bool):
     path = str(tmp_path / "notify.sock")
     s.bind(path)
     return s, path
-
-
-@pytest.mark.parametrize("abstract", [False, True])
-def test_sd_notify_against_a_real_datagram_socket(tmp_path, abstract):
-    from agent.sdnotify import Notifier, watchdog_interval
-
-    sock, addr = _notify_socket(tmp_path, abstract)
-    sock.settimeout(2)
-    n = Notifier(addr)
-    assert n.ready("up") and n.watchdog() and n.status("fine")
-    assert sock.recv(1024) == b"READY=1\nSTATUS=up"
-    assert sock.recv(1024) == b"WATCHDOG=1"
-    assert sock.recv(1024) == b"STATUS=fine"
-    assert Notifier("").notify("READY=1") is False  # outside systemd: a no-op
-    os.environ["WATCHDOG_USEC"], os.environ["WATCHDOG_PID"] = "4000000", str(os.getpid())
-    try:
-        assert watchdog_interval() == 2.0
-    finally:
-        del os.environ["WATCHDOG_USEC"], os.environ["WATCHDOG_PID"]
-    sock.close()
-
-
-def test_stuck_loop_stops_the_watchdog_pings():
-    import time
-
-    from agent.watchdog import LoopWatchdog
-
-    class Count:
-        n = 0
-
-        def watchdog(self):
-            self.n += 1
-            return True
-
-    c = Count()
-    wd = LoopWatchdog(c, interval=0.05, stale_after=0.15)
-    wd.start()
-    for _ in range(10):           # a live loop beats
-        wd.beat()
-        time.sleep(0.03)
-    alive = c.n
-    time.sleep(0.5)               # the loop is "stuck": no beats
-    stuck = c.n - alive
-    wd.stop()
-    assert alive >= 3 and stuck <= 3 and wd.withheld >= 5
 
 
 def test_agent_process_speaks_sd_notify(tmp_path, mosquitto):
