@@ -137,6 +137,21 @@ class LearningSection:
 
 
 @dataclass(frozen=True)
+class OffloadSection:
+    enabled: bool = False
+    threshold: float = 0.8           # offload when the local confidence is below this
+    mode: str = "features"           # features (split computing) | raw
+    deadline_ms: float = 200.0       # default per-request deadline
+    margin_ms: float = 5.0
+
+    def __post_init__(self) -> None:
+        check(0 <= self.threshold <= 1, "offload.threshold", "must be in [0, 1]")
+        one_of(self.mode, ("features", "raw"), "offload.mode")
+        check(self.deadline_ms > 0, "offload.deadline_ms", "must be > 0")
+        check(self.margin_ms >= 0, "offload.margin_ms", "must be >= 0")
+
+
+@dataclass(frozen=True)
 class SecuritySection:
     trusted_keys: tuple[str, ...] = ()       # controller Ed25519 public keys (PEM files)
     require_signed_commands: str = "auto"    # auto = required as soon as a trusted key is configured
@@ -165,6 +180,7 @@ class AgentConfig:
     model: ModelSection = field(default_factory=ModelSection)
     inference: InferenceSection = field(default_factory=InferenceSection)
     learning: LearningSection = field(default_factory=LearningSection)
+    offload: OffloadSection = field(default_factory=OffloadSection)
     source: str = ""  # where it was loaded from, for messages
 
     @property

@@ -69,6 +69,8 @@ class Agent:
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"state.dir {cfg.state.dir}: cannot open the outbox there: {exc}") from None
         self._draining = False
+        self._inflight: set[asyncio.Future] = set()
+        self.max_inflight_requests = 256
         self.notifier: Any = None  # systemd notifier (agent.sdnotify), set by the CLI
         from .runtimes import available_runtimes
         from .serving import Serving
@@ -78,6 +80,15 @@ class Agent:
         self.request_handlers["infer.request"] = self.serving.handle_request
         self.telemetry_providers["model"] = self.serving.metrics
         from .adaptation import Adaptation
+        from .offload import Offloader
+        from .offload_policy import OffloadPolicy
+
+        oc = cfg.offload
+        self.offloader = Offloader(self, OffloadPolicy(enabled=oc.enabled, threshold=oc.threshold, mode=oc.mode,
+                                                       deadline_ms=oc.deadline_ms, margin_ms=oc.margin_ms))
+        self.telemetry_providers["offload"] = self.offloader.telemetry
+        self.commands["offload.set"] = self._cmd_offload_set
+        self.commands["offload.status"] = lambda a, e: self.offloader.telemetry()
 
         self.adaptation = Adaptation(self)
         self.commands["model.describe"] = self._cmd_model_describe
@@ -232,6 +243,7 @@ class Agent:
     def _make_link(self) -> MqttLink:
         offline = encode(self._envelope("state", self.state_body("offline")))
         subs = [(self.topics.cmd(self.device_id), 1), (self.topics.req(self.device_id), 1),
+                (self.offloader.reply_topic, 1),
                 (self.topics.group_cmd(self.cfg.device.group), 1)]
         if self.cfg.homeassistant.enabled:
             subs.append((hass.birth_topic(self.cfg.homeassistant.prefix), 0))
@@ -323,7 +335,10 @@ class Agent:
             self.counters.reject(exc.reason)
             log.warning("rejected message on %s: %s", msg.topic, exc)
             return
-        table = self.control_handlers if control else self.request_handlers
+        if msg.topic == self.offloader.reply_topic:
+            table = {"offload.reply": self.offloader.on_reply}
+        else:
+            table = self.control_handlers if control else self.request_handlers
         handler = table.get(env.kind)
         if handler is None:
             self.counters.reject("kind_topic_mismatch" if env.kind in {**self.control_handlers, **self.request_handlers}
@@ -334,7 +349,25 @@ class Agent:
             return
         if control and self.verifier is not None and not self._authenticated(env, frame, msg):
             return
+        if table is self.request_handlers:
+            # requests may wait (an offload round trip): run them beside the loop, bounded
+            if len(self._inflight) >= self.max_inflight_requests:
+                self.counters.reject("overloaded")
+                if env.reply_to or msg.response_topic:
+                    self.reply(env, msg, {"ok": False, "error": "device overloaded: too many requests in flight"})
+                return
+            t = asyncio.ensure_future(self._guarded(handler(env, msg), msg.topic))
+            self._inflight.add(t)
+            t.add_done_callback(self._inflight.discard)
+            return
         await handler(frame if frame is not None else env, msg)
+
+    async def _guarded(self, coro: Any, topic: str) -> None:
+        try:
+            await coro
+        except Exception:  # noqa: BLE001 - our bug; count it and keep serving
+            log.exception("internal error handling a request on %s", topic)
+            self.counters.reject("internal_error")
 
     def _authenticated(self, env: Envelope, frame: "Frame | None", msg: Message) -> bool:
         from protocol.cmdauth import verify_frame
@@ -384,6 +417,15 @@ class Agent:
     def _cmd_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         return {"state": self.state_body("online"), "commands": sorted(self.commands),
                 "config_source": self.cfg.source}
+
+    def _cmd_offload_set(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        try:
+            p = self.offloader.set_policy(**args)
+        except (ValueError, TypeError) as exc:
+            raise CommandError(f"bad offload policy: {exc}") from None
+        self.emit_event("offload.policy", enabled=p.enabled, threshold=p.threshold, mode=p.mode,
+                        deadline_ms=p.deadline_ms)
+        return {"enabled": p.enabled, "threshold": p.threshold, "mode": p.mode, "deadline_ms": p.deadline_ms}
 
     def _cmd_model_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         store = self.serving.store

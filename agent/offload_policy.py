@@ -18,7 +18,7 @@ LOCAL_LOW = "local_low_confidence"
 @dataclass(frozen=True)
 class OffloadPolicy:
     enabled: bool = False
-    threshold: float = 0.8          # offload when confidence < threshold
+    threshold: float = 0.8          # offload when confidence < threshold (1.0: offload every request)
     mode: str = "features"          # features (split computing) | raw
     deadline_ms: float = 200.0      # default per-request deadline
     margin_ms: float = 5.0          # safety margin kept for the local fallback
@@ -75,7 +75,7 @@ def decide(confidence: float, local_latency_ms: float, policy: OffloadPolicy, rt
     deadline = policy.deadline_ms if deadline_ms is None else deadline_ms
     if not policy.enabled:
         return Decision(LOCAL, "offload disabled")
-    if confidence >= policy.threshold:
+    if confidence >= policy.threshold and policy.threshold < 1.0:  # threshold 1.0 = offload everything
         return Decision(LOCAL, f"confident ({confidence:.2f} >= {policy.threshold:.2f})")
     if not link_up:
         return Decision(LOCAL_LOW, "link down")

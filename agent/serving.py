@@ -96,6 +96,10 @@ class Serving:
             raise RuntimeError(str(exc)) from None
         log.info("staged %s healthy: %s", staged.name, figures)
 
+    def backbone_sha256(self) -> str:
+        b = self.engine.bundle
+        return b.manifest.files[b.manifest.file("backbone")].sha256
+
     def model_info(self) -> dict[str, Any] | None:
         if self.engine is None:
             return None
@@ -135,7 +139,9 @@ class Serving:
         label = env.body.get("label")
         for fn in self.observers:
             fn(env.corr or env.id, pred, label)
-        self.agent.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": prediction_body(pred)})
+        result = await self.agent.offloader.resolve(pred, env.body["x"], prediction_body(pred),
+                                                     env.body.get("deadline_ms"))
+        self.agent.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": result})
 
     async def run_source(self, source: Any) -> None:
         """Consume a streaming source: predict, tell observers, publish results as configured."""
@@ -150,7 +156,10 @@ class Serving:
                 continue
             for fn in self.observers:
                 fn(sample.id, pred, sample.label)
-            for body in self.results.add(time.monotonic(), {**prediction_body(pred), "id": sample.id}, sample.label):
+            result = prediction_body(pred)
+            if self.agent.offloader.policy.enabled:
+                result = await self.agent.offloader.resolve(pred, sample.x, result)
+            for body in self.results.add(time.monotonic(), {**result, "id": sample.id}, sample.label):
                 env = Envelope(kind="result", sender=self.agent.device_id, body=body)
                 if body["type"] == "summary":
                     self.agent.publish_reliable("result", topic, encode(env), qos=1)

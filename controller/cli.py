@@ -359,6 +359,7 @@ def _register_optional() -> None:
     """Sub-command groups that live in their own modules (model tooling, certs…)."""
     for module, attr in (("controller.keys_cli", "keys"), ("controller.round_cli", "round"),
                          ("controller.patch_cli", "patch"), ("controller.report_cli", "report"),
+                         ("controller.offload_cli", "offload"), ("controller.offload_cli", "offload_worker"),
                          ("controller.model_cli", "model"),
                          ("controller.certs_cli", "certs")):
         if importlib.util.find_spec(module) is not None:

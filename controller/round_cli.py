@@ -116,6 +116,8 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--group", default=None, help="only devices of this group")
 @click.option("--max-update-norm", default=1e4, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--max-cpu", default=90.0, show_default=True, type=click.FloatRange(0, 100),
+              help="devices whose CPU is busier than this (percent) are not selected")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="follow progress until the run ends")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -123,7 +125,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
           min_clients: int | None, n_rounds: int, deadline: str, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
           compress: tuple[str, ...], dp: tuple[str, ...], group: str | None, max_update_norm: float, seed: int,
-          wait: bool, as_json: bool) -> None:
+          max_cpu: float, wait: bool, as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
     from .rounds import RunConfig, RunConfigError
 
@@ -143,7 +145,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
                         max_update_norm=max_update_norm, compression=_kv(compress, "--compress"),
                         dp=_kv(dp, "--dp") or None, buffer=min(buffer, clients), max_staleness=max_staleness,
-                        group=group, seed=seed)
+                        group=group, seed=seed, max_cpu_percent=max_cpu)
     except RunConfigError as exc:
         raise click.UsageError(str(exc)) from None
     store = _store(ctx, create=True)

@@ -57,6 +57,7 @@ class RunConfig:
     seed: int = 0
     start_timeout_s: float = 120.0
     eval_file: str | None = None      # npz of backbone features + labels: accuracy of each new head
+    max_cpu_percent: float = 90.0     # devices busier than this are not selected
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -86,6 +87,7 @@ class RunConfig:
 
     def policy(self) -> SelectionPolicy:
         return SelectionPolicy(clients=self.clients, min_samples=self.min_samples, group=self.group,
+                               max_cpu_percent=self.max_cpu_percent,
                                deadline_s=self.deadline_s, local_steps=self.local_steps, batch_size=self.batch_size)
 
 

@@ -7,3 +7,4 @@ The single network edge is ``mqttlink`` (paho → asyncio), imported only by dae
 from .topics import SCHEMA_VERSION, Topics, validate_id, InvalidId  # noqa: F401
 from .envelope import Envelope, DecodeError, decode, encode  # noqa: F401
 from . import fl as _fl  # noqa: F401,E402 - registers the fl.* message kinds with the envelope codec
+from . import offload as _offload  # noqa: F401,E402 - registers the offload.* message kinds

@@ -176,3 +176,13 @@ def make_plain_bundle(out: Path, model: Path, version: str = "1.0.0", name: str 
                          "labels": [str(i) for i in range(10)],
                          "files": {model.name: {"role": "backbone"}}})
     return out
+
+
+@pytest.fixture(scope="session")
+def large_bundle(tmp_path_factory, example_bundle):
+    """The offload worker's model: the same backbone as example_bundle, a bigger head."""
+    from controller.modeltools.example import build_example
+
+    out = tmp_path_factory.mktemp("bundles") / "digits-large"
+    build_example(out, "large", seed=0, epochs=30)
+    return out

@@ -1,0 +1,169 @@
+"""The agent's offload path: per request, answer locally or ask a bigger model, never lose it.
+
+``decide`` (agent/offload_policy.py) picks the path from the local confidence and latency,
+the measured round trip, the workers' queue hint and the deadline. An offloaded request
+carries the backbone features (split computing, uint8 with a scale: the raw input never
+leaves the board) or the raw input, as the policy says. If no answer comes back in time, the
+local answer is returned (``path: local_fallback``); every reply says which path answered.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+from dataclasses import replace
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from protocol.binary import encode_frame
+from protocol.envelope import Envelope, new_id
+from protocol.mqttlink import Message
+
+from .histogram import LatencyHistogram
+from .offload_policy import LOCAL, LOCAL_LOW, OFFLOAD, OffloadPolicy, RttEstimator, decide
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .daemon import Agent
+    from .inference import Prediction
+
+log = logging.getLogger("edge_agent.offload")
+
+
+def replace_decision(d):
+    from .offload_policy import Decision
+
+    return Decision(OFFLOAD, f"probe: {d.reason}", d.expected_remote_ms)
+
+
+class Offloader:
+    def __init__(self, agent: "Agent", policy: OffloadPolicy) -> None:
+        self.agent = agent
+        self.policy = policy
+        self.reply_topic = agent.topics.reply(agent.device_id, "offload")
+        self.rtt = RttEstimator()
+        self.queue_hint_ms = 0.0
+        self.pending: dict[str, asyncio.Future] = {}
+        self.stats: Counter[str] = Counter()
+        self.remote_hist = LatencyHistogram()
+        self.last_attempt = 0.0
+        self.probe_interval_s = 5.0
+        self.state_file = Path(agent.cfg.state.dir) / "offload_policy.json"
+        self._load()
+
+    def _load(self) -> None:
+        try:
+            d = json.loads(self.state_file.read_text())
+            self.policy = OffloadPolicy(**d)
+        except (OSError, ValueError, TypeError):
+            pass
+
+    def set_policy(self, **changes: Any) -> OffloadPolicy:
+        allowed = {"enabled", "threshold", "mode", "deadline_ms", "margin_ms"}
+        bad = set(changes) - allowed
+        if bad:
+            raise ValueError(f"unknown offload settings {sorted(bad)}; known: {sorted(allowed)}")
+        new = replace(self.policy, **changes)  # validates in __post_init__
+        self.policy = new
+        tmp = self.state_file.with_suffix(".tmp")
+        self.state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({k: getattr(new, k) for k in ("enabled", "threshold", "mode", "deadline_ms",
+                                                                 "margin_ms", "rtt_k")}))
+        os.replace(tmp, self.state_file)
+        return new
+
+    def telemetry(self) -> dict[str, Any]:
+        s = self.stats
+        n = s["requests"] or 1
+        h = self.remote_hist.summary()
+        judged = s["agree"] + s["disagree"]
+        return {"enabled": self.policy.enabled, "threshold": self.policy.threshold, "mode": self.policy.mode,
+                "requests": s["requests"], "offloaded": s["offloaded"], "offload_rate": round(s["offloaded"] / n, 4),
+                "remote_ok": s["remote_ok"], "timeouts": s["timeouts"], "errors": s["remote_error"],
+                "fallbacks": s["fallback"], "low_confidence_local": s["low_local"], "bytes_sent": s["bytes"],
+                "remote_latency_ms": {"p50": h["p50_ms"], "p95": h["p95_ms"]},
+                "rtt_ms": None if self.rtt.srtt is None else round(self.rtt.srtt, 3),
+                "agreement": round(s["agree"] / judged, 4) if judged else None,
+                "duplicate_replies": s["duplicate_reply"], "unknown_replies": s["unknown_reply"]}
+
+    # -- per request ---------------------------------------------------------
+    async def resolve(self, pred: "Prediction", x: Any, local: dict[str, Any],
+                      deadline_ms: float | None = None) -> dict[str, Any]:
+        """The answer to return for this request (local, remote or local fallback)."""
+        t_start = time.monotonic()
+        self.stats["requests"] += 1
+        link = self.agent.link
+        up = bool(link and link.connected.is_set())
+        d = decide(pred.confidence, pred.latency_ms, self.policy, self.rtt, up, deadline_ms, self.queue_hint_ms)
+        if d.path == LOCAL_LOW and up and d.expected_remote_ms is not None \
+                and time.monotonic() - self.last_attempt >= self.probe_interval_s:
+            # the estimate may be stale (workers came back): probe once every few seconds
+            d = replace_decision(d)
+            self.stats["probes"] += 1
+        if d.path == LOCAL:
+            return {**local, "path": "local"}
+        if d.path == LOCAL_LOW:
+            self.stats["low_local"] += 1
+            return {**local, "path": "local", "low_confidence": True, "offload_skipped": d.reason}
+        deadline = (deadline_ms if deadline_ms is not None else self.policy.deadline_ms) / 1000.0
+        remaining = deadline - pred.latency_ms / 1000.0 - self.policy.margin_ms / 1000.0
+        corr = new_id()
+        body: dict[str, Any] = {"mode": self.policy.mode, "deadline_ts": time.time() + remaining,
+                                "model": self.agent.serving.engine.bundle.manifest.name}
+        if self.policy.mode == "features":
+            f = np.asarray(pred.features, np.float32).reshape(-1)
+            top = float(f.max()) if f.size else 0.0
+            scale = top / 255.0 if top > 0 else 1.0
+            tensor = np.clip(np.round(f / scale), 0, 255).astype(np.uint8)
+            body.update(scale=scale, backbone_sha256=self.agent.serving.backbone_sha256())
+        else:
+            tensor = np.asarray(x, np.float32)
+        env = Envelope(kind="offload.request", sender=self.agent.device_id, body=body, reply_to=self.reply_topic,
+                       corr=corr)
+        payload = encode_frame(env, {"x": tensor})
+        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        self.pending[corr] = fut
+        self.last_attempt = time.monotonic()
+        sent_at = time.monotonic()
+        ok = self.agent.publish(self.agent.topics.offload_req, payload, 1, response_topic=self.reply_topic,
+                                correlation=corr.encode())
+        if not ok:
+            self.pending.pop(corr, None)
+            self.stats["fallback"] += 1
+            return {**local, "path": "local_fallback", "offload_error": "not connected"}
+        self.stats["offloaded"] += 1
+        self.stats["bytes"] += len(payload)
+        try:
+            reply = await asyncio.wait_for(fut, max(0.001, remaining - (time.monotonic() - t_start)))
+        except asyncio.TimeoutError:
+            self.pending.pop(corr, None)
+            self.stats["timeouts"] += 1
+            self.stats["fallback"] += 1
+            self.rtt.timeout_penalty(deadline * 1000)
+            return {**local, "path": "local_fallback", "offload_error": "no answer before the deadline"}
+        rtt_ms = (time.monotonic() - sent_at) * 1000
+        self.rtt.observe(rtt_ms)
+        self.remote_hist.record(rtt_ms)
+        if not reply.get("ok"):
+            self.stats["remote_error"] += 1
+            self.stats["fallback"] += 1
+            return {**local, "path": "local_fallback", "offload_error": reply.get("error")}
+        self.queue_hint_ms = float(reply.get("queue_ms") or 0.0)
+        self.stats["remote_ok"] += 1
+        self.stats["agree" if int(reply["label"]) == local["label"] else "disagree"] += 1
+        return {"label": int(reply["label"]), "label_name": reply.get("label_name"),
+                "confidence": float(reply["confidence"]), "path": "remote", "worker": reply.get("worker"),
+                "remote_ms": round(rtt_ms, 3), "local": {"label": local["label"], "confidence": local["confidence"]}}
+
+    async def on_reply(self, env: Envelope, msg: Message) -> None:
+        fut = self.pending.pop(env.corr or "", None)
+        if fut is None:
+            # late (after its deadline), a duplicate from a second worker, or unknown
+            self.stats["duplicate_reply" if env.corr else "unknown_reply"] += 1
+            return
+        if not fut.done():
+            fut.set_result(dict(env.body))

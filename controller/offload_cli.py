@@ -1,0 +1,134 @@
+"""``fleetctl offload …`` and ``fleetctl offload-worker``."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+
+@click.group()
+def offload() -> None:
+    """Offload policy on devices, and fleet-wide offload figures."""
+
+
+@offload.command("set")
+@click.option("--group", default=None, help="devices of this group (default: every device in the registry)")
+@click.option("--device", "devices", multiple=True, help="a device id (repeatable)")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="offload below this confidence")
+@click.option("--mode", type=click.Choice(["features", "raw"]), default=None)
+@click.option("--deadline", "deadline_ms", type=click.FloatRange(1, 600000), default=None, help="milliseconds")
+@click.option("--enable/--disable", "enabled", default=None)
+@click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@click.pass_context
+def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], threshold: float | None, mode: str | None,
+         deadline_ms: float | None, enabled: bool | None, timeout: float) -> None:
+    """Push an offload policy to devices (signed commands; each device answers)."""
+    args: dict[str, Any] = {k: v for k, v in {"threshold": threshold, "mode": mode, "deadline_ms": deadline_ms,
+                                              "enabled": enabled}.items() if v is not None}
+    if not args:
+        raise click.UsageError("nothing to set: give --threshold, --mode, --deadline or --enable/--disable")
+    c = ctx.obj
+    cfg = c.cfg()
+    targets = list(devices)
+    if not targets:
+        reg = c.registry()
+        targets = [d.id for d in reg.devices() if d.online and (group is None or d.group == group)]
+    if not targets:
+        raise click.ClickException("no online device matches")
+
+    async def go() -> dict[str, Any]:
+        from .client import FleetClient, FleetClientError
+
+        out: dict[str, Any] = {}
+        try:
+            async with FleetClient(cfg) as fc:
+                for dev in targets:
+                    try:
+                        out[dev] = await fc.command(dev, "offload.set", args, timeout)
+                    except FleetClientError as exc:
+                        out[dev] = {"ok": False, "error": str(exc)}
+        except FleetClientError as exc:
+            raise click.ClickException(str(exc)) from None
+        return out
+
+    replies = asyncio.run(go())
+    click.echo(json.dumps(replies, indent=2))
+    if not all(r.get("ok") for r in replies.values()):
+        sys.exit(1)
+
+
+@offload.command("status")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Fleet-wide offload figures from the devices' telemetry."""
+    from .table import render
+
+    reg = ctx.obj.registry()
+    rows, total = [], {"requests": 0, "offloaded": 0, "timeouts": 0, "bytes_sent": 0}
+    per = {}
+    for d in reg.devices():
+        o = (d.telemetry or {}).get("offload")
+        if not o:
+            continue
+        per[d.id] = o
+        for k in total:
+            total[k] += int(o.get(k) or 0)
+        rows.append([d.id, o["enabled"], o["threshold"], o["mode"], o["requests"], o["offload_rate"],
+                     (o.get("remote_latency_ms") or {}).get("p50"), (o.get("remote_latency_ms") or {}).get("p95"),
+                     o["timeouts"], o.get("agreement"), o["bytes_sent"]])
+    fleet = {**total, "offload_rate": round(total["offloaded"] / total["requests"], 4) if total["requests"] else None}
+    if as_json:
+        click.echo(json.dumps({"fleet": fleet, "devices": per}, indent=2))
+        return
+    click.echo(render(["DEVICE", "ON", "THRESH", "MODE", "REQUESTS", "RATE", "P50 MS", "P95 MS", "TIMEOUTS",
+                       "AGREE", "BYTES"], rows) if rows else "no offload telemetry yet")
+    click.echo(f"fleet: {fleet}")
+
+
+@click.command("offload-worker")
+@click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False), help="the larger model")
+@click.option("--id", "worker_id", default=None, help="worker id (default: host and pid)")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.pass_context
+def offload_worker(ctx: click.Context, bundle: str, worker_id: str | None, threads: int) -> None:
+    """Serve offloaded requests with BUNDLE (workers share one subscription)."""
+    import logging
+
+    from protocol.bundle import BundleError
+    from protocol.topics import InvalidId, validate_id
+
+    from .offload_worker import OffloadWorker
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if worker_id:
+        try:
+            validate_id(worker_id, "worker id")
+        except InvalidId as exc:
+            raise click.BadParameter(str(exc), param_hint="--id") from None
+    try:
+        w = OffloadWorker(ctx.obj.cfg(), bundle, worker_id, threads)
+    except (BundleError, ValueError) as exc:
+        raise click.ClickException(f"cannot serve {bundle}: {exc}") from None
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        hits = {"n": 0}
+
+        def on_signal(signum: int) -> None:
+            hits["n"] += 1
+            if hits["n"] > 1:
+                os._exit(128 + signum)
+            stop.set()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig)
+        await w.run(stop)
+
+    asyncio.run(main())
