@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 
-from conftest import wait_for
 
 ROOT = Path(__file__).resolve().parents[1]
 UNITS = sorted((ROOT / "systemd").glob("*.service"))
