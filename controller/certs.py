@@ -7,9 +7,11 @@ rename.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import ipaddress
 import os
+import re
 from pathlib import Path
 
 from cryptography import x509
@@ -25,15 +27,27 @@ class CertError(ValueError):
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Atomic rename of a fully written, fsynced file created with ``mode`` (a key is never
+    readable by others, not even for a moment, whatever the umask or a stale temp file)."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     try:
-        os.write(fd, data)
+        os.fchmod(fd, mode)
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
         os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -45,7 +59,14 @@ def _now() -> dt.datetime:
     return dt.datetime.now(dt.timezone.utc)
 
 
+def _check_days(days: int) -> None:
+    if not isinstance(days, int) or not 1 <= days <= 36500:
+        raise CertError(f"validity must be 1..36500 days, got {days!r}")
+
+
 def init_ca(directory: str | Path, name: str = "edgefleet CA", days: int = 3650, force: bool = False) -> Path:
+    """Mint the CA: ``ca.pem`` (share it) and ``ca.key`` (0600; keep it off the broker). Returns ca.pem."""
+    _check_days(days)
     d = Path(directory)
     if (d / "ca.key").exists() and not force:
         raise CertError(f"{d / 'ca.key'} exists (use force to replace: every issued cert becomes invalid)")
@@ -75,6 +96,7 @@ def _load_ca(d: Path) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
 
 def _issue(d: Path, stem: str, cn: str, server: bool, sans: list[x509.GeneralName], days: int) -> Path:
+    _check_days(days)
     ca_key, ca_cert = _load_ca(d)
     key = ec.generate_private_key(ec.SECP256R1())
     b = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
@@ -93,15 +115,28 @@ def _issue(d: Path, stem: str, cn: str, server: bool, sans: list[x509.GeneralNam
 
 
 def issue_client(directory: str | Path, device_id: str, days: int = 825) -> Path:
+    """``{device_id}.pem`` / ``.key`` signed by the CA in ``directory``; CN = device id (raises
+    ``protocol.topics.InvalidId`` for an id that would break the ACL). Re-issuing rotates the key."""
     validate_id(device_id, "device id")
     return _issue(Path(directory), device_id, device_id, False, [], days)
 
 
-def issue_server(directory: str | Path, hosts: list[str], days: int = 825) -> Path:
+DEFAULT_SERVER_HOSTS = ("127.0.0.1", "localhost")
+_DNS_RE = re.compile(r"^(?=.{1,253}$)(\*\.)?([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+                     r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?$")
+
+
+def issue_server(directory: str | Path, hosts: list[str] | tuple[str, ...] = DEFAULT_SERVER_HOSTS,
+                 days: int = 825) -> Path:
+    """The broker's ``server.pem`` / ``server.key``: SAN IP for each address, SAN DNS for each name."""
+    if not hosts:
+        raise CertError("the server certificate needs at least one host name or IP")
     sans: list[x509.GeneralName] = []
     for h in hosts:
         try:
             sans.append(x509.IPAddress(ipaddress.ip_address(h)))
         except ValueError:
+            if not _DNS_RE.match(h):
+                raise CertError(f"{h!r} is neither an IP address nor a DNS name") from None
             sans.append(x509.DNSName(h))
     return _issue(Path(directory), "server", hosts[0], True, sans, days)
