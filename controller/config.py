@@ -24,6 +24,8 @@ def default_db_path() -> str:
 class ControllerSection:
     id: str = "controller"
     offline_after_s: float = 0.0  # >0: mark silent devices offline after this long (LWT covers the rest)
+    offload_auto_tune: bool = False   # adjust devices' offload thresholds from worker load (offload_tuning.py)
+    offload_tune_interval_s: float = 30.0
 
     def __post_init__(self) -> None:
         try:

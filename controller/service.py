@@ -44,6 +44,7 @@ class ControllerService:
         self.link: MqttLink | None = None
         self.counts: Counter[str] = Counter()
         self.listeners: list[Callable[[str, Envelope], None]] = []
+        self.workers: dict[str, dict[str, Any]] = {}
         self.signing_key = None
         if cfg.security.signing_key:
             from protocol.config_loader import ConfigError
@@ -67,6 +68,7 @@ class ControllerService:
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         subs = [(self.topics.all_devices(leaf), 1) for leaf in ("state", "telemetry", "events", "results")]
         subs.append((f"{self.topics.base}/dev/+/data/#", 1))
+        subs.append((f"{self.topics.base}/offload/workers/+", 0))
         self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
                               will=Will(self.topics.ctl_state, self._ctl_state("offline")),
                               subscriptions=subs, on_connect=self._on_connect, persistent=True)
@@ -74,6 +76,7 @@ class ControllerService:
         pump = asyncio.create_task(self._pump(), name="ingest")
         sweeper = asyncio.create_task(self._sweep(), name="offline-sweep")
         rounds = asyncio.create_task(self.rounds.run(), name="rounds")
+        tuner = asyncio.create_task(self._offload_tuner(), name="offload-tuner")
         if ready:
             ready()
         try:
@@ -81,9 +84,9 @@ class ControllerService:
         finally:
             if self.link.connected.is_set():
                 await self.link.publish_and_wait(self.topics.ctl_state, self._ctl_state("offline"), 1, True, 1.0)
-            for t in (pump, sweeper, rounds):
+            for t in (pump, sweeper, rounds, tuner):
                 t.cancel()
-            await asyncio.gather(pump, sweeper, rounds, return_exceptions=True)
+            await asyncio.gather(pump, sweeper, rounds, tuner, return_exceptions=True)
             await self.link.stop()
             self.registry.commit()
 
@@ -121,8 +124,61 @@ class ControllerService:
         self.registry.count_reject(reason)
         log.warning("rejected message on %s: %s", topic, detail)
 
+    async def _offload_tuner(self) -> None:
+        """Move devices' offload thresholds by the documented feedback rule (controller/offload_tuning.py)."""
+        from .offload_tuning import adjust_threshold
+
+        last: dict[str, tuple[int, int, int]] = {}
+        while True:
+            await asyncio.sleep(self.cfg.controller.offload_tune_interval_s)
+            if not self.cfg.controller.offload_auto_tune or self.link is None:
+                continue
+            now = time.time()
+            utils = [w["utilisation"] for w in self.workers.values() if now - w.get("_seen", 0) < 120]
+            if not utils:
+                continue
+            devs = [d for d in self.registry.devices() if d.online and ((d.telemetry or {}).get("offload") or {})
+                    .get("enabled")]
+            req = tmo = dis = 0
+            for d in devs:
+                o = d.telemetry["offload"]
+                cur = (int(o.get("offloaded") or 0), int(o.get("timeouts") or 0),
+                       int(round((1 - (o.get("agreement") or 1.0)) * (o.get("remote_ok") or 0))))
+                prev = last.get(d.id, (0, 0, 0))
+                req, tmo, dis = req + cur[0] - prev[0], tmo + cur[1] - prev[1], dis + cur[2] - prev[2]
+                last[d.id] = cur
+            if not devs:
+                continue
+            thresholds = sorted(d.telemetry["offload"]["threshold"] for d in devs)
+            current = thresholds[len(thresholds) // 2]
+            new, why = adjust_threshold(current, sum(utils) / len(utils), tmo / max(1, req), dis / max(1, req))
+            if new != current:
+                log.info("offload threshold %.3f -> %.3f: %s", current, new, why)
+                for d in devs:
+                    self.send_command(d.id, "offload.set", {"threshold": new})
+
+    def send_command(self, device_id: str, command: str, args: dict[str, Any]) -> bool:
+        """Fire-and-forget signed command from the service (the reply lands in the device's subtree)."""
+        if self.link is None:
+            return False
+        topic = self.topics.cmd(device_id)
+        env = Envelope(kind="cmd", sender=self.cfg.controller.id, body={"command": command, "args": args})
+        if self.signing_key is not None:
+            from protocol.cmdauth import sign_envelope
+
+            env = sign_envelope(env, topic, self.signing_key)
+        return self.link.publish(topic, encode(env), 1)
+
     def ingest(self, msg: Message) -> Envelope | None:
         """Validate one message and store it. Returns the envelope, or None if rejected."""
+        if msg.topic.startswith(f"{self.topics.base}/offload/workers/"):
+            if msg.payload:
+                try:
+                    env = env_mod.decode(msg.payload)
+                    self.workers[env.sender] = {**dict(env.body), "_seen": time.time()}
+                except DecodeError as exc:
+                    self.reject(exc.reason, msg.topic, str(exc))
+            return None
         parsed = self.topics.parse(msg.topic)
         if parsed is None:
             self.reject("bad_topic", msg.topic, "not a device topic (or invalid device id)")

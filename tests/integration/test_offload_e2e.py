@@ -80,3 +80,33 @@ def test_low_confidence_goes_to_the_workers_and_falls_back_when_they_die(tmp_pat
             stop(w)
         for p in procs:
             stop(p)
+
+
+def test_on_a_311_broker_every_worker_answers_and_the_device_keeps_the_first(tmp_path, example_bundle, large_bundle,
+                                                                             digits_test):
+    """amqtt speaks MQTT 3.1.1 only: no shared subscription, so both workers get every request."""
+    from controller.broker import EmbeddedBroker
+
+    x, y = digits_test
+    np.save(tmp_path / "x.npy", x)
+    with EmbeddedBroker() as b:
+        db, add_agent, procs = _fleet(tmp_path, b.url)
+        workers = []
+        try:
+            add_agent("old-1", extra=f'[model]\nbundle = "{example_bundle[0]}"\n'
+                                     f'[offload]\nenabled = true\nthreshold = 1.0\ndeadline_ms = 2000\n')
+            wait_for(lambda: (d := device(db, "old-1")) and d.online, timeout=20, what="old-1 online")
+            workers = [worker(b.url, large_bundle, f"v{i}", tmp_path / f"v{i}.log") for i in range(2)]
+            time.sleep(6)  # workers probe MQTT 5 first, then fall back to 3.1.1
+            results = [infer(b.url, "old-1", tmp_path / "x.npy", i) for i in range(6)]
+            assert all(r["path"] == "remote" for r in results)
+            assert sum(r["label"] == int(y[i]) for i, r in enumerate(results)) >= 5
+            tel = wait_for(lambda: (d := device(db, "old-1")) and (o := (d.telemetry or {}).get("offload", {}))
+                           .get("duplicate_replies", 0) >= 3 and o.get("remote_ok", 0) >= 6 and o, timeout=15,
+                           what="duplicate answers counted")
+            assert tel["duplicate_replies"] <= tel["remote_ok"]
+        finally:
+            for w in workers:
+                stop(w)
+            for p in procs:
+                stop(p)
