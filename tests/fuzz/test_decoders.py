@@ -2,7 +2,7 @@
 
 Default suite: a few hundred inputs per decoder. Dedicated run (>= 10,000 each):
 
-    EDGEFLEET_FUZZ=10000 python -m pytest -q tests/fuzz
+    EDGEFLEET_FUZZ=10000 python -m pytest -q --timeout 0 tests/fuzz
 """
 from __future__ import annotations
 
