@@ -213,11 +213,9 @@ def test_agent_reconnects_after_broker_restart(fleet, mosquitto):
     mosquitto.stop()
     time.sleep(1.0)
     mosquitto.start()
-    before = Registry(db, readonly=True).telemetry_count("pi-5")
-    wait_for(lambda: Registry(db, readonly=True).telemetry_count("pi-5") > before + 2, timeout=20,
-             what="telemetry after reconnect")
-    rows = Registry(db, readonly=True).telemetry("pi-5", limit=1)
-    assert rows[-1]["body"]["link"]["connects"] >= 2
+    # samples taken during the outage arrive first (from the outbox, connects == 1), then new ones
+    wait_for(lambda: any(r["body"]["link"]["connects"] >= 2 for r in Registry(db, readonly=True)
+                         .telemetry("pi-5", limit=50)), timeout=30, what="telemetry after reconnect")
 
 
 def test_demo_on_the_embedded_broker():
