@@ -4,14 +4,13 @@ it is not worse on held-out data, and keep it across restarts.
 The learner is driven from outside: ``observe``/``feedback`` from the agent's loop thread,
 ``run_cycle`` from a worker thread (never the loop), ``status`` for telemetry. Inference
 keeps the last good head; a new one is handed back and swapped atomically by the caller.
-Checkpoints (head + meta) are written by atomic rename and are only restored onto the
-bundle they were trained for.
+Checkpoints (head, replay buffer and counters in one file, ``checkpoint.py``) are written
+by atomic rename and are only restored onto the bundle they were trained for. The
+decisions — when to train, whether to adopt — are pure functions in ``policy.py``.
 """
 from __future__ import annotations
 
-from collections import OrderedDict
 from dataclasses import dataclass, field
-import json
 import math
 import os
 import threading
@@ -21,7 +20,10 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from .checkpoint import CheckpointError, read_checkpoint, write_checkpoint
 from .drift import DriftConfig, DriftMonitor
+from .pending import PendingLabels
+from .policy import TRIGGERS, TriggerState, decide_adoption, head_is_finite, trigger_reason
 from .replay import FeatureBuffer
 from .trainer import HeadTrainer, TrainConfig, accuracy
 
@@ -43,6 +45,7 @@ class LearnConfig:
     buffer_bytes: int = 2 << 20
     policy: str = "class_balanced"
     holdout_every: int = 5
+    holdout_split: str = "every_k"    # every_k | hash (of the sample/request id)
     min_holdout: int = 10
     min_train: int = 20
     adopt_margin: float = 0.0         # candidate may be at most this much worse (0: not worse)
@@ -53,10 +56,12 @@ class LearnConfig:
     drift: DriftConfig = field(default_factory=DriftConfig)
 
     def __post_init__(self) -> None:
-        if self.trigger not in ("every_n", "drift", "command"):
+        if self.trigger not in TRIGGERS:
             raise ValueError(f"trigger must be every_n, drift or command, got {self.trigger!r}")
         if not (0 < self.cpu_fraction <= 1):
             raise ValueError("cpu_fraction must be in (0, 1]")
+        if self.holdout_split not in ("every_k", "hash"):
+            raise ValueError(f"holdout_split must be every_k or hash, got {self.holdout_split!r}")
         if self.isolate not in ("process", "thread"):
             raise ValueError(f"isolate must be process or thread, got {self.isolate!r}")
 
@@ -65,12 +70,24 @@ class LearnConfig:
 class CycleResult:
     adopted: bool
     reason: str
-    head: Head | None
+    head: Head | None             # the new head when adopted, else None
     loss: float | None
-    acc_before: float | None
-    acc_after: float | None
+    acc_before: float | None      # holdout accuracy of the serving head
+    acc_after: float | None       # holdout accuracy of the candidate
     steps: int
     seconds: float
+
+    @property
+    def new_head(self) -> Head | None:
+        return self.head
+
+    @property
+    def holdout_acc_before(self) -> float | None:
+        return self.acc_before
+
+    @property
+    def holdout_acc_after(self) -> float | None:
+        return self.acc_after
 
 
 def _train_candidate(start, tcfg, x, y, steps, budget_s, cpu_fraction):
@@ -82,7 +99,8 @@ def _train_candidate(start, tcfg, x, y, steps, budget_s, cpu_fraction):
 
 class Learner:
     def __init__(self, head: Mapping[str, np.ndarray], n_classes: int, cfg: LearnConfig, state_dir: str | Path,
-                 bundle_id: str, ref_confidence: float = 1.0, ref_entropy: float = 0.0) -> None:
+                 bundle_id: str, ref_confidence: float = 1.0, ref_entropy: float = 0.0,
+                 ref_confidences: np.ndarray | None = None, started: float | None = None) -> None:
         self.cfg = cfg
         self.n_classes = n_classes
         self.dim = int(head["dense0.weight"].shape[0])
@@ -91,9 +109,10 @@ class Learner:
         self.head: Head = {k: np.array(v, np.float32) for k, v in head.items()}
         self.shapes = {k: v.shape for k, v in self.head.items()}
         self.head_version = 0
-        self.buffer = FeatureBuffer(self.dim, n_classes, cfg.buffer_bytes, cfg.policy, cfg.holdout_every)
-        self.pending: OrderedDict[str, tuple[np.ndarray, float]] = OrderedDict()
-        self.drift = DriftMonitor(ref_confidence, ref_entropy, cfg.drift)
+        self.buffer = FeatureBuffer(self.dim, n_classes, cfg.buffer_bytes, cfg.policy, cfg.holdout_every,
+                                    split=cfg.holdout_split)
+        self.pending = PendingLabels(cfg.pending_max, cfg.pending_ttl_s)
+        self.drift = DriftMonitor(ref_confidence, ref_entropy, cfg.drift, ref_confidences)
         self.enabled = True
         self.samples_seen = 0
         self.labelled = 0
@@ -106,7 +125,8 @@ class Learner:
         self.last_samples_per_s: float | None = None
         self.child_peak_rss_mb: float | None = None
         self._train_time = 0.0
-        self._t_started = time.monotonic()
+        self._t_started = time.monotonic() if started is None else started
+        self.restore_note: str | None = None   # set when a checkpoint was restored only in part
 
     # -- inputs (loop thread) ---------------------------------------------
     def _reject(self, why: str) -> str:
@@ -116,18 +136,20 @@ class Learner:
 
     def observe(self, sample_id: str, features: np.ndarray, confidence: float, entropy: float,
                 label: int | None, now: float) -> str | None:
-        """One served inference. Labelled: into the buffer. Unlabelled: kept for later feedback."""
+        """One served inference. Labelled: into the buffer. Unlabelled: kept for later feedback.
+        Returns None, or why the sample was not kept."""
         self.samples_seen += 1
         self.drift.observe(confidence, entropy)
         if label is None:
-            self.pending[sample_id] = (np.asarray(features, np.float32).reshape(-1).copy(), now)
-            while len(self.pending) > self.cfg.pending_max:
-                self.pending.popitem(last=False)
+            try:
+                self.pending.put(sample_id, features, now)
+            except ValueError as exc:
+                return self._reject(f"bad_request_id: {exc}")
             return None
-        return self._add(features, label)
+        return self._add(features, label, sample_id)
 
-    def _add(self, features: np.ndarray, label: Any) -> str | None:
-        why = self.buffer.add(features, label)
+    def _add(self, features: np.ndarray, label: Any, sample_id: str | None) -> str | None:
+        why = self.buffer.add(features, label, sample_id)
         if why:
             return self._reject(why)
         self.labelled += 1
@@ -136,40 +158,29 @@ class Learner:
 
     def feedback(self, request_id: str, label: Any, now: float) -> str | None:
         """A label for an earlier request; None when taken, else the reason it was not."""
-        item = self.pending.pop(request_id, None)
-        if item is None:
-            return self._reject(f"unknown_request: no pending features for request {request_id!r} "
-                                "(never seen, already labelled, or expired)")
-        feats, t = item
-        if now - t > self.cfg.pending_ttl_s:
-            return self._reject(f"expired: request {request_id!r} is older than {self.cfg.pending_ttl_s:g}s")
-        return self._add(feats, label)
+        claim = self.pending.take(request_id, now)
+        if claim.features is None:
+            return self._reject(claim.reason or "unknown_request")
+        return self._add(claim.features, label, request_id)
 
-    def expire(self, now: float) -> None:
-        while self.pending:
-            k, (_, t) = next(iter(self.pending.items()))
-            if now - t <= self.cfg.pending_ttl_s:
-                break
-            self.pending.popitem(last=False)
+    def expire(self, now: float) -> int:
+        return self.pending.expire(now)
 
     def request(self) -> None:
         self._requested = True
 
-    def should_train(self, now: float) -> str | None:
-        if not self.enabled or self._busy.locked():
-            return None
-        if self.buffer.train_size < self.cfg.min_train or self.buffer.holdout_size < self.cfg.min_holdout:
-            return None
+    def trigger_state(self, now: float) -> TriggerState:
         elapsed = max(1e-9, now - self._t_started)
-        if self._train_time / elapsed > self.cfg.cpu_fraction:
-            return None
-        if self._requested:
-            return "command"
-        if self.cfg.trigger == "every_n" and self._since_cycle >= self.cfg.every_n:
-            return f"{self._since_cycle} new labelled samples"
-        if self.cfg.trigger == "drift" and self.drift.drifting and self._since_cycle >= self.cfg.min_train:
-            return f"drift score {self.drift.score:.2f}"
-        return None
+        return TriggerState(enabled=self.enabled, busy=self._busy.locked(), train_size=self.buffer.train_size,
+                            holdout_size=self.buffer.holdout_size, since_cycle=self._since_cycle,
+                            requested=self._requested, drifting=self.drift.drifting, drift_score=self.drift.score,
+                            cpu_share=self._train_time / elapsed)
+
+    def should_train(self, now: float) -> str | None:
+        """The reason to run a cycle now (``now``: the monotonic clock), or None."""
+        c = self.cfg
+        return trigger_reason(self.trigger_state(now), trigger=c.trigger, every_n=c.every_n, min_train=c.min_train,
+                              min_holdout=c.min_holdout, cpu_fraction=c.cpu_fraction)
 
     # -- training (worker thread) -----------------------------------------
     def _train_cfg(self, **over: Any) -> TrainConfig:
@@ -179,7 +190,7 @@ class Learner:
         base.update(over)
         return TrainConfig(**base)
 
-    def run_cycle(self) -> CycleResult:
+    def run_cycle(self, max_steps: int | None = None, budget_s: float | None = None) -> CycleResult:
         """Train a candidate from the current head; adopt it only if it is not worse on the holdout."""
         with self._busy:
             self._requested = False
@@ -187,24 +198,29 @@ class Learner:
             x, y = self.buffer.train_view()
             hx, hy = self.buffer.holdout_view()
             t0 = time.perf_counter()
+            if len(y) == 0:
+                return self._finish(False, "no labelled training samples", None, None, None, None, 0, t0)
+            steps = self.cfg.max_steps if max_steps is None else max_steps
+            budget = self.cfg.budget_s if budget_s is None else budget_s
             try:
-                cand, rep = self._train(self.head, self._train_cfg(), x, y, self.cfg.max_steps, self.cfg.budget_s)
+                cand, rep = self._train(self.head, self._train_cfg(), x, y, steps, budget)
             except FloatingPointError as exc:
                 return self._finish(False, f"training diverged: {exc}", None, None, None, None, 0, t0)
-            if not all(np.isfinite(v).all() for v in cand.values()) or not math.isfinite(rep.loss):
-                return self._finish(False, "candidate head has NaN/inf", None, rep.loss, None, None, rep.steps, t0)
             if rep.seconds > 0:
                 self.last_samples_per_s = rep.samples_per_s
-            before, after = accuracy(self.head, hx, hy), accuracy(cand, hx, hy)
-            if after + 1e-12 < before - self.cfg.adopt_margin:
-                return self._finish(False, f"candidate holdout accuracy {after:.3f} < current {before:.3f}",
-                                    None, rep.loss, before, after, rep.steps, t0)
+            finite = head_is_finite(cand) and math.isfinite(rep.loss)
+            before = accuracy(self.head, hx, hy)
+            after = accuracy(cand, hx, hy) if finite else float("nan")
+            d = decide_adoption(before, after, len(hy), min_holdout=self.cfg.min_holdout,
+                                margin=self.cfg.adopt_margin, finite=finite)
+            if not d.adopt:
+                return self._finish(False, d.reason, None, rep.loss, _num(before), _num(after), rep.steps, t0)
             self.head = cand
             self.head_version += 1
             self.drift.rebase()
+            res = self._finish(True, d.reason, cand, rep.loss, before, after, rep.steps, t0)
             self.save_checkpoint()
-            return self._finish(True, f"holdout accuracy {before:.3f} → {after:.3f}", cand, rep.loss, before, after,
-                                rep.steps, t0)
+            return res
 
     def _finish(self, adopted, reason, head, loss, before, after, steps, t0) -> CycleResult:
         secs = time.perf_counter() - t0
@@ -237,7 +253,6 @@ class Learner:
         args = (dict(start), tcfg, x, y, steps, budget_s, self.cfg.cpu_fraction)
         if self.cfg.isolate == "thread":
             return _train_candidate(*args)
-        import os
         import pickle
         import subprocess
         import sys
@@ -264,41 +279,42 @@ class Learner:
         self.save_checkpoint()
 
     # -- persistence -------------------------------------------------------
-    def save_checkpoint(self) -> None:
-        d = self.dir
-        d.mkdir(parents=True, exist_ok=True)
-        from protocol.bundle import save_head_atomic
-
-        save_head_atomic(d / "head.npz", self.head)
+    def save_checkpoint(self, directory: str | Path | None = None) -> Path:
+        """Head, replay buffer and counters in one file, replaced atomically (``checkpoint.py``)."""
         meta = {"bundle_id": self.bundle_id, "head_version": self.head_version, "samples_seen": self.samples_seen,
-                "labelled": self.labelled, "saved": time.time()}
-        tmp = d / ".meta.json.tmp"
-        with open(tmp, "w") as fh:
-            json.dump(meta, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, d / "meta.json")
+                "labelled": self.labelled, "since_cycle": self._since_cycle, "cycles": dict(self.cycles),
+                "replay_policy": self.cfg.policy, "saved": time.time()}
+        return write_checkpoint(self.dir if directory is None else directory, self.head, meta, self.buffer.state())
 
-    def load_checkpoint(self) -> str | None:
-        """Restore a saved head trained on this bundle; returns why not, or None when restored."""
-        from protocol.bundle import load_head
-
+    def load_checkpoint(self, directory: str | Path | None = None) -> str | None:
+        """Restore a saved head (and buffer) trained on this bundle; returns why not, or None when restored."""
         try:
-            meta = json.loads((self.dir / "meta.json").read_text())
-        except (OSError, ValueError):
-            return "no checkpoint"
+            head, meta, replay = read_checkpoint(self.dir if directory is None else directory)
+        except CheckpointError as exc:
+            return str(exc)
         if meta.get("bundle_id") != self.bundle_id:
             return "checkpoint belongs to another bundle"
-        try:
-            head = load_head(self.dir / "head.npz")
-        except ValueError as exc:
-            return f"checkpoint head unreadable: {exc}"
         if {k: v.shape for k, v in head.items()} != self.shapes:
             return "checkpoint head shape does not match the bundle"
+        self.restore_note = None
+        if replay:
+            fresh = FeatureBuffer(self.dim, self.n_classes, self.cfg.buffer_bytes, self.cfg.policy,
+                                  self.cfg.holdout_every, split=self.cfg.holdout_split)
+            try:
+                fresh.load_state(replay)
+                self.buffer = fresh
+            except (KeyError, ValueError, IndexError) as exc:
+                self.restore_note = f"replay buffer not restored: {exc}"
+                self._reject(f"checkpoint_replay: {exc}")
         self.head = head
-        self.head_version = int(meta.get("head_version", 0))
-        self.samples_seen = int(meta.get("samples_seen", 0))
-        self.labelled = int(meta.get("labelled", 0))
+        try:
+            self.head_version = int(meta.get("head_version", 0))
+            self.samples_seen = int(meta.get("samples_seen", 0))
+            self.labelled = int(meta.get("labelled", 0))
+            self._since_cycle = int(meta.get("since_cycle", 0))
+            self.cycles.update({k: int(v) for k, v in (meta.get("cycles") or {}).items() if k in self.cycles})
+        except (TypeError, ValueError, AttributeError):
+            pass  # counters are informative only; the head is what matters
         return None
 
     def status(self) -> dict[str, Any]:
@@ -315,3 +331,7 @@ class Learner:
                 "samples_per_s": None if self.last_samples_per_s is None else round(self.last_samples_per_s, 1),
                 "trainer_peak_rss_mb": self.child_peak_rss_mb,
                 "drift": self.drift.status(), "rejected": dict(self.rejects)}
+
+
+def _num(v: float | None) -> float | None:
+    return None if v is None or math.isnan(v) else v

@@ -1,14 +1,18 @@
 """A bounded replay buffer of backbone *features* (never raw inputs), capped in bytes.
 
-Every ``holdout_every``-th labelled sample goes to a held-out slice that training never
-sees; candidate heads are judged on it. Policies: ``reservoir`` (uniform over everything
+A deterministic share of the labelled samples — every ``holdout_every``-th one
+(``split="every_k"``), or those whose sample id hashes to 0 mod ``holdout_every``
+(``split="hash"``: the same sample always lands on the same side, across restarts and
+re-sends) — goes to a held-out slice that training never sees; candidate heads are judged
+on it. Policies: ``reservoir`` (uniform over everything
 seen) or ``class_balanced`` (a reservoir per class, so a rare class is not crowded out).
 Thread-safe: the loop thread adds, the training thread snapshots.
 """
 from __future__ import annotations
 
 import threading
-from typing import Any
+import zlib
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -37,15 +41,23 @@ class _Reservoir:
     def view(self) -> tuple[np.ndarray, np.ndarray]:
         return self.x[:self.n].copy(), self.y[:self.n].copy()
 
+    def restore(self, x: np.ndarray, y: np.ndarray, seen: int) -> None:
+        k = min(len(y), self.cap)
+        self.x[:k], self.y[:k] = x[:k], y[:k]
+        self.n, self.seen = k, max(int(seen), k)
+
 
 class FeatureBuffer:
     def __init__(self, dim: int, n_classes: int, max_bytes: int = 2 << 20, policy: str = "class_balanced",
-                 holdout_every: int = 5, seed: int = 0) -> None:
+                 holdout_every: int = 5, seed: int = 0, split: str = "every_k") -> None:
         if policy not in ("reservoir", "class_balanced"):
             raise ValueError(f"policy must be reservoir or class_balanced, got {policy!r}")
+        if split not in ("every_k", "hash"):
+            raise ValueError(f"split must be every_k or hash, got {split!r}")
         if holdout_every < 2:
             raise ValueError("holdout_every must be >= 2")
         self.dim, self.n_classes, self.policy, self.holdout_every = dim, n_classes, policy, holdout_every
+        self.split = split
         per_sample = dim * 4 + 8
         total = max(2 * n_classes, max_bytes // per_sample)
         hold_cap = max(n_classes, total // holdout_every)
@@ -64,7 +76,15 @@ class FeatureBuffer:
         self.rejected[why] = self.rejected.get(why, 0) + 1
         return why
 
-    def add(self, features: np.ndarray, label: int) -> str | None:
+    def is_holdout(self, sample_id: str | None, ordinal: int) -> bool:
+        """Whether the ``ordinal``-th accepted sample (1-based) with this id is held out."""
+        if self.split == "hash":
+            if sample_id is None:
+                raise ValueError("split='hash' needs a sample id")
+            return zlib.crc32(str(sample_id).encode()) % self.holdout_every == 0
+        return ordinal % self.holdout_every == 0
+
+    def add(self, features: np.ndarray, label: int, sample_id: str | None = None) -> str | None:
         """Add one labelled sample; returns None, or the reason it was refused."""
         f = np.asarray(features, np.float32).reshape(-1)
         if f.shape[0] != self.dim:
@@ -73,9 +93,11 @@ class FeatureBuffer:
             return self._reject(f"label {label!r} outside 0..{self.n_classes - 1}")
         if not np.isfinite(f).all():
             return self._reject("features contain NaN or inf")
+        if self.split == "hash" and sample_id is None:
+            return self._reject("no sample id (the hash split needs one)")
         with self._lock:
             self.added += 1
-            if self.added % self.holdout_every == 0:
+            if self.is_holdout(sample_id, self.added):
                 self._hold.add(f, int(label))
             else:
                 self._train[0 if self.policy == "reservoir" else int(label)].add(f, int(label))
@@ -105,6 +127,33 @@ class FeatureBuffer:
     def nbytes(self) -> int:
         return sum(r.x.nbytes + r.y.nbytes for r in self._train) + self._hold.x.nbytes + self._hold.y.nbytes
 
+    def state(self) -> dict[str, np.ndarray]:
+        """Contents as plain arrays (for a checkpoint ``.npz``)."""
+        with self._lock:
+            out = {"meta": np.array([self.dim, self.n_classes, self.added], np.int64)}
+            for name, r in [(f"train{i}", r) for i, r in enumerate(self._train)] + [("hold", self._hold)]:
+                x, y = r.view()
+                out[f"{name}.x"], out[f"{name}.y"], out[f"{name}.seen"] = x, y, np.array([r.seen], np.int64)
+            return out
+
+    def load_state(self, st: Mapping[str, np.ndarray]) -> None:
+        """Restore ``state()`` output; what no longer fits the (maybe smaller) capacity is dropped."""
+        meta = np.asarray(st["meta"]).reshape(-1)
+        if int(meta[0]) != self.dim or int(meta[1]) != self.n_classes:
+            raise ValueError(f"saved buffer is for {int(meta[0])} features / {int(meta[1])} classes, "
+                             f"this one for {self.dim} / {self.n_classes}")
+        names = [f"train{i}" for i in range(len(self._train))]
+        if f"train{len(self._train)}.x" in st or any(f"{n}.x" not in st for n in names):
+            raise ValueError("saved buffer was written with another replay policy")
+        with self._lock:
+            for name, r in [(n, r) for n, r in zip(names, self._train)] + [("hold", self._hold)]:
+                x = np.asarray(st[f"{name}.x"], np.float32).reshape(-1, self.dim)
+                y = np.asarray(st[f"{name}.y"], np.int64).reshape(-1)
+                if len(x) != len(y) or (len(y) and (y.min() < 0 or y.max() >= self.n_classes)):
+                    raise ValueError(f"saved buffer {name} is inconsistent")
+                r.restore(x, y, int(np.asarray(st[f"{name}.seen"]).reshape(-1)[0]))
+            self.added = int(meta[2])
+
     def stats(self) -> dict[str, Any]:
         return {"train": self.train_size, "holdout": self.holdout_size, "added": self.added,
-                "bytes": self.nbytes, "policy": self.policy, "rejected": dict(self.rejected)}
+                "bytes": self.nbytes, "policy": self.policy, "split": self.split, "rejected": dict(self.rejected)}

@@ -32,6 +32,10 @@ class TrainConfig:
             raise ValueError("lr must be in (0, 10)")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if not (0 <= self.momentum < 1):
+            raise ValueError("momentum must be in [0, 1)")
+        if self.weight_decay < 0 or self.prox_mu < 0:
+            raise ValueError("weight_decay and prox_mu must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -104,7 +108,8 @@ class HeadTrainer:
 
     def step(self, x: np.ndarray, y: np.ndarray) -> float:
         c = self.cfg
-        loss, grads = loss_and_grads(self.params, x, y, c.weight_decay, c.prox_mu, self.ref)
+        with np.errstate(over="ignore", invalid="ignore"):  # a blow-up is caught just below, by name
+            loss, grads = loss_and_grads(self.params, x, y, c.weight_decay, c.prox_mu, self.ref)
         if not np.isfinite(loss):
             raise FloatingPointError(f"training loss is {loss}")
         self._t += 1
@@ -123,18 +128,27 @@ class HeadTrainer:
                 self.params[k] -= c.lr * (m / (1 - 0.9 ** self._t)) / (np.sqrt(v / (1 - 0.999 ** self._t)) + 1e-8)
         return loss
 
-    def train(self, x: np.ndarray, y: np.ndarray, steps: int, budget_s: float | None = None,
-              yield_every: int = 1, cpu_fraction: float = 1.0) -> TrainReport:
-        """Minibatch steps (sampled with replacement) until ``steps`` or the time budget.
+    def train(self, x: np.ndarray, y: np.ndarray, steps: int | None = None, budget_s: float | None = None,
+              yield_every: int = 1, cpu_fraction: float = 1.0, *, epochs: float | None = None) -> TrainReport:
+        """Minibatch steps (sampled with replacement) until ``steps`` — or ``epochs`` passes over
+        the data, ceil(epochs * n / batch_size) steps — or the time budget, whichever comes first.
 
         ``cpu_fraction`` < 1 paces the loop (sleeping in proportion to each step's time), so
         inference sharing the interpreter keeps its latency while training runs."""
+        n = len(x)
+        if n == 0 or len(y) != n:
+            raise ValueError(f"need as many labels as feature rows and at least one ({n} rows, {len(y)} labels)")
+        bs = min(self.cfg.batch_size, n)
+        if epochs is not None:
+            if steps is not None:
+                raise ValueError("give steps or epochs, not both")
+            steps = max(1, int(np.ceil(epochs * n / bs)))
+        if steps is None:
+            raise ValueError("give steps or epochs")
         t0 = time.perf_counter()
         pause = (1.0 - cpu_fraction) / cpu_fraction if 0 < cpu_fraction < 1 else 0.0
-        n = len(x)
         losses = []
         done = 0
-        bs = min(self.cfg.batch_size, n)
         for s in range(steps):
             ts = time.perf_counter()
             idx = self.rng.integers(0, n, bs)
@@ -151,13 +165,18 @@ class HeadTrainer:
         return TrainReport(float(np.mean(tail)) if tail else float("nan"), done, done * bs, secs)
 
 
-def accuracy(head: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
-    if len(y) == 0:
-        return float("nan")
+def logits(head: Mapping[str, np.ndarray], x: np.ndarray) -> np.ndarray:
+    """The head's forward pass: dense layers with ReLU between them, logits out."""
     h = x
     n = n_layers(head)
     for i in range(n):
         h = h @ head[f"dense{i}.weight"] + head[f"dense{i}.bias"]
         if i < n - 1:
             h = np.maximum(h, 0)
-    return float((h.argmax(1) == y).mean())
+    return h
+
+
+def accuracy(head: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> float:
+    if len(y) == 0:
+        return float("nan")
+    return float((logits(head, x).argmax(1) == y).mean())
