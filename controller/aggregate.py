@@ -12,6 +12,17 @@ import numpy as np
 Arrays = Mapping[str, np.ndarray]
 
 
+def check_updates(updates: Sequence[Arrays]) -> None:
+    """Every update has the same tensor names and shapes (else numpy would broadcast silently)."""
+    if not updates:
+        raise ValueError("no updates to aggregate")
+    ref = {k: np.shape(v) for k, v in updates[0].items()}
+    for i, u in enumerate(updates[1:], 1):
+        if {k: np.shape(v) for k, v in u.items()} != ref:
+            raise ValueError(f"update {i} has tensors {sorted((k, np.shape(v)) for k, v in u.items())}, "
+                             f"update 0 has {sorted(ref.items())}")
+
+
 def staleness_weight(s: int, kind: str = "sqrt") -> float:
     """FedBuff-style discount of an update computed on a version ``s`` steps old."""
     if s < 0:
@@ -26,8 +37,8 @@ def staleness_weight(s: int, kind: str = "sqrt") -> float:
 
 
 def weighted_average(updates: Sequence[Arrays], weights: Sequence[float]) -> dict[str, np.ndarray]:
-    if not updates:
-        raise ValueError("no updates to aggregate")
+    """Σ wᵢ uᵢ / Σ wᵢ, accumulated in float64."""
+    check_updates(updates)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (len(updates),) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError("weights must be non-negative, one per update, not all zero")
@@ -42,8 +53,7 @@ def weighted_average(updates: Sequence[Arrays], weights: Sequence[float]) -> dic
 def fast_weighted_average(updates: Sequence[Arrays], weights: Sequence[float]) -> dict[str, np.ndarray]:
     """``weighted_average`` for large fleets: float32 multiply-accumulate in place, one cache-sized
     scratch buffer per tensor, so each update is read from memory once and nothing is stacked."""
-    if not updates:
-        raise ValueError("no updates to aggregate")
+    check_updates(updates)
     w = np.asarray(weights, dtype=np.float64)
     if w.shape != (len(updates),) or np.any(w < 0) or w.sum() <= 0:
         raise ValueError("weights must be non-negative, one per update, not all zero")
@@ -60,11 +70,14 @@ def fast_weighted_average(updates: Sequence[Arrays], weights: Sequence[float]) -
 
 
 def coordinate_median(updates: Sequence[Arrays]) -> dict[str, np.ndarray]:
+    """Per coordinate, the median (the mean of the middle two for an even count)."""
+    check_updates(updates)
     return {k: np.median(np.stack([u[k] for u in updates]), axis=0).astype(np.float32) for k in updates[0]}
 
 
 def trimmed_mean(updates: Sequence[Arrays], beta: float) -> dict[str, np.ndarray]:
     """Per coordinate, drop the ``floor(beta * n)`` largest and smallest values, average the rest."""
+    check_updates(updates)
     n = len(updates)
     t = int(np.floor(beta * n))
     if not 0 <= beta < 0.5 or n - 2 * t < 1:
@@ -82,6 +95,7 @@ def flatten(u: Arrays) -> np.ndarray:
 
 def krum_scores(updates: Sequence[Arrays], f: int) -> np.ndarray:
     """Krum score of each update: sum of squared distances to its n - f - 2 nearest neighbours."""
+    check_updates(updates)
     n = len(updates)
     m = n - f - 2
     if m < 1:
@@ -94,7 +108,10 @@ def krum_scores(updates: Sequence[Arrays], f: int) -> np.ndarray:
 
 
 def multi_krum(updates: Sequence[Arrays], weights: Sequence[float], f: int, m: int) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Average (weighted) of the ``m`` updates with the lowest Krum scores; m = 1 is Krum."""
+    """Average (weighted) of the ``m`` updates with the lowest Krum scores; m = 1 is Krum.
+    Returns the average and the indices chosen (lowest score first, ties by position)."""
+    if not 1 <= m <= len(updates):
+        raise ValueError(f"m must be in 1..{len(updates)}, got {m}")
     scores = krum_scores(updates, f)
     chosen = [int(i) for i in np.argsort(scores, kind="stable")[:m]]
     return weighted_average([updates[i] for i in chosen], [weights[i] for i in chosen]), chosen

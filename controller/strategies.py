@@ -1,13 +1,25 @@
-"""Federated strategies: they *decide* how to turn updates into the next global head.
+"""Federated strategies: they *decide* how to configure a round and how to turn updates into
+the next global head.
 
-Flower's split: a strategy takes plain arrays and returns plain arrays or ``None`` (no new
-model); the round runner owns transport, deadlines and persistence. Every strategy works
-on deltas (local − global) with their weights (sample counts) and staleness, and keeps
-its own state serialisable (``state()``/``load_state()``) so a restarted controller resumes.
+Flower's split: a strategy takes plain arrays and returns plain data or ``None`` (no new
+model); the round runner owns transport, deadlines and persistence. Every strategy works on
+*deltas* (local − global) with their weights (sample counts) and staleness (how many global
+versions behind the client's base was), and keeps its own state serialisable
+(``to_state()``/``from_state()``, JSON-safe) so a restarted controller resumes.
+
+    configure(round_no, clients, base) -> {client: task config}
+    aggregate(global_head, results, failures) -> new head | None
+
+``results`` are ``FitResult``s or ``(delta, num_samples, staleness)`` tuples; ``failures``
+are whatever the runner recorded (clients that timed out or were rejected) — data, not
+exceptions. ``validate_update`` is the pure gate an arriving update passes before it is a
+result; it raises ``UpdateRejected`` with the reason.
 """
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass
+import math
+from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
@@ -17,49 +29,139 @@ Head = dict[str, np.ndarray]
 Result = tuple[Mapping[str, np.ndarray], int, int]   # (delta, num_samples, staleness)
 
 
+@dataclass(frozen=True)
+class FitResult:
+    update: Mapping[str, np.ndarray]   # delta: local head − the global head it started from
+    num_samples: int
+    staleness: int = 0                 # global versions between the client's base and now
+    client_id: str = ""
+
+
+AnyResult = Union[FitResult, Result]
+
+
+class UpdateRejected(ValueError):
+    """An arriving update may not be aggregated; ``reason`` says why (counted, answered, survived)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def validate_update(update: Mapping[str, np.ndarray], global_head: Mapping[str, np.ndarray], *,
+                    max_norm: float | None = None, base_version: int | None = None,
+                    current_version: int | None = None, max_staleness: int | None = None) -> float:
+    """Check names, shapes, dtype, finiteness, L2 norm and version of one update; returns its
+    L2 norm, or raises ``UpdateRejected``."""
+    if base_version is not None and current_version is not None:
+        s = current_version - base_version
+        if s < 0:
+            raise UpdateRejected(f"base version {base_version} is ahead of the global version {current_version}")
+        if max_staleness is not None and s > max_staleness:
+            raise UpdateRejected(f"stale: {s} versions behind (max {max_staleness})")
+    if set(update) != set(global_head):
+        raise UpdateRejected(f"tensor names {sorted(update)} do not match the global head {sorted(global_head)}")
+    sq = 0.0
+    for k in sorted(global_head):
+        d = update[k]
+        if not isinstance(d, np.ndarray):
+            raise UpdateRejected(f"{k}: not an array")
+        if d.shape != np.shape(global_head[k]):
+            raise UpdateRejected(f"{k}: shape {list(d.shape)} != {list(np.shape(global_head[k]))}")
+        if d.dtype.kind != "f":
+            raise UpdateRejected(f"{k}: dtype {d.dtype} is not floating point")
+        if not np.all(np.isfinite(d)):
+            raise UpdateRejected(f"{k}: NaN or inf values")
+        sq += float(np.sum(np.square(d, dtype=np.float64)))
+    norm = math.sqrt(sq)
+    if max_norm is not None and norm > max_norm:
+        raise UpdateRejected(f"update L2 norm {norm:.3g} exceeds the bound {max_norm:.3g}")
+    return norm
+
+
+def as_fit_result(r: AnyResult) -> FitResult:
+    if isinstance(r, FitResult):
+        return r
+    u, n, s = r
+    return FitResult(u, int(n), int(s))
+
+
 class Strategy:
     name = "base"
-    #: task settings sent to clients (e.g. FedProx's mu)
+    #: settings every client's task carries (e.g. FedProx's mu)
     task_config: dict[str, Any] = {}
+    #: False: any failure in the round means no new model (Flower's ``accept_failures``)
+    accept_failures: bool = True
 
-    def combine(self, results: Sequence[Result]) -> dict[str, np.ndarray] | None:
+    # -- decide: the round's tasks --------------------------------------------------------
+    def configure(self, round_no: int, clients: Sequence[str], base: Mapping[str, Any] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+        """One task config per selected client: the runner's base settings plus the strategy's."""
+        return {c: {**(base or {}), **self.task_config, "round": round_no} for c in clients}
+
+    # -- decide: the next model ------------------------------------------------------------
+    def select(self, results: Sequence[FitResult]) -> list[FitResult]:
+        """Which results take part (all, by default)."""
+        return list(results)
+
+    def combine(self, results: Sequence[FitResult]) -> dict[str, np.ndarray] | None:
+        """The aggregated delta (the pseudo-gradient), or None for no new model."""
         raise NotImplementedError
 
-    def aggregate_deltas(self, global_head: Mapping[str, np.ndarray], results: Sequence[Result]) -> Head | None:
-        if not results:
-            return None
-        d = self.combine(results)
-        if d is None:
-            return None
-        return self.apply(global_head, d)
-
     def apply(self, global_head: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Head:
+        """The next global head from the aggregated delta (plain addition; FedOpt steps an optimizer)."""
         return {k: (np.asarray(global_head[k], np.float32) + delta[k]).astype(np.float32) for k in global_head}
 
-    def state(self) -> dict[str, Any]:
+    def aggregate(self, global_head: Mapping[str, np.ndarray], results: Sequence[AnyResult],
+                  failures: Sequence[Any] = ()) -> Head | None:
+        if not results or (failures and not self.accept_failures):
+            return None
+        chosen = self.select([as_fit_result(r) for r in results])
+        if not chosen:
+            return None
+        d = self.combine(chosen)
+        return None if d is None else self.apply(global_head, d)
+
+    def aggregate_deltas(self, global_head: Mapping[str, np.ndarray], results: Sequence[AnyResult]) -> Head | None:
+        """``aggregate`` without failures (the round runner's entry point)."""
+        return self.aggregate(global_head, results, ())
+
+    # -- state -----------------------------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
         return {}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         pass
 
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any] | None, **params: Any) -> "Strategy":
+        s = cls(**params)
+        if state:
+            s.load_state(state)
+        return s
+
+    def state(self) -> dict[str, Any]:  # the name the round runner uses
+        return self.to_state()
+
 
 class FedAvg(Strategy):
-    """Sample-weighted mean of the updates (McMahan et al.)."""
+    """Sample-weighted mean of the updates (McMahan et al. 2017), stale ones discounted."""
 
     name = "fedavg"
 
     def __init__(self, staleness: str = "sqrt") -> None:
+        agg.staleness_weight(0, staleness)  # validates the name
         self.staleness = staleness
 
-    def weights(self, results: Sequence[Result]) -> list[float]:
-        return [n * agg.staleness_weight(s, self.staleness) for _, n, s in results]
+    def weights(self, results: Sequence[FitResult]) -> list[float]:
+        return [r.num_samples * agg.staleness_weight(r.staleness, self.staleness) for r in results]
 
-    def combine(self, results: Sequence[Result]) -> dict[str, np.ndarray]:
-        return agg.fast_weighted_average([r[0] for r in results], self.weights(results))
+    def combine(self, results: Sequence[FitResult]) -> dict[str, np.ndarray]:
+        return agg.fast_weighted_average([r.update for r in results], self.weights(results))
 
 
 class FedProx(FedAvg):
-    """FedAvg aggregation; clients add mu/2 ||w - w_global||^2 to their loss (Li et al.)."""
+    """FedAvg aggregation; clients add mu/2 ||w - w_global||^2 to their loss (Li et al. 2020)."""
 
     name = "fedprox"
 
@@ -72,11 +174,14 @@ class FedProx(FedAvg):
 
 
 class FedOpt(FedAvg):
-    """Server optimizers on the pseudo-gradient (the averaged delta), Reddi et al. 2021."""
+    """Server optimizers on the pseudo-gradient (the averaged delta), Reddi et al. 2021:
+    m ← β1 m + (1−β1) Δ;  v ← second_moment(v, Δ);  w ← w + η m / (√v + τ), with v₀ = τ²."""
 
     def __init__(self, eta: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
                  staleness: str = "sqrt") -> None:
         super().__init__(staleness)
+        if eta <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or tau <= 0:
+            raise ValueError("FedOpt needs eta > 0, 0 <= beta1, beta2 < 1, tau > 0")
         self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
@@ -84,21 +189,21 @@ class FedOpt(FedAvg):
     def second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def aggregate_deltas(self, global_head, results):
-        if not results:
-            return None
-        d = self.combine(results)
+    def apply(self, global_head: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Head:
         out = {}
         for k, g in global_head.items():
-            m = self.m.get(k, np.zeros_like(d[k]))
-            v = self.v.get(k, np.full_like(d[k], self.tau ** 2))
-            m = self.beta1 * m + (1 - self.beta1) * d[k]
-            v = self.second_moment(v, d[k])
+            d = np.asarray(delta[k], np.float64)
+            m = self.m.get(k, np.zeros_like(d))
+            v = self.v.get(k, np.full_like(d, self.tau ** 2))
+            if m.shape != d.shape:  # the head changed shape (a new bundle): restart the optimizer
+                m, v = np.zeros_like(d), np.full_like(d, self.tau ** 2)
+            m = self.beta1 * m + (1 - self.beta1) * d
+            v = self.second_moment(v, d)
             self.m[k], self.v[k] = m.astype(np.float32), v.astype(np.float32)
             out[k] = (np.asarray(g, np.float32) + self.eta * m / (np.sqrt(v) + self.tau)).astype(np.float32)
         return out
 
-    def state(self) -> dict[str, Any]:
+    def to_state(self) -> dict[str, Any]:
         return {"m": {k: v.tolist() for k, v in self.m.items()}, "v": {k: v.tolist() for k, v in self.v.items()}}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
@@ -122,38 +227,47 @@ class FedYogi(FedOpt):
 
 
 class Median(Strategy):
-    """Coordinate-wise median (robust to a minority of arbitrary updates)."""
+    """Coordinate-wise median (Yin et al. 2018): robust to a minority of arbitrary updates."""
 
     name = "median"
 
     def combine(self, results):
-        return agg.coordinate_median([r[0] for r in results])
+        return agg.coordinate_median([r.update for r in results])
 
 
 class TrimmedMean(Strategy):
+    """Per coordinate, drop the floor(beta·n) largest and smallest values and average the rest."""
+
     name = "trimmed_mean"
 
     def __init__(self, beta: float = 0.1) -> None:
+        if not 0 <= beta < 0.5:
+            raise ValueError("beta must be in [0, 0.5)")
         self.beta = beta
 
     def combine(self, results):
-        return agg.trimmed_mean([r[0] for r in results], self.beta)
+        return agg.trimmed_mean([r.update for r in results], self.beta)
 
 
 class Krum(Strategy):
-    """Multi-Krum (Blanchard et al.): average the m updates closest to their neighbours; m = 1 is Krum."""
+    """Multi-Krum (Blanchard et al. 2017): average the m updates closest to their neighbours;
+    m = 1 is Krum. With too few updates to judge (n <= f + 2) it falls back to the median."""
 
     name = "krum"
 
     def __init__(self, f: int = 1, m: int = 1) -> None:
+        if f < 0 or m < 1:
+            raise ValueError("Krum needs f >= 0 and m >= 1")
         self.f, self.m = f, m
         self.last_chosen: list[int] = []
 
     def combine(self, results):
-        ups = [r[0] for r in results]
-        if len(ups) <= self.f + 2:  # too few to judge: fall back to the median
+        ups = [r.update for r in results]
+        if len(ups) <= self.f + 2:
+            self.last_chosen = list(range(len(ups)))
             return agg.coordinate_median(ups)
-        avg, self.last_chosen = agg.multi_krum(ups, [r[1] for r in results], self.f, min(self.m, len(ups)))
+        avg, self.last_chosen = agg.multi_krum(ups, [r.num_samples for r in results], self.f,
+                                               min(self.m, len(ups)))
         return avg
 
 
@@ -165,13 +279,26 @@ class MultiKrum(Krum):
 
 
 class FedBuff(FedAvg):
-    """Buffered asynchronous aggregation (Nguyen et al.): staleness-weighted mean, server lr eta."""
+    """Buffered asynchronous aggregation (Nguyen et al. 2022): once ``buffer_size`` usable
+    updates are in, their staleness-weighted mean times the server rate ``eta``. Updates more
+    than ``max_staleness`` versions behind are dropped (``last_dropped``); with fewer than
+    ``buffer_size`` left there is no new model yet."""
 
     name = "fedbuff"
 
-    def __init__(self, eta: float = 1.0, staleness: str = "sqrt") -> None:
+    def __init__(self, eta: float = 1.0, staleness: str = "sqrt", buffer_size: int = 1,
+                 max_staleness: int | None = None) -> None:
         super().__init__(staleness)
-        self.eta = eta
+        if eta <= 0 or buffer_size < 1 or (max_staleness is not None and max_staleness < 0):
+            raise ValueError("FedBuff needs eta > 0, buffer_size >= 1, max_staleness >= 0")
+        self.eta, self.buffer_size, self.max_staleness = eta, buffer_size, max_staleness
+        self.last_dropped: list[int] = []
+
+    def select(self, results):
+        ok = [self.max_staleness is None or r.staleness <= self.max_staleness for r in results]
+        self.last_dropped = [i for i, good in enumerate(ok) if not good]
+        keep = [r for r, good in zip(results, ok) if good]
+        return keep if len(keep) >= self.buffer_size else []
 
     def combine(self, results):
         d = super().combine(results)
@@ -183,6 +310,7 @@ STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (FedAvg, FedProx, Fe
 
 
 def make(name: str, **params: Any) -> Strategy:
+    """The strategy called ``name`` (a key of ``STRATEGIES``) built with ``params``."""
     try:
         cls = STRATEGIES[name]
     except KeyError:

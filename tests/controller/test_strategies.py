@@ -1,4 +1,6 @@
 """Each strategy against a case small enough to compute by hand."""
+import json
+
 import numpy as np
 import pytest
 
@@ -100,3 +102,101 @@ def test_registry_of_strategies():
         make("fedmagic")
     with pytest.raises(ValueError, match="bad parameters"):
         make("fedavg", nope=1)
+
+
+# -- the Flower-style interface: configure / aggregate(results, failures) / state ------------
+
+def test_configure_gives_each_client_the_base_plus_strategy_settings():
+    cfgs = make("fedprox", mu=0.1).configure(3, ["a", "b"], {"steps": 20, "lr": 0.05})
+    assert cfgs == {"a": {"steps": 20, "lr": 0.05, "prox_mu": 0.1, "round": 3},
+                    "b": {"steps": 20, "lr": 0.05, "prox_mu": 0.1, "round": 3}}
+    assert make("fedavg").configure(1, ["a"]) == {"a": {"round": 1}}
+
+
+def test_aggregate_takes_fit_results_and_failures():
+    from controller.strategies import FitResult
+
+    s = make("fedavg")
+    res = [FitResult(d(1, 0), 30, 0, "a"), FitResult(d(3, 4), 10, 0, "b")]
+    np.testing.assert_allclose(s.aggregate(G, res, failures=["c timed out"])["w"], [2.5, 2.0])
+    assert s.aggregate(G, [], ["everyone failed"]) is None
+    strict = make("fedavg")
+    strict.accept_failures = False
+    assert strict.aggregate(G, res, ["c timed out"]) is None
+    np.testing.assert_allclose(strict.aggregate(G, res, [])["w"], [2.5, 2.0])
+
+
+def test_fedbuff_waits_for_k_usable_updates_and_drops_the_too_stale():
+    s = make("fedbuff", eta=1.0, buffer_size=2, max_staleness=3)
+    # one fresh + one 5 versions stale (dropped): only one usable of the two needed -> no model
+    assert s.aggregate(G, [(d(1, 1), 10, 0), (d(9, 9), 10, 5)]) is None and s.last_dropped == [1]
+    # fresh (w = 10) and 3 stale (w = 10 / sqrt(4) = 5): (10*3 + 5*0) / 15 = 2 ; (10*0 + 5*6)/15 = 2
+    new = s.aggregate(G, [(d(3, 0), 10, 0), (d(0, 6), 10, 3), (d(100, 100), 10, 4)])
+    np.testing.assert_allclose(new["w"], [1 + 2, 1 + 2])
+    assert s.last_dropped == [2]
+
+
+def test_fedadam_two_rounds_across_a_restart_by_hand():
+    s = make("fedadam", eta=0.1, beta1=0.5, beta2=0.5, tau=0.1)
+    h1 = s.aggregate(G, [(d(1.0, 0.0), 1, 0)])
+    # round 1: m = 0.5, v = 0.5*0.01 + 0.5*1 = 0.505 ; second coordinate m = 0, v = 0.005
+    np.testing.assert_allclose(h1["w"], [1 + 0.1 * 0.5 / (np.sqrt(0.505) + 0.1), 1.0], rtol=1e-6)
+    state = json.loads(json.dumps(s.to_state()))        # through JSON, as the runner stores it
+    s2 = STRATEGIES["fedadam"].from_state(state, eta=0.1, beta1=0.5, beta2=0.5, tau=0.1)
+    h2 = s2.aggregate(h1, [(d(1.0, 0.0), 1, 0)])
+    # round 2: m = 0.25 + 0.5 = 0.75, v = 0.2525 + 0.5 = 0.7525
+    np.testing.assert_allclose(h2["w"], [h1["w"][0] + 0.1 * 0.75 / (np.sqrt(0.7525) + 0.1), 1.0], rtol=1e-5)
+
+
+def test_server_optimizer_applies_to_a_precomputed_mean_too():
+    # the DP path hands the strategy a private mean and calls apply(): FedAdam still steps
+    s = make("fedadam", eta=0.1, beta1=0.0, beta2=0.0, tau=1e-3)
+    new = s.apply(G, d(2.0, -2.0))
+    # beta1 = beta2 = 0: m = d, v = d^2 -> step = eta * d / (|d| + tau)
+    np.testing.assert_allclose(new["w"], 1 + 0.1 * np.array([2, -2]) / (2 + 1e-3), rtol=1e-6)
+    assert s.m["w"].tolist() == [2.0, -2.0]
+
+
+def test_krum_falls_back_to_median_with_too_few_updates():
+    s = make("krum", f=1)
+    new = s.aggregate(G, [(d(0, 0), 1, 0), (d(2, 4), 1, 0), (d(100, 100), 1, 0)])
+    np.testing.assert_allclose(new["w"], [1 + 2, 1 + 4])
+
+
+def test_aggregation_refuses_mismatched_updates_instead_of_broadcasting():
+    with pytest.raises(ValueError, match="update 1 has tensors"):
+        agg.weighted_average([d(1, 2), {"w": np.ones((3, 2), np.float32)}], [1, 1])
+    with pytest.raises(ValueError, match="update 1"):
+        agg.coordinate_median([d(1, 2), {"x": np.ones(2, np.float32)}])
+    with pytest.raises(ValueError, match="not all zero"):
+        agg.weighted_average([d(1, 2)], [0])
+    with pytest.raises(ValueError, match="staleness"):
+        agg.staleness_weight(-1)
+    assert agg.staleness_weight(3) == 0.5 and agg.staleness_weight(3, "linear") == 0.25
+    with pytest.raises(ValueError):
+        make("fedavg", staleness="cubic")
+    with pytest.raises(ValueError):
+        make("trimmed_mean", beta=0.5)
+
+
+@pytest.mark.parametrize("update,kw,reason", [
+    ({"w": np.array([0.1, 0.2], np.float32)}, {}, None),
+    ({"v": np.array([0.1, 0.2], np.float32)}, {}, "do not match"),
+    ({"w": np.array([0.1, 0.2, 0.3], np.float32)}, {}, "shape [3] != [2]"),
+    ({"w": np.array([1, 2], np.int32)}, {}, "not floating point"),
+    ({"w": np.array([np.nan, 0], np.float32)}, {}, "NaN or inf"),
+    ({"w": np.array([3.0, 4.0], np.float32)}, {"max_norm": 4.9}, "norm 5 exceeds"),
+    ({"w": np.array([0.1, 0.2], np.float32)}, {"base_version": 2, "current_version": 7, "max_staleness": 4},
+     "stale: 5 versions behind"),
+    ({"w": np.array([0.1, 0.2], np.float32)}, {"base_version": 8, "current_version": 7}, "ahead"),
+    ({"w": [0.1, 0.2]}, {}, "not an array"),
+])
+def test_validate_update(update, kw, reason):
+    from controller.strategies import UpdateRejected, validate_update
+
+    if reason is None:
+        assert validate_update(update, G, max_norm=1.0, **kw) == pytest.approx(np.sqrt(0.05))
+        return
+    with pytest.raises(UpdateRejected) as e:
+        validate_update(update, G, **kw)
+    assert reason in e.value.reason
