@@ -1,6 +1,7 @@
 """Update compression on the device, reversed on the controller.
 
-Pipeline (each stage optional): top-k sparsification with error feedback (what is not sent
+Pipeline (each stage optional): delta against the global head (``encode_head``; or the
+caller hands ``encode`` a delta it computed) → top-k sparsification with error feedback (what is not sent
 this round is added to the next update, so nothing is lost over time) → int8 quantization
 (per-tensor scale) → zstd (kept only when it makes the body smaller). The input is the
 delta (local − global). Both sides know the global head's tensor names and shapes, so the
@@ -18,14 +19,14 @@ Wire format (little-endian)::
 
 ``decode_update`` checks the checksum, every count, index and size against the expected
 shapes before building anything and raises ``CompressionError`` on truncated, padded or
-corrupt input.
+corrupt input. ``Compressor.last`` reports the sizes and ratio of the latest encoding.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 import struct
 import zlib
-from typing import Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -49,6 +50,18 @@ def _idx_dtype(size: int) -> str:
     return "<u2" if size <= 65536 else "<u4"
 
 
+@dataclass(frozen=True)
+class CompressionStats:
+    raw_bytes: int      # float32 size of the delta
+    wire_bytes: int     # size of the encoded update
+    kept: int           # values sent (after top-k)
+    total: int          # values in the delta
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_bytes / self.wire_bytes if self.wire_bytes else float("inf")
+
+
 @dataclass
 class Compressor:
     """Device side; keeps the error-feedback residual between rounds (one per run)."""
@@ -62,15 +75,49 @@ class Compressor:
     def __post_init__(self) -> None:
         if self.topk is not None and not (0 < float(self.topk) <= 1):
             raise ValueError("topk must be in (0, 1]")
+        if not 1 <= int(self.level) <= 22:
+            raise ValueError("zstd level must be in 1..22")
         self.residual: dict[str, np.ndarray] = {}
+        self.last: CompressionStats | None = None
+
+    @classmethod
+    def from_config(cls, cfg: Mapping[str, Any] | None) -> "Compressor":
+        """From a task's ``compression`` settings, refusing unknown keys and wrong types by name."""
+        cfg = dict(cfg or {})
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(cfg) - set(known))
+        if unknown:
+            raise ValueError(f"unknown compression settings: {', '.join(unknown)} (known: {', '.join(known)})")
+        for k in ("int8", "zstd", "error_feedback"):
+            if k in cfg and not isinstance(cfg[k], bool):
+                raise ValueError(f"compression.{k} must be true or false, got {cfg[k]!r}")
+        if cfg.get("topk") is not None and (isinstance(cfg["topk"], bool) or not isinstance(cfg["topk"], (int, float))):
+            raise ValueError(f"compression.topk must be a number, got {cfg['topk']!r}")
+        if "level" in cfg and (isinstance(cfg["level"], bool) or not isinstance(cfg["level"], int)):
+            raise ValueError(f"compression.level must be an integer, got {cfg['level']!r}")
+        return cls(**cfg)
+
+    def reset(self) -> None:
+        """Forget the error-feedback residual (a new run, or a new global head shape)."""
+        self.residual = {}
+
+    def encode_head(self, local: Mapping[str, np.ndarray], global_head: Mapping[str, np.ndarray]) -> bytes:
+        """The delta stage: encode ``local − global_head``."""
+        if set(local) != set(global_head):
+            raise ValueError(f"local tensors {sorted(local)} != global {sorted(global_head)}")
+        return self.encode({k: np.asarray(local[k], np.float32) - np.asarray(global_head[k], np.float32)
+                            for k in global_head})
 
     def encode(self, delta: Mapping[str, np.ndarray]) -> bytes:
         flags = (F_TOPK if self.topk else 0) | (F_INT8 if self.int8 else 0)
         heads, parts = [], []
         for name in sorted(delta):
             v = np.asarray(delta[name], np.float32).reshape(-1)
-            if self.error_feedback and name in self.residual:
-                v = v + self.residual[name]
+            if not np.all(np.isfinite(v)):
+                raise ValueError(f"{name}: NaN or inf in the update")
+            r = self.residual.get(name)
+            if self.error_feedback and r is not None and r.shape == v.shape:
+                v = v + r
             if self.topk:
                 k = max(1, int(np.ceil(self.topk * v.size)))
                 idx = np.sort(np.argpartition(np.abs(v), v.size - k)[v.size - k:])
@@ -104,7 +151,11 @@ class Compressor:
             if len(z) < len(body):
                 body, flags = z, flags | F_ZSTD
         shapes = {k: tuple(np.shape(v)) for k, v in delta.items()}
-        return _P.pack(MAGIC, flags, len(heads), layout_crc(shapes)) + b"".join(heads) + body
+        blob = _P.pack(MAGIC, flags, len(heads), layout_crc(shapes)) + b"".join(heads) + body
+        total = sum(int(np.size(v)) for v in delta.values())
+        kept = sum(_T.unpack(h)[0] for h in heads)
+        self.last = CompressionStats(4 * total, len(blob), kept, total)
+        return blob
 
 
 def decode_update(blob: bytes, shapes: Mapping[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
@@ -180,3 +231,9 @@ def decode_update(blob: bytes, shapes: Mapping[str, tuple[int, ...]]) -> dict[st
             full[idx] = vals
         out[name] = full.reshape(shapes[name])
     return out
+
+
+def decode_head(blob: bytes, global_head: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The controller's inverse of ``Compressor.encode_head``: global head + decoded delta."""
+    delta = decode_update(blob, {k: tuple(np.shape(v)) for k, v in global_head.items()})
+    return {k: (np.asarray(global_head[k], np.float32) + delta[k]).astype(np.float32) for k in global_head}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from protocol.compression import CompressionError, Compressor, decode_update
+from protocol.compression import CompressionError, Compressor, decode_head, decode_update
 
 SHAPES = {"dense0.weight": (64, 10), "dense0.bias": (10,)}
 
@@ -66,3 +66,66 @@ def test_fuzz_decoder(data, pos, val):
             decode_update(b, SHAPES)
         except CompressionError:
             pass
+
+
+CONFIGS = [dict(zstd=False), dict(), dict(int8=True), dict(topk=0.1, zstd=False), dict(topk=0.1, int8=True)]
+
+
+@pytest.mark.parametrize("opts", CONFIGS)
+def test_every_truncation_and_any_trailing_garbage_is_refused(opts):
+    blob = Compressor(**opts).encode(delta(3))
+    decode_update(blob, SHAPES)                                   # whole: fine
+    for n in range(len(blob)):                                    # every strict prefix fails, cleanly
+        with pytest.raises(CompressionError):
+            decode_update(blob[:n], SHAPES)
+    for tail in (b"\x00", b"garbage", blob):
+        with pytest.raises(CompressionError):
+            decode_update(blob + tail, SHAPES)
+
+
+def test_random_bytes_are_refused():
+    rng = np.random.default_rng(1)
+    for n in (0, 3, 11, 50, 400, 5000):
+        with pytest.raises(CompressionError):
+            decode_update(rng.integers(0, 256, n, dtype=np.uint8).tobytes(), SHAPES)
+
+
+def test_head_delta_stage_and_reported_ratio():
+    rng = np.random.default_rng(2)
+    glob = {k: rng.normal(0, 1, s).astype(np.float32) for k, s in SHAPES.items()}
+    local = {k: v + delta(4)[k] for k, v in glob.items()}
+    c = Compressor(zstd=False)
+    back = decode_head(c.encode_head(local, glob), glob)
+    for k in glob:
+        np.testing.assert_allclose(back[k], local[k], atol=1e-6)
+    raw = 4 * (64 * 10 + 10)
+    assert c.last.raw_bytes == raw and c.last.kept == c.last.total == 650
+    assert c.last.wire_bytes == 11 + 8 * 2 + raw and c.last.ratio == pytest.approx(raw / (11 + 16 + raw))
+    c2 = Compressor(topk=0.1, int8=True, zstd=False)
+    blob = c2.encode_head(local, glob)
+    # ceil(0.1 * 640) = 64 and ceil(0.1 * 10) = 1 values kept: uint16 index + int8 value each,
+    # after the 27-byte header (11 + 8 per tensor)
+    assert c2.last.kept == 64 + 1 and c2.last.wire_bytes == len(blob) == 27 + 3 * 65
+    assert c2.last.ratio == pytest.approx(2600 / 222)
+    with pytest.raises(ValueError, match="local tensors"):
+        c.encode_head({"x": np.zeros(3)}, glob)
+
+
+def test_config_from_a_task_is_validated_by_name():
+    assert Compressor.from_config({"topk": 0.05, "int8": True}).topk == 0.05
+    assert Compressor.from_config(None) == Compressor()
+    for bad, msg in (({"top_k": 0.1}, "unknown compression settings: top_k"), ({"int8": "yes"}, "int8"),
+                     ({"topk": "0.1"}, "topk"), ({"topk": 2.0}, "topk"), ({"level": 99}, "level"),
+                     ({"level": 2.5}, "level")):
+        with pytest.raises(ValueError, match=msg):
+            Compressor.from_config(bad)
+    with pytest.raises(ValueError, match="NaN"):
+        Compressor().encode({"dense0.weight": np.full((64, 10), np.nan), "dense0.bias": np.zeros(10)})
+
+
+def test_residual_of_another_shape_is_not_applied():
+    c = Compressor(topk=0.1, zstd=False)
+    c.encode(delta())
+    small = {"dense0.weight": np.ones((8, 10), np.float32), "dense0.bias": np.ones(10, np.float32)}
+    back = decode_update(c.encode(small), {k: v.shape for k, v in small.items()})
+    assert np.count_nonzero(back["dense0.weight"]) == 8 and set(back["dense0.weight"][back["dense0.weight"] != 0]) == {1.0}
