@@ -2,7 +2,9 @@
 
 Digits (scikit-learn's bundled set) through the example bundle's int8 backbone. A drift is
 applied to the device's inputs (contrast drop: x*0.5+5; also a one-pixel shift, reported
-too); the agent's own Learner fine-tunes the head on 50/100/200 labelled drifted samples
+too); the agent's drift monitor (PSI of the confidence distribution against the clean
+reference, plus the mean-confidence/entropy score) is fed a clean and a drifted stream, and
+the agent's own Learner fine-tunes the head on 50/100/200 labelled drifted samples
 (cached features; a fifth held out for the adopt-if-not-worse gate). Also measured: the
 inference p99 while a training cycle runs (in the short-lived child process the agent uses,
 paced at the default cpu_fraction) vs idle, and peak RSS of the agent and of the trainer.
@@ -28,7 +30,8 @@ logging.disable(logging.WARNING)
 
 from agent.inference import InferenceEngine  # noqa: E402
 from agent.learning import LearnConfig, Learner  # noqa: E402
-from agent.learning.trainer import accuracy  # noqa: E402
+from agent.learning.drift import DriftConfig, DriftMonitor  # noqa: E402
+from agent.learning.trainer import accuracy, logits  # noqa: E402
 from controller.modeltools.example import build_example, digits_split  # noqa: E402
 from protocol.bundle import load_bundle  # noqa: E402
 
@@ -41,12 +44,36 @@ def learner_cfg(steps: int) -> LearnConfig:
                        cpu_fraction=1.0)
 
 
+def conf_entropy(head, f) -> tuple[np.ndarray, np.ndarray]:
+    z = logits(head, f)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    return p.max(1), -(p * np.log(p + 1e-12)).sum(1)
+
+
+def drift_signal(head, ref_f, live_f) -> dict:
+    """The agent's drift monitor, referenced on clean features, fed a stream of live ones."""
+    rc, re_ = conf_entropy(head, ref_f)
+    mon = DriftMonitor(float(rc.mean()), float(re_.mean()), DriftConfig(), ref_confidences=rc)
+    first = None
+    for i, (c, e) in enumerate(zip(*conf_entropy(head, live_f))):
+        mon.observe(float(c), float(e))
+        if first is None and mon.drifting:
+            first = i + 1
+    return {"psi": mon.psi, "score": mon.score, "drifting": mon.drifting, "detected_after": first}
+
+
 def recovery(engine, head, xtr, ytr, xte, yte, drift, ns, steps, work) -> dict:
     feats = lambda x: np.stack([engine.features(xi)[0] for xi in x])  # noqa: E731
-    clean = accuracy(head, feats(xte), yte)
+    fclean = feats(xte)
+    clean = accuracy(head, fclean, yte)
     ftr, fte = feats(drift(xtr)), feats(drift(xte))
     drifted = accuracy(head, fte, yte)
     out = {"clean": round(clean, 4), "drifted": round(drifted, 4)}
+    # drift detection: a clean stream (train half) vs the drifted stream, both against the clean test half
+    ctl, drf = drift_signal(head, fclean, feats(xtr)), drift_signal(head, fclean, ftr)
+    out.update(psi_clean_stream=round(ctl["psi"], 4), psi_drifted_stream=round(drf["psi"], 4),
+               false_alarm=ctl["drifting"], drift_detected_after_samples=drf["detected_after"])
     for n in ns:
         lr = Learner(head, 10, learner_cfg(steps), work / f"l{n}", "bench")
         for i in range(n):
@@ -87,7 +114,9 @@ def main() -> None:
         r = recovery(eng, b.head, xtr, ytr, xte, yte, fn, (50, 100, 200), steps, work)
         print(f"{name:>8}: clean {r['clean']:.3f}, drifted {r['drifted']:.3f}, after fine-tuning on 50/100/200 "
               f"labelled: {r['after_50']:.3f} / {r['after_100']:.3f} / {r['after_200']:.3f} "
-              f"(recovered {r['recovered_fraction_at_200']:.0%} of the loss at 200)")
+              f"(recovered {r['recovered_fraction_at_200']:.0%} of the loss at 200); drift monitor PSI "
+              f"{r['psi_drifted_stream']:.3f} (clean stream {r['psi_clean_stream']:.3f}), flagged after "
+              f"{r['drift_detected_after_samples']} samples")
         fig[name] = r
     fig["recovered_fraction_at_200"] = fig["contrast"]["recovered_fraction_at_200"]
     fig["recovered_fraction_at_200_shift"] = fig["shift"]["recovered_fraction_at_200"]
