@@ -156,8 +156,16 @@ class Participant:
         if comp:
             from protocol.compression import Compressor
 
-            c = self._compressors.setdefault(task["run_id"], Compressor(**comp))
-            blob = c.encode(delta)
+            try:
+                c = self._compressors.get(task["run_id"]) or Compressor.from_config(comp)
+                self._compressors[task["run_id"]] = c
+                blob = c.encode(delta)
+            except ValueError as exc:  # bad settings in the task, or a non-finite delta
+                self.stats["refused_tasks"] += 1
+                self.agent.counters.reject("fl_task_refused")
+                self.agent.emit_event("fl.task_refused", "warning", run_id=task["run_id"], round=task["round"],
+                                      reason=f"cannot compress the update: {exc}")
+                return
             env = Envelope(kind="fl.update", sender=self.agent.device_id, body={**body, "encoding": "compressed"})
             payload = encode_frame(env, None, blob)
         else:
