@@ -47,7 +47,7 @@ def aggregator_for(cfg: RunConfig) -> Aggregator:
             # DP-FedAvg: uniform mean of clipped updates + Gaussian noise (see controller/privacy.py)
             new = strategy.apply(global_head, private_mean([r[0] for r in results], dp, rng))
             rounds = int(state.get("dp_rounds", 0)) + 1
-            eps, order = epsilon(dp.noise, rounds, dp.delta)
+            eps, order = epsilon(dp.noise, rounds, dp.delta, q=dp.sample_rate)
             return new, {**strategy.state(), "dp_rounds": rounds, "dp_epsilon": round(eps, 4),
                          "dp_delta": dp.delta, "dp_order": order}
         new = strategy.aggregate_deltas(global_head, results)
