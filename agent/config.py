@@ -72,9 +72,21 @@ class ModelSection:
     threads: int = 1                 # runtime intra-op threads
     providers: tuple[str, ...] = ()  # ONNX Runtime execution providers (default CPU)
     keep_versions: int = 3           # installed versions kept for rollback
+    max_transfer_bytes: int = 1 << 30   # largest patch this board accepts over the air
+    transfer_window: int = 16        # chunks asked for at once (each up to 1 MiB)
+    transfer_retry_s: float = 3.0    # ask again for a chunk not seen after this long
+    shadow_live_samples: int = 0     # >0: before switching, run the new version beside the old on this
+    shadow_live_window_s: float = 30.0   # ... many live inputs (waiting up to this long for them)
+    shadow_min_agreement: float = 0.9    # ... and refuse it when it agrees on fewer labels than this
 
     def __post_init__(self) -> None:
         check(1 <= self.threads <= 64, "model.threads", f"must be 1..64, got {self.threads}")
+        check(1 << 10 <= self.max_transfer_bytes <= 2 << 30, "model.max_transfer_bytes", "must be 1 KiB..2 GiB")
+        check(1 <= self.transfer_window <= 64, "model.transfer_window", f"must be 1..64, got {self.transfer_window}")
+        check(0.1 <= self.transfer_retry_s <= 600, "model.transfer_retry_s", "must be 0.1..600 s")
+        check(0 <= self.shadow_live_samples <= 100000, "model.shadow_live_samples", "must be 0..100000")
+        check(0 < self.shadow_live_window_s <= 86400, "model.shadow_live_window_s", "must be in (0, 86400]")
+        check(0 <= self.shadow_min_agreement <= 1, "model.shadow_min_agreement", "must be in [0, 1]")
         check(2 <= self.keep_versions <= 20, "model.keep_versions", f"must be 2..20, got {self.keep_versions}")
 
 

@@ -59,6 +59,8 @@ class Agent:
         self.control_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {"cmd": self._handle_cmd}
         #: kind → handler for the request topic (inference requests from any authorised client)
         self.request_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {}
+        #: coroutines run on every (re)connect, after state and discovery are published
+        self.connect_hooks: list[Callable[[], Awaitable[None]]] = []
         self._telemetry_now = asyncio.Event()
         self._stopping = False
         self.verifier = self._make_verifier()
@@ -93,6 +95,9 @@ class Agent:
         self.adaptation = Adaptation(self)
         self.commands["model.describe"] = self._cmd_model_describe
         self.commands["model.rollback"] = self._cmd_model_rollback
+        from .updater import Updater
+
+        self.updater = Updater(self)
         self._drain_task: asyncio.Future | None = None
 
     def _make_verifier(self) -> "CommandVerifier | None":
@@ -233,6 +238,11 @@ class Agent:
                                  f"{(self.serving.model_info() or {}).get('version', 'none')}")
         self._telemetry_now.set()
         self._drain_soon()
+        for hook in self.connect_hooks:
+            try:
+                await hook()
+            except Exception:  # noqa: BLE001 - one feature's bug must not stop the others
+                log.exception("connect hook %r failed", hook)
 
     def announce_hass(self) -> None:
         for topic, payload in hass.discovery_messages(self.topics, self.device_id,
@@ -261,6 +271,7 @@ class Agent:
         from .sources import SourceError
 
         self.serving.start()
+        self.updater.restore()
         self.adaptation.start()
         try:
             source = make_source(self)
@@ -271,7 +282,8 @@ class Agent:
         tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
                  asyncio.create_task(self._message_loop(), name="messages"),
                  asyncio.create_task(self.serving.summary_ticker(), name="results"),
-                 asyncio.create_task(self.adaptation.run(), name="learning")]
+                 asyncio.create_task(self.adaptation.run(), name="learning"),
+                 asyncio.create_task(self.updater.run(), name="updates")]
         if source is not None:
             tasks.append(asyncio.create_task(self.serving.run_source(source), name="source"))
         if ready:
@@ -437,7 +449,11 @@ class Agent:
         if store is None:
             raise CommandError("no model store")
         target = None
-        if args.get("version"):
+        if args.get("bundle_sha256"):
+            target = store.find_id(str(args["bundle_sha256"]))
+            if target is None:
+                raise CommandError(f"bundle {str(args['bundle_sha256'])[:12]} is not installed here")
+        elif args.get("version"):
             target = store.find(str(args["version"]))
             if target is None:
                 raise CommandError(f"version {args['version']!r} is not installed here")

@@ -64,6 +64,21 @@ def discovery_messages(topics: Topics, device_id: str, prefix: str, sw_version: 
         "device": device,
     }
     out.append((f"{prefix}/binary_sensor/{nid}/status/config", json.dumps(status, separators=(",", ":")).encode()))
+    # the model as an HA update entity: installed (from the device's state) vs latest (the
+    # version the controller wants there, retained on ctl/desired/{id})
+    update = {
+        "name": "Model", "unique_id": f"{uid}_model", "object_id": f"{uid}_model",
+        "state_topic": topics.state(device_id),
+        "value_template": "{{ value_json.body.model.version if value_json.body.model is defined else None }}",
+        "latest_version_topic": topics.desired(device_id),
+        "latest_version_template": "{{ value_json.body.version }}",
+        "title": "Model bundle", "entity_category": "diagnostic",
+        "availability_topic": topics.state(device_id),
+        "availability_template": "{{ value_json.body.status }}",
+        "payload_available": "online", "payload_not_available": "offline",
+        "device": device,
+    }
+    out.append((f"{prefix}/update/{nid}/model/config", json.dumps(update, separators=(",", ":")).encode()))
     return out
 
 

@@ -255,6 +255,24 @@ class ModelStore:
                 continue
         return None
 
+    def find_id(self, bundle_sha256: str) -> Path | None:
+        """An installed, complete version whose manifest hashes to ``bundle_sha256``."""
+        p = self.root / f"v-{bundle_sha256[:16]}"
+        try:
+            return p if p.is_dir() and self.valid(p) and bundle_id(p) == bundle_sha256 else None
+        except PatchError:
+            return None
+
+    def installed(self) -> list[dict[str, Any]]:
+        """Every complete version kept here (newest last): version and bundle id."""
+        out = []
+        for p in self.versions():
+            try:
+                out.append({"version": read_manifest(p)["version"], "bundle_sha256": bundle_id(p)})
+            except PatchError:
+                continue
+        return out
+
     def _prune(self) -> None:
         keep = {p for p in (self.current, self.previous) if p is not None}
         vs = self.versions()

@@ -49,6 +49,7 @@ class Serving:
         #: called with (sample id, prediction, label) for every streamed or requested inference
         self.observers: list[Callable[[str, Prediction, int | None], None]] = []
         self.sources: list[Any] = []
+        self.bundle_sha256: str | None = None
 
     # -- model lifecycle -------------------------------------------------
     def start(self) -> None:
@@ -83,6 +84,12 @@ class Serving:
             self.agent.emit_event("model.refused", "error", dir=cur.name, reason=str(exc))
             return False
         self.engine, self.load_error = engine, None
+        try:
+            from protocol.patch import bundle_id
+
+            self.bundle_sha256 = bundle_id(cur)
+        except Exception:  # noqa: BLE001 - informational only
+            self.bundle_sha256 = None
         m = engine.bundle.manifest
         log.info("serving %s %s (%s)", m.name, m.version, engine.runtime.name)
         return True
@@ -104,8 +111,12 @@ class Serving:
         if self.engine is None:
             return None
         m = self.engine.bundle.manifest
-        return {"name": m.name, "version": m.version, "runtime": self.engine.runtime.name,
-                "labels": len(m.labels), "head_version": self.engine.head_version}
+        info: dict[str, Any] = {"name": m.name, "version": m.version, "runtime": self.engine.runtime.name,
+                                "labels": len(m.labels), "head_version": self.engine.head_version,
+                                "bundle_sha256": self.bundle_sha256}
+        if self.store is not None:
+            info["installed"] = self.store.installed()
+        return info
 
     def metrics(self) -> dict[str, Any]:
         out: dict[str, Any] = {"requests": self.requests, "request_errors": self.request_errors}

@@ -361,6 +361,8 @@ def _register_optional() -> None:
                          ("controller.patch_cli", "patch"), ("controller.report_cli", "report"),
                          ("controller.offload_cli", "offload"), ("controller.offload_cli", "offload_worker"),
                          ("controller.model_cli", "model"),
+                         ("controller.deploy_cli", "deploy"), ("controller.deploy_cli", "rollout"),
+                         ("controller.deploy_cli", "rollback"),
                          ("controller.certs_cli", "certs")):
         if importlib.util.find_spec(module) is not None:
             mod = importlib.import_module(module)
@@ -368,6 +370,8 @@ def _register_optional() -> None:
 
 
 _register_optional()
+if importlib.util.find_spec("controller.deploy_cli") is not None:
+    device.add_command(importlib.import_module("controller.deploy_cli").tag)
 
 
 def main() -> None:

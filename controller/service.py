@@ -14,6 +14,7 @@ from collections import Counter
 from typing import Any, Callable
 
 from protocol import envelope as env_mod
+from protocol import rollout as _rollout_kinds  # noqa: F401 - registers model.offer / xfer.* kinds
 from protocol.envelope import DecodeError, Envelope, encode
 from protocol.mqttlink import Message, MqttLink, Will
 from protocol.topics import Topics
@@ -57,6 +58,9 @@ class ControllerService:
         from .round_runner import RoundRunner
 
         self.rounds = RoundRunner(self)
+        from .rollout_runner import RolloutRunner
+
+        self.rollouts = RolloutRunner(self)
 
     def _ctl_state(self, status: str) -> bytes:
         return encode(Envelope(kind="ctl.state", sender=self.cfg.controller.id, body={"status": status}))
@@ -77,6 +81,8 @@ class ControllerService:
         sweeper = asyncio.create_task(self._sweep(), name="offline-sweep")
         rounds = asyncio.create_task(self.rounds.run(), name="rounds")
         tuner = asyncio.create_task(self._offload_tuner(), name="offload-tuner")
+        rollouts = asyncio.create_task(self.rollouts.run(), name="rollouts")
+        tasks = (pump, sweeper, rounds, tuner, rollouts)
         if ready:
             ready()
         try:
@@ -84,9 +90,9 @@ class ControllerService:
         finally:
             if self.link.connected.is_set():
                 await self.link.publish_and_wait(self.topics.ctl_state, self._ctl_state("offline"), 1, True, 1.0)
-            for t in (pump, sweeper, rounds, tuner):
+            for t in tasks:
                 t.cancel()
-            await asyncio.gather(pump, sweeper, rounds, tuner, return_exceptions=True)
+            await asyncio.gather(*tasks, return_exceptions=True)
             await self.link.stop()
             self.registry.commit()
 
@@ -189,6 +195,8 @@ class ControllerService:
         if leaf == "data":
             if rest == ("fl",):
                 self.rounds.on_update_message(device_id, msg)
+            elif rest == ("xfer",):
+                self.rollouts.on_want(device_id, msg)
             else:
                 self.reject("bad_topic", msg.topic, "no handler for this data topic")
             return None

@@ -1,0 +1,141 @@
+"""One resumable chunked download, sans-IO: what we hold, what is in flight, what to ask next.
+
+The device pulls: it asks for a window of chunks (``xfer.want``), each chunk that arrives
+is checked against the hash the controller signed in the offer, and the window slides.
+A chunk asked for but not seen within ``retry_s`` is asked for again, so a dropped link or
+a lost message costs one timeout, never the transfer. No sockets, files or clocks inside:
+the caller passes ``now`` and writes accepted bytes where it likes (``PartFile``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import hashlib
+import os
+from pathlib import Path
+
+from protocol.chunks import ChunkError, ChunkManifest
+
+
+@dataclass
+class Transfer:
+    manifest: ChunkManifest
+    window: int = 16
+    retry_s: float = 2.0
+    have: set[int] = field(default_factory=set)
+    inflight: dict[int, float] = field(default_factory=dict)
+    requested: int = 0          # chunk requests sent (re-requests included)
+    rerequested: int = 0
+    rejected: int = 0
+    duplicates: int = 0
+
+    @property
+    def count(self) -> int:
+        return self.manifest.count
+
+    @property
+    def complete(self) -> bool:
+        return len(self.have) == self.count
+
+    @property
+    def received_bytes(self) -> int:
+        m = self.manifest
+        return sum(min(m.chunk_size, m.total_size - i * m.chunk_size) for i in self.have)
+
+    def expected_size(self, index: int) -> int:
+        m = self.manifest
+        return min(m.chunk_size, m.total_size - index * m.chunk_size)
+
+    def check(self, index: object, data: bytes) -> None:
+        """Raise ChunkError unless ``data`` is exactly chunk ``index`` of the signed manifest."""
+        m = self.manifest
+        if isinstance(index, bool) or not isinstance(index, int) or not (0 <= index < m.count):
+            self.rejected += 1
+            raise ChunkError(f"chunk index {index!r} out of range 0..{m.count - 1}")
+        if len(data) != self.expected_size(index):
+            self.rejected += 1
+            raise ChunkError(f"chunk {index}: {len(data)} bytes, expected {self.expected_size(index)}")
+        if hashlib.sha256(data).hexdigest() != m.chunk_sha256[index]:
+            self.rejected += 1
+            raise ChunkError(f"chunk {index}: SHA-256 mismatch")
+
+    def accept(self, index: int, data: bytes) -> bool:
+        """Check and record chunk ``index``; False for a duplicate (nothing to write)."""
+        self.check(index, data)
+        self.inflight.pop(index, None)
+        if index in self.have:
+            self.duplicates += 1
+            return False
+        self.have.add(index)
+        return True
+
+    def missing(self) -> list[int]:
+        return [i for i in range(self.count) if i not in self.have]
+
+    def wants(self, now: float, force: bool = False) -> list[int]:
+        """Chunk indices to ask for now: expired requests again, then new ones up to the window.
+
+        Asks only when the window is at least half free (fewer, larger requests) unless
+        ``force`` (a reconnect: everything in flight may be lost)."""
+        if force:
+            self.rerequested += len(self.inflight)
+            self.inflight.clear()
+        for i, t in list(self.inflight.items()):
+            if now - t >= self.retry_s:
+                del self.inflight[i]
+                self.rerequested += 1
+        free = self.window - len(self.inflight)
+        if free <= 0 or (free < max(1, self.window // 2) and self.inflight):
+            return []
+        out = []
+        for i in range(self.count):
+            if len(out) >= free:
+                break
+            if i not in self.have and i not in self.inflight:
+                out.append(i)
+        for i in out:
+            self.inflight[i] = now
+        self.requested += len(out)
+        return out
+
+
+class PartFile:
+    """The bytes of a transfer on disk, written chunk by chunk at their offsets.
+
+    Nothing else is persisted: on restart ``held()`` re-hashes every chunk region against
+    the manifest, so a chunk half-written when the power went is simply asked for again."""
+
+    def __init__(self, directory: Path, manifest: ChunkManifest) -> None:
+        self.dir = directory
+        self.manifest = manifest
+        self.path = directory / "patch.part"
+        directory.mkdir(parents=True, exist_ok=True)
+        if not self.path.exists():
+            with open(self.path, "wb") as fh:
+                fh.truncate(manifest.total_size)
+
+    def write(self, index: int, data: bytes) -> None:
+        fd = os.open(self.path, os.O_WRONLY)
+        try:
+            os.pwrite(fd, data, index * self.manifest.chunk_size)
+        finally:
+            os.close(fd)
+
+    def held(self) -> set[int]:
+        m = self.manifest
+        out: set[int] = set()
+        try:
+            with open(self.path, "rb") as fh:
+                for i in range(m.count):
+                    fh.seek(i * m.chunk_size)
+                    data = fh.read(min(m.chunk_size, m.total_size - i * m.chunk_size))
+                    if hashlib.sha256(data).hexdigest() == m.chunk_sha256[i]:
+                        out.add(i)
+        except OSError:
+            return set()
+        return out
+
+    def read_all(self) -> bytes:
+        data = self.path.read_bytes()
+        if len(data) != self.manifest.total_size or hashlib.sha256(data).hexdigest() != self.manifest.sha256:
+            raise ChunkError("assembled transfer does not match the manifest's SHA-256")
+        return data

@@ -1,0 +1,302 @@
+"""Model updates on the agent: take an offer, pull its chunks, apply the signed patch.
+
+Wiring only. ``agent.transfer`` decides which chunks to ask for, ``protocol.patch``
+verifies, ``agent.modelstore`` stages, health-checks and switches. Chunks land in
+``<state>/transfers/<transfer id>/patch.part`` as they arrive, so an agent that loses
+the link — or is restarted — asks only for what it does not hold. Every step is a
+``model.update`` event (status offered → downloading → received → verified → staged →
+healthy → applied, or failed / rolled_back with the reason) that dashboards and the
+controller's rollout runner read. Bad chunks and stray frames are counted and dropped.
+"""
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from protocol import rollout as ro
+from protocol.binary import Frame
+from protocol.chunks import ChunkError, ChunkManifest
+from protocol.envelope import Envelope, encode
+from protocol.mqttlink import Message
+from protocol.patch import PatchError, bundle_id
+
+from .transfer import PartFile, Transfer
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .daemon import Agent
+
+log = logging.getLogger("edge_agent.update")
+
+
+@dataclass
+class Active:
+    offer: dict[str, Any]
+    transfer: Transfer
+    part: PartFile
+    started: float
+
+    @property
+    def tid(self) -> str:
+        return self.transfer.manifest.transfer_id
+
+
+def _safe_tid(tid: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in tid)[:64]
+
+
+class Updater:
+    def __init__(self, agent: "Agent") -> None:
+        self.agent = agent
+        mc = agent.cfg.model
+        self.dir = Path(agent.cfg.state.dir) / "transfers"
+        self.max_bytes = mc.max_transfer_bytes
+        self.window = mc.transfer_window
+        self.retry_s = mc.transfer_retry_s
+        self.active: Active | None = None
+        self.applying = False
+        self.stats = {"offers": 0, "chunks": 0, "bad_chunks": 0, "stray_chunks": 0, "applied": 0, "failed": 0,
+                      "resumed": 0}
+        self.last: dict[str, Any] | None = None
+        self.trusted = self._load_trusted()
+        agent.control_handlers["model.offer"] = self.on_offer
+        agent.control_handlers["xfer.chunk"] = self.on_chunk
+        agent.telemetry_providers["update"] = self.telemetry
+        agent.connect_hooks.append(self.on_connect)
+
+    def _load_trusted(self) -> list[Any]:
+        from protocol.signing import SignatureError, load_public
+
+        keys = []
+        for path in self.agent.cfg.security.trusted_keys:
+            try:
+                keys.append(load_public(path))
+            except SignatureError as exc:
+                log.error("trusted key %s unusable: %s", path, exc)
+        return keys
+
+    # -- reporting --------------------------------------------------------
+    def report(self, status: str, offer: dict[str, Any] | None, reason: str = "", **data: Any) -> None:
+        target = (offer or {}).get("target") or {}
+        body: dict[str, Any] = {"status": status, "reason": reason,
+                                "rollout_id": (offer or {}).get("rollout_id"),
+                                "transfer_id": ((offer or {}).get("transfer") or {}).get("transfer_id"),
+                                "version": target.get("version"), "bundle_sha256": target.get("bundle_sha256"),
+                                **data}
+        level = "error" if status in ("failed", "rolled_back") else "info"
+        self.last = {"status": status, "reason": reason, "version": target.get("version"), "ts": time.time()}
+        self.agent.emit_event("model.update", level, **{k: v for k, v in body.items() if v is not None})
+
+    def telemetry(self) -> dict[str, Any]:
+        out: dict[str, Any] = dict(self.stats)
+        a = self.active
+        if a is not None:
+            t = a.transfer
+            out["transfer"] = {"id": a.tid, "version": a.offer["target"]["version"], "have": len(t.have),
+                               "chunks": t.count, "bytes": t.received_bytes, "total_bytes": t.manifest.total_size,
+                               "rerequested": t.rerequested}
+        if self.last:
+            out["last"] = self.last
+        return out
+
+    # -- start-up and reconnects ---------------------------------------------
+    def restore(self) -> None:
+        """Pick up a transfer that a restart interrupted (its chunks are still on disk)."""
+        if not self.dir.is_dir():
+            return
+        for d in sorted(self.dir.iterdir()):
+            try:
+                offer = json.loads((d / "offer.json").read_text())
+                manifest = ChunkManifest.from_dict(offer["transfer"])
+            except (OSError, ValueError, KeyError, TypeError, ChunkError):
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            if self.active is not None or self._installed_id() == offer["target"]["bundle_sha256"]:
+                shutil.rmtree(d, ignore_errors=True)
+                continue
+            part = PartFile(d, manifest)
+            t = Transfer(manifest, window=self.window, retry_s=self.retry_s, have=part.held())
+            self.active = Active(offer, t, part, time.time())
+            self.stats["resumed"] += 1
+            log.info("resuming transfer %s: %d of %d chunks on disk", manifest.transfer_id, len(t.have), t.count)
+
+    async def on_connect(self) -> None:
+        if self.active is not None and not self.applying:
+            self._ask(force=True)
+
+    async def run(self) -> None:
+        """Re-ask for chunks whose request timed out (lost message, dropped link)."""
+        while True:
+            await asyncio.sleep(min(0.5, self.retry_s / 2))
+            if self.active is not None and not self.applying:
+                self._ask()
+
+    # -- messages ------------------------------------------------------------
+    def _installed_id(self) -> str | None:
+        store = self.agent.serving.store
+        cur = store.current if store else None
+        try:
+            return bundle_id(cur) if cur is not None else None
+        except PatchError:
+            return None
+
+    async def on_offer(self, env: Envelope, msg: Message) -> None:
+        offer = dict(env.body)
+        self.stats["offers"] += 1
+        manifest = ro.offer_manifest(offer)
+        target = offer["target"]
+        store = self.agent.serving.store
+        if store is None:
+            self.report("failed", offer, "no model store on this device")
+            return
+        if self.applying:
+            log.info("offer %s ignored: an update is being applied", manifest.transfer_id)
+            return
+        have = self._installed_id()
+        if have == target["bundle_sha256"]:
+            self.report("unchanged", offer, "already installed")
+            self.agent.republish_state()
+            return
+        kept = store.find_id(target["bundle_sha256"])
+        if kept is not None:  # a version we still hold (a rollback): switch to it, nothing to download
+            res = store.rollback(kept)
+            if res.ok:
+                self.agent.serving.load_current()
+                self.agent.republish_state()
+                self.report("applied", offer, "switched to a version kept on this device")
+            else:
+                self.report("failed", offer, res.reason)
+            return
+        base = offer.get("base")
+        if base is not None and have != base["bundle_sha256"]:
+            self.report("failed", offer, f"wrong base: patch is for {base['version']} ({base['bundle_sha256'][:12]}), "
+                                         f"installed is {(have or 'nothing')[:12]}")
+            self.stats["failed"] += 1
+            return
+        if not self.trusted:
+            self.report("failed", offer, "no trusted keys configured: patches cannot be verified")
+            self.stats["failed"] += 1
+            return
+        if manifest.total_size > self.max_bytes:
+            self.report("failed", offer, f"patch of {manifest.total_size} bytes exceeds model.max_transfer_bytes "
+                                         f"({self.max_bytes})")
+            self.stats["failed"] += 1
+            return
+        a = self.active
+        if a is not None and a.tid == manifest.transfer_id:
+            a.offer = offer  # same bytes; a newer offer may carry another rollout id
+            self._ask(force=True)
+            return
+        if a is not None:
+            log.info("transfer %s replaced by %s", a.tid, manifest.transfer_id)
+            shutil.rmtree(a.part.dir, ignore_errors=True)
+            self.active = None
+        self.dir.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(self.dir).free
+        if free < 2 * manifest.total_size + (16 << 20):
+            self.report("failed", offer, f"not enough disk: {free} bytes free for a {manifest.total_size}-byte patch")
+            self.stats["failed"] += 1
+            return
+        d = self.dir / _safe_tid(manifest.transfer_id)
+        d.mkdir(parents=True, exist_ok=True)
+        tmp = d / ".offer.json.tmp"
+        tmp.write_text(json.dumps(offer))
+        os.replace(tmp, d / "offer.json")
+        part = PartFile(d, manifest)
+        t = Transfer(manifest, window=self.window, retry_s=self.retry_s, have=part.held())
+        self.active = Active(offer, t, part, time.time())
+        self.report("downloading", offer, bytes=manifest.total_size, chunks=manifest.count, held=len(t.have))
+        if t.complete:
+            await self._apply()
+        else:
+            self._ask(force=True)
+
+    async def on_chunk(self, frame: Frame, msg: Message) -> None:
+        if not isinstance(frame, Frame):
+            self.agent.counters.reject("chunk_not_a_frame")
+            return
+        body = frame.envelope.body
+        a = self.active
+        if a is None or body.get("transfer_id") != a.tid or self.applying:
+            self.stats["stray_chunks"] += 1
+            self.agent.counters.reject("stray_chunk")
+            return
+        try:
+            new = a.transfer.accept(body["index"], frame.blob)
+        except ChunkError as exc:
+            self.stats["bad_chunks"] += 1
+            self.agent.counters.reject("bad_chunk")
+            log.warning("transfer %s: refused %s", a.tid, exc)
+            return
+        if new:
+            a.part.write(body["index"], frame.blob)
+            self.stats["chunks"] += 1
+        if a.transfer.complete:
+            await self._apply()
+        else:
+            self._ask()
+
+    def _ask(self, force: bool = False) -> None:
+        a = self.active
+        if a is None:
+            return
+        want = a.transfer.wants(time.monotonic(), force=force)
+        if not want:
+            return
+        for i in range(0, len(want), ro.MAX_WANT):
+            body = {"transfer_id": a.tid, "chunks": want[i:i + ro.MAX_WANT], "have": len(a.transfer.have),
+                    "total": a.transfer.count}
+            env = Envelope(kind="xfer.want", sender=self.agent.device_id, body=body)
+            if not self.agent.publish(self.agent.topics.data(self.agent.device_id, ro.XFER_DATA_LEAF),
+                                      encode(env), qos=1):
+                # not connected: forget the in-flight marks, ask again on reconnect
+                a.transfer.inflight.clear()
+                return
+
+    async def _apply(self) -> None:
+        a = self.active
+        assert a is not None
+        self.applying = True
+        try:
+            offer = a.offer
+            try:
+                data = a.part.read_all()
+            except (ChunkError, OSError) as exc:
+                self._finish_failed(a, "failed", f"transfer corrupt: {exc}")
+                return
+            self.report("received", offer, bytes=len(data))
+            store = self.agent.serving.store
+            res = await asyncio.to_thread(store.apply_patch, data, self.trusted, self.agent.serving.health_check,
+                                          bool(offer.get("allow_downgrade")))
+            for step in res.steps[1:]:
+                if step in ro.UPDATE_STATUSES and step != "applied":
+                    self.report(step, offer)
+            if res.ok:
+                self.agent.serving.load_current()
+                self.agent.republish_state()
+                self.stats["applied"] += 1
+                self.report("applied", offer, "installed",
+                            seconds=round(time.time() - a.started, 3))
+                shutil.rmtree(a.part.dir, ignore_errors=True)
+                self.active = None
+            else:
+                status = "rolled_back" if "unhealthy" in res.steps else "failed"
+                if res.reason.startswith("refused: already installed"):
+                    status = "unchanged"
+                self._finish_failed(a, status, res.reason)
+        finally:
+            self.applying = False
+
+    def _finish_failed(self, a: Active, status: str, reason: str) -> None:
+        log.error("update to %s %s: %s", a.offer["target"]["version"], status, reason)
+        if status != "unchanged":
+            self.stats["failed"] += 1
+        self.report(status, a.offer, reason)
+        shutil.rmtree(a.part.dir, ignore_errors=True)
+        self.active = None

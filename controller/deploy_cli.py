@@ -1,0 +1,292 @@
+"""``fleetctl deploy``, ``fleetctl rollout …``, ``fleetctl rollback`` and ``fleetctl device tag``.
+
+The CLI stores the artifact and writes the rollout into the registry's SQLite file;
+``fleetctl serve`` runs it (waves, offers, chunks, aborts). ``--wait`` follows it
+with a progress bar and exits non-zero when the rollout aborted.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from .round_cli import parse_duration
+
+
+def _store(ctx: click.Context):
+    from .rollout_store import RolloutStore
+
+    path = ctx.obj.cfg().db_path
+    if not os.path.exists(path):
+        raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
+    return RolloutStore.open(path)
+
+
+def parse_fraction(value: str) -> float:
+    v = value.strip()
+    try:
+        f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not a fraction like 10% or 0.1", param_hint="--canary") from None
+    if not (0 <= f < 1):
+        raise click.BadParameter(f"{value!r} must be at least 0 and below 100%", param_hint="--canary")
+    return f
+
+
+def select_devices(ctx: click.Context, store: Any, to: str | None, group: str | None, tag: str | None,
+                   all_: bool) -> list[Any]:
+    """Registry devices picked by id list, group, tag or all; online ones first."""
+    from protocol.topics import InvalidId, validate_id
+
+    if sum(x is not None and x is not False for x in (to, group, tag, all_ or None)) != 1:
+        raise click.UsageError("pick the devices with exactly one of --to, --group, --tag or --all")
+    devs = {d.id: d for d in ctx.obj.registry().devices()}
+    if to is not None:
+        ids = [i.strip() for i in to.split(",") if i.strip()]
+        for i in ids:
+            try:
+                validate_id(i)
+            except InvalidId as exc:
+                raise click.BadParameter(str(exc), param_hint="--to") from None
+        unknown = [i for i in ids if i not in devs]
+        if unknown:
+            raise click.BadParameter(f"unknown device(s): {', '.join(unknown)}", param_hint="--to")
+        picked = [devs[i] for i in ids]
+    elif group is not None:
+        picked = [d for d in devs.values() if d.group == group]
+    elif tag is not None:
+        picked = [devs[i] for i in store.devices_with_tag(tag) if i in devs]
+    else:
+        picked = list(devs.values())
+    if not picked:
+        raise click.ClickException("no device matches")
+    return sorted(picked, key=lambda d: (not d.online, d.id))
+
+
+def _policy_options(f):
+    for opt in reversed([
+        click.option("--to", default=None, help="device ids, comma-separated"),
+        click.option("--group", default=None, help="every device of this group"),
+        click.option("--tag", default=None, help="every device with this tag (fleetctl device tag)"),
+        click.option("--all", "all_", is_flag=True, help="every known device"),
+        click.option("--canary", default="10%", show_default=True, help="share of devices in the first wave"),
+        click.option("--batch", default=0, show_default=True, type=click.IntRange(0),
+                     help="devices per wave after the canary (0 = all the rest at once)"),
+        click.option("--max-failures", default=0, show_default=True, type=click.IntRange(0),
+                     help="abort and roll the rollout back when more devices fail"),
+        click.option("--wave-timeout", default="10m", show_default=True,
+                     help="an online device that has not finished by then counts as failed"),
+        click.option("--max-confidence-drop", default=None, type=click.FloatRange(0, 1),
+                     help="abort when the updated devices' live mean confidence falls by more"),
+        click.option("--wait/--no-wait", default=False, help="follow the rollout until it ends"),
+        click.option("--timeout", "wait_timeout", default="30m", show_default=True, help="with --wait: give up after"),
+        click.option("--json", "as_json", is_flag=True),
+    ]):
+        f = opt(f)
+    return f
+
+
+def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: str, batch: int,
+            max_failures: int, wave_timeout: str, max_confidence_drop: float | None, selector: dict[str, Any],
+            kind: str = "ro") -> str:
+    from .rollouts import RolloutConfigError, RolloutPolicy, plan_waves
+
+    try:
+        policy = RolloutPolicy(canary=parse_fraction(canary), batch=batch, max_failures=max_failures,
+                               wave_timeout_s=parse_duration(wave_timeout), max_confidence_drop=max_confidence_drop)
+    except RolloutConfigError as exc:
+        raise click.UsageError(str(exc)) from None
+    waves = plan_waves([d.id for d in devices], policy.canary, policy.batch)
+    current = {}
+    for d in devices:
+        m = (d.state or {}).get("model") or {}
+        current[d.id] = (m.get("bundle_sha256"), m.get("version")) if isinstance(m, dict) else (None, None)
+    rid = time.strftime(f"{kind}-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
+    store.create_rollout(rid, version, sha, policy.to_dict(), selector, waves, current)
+    return rid
+
+
+@click.command()
+@click.argument("artifact", type=click.Path(exists=True))
+@click.option("--from", "bases", multiple=True, type=click.Path(exists=True, file_okay=False),
+              help="a bundle devices may run now, so head-only patches can be made from it (repeatable)")
+@_policy_options
+@click.pass_context
+def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | None, group: str | None,
+           tag: str | None, all_: bool, canary: str, batch: int, max_failures: int, wave_timeout: str,
+           max_confidence_drop: float | None, wait: bool, wait_timeout: str, as_json: bool) -> None:
+    """Roll a bundle directory or a patch file out to devices, canary first."""
+    from protocol.patch import PatchError
+
+    store = _store(ctx)
+    try:
+        for b in bases:
+            store.add_bundle(b)
+        art = store.add_bundle(artifact) if Path(artifact).is_dir() else store.add_patch(Path(artifact).read_bytes())
+    except (PatchError, OSError) as exc:
+        raise click.ClickException(f"{artifact}: {exc}") from None
+    devices = select_devices(ctx, store, to, group, tag, all_)
+    if art.kind == "bundle" and not ctx.obj.cfg().security.signing_key:
+        click.echo("warning: no --signing-key: fleetctl serve must have one to make patches from a bundle",
+                   err=True)
+    rid = _create(ctx, store, art.version, art.bundle_sha256, devices, canary, batch, max_failures, wave_timeout,
+                  max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id})
+    _report_created(store, rid, art.version, len(devices), as_json and not wait)
+    if wait:
+        _follow(store, rid, parse_duration(wait_timeout), as_json)
+
+
+def _report_created(store: Any, rid: str, version: str, n: int, as_json: bool) -> None:
+    r = store.rollout(rid)
+    if as_json:
+        click.echo(json.dumps(rollout_json(store, r), indent=2))
+    else:
+        sizes = "+".join(str(sum(1 for s in store.slots(rid) if s.wave == w)) for w in range(r.waves))
+        click.echo(f"{rid}: {version} to {n} device(s) in {r.waves} wave(s) ({sizes}); fleetctl serve runs it")
+
+
+def rollout_json(store: Any, r: Any) -> dict[str, Any]:
+    slots = store.slots(r.id)
+    counts: dict[str, int] = {}
+    for s in slots:
+        counts[s.status] = counts.get(s.status, 0) + 1
+    return {"rollout_id": r.id, "status": r.status, "version": r.version, "bundle_sha256": r.bundle_sha256,
+            "created": r.created, "finished": r.finished, "wave": r.wave, "waves": r.waves, "reason": r.reason,
+            "policy": r.policy, "selector": r.selector, "figures": r.figures, "counts": counts,
+            "devices": [{"device": s.device_id, "wave": s.wave, "status": s.status, "reason": s.reason,
+                         "from_version": s.from_version, "conf_before": s.conf_before, "conf_after": s.conf_after}
+                        for s in slots]}
+
+
+def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
+    from .rollouts import FINAL
+
+    deadline = time.monotonic() + timeout
+    n = len(store.slots(rid))
+    with click.progressbar(length=n, label=rid, file=sys.stderr, show_pos=True) as bar:
+        done = 0
+        while time.monotonic() < deadline:
+            store.db.rollback()  # end the read transaction so we see the service's writes
+            r = store.rollout(rid)
+            fin = sum(1 for s in store.slots(rid) if s.status in FINAL)
+            if fin > done:
+                bar.update(fin - done)
+                done = fin
+            if r.status != "running":
+                break
+            time.sleep(0.3)
+    r = store.rollout(rid)
+    out = rollout_json(store, r)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        _print(out)
+    if r.status != "done":
+        sys.exit(1)
+
+
+def _print(s: dict[str, Any]) -> None:
+    from .table import render
+
+    click.echo(f"{s['rollout_id']}: {s['status']}  {s['version']}  wave {s['wave'] + 1}/{s['waves']}"
+               + (f"  ({s['reason']})" if s["reason"] else ""))
+    click.echo(render(["DEVICE", "WAVE", "STATUS", "FROM", "REASON"],
+                      [[d["device"], d["wave"] + 1, d["status"], d["from_version"] or "-", (d["reason"] or "")[:70]]
+                       for d in s["devices"]]))
+
+
+@click.group()
+def rollout() -> None:
+    """Model rollouts: status and history."""
+
+
+@rollout.command("status")
+@click.argument("rollout_id", required=False)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_status(ctx: click.Context, rollout_id: str | None, as_json: bool) -> None:
+    """The newest (or the given) rollout, device by device."""
+    store = _store(ctx)
+    r = store.rollout(rollout_id) if rollout_id else next(iter(store.rollouts(limit=1)), None)
+    if r is None:
+        raise click.ClickException(f"no rollout {rollout_id!r}" if rollout_id else "no rollouts yet")
+    out = rollout_json(store, r)
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        _print(out)
+
+
+@rollout.command("list")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(1, 1000))
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
+    """Rollouts, newest first."""
+    from .table import render
+
+    store = _store(ctx)
+    rows = store.rollouts(limit=limit)
+    if as_json:
+        click.echo(json.dumps({"rollouts": [rollout_json(store, r) for r in rows]}, indent=2))
+        return
+    click.echo(render(["ROLLOUT", "STATUS", "VERSION", "WAVE", "REASON"],
+                      [[r.id, r.status, r.version, f"{r.wave + 1}/{r.waves}", (r.reason or "")[:60]] for r in rows]))
+
+
+@click.command()
+@click.option("--to", "to_version", required=True, help="the version to return to")
+@click.option("--devices", "to", default=None, help="device ids, comma-separated")
+@click.option("--group", default=None)
+@click.option("--tag", default=None)
+@click.option("--all", "all_", is_flag=True)
+@click.option("--wait/--no-wait", default=False)
+@click.option("--timeout", "wait_timeout", default="10m", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | None, tag: str | None, all_: bool,
+             wait: bool, wait_timeout: str, as_json: bool) -> None:
+    """Send devices back to VERSION (kept on the device, or shipped again from the artifact store)."""
+    store = _store(ctx)
+    devices = select_devices(ctx, store, to, group, tag, all_)
+    sha = None
+    art = store.artifact_by_version(to_version)
+    if art is not None:
+        sha = art.bundle_sha256
+    for d in devices:
+        for i in ((d.state or {}).get("model") or {}).get("installed") or []:
+            if isinstance(i, dict) and i.get("version") == to_version:
+                sha = sha or i.get("bundle_sha256")
+    if not sha:
+        raise click.ClickException(f"version {to_version!r} is neither in the artifact store nor kept on those devices")
+    rid = _create(ctx, store, to_version, sha, devices, "0", 0, len(devices), "10m", None,
+                  {"to": to, "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
+    _report_created(store, rid, to_version, len(devices), as_json and not wait)
+    if wait:
+        _follow(store, rid, parse_duration(wait_timeout), as_json)
+
+
+@click.command("tag")
+@click.argument("device_id")
+@click.argument("tags", nargs=-1, required=True)
+@click.option("--remove", is_flag=True, help="remove these tags instead")
+@click.pass_context
+def tag(ctx: click.Context, device_id: str, tags: tuple[str, ...], remove: bool) -> None:
+    """Tag a device (deploy --tag T targets every device with tag T)."""
+    from protocol.topics import InvalidId, validate_id
+
+    try:
+        validate_id(device_id)
+        for t in tags:
+            validate_id(t, "tag")
+    except InvalidId as exc:
+        raise click.BadParameter(str(exc)) from None
+    store = _store(ctx)
+    for t in tags:
+        store.tag(device_id, t, remove=remove)
+    click.echo(f"{device_id}: {', '.join(store.tags(device_id).get(device_id, [])) or 'no tags'}")

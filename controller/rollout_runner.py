@@ -1,0 +1,311 @@
+"""The rollout runner inside ``fleetctl serve``: desired versions, offers, chunks, waves.
+
+It owns the I/O; ``rollouts.py`` decides. Every half second it
+
+* advances each running rollout (release the next wave, abort, finish) by ``decide``;
+* reconciles: every online device whose reported bundle differs from its desired one
+  gets an offer (a signed ``model.offer`` naming the patch's chunk manifest) — or, when
+  the device still keeps that version, a signed ``model.rollback`` — on (re)connect and
+  again when nothing has moved for ``reoffer_s``. The desired version lives here, not in
+  a retained command, so a device that was away gets exactly what is wanted *now*;
+* serves ``xfer.want`` requests with signed ``xfer.chunk`` frames, only for the artifact
+  that device was offered.
+
+Patches are chosen per device: a stored patch from the device's bundle, else one made
+on the fly from two stored bundles (signed with the controller's key), else a full bundle.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, OrderedDict
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from protocol import envelope as env_mod
+from protocol import rollout as ro
+from protocol.chunks import ChunkManifest, make_manifest
+from protocol.envelope import DecodeError, Envelope, encode
+from protocol.mqttlink import Message
+from protocol.patch import version_key
+
+from .rollout_store import Artifact, Desired, RolloutRow, RolloutStore
+from .rollouts import FAILED, FINAL, RolloutPolicy, Slot, decide
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .registry import Device
+    from .service import ControllerService
+
+log = logging.getLogger("fleetctl.rollouts")
+
+MIN_CHUNK = 64 * 1024
+MAX_CHUNKS_PER_TRANSFER = 2048
+IN_PROGRESS = ("released", "offered", "downloading", "received", "verified", "staged", "healthy")
+
+
+def chunk_size_for(total: int) -> int:
+    """64 KiB, or larger so that no manifest lists more than 2048 chunk hashes."""
+    size = max(MIN_CHUNK, -(-total // MAX_CHUNKS_PER_TRANSFER))
+    return -(-size // 4096) * 4096
+
+
+def device_model(dev: "Device | None") -> dict[str, Any]:
+    m = ((dev.state or {}).get("model") if dev else None) or {}
+    return m if isinstance(m, dict) else {}
+
+
+def live_confidence(dev: "Device | None", version: str | None = None, min_inferences: int = 20) -> float | None:
+    t = ((dev.telemetry or {}).get("model") if dev else None) or {}
+    if not isinstance(t, dict) or (version is not None and t.get("version") != version):
+        return None
+    if (t.get("inferences") or 0) < min_inferences:
+        return None
+    c = t.get("mean_confidence")
+    return float(c) if isinstance(c, (int, float)) else None
+
+
+class RolloutRunner:
+    def __init__(self, svc: "ControllerService", reoffer_s: float = 30.0) -> None:
+        self.svc = svc
+        self.store = RolloutStore(svc.registry.db, Path(svc.cfg.db_path).parent / "artifacts")
+        self.reoffer_s = reoffer_s
+        self.last_offer: dict[str, float] = {}
+        self.last_want: dict[str, float] = {}
+        self._blobs: OrderedDict[str, tuple[bytes, ChunkManifest]] = OrderedDict()
+        self.counts: Counter[str] = Counter()
+        svc.listeners.append(self.on_message)
+
+    # -- loop ----------------------------------------------------------------
+    async def run(self) -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            try:
+                self.tick(time.time())
+            except Exception:  # noqa: BLE001 - our bug; log it and keep the service up
+                log.exception("rollout tick failed")
+
+    def tick(self, now: float) -> None:
+        for r in self.store.rollouts(status="running"):
+            self.advance(r, now)
+        self.reconcile(time.monotonic())
+        self.svc.registry.commit()
+
+    # -- rollouts --------------------------------------------------------------
+    def advance(self, r: RolloutRow, now: float) -> None:
+        policy = RolloutPolicy.from_dict(r.policy)
+        if r.wave < 0:
+            self.release(r, 0, now)
+            return
+        devices = {d.id: d for d in self.svc.registry.devices()}
+        slots = []
+        for s in self.store.slots(r.id):
+            dev = devices.get(s.device_id)
+            after = s.conf_after
+            if s.status == "applied" and after is None:
+                after = live_confidence(dev, r.version)
+                if after is not None:
+                    self.store.update_slot(r.id, s.device_id, conf_after=after)
+            slots.append(Slot(s.device_id, s.wave, s.status, bool(dev and dev.online), s.conf_before, after))
+        d = decide(now, policy, r.wave, r.wave_started or now, r.waves, slots)
+        for dev_id in d.timed_out:
+            self.store.update_slot(r.id, dev_id, status="timeout", reason="did not finish within the wave timeout")
+            self._send_back(r, dev_id)
+        if d.action == "release":
+            self.release(r, d.wave, now)
+        elif d.action == "abort":
+            log.warning("rollout %s aborted: %s", r.id, d.reason)
+            for s in self.store.slots(r.id):
+                if s.status == "pending":
+                    self.store.update_slot(r.id, s.device_id, status="skipped", reason="rollout aborted")
+                else:
+                    self._send_back(r, s.device_id)
+            self.store.update_rollout(r.id, status="aborted", reason=d.reason, figures=d.figures, finished=now)
+        elif d.action == "done":
+            log.info("rollout %s done: %s", r.id, d.figures)
+            self.store.update_rollout(r.id, status="done", reason=d.reason, figures=d.figures, finished=now)
+        elif d.figures != r.figures:
+            self.store.update_rollout(r.id, figures=d.figures)
+
+    def release(self, r: RolloutRow, wave: int, now: float) -> None:
+        devices = {d.id: d for d in self.svc.registry.devices()}
+        for s in self.store.slots(r.id):
+            if s.wave != wave:
+                continue
+            dev = devices.get(s.device_id)
+            self.store.update_slot(r.id, s.device_id, status="released", conf_before=live_confidence(dev))
+            self.set_desired(s.device_id, r.bundle_sha256, r.version, r.id)
+        self.store.update_rollout(r.id, wave=wave, wave_started=now)
+        log.info("rollout %s: wave %d of %d released", r.id, wave + 1, r.waves)
+
+    def _send_back(self, r: RolloutRow, device_id: str) -> None:
+        """Abort or failure: the device's desired version goes back to what it ran before."""
+        s = self.store.slot(r.id, device_id)
+        cur = self.store.desired(device_id)
+        if s is None or not s.from_sha256 or not cur or cur[0].rollout_id != r.id:
+            return
+        self.set_desired(device_id, s.from_sha256, s.from_version or "?", f"{r.id}:back")
+        if s.status == "applied":
+            self.store.update_slot(r.id, device_id, status="rolled_back", reason="rollout aborted")
+
+    def set_desired(self, device_id: str, sha: str, version: str, rollout_id: str | None) -> None:
+        self.store.set_desired(device_id, sha, version, rollout_id)
+        self.last_offer.pop(device_id, None)
+        link = self.svc.link
+        if link is not None:
+            body = {"version": version, "bundle_sha256": sha, "rollout_id": rollout_id}
+            env = Envelope(kind="ctl.state", sender=self.svc.cfg.controller.id, body=body)
+            link.publish(self.svc.topics.desired(device_id), encode(env), 1, True)
+
+    # -- reconcile ----------------------------------------------------------------
+    def reconcile(self, mono: float) -> None:
+        for d in self.store.desired():
+            dev = self.svc.registry.device(d.device_id)
+            if dev is None or not dev.online:
+                continue
+            have = device_model(dev).get("bundle_sha256")
+            rid = (d.rollout_id or "").split(":")[0]
+            slot = self.store.slot(rid, d.device_id) if rid else None
+            if have == d.bundle_sha256:
+                if slot is not None and slot.status in IN_PROGRESS and not d.rollout_id.endswith(":back"):
+                    self.store.update_slot(rid, d.device_id, status="applied", reason="reported by the device")
+                continue
+            if slot is not None and slot.status in FAILED and not d.rollout_id.endswith(":back"):
+                continue
+            last = max(self.last_offer.get(d.device_id, -1e9), self.last_want.get(d.device_id, -1e9))
+            if mono - last < self.reoffer_s:
+                continue
+            self.last_offer[d.device_id] = mono
+            self.offer(dev, d, slot, rid)
+
+    def offer(self, dev: "Device", d: Desired, slot: Any, rid: str) -> None:
+        model = device_model(dev)
+        have, have_version = model.get("bundle_sha256"), model.get("version")
+        kept = {i.get("bundle_sha256") for i in model.get("installed") or [] if isinstance(i, dict)}
+        if d.bundle_sha256 in kept:
+            self.counts["rollback_commands"] += 1
+            self.svc.send_command(dev.id, "model.rollback", {"bundle_sha256": d.bundle_sha256})
+            return
+        art = self.pick_artifact(have, d.bundle_sha256)
+        if art is None:
+            reason = f"no patch or bundle here takes {have_version or 'nothing'} to {d.version}"
+            log.error("device %s: %s", dev.id, reason)
+            if slot is not None and slot.status in IN_PROGRESS:
+                self.store.update_slot(rid, dev.id, status="failed", reason=reason)
+                r = self.store.rollout(rid)
+                if r is not None:
+                    self._send_back(r, dev.id)
+            return
+        data, manifest = self._blob(art)
+        base = None
+        if art.base_sha256:
+            base_art = self.store.artifact(art.base_sha256)
+            base = {"version": have_version if have == art.base_sha256 else (base_art.version if base_art else "?"),
+                    "bundle_sha256": art.base_sha256}
+        body = {"rollout_id": rid or None, "target": {"version": d.version, "bundle_sha256": d.bundle_sha256},
+                "base": base, "transfer": manifest.to_dict(),
+                "allow_downgrade": bool(have_version) and version_key(d.version) <= version_key(str(have_version))}
+        topic = self.svc.topics.cmd(dev.id)
+        env = Envelope(kind="model.offer", sender=self.svc.cfg.controller.id, body=body)
+        if self.svc.signing_key is not None:
+            from protocol.cmdauth import sign_envelope
+
+            env = sign_envelope(env, topic, self.svc.signing_key)
+        if self.svc.link is not None and self.svc.link.publish(topic, encode(env), 1):
+            self.counts["offers"] += 1
+            if slot is not None and slot.status == "released":
+                self.store.update_slot(rid, dev.id, status="offered", offered=time.time())
+
+    def pick_artifact(self, have: str | None, want: str) -> Artifact | None:
+        arts = self.store.artifacts_for(want)
+        patches = [a for a in arts if a.kind == "patch" and Path(a.path).is_file()]
+        for a in patches:
+            if have and a.base_sha256 == have:
+                return a
+        bundle = next((a for a in arts if a.kind == "bundle" and Path(a.path).is_dir()), None)
+        key = self.svc.signing_key
+        if bundle is not None and key is not None and have:
+            old = self.store.artifact(have)
+            if old is not None and old.kind == "bundle" and Path(old.path).is_dir():
+                return self._make(old.path, bundle.path)
+        full = next((a for a in patches if a.base_sha256 is None), None)
+        if full is not None:
+            return full
+        if bundle is not None and key is not None:
+            return self._make(None, bundle.path)
+        return None
+
+    def _make(self, old: str | None, new: str) -> Artifact:
+        from protocol.patch import make_patch
+
+        data, _ = make_patch(old, new, self.svc.signing_key)
+        self.counts["patches_made"] += 1
+        return self.store.add_patch(data)
+
+    def _blob(self, art: Artifact) -> tuple[bytes, ChunkManifest]:
+        hit = self._blobs.get(art.id)
+        if hit is None:
+            data = Path(art.path).read_bytes()
+            hit = (data, make_manifest(art.id[:32], data, chunk_size_for(len(data))))
+            self._blobs[art.id] = hit
+            while len(self._blobs) > 4:
+                self._blobs.popitem(last=False)
+        self._blobs.move_to_end(art.id)
+        return hit
+
+    # -- inbound ----------------------------------------------------------------
+    def on_message(self, leaf: str, env: Envelope) -> None:
+        if leaf == "state" and env.body.get("status") == "online":
+            self.last_offer.pop(env.sender, None)   # a (re)connect: reconcile it at once
+            return
+        if leaf != "events" or env.body.get("event") != "model.update":
+            return
+        b = env.body
+        try:
+            ro.check_update_event(b)
+        except DecodeError as exc:
+            self.svc.reject(exc.reason, f"dev/{env.sender}/events", str(exc))
+            return
+        rid = b.get("rollout_id")
+        slot = self.store.slot(rid, env.sender) if rid else None
+        if slot is None or slot.status in FINAL:
+            return
+        status = "applied" if b["status"] == "unchanged" else b["status"]
+        self.store.update_slot(rid, env.sender, status=status, reason=b.get("reason") or None)
+        if status in FAILED:
+            r = self.store.rollout(rid)
+            if r is not None:
+                self._send_back(r, env.sender)
+
+    def on_want(self, device_id: str, msg: Message) -> None:
+        """``xfer.want`` from a device: send it the chunks it lacks of the artifact it was offered."""
+        try:
+            env = env_mod.decode(msg.payload, max_bytes=self.svc.cfg.mqtt.max_message_bytes, expect_sender=device_id)
+        except DecodeError as exc:
+            self.svc.reject(exc.reason, msg.topic, str(exc))
+            return
+        if env.kind != "xfer.want":
+            self.svc.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on a transfer topic")
+            return
+        tid = env.body["transfer_id"]
+        art = self.store.artifact_by_transfer(tid)
+        want = self.store.desired(device_id)
+        if art is None or not want or want[0].bundle_sha256 != art.bundle_sha256:
+            self.svc.reject("unknown_transfer", msg.topic, f"{device_id} asked for transfer {tid!r}, "
+                                                            "which it was not offered")
+            return
+        self.last_want[device_id] = time.monotonic()
+        data, manifest = self._blob(art)
+        topic = self.svc.topics.cmd(device_id)
+        from protocol.cmdauth import sign_frame
+
+        for i in env.body["chunks"]:
+            if i >= manifest.count:
+                self.svc.reject("bad_chunk_index", msg.topic, f"chunk {i} of a {manifest.count}-chunk transfer")
+                continue
+            blob = data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
+            frame = sign_frame(Envelope(kind="xfer.chunk", sender=self.svc.cfg.controller.id,
+                                        body={"transfer_id": tid, "index": i}), topic, self.svc.signing_key, blob=blob)
+            if self.svc.link is not None and self.svc.link.publish(topic, frame, 1):
+                self.counts["chunks_sent"] += 1
+                self.counts["bytes_sent"] += len(blob)

@@ -1,0 +1,273 @@
+"""Rollout state in the registry's SQLite file: artifacts, rollouts, per-device slots,
+each device's desired bundle, and device tags.
+
+The CLI writes rollouts and desired versions; ``fleetctl serve`` acts on them. Artifacts
+(bundle directories and patch files) live beside the database in ``artifacts/``, each
+renamed into place only once complete, named by hash.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+import json
+import os
+import shutil
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS artifacts(
+    id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, version TEXT NOT NULL, bundle_sha256 TEXT NOT NULL,
+    base_sha256 TEXT, path TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS artifacts_target ON artifacts(bundle_sha256);
+CREATE TABLE IF NOT EXISTS rollouts(
+    id TEXT PRIMARY KEY, created REAL NOT NULL, status TEXT NOT NULL, version TEXT NOT NULL,
+    bundle_sha256 TEXT NOT NULL, policy TEXT NOT NULL, selector TEXT NOT NULL, waves INTEGER NOT NULL,
+    wave INTEGER NOT NULL DEFAULT -1, wave_started REAL, reason TEXT, figures TEXT, updated REAL, finished REAL);
+CREATE TABLE IF NOT EXISTS rollout_devices(
+    rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL,
+    reason TEXT, from_sha256 TEXT, from_version TEXT, conf_before REAL, conf_after REAL,
+    offered REAL, updated REAL, PRIMARY KEY(rollout_id, device_id));
+CREATE TABLE IF NOT EXISTS desired(
+    device_id TEXT PRIMARY KEY, bundle_sha256 TEXT NOT NULL, version TEXT NOT NULL, rollout_id TEXT,
+    set_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS device_tags(device_id TEXT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY(device_id, tag));
+"""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    id: str
+    kind: str              # bundle | patch
+    name: str | None
+    version: str
+    bundle_sha256: str     # the bundle it is (bundle) or produces (patch)
+    base_sha256: str | None
+    path: str
+    size: int
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    id: str
+    created: float
+    status: str            # running | done | aborted
+    version: str
+    bundle_sha256: str
+    policy: dict[str, Any]
+    selector: dict[str, Any]
+    waves: int
+    wave: int
+    wave_started: float | None
+    reason: str | None
+    figures: dict[str, Any]
+    finished: float | None
+
+
+@dataclass(frozen=True)
+class SlotRow:
+    device_id: str
+    wave: int
+    status: str
+    reason: str | None
+    from_sha256: str | None
+    from_version: str | None
+    conf_before: float | None
+    conf_after: float | None
+    offered: float | None
+    updated: float | None
+
+
+@dataclass(frozen=True)
+class Desired:
+    device_id: str
+    bundle_sha256: str
+    version: str
+    rollout_id: str | None
+    set_at: float
+
+
+class RolloutStore:
+    def __init__(self, db: sqlite3.Connection, artifacts_dir: str | Path) -> None:
+        self.db = db
+        self.db.executescript(SCHEMA)
+        self.db.commit()
+        self.artifacts_dir = Path(artifacts_dir)
+
+    @classmethod
+    def open(cls, db_path: str) -> "RolloutStore":
+        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(db_path, timeout=10)
+        db.execute("PRAGMA journal_mode=WAL")
+        return cls(db, Path(db_path).parent / "artifacts")
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    # -- artifacts -----------------------------------------------------------
+    def add_bundle(self, src: str | Path) -> Artifact:
+        """Copy a bundle directory into the artifact store (once per bundle id)."""
+        from protocol.patch import bundle_id, read_manifest
+
+        src = Path(src)
+        m = read_manifest(src)
+        bid = bundle_id(src)
+        have = self.artifact(bid)
+        if have is not None and Path(have.path).is_dir():
+            return have
+        dst = self.artifacts_dir / "bundles" / bid
+        tmp = dst.with_name(f".{bid}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        size = 0
+        for n in ["manifest.json", *m["files"]]:
+            (tmp / n).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src / n, tmp / n)
+            size += (tmp / n).stat().st_size
+        if dst.exists():
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+        return self._record(Artifact(bid, "bundle", m.get("name"), m["version"], bid, None, str(dst), size))
+
+    def add_patch(self, data: bytes) -> Artifact:
+        """Store a patch file (signed by whoever made it; agents verify)."""
+        import hashlib
+
+        from protocol.patch import parse_patch
+
+        pm, _ = parse_patch(data)
+        pid = hashlib.sha256(data).hexdigest()
+        have = self.artifact(pid)
+        if have is not None and Path(have.path).is_file():
+            return have
+        dst = self.artifacts_dir / "patches" / f"{pid}.efp"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".{pid}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, dst)
+        base = (pm.get("base") or {}).get("bundle_sha256")
+        return self._record(Artifact(pid, "patch", pm.get("name"), pm["target"]["version"],
+                                     pm["target"]["bundle_sha256"], base, str(dst), len(data)))
+
+    def _record(self, a: Artifact) -> Artifact:
+        self.db.execute("INSERT OR REPLACE INTO artifacts VALUES(?,?,?,?,?,?,?,?,?)",
+                        (a.id, a.kind, a.name, a.version, a.bundle_sha256, a.base_sha256, a.path, a.size, time.time()))
+        self.db.commit()
+        return a
+
+    def artifact(self, aid: str) -> Artifact | None:
+        r = self.db.execute("SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
+                            "WHERE id=?", (aid,)).fetchone()
+        return Artifact(*r) if r else None
+
+    def artifacts_for(self, bundle_sha256: str) -> list[Artifact]:
+        return [Artifact(*r) for r in self.db.execute(
+            "SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
+            "WHERE bundle_sha256=? ORDER BY size", (bundle_sha256,))]
+
+    def artifact_by_version(self, version: str) -> Artifact | None:
+        r = self.db.execute("SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
+                            "WHERE version=? ORDER BY kind, created DESC LIMIT 1", (version,)).fetchone()
+        return Artifact(*r) if r else None
+
+    def artifact_by_transfer(self, transfer_id: str) -> Artifact | None:
+        r = self.db.execute("SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
+                            "WHERE kind='patch' AND substr(id, 1, 32)=?", (transfer_id,)).fetchone()
+        return Artifact(*r) if r else None
+
+    # -- rollouts ---------------------------------------------------------------
+    def create_rollout(self, rid: str, version: str, bundle_sha256: str, policy: dict[str, Any],
+                       selector: dict[str, Any], waves: list[list[str]],
+                       current: dict[str, tuple[str | None, str | None]]) -> None:
+        now = time.time()
+        self.db.execute("INSERT INTO rollouts(id, created, status, version, bundle_sha256, policy, selector, waves, "
+                        "updated) VALUES(?,?,?,?,?,?,?,?,?)",
+                        (rid, now, "running", version, bundle_sha256, json.dumps(policy), json.dumps(selector),
+                         len(waves), now))
+        for w, devs in enumerate(waves):
+            for d in devs:
+                sha, ver = current.get(d, (None, None))
+                self.db.execute("INSERT INTO rollout_devices(rollout_id, device_id, wave, status, from_sha256, "
+                                "from_version, updated) VALUES(?,?,?,?,?,?,?)", (rid, d, w, "pending", sha, ver, now))
+        self.db.commit()
+
+    _R = ("id, created, status, version, bundle_sha256, policy, selector, waves, wave, wave_started, reason, "
+          "figures, finished")
+
+    def _rollout(self, r: Iterable[Any]) -> RolloutRow:
+        (id_, created, status, version, sha, policy, selector, waves, wave, ws, reason, figures, fin) = r
+        return RolloutRow(id_, created, status, version, sha, json.loads(policy), json.loads(selector), waves, wave,
+                          ws, reason, json.loads(figures) if figures else {}, fin)
+
+    def rollout(self, rid: str) -> RolloutRow | None:
+        r = self.db.execute(f"SELECT {self._R} FROM rollouts WHERE id=?", (rid,)).fetchone()
+        return self._rollout(r) if r else None
+
+    def rollouts(self, status: str | None = None, limit: int = 50) -> list[RolloutRow]:
+        q, args = f"SELECT {self._R} FROM rollouts", []
+        if status:
+            q += " WHERE status=?"
+            args.append(status)
+        q += " ORDER BY created DESC LIMIT ?"
+        args.append(limit)
+        return [self._rollout(r) for r in self.db.execute(q, args)]
+
+    def update_rollout(self, rid: str, **fields: Any) -> None:
+        if "figures" in fields:
+            fields["figures"] = json.dumps(fields["figures"])
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE rollouts SET {cols} WHERE id=?", (*fields.values(), rid))
+
+    def slots(self, rid: str) -> list[SlotRow]:
+        return [SlotRow(*r) for r in self.db.execute(
+            "SELECT device_id, wave, status, reason, from_sha256, from_version, conf_before, conf_after, offered, "
+            "updated FROM rollout_devices WHERE rollout_id=? ORDER BY wave, device_id", (rid,))]
+
+    def slot(self, rid: str, device_id: str) -> SlotRow | None:
+        r = self.db.execute("SELECT device_id, wave, status, reason, from_sha256, from_version, conf_before, "
+                            "conf_after, offered, updated FROM rollout_devices WHERE rollout_id=? AND device_id=?",
+                            (rid, device_id)).fetchone()
+        return SlotRow(*r) if r else None
+
+    def update_slot(self, rid: str, device_id: str, **fields: Any) -> None:
+        fields["updated"] = time.time()
+        cols = ", ".join(f"{k}=?" for k in fields)
+        self.db.execute(f"UPDATE rollout_devices SET {cols} WHERE rollout_id=? AND device_id=?",
+                        (*fields.values(), rid, device_id))
+
+    # -- desired versions ----------------------------------------------------------
+    def set_desired(self, device_id: str, bundle_sha256: str, version: str, rollout_id: str | None) -> None:
+        self.db.execute("INSERT INTO desired VALUES(?,?,?,?,?) ON CONFLICT(device_id) DO UPDATE SET "
+                        "bundle_sha256=excluded.bundle_sha256, version=excluded.version, "
+                        "rollout_id=excluded.rollout_id, set_at=excluded.set_at",
+                        (device_id, bundle_sha256, version, rollout_id, time.time()))
+
+    def desired(self, device_id: str | None = None) -> list[Desired]:
+        if device_id:
+            rows = self.db.execute("SELECT * FROM desired WHERE device_id=?", (device_id,))
+        else:
+            rows = self.db.execute("SELECT * FROM desired ORDER BY device_id")
+        return [Desired(*r) for r in rows]
+
+    # -- tags ----------------------------------------------------------------------
+    def tag(self, device_id: str, tag: str, remove: bool = False) -> None:
+        if remove:
+            self.db.execute("DELETE FROM device_tags WHERE device_id=? AND tag=?", (device_id, tag))
+        else:
+            self.db.execute("INSERT OR IGNORE INTO device_tags VALUES(?,?)", (device_id, tag))
+        self.db.commit()
+
+    def tags(self, device_id: str | None = None) -> dict[str, list[str]]:
+        out: dict[str, list[str]] = {}
+        q = "SELECT device_id, tag FROM device_tags"
+        rows = self.db.execute(q + " WHERE device_id=? ORDER BY tag", (device_id,)) if device_id \
+            else self.db.execute(q + " ORDER BY device_id, tag")
+        for d, t in rows:
+            out.setdefault(d, []).append(t)
+        return out
+
+    def devices_with_tag(self, tag: str) -> list[str]:
+        return [r[0] for r in self.db.execute("SELECT device_id FROM device_tags WHERE tag=? ORDER BY device_id",
+                                              (tag,))]

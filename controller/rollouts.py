@@ -1,0 +1,138 @@
+"""Staged rollouts, decided: waves, canary gate, failure budget, fleet metrics (pure).
+
+Rules, in the order they are applied on every tick:
+
+1. A rollout's devices are cut into waves: the canary (``ceil(canary * n)`` devices, at
+   least one when ``canary > 0``), then the rest in waves of ``batch`` (0 = all at once).
+2. Failures (a device reported ``failed`` or ``rolled_back``, or stayed online but did
+   not finish within ``wave_timeout_s``) are counted over every released wave. More than
+   ``max_failures`` aborts the rollout.
+3. Fleet metrics: when at least ``min_metric_devices`` updated devices report a live mean
+   confidence both before and after, a mean fall of more than ``max_confidence_drop``
+   aborts the rollout (a model can pass every device-side check and still be worse in
+   the field).
+4. A wave is finished when every device of it that is online has a final status. The
+   canary must have at least one device ``applied`` to open the next wave; a canary that
+   reaches its timeout with none aborts. Offline devices never hold a wave back: their
+   desired version is set, and they update when they return.
+5. The last wave finished → ``done``.
+
+Abort means: every device of the rollout is sent back to the version it ran before
+(the runner sets its desired bundle back), and unreleased waves are skipped.
+The runner (``rollout_runner.py``) acts on these decisions; this module never does I/O.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import math
+from typing import Any, Mapping, Sequence
+
+FINAL = ("applied", "failed", "rolled_back", "timeout", "skipped")
+FAILED = ("failed", "rolled_back", "timeout")
+
+
+class RolloutConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    canary: float = 0.1
+    batch: int = 0
+    max_failures: int = 0
+    wave_timeout_s: float = 600.0
+    max_confidence_drop: float | None = None
+    min_metric_devices: int = 1
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.canary < 1):
+            raise RolloutConfigError(f"canary must be a fraction in [0, 1), got {self.canary}")
+        if self.batch < 0:
+            raise RolloutConfigError("batch must be >= 0 (0 = every remaining device in one wave)")
+        if self.max_failures < 0:
+            raise RolloutConfigError("max_failures must be >= 0")
+        if not self.wave_timeout_s > 0:
+            raise RolloutConfigError("wave_timeout_s must be > 0")
+        if self.max_confidence_drop is not None and not (0 <= self.max_confidence_drop <= 1):
+            raise RolloutConfigError("max_confidence_drop must be in [0, 1]")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"canary": self.canary, "batch": self.batch, "max_failures": self.max_failures,
+                "wave_timeout_s": self.wave_timeout_s, "max_confidence_drop": self.max_confidence_drop,
+                "min_metric_devices": self.min_metric_devices}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "RolloutPolicy":
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        return cls(**known)
+
+
+def plan_waves(devices: Sequence[str], canary: float, batch: int = 0) -> list[list[str]]:
+    """Devices in the order given, cut into the canary wave and the following waves."""
+    devs = list(dict.fromkeys(devices))
+    if not devs:
+        return []
+    waves: list[list[str]] = []
+    if canary > 0 and len(devs) > 1:
+        n = min(len(devs) - 1, max(1, math.ceil(canary * len(devs))))
+        waves.append(devs[:n])
+        devs = devs[n:]
+    size = batch or len(devs)
+    waves.extend(devs[i:i + size] for i in range(0, len(devs), size))
+    return waves
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One device of a rollout, as the runner sees it now."""
+    device_id: str
+    wave: int
+    status: str                      # pending | released | offered | downloading | … | applied | failed …
+    online: bool
+    conf_before: float | None = None
+    conf_after: float | None = None
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str                      # none | release | abort | done
+    wave: int = 0                    # the wave to release
+    reason: str = ""
+    timed_out: tuple[str, ...] = ()  # devices to mark 'timeout'
+    figures: dict[str, Any] = field(default_factory=dict)
+
+
+def decide(now: float, policy: RolloutPolicy, wave: int, wave_started: float, n_waves: int,
+           slots: Sequence[Slot]) -> Decision:
+    """What to do next for a running rollout whose wave ``wave`` opened at ``wave_started``."""
+    released = [s for s in slots if s.wave <= wave]
+    current = [s for s in slots if s.wave == wave]
+    timed_out: tuple[str, ...] = ()
+    if now - wave_started >= policy.wave_timeout_s:
+        timed_out = tuple(s.device_id for s in current if s.online and s.status not in FINAL)
+    failures = sum(1 for s in released if s.status in FAILED) + len(timed_out)
+    figures: dict[str, Any] = {"failures": failures,
+                               "applied": sum(1 for s in released if s.status == "applied")}
+    pairs = [(s.conf_before, s.conf_after) for s in released
+             if s.status == "applied" and s.conf_before is not None and s.conf_after is not None]
+    if pairs:
+        drop = sum(b - a for b, a in pairs) / len(pairs)
+        figures["confidence_drop"] = round(drop, 5)
+        if (policy.max_confidence_drop is not None and len(pairs) >= policy.min_metric_devices
+                and drop > policy.max_confidence_drop):
+            return Decision("abort", wave, f"fleet confidence fell by {drop:.3f} on {len(pairs)} updated "
+                                           f"device(s) (limit {policy.max_confidence_drop})", timed_out, figures)
+    if failures > policy.max_failures:
+        return Decision("abort", wave, f"{failures} failure(s) > max_failures {policy.max_failures}",
+                        timed_out, figures)
+    open_ = [s for s in current if s.online and s.status not in FINAL and s.device_id not in timed_out]
+    if open_:
+        return Decision("none", wave, "", timed_out, figures)
+    is_canary = wave == 0 and n_waves > 1 and policy.canary > 0
+    if is_canary and not any(s.status == "applied" for s in current):
+        if timed_out or now - wave_started >= policy.wave_timeout_s:
+            return Decision("abort", wave, "no canary device completed the update", timed_out, figures)
+        return Decision("none", wave, "waiting for a canary device to come online", timed_out, figures)
+    if wave + 1 < n_waves:
+        return Decision("release", wave + 1, f"wave {wave} finished", timed_out, figures)
+    return Decision("done", wave, "every wave finished", timed_out, figures)
