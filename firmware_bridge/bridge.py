@@ -4,7 +4,9 @@ A reader thread (pyserial) hands bytes to the asyncio loop; everything else runs
 SENSOR_FRAMEs go to ``on_sensor_frame`` through a bounded queue (policy ``drop_oldest`` or
 ``drop_newest``, counted), and its answer goes back as INFER_REPLY. HELLO (also after an MCU
 reset) is acknowledged; RESULT/LOG/HEARTBEAT go to ``on_event`` as plain dicts. A port that
-disappears (unplug) is reopened with jittered exponential backoff.
+disappears (unplug) is reopened with jittered exponential backoff, and on every (re)open the
+bridge sends its own HELLO so that an MCU which did not reset introduces itself again.
+``push`` drives the sans-IO ``ModelPush`` (one transfer at a time) with the loop's clock.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any, Awaitable, Callable
 
 from .frames import Message, MsgType
 from .link import Link
+from .push import ModelPush, PushResult, max_chunk_size
 
 log = logging.getLogger("firmware_bridge")
 
@@ -31,6 +34,7 @@ class BridgeConfig:
     policy: str = "drop_oldest"        # drop_oldest | drop_newest
     min_backoff_s: float = 0.2
     max_backoff_s: float = 10.0
+    agent_id: str = "edge-agent"       # who we say we are in our HELLO
 
     def __post_init__(self) -> None:
         if self.policy not in ("drop_oldest", "drop_newest"):
@@ -53,13 +57,21 @@ class Bridge:
         self.link = Link(cfg.max_frame)
         self.mcu: dict[str, Any] | None = None
         self.queue: asyncio.Queue[Message] = asyncio.Queue(cfg.queue_size)
-        self.counters = {"dropped_backpressure": 0, "replies": 0, "reopens": 0, "hellos": 0}
+        self.counters = {"dropped_backpressure": 0, "replies": 0, "reopens": 0, "hellos": 0, "opens": 0,
+                         "pushes_ok": 0, "pushes_failed": 0}
         self._serial: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
+        self._push: ModelPush | None = None
+        self._push_wake = asyncio.Event()
+        self._transfer_id = random.randrange(0x10000)
 
     def stats(self) -> dict[str, Any]:
-        return {**self.counters, "link": self.link.stats(), "mcu": self.mcu, "queued": self.queue.qsize()}
+        out = {**self.counters, "link": self.link.stats(), "mcu": self.mcu, "queued": self.queue.qsize(),
+               "connected": self._serial is not None}
+        if self._push is not None:
+            out["push"] = self._push.progress()
+        return out
 
     # -- serial side (thread) ------------------------------------------------
     def _open(self):
@@ -76,6 +88,8 @@ class Bridge:
                 if self._serial is None:
                     self._serial = self._open()
                     backoff = self.cfg.min_backoff_s
+                    if self._loop:
+                        self._loop.call_soon_threadsafe(self._on_open)
                 data = self._serial.read(4096)
                 if data and self._loop:
                     self._loop.call_soon_threadsafe(self._feed, data)
@@ -88,7 +102,9 @@ class Bridge:
                         pass
                     self._serial = None
                     self.counters["reopens"] += 1
-                time.sleep(backoff * random.uniform(0.5, 1.5))
+                    if self._loop:
+                        self._loop.call_soon_threadsafe(self._on_lost, str(exc))
+                self._stop.wait(backoff * random.uniform(0.5, 1.5))  # wakes at once on shutdown
                 backoff = min(self.cfg.max_backoff_s, backoff * 2)
 
     def write(self, data: bytes) -> bool:
@@ -102,6 +118,24 @@ class Bridge:
             return False
 
     # -- loop side -------------------------------------------------------------
+    def _on_open(self) -> None:
+        """A fresh port: whatever half-frame we held is stale; ask whoever is there to say HELLO."""
+        self.counters["opens"] += 1
+        self.link.reset_peer()
+        self.write(self.link.send(MsgType.HELLO, {"device_id": self.cfg.agent_id[:64], "firmware": "bridge-1",
+                                                  "max_frame": self.cfg.max_frame, "samples_per_frame": 0,
+                                                  "sensors": []}))
+
+    def _on_lost(self, reason: str) -> None:
+        if self._push is not None:
+            self._push.abort(time.monotonic(), "port_lost", f"serial port lost during the push: {reason}")
+            self._push_wake.set()
+        self.on_event({"event": "mcu.port_lost", "mcu": (self.mcu or {}).get("device_id"), "reason": reason})
+
+    def _send_all(self, out: list) -> None:
+        for t, fields in out:
+            self.write(self.link.send(t, fields))
+
     def _feed(self, data: bytes) -> None:
         self.link.receive_data(data)
         for m in self.link.events():
@@ -111,6 +145,9 @@ class Bridge:
         if m.type == MsgType.HELLO:
             self.mcu = dict(m.fields)
             self.counters["hellos"] += 1
+            if self._push is not None:
+                self._push.abort(time.monotonic(), "mcu_reset", "the MCU said HELLO (it restarted) during the push")
+                self._push_wake.set()
             self.write(self.link.send(MsgType.HELLO_ACK, {"max_frame": min(self.cfg.max_frame, m.fields["max_frame"])}))
             self.on_event({"event": "mcu.hello", **self.mcu})
         elif m.type == MsgType.SENSOR_FRAME:
@@ -120,9 +157,50 @@ class Bridge:
                     return
                 self.queue.get_nowait()
             self.queue.put_nowait(m)
+        elif m.type in (MsgType.ACK, MsgType.NACK):
+            if self._push is not None:
+                self._send_all(self._push.receive(m, time.monotonic()))
+                self._push_wake.set()
+            else:
+                self.link.dropped["unexpected_ack"] += 1
         elif m.type in (MsgType.RESULT, MsgType.LOG, MsgType.HEARTBEAT):
             self.on_event({"event": "mcu." + m.type.name.lower(), "mcu": (self.mcu or {}).get("device_id"),
                            **m.fields})
+
+    async def push(self, blob: bytes, chunk_size: int | None = None, ack_timeout_s: float | None = None,
+                   end_timeout_s: float = 5.0, retries: int = 5) -> PushResult:
+        """Push ``blob`` to the MCU; returns when it ACKs/NACKs the whole transfer or we give up.
+
+        Refused at once (a failed result, not an exception) with no MCU, or while another push runs.
+        The default ACK timeout allows two frame times at the configured baud plus 0.25 s.
+        """
+        tid = self._transfer_id = (self._transfer_id + 1) & 0xFFFF
+        limit = max_chunk_size(min(self.cfg.max_frame, int((self.mcu or {}).get("max_frame") or 0xFFFF)))
+        size = min(chunk_size or 512, limit)
+        if ack_timeout_s is None:
+            ack_timeout_s = 0.25 + 2 * 10 * (size + 32) / self.cfg.baud
+        p = ModelPush(blob, tid, size, ack_timeout_s, end_timeout_s, retries)
+        if self.mcu is None or self._push is not None:
+            why = ("no_mcu", "no MCU has said HELLO on this port") if self.mcu is None else \
+                ("busy", "another push is running")
+            self.counters["pushes_failed"] += 1
+            return PushResult(False, why[0], why[1], tid, len(blob), p.n_chunks, 0, 0.0)
+        self._push = p
+        try:
+            self._send_all(p.start(time.monotonic()))
+            while not p.done:
+                self._push_wake.clear()
+                wait = max(0.0, (p.deadline or 0.0) - time.monotonic())
+                try:
+                    await asyncio.wait_for(self._push_wake.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+                self._send_all(p.tick(time.monotonic()))
+        finally:
+            self._push = None
+        assert p.result is not None
+        self.counters["pushes_ok" if p.result.ok else "pushes_failed"] += 1
+        return p.result
 
     async def run(self, stop: asyncio.Event) -> None:
         self._loop = asyncio.get_running_loop()

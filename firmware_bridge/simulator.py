@@ -1,9 +1,12 @@
 """A reference MCU that speaks the link protocol over a pseudo-terminal (tests and bring-up).
 
-It says HELLO, streams SENSOR_FRAMEs from real samples, answers MODEL_* with per-chunk ACK/NACK
-(checking each chunk's CRC) and records the INFER_REPLYs it gets. Faults can be injected:
-bit flips, garbage between frames, truncated frames, resets (new HELLO, sequence restart),
-silence.
+It says HELLO (at boot, after a reset, and when the agent's HELLO asks who is there), streams
+SENSOR_FRAMEs from real samples, takes a model push (MODEL_BEGIN with a capacity check, per-chunk
+ACK/NACK, the blob CRC checked at MODEL_END) and records the INFER_REPLYs it gets. Faults can be
+injected on its transmit side (bit flips, garbage between frames, truncated frames), on its
+receive side (bit flips: noise on the agent's frames), as NACKed chunks, resets (new HELLO,
+sequence restart, transfer lost) and silence. ``detach``/``attach`` move it to another pty
+(unplug/replug); while detached its bytes are lost, as on an unplugged cable.
 """
 from __future__ import annotations
 
@@ -13,10 +16,10 @@ import random
 import select
 import threading
 import time
-import zlib
 
 from .frames import MsgType
 from .link import Link
+from .push import ModelReceiver
 
 
 @dataclass
@@ -26,6 +29,8 @@ class Faults:
     truncate: float = 0.0     # probability a frame is cut short
     reset_every: int = 0      # re-HELLO (MCU reset) every N frames (0: never)
     silence_s: float = 0.0    # pause after every 50 frames
+    rx_bitflip: float = 0.0   # probability a read from the line gets one bit flipped (noise towards the MCU)
+    nack_chunk: float = 0.0   # probability a good chunk is NACKed anyway (say, a flash write failed)
     seed: int = 0
 
 
@@ -38,23 +43,43 @@ class SimState:
     acks: int = 0
     nacks: int = 0
     hello_acks: int = 0
+    hellos: int = 0
+    hello_requests: int = 0
+    begins: int = 0
+    resets: int = 0
+    tx_lost: int = 0
 
 
 class MCUSimulator:
     def __init__(self, fd: int, device_id: str, samples, rate_hz: float = 200.0, faults: Faults | None = None,
-                 max_frame: int = 1024) -> None:
-        self.fd = fd
+                 max_frame: int = 1024, flash_bytes: int = 256 << 10) -> None:
+        self.fd: int | None = fd
         self.device_id = device_id
         self.samples = samples
         self.rate_hz = rate_hz
         self.faults = faults or Faults()
         self.rng = random.Random(self.faults.seed)
+        self.rx_rng = random.Random(self.faults.seed + 1)  # the rx thread's own: no sharing between threads
         self.link = Link(max_frame)
         self.state = SimState()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._chunks: dict[int, bytes] = {}
-        self._begin: dict | None = None
+        self.receiver = ModelReceiver(flash_bytes, lambda i: self.rx_rng.random() < self.faults.nack_chunk)
+        self._acked = False            # our last HELLO was answered
+        self._hello_wanted = False     # the agent asked who we are
+        self._reset_wanted = False
+
+    def reset(self) -> None:
+        """Restart the MCU (from any thread): a transfer in progress is lost, HELLO again."""
+        self._reset_wanted = True
+
+    def detach(self) -> None:
+        """Unplug: from now on our bytes go nowhere and we read nothing."""
+        self.fd = None
+
+    def attach(self, fd: int) -> None:
+        """Replug on another pty; the MCU keeps running (no reset, sequence numbers go on)."""
+        self.fd = fd
 
     def _write(self, frame: bytes, faulty: bool = True) -> None:
         f = self.faults
@@ -68,11 +93,19 @@ class MCUSimulator:
                 frame = bytes(b)
             if self.rng.random() < f.truncate:
                 frame = frame[:self.rng.randrange(1, len(frame) - 1)]
-        os.write(self.fd, frame)
+        fd = self.fd
+        try:
+            if fd is None:
+                raise OSError("detached")
+            os.write(fd, frame)
+        except OSError:
+            self.state.tx_lost += 1    # unplugged (or the line's buffer is full): the bytes are gone
 
     def hello(self) -> None:
         self.link = Link(self.link.max_frame)  # a reset restarts our sequence numbers
         self.seq_to_sample: dict[int, int] = {}
+        self._acked = False
+        self.state.hellos += 1
         self._write(self.link.send(MsgType.HELLO, {"device_id": self.device_id, "firmware": "sim-1.0",
                                                     "max_frame": self.link.max_frame,
                                                     "samples_per_frame": len(self.samples[0]),
@@ -93,11 +126,17 @@ class MCUSimulator:
     def _tx(self) -> None:
         self.hello()
         i = 0
-        period = 1.0 / self.rate_hz
+        period = 1.0 / self.rate_hz if self.rate_hz > 0 else 0.0
         while not self._stop.is_set():
             f = self.faults
-            if (f.reset_every and i and i % f.reset_every == 0) or (not self.state.hello_acks and i and i % 20 == 0):
-                self.hello()  # a reset, or an unanswered HELLO retried (the bridge may not have been listening)
+            if self._reset_wanted or (f.reset_every and i and i % f.reset_every == 0):
+                self._reset_wanted = False
+                self.receiver.reset()
+                self.state.resets += 1
+                self.hello()
+            elif self._hello_wanted or (not self._acked and i and i % 20 == 0):
+                self._hello_wanted = False
+                self.hello()  # asked by the agent, or an unanswered HELLO retried (nobody was listening)
             if f.silence_s and i and i % 50 == 0:
                 time.sleep(f.silence_s)
             s = self.samples[i % len(self.samples)]
@@ -105,17 +144,26 @@ class MCUSimulator:
             self._write(self.link.send(MsgType.SENSOR_FRAME, {"timestamp_ms": i, "samples": [float(v) for v in s]}))
             self.state.sent_frames += 1
             i += 1
-            time.sleep(period)
+            if period:
+                time.sleep(period)
 
     def _rx(self) -> None:
         while not self._stop.is_set():
-            r, _, _ = select.select([self.fd], [], [], 0.05)
-            if not r:
-                continue
+            fd = self.fd
             try:
-                data = os.read(self.fd, 4096)
-            except OSError:
-                return
+                if fd is None:
+                    raise OSError("detached")
+                r, _, _ = select.select([fd], [], [], 0.05)
+                if not r:
+                    continue
+                data = os.read(fd, 4096)
+            except (OSError, ValueError):   # detached, closed, or no slave open (EIO): idle a moment
+                time.sleep(0.02)
+                continue
+            if data and self.rx_rng.random() < self.faults.rx_bitflip:
+                b = bytearray(data)
+                b[self.rx_rng.randrange(len(b))] ^= 1 << self.rx_rng.randrange(8)
+                data = bytes(b)
             self.link.receive_data(data)
             for m in self.link.events():
                 self._handle(m)
@@ -125,20 +173,18 @@ class MCUSimulator:
             self.state.replies.append({**m.fields, "sample": self.seq_to_sample.get(m.fields["ref_seq"])})
         elif m.type == MsgType.HELLO_ACK:
             self.state.hello_acks += 1
-        elif m.type == MsgType.MODEL_BEGIN:
-            self._begin, self._chunks = m.fields, {}
-        elif m.type == MsgType.MODEL_CHUNK and self._begin:
-            self._chunks[m.fields["index"]] = m.fields["data"]
-            self._write(self.link.send(MsgType.ACK, {"transfer_id": m.fields["transfer_id"],
-                                                     "index": m.fields["index"]}))
-        elif m.type == MsgType.MODEL_END and self._begin:
-            n = m.fields["chunks"]
-            blob = b"".join(self._chunks.get(i, b"") for i in range(n))
-            ok = len(self._chunks) == n and zlib.crc32(blob) == self._begin["crc32"]
-            t = MsgType.ACK if ok else MsgType.NACK
-            fields = {"transfer_id": m.fields["transfer_id"], "index": 0xFFFF}
-            if not ok:
-                fields["reason"] = 2
-            self._write(self.link.send(t, fields), faulty=False)
-            if ok:
-                self.state.model, self.state.model_done = blob, True
+            self._acked = True
+        elif m.type == MsgType.HELLO:
+            self.state.hello_requests += 1
+            self._hello_wanted = True
+        elif m.type in (MsgType.MODEL_BEGIN, MsgType.MODEL_CHUNK, MsgType.MODEL_END):
+            if m.type == MsgType.MODEL_BEGIN:
+                self.state.begins += 1
+            for t, fields in self.receiver.receive(m):
+                if t == MsgType.ACK:
+                    self.state.acks += 1
+                else:
+                    self.state.nacks += 1
+                self._write(self.link.send(t, fields))
+            if self.receiver.blob is not None:
+                self.state.model, self.state.model_done = self.receiver.blob, True
