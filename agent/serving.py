@@ -50,6 +50,7 @@ class Serving:
         self.observers: list[Callable[[str, Prediction, int | None], None]] = []
         self.sources: list[Any] = []
         self.bundle_sha256: str | None = None
+        self.last_health: dict[str, Any] = {}
 
     # -- model lifecycle -------------------------------------------------
     def start(self) -> None:
@@ -102,6 +103,7 @@ class Serving:
         except Unhealthy as exc:
             raise RuntimeError(str(exc)) from None
         log.info("staged %s healthy: %s", staged.name, figures)
+        self.last_health = figures
 
     def backbone_sha256(self) -> str:
         b = self.engine.bundle

@@ -27,6 +27,7 @@ from protocol.envelope import Envelope, encode
 from protocol.mqttlink import Message
 from protocol.patch import PatchError, bundle_id
 
+from .modelstore import failpoint
 from .transfer import PartFile, Transfer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +42,7 @@ class Active:
     transfer: Transfer
     part: PartFile
     started: float
+    held_at_start: int = 0
 
     @property
     def tid(self) -> str:
@@ -122,7 +124,7 @@ class Updater:
                 continue
             part = PartFile(d, manifest)
             t = Transfer(manifest, window=self.window, retry_s=self.retry_s, have=part.held())
-            self.active = Active(offer, t, part, time.time())
+            self.active = Active(offer, t, part, time.time(), len(t.have))
             self.stats["resumed"] += 1
             log.info("resuming transfer %s: %d of %d chunks on disk", manifest.transfer_id, len(t.have), t.count)
 
@@ -210,7 +212,7 @@ class Updater:
         os.replace(tmp, d / "offer.json")
         part = PartFile(d, manifest)
         t = Transfer(manifest, window=self.window, retry_s=self.retry_s, have=part.held())
-        self.active = Active(offer, t, part, time.time())
+        self.active = Active(offer, t, part, time.time(), len(t.have))
         self.report("downloading", offer, bytes=manifest.total_size, chunks=manifest.count, held=len(t.have))
         if t.complete:
             await self._apply()
@@ -237,6 +239,8 @@ class Updater:
         if new:
             a.part.write(body["index"], frame.blob)
             self.stats["chunks"] += 1
+            if len(a.transfer.have) == a.transfer.count // 2:
+                failpoint("transfer_half")
         if a.transfer.complete:
             await self._apply()
         else:
@@ -272,17 +276,19 @@ class Updater:
                 return
             self.report("received", offer, bytes=len(data))
             store = self.agent.serving.store
+            self.agent.serving.last_health = {}
             res = await asyncio.to_thread(store.apply_patch, data, self.trusted, self.agent.serving.health_check,
                                           bool(offer.get("allow_downgrade")))
             for step in res.steps[1:]:
                 if step in ro.UPDATE_STATUSES and step != "applied":
-                    self.report(step, offer)
+                    self.report(step, offer, **(self.agent.serving.last_health if step == "healthy" else {}))
             if res.ok:
                 self.agent.serving.load_current()
                 self.agent.republish_state()
                 self.stats["applied"] += 1
-                self.report("applied", offer, "installed",
-                            seconds=round(time.time() - a.started, 3))
+                self.report("applied", offer, "installed", seconds=round(time.time() - a.started, 3),
+                            chunks=a.transfer.count, held_at_start=a.held_at_start,
+                            rerequested=a.transfer.rerequested, bytes=a.transfer.manifest.total_size)
                 shutil.rmtree(a.part.dir, ignore_errors=True)
                 self.active = None
             else:

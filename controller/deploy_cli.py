@@ -136,18 +136,19 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
                    err=True)
     rid = _create(ctx, store, art.version, art.bundle_sha256, devices, canary, batch, max_failures, wave_timeout,
                   max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id})
-    _report_created(store, rid, art.version, len(devices), as_json and not wait)
+    _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, parse_duration(wait_timeout), as_json)
 
 
-def _report_created(store: Any, rid: str, version: str, n: int, as_json: bool) -> None:
+def _report_created(store: Any, rid: str, version: str, n: int, as_json: bool, wait: bool) -> None:
     r = store.rollout(rid)
-    if as_json:
+    if as_json and not wait:
         click.echo(json.dumps(rollout_json(store, r), indent=2))
     else:
         sizes = "+".join(str(sum(1 for s in store.slots(rid) if s.wave == w)) for w in range(r.waves))
-        click.echo(f"{rid}: {version} to {n} device(s) in {r.waves} wave(s) ({sizes}); fleetctl serve runs it")
+        click.echo(f"{rid}: {version} to {n} device(s) in {r.waves} wave(s) ({sizes}); fleetctl serve runs it",
+                   err=as_json)
 
 
 def rollout_json(store: Any, r: Any) -> dict[str, Any]:
@@ -266,7 +267,7 @@ def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | N
         raise click.ClickException(f"version {to_version!r} is neither in the artifact store nor kept on those devices")
     rid = _create(ctx, store, to_version, sha, devices, "0", 0, len(devices), "10m", None,
                   {"to": to, "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
-    _report_created(store, rid, to_version, len(devices), as_json and not wait)
+    _report_created(store, rid, to_version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, parse_duration(wait_timeout), as_json)
 

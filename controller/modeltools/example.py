@@ -160,3 +160,33 @@ if __name__ == "__main__":  # pragma: no cover
     import sys
 
     print(json.dumps(build_example(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "small").to_dict(), indent=2))
+
+
+def derive_bundle(src: str | Path, out: str | Path, version: str, head: dict[str, np.ndarray]) -> Path:
+    """A new version of an ONNX bundle with another head: same backbone bytes, the head and the
+    reference outputs rewritten, ``parent_version`` = the source's version. This is what a
+    fine-tuned or federated head becomes before it is shipped as a (head-only) patch."""
+    from protocol.bundle import check_head, head_forward
+
+    src, out = Path(src), Path(out)
+    m = json.loads((src / "manifest.json").read_text())
+    head = check_head(head)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    head_name = next(n for n, e in m["files"].items() if e.get("role") == "head")
+    (tmp / head_name).write_bytes(head_bytes(head))
+    ref_name = next((n for n, e in m["files"].items() if e.get("role") == "reference"), None)
+    if ref_name:
+        bb = next(n for n, e in m["files"].items() if e.get("role") == "backbone")
+        with np.load(tmp / ref_name, allow_pickle=False) as z:
+            ref_x = z["x"]
+        feats = _onnx_session(tmp / bb).run(None, {"input": ref_x.astype(np.float32)})[0]
+        np.savez(tmp / ref_name, x=ref_x, probs=softmax(head_forward(head, feats)).astype(np.float32))
+    m.update(version=version, parent_version=m.get("version"), created=round(time.time(), 3))
+    write_manifest(tmp, m)
+    load_bundle(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,186 @@
+"""Rollouts over a real Mosquitto to real agent processes: canary, health rollback, abort, resume."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import Probe, wait_for
+from controller.registry import Registry
+from test_skeleton import ENV, ROOT, agent_config, device, fleetctl, start_agent, stop
+
+
+def start_signed_controller(url: str, db, key, log):
+    return subprocess.Popen([sys.executable, "-m", "controller.cli", "--broker", url, "--db", str(db),
+                             "--signing-key", str(key), "serve"],
+                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+
+
+def variant(src, out, version, transform):
+    from controller.modeltools.example import derive_bundle
+    from protocol.bundle import load_head
+
+    head = load_head(src / "head.npz")
+    return derive_bundle(src, out, version, transform(head))
+
+
+def model_of(db, dev):
+    d = device(db, dev)
+    return ((d.state or {}).get("model") or {}) if d and d.online else {}
+
+
+def events(db, dev, status=None):
+    evs = [e["body"] for e in Registry(db, readonly=True).events(dev, limit=500) if e["event"] == "model.update"]
+    return [e for e in evs if status is None or e["status"] == status]
+
+
+@pytest.fixture
+def signed_fleet(tmp_path, mosquitto):
+    keys = tmp_path / "keys"
+    assert fleetctl("keys", "init", "--dir", str(keys)).returncode == 0
+    db = tmp_path / "registry.db"
+    procs = [start_signed_controller(mosquitto.url, db, keys / "controller.pem", tmp_path / "controller.log")]
+    probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/ctl/state",), protocol="3.1.1")
+    try:
+        wait_for(lambda: any(b'"online"' in p for _, p, _ in probe.seen()), timeout=15, what="controller online")
+    finally:
+        probe.close()
+    trusted = f'[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n'
+
+    def add_agent(dev, bundle, extra="", env=None):
+        cfg = agent_config(tmp_path, dev, mosquitto.url, interval=0.5,
+                           extra=f'[model]\nbundle = "{bundle}"\ntransfer_retry_s = 1.0\n{extra}' + trusted)
+        p = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                             stdout=open(tmp_path / f"{dev}.log", "ab"), stderr=subprocess.STDOUT,
+                             env={**ENV, **(env or {})}, cwd=ROOT)
+        procs.append(p)
+        return p
+
+    def ctl(*args, timeout=120):
+        return fleetctl("--broker", mosquitto.url, "--db", str(db), "--signing-key", str(keys / "controller.pem"),
+                        *args, timeout=timeout)
+
+    yield db, add_agent, ctl, keys
+    for p in procs:
+        stop(p)
+
+
+def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, example_bundle):
+    db, add_agent, ctl, keys = signed_fleet
+    v1 = example_bundle[0]
+    v2 = variant(v1, tmp_path / "v2", "1.1.0", lambda h: {k: v * 1.01 for k, v in h.items()})
+    # v3 loads and matches its own reference outputs, but its labels are scrambled: the quality
+    # gate (shadow evaluation against the serving model) must refuse it
+    v3 = variant(v2, tmp_path / "v3", "1.2.0",
+                 lambda h: {k: np.roll(v, 3, axis=-1) for k, v in h.items()})
+    v4 = variant(v2, tmp_path / "v4", "1.3.0", lambda h: {k: v * 0.99 for k, v in h.items()})
+    devs = ["a1", "a2", "a3", "a4"]
+    for d in devs:
+        add_agent(d, v1)
+    for d in devs:
+        wait_for(lambda: model_of(db, d).get("version") == "1.0.0", timeout=30, what=f"{d} serving 1.0.0")
+    assert ctl("device", "tag", "a1", "line-a").returncode == 0
+    assert ctl("device", "tag", "a2", "line-a").returncode == 0
+
+    # 1. head-only patch to a1..a3, canary first; the controller makes the patch from --from v1
+    out = ctl("deploy", str(v2), "--from", str(v1), "--to", "a1,a2,a3", "--canary", "33%", "--wait", "--json",
+              "--timeout", "90s")
+    assert out.returncode == 0, out.stdout + out.stderr
+    r = json.loads(out.stdout)
+    assert r["status"] == "done" and r["waves"] == 2, r
+    assert [d["wave"] for d in r["devices"]] == [0, 1, 1] and {d["status"] for d in r["devices"]} == {"applied"}
+    for d in ("a1", "a2", "a3"):
+        m = wait_for(lambda: model_of(db, d).get("version") == "1.1.0" and model_of(db, d), what=f"{d} on 1.1.0")
+        assert [i["version"] for i in m["installed"]] == ["1.0.0", "1.1.0"]
+        applied = events(db, d, "applied")[-1]
+        # head-only: the patch is a few KB, not the 300+ KB bundle
+        assert applied["bytes"] < 20_000 and applied["chunks"] == 1, applied
+        steps = [e["status"] for e in events(db, d)]
+        assert steps[steps.index("downloading"):] == ["downloading", "received", "verified", "staged", "healthy",
+                                                      "applied"], steps
+    assert model_of(db, "a4")["version"] == "1.0.0"   # not targeted
+
+    # 2. a model that fails the quality gate: the canary rolls back by itself, the rollout aborts,
+    #    the second wave never gets it, every device keeps serving 1.1.0
+    out = ctl("deploy", str(v3), "--from", str(v2), "--tag", "line-a", "--canary", "50%", "--max-failures", "0",
+              "--wait", "--json", "--timeout", "90s")
+    assert out.returncode == 1, out.stdout + out.stderr
+    r = json.loads(out.stdout)
+    assert r["status"] == "aborted" and "failure" in r["reason"], r
+    by = {d["device"]: d for d in r["devices"]}
+    assert by["a1"]["status"] == "rolled_back" and "health check failed" in by["a1"]["reason"]
+    assert "shadow evaluation" in by["a1"]["reason"] or "accuracy" in by["a1"]["reason"]
+    assert by["a2"]["status"] == "skipped"
+    for d in ("a1", "a2"):
+        assert model_of(db, d)["version"] == "1.1.0"
+    rb = events(db, "a1", "rolled_back")[-1]
+    assert rb["version"] == "1.2.0"
+
+    # 3. a wave aborts past max-failures: a4 still runs 1.0.0 and the controller only holds a patch
+    #    from 1.1.0, so it fails; the devices that did update are sent back to 1.1.0 (kept on them)
+    from protocol.patch import make_patch
+    from protocol.signing import load_private
+
+    data, _ = make_patch(v2, v4, load_private(keys / "controller.pem"))
+    (tmp_path / "v2-v4.efp").write_bytes(data)
+    out = ctl("deploy", str(tmp_path / "v2-v4.efp"), "--to", "a1,a2,a3,a4", "--canary", "50%",
+              "--max-failures", "0", "--wait", "--json", "--timeout", "90s")
+    assert out.returncode == 1, out.stdout + out.stderr
+    r = json.loads(out.stdout)
+    by = {d["device"]: d for d in r["devices"]}
+    assert r["status"] == "aborted"
+    assert by["a4"]["status"] == "failed" and "1.0.0" in by["a4"]["reason"], by["a4"]
+    assert by["a1"]["status"] == "rolled_back" and by["a2"]["status"] == "rolled_back"
+    for d in ("a1", "a2", "a3"):
+        wait_for(lambda: model_of(db, d).get("version") == "1.1.0", timeout=30, what=f"{d} back on 1.1.0")
+    assert model_of(db, "a4")["version"] == "1.0.0"
+
+    status = ctl("rollout", "status")
+    assert status.returncode == 0 and "aborted" in status.stdout and "a4" in status.stdout
+    listing = json.loads(ctl("rollout", "list", "--json").stdout)["rollouts"]
+    assert [x["status"] for x in listing] == ["aborted", "aborted", "done"]
+
+    # 4. fleetctl rollback --to: a1 and a2 (tag line-a) go back to 1.0.0, kept on the devices
+    out = ctl("rollback", "--to", "1.0.0", "--tag", "line-a", "--wait", "--json", "--timeout", "60s")
+    assert out.returncode == 0, out.stdout + out.stderr
+    for d in ("a1", "a2"):
+        wait_for(lambda: model_of(db, d).get("version") == "1.0.0", timeout=30, what=f"{d} on 1.0.0")
+    assert model_of(db, "a3")["version"] == "1.1.0"
+
+
+def test_interrupted_transfer_resumes_with_only_the_missing_chunks(signed_fleet, tmp_path, example_bundle):
+    db, add_agent, ctl, keys = signed_fleet
+    v1 = example_bundle[0]
+    # a bundle with a bigger backbone file so the transfer has many chunks
+    from protocol.bundle import write_manifest
+
+    big = tmp_path / "big"
+    import shutil
+
+    shutil.copytree(v1, big)
+    m = json.loads((big / "manifest.json").read_text())
+    (big / "notes.bin").write_bytes(os.urandom(2_000_000))
+    m["files"]["notes.bin"] = {"role": "other"}
+    m["version"] = "2.0.0"
+    write_manifest(big, m)
+
+    agent = add_agent("r1", v1, extra="transfer_window = 4\n", env={"EDGEFLEET_FAILPOINT": "transfer_half"})
+    wait_for(lambda: model_of(db, "r1").get("version") == "1.0.0", timeout=30, what="r1 on 1.0.0")
+    out = ctl("deploy", str(big), "--to", "r1", "--canary", "0", "--json")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert agent.wait(60) == -9      # killed by the failpoint half-way through the chunks
+    part = next((tmp_path / "r1" / "transfers").glob("*/patch.part"))
+    assert part.stat().st_size > 2_000_000
+    add_agent("r1", v1)              # restarted, without the failpoint
+    wait_for(lambda: model_of(db, "r1").get("version") == "2.0.0", timeout=60, what="r1 on 2.0.0")
+    applied = events(db, "r1", "applied")[-1]
+    assert applied["chunks"] >= 8 and applied["held_at_start"] == applied["chunks"] // 2, applied
+    assert not list((tmp_path / "r1" / "transfers").glob("*"))   # cleaned up after the switch
+    st = json.loads(ctl("rollout", "status", "--json").stdout)
+    wait_for(lambda: json.loads(ctl("rollout", "status", "--json").stdout)["status"] == "done", timeout=20,
+             what="rollout done")
+    assert st["devices"][0]["device"] == "r1"
