@@ -90,7 +90,10 @@ class Bridge:
                     backoff = self.cfg.min_backoff_s
                     if self._loop:
                         self._loop.call_soon_threadsafe(self._on_open)
-                data = self._serial.read(4096)
+                s = self._serial
+                data = s.read(1)  # blocks up to the port timeout for the first byte, then takes what is there
+                if data and s.in_waiting:
+                    data += s.read(min(s.in_waiting, 65536))
                 if data and self._loop:
                     self._loop.call_soon_threadsafe(self._feed, data)
             except (serial.SerialException, OSError) as exc:

@@ -68,9 +68,12 @@ class MCUSimulator:
         self._acked = False            # our last HELLO was answered
         self._hello_wanted = False     # the agent asked who we are
         self._reset_wanted = False
+        self._tx_lock = threading.Lock()
+        self.seq_to_sample: dict[int, int] = {}
 
     def reset(self) -> None:
-        """Restart the MCU (from any thread): a transfer in progress is lost, HELLO again."""
+        """Restart the MCU (from any thread): a transfer in progress is lost at once, HELLO follows."""
+        self.receiver.reset()
         self._reset_wanted = True
 
     def detach(self) -> None:
@@ -81,11 +84,20 @@ class MCUSimulator:
         """Replug on another pty; the MCU keeps running (no reset, sequence numbers go on)."""
         self.fd = fd
 
+    def _send(self, t: MsgType, fields: dict, faulty: bool = True, sample: int | None = None) -> None:
+        """Number, frame and write one message; both threads send, so this is one critical section
+        (otherwise frames could leave in another order than their sequence numbers)."""
+        with self._tx_lock:
+            if sample is not None:
+                self.seq_to_sample[self.link._tx_seq] = sample
+            self._write(self.link.send(t, fields), faulty)
+
     def _write(self, frame: bytes, faulty: bool = True) -> None:
         f = self.faults
         if faulty:
+            garbage = b""
             if self.rng.random() < f.garbage:
-                os.write(self.fd, bytes(self.rng.randrange(1, 256) for _ in range(self.rng.randrange(1, 20))))
+                garbage = bytes(self.rng.randrange(1, 256) for _ in range(self.rng.randrange(1, 20)))
             if self.rng.random() < f.bitflip:
                 b = bytearray(frame)
                 i = self.rng.randrange(1, len(b) - 1)
@@ -93,6 +105,7 @@ class MCUSimulator:
                 frame = bytes(b)
             if self.rng.random() < f.truncate:
                 frame = frame[:self.rng.randrange(1, len(frame) - 1)]
+            frame = garbage + frame
         fd = self.fd
         try:
             if fd is None:
@@ -102,14 +115,14 @@ class MCUSimulator:
             self.state.tx_lost += 1    # unplugged (or the line's buffer is full): the bytes are gone
 
     def hello(self) -> None:
-        self.link = Link(self.link.max_frame)  # a reset restarts our sequence numbers
-        self.seq_to_sample: dict[int, int] = {}
+        with self._tx_lock:
+            self.link = Link(self.link.max_frame)  # a reset restarts our sequence numbers
+            self.seq_to_sample = {}
         self._acked = False
         self.state.hellos += 1
-        self._write(self.link.send(MsgType.HELLO, {"device_id": self.device_id, "firmware": "sim-1.0",
-                                                    "max_frame": self.link.max_frame,
-                                                    "samples_per_frame": len(self.samples[0]),
-                                                    "sensors": ["digits8x8"]}), faulty=False)
+        self._send(MsgType.HELLO, {"device_id": self.device_id, "firmware": "sim-1.0",
+                                   "max_frame": self.link.max_frame, "samples_per_frame": len(self.samples[0]),
+                                   "sensors": ["digits8x8"]}, faulty=False)
 
     def start(self) -> "MCUSimulator":
         for target in (self._tx, self._rx):
@@ -139,9 +152,9 @@ class MCUSimulator:
                 self.hello()  # asked by the agent, or an unanswered HELLO retried (nobody was listening)
             if f.silence_s and i and i % 50 == 0:
                 time.sleep(f.silence_s)
-            s = self.samples[i % len(self.samples)]
-            self.seq_to_sample[self.link._tx_seq] = i % len(self.samples)
-            self._write(self.link.send(MsgType.SENSOR_FRAME, {"timestamp_ms": i, "samples": [float(v) for v in s]}))
+            k = i % len(self.samples)
+            self._send(MsgType.SENSOR_FRAME, {"timestamp_ms": i, "samples": [float(v) for v in self.samples[k]]},
+                       sample=k)
             self.state.sent_frames += 1
             i += 1
             if period:
@@ -185,6 +198,6 @@ class MCUSimulator:
                     self.state.acks += 1
                 else:
                     self.state.nacks += 1
-                self._write(self.link.send(t, fields))
+                self._send(t, fields)
             if self.receiver.blob is not None:
                 self.state.model, self.state.model_done = self.receiver.blob, True
