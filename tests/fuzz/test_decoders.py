@@ -15,6 +15,7 @@ from agent.config import ConfigError as AgentConfigError, parse_config as parse_
 from controller.config import ConfigError as CtlConfigError, parse_config as parse_ctl
 from controller.config import parse_config
 from controller.service import ControllerService
+import protocol.rollout  # noqa: F401 - registers the rollout kinds
 from protocol.binary import decode_frame, encode_frame
 from protocol.chunks import ChunkError, ChunkManifest
 from protocol.config_loader import ConfigError, load_toml
@@ -27,7 +28,8 @@ FUZZ = settings(max_examples=N, deadline=None, suppress_health_check=list(Health
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=12)
 json_values = st.recursive(json_scalars, lambda c: st.lists(c, max_size=4) | st.dictionaries(st.text(max_size=8), c,
                                                                                            max_size=4), max_leaves=12)
-KINDS = st.sampled_from(["state", "telemetry", "event", "cmd", "reply", "infer.request", "ctl.state", "x"])
+KINDS = st.sampled_from(["state", "telemetry", "event", "cmd", "reply", "infer.request", "ctl.state", "x",
+                         "model.offer", "xfer.want", "xfer.chunk"])
 
 
 @st.composite
@@ -35,7 +37,9 @@ def near_envelopes(draw):
     """Mostly-valid envelopes with one field perturbed: reaches deep into body validators."""
     env = {"schema": 1, "kind": draw(KINDS), "id": "abc", "sender": "pi-1", "ts": 1.0,
            "body": draw(st.dictionaries(st.sampled_from(["status", "seq", "interval_s", "event", "level", "command",
-                                                         "args", "ok", "error", "x", "label", "deadline_ms"]),
+                                                         "args", "ok", "error", "x", "label", "deadline_ms",
+                                                         "target", "base", "transfer", "transfer_id", "chunks",
+                                                         "index", "rollout_id"]),
                                         json_values, max_size=5))}
     if draw(st.booleans()):
         env[draw(st.sampled_from(list(env) + ["reply_to", "corr", "auth"]))] = draw(json_values)
@@ -107,7 +111,8 @@ def test_controller_ingest_survives_every_topic(tmp_path):
     svc = ControllerService(parse_config({"registry": {"path": str(tmp_path / "r.db")}}))
 
     @FUZZ
-    @given(st.sampled_from(["state", "telemetry", "events", "reply", "cmd", "bogus", "data/fl", "data/x"]),
+    @given(st.sampled_from(["state", "telemetry", "events", "reply", "cmd", "bogus", "data/fl", "data/x",
+                                            "data/xfer"]),
            st.one_of(st.binary(max_size=200), near_envelopes()))
     def inner(leaf, payload):
         svc.ingest(Message(f"edgefleet/v1/dev/pi-1/{leaf}", payload))
