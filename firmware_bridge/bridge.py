@@ -24,6 +24,8 @@ from .push import ModelPush, PushResult, max_chunk_size
 
 log = logging.getLogger("firmware_bridge")
 
+MAX_PENDING_BYTES = 1 << 20   # bytes read from the port but not yet parsed on the loop
+
 
 @dataclass(frozen=True)
 class BridgeConfig:
@@ -58,13 +60,15 @@ class Bridge:
         self.mcu: dict[str, Any] | None = None
         self.queue: asyncio.Queue[Message] = asyncio.Queue(cfg.queue_size)
         self.counters = {"dropped_backpressure": 0, "replies": 0, "reopens": 0, "hellos": 0, "opens": 0,
-                         "pushes_ok": 0, "pushes_failed": 0}
+                         "open_failures": 0, "pushes_ok": 0, "pushes_failed": 0, "dropped_overrun_bytes": 0}
         self._serial: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._push: ModelPush | None = None
         self._push_wake = asyncio.Event()
         self._transfer_id = random.randrange(0x10000)
+        self._pending_bytes = 0            # read by the thread, not yet fed on the loop (capped)
+        self._pending_lock = threading.Lock()
 
     def stats(self) -> dict[str, Any]:
         out = {**self.counters, "link": self.link.stats(), "mcu": self.mcu, "queued": self.queue.qsize(),
@@ -95,7 +99,14 @@ class Bridge:
                 if data and s.in_waiting:
                     data += s.read(min(s.in_waiting, 65536))
                 if data and self._loop:
-                    self._loop.call_soon_threadsafe(self._feed, data)
+                    with self._pending_lock:
+                        overrun = self._pending_bytes + len(data) > MAX_PENDING_BYTES
+                        if not overrun:
+                            self._pending_bytes += len(data)
+                    if overrun:  # the loop is stalled: drop at the edge rather than queue without bound
+                        self.counters["dropped_overrun_bytes"] += len(data)
+                    else:
+                        self._loop.call_soon_threadsafe(self._feed, data)
             except (serial.SerialException, OSError) as exc:
                 if self._serial is not None:
                     log.warning("serial port %s lost: %s", self.cfg.port, exc)
@@ -107,6 +118,8 @@ class Bridge:
                     self.counters["reopens"] += 1
                     if self._loop:
                         self._loop.call_soon_threadsafe(self._on_lost, str(exc))
+                else:
+                    self.counters["open_failures"] += 1
                 self._stop.wait(backoff * random.uniform(0.5, 1.5))  # wakes at once on shutdown
                 backoff = min(self.cfg.max_backoff_s, backoff * 2)
 
@@ -140,6 +153,8 @@ class Bridge:
             self.write(self.link.send(t, fields))
 
     def _feed(self, data: bytes) -> None:
+        with self._pending_lock:
+            self._pending_bytes -= len(data)
         self.link.receive_data(data)
         for m in self.link.events():
             self._dispatch(m)
