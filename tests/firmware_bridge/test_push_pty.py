@@ -1,7 +1,7 @@
 """Model push over a real pty to the simulator, with corruption both ways, NACKs and an MCU reset."""
 import asyncio
 
-from conftest import TFLITE, accuracy, until
+from bridge_parts import TFLITE, accuracy, answer, engine, pty, until  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import Faults, MCUSimulator
 

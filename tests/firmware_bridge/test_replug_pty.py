@@ -6,7 +6,7 @@ the pty master under it, replugging makes a new pty and points the name at it.
 import asyncio
 import os
 
-from conftest import accuracy, until
+from bridge_parts import accuracy, answer, engine, pty, until  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import MCUSimulator
 

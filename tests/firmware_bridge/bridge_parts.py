@@ -1,4 +1,8 @@
-"""Shared parts for the pty tests: a real pseudo-terminal, the real model, polling on the loop."""
+"""Shared parts for the pty tests: a real pseudo-terminal, the real model, polling on the loop.
+
+Not a conftest.py: a second module named ``conftest`` would shadow tests/conftest.py for the
+modules that ``from conftest import ...``. Test modules import the fixtures they use from here.
+"""
 from __future__ import annotations
 
 import asyncio
