@@ -4,7 +4,12 @@ For the example digits bundle and for a bundle with a realistic-size int8 backbo
 parameters), retrain only the head (a new version, as on-device learning or a federated round
 produces) and compare the patch (``protocol.patch.make_patch``: only changed files, zstd,
 Ed25519-signed) with the full bundle shipped as a patch against nothing.
-``rollout_50_seconds`` needs the rollout machinery (issue 6, not built yet) and is reported as null.
+Then the rollout itself: a controller and 50 agents (one process, one event loop, each agent with
+its own MQTT session, model store and ONNX Runtime session) on a real Mosquitto (the embedded broker
+when Mosquitto is not installed); ``fleetctl deploy``'s rollout (10 % canary, then the rest) of the
+head-only patch, timed from the rollout's creation until every agent serves the new version
+(``rollout_50_seconds``). Baseline in the same run: the broker carrying the same patch bytes to 50
+subscribers with plain paho publishes (``rollout_vs_raw_publish``).
 Never fails on a number; the last line is one JSON object.
 """
 from __future__ import annotations
@@ -51,6 +56,144 @@ def sizes(old: Path, new: Path, key) -> tuple[int, int, float]:
     return len(patch), len(full), ms
 
 
+def start_broker(work: Path):
+    """A real Mosquitto on a free loopback port, else the embedded broker."""
+    import os
+    import socket
+    import subprocess
+
+    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
+    if exe is None:
+        from controller.broker import EmbeddedBroker
+
+        b = EmbeddedBroker().start()
+        return b.url, b.stop, "amqtt"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = work / "mosquitto.conf"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+                    + ("user root\n" if os.geteuid() == 0 else "") + "max_queued_messages 100000\n")
+    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    for _ in range(100):
+        try:
+            socket.create_connection(("127.0.0.1", port), 0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    return f"mqtt://127.0.0.1:{port}", lambda: (proc.terminate(), proc.wait(5)), "mosquitto"
+
+
+def raw_publish_seconds(url: str, n: int, size: int) -> float:
+    """Baseline: the broker carries n messages of ``size`` bytes (QoS 1) from one paho client to n subscribers."""
+    import threading
+
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    host, port = url.rsplit("/", 1)[1].split(":")
+    got = threading.Semaphore(0)
+    subs = []
+    for i in range(n):
+        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-sub-{i}")
+        c.on_message = lambda *a: got.release()
+        c.connect(host, int(port))
+        c.subscribe(f"raw/{i}", 1)
+        c.loop_start()
+        subs.append(c)
+    pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub")
+    pub.connect(host, int(port))
+    pub.loop_start()
+    time.sleep(0.5)
+    payload = b"\x5a" * size
+    t = time.perf_counter()
+    for i in range(n):
+        pub.publish(f"raw/{i}", payload, 1)
+    for _ in range(n):
+        got.acquire(timeout=30)
+    dt = time.perf_counter() - t
+    for c in subs + [pub]:
+        c.loop_stop()
+        c.disconnect()
+    return dt
+
+
+def rollout_figures(work: Path, v1: Path, v2: Path, n: int, patch_bytes: int) -> dict:
+    """Time a real rollout of v1 -> v2 to ``n`` in-process agents."""
+    import asyncio
+
+    from agent.config import parse_config as agent_config
+    from agent.daemon import Agent
+    from controller.config import parse_config as ctl_config
+    from controller.rollouts import RolloutPolicy, plan_waves
+    from controller.service import ControllerService
+    from protocol.signing import generate as gen, save_keypair
+
+    url, stop_broker, broker = start_broker(work)
+    key = gen()
+    save_keypair(key, work / "ctl.pem", work / "ctl.pub")
+
+    async def go() -> dict:
+        stop = asyncio.Event()
+        svc = ControllerService(ctl_config({"registry": {"path": str(work / "reg.db")}, "mqtt": {"broker": url},
+                                            "security": {"signing_key": str(work / "ctl.pem")}}))
+        tasks = [asyncio.create_task(svc.run(stop))]
+        await asyncio.sleep(1.0)
+        agents = []
+        t0 = time.perf_counter()
+        for i in range(n):
+            a = Agent(agent_config({"device": {"id": f"b{i:02d}"}, "mqtt": {"broker": url},
+                                    "telemetry": {"interval_s": 30.0}, "homeassistant": {"enabled": False},
+                                    "state": {"dir": str(work / "agents" / f"b{i:02d}")},
+                                    "model": {"bundle": str(v1)},
+                                    "security": {"trusted_keys": [str(work / "ctl.pub")]}}))
+            agents.append(a)
+            tasks.append(asyncio.create_task(a.run(stop)))
+        reg = svc.registry
+
+        def on(version: str) -> int:
+            return sum(1 for d in reg.devices() if d.online and ((d.state or {}).get("model") or {})
+                       .get("version") == version)
+
+        while on("1.0.0") < n and time.perf_counter() - t0 < 120:
+            await asyncio.sleep(0.2)
+        started = time.perf_counter() - t0
+        store = svc.rollouts.store
+        store.add_bundle(v1)
+        art = store.add_bundle(v2)
+        devs = sorted(d.id for d in reg.devices())
+        current = {d.id: (((d.state or {}).get("model") or {}).get("bundle_sha256"), "1.0.0") for d in reg.devices()}
+        if on("1.0.0") < n:
+            print(f"only {on('1.0.0')} of {n} agents came up serving 1.0.0 in {started:.0f} s", file=sys.stderr)
+        policy = RolloutPolicy(canary=0.1, max_failures=0, wave_timeout_s=300)
+        t1 = time.perf_counter()
+        store.create_rollout("bench", art.version, art.bundle_sha256, policy.to_dict(), {"all": True},
+                             plan_waves(devs, 0.1), current)
+        status = "running"
+        while status == "running" and time.perf_counter() - t1 < 300:
+            await asyncio.sleep(0.1)
+            status = store.rollout("bench").status
+        seconds = time.perf_counter() - t1
+        done = on(art.version)
+        counts = dict(svc.rollouts.counts)
+        stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {"status": status, "seconds": seconds, "updated": done, "agents_start_s": started, **counts}
+
+    try:
+        r = asyncio.run(go())
+        raw = raw_publish_seconds(url, n, patch_bytes)
+    finally:
+        stop_broker()
+    print(f"rollout of the head-only patch to {n} agents on {broker}: {r['status']}, {r['updated']}/{n} updated in "
+          f"{r['seconds']:.2f} s (10% canary then the rest; {r.get('patches_made', 0)} patch made, "
+          f"{r.get('chunks_sent', 0)} chunks sent); raw publish of the same bytes to {n} subscribers {raw * 1000:.1f} ms")
+    return {"rollout_50_seconds" if n == 50 else f"rollout_{n}_seconds": round(r["seconds"], 3),
+            "rollout_updated": r["updated"], "rollout_status": r["status"], "rollout_agents": n,
+            "rollout_broker": broker, "raw_publish_seconds": round(raw, 4),
+            "rollout_vs_raw_publish": round(r["seconds"] / raw, 1) if raw > 0 else None}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
@@ -77,7 +220,8 @@ def main() -> None:
     print(f"realistic backbone (64-{width}x4-64 int8): head-only patch {p2} B vs full bundle {f2 / 2**20:.1f} MB "
           f"({p2 / f2:.4%}), made in {ms2:.0f} ms")
     fig.update(realistic_head_patch_bytes=p2, realistic_full_bundle_bytes=f2,
-               realistic_head_patch_fraction=round(p2 / f2, 6), backbone_width=width, rollout_50_seconds=None)
+               realistic_head_patch_fraction=round(p2 / f2, 6), backbone_width=width)
+    fig.update(rollout_figures(work, work / "v1", work / "v2", 50, p))
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(fig))
 
