@@ -118,6 +118,21 @@ async def _serve(cfg: AgentConfig) -> int:
     return 0
 
 
+@cli.command()
+@click.option("--port", required=True, help="serial port of the MCU, e.g. /dev/ttyUSB0")
+@click.option("--baud", default=115200, show_default=True, type=click.IntRange(300, 12_000_000))
+@click.option("--bundle", default=None, type=click.Path(file_okay=False), help="answer sensor frames with this model")
+@click.option("--push", "push_file", default=None, type=click.Path(dir_okay=False),
+              help="push this file (e.g. a .tflite) to the MCU, print the result, exit 0/1")
+@click.option("--seconds", default=0.0, type=float, help="stop after this long (0: until SIGINT/SIGTERM)")
+def bridge(port: str, baud: int, bundle: str | None, push_file: str | None, seconds: float) -> None:
+    """Run the firmware bridge alone (no MQTT): MCU events and stats as JSON lines on stdout."""
+    from .mcu import run_standalone
+
+    setup_logging("warning")
+    sys.exit(asyncio.run(run_standalone(port, baud, bundle, push_file, seconds)))
+
+
 def main() -> None:
     cli(prog_name="edge-agent")
 

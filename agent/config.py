@@ -182,7 +182,34 @@ class SecuritySection:
 
 
 @dataclass(frozen=True)
+class BridgeSection:
+    """A sensor MCU on a serial port (firmware_bridge, wired in by agent.mcu); off unless enabled."""
+    enabled: bool = False
+    port: str = ""                   # /dev/ttyUSB0, or better a stable /dev/serial/by-id/... link
+    baud: int = 115200
+    queue_size: int = 64             # sensor frames waiting for inference
+    policy: str = "drop_oldest"      # drop_oldest | drop_newest when that queue is full (counted)
+    max_frame: int = 1024            # offered in HELLO_ACK; the smaller of ours and the MCU's is used
+    push_chunk_bytes: int = 512      # model push: bytes per MODEL_CHUNK (capped by the frame size)
+    push_retries: int = 5            # resends of one chunk before a push fails
+    push_ack_timeout_s: float = 0.0  # 0: two frame times at this baud + 0.25 s
+    offline_after_s: float = 30.0    # the MCU counts as offline after this long without a frame
+
+    def __post_init__(self) -> None:
+        check(not self.enabled or bool(self.port), "bridge.port", "is required when bridge.enabled = true")
+        check(300 <= self.baud <= 12_000_000, "bridge.baud", f"must be 300..12000000, got {self.baud}")
+        check(1 <= self.queue_size <= 65536, "bridge.queue_size", f"must be 1..65536, got {self.queue_size}")
+        one_of(self.policy, ("drop_oldest", "drop_newest"), "bridge.policy")
+        check(64 <= self.max_frame <= 65535, "bridge.max_frame", f"must be 64..65535, got {self.max_frame}")
+        check(1 <= self.push_chunk_bytes <= 65519, "bridge.push_chunk_bytes", "must be 1..65519")
+        check(0 <= self.push_retries <= 100, "bridge.push_retries", f"must be 0..100, got {self.push_retries}")
+        check(0 <= self.push_ack_timeout_s <= 60, "bridge.push_ack_timeout_s", "must be 0..60 (0 = from the baud)")
+        check(0 < self.offline_after_s <= 86400, "bridge.offline_after_s", "must be in (0, 86400]")
+
+
+@dataclass(frozen=True)
 class AgentConfig:
+    bridge: BridgeSection = field(default_factory=BridgeSection)   # sensor MCU (firmware_bridge)
     device: DeviceSection = field(default_factory=DeviceSection)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     telemetry: TelemetrySection = field(default_factory=TelemetrySection)

@@ -99,6 +99,11 @@ class Agent:
 
         self.updater = Updater(self)
         self._drain_task: asyncio.Future | None = None
+        self.mcu: Any = None  # a sensor MCU on a serial port ([bridge]; agent.mcu)
+        if cfg.bridge.enabled:
+            from .mcu import McuBridge
+
+            self.mcu = McuBridge(self)
 
     def _make_verifier(self) -> "CommandVerifier | None":
         sec = self.cfg.security
@@ -286,6 +291,8 @@ class Agent:
                  asyncio.create_task(self.updater.run(), name="updates")]
         if source is not None:
             tasks.append(asyncio.create_task(self.serving.run_source(source), name="source"))
+        if self.mcu is not None:
+            tasks.append(asyncio.create_task(self.mcu.run(), name="mcu"))
         if ready:
             ready()
         try:

@@ -52,11 +52,12 @@ class SimState:
 
 class MCUSimulator:
     def __init__(self, fd: int, device_id: str, samples, rate_hz: float = 200.0, faults: Faults | None = None,
-                 max_frame: int = 1024, flash_bytes: int = 256 << 10) -> None:
+                 max_frame: int = 1024, flash_bytes: int = 256 << 10, heartbeat_s: float = 1.0) -> None:
         self.fd: int | None = fd
         self.device_id = device_id
         self.samples = samples
         self.rate_hz = rate_hz
+        self.heartbeat_s = heartbeat_s
         self.faults = faults or Faults()
         self.rng = random.Random(self.faults.seed)
         self.rx_rng = random.Random(self.faults.seed + 1)  # the rx thread's own: no sharing between threads
@@ -70,6 +71,11 @@ class MCUSimulator:
         self._reset_wanted = False
         self._tx_lock = threading.Lock()
         self.seq_to_sample: dict[int, int] = {}
+
+    def send(self, t: MsgType, fields: dict, faulty: bool = False) -> None:
+        """Send one message now (from any thread), e.g. a LOG or an on-MCU RESULT; by default
+        spared the injected faults, so a test can count on it arriving."""
+        self._send(t, fields, faulty)
 
     def reset(self) -> None:
         """Restart the MCU (from any thread): a transfer in progress is lost at once, HELLO follows."""
@@ -140,6 +146,7 @@ class MCUSimulator:
         self.hello()
         i = 0
         period = 1.0 / self.rate_hz if self.rate_hz > 0 else 0.0
+        t0 = beat = time.monotonic()
         while not self._stop.is_set():
             f = self.faults
             if self._reset_wanted or (f.reset_every and i and i % f.reset_every == 0):
@@ -152,6 +159,9 @@ class MCUSimulator:
                 self.hello()  # asked by the agent, or an unanswered HELLO retried (nobody was listening)
             if f.silence_s and i and i % 50 == 0:
                 time.sleep(f.silence_s)
+            if self.heartbeat_s and time.monotonic() - beat >= self.heartbeat_s:
+                beat = time.monotonic()
+                self._send(MsgType.HEARTBEAT, {"uptime_s": int(beat - t0)})
             k = i % len(self.samples)
             self._send(MsgType.SENSOR_FRAME, {"timestamp_ms": i, "samples": [float(v) for v in self.samples[k]]},
                        sample=k)

@@ -1,0 +1,143 @@
+"""The MCU as a sub-device of a running agent: real Mosquitto, real pty, real model, real CLI."""
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from agent.config import ConfigError, parse_config
+from bridge_parts import TFLITE, accuracy, pty, until  # noqa: F401 (fixtures too)
+from firmware_bridge.frames import MsgType
+from firmware_bridge.simulator import Faults, MCUSimulator
+from protocol.bundle import write_manifest
+from protocol.envelope import Envelope, encode
+from protocol.topics import Topics
+
+
+@pytest.fixture
+def mcu_bundle(tmp_path, example_bundle):
+    """The example bundle plus the MCU's own model, listed in the manifest."""
+    b = tmp_path / "bundle"
+    shutil.copytree(example_bundle[0], b)
+    shutil.copy(TFLITE, b / "mcu_digits.tflite")
+    man = json.loads((b / "manifest.json").read_text())
+    man["files"]["mcu_digits.tflite"] = {"role": "other"}
+    write_manifest(b, man)
+    return b
+
+
+def bodies(probe, suffix):
+    return [json.loads(p)["body"] for t, p, _ in probe.seen(lambda t, p: t.endswith(suffix))]
+
+
+def test_bridge_section_defaults_and_bad_values_name_the_key():
+    cfg = parse_config({"device": {"id": "pi"}})
+    assert not cfg.bridge.enabled and cfg.bridge.baud == 115200 and cfg.bridge.policy == "drop_oldest"
+    for table, msg in (({"enabled": True}, "bridge.port is required"),
+                       ({"policy": "drop_all"}, "bridge.policy must be one of"),
+                       ({"baud": 0}, "bridge.baud must be 300..12000000"),
+                       ({"queue_size": 0}, "bridge.queue_size"),
+                       ({"baud": "fast"}, "bridge.baud must be an integer"),
+                       ({"prot": "/dev/ttyUSB0"}, "did you mean 'port'")):
+        with pytest.raises(ConfigError, match=msg):
+            parse_config({"device": {"id": "pi"}, "bridge": table})
+
+
+def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosquitto, mcu_bundle, digits_test, pty):
+    from agent.daemon import Agent
+    from conftest import Probe  # tests/conftest.py
+
+    x, y = digits_test
+    p = pty()
+    sim = MCUSimulator(p.master, "mcu-9", x[:50], rate_hz=100, heartbeat_s=0.2,
+                       faults=Faults(bitflip=0.05, rx_bitflip=0.05, seed=2)).start()
+    cfg = parse_config({"device": {"id": "pi-mcu"}, "mqtt": {"broker": mosquitto.url},
+                        "state": {"dir": str(tmp_path / "state")}, "telemetry": {"interval_s": 0.3},
+                        "homeassistant": {"enabled": False}, "model": {"bundle": str(mcu_bundle)},
+                        "inference": {"results": "every", "max_results_per_s": 100},
+                        "bridge": {"enabled": True, "port": p.name, "push_ack_timeout_s": 0.1, "push_retries": 8,
+                                   "offline_after_s": 1.0}})
+    probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/dev/pi-mcu/#",))
+    cmd_topic = Topics(cfg.mqtt.topic_root).cmd("pi-mcu")
+
+    def command(name, **args):
+        probe.publish(cmd_topic, encode(Envelope(kind="cmd", sender="ops", body={"command": name, "args": args})))
+
+    def events(name):
+        return [b for b in bodies(probe, "/events") if b["event"] == name]
+
+    async def main():
+        agent = Agent(cfg)
+        stop = asyncio.Event()
+        task = asyncio.create_task(agent.run(stop))
+        try:
+            await until(lambda: len(sim.state.replies) >= 50, what="INFER_REPLYs through the agent")
+            sim.send(MsgType.LOG, {"level": 2, "text": "flash almost full"})
+            sim.send(MsgType.LOG, {"level": 0, "text": "debug chatter"})
+            sim.send(MsgType.RESULT, {"timestamp_ms": 5, "label": 3, "confidence": 0.75})
+            command("mcu.push", file="nope.bin")
+            command("mcu.push", file="mcu_digits.tflite")
+            await until(lambda: events("mcu.model.pushed") or events("mcu.model.failed"), timeout=20,
+                        what="the push's final event")
+            await until(lambda: [b for b in bodies(probe, "/telemetry")
+                                 if b.get("mcu", {}).get("devices", {}).get("mcu-9", {}).get("results")],
+                        what="MCU telemetry with its RESULT")
+            sim.stop()                                          # the MCU goes quiet
+            await until(lambda: events("mcu.offline"), timeout=5, what="mcu.offline")
+            return agent
+        finally:
+            stop.set()
+            await task
+
+    try:
+        agent = asyncio.run(main())
+    finally:
+        sim.stop()
+        probe.close()
+    pushed = events("mcu.model.pushed")
+    assert pushed and pushed[0]["mcu"] == "mcu-9" and pushed[0]["bytes"] == TFLITE.stat().st_size, events("mcu.model.failed")
+    assert sim.state.model == TFLITE.read_bytes()
+    replies = bodies(probe, "/reply")
+    bad = [r for r in replies if r.get("command") == "mcu.push" and not r["ok"]]
+    assert bad and "nope.bin" in bad[0]["error"] and "mcu_digits.tflite" in bad[0]["error"]
+    assert any(r.get("ok") and r["result"].get("started") for r in replies if r.get("command") == "mcu.push")
+    # events: the HELLO, the warning log (not the debug one), the on-MCU result
+    hello = events("mcu.hello")
+    assert hello and hello[0]["mcu"] == "mcu-9" and hello[0]["sensors"] == ["digits8x8"]
+    assert [(e["level"], e["text"]) for e in events("mcu.log")] == [("warning", "flash almost full")]
+    assert events("mcu.result")[0]["label"] == 3
+    # telemetry: the MCU as a sub-device, and its frames counted by the agent's model
+    tel = [b for b in bodies(probe, "/telemetry") if b.get("mcu", {}).get("devices", {}).get("mcu-9", {}).get("results")]
+    dev = tel[-1]["mcu"]["devices"]["mcu-9"]
+    assert dev["online"] and dev["firmware"] == "sim-1.0" and dev["uptime_s"] >= 0 and dev["logs"] == {"warning": 1,
+                                                                                                          "debug": 1}
+    assert tel[-1]["mcu"]["answered"] >= 50 and tel[-1]["model"]["inferences"] >= 50
+    assert sum(tel[-1]["mcu"]["link"]["dropped"].values()) >= 1     # the line was noisy, and it was counted
+    # every MCU sample went through the agent's serving loop and its results channel
+    results = [b for b in bodies(probe, "/results") if str(b.get("id", "")).startswith("mcu-9:")]
+    assert len(results) >= 20
+    assert accuracy(sim.state.replies, y) >= 0.9
+    assert agent.mcu.counts["reply_timeouts"] == 0
+
+
+def test_edge_agent_bridge_command_answers_frames_and_pushes(tmp_path, pty, example_bundle, digits_test):
+    x, y = digits_test
+    p = pty()
+    sim = MCUSimulator(p.master, "mcu-cli", x[:50], rate_hz=100).start()
+    try:
+        run = subprocess.run([sys.executable, "-m", "agent.cli", "bridge", "--port", p.name, "--bundle",
+                              str(example_bundle[0]), "--seconds", "1.5"], capture_output=True, text=True, timeout=60)
+        push = subprocess.run([sys.executable, "-m", "agent.cli", "bridge", "--port", p.name, "--push", str(TFLITE)],
+                              capture_output=True, text=True, timeout=60)
+    finally:
+        sim.stop()
+    assert run.returncode == 0, run.stderr
+    lines = [json.loads(line) for line in run.stdout.splitlines()]
+    assert any(e["event"] == "mcu.hello" and e["device_id"] == "mcu-cli" for e in lines)
+    assert lines[-1]["event"] == "bridge.stats" and lines[-1]["replies"] >= 50
+    assert accuracy(sim.state.replies, y) >= 0.95
+    assert push.returncode == 0, push.stdout + push.stderr
+    assert json.loads(push.stdout.splitlines()[-2])["event"] == "mcu.model.pushed"
+    assert sim.state.model == TFLITE.read_bytes()
