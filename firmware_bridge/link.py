@@ -4,7 +4,7 @@
 (need more data). ``send(type, fields)`` returns the bytes to write. No port, thread or clock
 inside. The peer's bad input (garbage, bit flips, truncated or oversize frames, duplicates)
 is dropped with a counter and the link resynchronises on the next 0x00 — never an
-exception, never a stuck parser. The receive buffer is capped.
+exception, never a stuck parser. The receive buffer and the queue of decoded messages are capped.
 """
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from .frames import MAX_FRAME_DEFAULT, FrameError, Message, MsgType, decode_body
 
 
 class Link:
-    def __init__(self, max_frame: int = MAX_FRAME_DEFAULT) -> None:
+    def __init__(self, max_frame: int = MAX_FRAME_DEFAULT, max_events: int = 1024) -> None:
         self.max_frame = max_frame
+        self.max_events = max_events  # decoded messages not yet taken; the oldest go first (counted)
         self._buf = bytearray()
         self._discarding = False
         self._events: deque[Message] = deque()
@@ -82,6 +83,9 @@ class Link:
                 self.dropped["seq_gap"] += 1  # counted; the frame itself is good and delivered
         self._rx_seq = msg.seq
         self.frames_in += 1
+        if len(self._events) >= self.max_events:
+            self._events.popleft()
+            self.dropped["events_overflow"] += 1
         self._events.append(msg)
 
     def next_event(self) -> Message | None:
