@@ -51,6 +51,8 @@ class Serving:
         self.sources: list[Any] = []
         self.bundle_sha256: str | None = None
         self.last_health: dict[str, Any] = {}
+        #: called with (input, label) for every served prediction (agent.shadow collects live inputs)
+        self.taps: list[Callable[[Any, int], None]] = []
 
     # -- model lifecycle -------------------------------------------------
     def start(self) -> None:
@@ -102,8 +104,32 @@ class Serving:
             figures = check_bundle(staged, self.agent.cfg.model.threads, current=self.engine)
         except Unhealthy as exc:
             raise RuntimeError(str(exc)) from None
+        mc = self.agent.cfg.model
+        if mc.shadow_live_samples > 0 and self.engine is not None:
+            figures.update(self._live_shadow(staged, mc.shadow_live_samples, mc.shadow_live_window_s,
+                                             mc.shadow_min_agreement))
         log.info("staged %s healthy: %s", staged.name, figures)
         self.last_health = figures
+
+    def _live_shadow(self, staged: Path, n: int, window_s: float, min_agreement: float) -> dict[str, Any]:
+        """Runs in the installer's thread: collect live inputs, then let the candidate answer them."""
+        from protocol.bundle import load_bundle
+
+        from .shadow import LiveSample, live_agreement
+
+        sample = LiveSample(n)
+        self.taps.append(sample.tap)
+        try:
+            items = sample.wait(window_s)
+        finally:
+            self.taps.remove(sample.tap)
+        candidate = InferenceEngine(load_bundle(staged), threads=self.agent.cfg.model.threads)
+        agree = live_agreement(lambda x: candidate.predict(x).label, items)
+        out = {"live_samples": len(items), "live_agreement": None if agree is None else round(agree, 5)}
+        if agree is not None and agree < min_agreement:
+            raise RuntimeError(f"live shadow: agrees with the serving model on {agree:.1%} of {len(items)} live "
+                               f"inputs (< {min_agreement:.0%})")
+        return out
 
     def backbone_sha256(self) -> str:
         b = self.engine.bundle
@@ -138,7 +164,10 @@ class Serving:
     def predict(self, x: Any) -> Prediction:
         if self.engine is None:
             raise LookupError(f"no model loaded on this device{': ' + self.load_error if self.load_error else ''}")
-        return self.engine.predict(x)
+        pred = self.engine.predict(x)
+        for tap in self.taps:
+            tap(x, pred.label)
+        return pred
 
     async def handle_request(self, env: Envelope, msg: Message) -> None:
         self.requests += 1

@@ -151,6 +151,7 @@ class RolloutRunner:
     def set_desired(self, device_id: str, sha: str, version: str, rollout_id: str | None) -> None:
         self.store.set_desired(device_id, sha, version, rollout_id)
         self.last_offer.pop(device_id, None)
+        self.last_want.pop(device_id, None)
         link = self.svc.link
         if link is not None:
             body = {"version": version, "bundle_sha256": sha, "rollout_id": rollout_id}

@@ -69,7 +69,7 @@ def signed_fleet(tmp_path, mosquitto):
         stop(p)
 
 
-def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, example_bundle):
+def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, example_bundle, mosquitto):
     db, add_agent, ctl, keys = signed_fleet
     v1 = example_bundle[0]
     v2 = variant(v1, tmp_path / "v2", "1.1.0", lambda h: {k: v * 1.01 for k, v in h.items()})
@@ -103,6 +103,19 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
         assert steps[steps.index("downloading"):] == ["downloading", "received", "verified", "staged", "healthy",
                                                       "applied"], steps
     assert model_of(db, "a4")["version"] == "1.0.0"   # not targeted
+    # dashboards: the desired version is retained per device, and each device announces an HA
+    # update entity (installed = its state, latest = that desired topic)
+    probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/ctl/desired/+", "homeassistant/update/+/model/config"))
+    try:
+        desired = wait_for(lambda: [json.loads(p) for t, p, r in probe.seen() if t.endswith("desired/a1") and r],
+                           what="retained desired version")
+        assert desired[0]["body"]["version"] == "1.1.0"
+        upd = wait_for(lambda: [json.loads(p) for t, p, r in probe.seen() if t == "homeassistant/update/a1/model/config"],
+                       what="HA update entity")
+        assert upd[0]["latest_version_topic"] == "edgefleet/v1/ctl/desired/a1"
+        assert upd[0]["state_topic"] == "edgefleet/v1/dev/a1/state"
+    finally:
+        probe.close()
 
     # 2. a model that fails the quality gate: the canary rolls back by itself, the rollout aborts,
     #    the second wave never gets it, every device keeps serving 1.1.0
@@ -184,3 +197,37 @@ def test_interrupted_transfer_resumes_with_only_the_missing_chunks(signed_fleet,
     wait_for(lambda: json.loads(ctl("rollout", "status", "--json").stdout)["status"] == "done", timeout=20,
              what="rollout done")
     assert st["devices"][0]["device"] == "r1"
+
+
+def test_live_shadow_refuses_a_version_that_disagrees_on_todays_inputs(signed_fleet, tmp_path, example_bundle):
+    """Both candidates pass the bundle's own eval set; only the live inputs (low-contrast digits,
+    which the board sees today) tell them apart."""
+    from controller.modeltools.example import digits_split
+
+    db, add_agent, ctl, keys = signed_fleet
+    v1 = example_bundle[0]
+    xtr, _, _, _ = digits_split(0)
+    np.save(tmp_path / "live.npy", (xtr * 0.3 + 4).astype(np.float32))
+
+    def biased(h):
+        h = {k: v.copy() for k, v in h.items()}
+        h["dense0.bias"][3] += 5.0      # leans to "3" when unsure: invisible on clean digits
+        return h
+
+    bad = variant(v1, tmp_path / "bad", "1.1.0", biased)
+    good = variant(v1, tmp_path / "good", "1.2.0", lambda h: {k: v * 1.01 for k, v in h.items()})
+    add_agent("s1", v1, extra="shadow_live_samples = 60\nshadow_live_window_s = 20\nshadow_min_agreement = 1.0\n"
+                              f'[inference]\nsource = "replay"\nreplay_x = "{tmp_path / "live.npy"}"\nrate_hz = 300\n')
+    wait_for(lambda: model_of(db, "s1").get("version") == "1.0.0", timeout=30, what="s1 on 1.0.0")
+    out = ctl("deploy", str(bad), "--from", str(v1), "--to", "s1", "--canary", "0", "--wait", "--json",
+              "--timeout", "60s")
+    assert out.returncode == 1, out.stdout + out.stderr
+    slot = json.loads(out.stdout)["devices"][0]
+    assert slot["status"] == "rolled_back" and "live shadow" in slot["reason"], slot
+    assert model_of(db, "s1")["version"] == "1.0.0"
+    out = ctl("deploy", str(good), "--from", str(v1), "--to", "s1", "--canary", "0", "--wait", "--json",
+              "--timeout", "60s")
+    assert out.returncode == 0, out.stdout + out.stderr
+    healthy = events(db, "s1", "healthy")[-1]
+    assert healthy["version"] == "1.2.0" and healthy["live_samples"] == 60 and healthy["live_agreement"] == 1.0
+    wait_for(lambda: model_of(db, "s1").get("version") == "1.2.0", what="s1 on 1.2.0")
