@@ -55,12 +55,13 @@ class Bridge:
                  on_event: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.cfg = cfg
         self.on_sensor_frame = on_sensor_frame
-        self.on_event = on_event or (lambda e: None)
+        self._on_event = on_event or (lambda e: None)
         self.link = Link(cfg.max_frame)
         self.mcu: dict[str, Any] | None = None
         self.queue: asyncio.Queue[Message] = asyncio.Queue(cfg.queue_size)
         self.counters = {"dropped_backpressure": 0, "replies": 0, "reopens": 0, "hellos": 0, "opens": 0,
-                         "open_failures": 0, "pushes_ok": 0, "pushes_failed": 0, "dropped_overrun_bytes": 0}
+                         "open_failures": 0, "pushes_ok": 0, "pushes_failed": 0, "dropped_overrun_bytes": 0,
+                         "write_failures": 0, "handler_errors": 0}
         self._serial: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -81,7 +82,8 @@ class Bridge:
     def _open(self):
         import serial
 
-        return serial.Serial(self.cfg.port, self.cfg.baud, timeout=0.05)
+        # write_timeout: an MCU that stops reading must not block the event loop for long
+        return serial.Serial(self.cfg.port, self.cfg.baud, timeout=0.05, write_timeout=0.5)
 
     def _reader(self) -> None:
         import serial
@@ -130,7 +132,8 @@ class Bridge:
         try:
             s.write(data)
             return True
-        except Exception:  # noqa: BLE001 - a vanished port is handled by the reader
+        except Exception:  # noqa: BLE001 - a vanished port is handled by the reader; a stuck one times out
+            self.counters["write_failures"] += 1
             return False
 
     # -- loop side -------------------------------------------------------------
@@ -147,6 +150,13 @@ class Bridge:
             self._push.abort(time.monotonic(), "port_lost", f"serial port lost during the push: {reason}")
             self._push_wake.set()
         self.on_event({"event": "mcu.port_lost", "mcu": (self.mcu or {}).get("device_id"), "reason": reason})
+
+    def on_event(self, event: dict[str, Any]) -> None:
+        try:
+            self._on_event(event)
+        except Exception:  # noqa: BLE001 - the consumer's bug must not stop the link
+            log.exception("bridge event handler failed on %s", event.get("event"))
+            self.counters["handler_errors"] += 1
 
     def _send_all(self, out: list) -> None:
         for t, fields in out:
@@ -238,9 +248,14 @@ class Bridge:
     async def _serve(self) -> None:
         while True:
             m = await self.queue.get()
-            res = self.on_sensor_frame((self.mcu or {}).get("device_id", "?"), m)
-            if asyncio.iscoroutine(res):
-                res = await res
+            try:
+                res = self.on_sensor_frame((self.mcu or {}).get("device_id", "?"), m)
+                if asyncio.iscoroutine(res):
+                    res = await res
+            except Exception:  # noqa: BLE001 - the handler's bug: count it, keep serving the next frames
+                log.exception("sensor frame handler failed")
+                self.counters["handler_errors"] += 1
+                continue
             if res is not None:
                 label, conf = res
                 if self.write(self.link.send(MsgType.INFER_REPLY, {"ref_seq": m.seq, "label": int(label),

@@ -124,6 +124,8 @@ def decode_payload(t: MsgType, b: bytes) -> dict[str, Any]:
             raise FrameError("bad_payload", "trailing bytes after HELLO")
         if not dev:
             raise FrameError("bad_payload", "empty device id")
+        if max_frame < 64:
+            raise FrameError("bad_payload", f"max_frame {max_frame} below the minimum of 64")
         return {"device_id": dev, "firmware": fw, "max_frame": max_frame, "samples_per_frame": spf, "sensors": sensors}
     if t == MsgType.HELLO_ACK:
         return {"max_frame": _unpack("<H", b)[0]}

@@ -64,3 +64,47 @@ def test_faulty_line_is_survived_with_counters(example_bundle, digits_test):
     assert len(sim.state.replies) >= 100       # and the bridge kept answering
     right = sum(r["label"] == int(y[r["sample"]]) for r in sim.state.replies if r["sample"] is not None)
     assert right / len(sim.state.replies) >= 0.85
+
+
+def test_a_failing_handler_is_counted_and_the_bridge_keeps_answering(example_bundle, digits_test):
+    """A bug in the consumer (here: every third frame raises) must not stop the bridge."""
+    import itertools
+
+    from agent.inference import InferenceEngine
+    from protocol.bundle import load_bundle
+
+    eng = InferenceEngine(load_bundle(example_bundle[0]))
+    n = itertools.count()
+
+    def flaky(mcu, msg):
+        if next(n) % 3 == 0:
+            raise RuntimeError("consumer bug")
+        p = eng.predict(np.asarray(msg.fields["samples"], np.float32))
+        return p.label, p.confidence
+
+    def bad_events(e):
+        raise KeyError("consumer bug")
+
+    x, y = digits_test
+    master, slave = os.openpty()
+    tty.setraw(master)
+    tty.setraw(slave)
+    sim = MCUSimulator(master, "mcu-flaky", x[:50], rate_hz=150).start()
+
+    async def main():
+        b = Bridge(BridgeConfig(port=os.ttyname(slave)), flaky, bad_events)
+        stop = asyncio.Event()
+        t = asyncio.create_task(b.run(stop))
+        await asyncio.sleep(1.5)
+        stop.set()
+        await t
+        return b
+
+    try:
+        b = asyncio.run(main())
+    finally:
+        sim.stop()
+        os.close(master)
+        os.close(slave)
+    assert b.counters["handler_errors"] >= 30 and b.counters["replies"] >= 60
+    assert b.mcu["device_id"] == "mcu-flaky"       # HELLO handled although its event handler raised

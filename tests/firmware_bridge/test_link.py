@@ -162,3 +162,10 @@ def test_undrained_messages_are_capped_oldest_first():
     ev = rx.events()
     assert [m.fields["uptime_s"] for m in ev] == list(range(150, 250))
     assert rx.dropped["events_overflow"] == 150 and rx.frames_in == 250
+
+
+def test_hello_with_a_frame_size_too_small_to_carry_anything_is_refused():
+    tx, rx = Link(), Link()
+    rx.receive_data(tx.send(MsgType.HELLO, {"device_id": "m", "firmware": "1", "max_frame": 63, "samples_per_frame": 1,
+                                            "sensors": []}))
+    assert not rx.events() and rx.dropped["bad_payload"] == 1
