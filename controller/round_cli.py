@@ -118,6 +118,10 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--max-cpu", default=90.0, show_default=True, type=click.FloatRange(0, 100),
               help="devices whose CPU is busier than this (percent) are not selected")
+@click.option("--deploy", is_flag=True, help="when the run is done, roll its head out as a new version of --bundle "
+              "(a head-only signed patch, canary first, health-gated on every device)")
+@click.option("--deploy-canary", default="10%", show_default=True, help="with --deploy: share in the first wave")
+@click.option("--deploy-max-failures", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--wait/--no-wait", default=True, show_default=True, help="follow progress until the run ends")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
@@ -125,7 +129,8 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
           min_clients: int | None, n_rounds: int, deadline: str, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
           compress: tuple[str, ...], dp: tuple[str, ...], group: str | None, max_update_norm: float, seed: int,
-          max_cpu: float, wait: bool, as_json: bool) -> None:
+          max_cpu: float, deploy: bool, deploy_canary: str, deploy_max_failures: int, wait: bool,
+          as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
     from .rounds import RunConfig, RunConfigError
 
@@ -145,7 +150,8 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
                         max_update_norm=max_update_norm, compression=_kv(compress, "--compress"),
                         dp=_kv(dp, "--dp") or None, buffer=min(buffer, clients), max_staleness=max_staleness,
-                        group=group, seed=seed, max_cpu_percent=max_cpu)
+                        group=group, seed=seed, max_cpu_percent=max_cpu,
+                        deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
         raise click.UsageError(str(exc)) from None
     store = _store(ctx, create=True)
@@ -163,6 +169,14 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
         _follow(store, run_id, as_json)
     elif as_json:
         click.echo(json.dumps({"run_id": run_id}))
+
+
+def _deploy_spec(bundle: str, canary: str, max_failures: int) -> dict[str, Any]:
+    from .deploy_cli import parse_fraction
+
+    if not (Path(bundle) / "manifest.json").is_file():
+        raise click.BadParameter("--deploy needs --bundle to be a bundle directory", param_hint="--bundle")
+    return {"bundle": str(Path(bundle).resolve()), "canary": parse_fraction(canary), "max_failures": max_failures}
 
 
 def _follow(store, run_id: str, as_json: bool) -> None:

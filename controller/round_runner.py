@@ -9,6 +9,7 @@ device with ``fl.ack``. All state is in SQLite, so a restarted service resumes.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -123,6 +124,8 @@ class RoundRunner:
             out = eng.maybe_aggregate_async(now)
             if out:
                 self._announce(run.id, out)
+            if run.config.get("deploy") and (after := self.store.run(run.id)) and after.status == "done":
+                self.deploy_result(after)
             for t in tasks:
                 if self._send_task(t):
                     eng.task_sent(t)
@@ -145,6 +148,43 @@ class RoundRunner:
         log.log(lvl, "run %s round %d %s: %s", run_id, outcome.round_no, outcome.status, outcome.metrics)
         if outcome.status == "aggregated" and outcome.new_version is not None:
             self.publish_head(run_id, outcome.new_version)
+
+    def deploy_result(self, run) -> str | None:
+        """A finished run's global head becomes a new bundle version, rolled out canary first to the
+        devices that run the run's base bundle — the same signed, health-gated path as any model."""
+        from pathlib import Path
+
+        from protocol.patch import PatchError
+
+        from .rollouts import RolloutPolicy, plan_waves
+
+        dep = dict(run.config["deploy"])
+        rollouts = self.svc.rollouts
+        try:
+            from .modeltools.example import derive_bundle
+
+            base = rollouts.store.add_bundle(dep["bundle"])
+            version = f"{base.version}+fl.{run.id[-4:]}.{run.global_version}"
+            out = Path(rollouts.store.artifacts_dir) / "derived" / f"{run.id}-v{run.global_version}"
+            derive_bundle(base.path, out, version, run.head)
+            art = rollouts.store.add_bundle(out)
+        except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:
+            log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
+            return None
+        devices = [d for d in self.svc.registry.devices()
+                   if ((d.state or {}).get("model") or {}).get("bundle_sha256") == base.bundle_sha256]
+        current = {d.id: (base.bundle_sha256, base.version) for d in devices}
+        policy = RolloutPolicy(canary=float(dep.get("canary", 0.1)), max_failures=int(dep.get("max_failures", 0)))
+        rid = f"fl-{run.id[4:]}"
+        if rollouts.store.rollout(rid) is None and devices:
+            rollouts.store.create_rollout(rid, version, art.bundle_sha256, policy.to_dict(), {"run": run.id},
+                                          plan_waves(sorted(d.id for d in devices), policy.canary), current)
+            log.info("run %s: head v%d rolled out as %s to %d device(s) (%s)", run.id, run.global_version, version,
+                     len(devices), rid)
+        run_cfg = dict(run.config)
+        run_cfg["deploy"] = {**dep, "rollout_id": rid}
+        self.store.db.execute("UPDATE fl_runs SET config=? WHERE id=?", (json.dumps(run_cfg), run.id))
+        return rid
 
     def publish_head(self, run_id: str, version: int) -> int:
         """Send the new global head to every online device of the run that learns (until rollouts ship it)."""

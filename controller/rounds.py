@@ -58,6 +58,8 @@ class RunConfig:
     start_timeout_s: float = 120.0
     eval_file: str | None = None      # npz of backbone features + labels: accuracy of each new head
     max_cpu_percent: float = 90.0     # devices busier than this are not selected
+    deploy: Mapping[str, Any] | None = None   # {"bundle": dir, "canary": f, "max_failures": n}: roll the
+                                              # final global head out as a new bundle version (rollouts)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -73,6 +75,8 @@ class RunConfig:
         need(self.max_update_norm > 0, "max_update_norm must be > 0")
         need(1 <= self.buffer <= self.clients, "async buffer must be 1..clients")
         need(self.max_staleness >= 0, "max_staleness must be >= 0")
+        need(self.deploy is None or (isinstance(self.deploy, Mapping) and isinstance(self.deploy.get("bundle"), str)),
+             "deploy needs the bundle directory the run's head belongs to")
 
     def to_dict(self) -> dict[str, Any]:
         return {k: (dict(v) if isinstance(v, Mapping) else v) for k, v in asdict(self).items()}

@@ -231,3 +231,34 @@ def test_live_shadow_refuses_a_version_that_disagrees_on_todays_inputs(signed_fl
     healthy = events(db, "s1", "healthy")[-1]
     assert healthy["version"] == "1.2.0" and healthy["live_samples"] == 60 and healthy["live_agreement"] == 1.0
     wait_for(lambda: model_of(db, "s1").get("version") == "1.2.0", what="s1 on 1.2.0")
+
+
+def test_federated_run_ships_its_head_through_a_rollout(signed_fleet, tmp_path, example_bundle):
+    """round start --deploy: the final global head becomes a new bundle version, shipped as a
+    signed head-only patch, canary first, through each device's quality gate."""
+    from test_federated_e2e import agent_extra, ready, shards, store, wait_run
+
+    db, add_agent, ctl, keys = signed_fleet
+    v1 = example_bundle[0]
+    sh = shards(tmp_path, 3)
+    for i in range(3):
+        extra = agent_extra(v1, *sh[i]).replace(f'[model]\nbundle = "{v1}"\n', "")
+        add_agent(f"f{i}", v1, extra=extra)
+    for i in range(3):
+        ready(db, f"f{i}")
+    out = ctl("round", "start", "--bundle", str(v1), "--no-wait", "--json", "--max-cpu", "100", "--clients", "3",
+              "--min-clients", "3", "--rounds", "2", "--steps", "20", "--deadline", "60s", "--deploy",
+              "--deploy-canary", "34%")
+    assert out.returncode == 0, out.stdout + out.stderr
+    run_id = json.loads(out.stdout)["run_id"]
+    run = wait_run(db, run_id, timeout=90)
+    assert run.status == "done" and run.global_version == 2
+    version = f"1.0.0+fl.{run_id[-4:]}.2"
+    for i in range(3):
+        wait_for(lambda: model_of(db, f"f{i}").get("version") == version, timeout=60, what=f"f{i} on {version}")
+    st = wait_for(lambda: (r := json.loads(ctl("rollout", "status", f"fl-{run_id[4:]}", "--json").stdout))
+                  ["status"] == "done" and r, timeout=20, what="the run's rollout done")
+    assert st["waves"] == 2 and st["version"] == version
+    applied = events(db, "f0", "applied")[-1]
+    assert applied["bytes"] < 20_000              # only the head travelled
+    assert store(db).run(run_id).config["deploy"]["rollout_id"] == st["rollout_id"]
