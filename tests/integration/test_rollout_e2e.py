@@ -11,6 +11,7 @@ import pytest
 
 from conftest import Probe, wait_for
 from controller.registry import Registry
+from protocol.envelope import Envelope, encode
 from test_skeleton import ENV, ROOT, agent_config, device, fleetctl, start_agent, stop
 
 
@@ -262,3 +263,75 @@ def test_federated_run_ships_its_head_through_a_rollout(signed_fleet, tmp_path, 
     applied = events(db, "f0", "applied")[-1]
     assert applied["bytes"] < 20_000              # only the head travelled
     assert store(db).run(run_id).config["deploy"]["rollout_id"] == st["rollout_id"]
+
+
+def test_bad_offers_and_chunks_are_refused_counted_and_survived(signed_fleet, tmp_path, example_bundle, mosquitto):
+    """The test plays a hostile (or broken) sender on the broker next to the real controller."""
+    import shutil
+
+    from protocol.bundle import write_manifest
+    from protocol.chunks import make_manifest
+    from protocol.cmdauth import sign_envelope, sign_frame
+    from protocol.patch import bundle_id, make_patch
+    from protocol.signing import generate, load_private
+
+    db, add_agent, ctl, keys = signed_fleet
+    key = load_private(keys / "controller.pem")
+    v1 = example_bundle[0]
+    big = tmp_path / "big"
+    shutil.copytree(v1, big)
+    m = json.loads((big / "manifest.json").read_text())
+    (big / "notes.bin").write_bytes(os.urandom(300_000))
+    m["files"]["notes.bin"] = {"role": "other"}
+    m["version"] = "3.0.0"
+    write_manifest(big, m)
+    data, _ = make_patch(None, big, key)
+    man = make_manifest("hostile-test-transfer", data, 65536)
+    add_agent("b1", v1)
+    wait_for(lambda: model_of(db, "b1").get("version") == "1.0.0", timeout=30, what="b1 on 1.0.0")
+    topic = "edgefleet/v1/dev/b1/cmd"
+    probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/dev/b1/data/xfer",))
+    body = {"rollout_id": None, "target": {"version": "3.0.0", "bundle_sha256": bundle_id(big)}, "base": None,
+            "transfer": man.to_dict()}
+    try:
+        # unsigned, and signed by a key the board does not trust: refused before anything happens
+        probe.publish(topic, encode(Envelope(kind="model.offer", sender="controller", body=body)))
+        probe.publish(topic, encode(sign_envelope(Envelope(kind="model.offer", sender="controller", body=body),
+                                                  topic, generate())))
+        refused = lambda: [e for e in Registry(db, readonly=True).events("b1") if e["event"] == "command.refused"]  # noqa
+        reasons = wait_for(lambda: len(refused()) >= 2 and [e["body"]["reason"] for e in refused()],
+                           what="two refusals")
+        assert any("unsigned" in r for r in reasons) and any("not trusted" in r for r in reasons)
+        # a chunk nobody offered
+        probe.publish(topic, sign_frame(Envelope(kind="xfer.chunk", sender="controller",
+                                                 body={"transfer_id": "nothing", "index": 0}), topic, key, blob=b"x"))
+        # a properly signed offer: the board asks for chunks; we answer with a corrupt, a truncated and a
+        # duplicated chunk before the good ones
+        offer = sign_envelope(Envelope(kind="model.offer", sender="controller", body=body), topic, key)
+        probe.publish(topic, encode(offer))
+        wants = lambda: [json.loads(p)["body"] for t, p, _ in probe.seen() if t.endswith("/data/xfer")]  # noqa
+        wait_for(lambda: wants(), what="a chunk request")
+
+        def chunk(i, blob):
+            return sign_frame(Envelope(kind="xfer.chunk", sender="controller",
+                                       body={"transfer_id": man.transfer_id, "index": i}), topic, key, blob=blob)
+
+        good = lambda i: data[i * man.chunk_size:(i + 1) * man.chunk_size]  # noqa: E731
+        probe.publish(topic, chunk(0, b"\0" * len(good(0))))
+        probe.publish(topic, chunk(1, good(1)[:-10]))
+        probe.publish(topic, chunk(2, good(2)))
+        probe.publish(topic, chunk(2, good(2)))
+        probe.publish(topic, encode(offer))   # the same signed offer again: a replay
+        for i in range(man.count):
+            probe.publish(topic, chunk(i, good(i)))
+        wait_for(lambda: model_of(db, "b1").get("version") == "3.0.0", timeout=30, what="b1 on 3.0.0")
+        upd = wait_for(lambda: (d := device(db, "b1")) and (d.telemetry or {}).get("update", {}).get("applied") and
+                       d.telemetry["update"], what="update telemetry")
+        assert upd["bad_chunks"] == 2 and upd["stray_chunks"] >= 1 and upd["applied"] == 1
+        assert any("replayed" in r for r in [e["body"]["reason"] for e in refused()])
+        rejects = Registry(db, readonly=True).rejects()
+        assert rejects.get("unknown_transfer", 0) >= 1   # the real controller never offered it
+        assert fleetctl("--broker", mosquitto.url, "--signing-key", str(keys / "controller.pem"), "cmd", "b1",
+                        "ping").returncode == 0
+    finally:
+        probe.close()
