@@ -97,7 +97,8 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
         sim.stop()
         probe.close()
     pushed = events("mcu.model.pushed")
-    assert pushed and pushed[0]["mcu"] == "mcu-9" and pushed[0]["bytes"] == TFLITE.stat().st_size, events("mcu.model.failed")
+    assert pushed, events("mcu.model.failed")
+    assert pushed[0]["mcu"] == "mcu-9" and pushed[0]["bytes"] == TFLITE.stat().st_size and pushed[0]["retransmits"] >= 0
     assert sim.state.model == TFLITE.read_bytes()
     replies = bodies(probe, "/reply")
     bad = [r for r in replies if r.get("command") == "mcu.push" and not r["ok"]]
@@ -109,10 +110,11 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
     assert [(e["level"], e["text"]) for e in events("mcu.log")] == [("warning", "flash almost full")]
     assert events("mcu.result")[0]["label"] == 3
     # telemetry: the MCU as a sub-device, and its frames counted by the agent's model
-    tel = [b for b in bodies(probe, "/telemetry") if b.get("mcu", {}).get("devices", {}).get("mcu-9", {}).get("results")]
+    tel = [b for b in bodies(probe, "/telemetry")
+           if b.get("mcu", {}).get("devices", {}).get("mcu-9", {}).get("results")]
     dev = tel[-1]["mcu"]["devices"]["mcu-9"]
-    assert dev["online"] and dev["firmware"] == "sim-1.0" and dev["uptime_s"] >= 0 and dev["logs"] == {"warning": 1,
-                                                                                                          "debug": 1}
+    assert dev["online"] and dev["firmware"] == "sim-1.0" and dev["uptime_s"] >= 0
+    assert dev["logs"] == {"warning": 1, "debug": 1} and dev["last_result"]["label"] == 3
     assert tel[-1]["mcu"]["answered"] >= 50 and tel[-1]["model"]["inferences"] >= 50
     assert sum(tel[-1]["mcu"]["link"]["dropped"].values()) >= 1     # the line was noisy, and it was counted
     # every MCU sample went through the agent's serving loop and its results channel
