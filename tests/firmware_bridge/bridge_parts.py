@@ -6,6 +6,7 @@ modules that ``from conftest import ...``. Test modules import the fixtures they
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 import tty
@@ -62,6 +63,18 @@ def answer(engine):
         return p.label, p.confidence
 
     return on_frame
+
+
+@contextlib.asynccontextmanager
+async def running(bridge):
+    """The bridge's run() as a task for the body of the block, stopped (and awaited) after it."""
+    stop = asyncio.Event()
+    task = asyncio.create_task(bridge.run(stop))
+    try:
+        yield bridge
+    finally:
+        stop.set()
+        await task
 
 
 async def until(pred, timeout: float = 10.0, what: str = "condition"):

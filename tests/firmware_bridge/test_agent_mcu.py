@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from agent.config import ConfigError, parse_config
-from bridge_parts import TFLITE, accuracy, pty, until  # noqa: F401 (fixtures too)
+from bridge_parts import TFLITE, accuracy, pty, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.frames import MsgType
 from firmware_bridge.simulator import Faults, MCUSimulator
 from protocol.bundle import write_manifest
@@ -69,10 +69,7 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
         return [b for b in bodies(probe, "/events") if b["event"] == name]
 
     async def main():
-        agent = Agent(cfg)
-        stop = asyncio.Event()
-        task = asyncio.create_task(agent.run(stop))
-        try:
+        async with running(Agent(cfg)) as agent:
             await until(lambda: len(sim.state.replies) >= 50, what="INFER_REPLYs through the agent")
             sim.send(MsgType.LOG, {"level": 2, "text": "flash almost full"})
             sim.send(MsgType.LOG, {"level": 0, "text": "debug chatter"})
@@ -86,10 +83,7 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
                         what="MCU telemetry with its RESULT")
             sim.stop()                                          # the MCU goes quiet
             await until(lambda: events("mcu.offline"), timeout=5, what="mcu.offline")
-            return agent
-        finally:
-            stop.set()
-            await task
+        return agent
 
     try:
         agent = asyncio.run(main())

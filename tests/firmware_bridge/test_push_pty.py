@@ -1,20 +1,14 @@
 """Model push over a real pty to the simulator, with corruption both ways, NACKs and an MCU reset."""
 import asyncio
 
-from bridge_parts import TFLITE, accuracy, answer, engine, pty, until  # noqa: F401 (fixtures too)
+from bridge_parts import TFLITE, accuracy, answer, engine, pty, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import Faults, MCUSimulator
 
 
 async def with_bridge(pty_name, answer, body, **cfg):
-    b = Bridge(BridgeConfig(port=pty_name, **cfg), answer)
-    stop = asyncio.Event()
-    task = asyncio.create_task(b.run(stop))
-    try:
+    async with running(Bridge(BridgeConfig(port=pty_name, **cfg), answer)) as b:
         return await body(b)
-    finally:
-        stop.set()
-        await task
 
 
 def test_push_completes_through_retransmits_on_a_corrupting_line(pty, answer, digits_test):

@@ -1,12 +1,13 @@
 """Unplug/replug and MCU resets over real pseudo-terminals.
 
 The bridge opens a stable name (a symlink, as udev's /dev/serial/by-id/... is); unplugging closes
-the pty master under it, replugging makes a new pty and points the name at it.
+the pty master under it and removes the link (a freed /dev/pts/N may be reused by any process),
+replugging makes a new pty and points the name at it.
 """
 import asyncio
 import os
 
-from bridge_parts import accuracy, answer, engine, pty, until  # noqa: F401 (fixtures too)
+from bridge_parts import accuracy, answer, engine, pty, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import MCUSimulator
 
@@ -26,13 +27,12 @@ def test_unplug_replug_reopens_with_backoff_and_the_mcu_says_hello_again(tmp_pat
     events = []
 
     async def main():
-        b = Bridge(BridgeConfig(port=port, min_backoff_s=0.05, max_backoff_s=0.4), answer, events.append)
-        stop = asyncio.Event()
-        task = asyncio.create_task(b.run(stop))
-        try:
+        async with running(Bridge(BridgeConfig(port=port, min_backoff_s=0.05, max_backoff_s=0.4), answer,
+                                  events.append)) as b:
             await until(lambda: len(sim.state.replies) >= 20, what="replies before the unplug")
             sim.detach()
-            first.close()                                       # unplug
+            first.close()                                       # unplug: the device goes,
+            os.unlink(port)                                     # and udev removes its by-id link
             await until(lambda: b.counters["reopens"] >= 1, what="the bridge noticing the unplug")
             await asyncio.sleep(1.0)                            # stays unplugged: reopen attempts fail
             assert b.counters["opens"] == 1 and not b.stats()["connected"]
@@ -45,10 +45,7 @@ def test_unplug_replug_reopens_with_backoff_and_the_mcu_says_hello_again(tmp_pat
             await until(lambda: sim.state.hello_requests > asks and b.counters["hellos"] >= 2,
                         what="bridge HELLO answered by the MCU's HELLO")
             await until(lambda: len(sim.state.replies) >= replies + 20, what="replies after the replug")
-            return b
-        finally:
-            stop.set()
-            await task
+        return b
 
     try:
         b = asyncio.run(main())
@@ -64,13 +61,10 @@ def test_unplug_replug_reopens_with_backoff_and_the_mcu_says_hello_again(tmp_pat
 def test_reader_backs_off_while_the_port_is_missing(tmp_path, answer):
     """No port at all: a few open attempts per second at most, and the bridge still stops at once."""
     async def main():
-        b = Bridge(BridgeConfig(port=str(tmp_path / "nothing"), min_backoff_s=0.05, max_backoff_s=0.2), answer)
-        stop = asyncio.Event()
-        task = asyncio.create_task(b.run(stop))
-        await asyncio.sleep(1.2)
-        t0 = asyncio.get_running_loop().time()
-        stop.set()
-        await task
+        async with running(Bridge(BridgeConfig(port=str(tmp_path / "nothing"), min_backoff_s=0.05,
+                                               max_backoff_s=0.2), answer)) as b:
+            await asyncio.sleep(1.2)
+            t0 = asyncio.get_running_loop().time()
         return b, asyncio.get_running_loop().time() - t0
 
     b, stop_s = asyncio.run(main())
@@ -85,20 +79,14 @@ def test_mcu_reset_says_hello_again_and_frames_keep_being_answered(pty, answer, 
     events = []
 
     async def main():
-        b = Bridge(BridgeConfig(port=p.name), answer, events.append)
-        stop = asyncio.Event()
-        task = asyncio.create_task(b.run(stop))
-        try:
+        async with running(Bridge(BridgeConfig(port=p.name), answer, events.append)) as b:
             await until(lambda: len(sim.state.replies) >= 20, what="replies before the reset")
             for n in range(3):
                 hellos, replies = b.counters["hellos"], len(sim.state.replies)
                 sim.reset()
                 await until(lambda: b.counters["hellos"] > hellos, what=f"HELLO after reset {n}")
                 await until(lambda: len(sim.state.replies) >= replies + 20, what=f"replies after reset {n}")
-            return b
-        finally:
-            stop.set()
-            await task
+        return b
 
     try:
         b = asyncio.run(main())
