@@ -161,13 +161,17 @@ def device_show(c: Ctx, device_id: str, as_json: bool) -> None:
     if d is None:
         raise click.ClickException(f"unknown device {device_id!r}")
     events = reg.events(device_id, limit=10)
+    desired, tags = _rollout_view(reg, device_id)
     if as_json:
-        click.echo(json.dumps({**d.to_json(), "recent_events": events}, indent=2))
+        click.echo(json.dumps({**d.to_json(), "recent_events": events, "desired": desired, "tags": tags}, indent=2))
         return
     caps = (d.state or {}).get("capabilities", {})
     t = d.telemetry or {}
     lines = [f"device     {d.id}", f"group      {d.group}", f"online     {'yes' if d.online else 'no'}",
-             f"last seen  {age(d.last_seen)}", f"model      {d.model or '-'}",
+             f"last seen  {age(d.last_seen)}", f"model      {d.model or '-'}"
+             + (f"   (desired {desired['version']}{', rollout ' + desired['rollout_id'] if desired['rollout_id'] else ''})"
+                if desired and desired["version"] != ((d.state or {}).get("model") or {}).get("version") else ""),
+             f"tags       {', '.join(tags) or '-'}",
              f"runtimes   {', '.join(caps.get('runtimes', [])) or '-'}",
              f"cores      {caps.get('cores', '-')}   memory {caps.get('memory_mb', '-')} MB   arch {caps.get('arch', '-')}"]
     if t:
@@ -179,6 +183,21 @@ def device_show(c: Ctx, device_id: str, as_json: bool) -> None:
         lines.append("events")
         lines += [f"  {age(e['ts'])}  {e['level'] or ''} {e['event']}" for e in events]
     click.echo("\n".join(lines))
+
+
+def _rollout_view(reg: Registry, device_id: str) -> tuple[dict[str, Any] | None, list[str]]:
+    """The desired version and the tags of a device (rollout tables; absent before the first deploy)."""
+    import sqlite3
+
+    try:
+        row = reg.db.execute("SELECT version, bundle_sha256, rollout_id FROM desired WHERE device_id=?",
+                             (device_id,)).fetchone()
+        tags = [r[0] for r in reg.db.execute("SELECT tag FROM device_tags WHERE device_id=? ORDER BY tag",
+                                             (device_id,))]
+    except sqlite3.OperationalError:
+        return None, []
+    desired = {"version": row[0], "bundle_sha256": row[1], "rollout_id": row[2]} if row else None
+    return desired, tags
 
 
 @cli.command()

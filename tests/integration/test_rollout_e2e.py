@@ -104,6 +104,9 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
         assert steps[steps.index("downloading"):] == ["downloading", "received", "verified", "staged", "healthy",
                                                       "applied"], steps
     assert model_of(db, "a4")["version"] == "1.0.0"   # not targeted
+    shown = json.loads(ctl("device", "show", "a1", "--json").stdout)
+    assert shown["tags"] == ["line-a"] and shown["desired"]["version"] == "1.1.0"
+    assert "tags       line-a" in ctl("device", "show", "a1").stdout
     # dashboards: the desired version is retained per device, and each device announces an HA
     # update entity (installed = its state, latest = that desired topic)
     probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/ctl/desired/+", "homeassistant/update/+/model/config"))
