@@ -364,14 +364,17 @@ def feedback_cmd(c: Ctx, device_id: str, request_id: str, label: int, timeout: f
 @click.option("--duration", default=None, type=click.FloatRange(1, 86400), help="stop after S seconds")
 @click.option("--json", "as_json", is_flag=True, help="print a final machine-readable summary")
 @click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.2, 60), help="telemetry interval")
+@click.option("--rollout-at", default=10.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="roll a new head version out at S seconds (canary first); 0 = no rollout")
 @click.pass_context
-def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool, interval: float) -> None:
+def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool, interval: float,
+         rollout_at: float) -> None:
     """Embedded broker + controller + N agents, with the fleet shown live."""
     from .demo import run_demo
 
     c: Ctx = ctx.obj
     sys.exit(run_demo(agents=agents, broker=c.broker, duration=duration, as_json=as_json, interval=interval,
-                      topic_root=c.topic_root))
+                      topic_root=c.topic_root, rollout_at=rollout_at))
 
 
 def _register_optional() -> None:

@@ -2,7 +2,9 @@
 
 Starts an embedded MQTT broker on a free loopback port (or uses ``--broker``), the
 controller service in this process, and N real ``edge-agent`` processes, then shows
-the fleet live from the registry until ``--duration`` or Ctrl-C.
+the fleet live from the registry until ``--duration`` or Ctrl-C. With a model, it also
+rolls a new head version out (``--rollout-at``): a signed head-only patch, canary first,
+health-gated on every agent — the MODEL column moves from 1.0.0 to 1.0.1.
 """
 from __future__ import annotations
 
@@ -82,7 +84,7 @@ def _agent_cmd(config: Path) -> list[str]:
 
 def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | None = None,
              as_json: bool = False, interval: float = 1.0, topic_root: str | None = None,
-             out=None) -> int:
+             out=None, rollout_at: float = 10.0) -> int:
     out = out or sys.stdout
     live = sys.stderr if as_json else out
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
@@ -126,7 +128,8 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
             procs.append(subprocess.Popen(_agent_cmd(path), stdout=log, stderr=subprocess.STDOUT,
                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}))
         print(f"controller + {agents} agents started (logs in {work})", file=live)
-        summary = asyncio.run(_run(cfg, procs, duration, live, as_json, embedded is not None))
+        demo_rollout = DemoRollout(bundle, work, rollout_at) if bundle is not None and rollout_at > 0 else None
+        summary = asyncio.run(_run(cfg, procs, duration, live, as_json, embedded is not None, demo_rollout))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -147,7 +150,70 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
     return 0 if summary["online_at_end"] == agents else 1
 
 
-async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
+class DemoRollout:
+    """Once every agent serves the example model, roll out 1.0.1 (same backbone, a nudged head)."""
+
+    def __init__(self, bundle: Path, work: Path, at: float) -> None:
+        self.bundle, self.work, self.at = bundle, work, at
+        self.rollout_id: str | None = None
+        self.started: float | None = None
+        self.finished: float | None = None
+        self.error: str | None = None
+
+    def maybe_start(self, svc: ControllerService, elapsed: float, n_agents: int) -> None:
+        if self.rollout_id or self.error or elapsed < self.at:
+            return
+        devs = [d for d in svc.registry.devices() if d.online and ((d.state or {}).get("model") or {}).get("version")]
+        if len(devs) < n_agents:
+            return
+        import numpy as np
+
+        from protocol.bundle import load_head
+
+        from .modeltools.example import derive_bundle
+        from .rollouts import RolloutPolicy, plan_waves
+
+        try:
+            rng = np.random.default_rng(1)
+            head = {k: (v + rng.normal(0, 0.002, v.shape)).astype(np.float32)
+                    for k, v in load_head(self.bundle / "head.npz").items()}
+            new = derive_bundle(self.bundle, self.work / "digits-1.0.1", "1.0.1", head)
+            store = svc.rollouts.store
+            store.add_bundle(self.bundle)
+            art = store.add_bundle(new)
+        except Exception as exc:  # noqa: BLE001 - the demo goes on without its rollout
+            self.error = str(exc)
+            return
+        policy = RolloutPolicy(canary=1 / n_agents if n_agents > 1 else 0.0, max_failures=0, wave_timeout_s=60)
+        current = {d.id: (d.state["model"].get("bundle_sha256"), d.state["model"].get("version")) for d in devs}
+        self.rollout_id = "demo-rollout"
+        store.create_rollout(self.rollout_id, art.version, art.bundle_sha256, policy.to_dict(), {"demo": True},
+                             plan_waves(sorted(current), policy.canary), current)
+        self.started = time.monotonic()
+
+    def line(self, svc: ControllerService) -> str:
+        if self.error:
+            return f"  rollout: not started ({self.error[:60]})"
+        if not self.rollout_id:
+            return f"  rollout of 1.0.1 at t={self.at:g}s"
+        r = svc.rollouts.store.rollout(self.rollout_id)
+        slots = svc.rollouts.store.slots(self.rollout_id)
+        if r.status != "running" and self.finished is None:
+            self.finished = time.monotonic()
+        applied = sum(1 for x in slots if x.status == "applied")
+        return f"  rollout 1.0.1: {r.status}, wave {r.wave + 1}/{r.waves}, {applied}/{len(slots)} applied"
+
+    def summary(self, svc: ControllerService) -> dict[str, Any] | None:
+        if not self.rollout_id:
+            return {"status": "not started", "error": self.error} if self.error else None
+        r = svc.rollouts.store.rollout(self.rollout_id)
+        slots = svc.rollouts.store.slots(self.rollout_id)
+        return {"rollout_id": r.id, "version": r.version, "status": r.status, "waves": r.waves,
+                "applied": sum(1 for x in slots if x.status == "applied"), "devices": len(slots),
+                "seconds": round((self.finished or time.monotonic()) - self.started, 2) if self.started else None}
+
+
+async def _run(cfg, procs, duration, live, as_json, embedded, demo_rollout=None) -> dict[str, Any]:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -169,7 +235,11 @@ async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
             elapsed = time.monotonic() - started
             svc.registry.commit()
             snapshot = svc.registry.devices()
-            _show(snapshot, svc, elapsed, live, tty, pings)
+            extra = ""
+            if demo_rollout is not None:
+                demo_rollout.maybe_start(svc, elapsed, len(procs))
+                extra = demo_rollout.line(svc)
+            _show(snapshot, svc, elapsed, live, tty, pings, extra)
             dead = [p for p in procs if p.poll() is not None]
             if dead:
                 print(f"{len(dead)} agent process(es) exited early (code {dead[0].returncode})", file=live)
@@ -201,6 +271,7 @@ async def _run(cfg, procs, duration, live, as_json, embedded) -> dict[str, Any]:
         "rejects": svc.registry.rejects(),
         "signed_ping_ms": pings,
         "results": svc.registry.last_results(),
+        "rollout": demo_rollout.summary(svc) if demo_rollout is not None else None,
     }
 
 
@@ -228,7 +299,8 @@ def _final(d) -> dict[str, Any]:
             "state": d.state, "last_telemetry": d.telemetry}
 
 
-def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: dict[str, Any]) -> None:
+def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: dict[str, Any],
+          extra: str = "") -> None:
     headers = ["DEVICE", "ONLINE", "MODEL", "INFER", "P99 MS", "ACCURACY", "CONF", "CPU%", "RSS MB", "TX BYTES",
                "PING MS", "LAST SEEN"]
     now = time.time()
@@ -244,7 +316,7 @@ def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: 
                      t.get("cpu_percent"), t.get("rss_mb"), (t.get("bytes") or {}).get("tx_total"), pings.get(d.id),
                      f"{now - d.last_seen:.1f}s"])
     head = (f"edgefleet demo  t={elapsed:5.1f}s  devices={len(devs)}  telemetry={svc.counts.get('telemetry', 0)}"
-            f"  rejected={svc.counts.get('rejected', 0)}")
+            f"  rejected={svc.counts.get('rejected', 0)}" + extra)
     if tty:
         live.write("\x1b[H\x1b[2J" + head + "\n\n" + render(headers, rows) + "\n")
     else:

@@ -219,7 +219,8 @@ def test_agent_reconnects_after_broker_restart(fleet, mosquitto):
 
 
 def test_demo_on_the_embedded_broker():
-    out = fleetctl("demo", "--agents", "2", "--duration", "6", "--interval", "0.5", "--json", timeout=120)
+    out = fleetctl("demo", "--agents", "2", "--duration", "14", "--interval", "0.5", "--rollout-at", "3", "--json",
+                   timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
     assert summary["embedded_broker"] is True
@@ -230,8 +231,10 @@ def test_demo_on_the_embedded_broker():
     assert all(isinstance(v, float) for v in summary["signed_ping_ms"].values()), summary["signed_ping_ms"]
     assert set(summary["signed_ping_ms"]) == {"demo-01", "demo-02"}
     # real inference with real accuracy on every agent
-    assert all(d["model"] == "digits@1.0.0" and d["last_telemetry"]["model"]["inferences"] > 0
+    assert all(d["model"] == "digits@1.0.1" and d["last_telemetry"]["model"]["inferences"] > 0
                for d in summary["devices"])
+    # the demo's rollout: a head-only signed patch, canary first, on the embedded (3.1.1) broker
+    assert summary["rollout"]["status"] == "done" and summary["rollout"]["applied"] == 2, summary["rollout"]
     assert all(r["accuracy"] >= 0.9 for r in summary["results"].values()) and len(summary["results"]) == 2
 
 
