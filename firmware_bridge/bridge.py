@@ -61,13 +61,14 @@ class Bridge:
         self.queue: asyncio.Queue[Message] = asyncio.Queue(cfg.queue_size)
         self.counters = {"dropped_backpressure": 0, "replies": 0, "reopens": 0, "hellos": 0, "opens": 0,
                          "open_failures": 0, "pushes_ok": 0, "pushes_failed": 0, "dropped_overrun_bytes": 0,
-                         "write_failures": 0, "handler_errors": 0}
+                         "write_failures": 0, "handler_errors": 0, "dropped_stale": 0}
         self._serial: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._push: ModelPush | None = None
         self._push_wake = asyncio.Event()
         self._transfer_id = random.randrange(0x10000)
+        self._session = 0                  # +1 at every HELLO: a reply never crosses an MCU restart
         self._pending_bytes = 0            # read by the thread, not yet fed on the loop (capped)
         self._pending_lock = threading.Lock()
 
@@ -173,6 +174,10 @@ class Bridge:
         if m.type == MsgType.HELLO:
             self.mcu = dict(m.fields)
             self.counters["hellos"] += 1
+            self._session += 1
+            while not self.queue.empty():  # frames of the MCU's previous session: their seqs mean nothing now
+                self.queue.get_nowait()
+                self.counters["dropped_stale"] += 1
             if self._push is not None:
                 self._push.abort(time.monotonic(), "mcu_reset", "the MCU said HELLO (it restarted) during the push")
                 self._push_wake.set()
@@ -248,16 +253,21 @@ class Bridge:
     async def _serve(self) -> None:
         while True:
             m = await self.queue.get()
+            session = self._session
             try:
                 res = self.on_sensor_frame((self.mcu or {}).get("device_id", "?"), m)
                 if asyncio.iscoroutine(res):
                     res = await res
-            except Exception:  # noqa: BLE001 - the handler's bug: count it, keep serving the next frames
+                if res is None:
+                    continue
+                if session != self._session:  # the MCU restarted meanwhile: that seq is someone else's now
+                    self.counters["dropped_stale"] += 1
+                    continue
+                reply = self.link.send(MsgType.INFER_REPLY, {"ref_seq": m.seq, "label": int(res[0]),
+                                                             "confidence": float(res[1])})
+            except Exception:  # noqa: BLE001 - the handler's bug (or an answer the wire cannot carry): count it
                 log.exception("sensor frame handler failed")
                 self.counters["handler_errors"] += 1
                 continue
-            if res is not None:
-                label, conf = res
-                if self.write(self.link.send(MsgType.INFER_REPLY, {"ref_seq": m.seq, "label": int(label),
-                                                                   "confidence": float(conf)})):
-                    self.counters["replies"] += 1
+            if self.write(reply):
+                self.counters["replies"] += 1

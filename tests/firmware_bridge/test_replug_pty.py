@@ -96,3 +96,37 @@ def test_mcu_reset_says_hello_again_and_frames_keep_being_answered(pty, answer, 
     # sequence numbers restart at a reset: that is neither a duplicate nor a gap
     assert not b.link.dropped.get("duplicate") and not b.link.dropped.get("seq_gap"), b.link.dropped
     assert accuracy(sim.state.replies, y) >= 0.95
+
+
+def test_no_reply_crosses_an_mcu_restart(pty, answer, digits_test):
+    """Frames queued (or in the handler) when the MCU restarts are not answered: their sequence
+    numbers belong to the old session and would name other frames in the new one."""
+    x, y = digits_test
+    p = pty()
+    sim = MCUSimulator(p.master, "mcu-slow", x[:50], rate_hz=100).start()
+    hold = asyncio.Event()
+
+    async def slow(mcu, msg):
+        while hold.is_set():
+            await asyncio.sleep(0.01)
+        return answer(mcu, msg)
+
+    async def main():
+        async with running(Bridge(BridgeConfig(port=p.name, queue_size=8), slow)) as b:
+            await until(lambda: len(sim.state.replies) >= 10, what="replies before")
+            hold.set()
+            await asyncio.sleep(0.3)                 # one frame held in the handler, the queue full
+            hellos, replies = b.counters["hellos"], len(sim.state.replies)
+            sim.reset()
+            await until(lambda: b.counters["hellos"] > hellos, what="the HELLO after the reset")
+            hold.clear()
+            await until(lambda: len(sim.state.replies) >= replies + 20, what="replies after the reset")
+        return b
+
+    try:
+        b = asyncio.run(main())
+    finally:
+        sim.stop()
+    assert b.counters["dropped_stale"] >= 9           # the held frame and the 8 queued ones
+    assert all(r["sample"] is not None for r in sim.state.replies)   # every reply names a frame it was for
+    assert accuracy(sim.state.replies, y) >= 0.95
