@@ -83,6 +83,8 @@ def _policy_options(f):
                      help="an online device that has not finished by then counts as failed"),
         click.option("--max-confidence-drop", default=None, type=click.FloatRange(0, 1),
                      help="abort when the updated devices' live mean confidence falls by more"),
+        click.option("--max-accuracy-drop", default=None, type=click.FloatRange(0, 1),
+                     help="abort when the updated devices' shadow-evaluation accuracy falls by more, on average"),
         click.option("--wait/--no-wait", default=False, help="follow the rollout until it ends"),
         click.option("--timeout", "wait_timeout", default="30m", show_default=True, help="with --wait: give up after"),
         click.option("--json", "as_json", is_flag=True),
@@ -93,12 +95,13 @@ def _policy_options(f):
 
 def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: str, batch: int,
             max_failures: int, wave_timeout: str, max_confidence_drop: float | None, selector: dict[str, Any],
-            kind: str = "ro") -> str:
+            kind: str = "ro", max_accuracy_drop: float | None = None) -> str:
     from .rollouts import RolloutConfigError, RolloutPolicy, plan_waves
 
     try:
         policy = RolloutPolicy(canary=parse_fraction(canary), batch=batch, max_failures=max_failures,
-                               wave_timeout_s=parse_duration(wave_timeout), max_confidence_drop=max_confidence_drop)
+                               wave_timeout_s=parse_duration(wave_timeout), max_confidence_drop=max_confidence_drop,
+                               max_accuracy_drop=max_accuracy_drop)
     except RolloutConfigError as exc:
         raise click.UsageError(str(exc)) from None
     waves = plan_waves([d.id for d in devices], policy.canary, policy.batch)
@@ -119,7 +122,8 @@ def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: lis
 @click.pass_context
 def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | None, group: str | None,
            tag: str | None, all_: bool, canary: str, batch: int, max_failures: int, wave_timeout: str,
-           max_confidence_drop: float | None, wait: bool, wait_timeout: str, as_json: bool) -> None:
+           max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: str,
+           as_json: bool) -> None:
     """Roll a bundle directory or a patch file out to devices, canary first."""
     from protocol.patch import PatchError
 
@@ -135,7 +139,8 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
         click.echo("warning: no --signing-key: fleetctl serve must have one to make patches from a bundle",
                    err=True)
     rid = _create(ctx, store, art.version, art.bundle_sha256, devices, canary, batch, max_failures, wave_timeout,
-                  max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id})
+                  max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id},
+                  max_accuracy_drop=max_accuracy_drop)
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, parse_duration(wait_timeout), as_json)
@@ -160,7 +165,8 @@ def rollout_json(store: Any, r: Any) -> dict[str, Any]:
             "created": r.created, "finished": r.finished, "wave": r.wave, "waves": r.waves, "reason": r.reason,
             "policy": r.policy, "selector": r.selector, "figures": r.figures, "counts": counts,
             "devices": [{"device": s.device_id, "wave": s.wave, "status": s.status, "reason": s.reason,
-                         "from_version": s.from_version, "conf_before": s.conf_before, "conf_after": s.conf_after}
+                         "from_version": s.from_version, "conf_before": s.conf_before, "conf_after": s.conf_after,
+                         "acc_before": s.acc_before, "acc_after": s.acc_after}
                         for s in slots]}
 
 

@@ -106,7 +106,8 @@ class RolloutRunner:
                 after = live_confidence(dev, r.version)
                 if after is not None:
                     self.store.update_slot(r.id, s.device_id, conf_after=after)
-            slots.append(Slot(s.device_id, s.wave, s.status, bool(dev and dev.online), s.conf_before, after))
+            slots.append(Slot(s.device_id, s.wave, s.status, bool(dev and dev.online), s.conf_before, after,
+                              s.acc_before, s.acc_after))
         d = decide(now, policy, r.wave, r.wave_started or now, r.waves, slots)
         for dev_id in d.timed_out:
             self.store.update_slot(r.id, dev_id, status="timeout", reason="did not finish within the wave timeout")
@@ -272,7 +273,11 @@ class RolloutRunner:
         if slot is None or slot.status in FINAL:
             return
         status = "applied" if b["status"] == "unchanged" else b["status"]
-        self.store.update_slot(rid, env.sender, status=status, reason=b.get("reason") or None)
+        extra = {}
+        if status == "healthy" and isinstance(b.get("eval_accuracy"), (int, float)) \
+                and isinstance(b.get("current_accuracy"), (int, float)):
+            extra = {"acc_before": float(b["current_accuracy"]), "acc_after": float(b["eval_accuracy"])}
+        self.store.update_slot(rid, env.sender, status=status, reason=b.get("reason") or None, **extra)
         if status in FAILED:
             r = self.store.rollout(rid)
             if r is not None:

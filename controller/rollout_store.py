@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS rollouts(
 CREATE TABLE IF NOT EXISTS rollout_devices(
     rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL,
     reason TEXT, from_sha256 TEXT, from_version TEXT, conf_before REAL, conf_after REAL,
-    offered REAL, updated REAL, PRIMARY KEY(rollout_id, device_id));
+    offered REAL, updated REAL, acc_before REAL, acc_after REAL, PRIMARY KEY(rollout_id, device_id));
 CREATE TABLE IF NOT EXISTS desired(
     device_id TEXT PRIMARY KEY, bundle_sha256 TEXT NOT NULL, version TEXT NOT NULL, rollout_id TEXT,
     set_at REAL NOT NULL);
@@ -77,6 +77,8 @@ class SlotRow:
     conf_after: float | None
     offered: float | None
     updated: float | None
+    acc_before: float | None = None
+    acc_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -223,11 +225,13 @@ class RolloutStore:
     def slots(self, rid: str) -> list[SlotRow]:
         return [SlotRow(*r) for r in self.db.execute(
             "SELECT device_id, wave, status, reason, from_sha256, from_version, conf_before, conf_after, offered, "
-            "updated FROM rollout_devices WHERE rollout_id=? ORDER BY wave, device_id", (rid,))]
+            "updated, acc_before, acc_after FROM rollout_devices WHERE rollout_id=? ORDER BY wave, device_id",
+            (rid,))]
 
     def slot(self, rid: str, device_id: str) -> SlotRow | None:
         r = self.db.execute("SELECT device_id, wave, status, reason, from_sha256, from_version, conf_before, "
-                            "conf_after, offered, updated FROM rollout_devices WHERE rollout_id=? AND device_id=?",
+                            "conf_after, offered, updated, acc_before, acc_after FROM rollout_devices "
+                            "WHERE rollout_id=? AND device_id=?",
                             (rid, device_id)).fetchone()
         return SlotRow(*r) if r else None
 

@@ -9,8 +9,9 @@ Rules, in the order they are applied on every tick:
    ``max_failures`` aborts the rollout.
 3. Fleet metrics: when at least ``min_metric_devices`` updated devices report a live mean
    confidence both before and after, a mean fall of more than ``max_confidence_drop``
-   aborts the rollout (a model can pass every device-side check and still be worse in
-   the field).
+   aborts the rollout; likewise a mean fall of the devices' shadow-evaluation accuracy
+   (new vs serving model, as each device measured it) of more than ``max_accuracy_drop``.
+   Each device passes its own gate with its own bound; the fleet can still be worse off.
 4. A wave is finished when every device of it that is online has a final status. The
    canary must have at least one device ``applied`` to open the next wave; a canary that
    reaches its timeout with none aborts. Offline devices never hold a wave back: their
@@ -42,6 +43,7 @@ class RolloutPolicy:
     max_failures: int = 0
     wave_timeout_s: float = 600.0
     max_confidence_drop: float | None = None
+    max_accuracy_drop: float | None = None
     min_metric_devices: int = 1
 
     def __post_init__(self) -> None:
@@ -53,13 +55,15 @@ class RolloutPolicy:
             raise RolloutConfigError("max_failures must be >= 0")
         if not self.wave_timeout_s > 0:
             raise RolloutConfigError("wave_timeout_s must be > 0")
-        if self.max_confidence_drop is not None and not (0 <= self.max_confidence_drop <= 1):
-            raise RolloutConfigError("max_confidence_drop must be in [0, 1]")
+        for name in ("max_confidence_drop", "max_accuracy_drop"):
+            v = getattr(self, name)
+            if v is not None and not (0 <= v <= 1):
+                raise RolloutConfigError(f"{name} must be in [0, 1]")
 
     def to_dict(self) -> dict[str, Any]:
         return {"canary": self.canary, "batch": self.batch, "max_failures": self.max_failures,
                 "wave_timeout_s": self.wave_timeout_s, "max_confidence_drop": self.max_confidence_drop,
-                "min_metric_devices": self.min_metric_devices}
+                "max_accuracy_drop": self.max_accuracy_drop, "min_metric_devices": self.min_metric_devices}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RolloutPolicy":
@@ -91,6 +95,8 @@ class Slot:
     online: bool
     conf_before: float | None = None
     conf_after: float | None = None
+    acc_before: float | None = None   # shadow evaluation on the device: the serving model …
+    acc_after: float | None = None    # … and the new version, on the same samples
 
 
 @dataclass(frozen=True)
@@ -113,15 +119,17 @@ def decide(now: float, policy: RolloutPolicy, wave: int, wave_started: float, n_
     failures = sum(1 for s in released if s.status in FAILED) + len(timed_out)
     figures: dict[str, Any] = {"failures": failures,
                                "applied": sum(1 for s in released if s.status == "applied")}
-    pairs = [(s.conf_before, s.conf_after) for s in released
-             if s.status == "applied" and s.conf_before is not None and s.conf_after is not None]
-    if pairs:
+    for what, bound, get in (("confidence", policy.max_confidence_drop, lambda s: (s.conf_before, s.conf_after)),
+                             ("accuracy", policy.max_accuracy_drop, lambda s: (s.acc_before, s.acc_after))):
+        pairs = [get(s) for s in released
+                 if s.status == "applied" and get(s)[0] is not None and get(s)[1] is not None]
+        if not pairs:
+            continue
         drop = sum(b - a for b, a in pairs) / len(pairs)
-        figures["confidence_drop"] = round(drop, 5)
-        if (policy.max_confidence_drop is not None and len(pairs) >= policy.min_metric_devices
-                and drop > policy.max_confidence_drop):
-            return Decision("abort", wave, f"fleet confidence fell by {drop:.3f} on {len(pairs)} updated "
-                                           f"device(s) (limit {policy.max_confidence_drop})", timed_out, figures)
+        figures[f"{what}_drop"] = round(drop, 5)
+        if bound is not None and len(pairs) >= policy.min_metric_devices and drop > bound:
+            return Decision("abort", wave, f"fleet {what} fell by {drop:.3f} on {len(pairs)} updated "
+                                           f"device(s) (limit {bound})", timed_out, figures)
     if failures > policy.max_failures:
         return Decision("abort", wave, f"{failures} failure(s) > max_failures {policy.max_failures}",
                         timed_out, figures)

@@ -108,3 +108,12 @@ def test_confidence_needs_enough_devices():
     p = RolloutPolicy(canary=0.5, max_failures=5, max_confidence_drop=0.05, min_metric_devices=2)
     s = [Slot("d0", 0, "applied", True, 0.95, 0.80), Slot("d1", 1, "pending", True)]
     assert decide(10, p, 0, 0, 2, s).action == "release"
+
+
+def test_fleet_accuracy_drop_from_the_devices_shadow_evaluations():
+    p = RolloutPolicy(canary=0.5, max_failures=5, max_accuracy_drop=0.01)
+    s = [Slot("d0", 0, "applied", True, acc_before=0.99, acc_after=0.975), Slot("d1", 1, "pending", True)]
+    d = decide(10, p, 0, 0, 2, s)
+    assert d.action == "abort" and "fleet accuracy fell by 0.015" in d.reason
+    s = [Slot("d0", 0, "applied", True, acc_before=0.99, acc_after=0.985), Slot("d1", 1, "pending", True)]
+    assert decide(10, p, 0, 0, 2, s).action == "release"

@@ -156,10 +156,26 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
         wait_for(lambda: model_of(db, d).get("version") == "1.1.0", timeout=30, what=f"{d} back on 1.1.0")
     assert model_of(db, "a4")["version"] == "1.0.0"
 
+    # 3b. every device passes its own gate (1.5 points below the serving model, the manifest allows 2),
+    #     but the fleet's shadow-evaluation accuracy falls by more than the rollout allows: abort, back
+    def biased(h):
+        h = {k: v.copy() for k, v in h.items()}
+        h["dense0.bias"][3] += 5.0
+        return h
+
+    v5 = variant(v2, tmp_path / "v5", "1.4.0", biased)
+    out = ctl("deploy", str(v5), "--from", str(v2), "--to", "a3", "--canary", "0", "--max-accuracy-drop", "0.005",
+              "--wait", "--json", "--timeout", "60s")
+    assert out.returncode == 1, out.stdout + out.stderr
+    r = json.loads(out.stdout)
+    assert r["status"] == "aborted" and "fleet accuracy fell" in r["reason"], r
+    assert r["devices"][0]["acc_before"] > r["devices"][0]["acc_after"]
+    wait_for(lambda: model_of(db, "a3").get("version") == "1.1.0", timeout=30, what="a3 back on 1.1.0")
+
     status = ctl("rollout", "status")
-    assert status.returncode == 0 and "aborted" in status.stdout and "a4" in status.stdout
+    assert status.returncode == 0 and "aborted" in status.stdout and "fleet accuracy" in status.stdout
     listing = json.loads(ctl("rollout", "list", "--json").stdout)["rollouts"]
-    assert [x["status"] for x in listing] == ["aborted", "aborted", "done"]
+    assert [x["status"] for x in listing] == ["aborted", "aborted", "aborted", "done"]
 
     # 4. fleetctl rollback --to: a1 and a2 (tag line-a) go back to 1.0.0, kept on the devices
     out = ctl("rollback", "--to", "1.0.0", "--tag", "line-a", "--wait", "--json", "--timeout", "60s")
