@@ -70,9 +70,6 @@ class TokenBucket:
 
 class McuBridge:
     def __init__(self, agent: "Agent") -> None:
-        from .daemon import CommandError
-
-        self._command_error = CommandError
         self.agent = agent
         self.cfg = c = agent.cfg.bridge
         self.bridge = Bridge(BridgeConfig(port=c.port, baud=c.baud, max_frame=c.max_frame, queue_size=c.queue_size,
@@ -217,7 +214,8 @@ class McuBridge:
 
     # -- model push ----------------------------------------------------------------------
     def _cmd_push(self, args: dict[str, Any], env: "Envelope") -> dict[str, Any]:
-        err = self._command_error
+        from .daemon import CommandError as err  # the daemon imports this module lazily, not the reverse
+
         name = args.get("file")
         if not isinstance(name, str) or not name:
             raise err("args.file: the name of a file in the installed model bundle is required")

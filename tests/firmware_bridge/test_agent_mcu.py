@@ -74,6 +74,7 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
             sim.send(MsgType.LOG, {"level": 2, "text": "flash almost full"})
             sim.send(MsgType.LOG, {"level": 0, "text": "debug chatter"})
             sim.send(MsgType.RESULT, {"timestamp_ms": 5, "label": 3, "confidence": 0.75})
+            sim.send(MsgType.SENSOR_FRAME, {"timestamp_ms": 6, "samples": [1.0, 2.0, 3.0]})   # not the model's input
             command("mcu.push", file="nope.bin")
             command("mcu.push", file="mcu_digits.tflite")
             await until(lambda: events("mcu.model.pushed") or events("mcu.model.failed"), timeout=20,
@@ -103,6 +104,7 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
     assert hello and hello[0]["mcu"] == "mcu-9" and hello[0]["sensors"] == ["digits8x8"]
     assert [(e["level"], e["text"]) for e in events("mcu.log")] == [("warning", "flash almost full")]
     assert events("mcu.result")[0]["label"] == 3
+    assert "shape" in events("mcu.bad_input")[0]["reason"] and agent.mcu.counts["bad_input"] == 1
     # telemetry: the MCU as a sub-device, and its frames counted by the agent's model
     tel = [b for b in bodies(probe, "/telemetry")
            if b.get("mcu", {}).get("devices", {}).get("mcu-9", {}).get("results")]
@@ -135,5 +137,6 @@ def test_edge_agent_bridge_command_answers_frames_and_pushes(tmp_path, pty, exam
     assert lines[-1]["event"] == "bridge.stats" and lines[-1]["replies"] >= 50
     assert accuracy(sim.state.replies, y) >= 0.95
     assert push.returncode == 0, push.stdout + push.stderr
-    assert json.loads(push.stdout.splitlines()[-2])["event"] == "mcu.model.pushed"
+    outcome = [e for e in map(json.loads, push.stdout.splitlines()) if e["event"].startswith("mcu.model.")]
+    assert [e["event"] for e in outcome] == ["mcu.model.pushed"] and outcome[0]["size"] == TFLITE.stat().st_size
     assert sim.state.model == TFLITE.read_bytes()
