@@ -193,7 +193,8 @@ class MCUSimulator:
 
     def _handle(self, m) -> None:
         if m.type == MsgType.INFER_REPLY:
-            self.state.replies.append({**m.fields, "sample": self.seq_to_sample.get(m.fields["ref_seq"])})
+            lag = (self.link._tx_seq - 1 - m.fields["ref_seq"]) & 0xFFFF  # our frames sent since that one
+            self.state.replies.append({**m.fields, "sample": self.seq_to_sample.get(m.fields["ref_seq"]), "lag": lag})
         elif m.type == MsgType.HELLO_ACK:
             self.state.hello_acks += 1
             self._acked = True

@@ -63,3 +63,36 @@ def test_a_failing_handler_is_counted_and_the_bridge_keeps_answering(pty, answer
     assert b.counters["handler_errors"] >= 30 and b.counters["replies"] >= 60
     assert b.mcu["device_id"] == "mcu-7"       # HELLO handled although its event handler raised
     assert accuracy(sim.state.replies, y) >= 0.95
+
+
+def test_slow_inference_sheds_frames_by_policy_and_drop_oldest_answers_fresher_ones(pty, answer, digits_test):
+    """Inference slower than the MCU: the queue stays at its size, drops are counted, and with
+    drop_oldest the frames answered are the recent ones (with drop_newest they waited in the queue)."""
+    x, _ = digits_test
+
+    async def slow(mcu, msg):
+        await asyncio.sleep(0.02)                   # 50 answers/s for 200 frames/s
+        return answer(mcu, msg)
+
+    lags = {}
+    for policy in ("drop_oldest", "drop_newest"):
+        p = pty()
+        sim = MCUSimulator(p.master, "mcu-fast", x[:50], rate_hz=200).start()
+
+        async def main():
+            async with running(Bridge(BridgeConfig(port=p.name, queue_size=8, policy=policy), slow)) as b:
+                peak = 0
+                for _ in range(75):
+                    await asyncio.sleep(0.02)
+                    peak = max(peak, b.queue.qsize())
+            return b, peak
+
+        try:
+            b, peak = asyncio.run(main())
+        finally:
+            sim.stop()
+        assert peak == 8 and b.counters["dropped_backpressure"] >= 50, (policy, b.counters)
+        assert 20 <= b.counters["replies"] <= 100
+        steady = [r["lag"] for r in sim.state.replies[10:]]
+        lags[policy] = sum(steady) / len(steady)
+    assert lags["drop_oldest"] < lags["drop_newest"] / 2, lags
