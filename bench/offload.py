@@ -23,6 +23,8 @@ import threading
 import time
 from pathlib import Path
 
+from brokers import start_mosquitto  # noqa: E402 - bench/ is on sys.path when run as a script
+
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,25 +39,8 @@ from protocol.bundle import load_bundle  # noqa: E402
 from protocol.envelope import Envelope, decode  # noqa: E402
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    conf = work / "m.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n" + ("user root\n" if os.geteuid() == 0 else ""))
-    p = subprocess.Popen([shutil.which("mosquitto") or "/usr/sbin/mosquitto", "-c", str(conf)],
-                         stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
-    return p, port
+    return start_mosquitto(work)
 
 
 def load(port: int, x: np.ndarray, seconds: float, inflight: int, mode: str = "raw", feats=None, sha="",

@@ -58,29 +58,14 @@ def sizes(old: Path, new: Path, key) -> tuple[int, int, float]:
 
 def start_broker(work: Path):
     """A real Mosquitto on a free loopback port, else the embedded broker."""
-    import os
-    import socket
-    import subprocess
+    from brokers import mosquitto_binary, start_mosquitto
 
-    exe = shutil.which("mosquitto") or ("/usr/sbin/mosquitto" if Path("/usr/sbin/mosquitto").exists() else None)
-    if exe is None:
+    if mosquitto_binary() is None:
         from controller.broker import EmbeddedBroker
 
         b = EmbeddedBroker().start()
         return b.url, b.stop, "amqtt"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    conf = work / "mosquitto.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-                    + ("user root\n" if os.geteuid() == 0 else "") + "max_queued_messages 100000\n")
-    proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    for _ in range(100):
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            break
-        except OSError:
-            time.sleep(0.05)
+    proc, port = start_mosquitto(work, "max_queued_messages 100000\n")
     return f"mqtt://127.0.0.1:{port}", lambda: (proc.terminate(), proc.wait(5)), "mosquitto"
 
 

@@ -29,6 +29,21 @@ def variant(src, out, version, transform):
     return derive_bundle(src, out, version, transform(head))
 
 
+def with_extra_file(src, out, version, nbytes):
+    """A copy of bundle ``src`` with ``nbytes`` of random data in one more file: a many-chunk transfer."""
+    import shutil
+
+    from protocol.bundle import write_manifest
+
+    shutil.copytree(src, out)
+    m = json.loads((out / "manifest.json").read_text())
+    (out / "notes.bin").write_bytes(os.urandom(nbytes))
+    m["files"]["notes.bin"] = {"role": "other"}
+    m["version"] = version
+    write_manifest(out, m)
+    return out
+
+
 def model_of(db, dev):
     d = device(db, dev)
     return ((d.state or {}).get("model") or {}) if d and d.online else {}
@@ -188,18 +203,7 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
 def test_interrupted_transfer_resumes_with_only_the_missing_chunks(signed_fleet, tmp_path, example_bundle):
     db, add_agent, ctl, keys = signed_fleet
     v1 = example_bundle[0]
-    # a bundle with a bigger backbone file so the transfer has many chunks
-    from protocol.bundle import write_manifest
-
-    big = tmp_path / "big"
-    import shutil
-
-    shutil.copytree(v1, big)
-    m = json.loads((big / "manifest.json").read_text())
-    (big / "notes.bin").write_bytes(os.urandom(2_000_000))
-    m["files"]["notes.bin"] = {"role": "other"}
-    m["version"] = "2.0.0"
-    write_manifest(big, m)
+    big = with_extra_file(v1, tmp_path / "big", "2.0.0", 2_000_000)
 
     agent = add_agent("r1", v1, extra="transfer_window = 4\n", env={"EDGEFLEET_FAILPOINT": "transfer_half"})
     wait_for(lambda: model_of(db, "r1").get("version") == "1.0.0", timeout=30, what="r1 on 1.0.0")
@@ -286,9 +290,6 @@ def test_federated_run_ships_its_head_through_a_rollout(signed_fleet, tmp_path, 
 
 def test_bad_offers_and_chunks_are_refused_counted_and_survived(signed_fleet, tmp_path, example_bundle, mosquitto):
     """The test plays a hostile (or broken) sender on the broker next to the real controller."""
-    import shutil
-
-    from protocol.bundle import write_manifest
     from protocol.chunks import make_manifest
     from protocol.cmdauth import sign_envelope, sign_frame
     from protocol.patch import bundle_id, make_patch
@@ -297,13 +298,7 @@ def test_bad_offers_and_chunks_are_refused_counted_and_survived(signed_fleet, tm
     db, add_agent, ctl, keys = signed_fleet
     key = load_private(keys / "controller.pem")
     v1 = example_bundle[0]
-    big = tmp_path / "big"
-    shutil.copytree(v1, big)
-    m = json.loads((big / "manifest.json").read_text())
-    (big / "notes.bin").write_bytes(os.urandom(300_000))
-    m["files"]["notes.bin"] = {"role": "other"}
-    m["version"] = "3.0.0"
-    write_manifest(big, m)
+    big = with_extra_file(v1, tmp_path / "big", "3.0.0", 300_000)
     data, _ = make_patch(None, big, key)
     man = make_manifest("hostile-test-transfer", data, 65536)
     add_agent("b1", v1)
