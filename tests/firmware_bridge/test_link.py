@@ -1,5 +1,6 @@
 """The link codec byte by byte, with garbage, corruption and fuzz (h11-style input variations)."""
 import json
+import os
 import random
 from pathlib import Path
 
@@ -10,6 +11,8 @@ from firmware_bridge.frames import Message, MsgType, decode_body, encode_body
 from firmware_bridge.link import Link
 
 VECTORS = Path(__file__).resolve().parents[2] / "firmware_bridge" / "vectors" / "v1.json"
+# thousands by default; a dedicated run goes further: EDGEFLEET_FUZZ=100000 (as tests/fuzz does)
+FUZZ_N = max(3000, int(os.environ.get("EDGEFLEET_FUZZ", "0")))
 
 MSGS = [
     (MsgType.HELLO, {"device_id": "mcu-1", "firmware": "1.2.3", "max_frame": 512, "samples_per_frame": 64,
@@ -104,7 +107,7 @@ def test_golden_vectors():
             assert not ev and rx.dropped[v["reason"]] == 1
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=FUZZ_N, deadline=None)
 @given(st.binary(max_size=400))
 def test_fuzz_never_raises_never_sticks(data):
     rx = Link(max_frame=128)
@@ -134,7 +137,7 @@ def _same(a, b):
     return a == b
 
 
-@settings(max_examples=3000, deadline=None)
+@settings(max_examples=FUZZ_N, deadline=None)
 @given(st.sampled_from([int(t) for t in MsgType] + [0x00, 0x7F, 0xFF]), st.integers(0, 0xFFFF),
        st.one_of(st.binary(max_size=300),
                  st.sampled_from([encode_body(Message(t, 0, f))[4:-4] for t, f in MSGS]).flatmap(
