@@ -1,8 +1,9 @@
 """A reference MCU that speaks the link protocol over a pseudo-terminal (tests and bring-up).
 
 It says HELLO (at boot, after a reset, and when the agent's HELLO asks who is there), streams
-SENSOR_FRAMEs from real samples and HEARTBEATs (``send`` adds LOG/RESULT), takes a model push (MODEL_BEGIN with a capacity check, per-chunk
-ACK/NACK, the blob CRC checked at MODEL_END) and records the INFER_REPLYs it gets. Faults can be
+SENSOR_FRAMEs from real samples and HEARTBEATs (``send`` adds LOG/RESULT), takes a model push
+(MODEL_BEGIN with a capacity check, per-chunk ACK/NACK, the blob CRC checked at MODEL_END) and
+records the INFER_REPLYs it gets. Faults can be
 injected on its transmit side (bit flips, garbage between frames, truncated frames), on its
 receive side (bit flips: noise on the agent's frames), as NACKed chunks, resets (new HELLO,
 sequence restart, transfer lost) and silence. ``detach``/``attach`` move it to another pty

@@ -77,6 +77,14 @@ async def running(bridge):
         await task
 
 
+def run_with(sim, main):
+    """``asyncio.run(main())``, the simulator stopped whatever happens."""
+    try:
+        return asyncio.run(main())
+    finally:
+        sim.stop()
+
+
 async def until(pred, timeout: float = 10.0, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -2,7 +2,7 @@
 import asyncio
 import itertools
 
-from bridge_parts import accuracy, answer, engine, pty, running  # noqa: F401 (fixtures too)
+from bridge_parts import accuracy, answer, engine, pty, run_with, running  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import Faults, MCUSimulator
 
@@ -17,10 +17,7 @@ def run_bridge(pty, on_frame, x, faults: Faults, seconds: float, on_event=None):
             await asyncio.sleep(seconds)
         return b
 
-    try:
-        b = asyncio.run(main())
-    finally:
-        sim.stop()
+    b = run_with(sim, main)
     return b, sim, events
 
 
@@ -87,10 +84,7 @@ def test_slow_inference_sheds_frames_by_policy_and_drop_oldest_answers_fresher_o
                     peak = max(peak, b.queue.qsize())
             return b, peak
 
-        try:
-            b, peak = asyncio.run(main())
-        finally:
-            sim.stop()
+        b, peak = run_with(sim, main)
         assert peak == 8 and b.counters["dropped_backpressure"] >= 50, (policy, b.counters)
         assert 20 <= b.counters["replies"] <= 100
         steady = [r["lag"] for r in sim.state.replies[10:]]

@@ -1,7 +1,7 @@
 """Model push over a real pty to the simulator, with corruption both ways, NACKs and an MCU reset."""
 import asyncio
 
-from bridge_parts import TFLITE, accuracy, answer, engine, pty, running, until  # noqa: F401 (fixtures too)
+from bridge_parts import TFLITE, accuracy, answer, engine, pty, run_with, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import Faults, MCUSimulator
 
@@ -24,10 +24,7 @@ def test_push_completes_through_retransmits_on_a_corrupting_line(pty, answer, di
         res = await b.push(blob, chunk_size=512, ack_timeout_s=0.1, end_timeout_s=0.5, retries=8)
         return res, replies_before, b
 
-    try:
-        res, replies_before, b = asyncio.run(with_bridge(p.name, answer, body))
-    finally:
-        sim.stop()
+    res, replies_before, b = run_with(sim, lambda: with_bridge(p.name, answer, body))
     assert res.ok, res
     assert sim.state.model == blob and res.size == len(blob) and res.chunks == 24
     assert res.retransmits >= 3 and sim.state.nacks >= 1        # the faults really hit the transfer
@@ -55,10 +52,7 @@ def test_mcu_reset_during_a_push_fails_it_with_the_reason_and_the_next_push_succ
         await until(lambda: len(sim.state.replies) > replies + 10, what="replies after the reset")
         return failed, ok, b
 
-    try:
-        failed, ok, b = asyncio.run(with_bridge(p.name, answer, body))
-    finally:
-        sim.stop()
+    failed, ok, b = run_with(sim, lambda: with_bridge(p.name, answer, body))
     assert not failed.ok and failed.reason == "mcu_reset" and failed.transfer_id != ok.transfer_id
     assert ok.ok and sim.state.model == blob and sim.state.resets == 1
     assert b.mcu["device_id"] == "mcu-reset"
@@ -85,9 +79,6 @@ def test_push_is_refused_without_an_mcu_while_busy_and_without_space(pty, answer
         busy = await b.push(b"\x02" * 10)
         return busy, await first, await b.push(b"\x03" * 5000)
 
-    try:
-        busy, fits, too_big = asyncio.run(with_bridge(small.name, answer, tiny))
-    finally:
-        sim.stop()
+    busy, fits, too_big = run_with(sim, lambda: with_bridge(small.name, answer, tiny))
     assert busy.reason == "busy" and fits.ok and sim.state.model == b"\x01" * 3000
     assert not too_big.ok and too_big.reason == "no_space"

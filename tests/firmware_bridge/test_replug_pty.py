@@ -7,7 +7,7 @@ replugging makes a new pty and points the name at it.
 import asyncio
 import os
 
-from bridge_parts import accuracy, answer, engine, pty, running, until  # noqa: F401 (fixtures too)
+from bridge_parts import accuracy, answer, engine, pty, run_with, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import MCUSimulator
 
@@ -47,10 +47,7 @@ def test_unplug_replug_reopens_with_backoff_and_the_mcu_says_hello_again(tmp_pat
             await until(lambda: len(sim.state.replies) >= replies + 20, what="replies after the replug")
         return b
 
-    try:
-        b = asyncio.run(main())
-    finally:
-        sim.stop()
+    b = run_with(sim, main)
     assert sim.state.resets == 0 and b.mcu["device_id"] == "mcu-plug"
     assert any(e["event"] == "mcu.port_lost" for e in events)
     assert [e["event"] for e in events].count("mcu.hello") >= 2
@@ -88,10 +85,7 @@ def test_mcu_reset_says_hello_again_and_frames_keep_being_answered(pty, answer, 
                 await until(lambda: len(sim.state.replies) >= replies + 20, what=f"replies after reset {n}")
         return b
 
-    try:
-        b = asyncio.run(main())
-    finally:
-        sim.stop()
+    b = run_with(sim, main)
     assert sim.state.resets == 3 and sim.state.hello_acks >= 4
     # sequence numbers restart at a reset: that is neither a duplicate nor a gap
     assert not b.link.dropped.get("duplicate") and not b.link.dropped.get("seq_gap"), b.link.dropped
@@ -123,10 +117,7 @@ def test_no_reply_crosses_an_mcu_restart(pty, answer, digits_test):
             await until(lambda: len(sim.state.replies) >= replies + 20, what="replies after the reset")
         return b
 
-    try:
-        b = asyncio.run(main())
-    finally:
-        sim.stop()
+    b = run_with(sim, main)
     assert b.counters["dropped_stale"] >= 9           # the held frame and the 8 queued ones
     assert all(r["sample"] is not None for r in sim.state.replies)   # every reply names a frame it was for
     assert accuracy(sim.state.replies, y) >= 0.95
