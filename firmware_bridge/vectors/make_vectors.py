@@ -1,4 +1,6 @@
-"""Regenerate v1.json: golden test vectors (wire bytes → decoded message) for firmware authors.
+"""Regenerate v1.json: golden test vectors (wire bytes → decoded message) for firmware authors,
+and push_v1.json: model-push conversations (the agent's frames in → the answers an MCU must give,
+from the reference receiver ``firmware_bridge.push.ModelReceiver``).
 
     python -m firmware_bridge.vectors.make_vectors
 """
@@ -11,6 +13,8 @@ from pathlib import Path
 
 from firmware_bridge import cobs
 from firmware_bridge.frames import Message, MsgType, encode_body
+from firmware_bridge.link import Link
+from firmware_bridge.push import WHOLE, ModelReceiver
 
 HERE = Path(__file__).resolve().parent
 
@@ -55,5 +59,61 @@ def main() -> None:
                                               "framing": "COBS, 0x00 delimiter", "frames": frames}, indent=1))
 
 
+BLOB = bytes((i * 7 + 3) & 0xFF for i in range(300))
+CAPACITY = 1024
+
+
+def _jsonable(f: dict) -> dict:
+    return {k: (v.hex() if isinstance(v, bytes) else v) for k, v in f.items()}
+
+
+def push_scenarios() -> list[dict]:
+    """Each scenario: a fresh receiver (capacity CAPACITY) gets the frames in order; after each it
+    must answer exactly ``out`` (type and fields; the answer's own sequence number is the MCU's)."""
+    tid, size = 7, 128
+    begin = (MsgType.MODEL_BEGIN, {"transfer_id": tid, "total_size": len(BLOB), "chunk_size": size,
+                                   "crc32": zlib.crc32(BLOB)})
+
+    def chunk(i: int, t: int = tid) -> tuple:
+        return (MsgType.MODEL_CHUNK, {"transfer_id": t, "index": i, "data": BLOB[i * size:(i + 1) * size]})
+
+    end = (MsgType.MODEL_END, {"transfer_id": tid, "chunks": 3})
+    plans = {
+        "clean push": [begin, chunk(0), chunk(1), chunk(2), end],
+        "a repeated chunk is ACKed again (its first ACK was lost)": [begin, chunk(0), chunk(0), chunk(1), chunk(2),
+                                                                     end],
+        "a repeated END is answered again": [begin, chunk(0), chunk(1), chunk(2), end, end],
+        "a repeated BEGIN of the same transfer keeps the chunks": [begin, chunk(0), begin, chunk(1), chunk(2), end],
+        "END with a chunk missing: NACK blob CRC": [begin, chunk(0), chunk(2), end],
+        "chunk index out of range: NACK chunk": [begin, (MsgType.MODEL_CHUNK, {"transfer_id": tid, "index": 3,
+                                                                              "data": b"x"})],
+        "chunk longer than chunk_size: NACK chunk": [begin, (MsgType.MODEL_CHUNK, {"transfer_id": tid, "index": 0,
+                                                                                  "data": b"y" * (size + 1)})],
+        "chunk of a transfer never begun: no answer": [chunk(0, tid + 1), begin, chunk(0)],
+        "too large for the MCU: NACK no space": [(MsgType.MODEL_BEGIN, {"transfer_id": tid, "total_size": CAPACITY + 1,
+                                                                        "chunk_size": size, "crc32": 0})],
+    }
+    out = []
+    for name, plan in plans.items():
+        tx, rx = Link(), ModelReceiver(CAPACITY)
+        steps = []
+        for seq, (t, f) in enumerate(plan):
+            frame = tx.send(t, f)
+            answers = rx.receive(Message(t, seq, f))
+            steps.append({"in": {"type": t.name, "fields": _jsonable(f)}, "in_wire_hex": frame.hex(),
+                          "out": [{"type": a.name, "fields": af} for a, af in answers]})
+        out.append({"name": name, "steps": steps})
+    return out
+
+
+def push_main() -> None:
+    (HERE / "push_v1.json").write_text(json.dumps({
+        "version": 1, "capacity": CAPACITY, "blob_hex": BLOB.hex(), "whole": WHOLE,
+        "nack_reasons": {"1": "chunk (index out of range, too long, or not stored)", "2": "blob (missing chunk, size "
+                         "or CRC-32)", "3": "no space"},
+        "scenarios": push_scenarios()}, indent=1))
+
+
 if __name__ == "__main__":
     main()
+    push_main()

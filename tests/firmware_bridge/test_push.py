@@ -257,3 +257,23 @@ def test_random_answers_at_random_times_never_raise_and_only_send_the_current_st
                     assert f["index"] == p.current and f["data"] == BLOB[100 * p.current:100 * p.current + 100]
         if p.done:
             assert p.deadline is None and p.result is not None
+
+
+def test_push_vectors_match_the_reference_receiver():
+    """firmware_bridge/vectors/push_v1.json: what a firmware's receiver must answer, frame by frame."""
+    import json
+    from pathlib import Path
+
+    vec = json.loads((Path(__file__).resolve().parents[2] / "firmware_bridge" / "vectors" / "push_v1.json").read_text())
+    assert len(vec["scenarios"]) >= 9
+    for sc in vec["scenarios"]:
+        link, rx = Link(), ModelReceiver(vec["capacity"])
+        for step in sc["steps"]:
+            link.receive_data(bytes.fromhex(step["in_wire_hex"]))
+            [m] = link.events()
+            assert m.type.name == step["in"]["type"], sc["name"]
+            got = [{"type": t.name, "fields": f} for t, f in rx.receive(m)]
+            assert got == step["out"], sc["name"]
+    clean = next(sc for sc in vec["scenarios"] if sc["name"] == "clean push")
+    assert b"".join(bytes.fromhex(s["in"]["fields"]["data"]) for s in clean["steps"][1:4]) == \
+        bytes.fromhex(vec["blob_hex"])
