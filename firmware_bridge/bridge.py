@@ -90,11 +90,12 @@ class Bridge:
         import serial
 
         backoff = self.cfg.min_backoff_s
+        told = False  # the first failed open of an outage is logged, the retries are only counted
         while not self._stop.is_set():
             try:
                 if self._serial is None:
                     self._serial = self._open()
-                    backoff = self.cfg.min_backoff_s
+                    backoff, told = self.cfg.min_backoff_s, False
                     if self._loop:
                         self._loop.call_soon_threadsafe(self._on_open)
                 s = self._serial
@@ -123,6 +124,9 @@ class Bridge:
                         self._loop.call_soon_threadsafe(self._on_lost, str(exc))
                 else:
                     self.counters["open_failures"] += 1
+                    if not told:
+                        log.warning("cannot open serial port %s: %s (retrying with backoff)", self.cfg.port, exc)
+                        told = True
                 self._stop.wait(backoff * random.uniform(0.5, 1.5))  # wakes at once on shutdown
                 backoff = min(self.cfg.max_backoff_s, backoff * 2)
 
