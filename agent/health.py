@@ -25,6 +25,15 @@ class Unhealthy(Exception):
     pass
 
 
+def _paired_p95(new: InferenceEngine, cur: InferenceEngine, x: np.ndarray) -> tuple[float, float]:
+    """p95 latency of both engines, taking turns on each sample (timing only)."""
+    a, b = [], []
+    for xi in x:
+        a.append(new.predict(xi).latency_ms)
+        b.append(cur.predict(xi).latency_ms)
+    return float(np.percentile(a, 95)), float(np.percentile(b, 95))
+
+
 def check_bundle(path: str | Path, threads: int = 1, current: InferenceEngine | None = None,
                  max_latency_ratio: float = 3.0) -> dict[str, Any]:
     try:
@@ -79,8 +88,17 @@ def check_bundle(path: str | Path, threads: int = 1, current: InferenceEngine | 
                            agreement_with_current=round(float((np.asarray(cur_preds) == np.asarray(preds)).mean()), 5))
                 if acc < cur_acc - drop:
                     raise Unhealthy(f"shadow evaluation: {acc:.2%} vs the serving model's {cur_acc:.2%}")
-                if p95 > max(cur_p95 * max_latency_ratio, cur_p95 + 1.0):
-                    raise Unhealthy(f"p95 latency {p95:.2f} ms vs the serving model's {cur_p95:.2f} ms")
+                ratio = float(ec.get("max_latency_ratio", max_latency_ratio))
+                tries = 1
+                while p95 > max(cur_p95 * ratio, cur_p95 + 1.0) and tries < 3:
+                    # a preempted or GIL-starved call makes a p95 spike that the next pass does not
+                    # repeat; a slower model is slower every time
+                    p95, cur_p95 = _paired_p95(engine, cur, ev["x"])
+                    tries += 1
+                out.update(latency_passes=tries)
+                if p95 > max(cur_p95 * ratio, cur_p95 + 1.0):
+                    raise Unhealthy(f"p95 latency {p95:.2f} ms vs the serving model's {cur_p95:.2f} ms "
+                                    f"({tries} passes; limit {ratio:g}x or +1 ms)")
             elif current is not None:
                 out.update(current_accuracy=0.0)
     except InputError as exc:

@@ -98,8 +98,9 @@ def raw_publish_seconds(url: str, n: int, size: int) -> float:
         got.acquire(timeout=30)
     dt = time.perf_counter() - t
     for c in subs + [pub]:
-        c.loop_stop()
         c.disconnect()
+    for c in subs + [pub]:
+        c.loop_stop()
     return dt
 
 
@@ -160,14 +161,22 @@ def rollout_figures(work: Path, v1: Path, v2: Path, n: int, patch_bytes: int) ->
             status = store.rollout("bench").status
         seconds = time.perf_counter() - t1
         done = on(art.version)
+        for slot in store.slots("bench"):
+            if slot.status in ("failed", "rolled_back", "timeout"):
+                print(f"  {slot.device_id} {slot.status}: {slot.reason}", file=sys.stderr)
         counts = dict(svc.rollouts.counts)
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
+        print(f"  ({n} agents came up serving 1.0.0 in {started:.1f} s)", file=sys.stderr)
         return {"status": status, "seconds": seconds, "updated": done, "agents_start_s": started, **counts}
 
     try:
+        t = time.perf_counter()
         r = asyncio.run(go())
+        print(f"  (fleet run {time.perf_counter() - t:.1f} s)", file=sys.stderr)
+        t = time.perf_counter()
         raw = raw_publish_seconds(url, n, patch_bytes)
+        print(f"  (raw baseline {time.perf_counter() - t:.1f} s)", file=sys.stderr)
     finally:
         stop_broker()
     print(f"rollout of the head-only patch to {n} agents on {broker}: {r['status']}, {r['updated']}/{n} updated in "
@@ -183,6 +192,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
+    t_start = time.perf_counter()
     rng = np.random.default_rng(0)
     key = generate()
     work = Path(tempfile.mkdtemp(prefix="edgefleet-patch-"))
@@ -206,6 +216,7 @@ def main() -> None:
           f"({p2 / f2:.4%}), made in {ms2:.0f} ms")
     fig.update(realistic_head_patch_bytes=p2, realistic_full_bundle_bytes=f2,
                realistic_head_patch_fraction=round(p2 / f2, 6), backbone_width=width)
+    print(f"  (patch sizes measured at {time.perf_counter() - t_start:.1f} s)", file=sys.stderr)
     fig.update(rollout_figures(work, work / "v1", work / "v2", 50, p))
     shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(fig))
