@@ -88,6 +88,10 @@ def check_bundle(path: str | Path, threads: int = 1, current: InferenceEngine | 
                            agreement_with_current=round(float((np.asarray(cur_preds) == np.asarray(preds)).mean()), 5))
                 if acc < cur_acc - drop:
                     raise Unhealthy(f"shadow evaluation: {acc:.2%} vs the serving model's {cur_acc:.2%}")
+                min_agree = ec.get("min_agreement_with_current")
+                if min_agree is not None and out["agreement_with_current"] < float(min_agree):
+                    raise Unhealthy(f"shadow evaluation: agrees with the serving model on "
+                                    f"{out['agreement_with_current']:.2%} of the eval set (< {float(min_agree):.2%})")
                 ratio = float(ec.get("max_latency_ratio", max_latency_ratio))
                 tries = 1
                 while p95 > max(cur_p95 * ratio, cur_p95 + 1.0) and tries < 3:

@@ -134,6 +134,12 @@ class RolloutRunner:
             if s.wave != wave:
                 continue
             dev = devices.get(s.device_id)
+            prev = self.store.desired(s.device_id)
+            prev_rid = (prev[0].rollout_id or "").split(":")[0] if prev else ""
+            if prev_rid and prev_rid != r.id:
+                old = self.store.slot(prev_rid, s.device_id)
+                if old is not None and old.status in IN_PROGRESS:
+                    self.store.update_slot(prev_rid, s.device_id, status="superseded", reason=f"superseded by {r.id}")
             self.store.update_slot(r.id, s.device_id, status="released", conf_before=live_confidence(dev))
             self.set_desired(s.device_id, r.bundle_sha256, r.version, r.id)
         self.store.update_rollout(r.id, wave=wave, wave_started=now)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import math
 from typing import Any, Mapping, Sequence
 
-FINAL = ("applied", "failed", "rolled_back", "timeout", "skipped")
+FINAL = ("applied", "failed", "rolled_back", "timeout", "skipped", "superseded")
 FAILED = ("failed", "rolled_back", "timeout")
 
 

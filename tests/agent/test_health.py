@@ -44,3 +44,21 @@ def test_reference_mismatch_fails(example_bundle, tmp_path):
     write_manifest(v, json.loads((v / "manifest.json").read_text()))
     with pytest.raises(Unhealthy, match="reference"):
         check_bundle(v)
+
+
+def test_manifest_can_bound_agreement_with_the_serving_model(example_bundle, serving, tmp_path):
+    import json
+
+    from protocol.bundle import write_manifest
+
+    src = example_bundle[0]
+    h = load_head(src / "head.npz")
+    h["dense0.bias"][3] += 5.0     # within the accuracy bound, but it changes some labels
+    v = derive_bundle(src, tmp_path / "v", "1.1.0", h)
+    fig = check_bundle(v, current=serving)
+    assert fig["agreement_with_current"] < 1.0
+    m = json.loads((v / "manifest.json").read_text())
+    m["eval"]["min_agreement_with_current"] = 1.0
+    write_manifest(v, m)
+    with pytest.raises(Unhealthy, match="agrees with the serving model"):
+        check_bundle(v, current=serving)

@@ -349,3 +349,32 @@ def test_bad_offers_and_chunks_are_refused_counted_and_survived(signed_fleet, tm
                         "ping").returncode == 0
     finally:
         probe.close()
+
+
+def test_a_device_that_was_away_gets_what_is_desired_when_it_returns(signed_fleet, tmp_path, example_bundle):
+    db, add_agent, ctl, keys = signed_fleet
+    v1 = example_bundle[0]
+    v2 = variant(v1, tmp_path / "v2", "1.1.0", lambda h: {k: v * 1.01 for k, v in h.items()})
+    v3 = variant(v1, tmp_path / "v3", "1.2.0", lambda h: {k: v * 1.02 for k, v in h.items()})
+    add_agent("o1", v1)
+    away = add_agent("o2", v1)
+    for d in ("o1", "o2"):
+        wait_for(lambda: model_of(db, d).get("version") == "1.0.0", timeout=30, what=f"{d} on 1.0.0")
+    stop(away)
+    wait_for(lambda: not device(db, "o2").online, what="o2 offline")
+    # while o2 is away, two rollouts pass; it must end on what is desired now (1.2.0), not replay 1.1.0
+    for b in (v2, v3):
+        out = ctl("deploy", str(b), "--from", str(v1), "--to", "o1,o2", "--canary", "0", "--wait", "--json",
+                  "--timeout", "60s")
+        assert out.returncode == 0, out.stdout + out.stderr
+        r = json.loads(out.stdout)
+        by = {d["device"]: d["status"] for d in r["devices"]}
+        assert by == {"o1": "applied", "o2": "released"}, r
+    add_agent("o2", v1)
+    wait_for(lambda: model_of(db, "o2").get("version") == "1.2.0", timeout=30, what="o2 on 1.2.0")
+    assert not events(db, "o2", "downloading") or all(e["version"] == "1.2.0" for e in events(db, "o2", "downloading"))
+    st = wait_for(lambda: (r := json.loads(ctl("rollout", "status", "--json").stdout)) and
+                  {d["device"]: d["status"] for d in r["devices"]}["o2"] == "applied" and r, what="o2 applied")
+    assert st["version"] == "1.2.0"
+    first = json.loads(ctl("rollout", "list", "--json").stdout)["rollouts"][-1]
+    assert {d["device"]: d["status"] for d in first["devices"]}["o2"] == "superseded"
