@@ -180,7 +180,7 @@ async def bridge_throughput(handler: Callable, seconds: float) -> dict[str, floa
             child.wait()
         drops = {k: v for k, v in b.link.dropped.items() if k != "seq_gap"}  # the blaster's block repeats
         return {"frames_per_s": (n1 - n0) / (t1 - t0), "dropped_per_s": (d1 - d0) / (t1 - t0),
-                "link_drops": sum(drops.values()), "overrun_bytes": b.counters["dropped_overrun_bytes"]}
+                "link_drops": sum(drops.values()), "read_pauses": b.counters["read_pauses"]}
 
     try:
         return await with_bridge(handler, body, master, name)
@@ -281,7 +281,7 @@ def main() -> None:
     rtt = asyncio.run(bridge_latency(const, n))
     out.update({"raw_frames_per_s": round(raw_fps), "frames_per_s": round(thr["frames_per_s"]),
                 "dropped_per_s": round(thr["dropped_per_s"]), "link_drops": thr["link_drops"],
-                "overrun_bytes": thr["overrun_bytes"],
+                "read_pauses": thr["read_pauses"],
                 "raw_rtt_ms_p50": round(pct(raw_rtt, 50), 4), "rtt_ms_p50": round(pct(rtt, 50), 4),
                 "rtt_ms_p99": round(pct(rtt, 99), 4),
                 "added_latency_ms_p50": round(pct(rtt, 50) - pct(raw_rtt, 50), 4),

@@ -24,7 +24,7 @@ from .push import ModelPush, PushResult, max_chunk_size
 
 log = logging.getLogger("firmware_bridge")
 
-MAX_PENDING_BYTES = 1 << 20   # bytes read from the port but not yet parsed on the loop
+MAX_PENDING_BYTES = 64 << 10  # bytes read from the port, not yet parsed on the loop (at most twice this)
 
 
 @dataclass(frozen=True)
@@ -60,7 +60,7 @@ class Bridge:
         self.mcu: dict[str, Any] | None = None
         self.queue: asyncio.Queue[Message] = asyncio.Queue(cfg.queue_size)
         self.counters = {"dropped_backpressure": 0, "replies": 0, "reopens": 0, "hellos": 0, "opens": 0,
-                         "open_failures": 0, "pushes_ok": 0, "pushes_failed": 0, "dropped_overrun_bytes": 0,
+                         "open_failures": 0, "pushes_ok": 0, "pushes_failed": 0, "read_pauses": 0,
                          "write_failures": 0, "handler_errors": 0, "dropped_stale": 0}
         self._serial: Any = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -69,7 +69,7 @@ class Bridge:
         self._push_wake = asyncio.Event()
         self._transfer_id = random.randrange(0x10000)
         self._session = 0                  # +1 at every HELLO: a reply never crosses an MCU restart
-        self._pending_bytes = 0            # read by the thread, not yet fed on the loop (capped)
+        self._pending_bytes = 0            # read by the thread, not yet parsed on the loop (capped)
         self._pending_lock = threading.Lock()
 
     def stats(self) -> dict[str, Any]:
@@ -99,18 +99,22 @@ class Bridge:
                     if self._loop:
                         self._loop.call_soon_threadsafe(self._on_open)
                 s = self._serial
+                with self._pending_lock:
+                    behind = self._pending_bytes >= MAX_PENDING_BYTES
+                if behind:
+                    # The loop has not parsed what we gave it: stop reading, so the line's own buffer
+                    # (and flow control, or the MCU) holds back. Reading on only to discard would also
+                    # take the GIL from the loop, and the bridge would answer less the more it is sent.
+                    self.counters["read_pauses"] += 1
+                    self._stop.wait(0.002)
+                    continue
                 data = s.read(1)  # blocks up to the port timeout for the first byte, then takes what is there
                 if data and s.in_waiting:
-                    data += s.read(min(s.in_waiting, 65536))
+                    data += s.read(min(s.in_waiting, MAX_PENDING_BYTES))
                 if data and self._loop:
                     with self._pending_lock:
-                        overrun = self._pending_bytes + len(data) > MAX_PENDING_BYTES
-                        if not overrun:
-                            self._pending_bytes += len(data)
-                    if overrun:  # the loop is stalled: drop at the edge rather than queue without bound
-                        self.counters["dropped_overrun_bytes"] += len(data)
-                    else:
-                        self._loop.call_soon_threadsafe(self._feed, data)
+                        self._pending_bytes += len(data)
+                    self._loop.call_soon_threadsafe(self._feed, data)
             except (serial.SerialException, OSError) as exc:
                 if self._serial is not None:
                     log.warning("serial port %s lost: %s", self.cfg.port, exc)

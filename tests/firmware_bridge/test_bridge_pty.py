@@ -1,6 +1,7 @@
 """Simulator → bridge → a real model → INFER_REPLY back, over a real pseudo-terminal."""
 import asyncio
 import itertools
+import os
 
 from bridge_parts import accuracy, answer, engine, pty, run_with, running  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
@@ -90,3 +91,36 @@ def test_slow_inference_sheds_frames_by_policy_and_drop_oldest_answers_fresher_o
         steady = [r["lag"] for r in sim.state.replies[10:]]
         lags[policy] = sum(steady) / len(steady)
     assert lags["drop_oldest"] < lags["drop_newest"] / 2, lags
+
+
+def test_a_stalled_loop_pauses_reading_instead_of_buffering_without_bound(pty, answer, digits_test):
+    """The loop blocked (a slow synchronous handler) while the MCU sends as fast as the pty allows:
+    the reader pauses at its cap, nothing is buffered beyond it, and answering resumes afterwards."""
+    import time
+
+    from firmware_bridge.bridge import MAX_PENDING_BYTES
+
+    x, _ = digits_test
+    stalls = iter([0.5, 0.5])
+
+    def stalling(mcu, msg):
+        time.sleep(next(stalls, 0.0))               # blocks the event loop itself
+        return answer(mcu, msg)
+
+    p = pty()
+    os.set_blocking(p.master, False)                 # a full line loses the MCU's bytes, as a UART does
+    sim = MCUSimulator(p.master, "mcu-flood", x[:50], rate_hz=2000).start()
+
+    async def main():
+        async with running(Bridge(BridgeConfig(port=p.name), stalling)) as b:
+            peak = 0
+            for _ in range(100):
+                await asyncio.sleep(0.01)
+                peak = max(peak, b._pending_bytes)
+            replies = b.counters["replies"]
+            await asyncio.sleep(0.5)
+        return b, peak, b.counters["replies"] - replies
+
+    b, peak, later = run_with(sim, main)
+    assert b.counters["read_pauses"] >= 1 and peak <= 2 * MAX_PENDING_BYTES
+    assert later >= 100 and b.counters["handler_errors"] == 0
