@@ -237,7 +237,11 @@ class Updater:
             log.warning("transfer %s: refused %s", a.tid, exc)
             return
         if new:
-            a.part.write(body["index"], frame.blob)
+            try:
+                a.part.write(body["index"], frame.blob)
+            except OSError as exc:  # disk full, read-only fs: give up cleanly, the old model keeps serving
+                self._finish_failed(a, "failed", f"cannot write the transfer to disk: {exc.strerror or exc}")
+                return
             self.stats["chunks"] += 1
             if len(a.transfer.have) == a.transfer.count // 2:
                 failpoint("transfer_half")
@@ -277,8 +281,13 @@ class Updater:
             self.report("received", offer, bytes=len(data))
             store = self.agent.serving.store
             self.agent.serving.last_health = {}
-            res = await asyncio.to_thread(store.apply_patch, data, self.trusted, self.agent.serving.health_check,
-                                          bool(offer.get("allow_downgrade")))
+            try:
+                res = await asyncio.to_thread(store.apply_patch, data, self.trusted, self.agent.serving.health_check,
+                                              bool(offer.get("allow_downgrade")))
+            except Exception as exc:  # noqa: BLE001 - our bug or the OS: report it, keep serving the old model
+                log.exception("applying %s failed", a.tid)
+                self._finish_failed(a, "failed", f"internal error while applying: {exc}")
+                return
             for step in res.steps[1:]:
                 if step in ro.UPDATE_STATUSES and step != "applied":
                     self.report(step, offer, **(self.agent.serving.last_health if step == "healthy" else {}))

@@ -266,6 +266,19 @@ class RolloutRunner:
         if leaf == "state" and env.body.get("status") == "online":
             self.last_offer.pop(env.sender, None)   # a (re)connect: reconcile it at once
             return
+        if leaf == "events" and env.body.get("event") == "command.refused" and env.body.get("command") == "model.offer":
+            # e.g. this controller has no signing key, or not the one the device trusts: say so now,
+            # not at the wave timeout
+            d = self.store.desired(env.sender)
+            rid = (d[0].rollout_id or "") if d else ""
+            slot = self.store.slot(rid, env.sender) if rid and ":" not in rid else None
+            if slot is not None and slot.status in IN_PROGRESS:
+                self.store.update_slot(rid, env.sender, status="failed",
+                                       reason=f"offer refused: {env.body.get('reason')}")
+                r = self.store.rollout(rid)
+                if r is not None:
+                    self._send_back(r, env.sender)
+            return
         if leaf != "events" or env.body.get("event") != "model.update":
             return
         b = env.body

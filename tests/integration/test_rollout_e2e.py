@@ -378,3 +378,31 @@ def test_a_device_that_was_away_gets_what_is_desired_when_it_returns(signed_flee
     assert st["version"] == "1.2.0"
     first = json.loads(ctl("rollout", "list", "--json").stdout)["rollouts"][-1]
     assert {d["device"]: d["status"] for d in first["devices"]}["o2"] == "superseded"
+
+
+def test_a_controller_without_the_trusted_key_is_told_at_once(tmp_path, mosquitto, example_bundle):
+    """The boards trust a key this controller does not sign with: the rollout fails with the board's
+    reason within seconds, not at the wave timeout, and nothing changes on the board."""
+    from protocol.patch import make_patch
+    from protocol.signing import load_private
+    from test_skeleton import _fleet
+
+    keys = tmp_path / "keys"
+    assert fleetctl("keys", "init", "--dir", str(keys)).returncode == 0
+    v1 = example_bundle[0]
+    v2 = variant(v1, tmp_path / "v2", "1.1.0", lambda h: {k: v * 1.01 for k, v in h.items()})
+    data, _ = make_patch(v1, v2, load_private(keys / "controller.pem"))
+    (tmp_path / "p.efp").write_bytes(data)
+    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)      # this controller signs nothing
+    try:
+        add_agent("k1", extra=f'[model]\nbundle = "{v1}"\n[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
+        wait_for(lambda: model_of(db, "k1").get("version") == "1.0.0", timeout=30, what="k1 on 1.0.0")
+        out = fleetctl("--broker", mosquitto.url, "--db", str(db), "deploy", str(tmp_path / "p.efp"), "--to", "k1",
+                       "--canary", "0", "--wait", "--json", "--timeout", "30s")
+        assert out.returncode == 1, out.stdout + out.stderr
+        slot = json.loads(out.stdout)["devices"][0]
+        assert slot["status"] == "failed" and "offer refused: unsigned" in slot["reason"], slot
+        assert model_of(db, "k1")["version"] == "1.0.0"
+    finally:
+        for p in procs:
+            stop(p)
