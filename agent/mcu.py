@@ -244,7 +244,23 @@ class McuBridge:
         self._push_task = asyncio.ensure_future(self._push(mcu, name, blob, f"{m.name} {m.version}"))
         return {"started": True, "mcu": mcu, "file": name, "bytes": len(blob), "chunk_bytes": chunk}
 
-    async def _push(self, mcu: str, name: str, blob: bytes, bundle: str) -> None:
+    @property
+    def attached(self) -> str | None:
+        """The device id of the MCU on the port (None until it said HELLO)."""
+        return (self.bridge.mcu or {}).get("device_id")
+
+    async def push_file(self, name: str, blob: bytes, bundle: str) -> tuple[bool, str]:
+        """Push a file of a model update (agent.updater); (ok, reason) once the MCU has answered."""
+        mcu = self.attached
+        if mcu is None:
+            return False, f"no MCU has said HELLO on {self.cfg.port}"
+        if self._push_task is not None and not self._push_task.done():
+            await asyncio.gather(self._push_task, return_exceptions=True)
+        self._push_task = asyncio.ensure_future(self._push(mcu, name, blob, bundle))
+        res = await self._push_task
+        return res.ok, "" if res.ok else f"{res.reason}: {res.detail}"
+
+    async def _push(self, mcu: str, name: str, blob: bytes, bundle: str) -> Any:
         c = self.cfg
         res = await self.bridge.push(blob, chunk_size=c.push_chunk_bytes, ack_timeout_s=c.push_ack_timeout_s or None,
                                      retries=c.push_retries)
@@ -255,6 +271,7 @@ class McuBridge:
             self.agent.emit_event("mcu.model.pushed", "info", **data)
         else:
             self.agent.emit_event("mcu.model.failed", "error", reason=res.reason, detail=res.detail, **data)
+        return res
 
 
 # -- edge-agent bridge ---------------------------------------------------------------------

@@ -169,6 +169,14 @@ class Updater:
         if kept is not None:  # a version we still hold (a rollback): switch to it, nothing to download
             res = store.rollback(kept)
             if res.ok:
+                mcu_failed = await self._push_mcu_files(store)
+                if mcu_failed:
+                    back = store.rollback()
+                    self.agent.serving.load_current()
+                    self.agent.republish_state()
+                    self.report("rolled_back", offer, f"{mcu_failed}; back to "
+                                                      f"{back.version if back.ok else 'the previous version'}")
+                    return
                 self.agent.serving.load_current()
                 self.agent.republish_state()
                 self.report("applied", offer, "switched to a version kept on this device")
@@ -292,6 +300,14 @@ class Updater:
                 if step in ro.UPDATE_STATUSES and step != "applied":
                     self.report(step, offer, **(self.agent.serving.last_health if step == "healthy" else {}))
             if res.ok:
+                mcu_failed = await self._push_mcu_files(store)
+                if mcu_failed:   # the MCU refused its part: the whole version goes, the old one serves
+                    back = store.rollback()
+                    self.agent.serving.load_current()
+                    self.agent.republish_state()
+                    self._finish_failed(a, "rolled_back", f"{mcu_failed}; back to "
+                                                          f"{back.version if back.ok else 'the previous version'}")
+                    return
                 self.agent.serving.load_current()
                 self.agent.republish_state()
                 self.stats["applied"] += 1
@@ -307,6 +323,33 @@ class Updater:
                 self._finish_failed(a, status, res.reason)
         finally:
             self.applying = False
+
+    async def _push_mcu_files(self, store: Any) -> str:
+        """Files of role ``mcu`` that this version changed go to the sensor MCU over the firmware
+        bridge; the MCU's final ACK/NACK decides the update. Returns the reason it failed, or ""."""
+        from protocol.patch import read_manifest
+
+        cur, prev = store.current, store.previous
+        try:
+            files = read_manifest(cur)["files"]
+            old = read_manifest(prev)["files"] if prev is not None else {}
+        except PatchError:
+            return ""
+        changed = [n for n, e in files.items() if (e or {}).get("role") == "mcu"
+                   and (e or {}).get("sha256") != (old.get(n) or {}).get("sha256")]
+        if not changed:
+            return ""
+        mcu = getattr(self.agent, "mcu", None)
+        if mcu is None or mcu.attached is None:
+            self.agent.emit_event("mcu.model.skipped", "warning", files=changed,
+                                  reason="no MCU attached to this board; the files stay in the bundle (mcu.push)")
+            return ""
+        label = f"{read_manifest(cur).get('name')} {read_manifest(cur)['version']}"
+        for name in changed:
+            ok, why = await mcu.push_file(name, (cur / name).read_bytes(), label)
+            if not ok:
+                return f"the MCU refused {name}: {why}"
+        return ""
 
     def _finish_failed(self, a: Active, status: str, reason: str) -> None:
         log.error("update to %s %s: %s", a.offer["target"]["version"], status, reason)
