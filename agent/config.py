@@ -73,7 +73,7 @@ class ModelSection:
     providers: tuple[str, ...] = ()  # ONNX Runtime execution providers (default CPU)
     keep_versions: int = 3           # installed versions kept for rollback
     max_transfer_bytes: int = 1 << 30   # largest patch this board accepts over the air
-    transfer_window: int = 16        # chunks asked for at once (each up to 1 MiB)
+    transfer_window: int = 64        # most chunks asked for at once (the window adapts up to it)
     transfer_retry_s: float = 3.0    # ask again for a chunk not seen after this long
     shadow_live_samples: int = 0     # >0: before switching, run the new version beside the old on this
     shadow_live_window_s: float = 30.0   # ... many live inputs (waiting up to this long for them)

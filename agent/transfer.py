@@ -2,9 +2,16 @@
 
 The device pulls: it asks for a window of chunks (``xfer.want``), each chunk that arrives
 is checked against the hash the controller signed in the offer, and the window slides.
-A chunk asked for but not seen within ``retry_s`` is asked for again, so a dropped link or
-a lost message costs one timeout, never the transfer. No sockets, files or clocks inside:
-the caller passes ``now`` and writes accepted bytes where it likes (``PartFile``).
+A chunk asked for but not seen within the retransmission timeout is asked for again, so a
+dropped link or a lost message costs one timeout, never the transfer.
+
+On a fast link a big window keeps the pipe full; on a slow one (a cellular gateway) the
+same window would outlast any fixed timeout and collapse into re-requests. So, when
+``max_window`` > ``window``, the window adapts like TCP's: +1 chunk per chunk that
+arrives (doubling per round trip) up to ``max_window``, halved when a request times out;
+and the timeout follows the measured chunk round trip (RFC 6298: srtt + 4·rttvar, never
+below ``retry_s``). No sockets, files or clocks inside: the caller passes ``now`` and
+writes accepted bytes where it likes (``PartFile``).
 """
 from __future__ import annotations
 
@@ -22,6 +29,9 @@ class Transfer:
     window: int = 16
     retry_s: float = 2.0
     have: set[int] = field(default_factory=set)
+    max_window: int | None = None   # > window: adaptive window and timeout (see above)
+    srtt: float | None = None
+    rttvar: float = 0.0
     inflight: dict[int, float] = field(default_factory=dict)
     requested: int = 0          # chunk requests sent (re-requests included)
     rerequested: int = 0
@@ -31,6 +41,12 @@ class Transfer:
     @property
     def count(self) -> int:
         return self.manifest.count
+
+    @property
+    def rto(self) -> float:
+        if self.srtt is None or self.max_window is None:
+            return self.retry_s
+        return min(60.0, max(self.retry_s, self.srtt + 4 * self.rttvar))
 
     @property
     def complete(self) -> bool:
@@ -58,14 +74,23 @@ class Transfer:
             self.rejected += 1
             raise ChunkError(f"chunk {index}: SHA-256 mismatch")
 
-    def accept(self, index: int, data: bytes) -> bool:
+    def accept(self, index: int, data: bytes, now: float | None = None) -> bool:
         """Check and record chunk ``index``; False for a duplicate (nothing to write)."""
         self.check(index, data)
-        self.inflight.pop(index, None)
+        sent = self.inflight.pop(index, None)
         if index in self.have:
             self.duplicates += 1
             return False
         self.have.add(index)
+        if self.max_window is not None and now is not None and sent is not None:
+            sample = max(0.0, now - sent)
+            if self.srtt is None:
+                self.srtt, self.rttvar = sample, sample / 2
+            else:
+                self.rttvar = 0.75 * self.rttvar + 0.25 * abs(self.srtt - sample)
+                self.srtt = 0.875 * self.srtt + 0.125 * sample
+            if self.window < self.max_window:
+                self.window += 1
         return True
 
     def missing(self) -> list[int]:
@@ -79,10 +104,12 @@ class Transfer:
         if force:
             self.rerequested += len(self.inflight)
             self.inflight.clear()
-        for i, t in list(self.inflight.items()):
-            if now - t >= self.retry_s:
-                del self.inflight[i]
-                self.rerequested += 1
+        expired = [i for i, t in self.inflight.items() if now - t >= self.rto]
+        for i in expired:
+            del self.inflight[i]
+            self.rerequested += 1
+        if expired and self.max_window is not None:
+            self.window = max(1, self.window // 2)   # a loss or a slow link: back off
         free = self.window - len(self.inflight)
         if free <= 0 or (free < max(1, self.window // 2) and self.inflight):
             return []

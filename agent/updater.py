@@ -72,6 +72,11 @@ class Updater:
         agent.telemetry_providers["update"] = self.telemetry
         agent.connect_hooks.append(self.on_connect)
 
+    def _transfer(self, manifest: ChunkManifest, have: set[int]) -> Transfer:
+        """Start with a small window that grows to ``model.transfer_window`` while chunks arrive in time."""
+        return Transfer(manifest, window=min(8, self.window), retry_s=self.retry_s, have=have,
+                        max_window=self.window)
+
     def _load_trusted(self) -> list[Any]:
         from protocol.signing import SignatureError, load_public
 
@@ -102,7 +107,8 @@ class Updater:
             t = a.transfer
             out["transfer"] = {"id": a.tid, "version": a.offer["target"]["version"], "have": len(t.have),
                                "chunks": t.count, "bytes": t.received_bytes, "total_bytes": t.manifest.total_size,
-                               "rerequested": t.rerequested}
+                               "rerequested": t.rerequested, "window": t.window,
+                               "rto_s": round(t.rto, 3)}
         if self.last:
             out["last"] = self.last
         return out
@@ -123,7 +129,7 @@ class Updater:
                 shutil.rmtree(d, ignore_errors=True)
                 continue
             part = PartFile(d, manifest)
-            t = Transfer(manifest, window=self.window, retry_s=self.retry_s, have=part.held())
+            t = self._transfer(manifest, part.held())
             self.active = Active(offer, t, part, time.time(), len(t.have))
             self.stats["resumed"] += 1
             log.info("resuming transfer %s: %d of %d chunks on disk", manifest.transfer_id, len(t.have), t.count)
@@ -219,7 +225,7 @@ class Updater:
         tmp.write_text(json.dumps(offer))
         os.replace(tmp, d / "offer.json")
         part = PartFile(d, manifest)
-        t = Transfer(manifest, window=self.window, retry_s=self.retry_s, have=part.held())
+        t = self._transfer(manifest, part.held())
         self.active = Active(offer, t, part, time.time(), len(t.have))
         self.report("downloading", offer, bytes=manifest.total_size, chunks=manifest.count, held=len(t.have))
         if t.complete:
@@ -238,7 +244,7 @@ class Updater:
             self.agent.counters.reject("stray_chunk")
             return
         try:
-            new = a.transfer.accept(body["index"], frame.blob)
+            new = a.transfer.accept(body["index"], frame.blob, time.monotonic())
         except ChunkError as exc:
             self.stats["bad_chunks"] += 1
             self.agent.counters.reject("bad_chunk")

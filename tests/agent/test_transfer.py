@@ -129,3 +129,37 @@ def test_random_chunk_streams_never_corrupt_the_state(stream, window, retry):
         except ChunkError:
             raise AssertionError("a good chunk was refused")
     assert t.complete
+
+
+def test_adaptive_window_grows_while_chunks_arrive_and_halves_on_a_timeout():
+    blob = os.urandom(100_000)
+    t = Transfer(make_manifest("t", blob, 1000), window=2, retry_s=0.5, max_window=16)
+    now = 0.0
+    for _ in range(6):                              # fast round trips: the window doubles per round
+        for i in t.wants(now):
+            now += 0.01
+            t.accept(i, chunk(blob, i), now)
+    assert t.window == 16 and t.srtt is not None and t.srtt < 0.2
+    assert t.rto == 0.5                             # never below retry_s
+    lost = t.wants(now)
+    assert lost and t.window == 16
+    t.wants(now + 0.6)                              # none of them came back in time
+    assert t.window == 8 and t.rerequested == len(lost)
+
+
+def test_rto_follows_a_slow_link_instead_of_re_requesting_everything():
+    blob = os.urandom(50_000)
+    t = Transfer(make_manifest("t", blob, 1000), window=4, retry_s=0.5, max_window=64)
+    now = 0.0
+    for _ in range(5):                              # each chunk takes 2 s: a slow cellular link
+        for i in t.wants(now):
+            t.accept(i, chunk(blob, i), now + 2.0)
+        now += 2.0
+    assert t.rto > 2.0 and t.rerequested == 0
+
+
+def test_fixed_window_without_max_window():
+    blob, t = blob_and_transfer(window=4)
+    for i in t.wants(0.0):
+        t.accept(i, chunk(blob, i), 0.1)
+    assert t.window == 4 and t.rto == 2.0
