@@ -59,6 +59,8 @@ class Agent:
         self.control_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {"cmd": self._handle_cmd}
         #: kind → handler for the request topic (inference requests from any authorised client)
         self.request_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {}
+        #: callables returning more (topic, payload) HA discovery messages (sub-devices)
+        self.hass_extra: list[Callable[[], list[tuple[str, bytes]]]] = []
         #: coroutines run on every (re)connect, after state and discovery are published
         self.connect_hooks: list[Callable[[], Awaitable[None]]] = []
         self._telemetry_now = asyncio.Event()
@@ -253,6 +255,9 @@ class Agent:
         for topic, payload in hass.discovery_messages(self.topics, self.device_id,
                                                       self.cfg.homeassistant.prefix, __version__):
             self.publish(topic, payload, qos=1, retain=True)
+        for extra in self.hass_extra:   # sub-devices (sensor MCUs) announce through the board
+            for topic, payload in extra():
+                self.publish(topic, payload, qos=1, retain=True)
 
     # -- main ------------------------------------------------------------
     def _make_link(self) -> MqttLink:

@@ -85,3 +85,37 @@ def discovery_messages(topics: Topics, device_id: str, prefix: str, sw_version: 
 def birth_topic(prefix: str) -> str:
     """HA publishes 'online' here when it (re)starts; we re-announce on it."""
     return f"{prefix}/status"
+
+
+def mcu_discovery_messages(topics: Topics, device_id: str, prefix: str, mcu_id: str,
+                           firmware: str | None = None) -> list[tuple[str, bytes]]:
+    """A sensor MCU behind this board's firmware bridge as its own HA device, ``via_device`` the
+    board. Values come from the board's telemetry (``mcu.devices[<mcu id>]``); the discovery
+    topics stay under the board's node id, so the per-device ACL pattern still covers them."""
+    nid = node_id(device_id)
+    mid = "".join(c if c.isalnum() or c in "_-" else "_" for c in mcu_id)
+    uid = f"edgefleet_{nid}_mcu_{mid}"
+    dev = {"identifiers": [uid], "name": f"{device_id} / {mcu_id}", "manufacturer": "edgefleet",
+           "model": "sensor MCU", "via_device": f"edgefleet_{nid}"}
+    if firmware:
+        dev["sw_version"] = firmware
+    base = f"value_json.body.mcu.devices[{json.dumps(mcu_id)}]"
+    common = {"state_topic": topics.telemetry(device_id), "availability_topic": topics.state(device_id),
+              "availability_template": "{{ value_json.body.status }}", "payload_available": "online",
+              "payload_not_available": "offline", "device": dev}
+    entities: list[tuple[str, str, dict[str, Any]]] = [
+        ("binary_sensor", "online", {"name": "Online", "device_class": "connectivity",
+                                     "value_template": f"{{{{ 'ON' if {base}.online else 'OFF' }}}}"}),
+        ("sensor", "last_label", {"name": "Last result",
+                                  "value_template": f"{{{{ {base}.last_result.label if {base}.last_result "
+                                                    f"is defined else None }}}}"}),
+        ("sensor", "results", {"name": "Results", "state_class": "total_increasing",
+                               "value_template": f"{{{{ {base}.results }}}}"}),
+        ("sensor", "uptime", {"name": "Uptime", "unit_of_measurement": "s", "device_class": "duration",
+                              "value_template": f"{{{{ {base}.uptime_s if {base}.uptime_s is defined else None }}}}"}),
+    ]
+    out = []
+    for component, oid, cfg in entities:
+        full = {**common, **cfg, "unique_id": f"{uid}_{oid}", "object_id": f"{uid}_{oid}"}
+        out.append((f"{prefix}/{component}/{nid}/mcu_{mid}_{oid}/config", json.dumps(full, separators=(",", ":")).encode()))
+    return out

@@ -86,6 +86,7 @@ class McuBridge:
         agent.telemetry_providers["mcu"] = self.telemetry
         agent.commands["mcu.push"] = self._cmd_push
         agent.commands["mcu.status"] = lambda args, env: self.telemetry()
+        agent.hass_extra.append(self.hass_messages)
 
     async def run(self) -> None:
         """The agent's ``mcu`` task: the port, the source feeding inference, the silence watch."""
@@ -169,6 +170,13 @@ class McuBridge:
             d.update({k: e[k] for k in ("firmware", "sensors", "samples_per_frame", "max_frame")})
             self._event(kind, "info", mcu=mcu, firmware=e["firmware"], sensors=e["sensors"],
                         samples_per_frame=e["samples_per_frame"])
+            if d["hellos"] == 1 and self.agent.cfg.homeassistant.enabled:
+                from . import hass
+
+                for topic, payload in hass.mcu_discovery_messages(self.agent.topics, self.agent.device_id,
+                                                                  self.agent.cfg.homeassistant.prefix, mcu,
+                                                                  d.get("firmware")):
+                    self.agent.publish(topic, payload, qos=1, retain=True)
         elif kind == "mcu.result":
             d["results"] += 1
             d["last_result"] = {"label": e["label"], "confidence": round(e["confidence"], 5),
@@ -182,6 +190,16 @@ class McuBridge:
                 self._event(kind, level, mcu=mcu, text=e["text"])
         elif kind == "mcu.heartbeat":
             d["uptime_s"] = e["uptime_s"]
+
+    def hass_messages(self) -> list[tuple[str, bytes]]:
+        """HA discovery of every MCU seen (re-announced with the board's own on HA's birth)."""
+        from . import hass
+
+        out: list[tuple[str, bytes]] = []
+        for mcu, d in self.devices.items():
+            out += hass.mcu_discovery_messages(self.agent.topics, self.agent.device_id,
+                                               self.agent.cfg.homeassistant.prefix, mcu, d.get("firmware"))
+        return out
 
     def _event(self, event: str, level: str, limited: bool = True, **data: Any) -> None:
         if limited and not self._limiter.allow(time.monotonic()):

@@ -98,10 +98,13 @@ def test_patch_with_an_mcu_model_is_applied_only_when_the_mcu_acks_it(tmp_path, 
     sim = MCUSimulator(p.master, "mcu-7", x[:20], rate_hz=20, heartbeat_s=0.2, flash_bytes=flash_bytes).start()
     cfg = parse_config({"device": {"id": "pi-u"}, "mqtt": {"broker": mosquitto.url},
                         "state": {"dir": str(tmp_path / "state")}, "telemetry": {"interval_s": 0.5},
-                        "homeassistant": {"enabled": False}, "model": {"bundle": str(v1)},
+                        "homeassistant": {"enabled": True}, "model": {"bundle": str(v1)},
                         "security": {"trusted_keys": [str(tmp_path / "k.pub")]},
                         "bridge": {"enabled": True, "port": p.name, "push_ack_timeout_s": 0.2}})
     ctl = FakeControllerOnTheBroker(mosquitto.port, "pi-u", key, data)
+    from conftest import Probe
+
+    ha = Probe(mosquitto.port, subscribe=("homeassistant/+/pi-u/+/config",))
 
     async def main():
         async with running(Agent(cfg)) as agent:
@@ -114,9 +117,15 @@ def test_patch_with_an_mcu_model_is_applied_only_when_the_mcu_acks_it(tmp_path, 
 
     try:
         agent, final = asyncio.run(main())
+        # the MCU is its own Home Assistant device, behind the board, fed from the board's telemetry
+        mcu_cfgs = [json.loads(p) for t, p, _ in ha.seen() if "/mcu_mcu-7_" in t]
+        assert {c["unique_id"].rsplit("_", 1)[-1] for c in mcu_cfgs} >= {"online", "results", "uptime"}
+        assert all(c["device"]["via_device"] == "edgefleet_pi-u" and c["state_topic"].endswith("pi-u/telemetry")
+                   for c in mcu_cfgs)
     finally:
         sim.stop()
         ctl.close()
+        ha.close()
     if ok:
         assert final["status"] == "applied", final
         assert sim.state.model == FLOAT.read_bytes()
