@@ -167,7 +167,7 @@ class RolloutRunner:
 
     # -- reconcile ----------------------------------------------------------------
     def reconcile(self, mono: float) -> None:
-        for d in self.store.desired():
+        for d in self.store.needing_attention(IN_PROGRESS):
             dev = self.svc.registry.device(d.device_id)
             if dev is None or not dev.online:
                 continue

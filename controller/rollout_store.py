@@ -255,6 +255,20 @@ class RolloutStore:
             rows = self.db.execute("SELECT * FROM desired ORDER BY device_id")
         return [Desired(*r) for r in rows]
 
+    def needing_attention(self, in_progress: tuple[str, ...]) -> list[Desired]:
+        """Desired rows of online devices that report another bundle, or whose rollout slot is still
+        in progress: one query, so a large quiet fleet costs nothing per tick (registry tables)."""
+        marks = ",".join("?" * len(in_progress))
+        rows = self.db.execute(
+            "SELECT d.device_id, d.bundle_sha256, d.version, d.rollout_id, d.set_at FROM desired d "
+            "JOIN devices v ON v.id = d.device_id WHERE v.online = 1 AND ("
+            "COALESCE(json_extract(v.state, '$.model.bundle_sha256'), '') != d.bundle_sha256 OR EXISTS("
+            f"SELECT 1 FROM rollout_devices r WHERE r.device_id = d.device_id AND r.status IN ({marks}) AND "
+            "r.rollout_id = substr(d.rollout_id, 1, CASE WHEN instr(d.rollout_id, ':') > 0 "
+            "THEN instr(d.rollout_id, ':') - 1 ELSE length(d.rollout_id) END))) ORDER BY d.device_id",
+            in_progress)
+        return [Desired(*r) for r in rows]
+
     # -- tags ----------------------------------------------------------------------
     def tag(self, device_id: str, tag: str, remove: bool = False) -> None:
         if remove:

@@ -117,3 +117,28 @@ def test_fleet_accuracy_drop_from_the_devices_shadow_evaluations():
     assert d.action == "abort" and "fleet accuracy fell by 0.015" in d.reason
     s = [Slot("d0", 0, "applied", True, acc_before=0.99, acc_after=0.985), Slot("d1", 1, "pending", True)]
     assert decide(10, p, 0, 0, 2, s).action == "release"
+
+
+def test_only_devices_that_need_attention_are_reconciled(tmp_path):
+    """The reconcile query: online devices on another bundle, or with a slot still in progress."""
+    from controller.registry import Registry
+    from controller.rollout_store import RolloutStore
+    from protocol.envelope import Envelope
+
+    reg = Registry(tmp_path / "r.db")
+    store = RolloutStore(reg.db, tmp_path / "artifacts")
+    for dev, sha, online in (("on-old", "a" * 64, True), ("on-new", "b" * 64, True), ("off-old", "a" * 64, False),
+                             ("on-new-busy", "b" * 64, True)):
+        reg.record_state(Envelope(kind="state", sender=dev, body={"status": "online" if online else "offline",
+                                                                   "model": {"bundle_sha256": sha}}))
+    reg.record_state(Envelope(kind="state", sender="off-old", body={"status": "offline"}))
+    store.create_rollout("ro-1", "2.0", "b" * 64, {}, {}, [["on-old", "on-new", "off-old", "on-new-busy"]],
+                         {})
+    for dev in ("on-old", "on-new", "off-old", "on-new-busy"):
+        store.set_desired(dev, "b" * 64, "2.0", "ro-1")
+    store.update_slot("ro-1", "on-new", status="applied")
+    store.update_slot("ro-1", "on-new-busy", status="downloading")
+    got = [d.device_id for d in store.needing_attention(("released", "offered", "downloading"))]
+    assert got == ["on-new-busy", "on-old"]
+    store.set_desired("on-new-busy", "b" * 64, "1.0", "ro-1:back")   # a ':back' id still finds its slot
+    assert [d.device_id for d in store.needing_attention(("downloading",))] == ["on-new-busy", "on-old"]
