@@ -94,6 +94,10 @@ class RolloutStore:
     def __init__(self, db: sqlite3.Connection, artifacts_dir: str | Path) -> None:
         self.db = db
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(rollout_devices)")}
+        for col in ("acc_before", "acc_after"):   # registries made before fleet accuracy was tracked
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE rollout_devices ADD COLUMN {col} REAL")
         self.db.commit()
         self.artifacts_dir = Path(artifacts_dir)
 

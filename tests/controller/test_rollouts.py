@@ -142,3 +142,19 @@ def test_only_devices_that_need_attention_are_reconciled(tmp_path):
     assert got == ["on-new-busy", "on-old"]
     store.set_desired("on-new-busy", "b" * 64, "1.0", "ro-1:back")   # a ':back' id still finds its slot
     assert [d.device_id for d in store.needing_attention(("downloading",))] == ["on-new-busy", "on-old"]
+
+
+def test_an_older_registry_gains_the_new_columns(tmp_path):
+    import sqlite3
+
+    from controller.rollout_store import RolloutStore
+
+    db = sqlite3.connect(tmp_path / "old.db")
+    db.execute("CREATE TABLE rollout_devices(rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, "
+               "status TEXT NOT NULL, reason TEXT, from_sha256 TEXT, from_version TEXT, conf_before REAL, "
+               "conf_after REAL, offered REAL, updated REAL, PRIMARY KEY(rollout_id, device_id))")
+    db.execute("INSERT INTO rollout_devices(rollout_id, device_id, wave, status) VALUES('r', 'd', 0, 'applied')")
+    db.commit()
+    store = RolloutStore(db, tmp_path / "a")
+    s = store.slot("r", "d")
+    assert s.status == "applied" and s.acc_before is None and s.acc_after is None
