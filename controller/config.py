@@ -26,6 +26,7 @@ class ControllerSection:
     offline_after_s: float = 0.0  # >0: mark silent devices offline after this long (LWT covers the rest)
     offload_auto_tune: bool = False   # adjust devices' offload thresholds from worker load (offload_tuning.py)
     offload_tune_interval_s: float = 30.0
+    rollout_max_bytes_per_s: int = 0  # cap on model chunks sent, all devices together (0 = no cap)
 
     def __post_init__(self) -> None:
         try:
@@ -33,6 +34,8 @@ class ControllerSection:
         except InvalidId as exc:
             raise ConfigError(str(exc)) from None
         check(self.offline_after_s >= 0, "controller.offline_after_s", "must be >= 0")
+        check(self.rollout_max_bytes_per_s == 0 or self.rollout_max_bytes_per_s >= 4096,
+              "controller.rollout_max_bytes_per_s", "must be 0 (no cap) or at least 4096")
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ on the fly from two stored bundles (signed with the controller's key), else a fu
 from __future__ import annotations
 
 import asyncio
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 import logging
 import time
 from pathlib import Path
@@ -74,16 +74,37 @@ class RolloutRunner:
         self.last_want: dict[str, float] = {}
         self._blobs: OrderedDict[str, tuple[bytes, ChunkManifest]] = OrderedDict()
         self.counts: Counter[str] = Counter()
+        self.rate = svc.cfg.controller.rollout_max_bytes_per_s
+        self._queue: deque[tuple[str, str, int]] = deque()   # (device, transfer id, chunk) waiting for the cap
+        self._queued: set[tuple[str, str, int]] = set()
         svc.listeners.append(self.on_message)
 
     # -- loop ----------------------------------------------------------------
     async def run(self) -> None:
+        pacer = asyncio.create_task(self._pace(), name="rollout-pacer") if self.rate else None
+        try:
+            while True:
+                await asyncio.sleep(0.5)
+                try:
+                    self.tick(time.time())
+                except Exception:  # noqa: BLE001 - our bug; log it and keep the service up
+                    log.exception("rollout tick failed")
+        finally:
+            if pacer is not None:
+                pacer.cancel()
+
+    async def _pace(self) -> None:
+        """Send queued chunks at ``controller.rollout_max_bytes_per_s`` (token bucket, 1 s burst)."""
+        tokens, last = 0.0, time.monotonic()
         while True:
-            await asyncio.sleep(0.5)
-            try:
-                self.tick(time.time())
-            except Exception:  # noqa: BLE001 - our bug; log it and keep the service up
-                log.exception("rollout tick failed")
+            await asyncio.sleep(0.01)
+            now = time.monotonic()
+            tokens = min(float(self.rate), tokens + self.rate * (now - last))
+            last = now
+            while self._queue and tokens > 0:
+                item = self._queue.popleft()
+                self._queued.discard(item)
+                tokens -= self._send_chunk(*item)
 
     def tick(self, now: float) -> None:
         for r in self.store.rollouts(status="running"):
@@ -320,17 +341,31 @@ class RolloutRunner:
                                                             "which it was not offered")
             return
         self.last_want[device_id] = time.monotonic()
-        data, manifest = self._blob(art)
-        topic = self.svc.topics.cmd(device_id)
-        from protocol.cmdauth import sign_frame
-
+        _, manifest = self._blob(art)
         for i in env.body["chunks"]:
             if i >= manifest.count:
                 self.svc.reject("bad_chunk_index", msg.topic, f"chunk {i} of a {manifest.count}-chunk transfer")
                 continue
-            blob = data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
-            frame = sign_frame(Envelope(kind="xfer.chunk", sender=self.svc.cfg.controller.id,
-                                        body={"transfer_id": tid, "index": i}), topic, self.svc.signing_key, blob=blob)
-            if self.svc.link is not None and self.svc.link.publish(topic, frame, 1):
-                self.counts["chunks_sent"] += 1
-                self.counts["bytes_sent"] += len(blob)
+            if not self.rate:
+                self._send_chunk(device_id, tid, i)
+            elif (device_id, tid, i) not in self._queued and len(self._queue) < 100_000:
+                self._queue.append((device_id, tid, i))
+                self._queued.add((device_id, tid, i))
+
+    def _send_chunk(self, device_id: str, tid: str, i: int) -> int:
+        """One signed chunk frame to the device; returns the bytes sent (0 when it could not be)."""
+        from protocol.cmdauth import sign_frame
+
+        art = self.store.artifact_by_transfer(tid)
+        if art is None:
+            return 0
+        data, manifest = self._blob(art)
+        topic = self.svc.topics.cmd(device_id)
+        blob = data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
+        frame = sign_frame(Envelope(kind="xfer.chunk", sender=self.svc.cfg.controller.id,
+                                    body={"transfer_id": tid, "index": i}), topic, self.svc.signing_key, blob=blob)
+        if self.svc.link is not None and self.svc.link.publish(topic, frame, 1):
+            self.counts["chunks_sent"] += 1
+            self.counts["bytes_sent"] += len(blob)
+            return len(blob)
+        return 0

@@ -406,3 +406,52 @@ def test_a_controller_without_the_trusted_key_is_told_at_once(tmp_path, mosquitt
     finally:
         for p in procs:
             stop(p)
+
+
+def test_a_broker_outage_mid_transfer_costs_a_pause_not_the_transfer(tmp_path, mosquitto, example_bundle):
+    """The controller paces chunks (controller.rollout_max_bytes_per_s), so the broker can be stopped
+    while the agent holds part of the patch; when it is back, the same agent process asks for the
+    rest and applies it."""
+    from agent.transfer import PartFile
+    from protocol.chunks import ChunkManifest
+
+    keys = tmp_path / "keys"
+    assert fleetctl("keys", "init", "--dir", str(keys)).returncode == 0
+    conf = tmp_path / "controller.toml"
+    conf.write_text("[controller]\nrollout_max_bytes_per_s = 1000000\n")
+    db = tmp_path / "registry.db"
+    procs = [subprocess.Popen([sys.executable, "-m", "controller.cli", "--config", str(conf), "--broker", mosquitto.url,
+                               "--db", str(db), "--signing-key", str(keys / "controller.pem"), "serve"],
+                              stdout=open(tmp_path / "controller.log", "wb"), stderr=subprocess.STDOUT, env=ENV,
+                              cwd=ROOT)]
+    try:
+        v1 = example_bundle[0]
+        big = with_extra_file(v1, tmp_path / "big", "2.0.0", 2_500_000)
+        cfg = agent_config(tmp_path, "x1", mosquitto.url, interval=0.5,
+                           extra=f'[model]\nbundle = "{v1}"\ntransfer_retry_s = 1.0\n'
+                                 f'[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
+        agent = start_agent(cfg, tmp_path / "x1.log")
+        procs.append(agent)
+        wait_for(lambda: model_of(db, "x1").get("version") == "1.0.0", timeout=30, what="x1 on 1.0.0")
+        out = fleetctl("--broker", mosquitto.url, "--db", str(db), "deploy", str(big), "--to", "x1", "--canary", "0")
+        assert out.returncode == 0, out.stdout + out.stderr
+        offer = wait_for(lambda: next((tmp_path / "x1" / "transfers").glob("*/offer.json"), None)
+                         if (tmp_path / "x1" / "transfers").exists() else None, timeout=30, what="a transfer")
+        man = ChunkManifest.from_dict(json.loads(offer.read_text())["transfer"])
+        part = PartFile(offer.parent, man)
+        wait_for(lambda: len(part.held()) >= 5, timeout=20, what="some chunks on disk")
+        mosquitto.stop()
+        held = part.held()
+        assert 5 <= len(held) < man.count, (len(held), man.count)
+        import time
+
+        time.sleep(2.0)
+        mosquitto.start()
+        wait_for(lambda: model_of(db, "x1").get("version") == "2.0.0", timeout=60, what="x1 on 2.0.0")
+        applied = events(db, "x1", "applied")[-1]
+        assert applied["chunks"] == man.count and applied["held_at_start"] == 0   # same process, no restart
+        assert applied["seconds"] >= 2.0
+        assert agent.poll() is None
+    finally:
+        for p in procs:
+            stop(p)
