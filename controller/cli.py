@@ -114,14 +114,27 @@ async def _serve(cfg: ControllerConfig) -> None:
 
 
 # -- registry reads -----------------------------------------------------------
-def device_rows(devs: list) -> tuple[list[str], list[list[Any]]]:
+def device_rows(devs: list, desired: dict[str, str] | None = None) -> tuple[list[str], list[list[Any]]]:
     headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C"]
     rows = []
     for d in devs:
         m = d.key_metrics()
-        rows.append([d.id, d.group, d.online, age(d.last_seen), d.model, m["cpu_percent"],
+        model = d.model
+        want = (desired or {}).get(d.id)
+        if want and model and not model.endswith("@" + want):
+            model = f"{model} -> {want}"
+        rows.append([d.id, d.group, d.online, age(d.last_seen), model, m["cpu_percent"],
                      m["mem_used_percent"], m["rss_mb"], m["temperature_c"]])
     return headers, rows
+
+
+def _desired_versions(reg: Registry) -> dict[str, str]:
+    import sqlite3
+
+    try:
+        return dict(reg.db.execute("SELECT device_id, version FROM desired").fetchall())
+    except sqlite3.OperationalError:   # no rollout yet
+        return {}
 
 
 @cli.command()
@@ -131,13 +144,15 @@ def devices(c: Ctx, as_json: bool) -> None:
     """List devices: id, online, last seen, model, key metrics."""
     reg = c.registry()
     devs = reg.devices()
+    desired = _desired_versions(reg)
     if as_json:
-        click.echo(json.dumps({"devices": [_device_summary(d) for d in devs]}, indent=2))
+        click.echo(json.dumps({"devices": [{**_device_summary(d), "desired_version": desired.get(d.id)}
+                                           for d in devs]}, indent=2))
         return
     if not devs:
         click.echo("no devices yet")
         return
-    click.echo(render(*device_rows(devs)))
+    click.echo(render(*device_rows(devs, desired)))
 
 
 def _device_summary(d: Any) -> dict[str, Any]:

@@ -119,6 +119,8 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
         assert steps[steps.index("downloading"):] == ["downloading", "received", "verified", "staged", "healthy",
                                                       "applied"], steps
     assert model_of(db, "a4")["version"] == "1.0.0"   # not targeted
+    listed = {d["id"]: d for d in json.loads(ctl("devices", "--json").stdout)["devices"]}
+    assert listed["a1"]["desired_version"] == "1.1.0" and listed["a4"]["desired_version"] is None
     shown = json.loads(ctl("device", "show", "a1", "--json").stdout)
     assert shown["tags"] == ["line-a"] and shown["desired"]["version"] == "1.1.0"
     assert "tags       line-a" in ctl("device", "show", "a1").stdout
