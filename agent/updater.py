@@ -63,6 +63,9 @@ class Updater:
         self.retry_s = mc.transfer_retry_s
         self.active: Active | None = None
         self.applying = False
+        #: written while a new version's files go to the sensor MCU; found at start-up it means we died
+        #: mid-push, so the board goes back to the version whose model the MCU still runs
+        self.mcu_pending = Path(agent.cfg.state.dir) / "mcu-push-pending.json"
         self.stats = {"offers": 0, "chunks": 0, "bad_chunks": 0, "stray_chunks": 0, "applied": 0, "failed": 0,
                       "resumed": 0}
         self.last: dict[str, Any] | None = None
@@ -116,6 +119,7 @@ class Updater:
     # -- start-up and reconnects ---------------------------------------------
     def restore(self) -> None:
         """Pick up a transfer that a restart interrupted (its chunks are still on disk)."""
+        self._restore_mcu_pending()
         if not self.dir.is_dir():
             return
         for d in sorted(self.dir.iterdir()):
@@ -133,6 +137,24 @@ class Updater:
             self.active = Active(offer, t, part, time.time(), len(t.have))
             self.stats["resumed"] += 1
             log.info("resuming transfer %s: %d of %d chunks on disk", manifest.transfer_id, len(t.have), t.count)
+
+    def _restore_mcu_pending(self) -> None:
+        try:
+            pending = json.loads(self.mcu_pending.read_text())
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError):
+            pending = {}
+        store = self.agent.serving.store
+        if store is not None and pending.get("bundle_sha256") and self._installed_id() == pending["bundle_sha256"]:
+            back = store.rollback()
+            self.agent.serving.load_current()
+            self.report("rolled_back", pending.get("offer"),
+                        f"interrupted while pushing the new model to the MCU; back to {back.version or '?'}")
+        self.mcu_pending.unlink(missing_ok=True)
+
+    def _clear_mcu_pending(self) -> None:
+        self.mcu_pending.unlink(missing_ok=True)
 
     async def on_connect(self) -> None:
         if self.active is not None and not self.applying:
@@ -175,14 +197,16 @@ class Updater:
         if kept is not None:  # a version we still hold (a rollback): switch to it, nothing to download
             res = store.rollback(kept)
             if res.ok:
-                mcu_failed = await self._push_mcu_files(store)
+                mcu_failed = await self._push_mcu_files(store, offer)
                 if mcu_failed:
                     back = store.rollback()
+                    self._clear_mcu_pending()
                     self.agent.serving.load_current()
                     self.agent.republish_state()
                     self.report("rolled_back", offer, f"{mcu_failed}; back to "
                                                       f"{back.version if back.ok else 'the previous version'}")
                     return
+                self._clear_mcu_pending()
                 self.agent.serving.load_current()
                 self.agent.republish_state()
                 self.report("applied", offer, "switched to a version kept on this device")
@@ -306,14 +330,16 @@ class Updater:
                 if step in ro.UPDATE_STATUSES and step != "applied":
                     self.report(step, offer, **(self.agent.serving.last_health if step == "healthy" else {}))
             if res.ok:
-                mcu_failed = await self._push_mcu_files(store)
+                mcu_failed = await self._push_mcu_files(store, offer)
                 if mcu_failed:   # the MCU refused its part: the whole version goes, the old one serves
                     back = store.rollback()
+                    self._clear_mcu_pending()
                     self.agent.serving.load_current()
                     self.agent.republish_state()
                     self._finish_failed(a, "rolled_back", f"{mcu_failed}; back to "
                                                           f"{back.version if back.ok else 'the previous version'}")
                     return
+                self._clear_mcu_pending()
                 self.agent.serving.load_current()
                 self.agent.republish_state()
                 self.stats["applied"] += 1
@@ -330,7 +356,7 @@ class Updater:
         finally:
             self.applying = False
 
-    async def _push_mcu_files(self, store: Any) -> str:
+    async def _push_mcu_files(self, store: Any, offer: dict[str, Any]) -> str:
         """Files of role ``mcu`` that this version changed go to the sensor MCU over the firmware
         bridge; the MCU's final ACK/NACK decides the update. Returns the reason it failed, or ""."""
         from protocol.patch import read_manifest
@@ -351,6 +377,10 @@ class Updater:
                                   reason="no MCU attached to this board; the files stay in the bundle (mcu.push)")
             return ""
         label = f"{read_manifest(cur).get('name')} {read_manifest(cur)['version']}"
+        tmp = self.mcu_pending.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"bundle_sha256": bundle_id(cur), "offer": offer}))
+        os.replace(tmp, self.mcu_pending)
+        failpoint("mcu_push")
         for name in changed:
             ok, why = await mcu.push_file(name, (cur / name).read_bytes(), label)
             if not ok:

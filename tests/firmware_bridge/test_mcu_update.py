@@ -136,3 +136,68 @@ def test_patch_with_an_mcu_model_is_applied_only_when_the_mcu_acks_it(tmp_path, 
         assert ctl.events("mcu.model.failed")[0]["reason"] == "no_space"
         assert agent.serving.engine.bundle.manifest.version == "1.0.0"
         assert bundle_id(agent.serving.store.current) == bundle_id(v1)
+
+
+def test_killed_while_pushing_to_the_mcu_the_board_goes_back(tmp_path, mosquitto, example_bundle, digits_test, pty):
+    """SIGKILL after the switch, while the MCU's new model is on its way: at the next start the agent
+    returns to the version whose model the MCU still runs, and says why."""
+    import os
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    x, _ = digits_test
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": str(root), "PYTHONUNBUFFERED": "1"}
+    v1 = with_mcu_file(example_bundle[0], tmp_path / "v1", "1.0.0", TFLITE)
+    v2 = with_mcu_file(example_bundle[0], tmp_path / "v2", "1.1.0", FLOAT)
+    key = generate()
+    save_keypair(key, tmp_path / "k.pem", tmp_path / "k.pub")
+    data, _ = make_patch(v1, v2, key)
+    p = pty()
+    sim = MCUSimulator(p.master, "mcu-8", x[:20], rate_hz=20, heartbeat_s=0.2).start()
+    conf = tmp_path / "agent.toml"
+    conf.write_text(f'[device]\nid = "pi-k"\n[mqtt]\nbroker = "{mosquitto.url}"\nmin_backoff_s = 0.2\n'
+                    f'max_backoff_s = 1.0\n[telemetry]\ninterval_s = 0.5\n[homeassistant]\nenabled = false\n'
+                    f'[state]\ndir = "{tmp_path / "state"}"\n[model]\nbundle = "{v1}"\n'
+                    f'[security]\ntrusted_keys = ["{tmp_path / "k.pub"}"]\n'
+                    f'[bridge]\nenabled = true\nport = "{p.name}"\n')
+    ctl = FakeControllerOnTheBroker(mosquitto.port, "pi-k", key, data)
+
+    def start(extra_env):
+        return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(conf)], cwd=root,
+                                env={**env, **extra_env}, stdout=open(tmp_path / "agent.log", "ab"),
+                                stderr=subprocess.STDOUT)
+
+    def state_version():
+        states = [json.loads(pl)["body"] for t, pl, _ in ctl.probe.seen() if t.endswith("pi-k/state")]
+        return ((states[-1].get("model") or {}).get("version")) if states else None
+
+    agent = start({"EDGEFLEET_FAILPOINT": "mcu_push"})
+    try:
+        deadline = time.monotonic() + 30
+        while not [e for e in ctl.events("mcu.hello")] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ctl.offer(v2, v1)
+        assert agent.wait(30) == -9                         # died right after the switch, before the push
+        assert (tmp_path / "state" / "mcu-push-pending.json").exists()
+        agent = start({})
+        deadline = time.monotonic() + 30
+        while not ctl.events("model.update")[-1:] or ctl.events("model.update")[-1]["status"] != "rolled_back":
+            assert time.monotonic() < deadline, [e["status"] for e in ctl.events("model.update")]
+            time.sleep(0.05)
+        last = ctl.events("model.update")[-1]
+        assert "interrupted while pushing" in last["reason"] and last["version"] == "1.1.0"
+        deadline = time.monotonic() + 10
+        while state_version() != "1.0.0":
+            assert time.monotonic() < deadline, state_version()
+            time.sleep(0.05)
+        assert not (tmp_path / "state" / "mcu-push-pending.json").exists()
+        assert sim.state.model == b""                       # the MCU never got half a model to run
+    finally:
+        if agent.poll() is None:
+            agent.terminate()
+            agent.wait(5)
+        sim.stop()
+        ctl.close()
