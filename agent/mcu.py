@@ -36,6 +36,7 @@ from firmware_bridge.frames import Message
 from firmware_bridge.push import MAX_CHUNKS, max_chunk_size
 
 from .inference import InputError
+from .ratelimit import TokenBucket
 from .sources import PushSource, Sample
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -49,23 +50,6 @@ log = logging.getLogger("edge_agent.mcu")
 LOG_LEVELS = {0: "debug", 1: "info", 2: "warning", 3: "error"}
 REPLY_TIMEOUT_S = 5.0      # a sample the serving loop never answers (model swapped under it) is given up
 MAX_DEVICES = 16           # sub-devices remembered (an MCU swapped on the port is a new one)
-
-
-class TokenBucket:
-    """At most ``rate`` events per second on average, ``burst`` at once: an MCU in a reset loop
-    or logging at line rate must not flood the broker or the outbox."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens, self.t = float(burst), time.monotonic()
-
-    def allow(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.t) * self.rate)
-        self.t = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
 
 
 class McuBridge:

@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
+from .ratelimit import TokenBucket
+
 
 class ResultsLimiter:
     def __init__(self, mode: str = "summary", interval_s: float = 10.0, max_per_s: float = 20.0) -> None:
@@ -16,8 +18,7 @@ class ResultsLimiter:
             raise ValueError(f"results mode must be every, summary or off, got {mode!r}")
         self.mode, self.interval_s, self.max_per_s = mode, interval_s, max_per_s
         self._window_start: float | None = None
-        self._tokens = max_per_s
-        self._last_refill: float | None = None
+        self._bucket = TokenBucket(max_per_s, max_per_s)
         self.suppressed = 0
         self._reset()
 
@@ -52,14 +53,7 @@ class ResultsLimiter:
         return out
 
     def _take(self, now: float) -> bool:
-        if self._last_refill is None:
-            self._last_refill = now
-        self._tokens = min(self.max_per_s, self._tokens + (now - self._last_refill) * self.max_per_s)
-        self._last_refill = now
-        if self._tokens >= 1:
-            self._tokens -= 1
-            return True
-        return False
+        return self._bucket.allow(now)
 
     def tick(self, now: float) -> list[dict[str, Any]]:
         """Emit the interval summary when it is due (summary mode, or suppressed results in every mode)."""
