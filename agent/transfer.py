@@ -54,25 +54,18 @@ class Transfer:
 
     @property
     def received_bytes(self) -> int:
-        m = self.manifest
-        return sum(min(m.chunk_size, m.total_size - i * m.chunk_size) for i in self.have)
+        return sum(self.manifest.chunk_size_of(i) for i in self.have)
 
     def expected_size(self, index: int) -> int:
-        m = self.manifest
-        return min(m.chunk_size, m.total_size - index * m.chunk_size)
+        return self.manifest.chunk_size_of(index)
 
     def check(self, index: object, data: bytes) -> None:
         """Raise ChunkError unless ``data`` is exactly chunk ``index`` of the signed manifest."""
-        m = self.manifest
-        if isinstance(index, bool) or not isinstance(index, int) or not (0 <= index < m.count):
+        try:
+            self.manifest.check(index, data)
+        except ChunkError:
             self.rejected += 1
-            raise ChunkError(f"chunk index {index!r} out of range 0..{m.count - 1}")
-        if len(data) != self.expected_size(index):
-            self.rejected += 1
-            raise ChunkError(f"chunk {index}: {len(data)} bytes, expected {self.expected_size(index)}")
-        if hashlib.sha256(data).hexdigest() != m.chunk_sha256[index]:
-            self.rejected += 1
-            raise ChunkError(f"chunk {index}: SHA-256 mismatch")
+            raise
 
     def accept(self, index: int, data: bytes, now: float | None = None) -> bool:
         """Check and record chunk ``index``; False for a duplicate (nothing to write)."""
@@ -154,7 +147,7 @@ class PartFile:
             with open(self.path, "rb") as fh:
                 for i in range(m.count):
                     fh.seek(i * m.chunk_size)
-                    data = fh.read(min(m.chunk_size, m.total_size - i * m.chunk_size))
+                    data = fh.read(m.chunk_size_of(i))
                     if hashlib.sha256(data).hexdigest() == m.chunk_sha256[i]:
                         out.add(i)
         except OSError:

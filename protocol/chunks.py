@@ -35,6 +35,19 @@ class ChunkManifest:
     def count(self) -> int:
         return len(self.chunk_sha256)
 
+    def chunk_size_of(self, index: int) -> int:
+        """Bytes in chunk ``index`` (the last one may be short)."""
+        return min(self.chunk_size, self.total_size - index * self.chunk_size)
+
+    def check(self, index: object, data: bytes) -> None:
+        """Raise ChunkError unless ``data`` is exactly chunk ``index`` of this manifest."""
+        if isinstance(index, bool) or not isinstance(index, int) or not (0 <= index < self.count):
+            raise ChunkError(f"chunk index {index!r} out of range 0..{self.count - 1}")
+        if len(data) != self.chunk_size_of(index):
+            raise ChunkError(f"chunk {index}: {len(data)} bytes, expected {self.chunk_size_of(index)}")
+        if hashlib.sha256(data).hexdigest() != self.chunk_sha256[index]:
+            raise ChunkError(f"chunk {index}: SHA-256 mismatch")
+
     def to_dict(self) -> dict[str, Any]:
         return {"transfer_id": self.transfer_id, "total_size": self.total_size, "chunk_size": self.chunk_size,
                 "sha256": self.sha256, "chunk_sha256": list(self.chunk_sha256)}
@@ -95,17 +108,11 @@ class ChunkReceiver:
 
     def accept(self, index: int, data: bytes) -> bool:
         """Store chunk ``index``; False for a duplicate; ChunkError for a bad one (state unchanged)."""
-        m = self.manifest
-        if isinstance(index, bool) or not isinstance(index, int) or not (0 <= index < m.count):
+        try:
+            self.manifest.check(index, data)
+        except ChunkError:
             self.rejected += 1
-            raise ChunkError(f"chunk index {index!r} out of range 0..{m.count - 1}")
-        want = min(m.chunk_size, m.total_size - index * m.chunk_size)
-        if len(data) != want:
-            self.rejected += 1
-            raise ChunkError(f"chunk {index}: {len(data)} bytes, expected {want}")
-        if hashlib.sha256(data).hexdigest() != m.chunk_sha256[index]:
-            self.rejected += 1
-            raise ChunkError(f"chunk {index}: SHA-256 mismatch")
+            raise
         if index in self._chunks:
             self.duplicates += 1
             return False
