@@ -75,8 +75,8 @@ class RolloutRunner:
         self._blobs: OrderedDict[str, tuple[bytes, ChunkManifest]] = OrderedDict()
         self.counts: Counter[str] = Counter()
         self.rate = svc.cfg.controller.rollout_max_bytes_per_s
-        self._queue: deque[tuple[str, str, int]] = deque()   # (device, transfer id, chunk) waiting for the cap
-        self._queued: set[tuple[str, str, int]] = set()
+        self._queue: deque[tuple[str, Artifact, int]] = deque()   # (device, artifact, chunk) waiting for the cap
+        self._queued: set[tuple[str, Artifact, int]] = set()
         svc.listeners.append(self.on_message)
 
     # -- loop ----------------------------------------------------------------
@@ -347,19 +347,17 @@ class RolloutRunner:
                 self.svc.reject("bad_chunk_index", msg.topic, f"chunk {i} of a {manifest.count}-chunk transfer")
                 continue
             if not self.rate:
-                self._send_chunk(device_id, tid, i)
-            elif (device_id, tid, i) not in self._queued and len(self._queue) < 100_000:
-                self._queue.append((device_id, tid, i))
-                self._queued.add((device_id, tid, i))
+                self._send_chunk(device_id, art, i)
+            elif (device_id, art, i) not in self._queued and len(self._queue) < 100_000:
+                self._queue.append((device_id, art, i))
+                self._queued.add((device_id, art, i))
 
-    def _send_chunk(self, device_id: str, tid: str, i: int) -> int:
+    def _send_chunk(self, device_id: str, art: Artifact, i: int) -> int:
         """One signed chunk frame to the device; returns the bytes sent (0 when it could not be)."""
         from protocol.cmdauth import sign_frame
 
-        art = self.store.artifact_by_transfer(tid)
-        if art is None:
-            return 0
         data, manifest = self._blob(art)
+        tid = manifest.transfer_id
         topic = self.svc.topics.cmd(device_id)
         blob = data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
         frame = sign_frame(Envelope(kind="xfer.chunk", sender=self.svc.cfg.controller.id,
