@@ -197,18 +197,10 @@ class Updater:
         if kept is not None:  # a version we still hold (a rollback): switch to it, nothing to download
             res = store.rollback(kept)
             if res.ok:
-                mcu_failed = await self._push_mcu_files(store, offer)
-                if mcu_failed:
-                    back = store.rollback()
-                    self._clear_mcu_pending()
-                    self.agent.serving.load_current()
-                    self.agent.republish_state()
-                    self.report("rolled_back", offer, f"{mcu_failed}; back to "
-                                                      f"{back.version if back.ok else 'the previous version'}")
+                refused = await self._finish_switch(store, offer)
+                if refused:
+                    self.report("rolled_back", offer, refused)
                     return
-                self._clear_mcu_pending()
-                self.agent.serving.load_current()
-                self.agent.republish_state()
                 self.report("applied", offer, "switched to a version kept on this device")
             else:
                 self.report("failed", offer, res.reason)
@@ -330,18 +322,10 @@ class Updater:
                 if step in ro.UPDATE_STATUSES and step != "applied":
                     self.report(step, offer, **(self.agent.serving.last_health if step == "healthy" else {}))
             if res.ok:
-                mcu_failed = await self._push_mcu_files(store, offer)
-                if mcu_failed:   # the MCU refused its part: the whole version goes, the old one serves
-                    back = store.rollback()
-                    self._clear_mcu_pending()
-                    self.agent.serving.load_current()
-                    self.agent.republish_state()
-                    self._finish_failed(a, "rolled_back", f"{mcu_failed}; back to "
-                                                          f"{back.version if back.ok else 'the previous version'}")
+                refused = await self._finish_switch(store, offer)
+                if refused:
+                    self._finish_failed(a, "rolled_back", refused)
                     return
-                self._clear_mcu_pending()
-                self.agent.serving.load_current()
-                self.agent.republish_state()
                 self.stats["applied"] += 1
                 self.report("applied", offer, "installed", seconds=round(time.time() - a.started, 3),
                             chunks=a.transfer.count, held_at_start=a.held_at_start,
@@ -356,6 +340,18 @@ class Updater:
         finally:
             self.applying = False
 
+    async def _finish_switch(self, store: Any, offer: dict[str, Any]) -> str:
+        """After the store switched: the sensor MCU gets its part, then the new version serves.
+        When the MCU refuses it, the whole version goes and the old one serves; returns why ("" = ok)."""
+        refused = await self._push_mcu_files(store, offer)
+        if refused:
+            back = store.rollback()
+            refused = f"{refused}; back to {back.version if back.ok else 'the previous version'}"
+        self._clear_mcu_pending()
+        self.agent.serving.load_current()
+        self.agent.republish_state()
+        return refused
+
     async def _push_mcu_files(self, store: Any, offer: dict[str, Any]) -> str:
         """Files of role ``mcu`` that this version changed go to the sensor MCU over the firmware
         bridge; the MCU's final ACK/NACK decides the update. Returns the reason it failed, or ""."""
@@ -363,7 +359,8 @@ class Updater:
 
         cur, prev = store.current, store.previous
         try:
-            files = read_manifest(cur)["files"]
+            manifest = read_manifest(cur)
+            files = manifest["files"]
             old = read_manifest(prev)["files"] if prev is not None else {}
         except PatchError:
             return ""
@@ -376,7 +373,7 @@ class Updater:
             self.agent.emit_event("mcu.model.skipped", "warning", files=changed,
                                   reason="no MCU attached to this board; the files stay in the bundle (mcu.push)")
             return ""
-        label = f"{read_manifest(cur).get('name')} {read_manifest(cur)['version']}"
+        label = f"{manifest.get('name')} {manifest['version']}"
         tmp = self.mcu_pending.with_suffix(".tmp")
         tmp.write_text(json.dumps({"bundle_sha256": bundle_id(cur), "offer": offer}))
         os.replace(tmp, self.mcu_pending)
