@@ -102,7 +102,7 @@ def test_golden_vectors():
         if v["valid"]:
             assert len(ev) == 1 and ev[0].type.name == v["type"] and ev[0].seq == v["seq"]
             got = {k: (val.hex() if isinstance(val, bytes) else val) for k, val in ev[0].fields.items()}
-            assert got == pytest.approx(v["fields"])
+            assert got == _norm(v["fields"])   # floats approximately (pytest 9.2 refuses approx over nested lists)
         else:
             assert not ev and rx.dropped[v["reason"]] == 1
 
