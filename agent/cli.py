@@ -1,4 +1,4 @@
-"""``edge-agent`` command line: thin over config + daemon.
+"""``edge-agent`` command line: thin over config + the daemon (agent.app).
 
 Options may also come from the environment: ``EDGE_AGENT_RUN_CONFIG`` etc.
 (click's ``auto_envvar_prefix``).
@@ -6,16 +6,13 @@ Options may also come from the environment: ``EDGE_AGENT_RUN_CONFIG`` etc.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
-import os
-import signal
 import sys
 
 import click
 
 from . import __version__
-from .config import AgentConfig, ConfigError, load_config
+from .core.config import AgentConfig, ConfigError, load_config
 
 
 def setup_logging(level: str, json_logs: bool = False) -> None:
@@ -72,25 +69,13 @@ def run(config_path: str, broker: str | None, device_id: str | None, log_level: 
 
 
 async def _serve(cfg: AgentConfig) -> int:
-    from .daemon import Agent  # imported here so `check` stays light
+    from protocol.lifecycle import run_until_stopped
 
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    hits = {"n": 0}
+    from .app import Agent  # imported here so `check` stays light
+    from .core.sdnotify import Notifier, watchdog_interval
+    from .core.watchdog import LoopWatchdog
 
-    def on_signal(signum: int) -> None:
-        # Handlers only set flags; a second signal forces exit (uvicorn's rule).
-        hits["n"] += 1
-        if hits["n"] > 1:
-            os._exit(128 + signum)
-        logging.getLogger("edge_agent").info("signal %s: shutting down", signal.Signals(signum).name)
-        stop.set()
-
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal, sig)
-    from .sdnotify import Notifier, watchdog_interval
-    from .watchdog import LoopWatchdog
-
+    log = logging.getLogger("edge_agent")
     notifier = Notifier()
     wd_interval = watchdog_interval()
     watchdog = LoopWatchdog(notifier, wd_interval) if wd_interval else None
@@ -101,12 +86,16 @@ async def _serve(cfg: AgentConfig) -> int:
     def ready() -> None:
         notifier.ready(f"serving as {cfg.device.id} via {cfg.mqtt.broker}")
 
-    try:
+    async def main(stop: asyncio.Event) -> int:
         agent = Agent(cfg)
         agent.notifier = notifier
         await agent.run(stop, ready=ready)
+        return 0
+
+    try:
+        return await run_until_stopped(main, logger=log)
     except ConfigError as exc:  # e.g. an unreadable password or key file, found at connect time
-        logging.getLogger("edge_agent").error("config error: %s", exc)
+        log.error("config error: %s", exc)
         notifier.status(f"config error: {exc}")
         return 2
     finally:
@@ -115,7 +104,6 @@ async def _serve(cfg: AgentConfig) -> int:
             watchdog.stop()
         if beat:
             beat.cancel()
-    return 0
 
 
 @cli.command()
@@ -127,7 +115,7 @@ async def _serve(cfg: AgentConfig) -> int:
 @click.option("--seconds", default=0.0, type=float, help="stop after this long (0: until SIGINT/SIGTERM)")
 def bridge(port: str, baud: int, bundle: str | None, push_file: str | None, seconds: float) -> None:
     """Run the firmware bridge alone (no MQTT): MCU events and stats as JSON lines on stdout."""
-    from .mcu import run_standalone
+    from .mcu.standalone import run_standalone
 
     setup_logging("warning")
     sys.exit(asyncio.run(run_standalone(port, baud, bundle, push_file, seconds)))

@@ -250,7 +250,7 @@ async def push_rate(size: int) -> dict[str, Any]:
 
 def model_handler() -> Callable | None:
     try:
-        from agent.inference import InferenceEngine
+        from agent.serving.inference import InferenceEngine
         from controller.modeltools.example import build_example
         from protocol.bundle import load_bundle
     except ImportError as exc:  # a board without the tools extra

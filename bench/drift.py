@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 logging.disable(logging.WARNING)
 
-from agent.inference import InferenceEngine  # noqa: E402
+from agent.serving.inference import InferenceEngine  # noqa: E402
 from agent.learning import LearnConfig, Learner  # noqa: E402
 from agent.learning.drift import DriftConfig, DriftMonitor  # noqa: E402
 from agent.learning.trainer import accuracy, logits  # noqa: E402

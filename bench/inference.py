@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 logging.disable(logging.WARNING)
 
-from agent.inference import InferenceEngine  # noqa: E402
-from agent.runtimes import LiteRtRuntime, OnnxRuntime  # noqa: E402
+from agent.serving.inference import InferenceEngine  # noqa: E402
+from agent.serving.runtimes import LiteRtRuntime, OnnxRuntime  # noqa: E402
 from controller.modeltools.example import build_example, digits_split  # noqa: E402
 from controller.modeltools.mlp import init_mlp  # noqa: E402
 from controller.modeltools.onnx_export import dense_to_onnx, quantize_static_int8  # noqa: E402

@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 logging.disable(logging.WARNING)
 
-from agent.inference import InferenceEngine  # noqa: E402
+from agent.serving.inference import InferenceEngine  # noqa: E402
 from controller.modeltools.example import build_example, digits_split  # noqa: E402
 from controller.offload_worker import OffloadModel  # noqa: E402
 from protocol.binary import encode_frame  # noqa: E402

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from agent.outbox import Outbox  # noqa: E402
+from agent.core.outbox import Outbox  # noqa: E402
 
 PAYLOAD = b'{"seq": 123456, "cpu_percent": 12.5, "rss_mb": 48.2, "temp_c": 51.0, "infer_ms_p50": 3.1}' * 2
 TOPIC = "edgefleet/v1/dev/pi-07/telemetry"

@@ -111,8 +111,8 @@ def rollout_figures(work: Path, v1: Path, v2: Path, n: int, patch_bytes: int, bi
     transfer of a whole new (large) backbone to one of them."""
     import asyncio
 
-    from agent.config import parse_config as agent_config
-    from agent.daemon import Agent
+    from agent.core.config import parse_config as agent_config
+    from agent.app import Agent
     from controller.config import parse_config as ctl_config
     from controller.rollouts import RolloutPolicy, plan_waves
     from controller.service import ControllerService

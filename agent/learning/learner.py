@@ -237,7 +237,7 @@ class Learner:
 
     def train_from(self, start: Mapping[str, np.ndarray], *, steps: int, lr: float, batch_size: int,
                    prox_mu: float, optimizer: str, budget_s: float):
-        from agent.federated import LocalResult
+        from .federated import LocalResult
 
         with self._busy:
             x, y = self.buffer.train_view()

@@ -3,7 +3,7 @@ import sys
 
 import pytest
 
-from agent.config import ConfigError, load_config, parse_config
+from agent.core.config import ConfigError, load_config, parse_config
 
 
 def test_minimal_config_gets_defaults():

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from agent.health import Unhealthy, check_bundle
-from agent.inference import InferenceEngine
+from agent.serving.health import Unhealthy, check_bundle
+from agent.serving.inference import InferenceEngine
 from controller.modeltools.example import derive_bundle
 from protocol.bundle import load_bundle, load_head
 

@@ -6,9 +6,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.histogram import LatencyHistogram
-from agent.inference import InferenceEngine, InputError
-from agent.runtimes import available_runtimes
+from agent.serving.histogram import LatencyHistogram
+from agent.serving.inference import InferenceEngine, InputError
+from agent.serving.runtimes import available_runtimes
 from conftest import make_plain_bundle
 from protocol.bundle import BundleError, load_bundle, write_manifest
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.modelstore import ModelStore
+from agent.updates.modelstore import ModelStore
 from protocol.patch import PatchError, bundle_id, make_patch, parse_patch, verify_patch
 from protocol.signing import generate, save_keypair
 
@@ -125,7 +125,7 @@ def test_unhealthy_bundle_rolls_back_by_itself(env):
 KILLER = """
 import sys
 from pathlib import Path
-from agent.modelstore import ModelStore
+from agent.updates.modelstore import ModelStore
 from protocol.signing import load_public
 store = ModelStore(sys.argv[1])
 store.apply_patch(Path(sys.argv[2]).read_bytes(), [load_public(sys.argv[3])])

@@ -1,6 +1,6 @@
 import pytest
 
-from agent.offload_policy import LOCAL, LOCAL_LOW, OFFLOAD, OffloadPolicy, RttEstimator, decide
+from agent.offload.policy import LOCAL, LOCAL_LOW, OFFLOAD, OffloadPolicy, RttEstimator, decide
 from controller.offload_tuning import TuningRule, adjust_threshold
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.outbox import ITEM_OVERHEAD, DropPolicy, Item, Outbox, OutboxFull
+from agent.core.outbox import ITEM_OVERHEAD, DropPolicy, Item, Outbox, OutboxFull
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -137,7 +137,7 @@ def test_custom_policy_and_bad_input(tmp_path):
 def test_survives_sigkill_in_the_middle_of_writing(tmp_path):
     """A writer is killed while putting as fast as it can; everything it reported is there, in order."""
     code = ("import sys; sys.path.insert(0, %r)\n"
-            "from agent.outbox import Outbox\n"
+            "from agent.core.outbox import Outbox\n"
             "ob = Outbox(sys.argv[1])\n"
             "i = 0\n"
             "while True:\n"

@@ -8,9 +8,9 @@ import time
 
 import pytest
 
-from agent import sdnotify
-from agent.sdnotify import Notifier, watchdog_interval
-from agent.watchdog import LoopWatchdog
+from agent.core import sdnotify
+from agent.core.sdnotify import Notifier, watchdog_interval
+from agent.core.watchdog import LoopWatchdog
 
 
 @pytest.fixture(params=["path", "abstract"])

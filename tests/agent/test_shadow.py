@@ -3,7 +3,7 @@ import threading
 
 import numpy as np
 
-from agent.shadow import LiveSample, live_agreement
+from agent.serving.shadow import LiveSample, live_agreement
 
 
 def test_collects_at_most_n_and_wakes_the_waiter():

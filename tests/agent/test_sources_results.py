@@ -5,8 +5,8 @@ import os
 import numpy as np
 import pytest
 
-from agent.results import ResultsLimiter
-from agent.sources import PushSource, ReplaySource, Sample, SourceError, StdinSource, load_replay, parse_json_line
+from agent.serving.results import ResultsLimiter
+from agent.serving.sources import PushSource, ReplaySource, Sample, SourceError, StdinSource, load_replay, parse_json_line
 
 
 def test_load_replay_npy_and_csv(tmp_path):

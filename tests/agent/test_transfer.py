@@ -5,7 +5,7 @@ import os
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from agent.transfer import PartFile, Transfer
+from agent.updates.transfer import PartFile, Transfer
 from protocol.chunks import ChunkError, make_manifest
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.inference import InferenceEngine
+from agent.serving.inference import InferenceEngine
 from controller.modeltools.mlp import forward, init_mlp
 from controller.modeltools.onnx_export import dense_to_onnx
 from controller.modeltools.split import SplitError, split_model

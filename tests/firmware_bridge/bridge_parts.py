@@ -49,7 +49,7 @@ def pty():
 
 @pytest.fixture(scope="session")
 def engine(example_bundle):
-    from agent.inference import InferenceEngine
+    from agent.serving.inference import InferenceEngine
     from protocol.bundle import load_bundle
 
     return InferenceEngine(load_bundle(example_bundle[0]))

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from agent.config import ConfigError, parse_config
+from agent.mcu.feature import McuBridge
+from agent.core.config import ConfigError, parse_config
 from bridge_parts import TFLITE, accuracy, pty, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.frames import MsgType
 from firmware_bridge.simulator import Faults, MCUSimulator
@@ -46,7 +47,7 @@ def test_bridge_section_defaults_and_bad_values_name_the_key():
 
 
 def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosquitto, mcu_bundle, digits_test, pty):
-    from agent.daemon import Agent
+    from agent.app import Agent
     from conftest import Probe  # tests/conftest.py
 
     x, y = digits_test
@@ -104,7 +105,7 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
     assert hello and hello[0]["mcu"] == "mcu-9" and hello[0]["sensors"] == ["digits8x8"]
     assert [(e["level"], e["text"]) for e in events("mcu.log")] == [("warning", "flash almost full")]
     assert events("mcu.result")[0]["label"] == 3
-    assert "shape" in events("mcu.bad_input")[0]["reason"] and agent.mcu.counts["bad_input"] == 1
+    assert "shape" in events("mcu.bad_input")[0]["reason"] and agent.feature(McuBridge).counts["bad_input"] == 1
     # telemetry: the MCU as a sub-device, and its frames counted by the agent's model
     tel = [b for b in bodies(probe, "/telemetry")
            if b.get("mcu", {}).get("devices", {}).get("mcu-9", {}).get("results")]
@@ -117,7 +118,7 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
     results = [b for b in bodies(probe, "/results") if str(b.get("id", "")).startswith("mcu-9:")]
     assert len(results) >= 20
     assert accuracy(sim.state.replies, y) >= 0.9
-    assert agent.mcu.counts["reply_timeouts"] == 0
+    assert agent.feature(McuBridge).counts["reply_timeouts"] == 0
 
 
 def test_edge_agent_bridge_command_answers_frames_and_pushes(tmp_path, pty, example_bundle, digits_test):

@@ -12,7 +12,8 @@ import threading
 
 import pytest
 
-from agent.config import parse_config
+from agent.mcu.feature import McuBridge
+from agent.core.config import parse_config
 from bridge_parts import TFLITE, pty, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.simulator import MCUSimulator
 from protocol.bundle import write_manifest
@@ -85,7 +86,7 @@ class FakeControllerOnTheBroker:
 @pytest.mark.parametrize("flash_bytes,ok", [(256 << 10, True), (8 << 10, False)])
 def test_patch_with_an_mcu_model_is_applied_only_when_the_mcu_acks_it(tmp_path, mosquitto, example_bundle,
                                                                     digits_test, pty, flash_bytes, ok):
-    from agent.daemon import Agent
+    from agent.app import Agent
 
     x, _ = digits_test
     v1 = with_mcu_file(example_bundle[0], tmp_path / "v1", "1.0.0", TFLITE)
@@ -108,7 +109,7 @@ def test_patch_with_an_mcu_model_is_applied_only_when_the_mcu_acks_it(tmp_path, 
 
     async def main():
         async with running(Agent(cfg)) as agent:
-            await until(lambda: agent.mcu.attached == "mcu-7", what="the MCU's HELLO")
+            await until(lambda: agent.feature(McuBridge).attached == "mcu-7", what="the MCU's HELLO")
             ctl.offer(v2, v1)
             final = await until(lambda: [e for e in ctl.events("model.update")
                                          if e["status"] in ("applied", "rolled_back", "failed")],

@@ -11,7 +11,7 @@ import os
 
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from agent.config import ConfigError as AgentConfigError, parse_config as parse_agent
+from agent.core.config import ConfigError as AgentConfigError, parse_config as parse_agent
 from controller.config import ConfigError as CtlConfigError, parse_config as parse_ctl
 from controller.config import parse_config
 from controller.service import ControllerService
@@ -126,9 +126,10 @@ def test_agent_handler_survives_every_topic(tmp_path):
     """Each inbound agent topic (cmd, req, group cmd, HA birth), through Agent.handle_message."""
     import asyncio
 
-    from agent.daemon import Agent
+    from agent.app import Agent
 
     agent = Agent(parse_agent({"device": {"id": "pi-1"}, "state": {"dir": str(tmp_path)}}))
+    agent.start()
     topics = ["edgefleet/v1/dev/pi-1/cmd", "edgefleet/v1/dev/pi-1/req", "edgefleet/v1/group/default/cmd",
               "homeassistant/status"]
     loop = asyncio.new_event_loop()

@@ -414,7 +414,7 @@ def test_a_broker_outage_mid_transfer_costs_a_pause_not_the_transfer(tmp_path, m
     """The controller paces chunks (controller.rollout_max_bytes_per_s), so the broker can be stopped
     while the agent holds part of the patch; when it is back, the same agent process asks for the
     rest and applies it."""
-    from agent.transfer import PartFile
+    from agent.updates.transfer import PartFile
     from protocol.chunks import ChunkManifest
 
     keys = tmp_path / "keys"

@@ -1,6 +1,6 @@
 """The agent's offload path: per request, answer locally or ask a bigger model, never lose it.
 
-``decide`` (agent/offload_policy.py) picks the path from the local confidence and latency,
+``decide`` (agent/offload/policy.py) picks the path from the local confidence and latency,
 the measured round trip, the workers' queue hint and the deadline. An offloaded request
 carries the backbone features (split computing, uint8 with a scale: the raw input never
 leaves the board) or the raw input, as the policy says. If no answer comes back in time, the
@@ -16,7 +16,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
@@ -24,27 +24,34 @@ from protocol.binary import encode_frame
 from protocol.envelope import Envelope, new_id
 from protocol.mqttlink import Message
 
-from .histogram import LatencyHistogram
-from .offload_policy import LOCAL, LOCAL_LOW, OFFLOAD, OffloadPolicy, RttEstimator, decide
+from ..core.context import AgentContext, CommandError, Feature, Subscription
+from ..serving.histogram import LatencyHistogram
+from .policy import LOCAL, LOCAL_LOW, OFFLOAD, OffloadPolicy, RttEstimator, decide
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .daemon import Agent
-    from .inference import Prediction
+    from ..serving.inference import InferenceEngine, Prediction
 
 log = logging.getLogger("edge_agent.offload")
 
 
 def replace_decision(d):
-    from .offload_policy import Decision
+    from .policy import Decision
 
     return Decision(OFFLOAD, f"probe: {d.reason}", d.expected_remote_ms)
 
 
-class Offloader:
-    def __init__(self, agent: "Agent", policy: OffloadPolicy) -> None:
-        self.agent = agent
+class Offloader(Feature):
+    """Declares ``offload.set``/``offload.status``, its reply topic and the ``offload`` telemetry;
+    ``engine`` returns the serving engine (the backbone whose features are sent)."""
+
+    name = "offload"
+
+    def __init__(self, ctx: AgentContext, policy: OffloadPolicy,
+                 engine: "Callable[[], InferenceEngine | None]") -> None:
+        self.ctx = ctx
+        self.engine = engine
         self.policy = policy
-        self.reply_topic = agent.topics.reply(agent.device_id, "offload")
+        self.reply_topic = ctx.topics.reply(ctx.device_id, "offload")
         self.rtt = RttEstimator()
         self.queue_hint_ms = 0.0
         self.pending: dict[str, asyncio.Future] = {}
@@ -52,8 +59,38 @@ class Offloader:
         self.remote_hist = LatencyHistogram()
         self.last_attempt = 0.0
         self.probe_interval_s = 5.0
-        self.state_file = Path(agent.cfg.state.dir) / "offload_policy.json"
+        self.state_file = Path(ctx.cfg.state.dir) / "offload_policy.json"
         self._load()
+
+    # -- declarations ----------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        return self.policy.enabled
+
+    def commands(self) -> dict[str, Any]:
+        return {"offload.set": self._cmd_set, "offload.status": lambda args, env: self.telemetry()}
+
+    def subscriptions(self) -> list[Subscription]:
+        return [Subscription(self.reply_topic, 1, self._on_reply_message)]
+
+    def _cmd_set(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        try:
+            p = self.set_policy(**args)
+        except (ValueError, TypeError) as exc:
+            raise CommandError(f"bad offload policy: {exc}") from None
+        self.ctx.emit_event("offload.policy", enabled=p.enabled, threshold=p.threshold, mode=p.mode,
+                            deadline_ms=p.deadline_ms)
+        return {"enabled": p.enabled, "threshold": p.threshold, "mode": p.mode, "deadline_ms": p.deadline_ms}
+
+    async def _on_reply_message(self, msg: Message) -> None:
+        decoded = self.ctx.decode(msg)
+        if decoded is None:
+            return
+        env, _ = decoded
+        if env.kind != "offload.reply":
+            self.ctx.counters.reject("unexpected_kind")
+            return
+        await self.on_reply(env, msg)
 
     def _load(self) -> None:
         try:
@@ -96,8 +133,7 @@ class Offloader:
         """The answer to return for this request (local, remote or local fallback)."""
         t_start = time.monotonic()
         self.stats["requests"] += 1
-        link = self.agent.link
-        up = bool(link and link.connected.is_set())
+        up = self.ctx.connected
         d = decide(pred.confidence, pred.latency_ms, self.policy, self.rtt, up, deadline_ms, self.queue_hint_ms)
         if d.path == LOCAL_LOW and up and d.expected_remote_ms is not None \
                 and time.monotonic() - self.last_attempt >= self.probe_interval_s:
@@ -112,24 +148,29 @@ class Offloader:
         deadline = (deadline_ms if deadline_ms is not None else self.policy.deadline_ms) / 1000.0
         remaining = deadline - pred.latency_ms / 1000.0 - self.policy.margin_ms / 1000.0
         corr = new_id()
+        engine = self.engine()
+        if engine is None:  # the model went away while this request waited
+            self.stats["fallback"] += 1
+            return {**local, "path": "local_fallback", "offload_error": "no model loaded"}
         body: dict[str, Any] = {"mode": self.policy.mode, "deadline_ts": time.time() + remaining,
-                                "model": self.agent.serving.engine.bundle.manifest.name}
+                                "model": engine.bundle.manifest.name}
         if self.policy.mode == "features":
             f = np.asarray(pred.features, np.float32).reshape(-1)
             top = float(f.max()) if f.size else 0.0
             scale = top / 255.0 if top > 0 else 1.0
             tensor = np.clip(np.round(f / scale), 0, 255).astype(np.uint8)
-            body.update(scale=scale, backbone_sha256=self.agent.serving.backbone_sha256())
+            b = engine.bundle
+            body.update(scale=scale, backbone_sha256=b.manifest.files[b.manifest.file("backbone")].sha256)
         else:
             tensor = np.asarray(x, np.float32)
-        env = Envelope(kind="offload.request", sender=self.agent.device_id, body=body, reply_to=self.reply_topic,
+        env = Envelope(kind="offload.request", sender=self.ctx.device_id, body=body, reply_to=self.reply_topic,
                        corr=corr)
         payload = encode_frame(env, {"x": tensor})
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pending[corr] = fut
         self.last_attempt = time.monotonic()
         sent_at = time.monotonic()
-        ok = self.agent.publish(self.agent.topics.offload_req, payload, 1, response_topic=self.reply_topic,
+        ok = self.ctx.publish(self.ctx.topics.offload_req, payload, 1, response_topic=self.reply_topic,
                                 correlation=corr.encode())
         if not ok:
             self.pending.pop(corr, None)

@@ -1,7 +1,8 @@
 """Model updates on the agent: take an offer, pull its chunks, apply the signed patch.
 
-Wiring only. ``agent.transfer`` decides which chunks to ask for, ``protocol.patch``
-verifies, ``agent.modelstore`` stages, health-checks and switches. Chunks land in
+Wiring only. ``agent.updates.transfer`` decides which chunks to ask for, ``protocol.patch``
+verifies, ``agent.updates.modelstore`` stages, health-checks and switches, and
+``agent.updates.states`` is the table of the steps an update may take. Chunks land in
 ``<state>/transfers/<transfer id>/patch.part`` as they arrive, so an agent that loses
 the link — or is restarted — asks only for what it does not hold. Every step is a
 ``model.update`` event (status offered → downloading → received → verified → staged →
@@ -18,7 +19,7 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from protocol import rollout as ro
 from protocol.binary import Frame
@@ -27,11 +28,13 @@ from protocol.envelope import Envelope, encode
 from protocol.mqttlink import Message
 from protocol.patch import PatchError, bundle_id
 
+from ..core.context import AgentContext, Feature
 from .modelstore import failpoint
+from .states import UpdateState, UpdateStateError
 from .transfer import PartFile, Transfer
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .daemon import Agent
+    from .modelstore import ModelStore
 
 log = logging.getLogger("edge_agent.update")
 
@@ -49,15 +52,38 @@ class Active:
         return self.transfer.manifest.transfer_id
 
 
+class ServingPort(Protocol):
+    """What the updater needs of serving: the store, reloading, and the health gate."""
+
+    store: "ModelStore | None"
+
+    def load_current(self) -> bool: ...
+
+    def health_check(self, staged: Path) -> dict[str, Any]: ...
+
+
+class McuPort(Protocol):
+    """The sensor MCU on the board's serial port (agent.mcu), when there is one."""
+
+    @property
+    def attached(self) -> str | None: ...
+
+    async def push_file(self, name: str, blob: bytes, bundle: str) -> tuple[bool, str]: ...
+
+
 def _safe_tid(tid: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in tid)[:64]
 
 
-class Updater:
-    def __init__(self, agent: "Agent") -> None:
-        self.agent = agent
-        mc = agent.cfg.model
-        self.dir = Path(agent.cfg.state.dir) / "transfers"
+class Updater(Feature):
+    name = "update"
+
+    def __init__(self, ctx: AgentContext, serving: ServingPort, mcu: McuPort | None = None) -> None:
+        self.ctx = ctx
+        self.serving = serving
+        self.mcu = mcu
+        mc = ctx.cfg.model
+        self.dir = Path(ctx.cfg.state.dir) / "transfers"
         self.max_bytes = mc.max_transfer_bytes
         self.window = mc.transfer_window
         self.retry_s = mc.transfer_retry_s
@@ -65,15 +91,22 @@ class Updater:
         self.applying = False
         #: written while a new version's files go to the sensor MCU; found at start-up it means we died
         #: mid-push, so the board goes back to the version whose model the MCU still runs
-        self.mcu_pending = Path(agent.cfg.state.dir) / "mcu-push-pending.json"
+        self.mcu_pending = Path(ctx.cfg.state.dir) / "mcu-push-pending.json"
         self.stats = {"offers": 0, "chunks": 0, "bad_chunks": 0, "stray_chunks": 0, "applied": 0, "failed": 0,
                       "resumed": 0}
         self.last: dict[str, Any] | None = None
+        self.state = UpdateState()
         self.trusted = self._load_trusted()
-        agent.control_handlers["model.offer"] = self.on_offer
-        agent.control_handlers["xfer.chunk"] = self.on_chunk
-        agent.telemetry_providers["update"] = self.telemetry
-        agent.connect_hooks.append(self.on_connect)
+
+    # -- declarations ----------------------------------------------------------
+    def start(self) -> None:
+        self.restore()
+
+    def control_kinds(self) -> dict[str, Any]:
+        return {"model.offer": self.on_offer, "xfer.chunk": self.on_chunk}
+
+    def tasks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        return [("updates", self.run)]
 
     def _transfer(self, manifest: ChunkManifest, have: set[int]) -> Transfer:
         """Start with a small window that grows to ``model.transfer_window`` while chunks arrive in time."""
@@ -84,7 +117,7 @@ class Updater:
         from protocol.signing import SignatureError, load_public
 
         keys = []
-        for path in self.agent.cfg.security.trusted_keys:
+        for path in self.ctx.cfg.security.trusted_keys:
             try:
                 keys.append(load_public(path))
             except SignatureError as exc:
@@ -92,7 +125,16 @@ class Updater:
         return keys
 
     # -- reporting --------------------------------------------------------
-    def report(self, status: str, offer: dict[str, Any] | None, reason: str = "", **data: Any) -> None:
+    def report(self, status: str, offer: dict[str, Any] | None, reason: str = "", *, active: bool = False,
+               **data: Any) -> None:
+        """One ``model.update`` event; ``active``: a step of the active transfer (checked by the table)."""
+        if active:
+            try:
+                self.state.advance(status)
+            except UpdateStateError:  # our bug: say so loudly, still tell the controller what happened
+                log.exception("update state table")
+                self.ctx.counters.reject("update_state_error")
+                self.state.reset()
         target = (offer or {}).get("target") or {}
         body: dict[str, Any] = {"status": status, "reason": reason,
                                 "rollout_id": (offer or {}).get("rollout_id"),
@@ -101,7 +143,7 @@ class Updater:
                                 **data}
         level = "error" if status in ("failed", "rolled_back") else "info"
         self.last = {"status": status, "reason": reason, "version": target.get("version"), "ts": time.time()}
-        self.agent.emit_event("model.update", level, **{k: v for k, v in body.items() if v is not None})
+        self.ctx.emit_event("model.update", level, **{k: v for k, v in body.items() if v is not None})
 
     def telemetry(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats)
@@ -135,6 +177,7 @@ class Updater:
             part = PartFile(d, manifest)
             t = self._transfer(manifest, part.held())
             self.active = Active(offer, t, part, time.time(), len(t.have))
+            self.state.resume()
             self.stats["resumed"] += 1
             log.info("resuming transfer %s: %d of %d chunks on disk", manifest.transfer_id, len(t.have), t.count)
 
@@ -145,10 +188,10 @@ class Updater:
             return
         except (OSError, ValueError):
             pending = {}
-        store = self.agent.serving.store
+        store = self.serving.store
         if store is not None and pending.get("bundle_sha256") and self._installed_id() == pending["bundle_sha256"]:
             back = store.rollback()
-            self.agent.serving.load_current()
+            self.serving.load_current()
             self.report("rolled_back", pending.get("offer"),
                         f"interrupted while pushing the new model to the MCU; back to {back.version or '?'}")
         self.mcu_pending.unlink(missing_ok=True)
@@ -169,7 +212,7 @@ class Updater:
 
     # -- messages ------------------------------------------------------------
     def _installed_id(self) -> str | None:
-        store = self.agent.serving.store
+        store = self.serving.store
         cur = store.current if store else None
         try:
             return bundle_id(cur) if cur is not None else None
@@ -181,7 +224,7 @@ class Updater:
         self.stats["offers"] += 1
         manifest = ro.offer_manifest(offer)
         target = offer["target"]
-        store = self.agent.serving.store
+        store = self.serving.store
         if store is None:
             self.report("failed", offer, "no model store on this device")
             return
@@ -191,7 +234,7 @@ class Updater:
         have = self._installed_id()
         if have == target["bundle_sha256"]:
             self.report("unchanged", offer, "already installed")
-            self.agent.republish_state()
+            self.ctx.republish_state()
             return
         kept = store.find_id(target["bundle_sha256"])
         if kept is not None:  # a version we still hold (a rollback): switch to it, nothing to download
@@ -229,6 +272,7 @@ class Updater:
             log.info("transfer %s replaced by %s", a.tid, manifest.transfer_id)
             shutil.rmtree(a.part.dir, ignore_errors=True)
             self.active = None
+            self.state.reset()
         self.dir.mkdir(parents=True, exist_ok=True)
         free = shutil.disk_usage(self.dir).free
         if free < 2 * manifest.total_size + (16 << 20):
@@ -243,7 +287,8 @@ class Updater:
         part = PartFile(d, manifest)
         t = self._transfer(manifest, part.held())
         self.active = Active(offer, t, part, time.time(), len(t.have))
-        self.report("downloading", offer, bytes=manifest.total_size, chunks=manifest.count, held=len(t.have))
+        self.report("downloading", offer, active=True, bytes=manifest.total_size, chunks=manifest.count,
+                    held=len(t.have))
         if t.complete:
             await self._apply()
         else:
@@ -251,19 +296,19 @@ class Updater:
 
     async def on_chunk(self, frame: Frame, msg: Message) -> None:
         if not isinstance(frame, Frame):
-            self.agent.counters.reject("chunk_not_a_frame")
+            self.ctx.counters.reject("chunk_not_a_frame")
             return
         body = frame.envelope.body
         a = self.active
         if a is None or body.get("transfer_id") != a.tid or self.applying:
             self.stats["stray_chunks"] += 1
-            self.agent.counters.reject("stray_chunk")
+            self.ctx.counters.reject("stray_chunk")
             return
         try:
             new = a.transfer.accept(body["index"], frame.blob, time.monotonic())
         except ChunkError as exc:
             self.stats["bad_chunks"] += 1
-            self.agent.counters.reject("bad_chunk")
+            self.ctx.counters.reject("bad_chunk")
             log.warning("transfer %s: refused %s", a.tid, exc)
             return
         if new:
@@ -290,9 +335,8 @@ class Updater:
         for i in range(0, len(want), ro.MAX_WANT):
             body = {"transfer_id": a.tid, "chunks": want[i:i + ro.MAX_WANT], "have": len(a.transfer.have),
                     "total": a.transfer.count}
-            env = Envelope(kind="xfer.want", sender=self.agent.device_id, body=body)
-            if not self.agent.publish(self.agent.topics.data(self.agent.device_id, ro.XFER_DATA_LEAF),
-                                      encode(env), qos=1):
+            env = Envelope(kind="xfer.want", sender=self.ctx.device_id, body=body)
+            if not self.ctx.publish(self.ctx.topics.data(self.ctx.device_id, ro.XFER_DATA_LEAF), encode(env), qos=1):
                 # not connected: forget the in-flight marks, ask again on reconnect
                 a.transfer.inflight.clear()
                 return
@@ -308,11 +352,10 @@ class Updater:
             except (ChunkError, OSError) as exc:
                 self._finish_failed(a, "failed", f"transfer corrupt: {exc}")
                 return
-            self.report("received", offer, bytes=len(data))
-            store = self.agent.serving.store
-            self.agent.serving.last_health = {}
+            self.report("received", offer, active=True, bytes=len(data))
+            store = self.serving.store
             try:
-                res = await asyncio.to_thread(store.apply_patch, data, self.trusted, self.agent.serving.health_check,
+                res = await asyncio.to_thread(store.apply_patch, data, self.trusted, self.serving.health_check,
                                               bool(offer.get("allow_downgrade")))
             except Exception as exc:  # noqa: BLE001 - our bug or the OS: report it, keep serving the old model
                 log.exception("applying %s failed", a.tid)
@@ -320,14 +363,14 @@ class Updater:
                 return
             for step in res.steps[1:]:
                 if step in ro.UPDATE_STATUSES and step != "applied":
-                    self.report(step, offer, **(self.agent.serving.last_health if step == "healthy" else {}))
+                    self.report(step, offer, active=True, **(res.health if step == "healthy" else {}))
             if res.ok:
                 refused = await self._finish_switch(store, offer)
                 if refused:
                     self._finish_failed(a, "rolled_back", refused)
                     return
                 self.stats["applied"] += 1
-                self.report("applied", offer, "installed", seconds=round(time.time() - a.started, 3),
+                self.report("applied", offer, "installed", active=True, seconds=round(time.time() - a.started, 3),
                             chunks=a.transfer.count, held_at_start=a.held_at_start,
                             rerequested=a.transfer.rerequested, bytes=a.transfer.manifest.total_size)
                 shutil.rmtree(a.part.dir, ignore_errors=True)
@@ -348,8 +391,8 @@ class Updater:
             back = store.rollback()
             refused = f"{refused}; back to {back.version if back.ok else 'the previous version'}"
         self._clear_mcu_pending()
-        self.agent.serving.load_current()
-        self.agent.republish_state()
+        self.serving.load_current()
+        self.ctx.republish_state()
         return refused
 
     async def _push_mcu_files(self, store: Any, offer: dict[str, Any]) -> str:
@@ -368,9 +411,9 @@ class Updater:
                    and (e or {}).get("sha256") != (old.get(n) or {}).get("sha256")]
         if not changed:
             return ""
-        mcu = getattr(self.agent, "mcu", None)
+        mcu = self.mcu
         if mcu is None or mcu.attached is None:
-            self.agent.emit_event("mcu.model.skipped", "warning", files=changed,
+            self.ctx.emit_event("mcu.model.skipped", "warning", files=changed,
                                   reason="no MCU attached to this board; the files stay in the bundle (mcu.push)")
             return ""
         label = f"{manifest.get('name')} {manifest['version']}"
@@ -388,6 +431,6 @@ class Updater:
         log.error("update to %s %s: %s", a.offer["target"]["version"], status, reason)
         if status != "unchanged":
             self.stats["failed"] += 1
-        self.report(status, a.offer, reason)
+        self.report(status, a.offer, reason, active=True)
         shutil.rmtree(a.part.dir, ignore_errors=True)
         self.active = None

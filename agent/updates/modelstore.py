@@ -18,20 +18,19 @@ start-up cleans half-done work and repairs a dangling pointer.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-import hashlib
+from dataclasses import dataclass, field
 import json
 import os
 import shutil
 import signal
-import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 from protocol.patch import (PatchError, VerifiedPatch, bundle_id, parse_patch, read_manifest, sha256_file,
                             verify_patch, version_key)
 
-HealthCheck = Callable[[Path], None]  # raises with the reason when a staged bundle is not healthy
+#: raises with the reason when a staged bundle is not healthy; returns its figures (latency, agreement...)
+HealthCheck = Callable[[Path], "dict[str, Any] | None"]
 
 
 def failpoint(name: str) -> None:
@@ -61,6 +60,8 @@ class InstallResult:
     bundle_id: str | None
     reason: str
     steps: tuple[str, ...] = ()
+    #: what the health check measured on the staged version (empty when there was none)
+    health: "dict[str, Any]" = field(default_factory=dict)
 
 
 class ModelStore:
@@ -214,9 +215,10 @@ class ModelStore:
         except (PatchError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             return InstallResult(False, version, bid, f"staging failed: {exc}", tuple(steps))
+        figures: dict[str, Any] = {}
         if health is not None:
             try:
-                health(final)
+                figures = dict(health(final) or {})
             except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a reason to refuse it
                 shutil.rmtree(final, ignore_errors=True)
                 return InstallResult(False, version, bid, f"rolled back: health check failed: {exc}",
@@ -230,7 +232,7 @@ class ModelStore:
         steps.append("applied")
         failpoint("switched")
         self._prune()
-        return InstallResult(True, version, bid, "installed", tuple(steps))
+        return InstallResult(True, version, bid, "installed", tuple(steps), figures)
 
     def rollback(self, to: Path | None = None) -> InstallResult:
         target = to or self.previous

@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from .ratelimit import TokenBucket
+from ..core.ratelimit import TokenBucket
 
 
 class ResultsLimiter:

@@ -1,4 +1,4 @@
-"""Wiring of on-device learning and federated rounds into the running agent.
+"""The learning feature: on-device fine-tuning of the head and federated rounds, wired in.
 
 The learner sees every served inference (features are cached: training never re-runs the
 backbone), takes labels inline or later by feedback (``feedback`` request on the device's
@@ -11,17 +11,18 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 import numpy as np
 
 from protocol.envelope import Envelope
 from protocol.mqttlink import Message
 
-from .learning import LearnConfig, Learner
+from ..core.context import AgentContext, Feature
+from .learner import LearnConfig, Learner
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .daemon import Agent
+    from ..serving.inference import InferenceEngine, Prediction
 
 log = logging.getLogger("edge_agent.learning")
 
@@ -34,17 +35,53 @@ def _reference_stats(engine: Any) -> tuple[float, float]:
     return float(np.mean([p.confidence for p in preds])), float(np.mean([p.entropy for p in preds]))
 
 
-class Adaptation:
-    def __init__(self, agent: "Agent") -> None:
-        self.agent = agent
+class ServingPort(Protocol):
+    """What learning needs of serving: the engine (its head is swapped), and every served prediction."""
+
+    engine: "InferenceEngine | None"
+    observers: "list[Callable[[str, Prediction, int | None], None]]"
+
+
+class Adaptation(Feature):
+    """Declares ``learn.*``, the ``feedback`` request and, when federated, ``fl.task``/``fl.ack``/``fl.head``
+    — only when the serving bundle has a trainable head (declarations are read after ``start``)."""
+
+    name = "learning"
+
+    def __init__(self, ctx: AgentContext, serving: ServingPort) -> None:
+        self.ctx = ctx
+        self.serving = serving
         self.learner: Learner | None = None
         self.participant: Any = None
         self.cycles = 0
 
+    # -- declarations ----------------------------------------------------------
+    def commands(self) -> dict[str, Any]:
+        if self.learner is None:
+            return {}
+        lr = self.learner
+        return {"learn.start": self._cmd_start, "learn.stop": self._cmd_stop, "learn.now": self._cmd_now,
+                "learn.status": lambda a, e: lr.status()}
+
+    def request_kinds(self) -> dict[str, Any]:
+        return {"feedback": self.on_feedback} if self.learner is not None else {}
+
+    def control_kinds(self) -> dict[str, Any]:
+        if self.participant is None:
+            return {}
+        return {"fl.task": self.participant.on_task, "fl.ack": self.participant.on_ack,
+                "fl.head": self.on_global_head}
+
+    def telemetry(self) -> dict[str, Any] | None:
+        return self.learner.status() if self.learner is not None else None
+
+    def tasks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        return [("learning", self.run)] if self.learner is not None else []
+
     def start(self) -> None:
         """Build the learner for the serving bundle (if it has a head) and restore its checkpoint."""
-        engine = self.agent.serving.engine
-        cfg = self.agent.cfg.learning
+        engine = self.serving.engine
+        cfg = self.ctx.cfg.learning
         if engine is None or engine.head is None:
             return
         lc = LearnConfig(trigger=cfg.trigger, every_n=cfg.every_n, optimizer=cfg.optimizer, lr=cfg.lr,
@@ -55,59 +92,51 @@ class Adaptation:
                          pending_max=cfg.pending_max, pending_ttl_s=cfg.pending_ttl_s, isolate=cfg.isolate)
         conf, ent = _reference_stats(engine)
         learner = Learner(dict(engine.head), len(engine.labels) or int(list(engine.head.values())[-1].shape[0]), lc,
-                          Path(self.agent.cfg.state.dir) / "learning", engine.bundle.id, conf, ent)
+                          Path(self.ctx.cfg.state.dir) / "learning", engine.bundle.id, conf, ent)
         why = learner.load_checkpoint()
         if why is None:
             engine.swap_head(learner.head)
             log.info("restored head v%d from checkpoint", learner.head_version)
-            self.agent.emit_event("learning.restored", head_version=learner.head_version)
+            self.ctx.emit_event("learning.restored", head_version=learner.head_version)
         learner.enabled = cfg.enabled
         self.learner = learner
-        self.agent.serving.observers.append(self._observe)
-        self.agent.request_handlers["feedback"] = self.on_feedback
-        self.agent.telemetry_providers["learning"] = learner.status
-        c = self.agent.commands
-        c["learn.start"], c["learn.stop"], c["learn.now"], c["learn.status"] = (
-            self._cmd_start, self._cmd_stop, self._cmd_now, lambda a, e: learner.status())
+        self.serving.observers.append(self._observe)
         if cfg.federated:
             from .federated import Participant
 
-            self.participant = Participant(self.agent, learner, learner.shapes)
-            self.agent.control_handlers["fl.task"] = self.participant.on_task
-            self.agent.control_handlers["fl.ack"] = self.participant.on_ack
-            self.agent.control_handlers["fl.head"] = self.on_global_head
+            self.participant = Participant(self.ctx, learner, learner.shapes)
 
     def _observe(self, sample_id: str, pred: Any, label: int | None) -> None:
         assert self.learner is not None
         why = self.learner.observe(sample_id, pred.features, pred.confidence, pred.entropy, label, time.time())
         if why:
-            self.agent.counters.reject("bad_label")
+            self.ctx.counters.reject("bad_label")
 
     async def on_feedback(self, env: Envelope, msg: Message) -> None:
         if self.learner is None:
-            self.agent.reply(env, msg, {"ok": False, "error": "no trainable head on this device"})
+            self.ctx.reply(env, msg, {"ok": False, "error": "no trainable head on this device"})
             return
         why = self.learner.feedback(env.body["request_id"], env.body["label"], time.time())
         if why:
-            self.agent.counters.reject("bad_feedback")
-        self.agent.reply(env, msg, {"ok": why is None, **({"error": why} if why else {"labelled": self.learner.labelled})})
+            self.ctx.counters.reject("bad_feedback")
+        self.ctx.reply(env, msg, {"ok": why is None, **({"error": why} if why else {"labelled": self.learner.labelled})})
 
     async def on_global_head(self, frame: Any, msg: Message) -> None:
         """A new global head version from the controller (federated aggregate)."""
         from protocol.bundle import check_head
 
-        engine = self.agent.serving.engine
+        engine = self.serving.engine
         if engine is None or self.learner is None:
             return
         try:
             head = check_head(frame.tensors)
             engine.swap_head(head)
         except ValueError as exc:
-            self.agent.counters.reject("bad_global_head")
-            self.agent.emit_event("fl.head_refused", "warning", reason=str(exc))
+            self.ctx.counters.reject("bad_global_head")
+            self.ctx.emit_event("fl.head_refused", "warning", reason=str(exc))
             return
         self.learner.adopt_global(head)
-        self.agent.emit_event("fl.head_applied", version=frame.envelope.body["version"],
+        self.ctx.emit_event("fl.head_applied", version=frame.envelope.body["version"],
                               run_id=frame.envelope.body.get("run_id"))
 
     async def run(self) -> None:
@@ -116,7 +145,7 @@ class Adaptation:
             await asyncio.sleep(0.5)
             lr = self.learner
             if lr is None:
-                continue
+                return
             lr.expire(time.time())
             reason = lr.should_train(time.monotonic())
             if not reason:
@@ -126,15 +155,15 @@ class Adaptation:
             self.cycles += 1
             if res.adopted and res.head is not None:
                 try:
-                    self.agent.serving.engine.swap_head(res.head)
+                    self.serving.engine.swap_head(res.head)
                 except (AttributeError, ValueError) as exc:  # the model changed under us: drop the candidate
-                    self.agent.emit_event("learning.rejected", "warning", reason=f"serving model changed: {exc}")
+                    self.ctx.emit_event("learning.rejected", "warning", reason=f"serving model changed: {exc}")
                     continue
-                self.agent.emit_event("learning.adopted", head_version=lr.head_version, reason=res.reason,
+                self.ctx.emit_event("learning.adopted", head_version=lr.head_version, reason=res.reason,
                                       loss=res.loss, steps=res.steps)
             else:
-                self.agent.counters.reject("candidate_refused")
-                self.agent.emit_event("learning.rejected", "warning", reason=res.reason)
+                self.ctx.counters.reject("candidate_refused")
+                self.ctx.emit_event("learning.rejected", "warning", reason=res.reason)
 
     def _cmd_start(self, args: dict, env: Envelope) -> dict:
         self.learner.enabled = True

@@ -29,7 +29,7 @@ from protocol.envelope import Envelope
 from protocol.mqttlink import Message
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .daemon import Agent
+    from ..core.context import AgentContext
 
 log = logging.getLogger("edge_agent.fl")
 
@@ -78,11 +78,11 @@ def clip_delta(delta: Head, clip: float) -> tuple[Head, float]:
 
 
 class Participant:
-    def __init__(self, agent: "Agent", trainer: LocalTrainer, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
-        self.agent = agent
+    def __init__(self, ctx: "AgentContext", trainer: LocalTrainer, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+        self.ctx = ctx
         self.trainer = trainer
         self.local_shapes = dict(local_shapes)
-        self.state_file = Path(agent.cfg.state.dir) / "fl_rounds.json"
+        self.state_file = Path(ctx.cfg.state.dir) / "fl_rounds.json"
         self.done: dict[str, int] = self._load()
         self.stats = {"tasks": 0, "updates_sent": 0, "accepted": 0, "rejected": 0, "refused_tasks": 0}
         self.last_samples_per_s: float | None = None
@@ -124,9 +124,9 @@ class Participant:
                 raise TaskRefused("no labelled samples on this device")
         except TaskRefused as exc:
             self.stats["refused_tasks"] += 1
-            self.agent.counters.reject("fl_task_refused")
+            self.ctx.counters.reject("fl_task_refused")
             log.warning("refused fl task %s: %s", key, exc)
-            self.agent.emit_event("fl.task_refused", "warning", run_id=b["run_id"], round=b["round"], reason=str(exc))
+            self.ctx.emit_event("fl.task_refused", "warning", run_id=b["run_id"], round=b["round"], reason=str(exc))
             return
         self.done[key] = 0
         self._save()
@@ -162,17 +162,17 @@ class Participant:
                 blob = c.encode(delta)
             except ValueError as exc:  # bad settings in the task, or a non-finite delta
                 self.stats["refused_tasks"] += 1
-                self.agent.counters.reject("fl_task_refused")
-                self.agent.emit_event("fl.task_refused", "warning", run_id=task["run_id"], round=task["round"],
+                self.ctx.counters.reject("fl_task_refused")
+                self.ctx.emit_event("fl.task_refused", "warning", run_id=task["run_id"], round=task["round"],
                                       reason=f"cannot compress the update: {exc}")
                 return
-            env = Envelope(kind="fl.update", sender=self.agent.device_id, body={**body, "encoding": "compressed"})
+            env = Envelope(kind="fl.update", sender=self.ctx.device_id, body={**body, "encoding": "compressed"})
             payload = encode_frame(env, None, blob)
         else:
-            env = Envelope(kind="fl.update", sender=self.agent.device_id, body={**body, "encoding": "raw"})
+            env = Envelope(kind="fl.update", sender=self.ctx.device_id, body={**body, "encoding": "raw"})
             payload = encode_frame(env, delta)
-        topic = self.agent.topics.data(self.agent.device_id, "fl")
-        self.agent.publish_reliable("update", topic, payload, qos=1)
+        topic = self.ctx.topics.data(self.ctx.device_id, "fl")
+        self.ctx.publish_reliable("update", topic, payload, qos=1)
         self.stats["updates_sent"] += 1
         log.info("fl update for %s#%s: %d samples, loss %.4f, %d bytes", task["run_id"], task["round"],
                  res.num_samples, res.loss, len(payload))
@@ -184,6 +184,6 @@ class Participant:
         else:
             self.stats["rejected"] += 1
             log.warning("controller rejected our update for %s#%s: %s", b["run_id"], b["round"], b["reason"])
-        self.agent.emit_event("fl.update_" + ("accepted" if b["accepted"] else "rejected"),
+        self.ctx.emit_event("fl.update_" + ("accepted" if b["accepted"] else "rejected"),
                               "info" if b["accepted"] else "warning", run_id=b["run_id"], round=b["round"],
                               reason=b["reason"])

@@ -3,7 +3,7 @@
 ``firmware_bridge`` owns the port and the protocol; this module connects it to the agent:
 
 * SENSOR_FRAMEs become samples of the agent's inference through a ``PushSource`` served by
-  ``Serving.run_source``, so results, offload and learning see them like any other source; the
+  the serving feature's ``run_source`` (serving is handed in at construction), so results, offload and learning see them like any other source; the
   model's answer goes back as INFER_REPLY (every SENSOR_FRAME asks for one). The bridge's own
   bounded queue and drop policy (``[bridge]``) are the only buffer: the source holds one sample.
 * HELLO/RESULT/LOG/HEARTBEAT become telemetry under ``mcu`` (one entry per MCU device id, with
@@ -13,37 +13,31 @@
 * Command ``mcu.push {"file": NAME}`` sends a file of the installed bundle (hash re-checked) down
   in acknowledged chunks; the MCU's final ACK/NACK becomes ``mcu.model.pushed`` / ``mcu.model.failed``.
 
-``run_standalone`` is ``edge-agent bridge``: the same bridge without MQTT, for bring-up.
+``agent.mcu.standalone`` is ``edge-agent bridge``: the same bridge without MQTT, for bring-up.
 """
 from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import asdict
 import hashlib
-import json
 import logging
-import signal
-import sys
 import time
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.frames import Message
 from firmware_bridge.push import MAX_CHUNKS, max_chunk_size
 
-from .inference import InputError
-from .ratelimit import TokenBucket
-from .sources import PushSource, Sample
+from ..core import hass
+from ..core.context import AgentContext, CommandError, Feature
+from ..core.ratelimit import TokenBucket
+from ..serving.inference import InputError
+from ..serving.sources import PushSource, Sample
 
 if TYPE_CHECKING:  # pragma: no cover
     from protocol.envelope import Envelope
 
-    from .daemon import Agent
-    from .inference import Prediction
+    from ..serving.inference import InferenceEngine, Prediction
 
 log = logging.getLogger("edge_agent.mcu")
 
@@ -52,12 +46,24 @@ REPLY_TIMEOUT_S = 5.0      # a sample the serving loop never answers (model swap
 MAX_DEVICES = 16           # sub-devices remembered (an MCU swapped on the port is a new one)
 
 
-class McuBridge:
-    def __init__(self, agent: "Agent") -> None:
-        self.agent = agent
-        self.cfg = c = agent.cfg.bridge
+class ServingPort(Protocol):
+    """What the bridge needs of serving: the engine, every served prediction, and a source slot."""
+
+    engine: "InferenceEngine | None"
+    observers: "list[Callable[[str, Prediction, int | None], None]]"
+
+    async def run_source(self, source: Any) -> None: ...
+
+
+class McuBridge(Feature):
+    name = "mcu"
+
+    def __init__(self, ctx: AgentContext, serving: ServingPort) -> None:
+        self.ctx = ctx
+        self.serving = serving
+        self.cfg = c = ctx.cfg.bridge
         self.bridge = Bridge(BridgeConfig(port=c.port, baud=c.baud, max_frame=c.max_frame, queue_size=c.queue_size,
-                                          policy=c.policy, agent_id=agent.device_id), self._on_frame, self._on_event)
+                                          policy=c.policy, agent_id=ctx.device_id), self._on_frame, self._on_event)
         self.source = PushSource(1, name="mcu")
         self.devices: dict[str, dict[str, Any]] = {}
         self.counts: Counter[str] = Counter()
@@ -66,17 +72,23 @@ class McuBridge:
         self._waiting: dict[str, asyncio.Future] = {}
         self._n = 0
         self._push_task: asyncio.Task | None = None
-        agent.serving.observers.append(self._observe)
-        agent.telemetry_providers["mcu"] = self.telemetry
-        agent.commands["mcu.push"] = self._cmd_push
-        agent.commands["mcu.status"] = lambda args, env: self.telemetry()
-        agent.hass_extra.append(self.hass_messages)
+        serving.observers.append(self._observe)
+
+    # -- declarations ----------------------------------------------------------
+    def commands(self) -> dict[str, Any]:
+        return {"mcu.push": self._cmd_push, "mcu.status": lambda args, env: self.telemetry()}
+
+    def tasks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        return [("mcu", self.run)]
+
+    def discovery(self) -> list[tuple[str, bytes]]:
+        return self.hass_messages()
 
     async def run(self) -> None:
         """The agent's ``mcu`` task: the port, the source feeding inference, the silence watch."""
         stop = asyncio.Event()
         tasks = [asyncio.create_task(self.bridge.run(stop), name="mcu-serial"),
-                 asyncio.create_task(self.agent.serving.run_source(self.source), name="mcu-source"),
+                 asyncio.create_task(self.serving.run_source(self.source), name="mcu-source"),
                  asyncio.create_task(self._watch(), name="mcu-watch")]
         try:
             await asyncio.gather(*tasks)
@@ -90,7 +102,7 @@ class McuBridge:
     async def _on_frame(self, mcu: str, msg: Message) -> tuple[int, float] | None:
         self.counts["frames"] += 1
         self._seen(mcu)
-        engine = self.agent.serving.engine
+        engine = self.serving.engine
         if engine is None:
             self.counts["no_model"] += 1
             return None
@@ -154,13 +166,11 @@ class McuBridge:
             d.update({k: e[k] for k in ("firmware", "sensors", "samples_per_frame", "max_frame")})
             self._event(kind, "info", mcu=mcu, firmware=e["firmware"], sensors=e["sensors"],
                         samples_per_frame=e["samples_per_frame"])
-            if d["hellos"] == 1 and self.agent.cfg.homeassistant.enabled:
-                from . import hass
-
-                for topic, payload in hass.mcu_discovery_messages(self.agent.topics, self.agent.device_id,
-                                                                  self.agent.cfg.homeassistant.prefix, mcu,
+            if d["hellos"] == 1 and self.ctx.cfg.homeassistant.enabled:
+                for topic, payload in hass.mcu_discovery_messages(self.ctx.topics, self.ctx.device_id,
+                                                                  self.ctx.cfg.homeassistant.prefix, mcu,
                                                                   d.get("firmware")):
-                    self.agent.publish(topic, payload, qos=1, retain=True)
+                    self.ctx.publish(topic, payload, qos=1, retain=True)
         elif kind == "mcu.result":
             d["results"] += 1
             d["last_result"] = {"label": e["label"], "confidence": round(e["confidence"], 5),
@@ -177,19 +187,19 @@ class McuBridge:
 
     def hass_messages(self) -> list[tuple[str, bytes]]:
         """HA discovery of every MCU seen (re-announced with the board's own on HA's birth)."""
-        from . import hass
-
+        if not self.ctx.cfg.homeassistant.enabled:
+            return []
         out: list[tuple[str, bytes]] = []
         for mcu, d in self.devices.items():
-            out += hass.mcu_discovery_messages(self.agent.topics, self.agent.device_id,
-                                               self.agent.cfg.homeassistant.prefix, mcu, d.get("firmware"))
+            out += hass.mcu_discovery_messages(self.ctx.topics, self.ctx.device_id,
+                                               self.ctx.cfg.homeassistant.prefix, mcu, d.get("firmware"))
         return out
 
     def _event(self, event: str, level: str, limited: bool = True, **data: Any) -> None:
         if limited and not self._limiter.allow(time.monotonic()):
             self.counts["events_suppressed"] += 1
             return
-        self.agent.emit_event(event, level, **data)
+        self.ctx.emit_event(event, level, **data)
 
     async def _watch(self) -> None:
         while True:
@@ -216,12 +226,11 @@ class McuBridge:
 
     # -- model push ----------------------------------------------------------------------
     def _cmd_push(self, args: dict[str, Any], env: "Envelope") -> dict[str, Any]:
-        from .daemon import CommandError as err  # the daemon imports this module lazily, not the reverse
-
+        err = CommandError
         name = args.get("file")
         if not isinstance(name, str) or not name:
             raise err("args.file: the name of a file in the installed model bundle is required")
-        engine = self.agent.serving.engine
+        engine = self.serving.engine
         if engine is None:
             raise err("no model is installed: nothing to push from")
         m = engine.bundle.manifest
@@ -270,69 +279,7 @@ class McuBridge:
                 "retransmits": res.retransmits, "elapsed_s": res.elapsed_s, "transfer_id": res.transfer_id}
         self.last_push = {"ok": res.ok, **data, **({} if res.ok else {"reason": res.reason})}
         if res.ok:
-            self.agent.emit_event("mcu.model.pushed", "info", **data)
+            self.ctx.emit_event("mcu.model.pushed", "info", **data)
         else:
-            self.agent.emit_event("mcu.model.failed", "error", reason=res.reason, detail=res.detail, **data)
+            self.ctx.emit_event("mcu.model.failed", "error", reason=res.reason, detail=res.detail, **data)
         return res
-
-
-# -- edge-agent bridge ---------------------------------------------------------------------
-async def run_standalone(port: str, baud: int, bundle: str | None = None, push: str | None = None,
-                         seconds: float = 0.0, out: IO[str] = sys.stdout) -> int:
-    """The bridge alone (bring-up, no MQTT): MCU events as JSON lines, sensor frames answered by
-    ``bundle``'s model if given; ``push`` sends a file and exits 0/1 on the MCU's final answer."""
-    engine = None
-    if bundle:
-        from protocol.bundle import BundleError, load_bundle
-
-        from .inference import InferenceEngine
-
-        try:
-            engine = InferenceEngine(load_bundle(bundle))
-        except (BundleError, ValueError, RuntimeError) as exc:
-            print(json.dumps({"event": "error", "reason": f"bundle {bundle}: {exc}"}), file=out, flush=True)
-            return 2
-
-    def emit(obj: dict[str, Any]) -> None:
-        print(json.dumps(obj, default=str), file=out, flush=True)
-
-    def on_frame(mcu: str, msg: Message) -> tuple[int, float] | None:
-        if engine is None:
-            return None
-        try:
-            p = engine.predict(np.asarray(msg.fields["samples"], np.float32))
-        except InputError:
-            return None
-        return p.label, p.confidence
-
-    b = Bridge(BridgeConfig(port=port, baud=baud), on_frame, emit)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
-    task = asyncio.create_task(b.run(stop), name="bridge")
-    code = 0
-    try:
-        if push:
-            try:
-                blob = Path(push).read_bytes()
-            except OSError as exc:
-                emit({"event": "error", "reason": f"cannot read {push}: {exc.strerror}"})
-                return 2
-            deadline = time.monotonic() + (seconds or 10.0)
-            while b.mcu is None and time.monotonic() < deadline and not stop.is_set():
-                await asyncio.sleep(0.05)
-            res = await b.push(blob)
-            emit({"event": "mcu.model.pushed" if res.ok else "mcu.model.failed", **asdict(res)})
-            code = 0 if res.ok else 1
-        elif seconds:
-            await asyncio.wait_for(stop.wait(), seconds)
-        else:
-            await stop.wait()
-    except asyncio.TimeoutError:
-        pass
-    finally:
-        stop.set()
-        await task
-        emit({"event": "bridge.stats", **b.stats()})
-    return code

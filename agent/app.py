@@ -1,21 +1,25 @@
-"""The edge-agent daemon: wiring between the MQTT edge and the agent's parts.
+"""The edge-agent daemon: the lifecycle, the MQTT link, and the features composed on it.
 
-Lifecycle (uvicorn's shape): the CLI captures signals and loads config → ``Agent.run``
-connects, announces itself (retained state, HA discovery), publishes telemetry on an
-interval and serves commands/requests → on stop it publishes ``offline``, flushes
-and returns. Every inbound message goes through ``protocol.envelope.decode``; a bad
-one is logged with its reason, counted, and the loop goes on.
+Lifecycle (uvicorn's shape): the CLI captures signals and loads config → ``Agent.run`` starts
+the features, connects, announces itself (retained state, HA discovery), publishes telemetry on
+an interval and routes messages → on stop it publishes ``offline``, flushes and returns.
+
+``Agent`` is the ``AgentContext`` its features are handed (agent/core/context.py). Routing is
+owned by subscriptions: the controller channel (device and group cmd topics, signed when
+required) and the request topic dispatch by envelope kind to what the features declared; a
+feature's own topics (the offload replies) go straight to its handler. Every inbound message is
+validated; a bad one is logged with its reason, counted, and the loop goes on. This is the only
+module that knows the features; none of them imports it.
 """
 from __future__ import annotations
 
 import asyncio
 import inspect
-from pathlib import Path
-import sqlite3
-import json
 import logging
+import sqlite3
 import time
-from typing import TYPE_CHECKING, Any, Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
 
 from protocol import envelope as env_mod
 from protocol.binary import Frame, decode_frame, is_frame
@@ -23,24 +27,49 @@ from protocol.envelope import DecodeError, Envelope, encode
 from protocol.mqttlink import Message, MqttLink, Will
 from protocol.topics import Topics
 
-from . import __version__, hass, sysinfo
-from .config import AgentConfig, ConfigError
-from .counters import Counters
+from . import __version__
+from .core import hass, sysinfo
+from .core.config import AgentConfig, ConfigError
+from .core.context import CommandError, CommandHandler, Feature, KindHandler, Subscription
+from .core.counters import Counters
+from .core.outbox import Outbox, OutboxFull
 
 log = logging.getLogger("edge_agent")
 
 if TYPE_CHECKING:  # pragma: no cover
     from protocol.cmdauth import CommandVerifier
 
-CommandHandler = Callable[[dict[str, Any], Envelope], "Awaitable[dict[str, Any]] | dict[str, Any]"]
+    from .serving.feature import Serving
 
 
-class CommandError(Exception):
-    """A command that cannot be carried out; the message goes back in the reply."""
+def compose(ctx: "Agent") -> list[Feature]:
+    """The board's features, in start order, each handed the siblings it uses."""
+    from .learning.feature import Adaptation
+    from .offload.feature import Offloader
+    from .offload.policy import OffloadPolicy
+    from .serving.feature import Serving
+    from .updates.feature import Updater
+
+    cfg = ctx.cfg
+    oc = cfg.offload
+    serving = Serving(ctx, runtimes=ctx.runtimes)
+    offloader = Offloader(ctx, OffloadPolicy(enabled=oc.enabled, threshold=oc.threshold, mode=oc.mode,
+                                             deadline_ms=oc.deadline_ms, margin_ms=oc.margin_ms),
+                          engine=lambda: serving.engine)
+    serving.resolver = offloader
+    mcu = None
+    if cfg.bridge.enabled:
+        from .mcu.feature import McuBridge
+
+        mcu = McuBridge(ctx, serving)
+    features: list[Feature] = [serving, offloader, Updater(ctx, serving, mcu=mcu), Adaptation(ctx, serving)]
+    if mcu is not None:
+        features.append(mcu)
+    return features
 
 
 class Agent:
-    def __init__(self, cfg: AgentConfig) -> None:
+    def __init__(self, cfg: AgentConfig, features: "Callable[[Agent], list[Feature]] | None" = None) -> None:
         self.cfg = cfg
         self.device_id = cfg.device.id
         self.topics = Topics(cfg.mqtt.topic_root)
@@ -48,64 +77,42 @@ class Agent:
         self.started = time.monotonic()
         self.seq = 0
         self.link: MqttLink | None = None
-        self.commands: dict[str, CommandHandler] = {
-            "ping": self._cmd_ping,
-            "describe": self._cmd_describe,
-            "telemetry.now": self._cmd_telemetry_now,
-        }
-        #: name → callable returning a JSON-able dict merged into telemetry under that name
-        self.telemetry_providers: dict[str, Callable[[], dict[str, Any]]] = {}
-        #: kind → handler for the controller channel (cmd and group cmd topics; signed when required)
-        self.control_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {"cmd": self._handle_cmd}
-        #: kind → handler for the request topic (inference requests from any authorised client)
-        self.request_handlers: dict[str, Callable[[Any, Message], Awaitable[None]]] = {}
-        #: callables returning more (topic, payload) HA discovery messages (sub-devices)
-        self.hass_extra: list[Callable[[], list[tuple[str, bytes]]]] = []
-        #: coroutines run on every (re)connect, after state and discovery are published
-        self.connect_hooks: list[Callable[[], Awaitable[None]]] = []
         self._telemetry_now = asyncio.Event()
         self._stopping = False
         self.verifier = self._make_verifier()
-        from .outbox import Outbox
-
         try:
             self.outbox = Outbox(Path(cfg.state.dir) / "outbox.db", cfg.state.outbox_bytes)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"state.dir {cfg.state.dir}: cannot open the outbox there: {exc}") from None
         self._draining = False
+        self._drain_task: asyncio.Future | None = None
         self._inflight: set[asyncio.Future] = set()
         self.max_inflight_requests = 256
-        self.notifier: Any = None  # systemd notifier (agent.sdnotify), set by the CLI
-        from .runtimes import available_runtimes
-        from .serving import Serving
+        self.notifier: Any = None  # systemd notifier (agent.core.sdnotify), set by the CLI
+        from .serving.runtimes import available_runtimes
 
         self.runtimes = available_runtimes()
-        self.serving = Serving(self)
-        self.request_handlers["infer.request"] = self.serving.handle_request
-        self.telemetry_providers["model"] = self.serving.metrics
-        from .adaptation import Adaptation
-        from .offload import Offloader
-        from .offload_policy import OffloadPolicy
+        self.features: list[Feature] = (features or compose)(self)
+        # filled from the features' declarations in start()
+        self.commands: dict[str, CommandHandler] = {}
+        self.control_handlers: dict[str, KindHandler] = {}
+        self.request_handlers: dict[str, KindHandler] = {}
+        self.subscriptions: dict[str, Subscription] = {}
+        self._started = False
 
-        oc = cfg.offload
-        self.offloader = Offloader(self, OffloadPolicy(enabled=oc.enabled, threshold=oc.threshold, mode=oc.mode,
-                                                       deadline_ms=oc.deadline_ms, margin_ms=oc.margin_ms))
-        self.telemetry_providers["offload"] = self.offloader.telemetry
-        self.commands["offload.set"] = self._cmd_offload_set
-        self.commands["offload.status"] = lambda a, e: self.offloader.telemetry()
+    def feature(self, kind: type) -> Any:
+        """The composed feature of this class (tests and the CLI look features up; features don't)."""
+        return next((f for f in self.features if isinstance(f, kind)), None)
 
-        self.adaptation = Adaptation(self)
-        self.commands["model.describe"] = self._cmd_model_describe
-        self.commands["model.rollback"] = self._cmd_model_rollback
-        from .updater import Updater
+    @property
+    def serving(self) -> "Serving":
+        from .serving.feature import Serving
 
-        self.updater = Updater(self)
-        self._drain_task: asyncio.Future | None = None
-        self.mcu: Any = None  # a sensor MCU on a serial port ([bridge]; agent.mcu)
-        if cfg.bridge.enabled:
-            from .mcu import McuBridge
+        return self.feature(Serving)
 
-            self.mcu = McuBridge(self)
+    @property
+    def connected(self) -> bool:
+        return bool(self.link is not None and self.link.connected.is_set())
 
     def _make_verifier(self) -> "CommandVerifier | None":
         sec = self.cfg.security
@@ -122,6 +129,37 @@ class Agent:
                 raise ConfigError(f"security.trusted_keys: {exc}") from None
         return CommandVerifier(keys, max_skew_s=sec.max_command_skew_s)
 
+    # -- composition -------------------------------------------------------
+    def start(self) -> None:
+        """Start every feature, then collect what each declares (idempotent)."""
+        if self._started:
+            return
+        self._started = True
+        for f in self.features:
+            f.start()
+        self.commands = {"ping": self._cmd_ping, "describe": self._cmd_describe,
+                         "telemetry.now": self._cmd_telemetry_now}
+        self.control_handlers = {"cmd": self._handle_cmd}
+        self.request_handlers = {}
+        own = {self.topics.cmd(self.device_id), self.topics.req(self.device_id),
+               self.topics.group_cmd(self.cfg.device.group)}
+        self.subscriptions = {}
+        if self.cfg.homeassistant.enabled:
+            birth = hass.birth_topic(self.cfg.homeassistant.prefix)
+            self.subscriptions[birth] = Subscription(birth, 0, self._on_hass_birth)
+        for f in self.features:
+            for table, declared, what in ((self.commands, f.commands(), "command"),
+                                          (self.control_handlers, f.control_kinds(), "control kind"),
+                                          (self.request_handlers, f.request_kinds(), "request kind")):
+                for key, handler in declared.items():
+                    if key in table:
+                        raise RuntimeError(f"{what} {key!r} declared twice ({type(f).__name__})")  # our bug
+                    table[key] = handler
+            for sub in f.subscriptions():
+                if sub.topic in own or sub.topic in self.subscriptions:
+                    raise RuntimeError(f"topic {sub.topic} subscribed twice ({type(f).__name__})")
+                self.subscriptions[sub.topic] = sub
+
     # -- payload builders ------------------------------------------------
     def _envelope(self, kind: str, body: dict[str, Any], **kw: Any) -> Envelope:
         return Envelope(kind=kind, sender=self.device_id, body=body, **kw)
@@ -133,9 +171,8 @@ class Agent:
             body["capabilities"] = sysinfo.capabilities(self.runtimes)
             if self.cfg.device.location:
                 body["location"] = self.cfg.device.location
-            info = self.serving.model_info()
-            if info:
-                body["model"] = info
+            for f in self.features:
+                body.update(f.state_fields())
         return body
 
     def telemetry_body(self) -> dict[str, Any]:
@@ -149,15 +186,18 @@ class Agent:
                             "mqtt": "5" if link.is_v5 else "3.1.1",
                             "dropped_incoming": link.dropped_incoming}
         body["outbox"] = self.outbox.stats()
-        for name, provider in self.telemetry_providers.items():
+        for f in self.features:
             try:
-                body[name] = provider()
+                section = f.telemetry()
             except Exception:  # noqa: BLE001 - a broken provider must not stop telemetry
-                log.exception("telemetry provider %s failed", name)
+                log.exception("telemetry of %s failed", type(f).__name__)
                 self.counters.reject("telemetry_provider_error")
+                continue
+            if section is not None:
+                body[f.name] = section
         return body
 
-    # -- publishing ------------------------------------------------------
+    # -- publishing (AgentContext) ---------------------------------------
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, **props: Any) -> bool:
         link = self.link
         if link is None:
@@ -172,12 +212,9 @@ class Agent:
     def publish_reliable(self, kind: str, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> bool:
         """Publish now (QoS 1: paho re-sends what was in flight after a reconnect), or put it in the
         on-disk outbox and send it, in order, when the link is back. Nothing is lost silently."""
-        link = self.link
-        if link is not None and link.connected.is_set() and not len(self.outbox) and not self._draining:
+        if self.connected and not len(self.outbox) and not self._draining:
             if self.publish(topic, payload, qos, retain):
                 return True
-        from .outbox import OutboxFull
-
         try:
             self.outbox.put(kind, topic, payload, qos, retain)
         except OutboxFull as exc:
@@ -188,7 +225,7 @@ class Agent:
         return False
 
     def _drain_soon(self) -> None:
-        if self.link is not None and self.link.connected.is_set() and (self._drain_task is None or self._drain_task.done()):
+        if self.connected and (self._drain_task is None or self._drain_task.done()):
             self._drain_task = asyncio.ensure_future(self._drain())
 
     async def _drain(self) -> None:
@@ -233,40 +270,46 @@ class Agent:
         return self.publish(topic, encode(env), qos=1,
                             correlation=msg.correlation if msg and msg.correlation else None)
 
-    # -- connection hooks ------------------------------------------------
-    async def _on_connect(self) -> None:
+    def republish_state(self) -> None:
         state = encode(self._envelope("state", self.state_body("online")))
         self.publish(self.topics.state(self.device_id), state, qos=1, retain=True)
+
+    # -- connection hooks ------------------------------------------------
+    async def _on_connect(self) -> None:
+        self.republish_state()
         if self.cfg.homeassistant.enabled:
             self.announce_hass()
         self.emit_event("connected", mqtt="5" if self.link and self.link.is_v5 else "3.1.1")
         if self.notifier is not None:
-            self.notifier.status(f"connected to {self.cfg.mqtt.broker}; model "
-                                 f"{(self.serving.model_info() or {}).get('version', 'none')}")
+            model = (self.state_body("online").get("model") or {}).get("version", "none")
+            self.notifier.status(f"connected to {self.cfg.mqtt.broker}; model {model}")
         self._telemetry_now.set()
         self._drain_soon()
-        for hook in self.connect_hooks:
+        for f in self.features:
             try:
-                await hook()
+                await f.on_connect()
             except Exception:  # noqa: BLE001 - one feature's bug must not stop the others
-                log.exception("connect hook %r failed", hook)
+                log.exception("on_connect of %s failed", type(f).__name__)
 
     def announce_hass(self) -> None:
         for topic, payload in hass.discovery_messages(self.topics, self.device_id,
                                                       self.cfg.homeassistant.prefix, __version__):
             self.publish(topic, payload, qos=1, retain=True)
-        for extra in self.hass_extra:   # sub-devices (sensor MCUs) announce through the board
-            for topic, payload in extra():
+        for f in self.features:   # sub-devices (sensor MCUs) announce through the board
+            for topic, payload in f.discovery():
                 self.publish(topic, payload, qos=1, retain=True)
+
+    async def _on_hass_birth(self, msg: Message) -> None:
+        if msg.payload.strip() == b"online":
+            log.info("Home Assistant (re)started: re-announcing discovery")
+            self.announce_hass()
 
     # -- main ------------------------------------------------------------
     def _make_link(self) -> MqttLink:
         offline = encode(self._envelope("state", self.state_body("offline")))
         subs = [(self.topics.cmd(self.device_id), 1), (self.topics.req(self.device_id), 1),
-                (self.offloader.reply_topic, 1),
                 (self.topics.group_cmd(self.cfg.device.group), 1)]
-        if self.cfg.homeassistant.enabled:
-            subs.append((hass.birth_topic(self.cfg.homeassistant.prefix), 0))
+        subs += [(s.topic, s.qos) for s in self.subscriptions.values()]
         return MqttLink.from_settings(self.cfg.mqtt, self.device_id, subscriptions=subs,
                                       will=Will(self.topics.state(self.device_id), offline, 1, True),
                                       on_connect=self._on_connect, on_disconnect=self._on_disconnect)
@@ -277,27 +320,13 @@ class Agent:
             self.notifier.status(f"broker unreachable ({reason}); {len(self.outbox)} messages kept on disk")
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
-        from .serving import make_source
-        from .sources import SourceError
-
-        self.serving.start()
-        self.updater.restore()
-        self.adaptation.start()
-        try:
-            source = make_source(self)
-        except SourceError as exc:
-            raise ConfigError(f"inference: {exc}") from None
+        self.start()
         self.link = self._make_link()
         await self.link.start()
         tasks = [asyncio.create_task(self._telemetry_loop(), name="telemetry"),
-                 asyncio.create_task(self._message_loop(), name="messages"),
-                 asyncio.create_task(self.serving.summary_ticker(), name="results"),
-                 asyncio.create_task(self.adaptation.run(), name="learning"),
-                 asyncio.create_task(self.updater.run(), name="updates")]
-        if source is not None:
-            tasks.append(asyncio.create_task(self.serving.run_source(source), name="source"))
-        if self.mcu is not None:
-            tasks.append(asyncio.create_task(self.mcu.run(), name="mcu"))
+                 asyncio.create_task(self._message_loop(), name="messages")]
+        for f in self.features:
+            tasks += [asyncio.create_task(coro(), name=name) for name, coro in f.tasks()]
         if ready:
             ready()
         try:
@@ -339,30 +368,20 @@ class Agent:
                 log.exception("internal error handling a message on %s", msg.topic)
                 self.counters.reject("internal_error")
 
+    # -- routing -----------------------------------------------------------
     async def handle_message(self, msg: Message) -> None:
-        """Validate, authenticate (controller channel) and dispatch one inbound message."""
+        """Route one inbound message: a feature's own topic, the controller channel or the request topic."""
         self.counters.received(msg.topic, len(msg.payload))
-        if self.cfg.homeassistant.enabled and msg.topic == hass.birth_topic(self.cfg.homeassistant.prefix):
-            if msg.payload.strip() == b"online":
-                log.info("Home Assistant (re)started: re-announcing discovery")
-                self.announce_hass()
+        sub = self.subscriptions.get(msg.topic)
+        if sub is not None:
+            await sub.handler(msg)
             return
         control = msg.topic in (self.topics.cmd(self.device_id), self.topics.group_cmd(self.cfg.device.group))
-        frame: Frame | None = None
-        try:
-            if is_frame(msg.payload):
-                frame = decode_frame(msg.payload, max_bytes=self.cfg.mqtt.max_frame_bytes)
-                env = frame.envelope
-            else:
-                env = env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes)
-        except DecodeError as exc:
-            self.counters.reject(exc.reason)
-            log.warning("rejected message on %s: %s", msg.topic, exc)
+        decoded = self.decode(msg)
+        if decoded is None:
             return
-        if msg.topic == self.offloader.reply_topic:
-            table = {"offload.reply": self.offloader.on_reply}
-        else:
-            table = self.control_handlers if control else self.request_handlers
+        env, frame = decoded
+        table = self.control_handlers if control else self.request_handlers
         handler = table.get(env.kind)
         if handler is None:
             self.counters.reject("kind_topic_mismatch" if env.kind in {**self.control_handlers, **self.request_handlers}
@@ -373,7 +392,7 @@ class Agent:
             return
         if control and self.verifier is not None and not self._authenticated(env, frame, msg):
             return
-        if table is self.request_handlers:
+        if not control:
             # requests may wait (an offload round trip): run them beside the loop, bounded
             if len(self._inflight) >= self.max_inflight_requests:
                 self.counters.reject("overloaded")
@@ -385,6 +404,18 @@ class Agent:
             t.add_done_callback(self._inflight.discard)
             return
         await handler(frame if frame is not None else env, msg)
+
+    def decode(self, msg: Message) -> "tuple[Envelope, Frame | None] | None":
+        """The envelope (and frame) of a message, or None after counting and logging why not."""
+        try:
+            if is_frame(msg.payload):
+                frame = decode_frame(msg.payload, max_bytes=self.cfg.mqtt.max_frame_bytes)
+                return frame.envelope, frame
+            return env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes), None
+        except DecodeError as exc:
+            self.counters.reject(exc.reason)
+            log.warning("rejected message on %s: %s", msg.topic, exc)
+            return None
 
     async def _guarded(self, coro: Any, topic: str) -> None:
         try:
@@ -442,49 +473,6 @@ class Agent:
         return {"state": self.state_body("online"), "commands": sorted(self.commands),
                 "config_source": self.cfg.source}
 
-    def _cmd_offload_set(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        try:
-            p = self.offloader.set_policy(**args)
-        except (ValueError, TypeError) as exc:
-            raise CommandError(f"bad offload policy: {exc}") from None
-        self.emit_event("offload.policy", enabled=p.enabled, threshold=p.threshold, mode=p.mode,
-                        deadline_ms=p.deadline_ms)
-        return {"enabled": p.enabled, "threshold": p.threshold, "mode": p.mode, "deadline_ms": p.deadline_ms}
-
-    def _cmd_model_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        store = self.serving.store
-        return {"serving": self.serving.model_info(), "store": store.describe() if store else None,
-                "load_error": self.serving.load_error}
-
-    def _cmd_model_rollback(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
-        store = self.serving.store
-        if store is None:
-            raise CommandError("no model store")
-        target = None
-        if args.get("bundle_sha256"):
-            target = store.find_id(str(args["bundle_sha256"]))
-            if target is None:
-                raise CommandError(f"bundle {str(args['bundle_sha256'])[:12]} is not installed here")
-        elif args.get("version"):
-            target = store.find(str(args["version"]))
-            if target is None:
-                raise CommandError(f"version {args['version']!r} is not installed here")
-        res = store.rollback(target)
-        if not res.ok:
-            raise CommandError(res.reason)
-        self.serving.load_current()
-        self.emit_event("model.rolled_back", "warning", version=res.version, reason="on command")
-        self.republish_state()
-        return {"version": res.version}
-
-    def republish_state(self) -> None:
-        state = encode(self._envelope("state", self.state_body("online")))
-        self.publish(self.topics.state(self.device_id), state, qos=1, retain=True)
-
     def _cmd_telemetry_now(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         self._telemetry_now.set()
         return {"scheduled": True}
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, separators=(",", ":"))

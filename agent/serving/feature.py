@@ -1,9 +1,13 @@
 """Model serving on the agent: the model store, inference requests, streaming sources, results.
 
-Wiring only: the engine (``agent.inference``) does the maths, ``protocol.bundle`` verifies
-files, ``agent.modelstore`` installs versions A/B, sources produce samples and
-``agent.results`` decides what to publish. A bad request gets a clear error reply and the
-next one is served normally; a bad bundle is refused and the agent keeps what it had.
+Wiring only: the engine (``agent.serving.inference``) does the maths, ``protocol.bundle``
+verifies files, ``agent.updates.modelstore`` installs versions A/B, sources produce samples and
+``agent.serving.results`` decides what to publish. A bad request gets a clear error reply and
+the next one is served normally; a bad bundle is refused and the agent keeps what it had.
+
+Siblings come in explicitly: ``resolver`` (the offload feature) decides per prediction whether
+the answer is local or remote; observers and taps are how learning, the MCU bridge and the
+live-shadow gate see served predictions.
 """
 from __future__ import annotations
 
@@ -11,22 +15,30 @@ import asyncio
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
 from protocol.envelope import Envelope, encode
 from protocol.mqttlink import Message
 
+from ..core.config import ConfigError
+from ..core.context import AgentContext, CommandError, Feature
 from .inference import InferenceEngine, InputError, Prediction
 from .results import ResultsLimiter
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .daemon import Agent
-    from .modelstore import ModelStore
-    from .sources import Sample
+    from ..updates.modelstore import ModelStore
 
 log = logging.getLogger("edge_agent.serving")
+
+
+class Resolver(Protocol):
+    """Who decides, per prediction, which answer is returned (the offload feature)."""
+
+    @property
+    def enabled(self) -> bool: ...
+
+    async def resolve(self, pred: Prediction, x: Any, local: dict[str, Any],
+                      deadline_ms: float | None = None) -> dict[str, Any]: ...
 
 
 def prediction_body(pred: Prediction, path: str = "local") -> dict[str, Any]:
@@ -34,38 +46,74 @@ def prediction_body(pred: Prediction, path: str = "local") -> dict[str, Any]:
             "entropy": round(pred.entropy, 5), "latency_ms": round(pred.latency_ms, 4), "path": path}
 
 
-class Serving:
+class Serving(Feature):
     """Owns the serving engine; swaps it atomically when a new version is installed."""
 
-    def __init__(self, agent: "Agent") -> None:
-        self.agent = agent
+    name = "model"
+
+    def __init__(self, ctx: AgentContext, runtimes: list[str] | None = None,
+                 resolver: Resolver | None = None) -> None:
+        self.ctx = ctx
+        self.runtimes = list(runtimes or [])
+        self.resolver = resolver
         self.engine: InferenceEngine | None = None
         self.store: "ModelStore | None" = None
         self.requests = 0
         self.request_errors = 0
         self.load_error: str | None = None
-        inf = agent.cfg.inference
+        inf = ctx.cfg.inference
         self.results = ResultsLimiter(inf.results, inf.results_interval_s, inf.max_results_per_s)
         #: called with (sample id, prediction, label) for every streamed or requested inference
         self.observers: list[Callable[[str, Prediction, int | None], None]] = []
         self.sources: list[Any] = []
         self.bundle_sha256: str | None = None
-        self.last_health: dict[str, Any] = {}
+        self.source: Any = None
         #: called with (input, label) for every served prediction (agent.shadow collects live inputs)
         self.taps: list[Callable[[Any, int], None]] = []
 
+    # -- declarations ------------------------------------------------------
+    def commands(self) -> dict[str, Any]:
+        return {"model.describe": self._cmd_describe, "model.rollback": self._cmd_rollback}
+
+    def request_kinds(self) -> dict[str, Any]:
+        return {"infer.request": self.handle_request}
+
+    def telemetry(self) -> dict[str, Any]:
+        return self.metrics()
+
+    def state_fields(self) -> dict[str, Any]:
+        info = self.model_info()
+        return {"model": info} if info else {}
+
+    def tasks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
+        out: list[tuple[str, Callable[[], Awaitable[None]]]] = [("results", self.summary_ticker)]
+        if self.source is not None:
+            src = self.source
+            out.append(("source", lambda: self.run_source(src)))
+        return out
+
     # -- model lifecycle -------------------------------------------------
     def start(self) -> None:
-        """Open the store, install the configured first bundle if needed, serve ``current``."""
-        from .modelstore import ModelStore
+        """Open the store, install the configured first bundle if needed, serve ``current``;
+        build the configured sample source."""
+        from .sources import SourceError
 
-        cfg = self.agent.cfg
+        self.open_store()
+        try:
+            self.source = make_source(self.ctx.cfg)
+        except SourceError as exc:
+            raise ConfigError(f"inference: {exc}") from None
+
+    def open_store(self) -> None:
+        from ..updates.modelstore import ModelStore
+
+        cfg = self.ctx.cfg
         self.store = ModelStore(Path(cfg.state.dir) / "models", keep=cfg.model.keep_versions)
         for note in self.store.recover():
             log.warning("model store: %s", note)
         if cfg.model.bundle and self.store.current is None:
             res = self.store.install_bundle_dir(cfg.model.bundle, health=self.health_check)
-            self.agent.emit_event("model.installed" if res.ok else "model.refused", "info" if res.ok else "error",
+            self.ctx.emit_event("model.installed" if res.ok else "model.refused", "info" if res.ok else "error",
                                   version=res.version, reason=res.reason, source=cfg.model.bundle)
             if not res.ok:
                 self.load_error = res.reason
@@ -78,13 +126,13 @@ class Serving:
         if cur is None:
             return False
         try:
-            engine = InferenceEngine(load_bundle(cur), threads=self.agent.cfg.model.threads,
-                                     providers=list(self.agent.cfg.model.providers) or None)
+            engine = InferenceEngine(load_bundle(cur), threads=self.ctx.cfg.model.threads,
+                                     providers=list(self.ctx.cfg.model.providers) or None)
         except (BundleError, ValueError, RuntimeError) as exc:
             self.load_error = f"{cur.name}: {exc}"
-            self.agent.counters.reject("bad_bundle")
+            self.ctx.counters.reject("bad_bundle")
             log.error("cannot serve %s: %s", cur.name, exc)
-            self.agent.emit_event("model.refused", "error", dir=cur.name, reason=str(exc))
+            self.ctx.emit_event("model.refused", "error", dir=cur.name, reason=str(exc))
             return False
         self.engine, self.load_error = engine, None
         try:
@@ -97,19 +145,20 @@ class Serving:
         log.info("serving %s %s (%s)", m.name, m.version, engine.runtime.name)
         return True
 
-    def health_check(self, staged: Path) -> None:
+    def health_check(self, staged: Path) -> dict[str, Any]:
+        """Check a staged version against the serving one; its figures, or RuntimeError with the reason."""
         from .health import Unhealthy, check_bundle
 
         try:
-            figures = check_bundle(staged, self.agent.cfg.model.threads, current=self.engine)
+            figures = check_bundle(staged, self.ctx.cfg.model.threads, current=self.engine)
         except Unhealthy as exc:
             raise RuntimeError(str(exc)) from None
-        mc = self.agent.cfg.model
+        mc = self.ctx.cfg.model
         if mc.shadow_live_samples > 0 and self.engine is not None:
             figures.update(self._live_shadow(staged, mc.shadow_live_samples, mc.shadow_live_window_s,
                                              mc.shadow_min_agreement))
         log.info("staged %s healthy: %s", staged.name, figures)
-        self.last_health = figures
+        return figures
 
     def _live_shadow(self, staged: Path, n: int, window_s: float, min_agreement: float) -> dict[str, Any]:
         """Runs in the installer's thread: collect live inputs, then let the candidate answer them."""
@@ -123,17 +172,13 @@ class Serving:
             items = sample.wait(window_s)
         finally:
             self.taps.remove(sample.tap)
-        candidate = InferenceEngine(load_bundle(staged), threads=self.agent.cfg.model.threads)
+        candidate = InferenceEngine(load_bundle(staged), threads=self.ctx.cfg.model.threads)
         agree = live_agreement(lambda x: candidate.predict(x).label, items)
         out = {"live_samples": len(items), "live_agreement": None if agree is None else round(agree, 5)}
         if agree is not None and agree < min_agreement:
             raise RuntimeError(f"live shadow: agrees with the serving model on {agree:.1%} of {len(items)} live "
                                f"inputs (< {min_agreement:.0%})")
         return out
-
-    def backbone_sha256(self) -> str:
-        b = self.engine.bundle
-        return b.manifest.files[b.manifest.file("backbone")].sha256
 
     def model_info(self) -> dict[str, Any] | None:
         if self.engine is None:
@@ -175,52 +220,83 @@ class Serving:
             pred = self.predict(env.body["x"])
         except (InputError, LookupError) as exc:
             self.request_errors += 1
-            self.agent.counters.reject("bad_request")
-            self.agent.reply(env, msg, {"ok": False, "error": str(exc)})
+            self.ctx.counters.reject("bad_request")
+            self.ctx.reply(env, msg, {"ok": False, "error": str(exc)})
             return
         label = env.body.get("label")
         for fn in self.observers:
             fn(env.corr or env.id, pred, label)
-        result = await self.agent.offloader.resolve(pred, env.body["x"], prediction_body(pred),
-                                                     env.body.get("deadline_ms"))
-        self.agent.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": result})
+        result = prediction_body(pred)
+        if self.resolver is not None:
+            result = await self.resolver.resolve(pred, env.body["x"], result, env.body.get("deadline_ms"))
+        else:
+            result = {**result, "path": "local"}
+        self.ctx.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": result})
 
     async def run_source(self, source: Any) -> None:
         """Consume a streaming source: predict, tell observers, publish results as configured."""
         self.sources.append(source)
-        topic = self.agent.topics.results(self.agent.device_id)
+        topic = self.ctx.topics.results(self.ctx.device_id)
         async for sample in source:
             try:
                 pred = self.predict(sample.x)
             except (InputError, LookupError) as exc:
-                self.agent.counters.reject("bad_sample")
+                self.ctx.counters.reject("bad_sample")
                 log.debug("sample %s rejected: %s", sample.id, exc)
                 continue
             for fn in self.observers:
                 fn(sample.id, pred, sample.label)
             result = prediction_body(pred)
-            if self.agent.offloader.policy.enabled:
-                result = await self.agent.offloader.resolve(pred, sample.x, result)
+            if self.resolver is not None and self.resolver.enabled:
+                result = await self.resolver.resolve(pred, sample.x, result)
             for body in self.results.add(time.monotonic(), {**result, "id": sample.id}, sample.label):
-                env = Envelope(kind="result", sender=self.agent.device_id, body=body)
+                env = Envelope(kind="result", sender=self.ctx.device_id, body=body)
                 if body["type"] == "summary":
-                    self.agent.publish_reliable("result", topic, encode(env), qos=1)
+                    self.ctx.publish_reliable("result", topic, encode(env), qos=1)
                 else:
-                    self.agent.publish(topic, encode(env), qos=0)
+                    self.ctx.publish(topic, encode(env), qos=0)
 
     async def summary_ticker(self) -> None:
-        topic = self.agent.topics.results(self.agent.device_id)
+        topic = self.ctx.topics.results(self.ctx.device_id)
         while True:
             await asyncio.sleep(min(1.0, self.results.interval_s))
             for body in self.results.tick(time.monotonic()):
-                self.agent.publish_reliable("result", topic, encode(Envelope(kind="result",
-                                                                             sender=self.agent.device_id, body=body)))
+                self.ctx.publish_reliable("result", topic, encode(Envelope(kind="result",
+                                                                           sender=self.ctx.device_id, body=body)))
+
+    # -- commands ------------------------------------------------------------
+    def _cmd_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        store = self.store
+        return {"serving": self.model_info(), "store": store.describe() if store else None,
+                "load_error": self.load_error}
+
+    def _cmd_rollback(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+        store = self.store
+        if store is None:
+            raise CommandError("no model store")
+        target = None
+        if args.get("bundle_sha256"):
+            target = store.find_id(str(args["bundle_sha256"]))
+            if target is None:
+                raise CommandError(f"bundle {str(args['bundle_sha256'])[:12]} is not installed here")
+        elif args.get("version"):
+            target = store.find(str(args["version"]))
+            if target is None:
+                raise CommandError(f"version {args['version']!r} is not installed here")
+        res = store.rollback(target)
+        if not res.ok:
+            raise CommandError(res.reason)
+        self.load_current()
+        self.ctx.emit_event("model.rolled_back", "warning", version=res.version, reason="on command")
+        self.ctx.republish_state()
+        return {"version": res.version}
 
 
-def make_source(agent: "Agent") -> Any:
+def make_source(cfg: Any) -> Any:
+    """The configured streaming source (``[inference] source``), or None."""
     from .sources import ReplaySource, StdinSource, load_replay
 
-    inf = agent.cfg.inference
+    inf = cfg.inference
     if inf.source == "replay":
         x, y = load_replay(inf.replay_x, inf.replay_y or None)
         return ReplaySource(x, y, inf.rate_hz, inf.loop)
