@@ -1,15 +1,23 @@
 """Differential privacy for federated rounds (DP-FedAvg style) and its accounting.
 
-Where the noise goes — *server side, on the aggregate* (central DP, McMahan et al. 2018):
+Where the noise goes — *server side, on the aggregate* (central DP, McMahan et al. 2018), as a
+wrapper around the run's own strategy (``DPFixedClipping``, after Flower's
+``dp_fixed_clipping``): clip → the inner strategy aggregates → noise.
 
-* Clients clip their whole update to L2 norm ``clip`` (``agent.federated.clip_delta``); the
-  server clips again (``clip_update``) so a client that skipped it gains nothing.
-* The server averages the m clipped updates with *uniform* weights and adds Gaussian noise
-  N(0, (z · clip / m)²) to every coordinate. One client changes the sum by at most ``clip``,
-  so the mean's sensitivity is clip / m and this is the Gaussian mechanism with noise
-  multiplier z. The guarantee is *user-level*: it covers everything one device sent in a round.
-  It protects the published global heads, not the individual updates in transit (those are
-  trusted to the controller; client-side noise would be needed otherwise).
+* Clients clip their whole update to L2 norm ``clip`` (``agent.federated.clip_delta``, asked
+  for in the task by the wrapper's ``configure``); the server clips again (``clip_update``) so
+  a client that skipped it gains nothing.
+* The inner strategy selects and combines the clipped updates (FedAvg's weighted mean, the
+  median, Krum, …); Gaussian noise N(0, (z · clip · s)²) goes on every coordinate of that
+  combined delta, *before* the strategy applies it (so FedAdam/FedYogi's optimizer state only
+  ever sees noised deltas: the rest is post-processing). ``s`` is the inner strategy's
+  ``dp_sensitivity``: 1/m for a uniform mean of m updates, the largest weight share for a
+  weighted one; the robust aggregators use the 1/m convention (as Flower does) — the
+  reported ε assumes it. The guarantee is *user-level*: it covers everything one device sent
+  in a round. It protects the published global heads, not the individual updates in transit
+  (those are trusted to the controller; client-side noise would be needed otherwise).
+* The noise comes from OS entropy (``np.random.default_rng()`` with no seed), never from the
+  run's seed: anyone who can read a run's config could otherwise recompute and subtract it.
 
 Accounting — Rényi DP, composed additively over rounds:
 
@@ -28,10 +36,12 @@ and the reported ε is an honest upper bound.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+
+from .strategies import FitResult, Head, Strategy
 
 ORDERS: tuple[float, ...] = (1.25, 1.5, 1.75, 2.5, 3.5) + tuple(float(a) for a in range(2, 65)) + (
     80.0, 96.0, 128.0, 192.0, 256.0, 512.0, 1024.0)
@@ -166,13 +176,49 @@ def clip_update(u: Mapping[str, np.ndarray], clip: float) -> dict[str, np.ndarra
     return {k: (np.asarray(v, np.float32) * s).astype(np.float32) for k, v in u.items()}
 
 
-def private_mean(updates: Sequence[Mapping[str, np.ndarray]], cfg: DPConfig,
-                 rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Uniform mean of (re-)clipped updates plus calibrated Gaussian noise N(0, (z·clip/m)²)."""
-    m = len(updates)
-    if m == 0:
-        raise ValueError("no updates to aggregate")
-    clipped = [clip_update(u, cfg.clip) for u in updates]
-    sigma = cfg.noise * cfg.clip / m
-    return {k: (sum(c[k] for c in clipped) / m + rng.normal(0, sigma, np.shape(clipped[0][k]))).astype(np.float32)
-            for k in clipped[0]}
+class DPFixedClipping(Strategy):
+    """The run's strategy with central DP: clip every update to ``clip``, let the inner strategy
+    select and combine, add N(0, (z · clip · sensitivity)²) to the combined delta, let the inner
+    strategy apply it. State = the inner strategy's + the accountant's."""
+
+    name = "dp_fixed_clipping"
+
+    def __init__(self, inner: Strategy, cfg: DPConfig) -> None:
+        self.inner, self.cfg = inner, cfg
+        self.accountant = PrivacyAccountant(cfg)
+        self._rng = np.random.default_rng()   # OS entropy; never a seed from the run's config
+
+    @property
+    def accept_failures(self) -> bool:  # type: ignore[override]
+        return self.inner.accept_failures
+
+    def configure(self, round_no: int, clients: Sequence[str], base: Mapping[str, Any] | None = None
+                  ) -> dict[str, dict[str, Any]]:
+        return {c: {**cfg, "dp": {"clip": self.cfg.clip}}
+                for c, cfg in self.inner.configure(round_no, clients, base).items()}
+
+    def select(self, results: Sequence[FitResult]) -> list[FitResult]:
+        return self.inner.select([replace(r, update=clip_update(r.update, self.cfg.clip)) for r in results])
+
+    def combine(self, results: Sequence[FitResult]) -> dict[str, np.ndarray] | None:
+        d = self.inner.combine(results)
+        if d is None:
+            return None
+        sigma = self.cfg.noise * self.cfg.clip * self.inner.dp_sensitivity(results)
+        self.accountant.step()
+        return {k: (np.asarray(v, np.float64) + self._rng.normal(0.0, sigma, np.shape(v))).astype(np.float32)
+                if sigma > 0 else np.asarray(v, np.float32) for k, v in d.items()}
+
+    def apply(self, global_head: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Head:
+        return self.inner.apply(global_head, delta)
+
+    def to_state(self) -> dict[str, Any]:
+        state = {**self.inner.to_state(), **self.accountant.to_state()}
+        if self.cfg.noise > 0 and self.accountant.rounds > 0:
+            spent = self.accountant.spent()
+            state.update(dp_epsilon=round(spent.epsilon, 4), dp_delta=spent.delta, dp_order=spent.order)
+        return state
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.inner.load_state(state)
+        self.accountant = PrivacyAccountant.from_state(self.cfg, state)

@@ -136,14 +136,6 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
 
     head = load_head(bundle)
     try:
-        from . import strategies
-
-        strategies.make(strategy, **_kv(sparams, "--strategy-param"))
-    except ImportError:
-        pass
-    except (KeyError, TypeError, ValueError) as exc:
-        raise click.BadParameter(str(exc), param_hint="--strategy") from None
-    try:
         cfg = RunConfig(strategy=strategy, strategy_params=_kv(sparams, "--strategy-param"), rounds=n_rounds,
                         mode="async" if is_async else "sync", clients=clients,
                         min_clients=min_clients or max(1, clients // 2), deadline_s=parse_duration(deadline),
@@ -154,6 +146,12 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
                         deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
         raise click.UsageError(str(exc)) from None
+    try:
+        from .round_runner import strategy_for
+
+        strategy_for(cfg)   # what `fleetctl serve` will build: unknown names, bad params, a conflicting mu
+    except (KeyError, TypeError, ValueError) as exc:
+        raise click.BadParameter(str(exc), param_hint="--strategy") from None
     store = _store(ctx, create=True)
     run_id = time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
     eval_file = _eval_features(bundle, Path(ctx.obj.cfg().db_path).parent / "runs" / f"{run_id}-eval.npz")

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,38 +23,29 @@ from protocol.envelope import DecodeError, Envelope, encode
 from protocol.mqttlink import Message
 
 from .round_store import RoundStore
-from .rounds import Aggregator, RoundEngine, RunConfig
+from .rounds import RoundEngine, RunConfig
 from .selection import ClientInfo
 
 if TYPE_CHECKING:  # pragma: no cover
     from .service import ControllerService
+    from .strategies import Strategy
 
 log = logging.getLogger("fleetctl.rounds")
 
 
-def aggregator_for(cfg: RunConfig) -> Aggregator:
-    """Bind the run's strategy (by name, from ``controller.strategies``) to the engine's signature."""
+def strategy_for(cfg: RunConfig) -> "Strategy":
+    """The run's strategy (by name, from ``controller.strategies``); with ``dp`` set, wrapped in
+    ``DPFixedClipping`` (clip → the strategy aggregates → noise from OS entropy)."""
     from . import strategies
-    from .privacy import DPConfig, epsilon, private_mean
+    from .privacy import DPConfig, DPFixedClipping
 
     strategy = strategies.make(cfg.strategy, **dict(cfg.strategy_params))
+    mu = strategy.task_config.get("prox_mu")
+    if cfg.prox_mu and mu is not None and mu != cfg.prox_mu:
+        raise ValueError(f"--prox-mu {cfg.prox_mu:g} conflicts with {cfg.strategy}'s mu {mu:g}: "
+                         f"give it once, as --strategy-param mu={cfg.prox_mu:g}")
     dp = DPConfig.from_dict(cfg.dp)
-    rng = np.random.default_rng(cfg.seed + 7919)
-
-    def aggregate(global_head: dict, results: list, state: dict) -> tuple[Any, dict]:
-        if state:
-            strategy.load_state(state)
-        if dp is not None and dp.noise > 0:
-            # DP-FedAvg: uniform mean of clipped updates + Gaussian noise (see controller/privacy.py)
-            new = strategy.apply(global_head, private_mean([r[0] for r in results], dp, rng))
-            rounds = int(state.get("dp_rounds", 0)) + 1
-            eps, order = epsilon(dp.noise, rounds, dp.delta, q=dp.sample_rate)
-            return new, {**strategy.state(), "dp_rounds": rounds, "dp_epsilon": round(eps, 4),
-                         "dp_delta": dp.delta, "dp_order": order}
-        new = strategy.aggregate_deltas(global_head, results)
-        return new, strategy.state()
-
-    return aggregate
+    return strategy if dp is None else DPFixedClipping(strategy, dp)
 
 
 def evaluator_for(cfg: RunConfig):
@@ -94,7 +85,7 @@ class RoundRunner:
         if eng is None:
             run = self.store.run(run_id)
             cfg = RunConfig.from_dict(run.config)
-            eng = RoundEngine(run_id, self.store, aggregator_for(cfg), evaluator_for(cfg))
+            eng = RoundEngine(run_id, self.store, strategy_for(cfg), evaluator_for(cfg))
             self.engines[run_id] = eng
         return eng
 

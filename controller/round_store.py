@@ -147,9 +147,25 @@ class RoundStore:
                         (json.dumps(sent), run_id, round_no))
         self.db.commit()
 
+    def note_round(self, run_id: str, round_no: int, notes: Mapping[str, Any]) -> None:
+        """Add to a round's metrics while it runs (e.g. the steps sizing lowered); a dict value is
+        merged with the one already noted under its key."""
+        row = self.round(run_id, round_no)
+        if row is None:
+            return
+        metrics = dict(row.metrics or {})
+        for k, v in notes.items():
+            metrics[k] = {**metrics[k], **v} if isinstance(v, Mapping) and isinstance(metrics.get(k), dict) else v
+        self.db.execute("UPDATE fl_rounds SET metrics=? WHERE run_id=? AND round_no=?",
+                        (json.dumps(metrics), run_id, round_no))
+        self.db.commit()
+
     def finish_round(self, run_id: str, round_no: int, status: str, metrics: Mapping[str, Any]) -> None:
+        """Close a round; what ``note_round`` recorded while it ran is kept."""
+        row = self.round(run_id, round_no)
+        merged = {**((row.metrics or {}) if row else {}), **metrics}
         self.db.execute("UPDATE fl_rounds SET status=?, finished=?, metrics=? WHERE run_id=? AND round_no=?",
-                        (status, time.time(), json.dumps(dict(metrics)), run_id, round_no))
+                        (status, time.time(), json.dumps(merged), run_id, round_no))
         self.db.commit()
 
     def _round(self, r: tuple) -> RoundRow:

@@ -1,7 +1,9 @@
 """The federated round engine: decides, never does I/O (the runner acts).
 
 Inputs: a snapshot of clients (from the registry), updates as they arrive, and the
-time. Outputs: tasks to send and round outcomes. All state lives in ``RoundStore``,
+time. Outputs: tasks to send and round outcomes. The run's strategy decides what each
+task carries (``configure``: the engine sends exactly that, plus the sized steps) and
+what the round's results *and failures* make (``aggregate``). All state lives in ``RoundStore``,
 so a new engine built over the same store after a controller crash resumes the run:
 updates already received are kept and a task is never sent twice to the same device
 for the same round.
@@ -15,18 +17,16 @@ staleness; an update staler than ``max_staleness`` versions is refused.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-import math
 import random
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
 from .round_store import RoundStore, UpdateRow
-from .selection import ClientInfo, SelectionPolicy, select
+from .selection import ClientInfo, Selection, SelectionPolicy, select
+from .strategies import FitFailure, FitResult, Strategy, UpdateRejected, validate_update
 
 Head = dict[str, np.ndarray]
-# (global head, [(delta, num_samples, staleness)], strategy state) -> (new head | None, new state)
-Aggregator = Callable[[Head, list[tuple[Head, int, int]], dict[str, Any]], tuple["Head | None", dict[str, Any]]]
 
 
 class RunConfigError(ValueError):
@@ -117,29 +117,8 @@ class RoundOutcome:
     new_version: int | None = None
 
 
-def validate_update(delta: Mapping[str, np.ndarray], global_head: Mapping[str, np.ndarray],
-                    max_norm: float) -> str | None:
-    """None if the update may be aggregated, else the reason it may not (pure)."""
-    if set(delta) != set(global_head):
-        return f"tensor names {sorted(delta)} do not match the global head {sorted(global_head)}"
-    sq = 0.0
-    for k, g in global_head.items():
-        d = np.asarray(delta[k])
-        if d.shape != g.shape:
-            return f"{k}: shape {list(d.shape)} != {list(g.shape)}"
-        if d.dtype.kind != "f":
-            return f"{k}: dtype {d.dtype} is not floating point"
-        if not np.all(np.isfinite(d)):
-            return f"{k}: NaN or inf values"
-        sq += float(np.sum(np.square(d, dtype=np.float64)))
-    norm = math.sqrt(sq)
-    if norm > max_norm:
-        return f"update L2 norm {norm:.3g} exceeds the bound {max_norm:.3g}"
-    return None
-
-
 class RoundEngine:
-    def __init__(self, run_id: str, store: RoundStore, aggregator: Aggregator,
+    def __init__(self, run_id: str, store: RoundStore, strategy: Strategy,
                  evaluate: "Callable[[Head], float] | None" = None) -> None:
         run = store.run(run_id)
         if run is None:
@@ -147,7 +126,7 @@ class RoundEngine:
         self.run_id = run_id
         self.store = store
         self.cfg = RunConfig.from_dict(run.config)
-        self.aggregate = aggregator
+        self.strategy = strategy
         self.evaluate = evaluate
         self.rng = random.Random(self.cfg.seed + run.round_no)
         self.started_waiting: float | None = None
@@ -157,14 +136,24 @@ class RoundEngine:
     def run(self):  # fresh from the store: the store is the truth
         return self.store.run(self.run_id)
 
-    def _task_body(self, round_no: int, steps: int, version: int, deadline: float) -> dict[str, Any]:
+    def _tasks(self, round_no: int, devices: Sequence[str], steps: Mapping[str, int], version: int,
+               deadline: float, head: Head) -> list[Task]:
+        """What the strategy configures for each device (Flower's configure_fit), with its sized steps."""
+        if not devices:
+            return []
         c = self.cfg
-        body: dict[str, Any] = {"run_id": self.run_id, "round": round_no, "base_version": version, "steps": steps,
-                                "lr": c.lr, "batch_size": c.batch_size, "optimizer": c.optimizer,
-                                "prox_mu": c.prox_mu, "deadline_ts": deadline, "compression": dict(c.compression)}
-        if c.dp:
-            body["dp"] = {"clip": c.dp.get("clip", 1.0)}
-        return body
+        base: dict[str, Any] = {"run_id": self.run_id, "base_version": version, "lr": c.lr,
+                                "batch_size": c.batch_size, "optimizer": c.optimizer, "prox_mu": c.prox_mu,
+                                "deadline_ts": deadline, "compression": dict(c.compression)}
+        cfgs = self.strategy.configure(round_no, list(devices), base)
+        return [Task(d, round_no, {**cfgs[d], "round": round_no, "steps": steps.get(d, c.local_steps)}, head)
+                for d in devices]
+
+    def _note_sizing(self, round_no: int, sel: Selection) -> None:
+        """The round history says which devices got fewer steps than asked, and why."""
+        if sel.lowered:
+            self.store.note_round(self.run_id, round_no, {"steps_lowered": {
+                d: {"asked": self.cfg.local_steps, "sent": sel.steps[d], "why": why} for d, why in sel.lowered.items()}})
 
     # -- decide ------------------------------------------------------------
     def step(self, now: float, clients: Sequence[ClientInfo]) -> tuple[list[Task], list[RoundOutcome]]:
@@ -208,21 +197,20 @@ class RoundEngine:
         round_no = run.round_no + 1
         deadline = now + self.cfg.deadline_s
         self.store.create_round(self.run_id, round_no, now, deadline, sel.selected, sel.steps)
+        self._note_sizing(round_no, sel)
         self.store.update_run(self.run_id, round_no=round_no)
         return self._unsent(self.store.round(self.run_id, round_no), run.global_version), outcomes
 
     def _unsent(self, cur, version: int) -> list[Task]:
-        head = self.run.head or {}
-        return [Task(d, cur.round_no, self._task_body(cur.round_no, cur.steps.get(d, self.cfg.local_steps), version,
-                                                      cur.deadline), head)
-                for d in cur.selected if d not in cur.tasks_sent]
+        return self._tasks(cur.round_no, [d for d in cur.selected if d not in cur.tasks_sent], cur.steps, version,
+                           cur.deadline, self.run.head or {})
 
     def task_sent(self, task: Task) -> None:
         self.store.mark_task_sent(self.run_id, task.round_no, task.device_id)
 
     def _close_sync(self, cur, now: float, gone: list[str]) -> RoundOutcome:
-        run = self.run
-        ups = [u for u in self.store.updates(self.run_id, cur.round_no) if u.accepted]
+        all_ups = self.store.updates(self.run_id, cur.round_no)
+        ups = [u for u in all_ups if u.accepted]
         metrics: dict[str, Any] = {"selected": len(cur.selected), "received": len(ups), "dropped": gone,
                                    "duration_s": round(now - cur.started, 3)}
         metrics.update(_update_metrics(ups))
@@ -230,15 +218,28 @@ class RoundEngine:
             metrics["reason"] = f"quorum not met: {len(ups)} of {self.cfg.min_clients} updates by the deadline"
             self.store.finish_round(self.run_id, cur.round_no, "failed", metrics)
             return RoundOutcome(cur.round_no, "failed", metrics)
-        return self._apply(cur.round_no, [(u.update, u.num_samples, 0) for u in ups], metrics)
+        got = {u.device_id for u in all_ups}
+        failures = [FitFailure(u.device_id, u.reason or "rejected") for u in all_ups if not u.accepted]
+        failures += [FitFailure(d, "went offline before sending an update" if d in gone else
+                                "no update by the deadline") for d in cur.selected if d not in got]
+        return self._apply(cur.round_no, [FitResult(u.update, u.num_samples, 0, u.device_id) for u in ups],
+                           failures, metrics)
 
-    def _apply(self, round_no: int, results: list[tuple[Head, int, int]], metrics: dict[str, Any]) -> RoundOutcome:
+    def _apply(self, round_no: int, results: list[FitResult], failures: list[FitFailure],
+               metrics: dict[str, Any]) -> RoundOutcome:
+        """Hand the round's results and failures to the strategy (over its stored state)."""
         run = self.run
-        new_head, state = self.aggregate(run.head or {}, results, run.strategy_state or {})
+        if failures:
+            metrics["failures"] = [{"device": f.client_id, "reason": f.reason} for f in failures]
+        self.strategy.load_state(run.strategy_state or {})
+        new_head = self.strategy.aggregate(run.head or {}, results, failures)
         if new_head is None:
             metrics["reason"] = "strategy produced no new model"
+            if failures and not self.strategy.accept_failures:
+                metrics["reason"] += f": {len(failures)} failure(s) and the strategy does not accept failures"
             self.store.finish_round(self.run_id, round_no, "failed", metrics)
             return RoundOutcome(round_no, "failed", metrics)
+        state = self.strategy.to_state()
         version = run.global_version + 1
         self.store.update_run(self.run_id, head=new_head, global_version=version, strategy_state=state)
         metrics["version"] = version
@@ -279,9 +280,10 @@ class RoundEngine:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples <= 0:
             return self._record(round_no, device_id, now, False, f"num_samples must be > 0, got {num_samples!r}",
                                 0, base_version, meta, None)
-        why = validate_update(delta, self.run.head or {}, self.cfg.max_update_norm)
-        if why:
-            return self._record(round_no, device_id, now, False, why, num_samples, base_version, meta, None)
+        try:
+            validate_update(delta, self.run.head or {}, max_norm=self.cfg.max_update_norm)
+        except UpdateRejected as exc:
+            return self._record(round_no, device_id, now, False, exc.reason, num_samples, base_version, meta, None)
         return self._record(round_no, device_id, now, True, "accepted", num_samples, base_version, meta, delta)
 
     def _record(self, round_no, device_id, now, ok, reason, n, base, meta, delta) -> Verdict:
@@ -311,11 +313,11 @@ class RoundEngine:
         if room <= 0:
             return [], []
         sel = select(clients, self.cfg.policy(), self.rng, exclude=sorted(busy))
-        tasks = []
-        for d in sel.selected[:room]:
-            tasks.append(Task(d, cur.round_no, self._task_body(cur.round_no, sel.steps[d], run.global_version,
-                                                               now + self.cfg.deadline_s), run.head or {}))
-        return tasks, []
+        devices = sel.selected[:room]
+        self._note_sizing(cur.round_no, Selection(devices, sel.steps, sel.excluded,
+                                                  {d: w for d, w in sel.lowered.items() if d in devices}))
+        return self._tasks(cur.round_no, devices, sel.steps, run.global_version, now + self.cfg.deadline_s,
+                           run.head or {}), []
 
     def _window_done(self, run) -> bool:
         cur = self.store.round(self.run_id, run.round_no)
@@ -351,10 +353,11 @@ class RoundEngine:
         ups = [u for u in all_ups if u.accepted]
         if len(ups) < self.cfg.buffer:
             return None
-        results = [(u.update, u.num_samples, int(u.meta.get("staleness", 0))) for u in ups]
-        metrics = {"received": len(ups), "staleness": [r[2] for r in results], **_update_metrics(ups),
+        results = [FitResult(u.update, u.num_samples, int(u.meta.get("staleness", 0)), u.device_id) for u in ups]
+        failures = [FitFailure(u.device_id, u.reason or "rejected") for u in all_ups if not u.accepted]
+        metrics = {"received": len(ups), "staleness": [r.staleness for r in results], **_update_metrics(ups),
                    "duration_s": round(now - cur.started, 3)}
-        out = self._apply(cur.round_no, results, metrics)
+        out = self._apply(cur.round_no, results, failures, metrics)
         if cur.round_no < self.cfg.rounds:
             nxt = cur.round_no + 1
             self.store.create_round(self.run_id, nxt, now, now + self.cfg.deadline_s, (), {})

@@ -1,13 +1,15 @@
 """Client selection and compute-aware task sizing for federated rounds (pure).
 
 Selection reads what the registry knows from live telemetry: online, enough labelled
-samples, not overloaded. Task sizing follows the FedCompass idea: a device's measured
-training speed (samples/s it reported) decides how many local steps it gets, so that
-fast and slow devices finish at about the same time, inside the deadline.
+samples, not overloaded. Task sizing follows the FedCompass idea, one way only: the run's
+local steps (``--steps``) are what every device is asked for; a device whose measured
+training speed (samples/s it reported) cannot do that many inside the deadline gets fewer,
+and ``Selection.lowered`` says why. Sizing never raises the steps: runs stay reproducible
+and no device drifts further than asked.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import random
 from typing import Any, Mapping, Sequence
 
@@ -39,9 +41,8 @@ class SelectionPolicy:
     max_silence_s: float = 120.0
     group: str | None = None
     deadline_s: float = 60.0
-    local_steps: int = 20             # default when a device's speed is unknown
+    local_steps: int = 20             # asked of every device; only ever lowered to fit the deadline
     min_steps: int = 1
-    max_steps: int = 500
     batch_size: int = 32
     deadline_fill: float = 0.6        # aim to finish in this fraction of the deadline
 
@@ -51,6 +52,7 @@ class Selection:
     selected: tuple[str, ...]
     steps: Mapping[str, int]
     excluded: Mapping[str, str]       # device → reason
+    lowered: Mapping[str, str] = field(default_factory=dict)   # device → why it got fewer steps than asked
 
 
 def eligible(c: ClientInfo, p: SelectionPolicy) -> str | None:
@@ -68,13 +70,22 @@ def eligible(c: ClientInfo, p: SelectionPolicy) -> str | None:
     return None
 
 
-def size_steps(c: ClientInfo, p: SelectionPolicy) -> int:
-    """Local steps so this client finishes in ``deadline_fill × deadline``."""
+def size_task(c: ClientInfo, p: SelectionPolicy) -> tuple[int, str | None]:
+    """``p.local_steps``, lowered when this client's speed cannot do them in ``deadline_fill ×
+    deadline``; with the reason when it was lowered."""
     if not c.samples_per_s or c.samples_per_s <= 0:
-        return max(p.min_steps, min(p.max_steps, p.local_steps))
+        return p.local_steps, None
     budget_samples = c.samples_per_s * p.deadline_s * p.deadline_fill
-    steps = int(budget_samples // max(1, p.batch_size))
-    return max(p.min_steps, min(p.max_steps, steps))
+    fit = max(p.min_steps, int(budget_samples // max(1, p.batch_size)))
+    if fit >= p.local_steps:
+        return p.local_steps, None
+    return fit, (f"{c.samples_per_s:g} samples/s fits {fit} steps of batch {p.batch_size} in "
+                 f"{p.deadline_fill:.0%} of the {p.deadline_s:g}s deadline")
+
+
+def size_steps(c: ClientInfo, p: SelectionPolicy) -> int:
+    """Local steps for this client: ``p.local_steps`` or fewer (``size_task``)."""
+    return size_task(c, p)[0]
 
 
 def select(clients: Sequence[ClientInfo], p: SelectionPolicy, rng: random.Random | None = None,
@@ -96,4 +107,6 @@ def select(clients: Sequence[ClientInfo], p: SelectionPolicy, rng: random.Random
     chosen = sorted(pool[:p.clients], key=lambda c: c.device_id)
     for c in pool[p.clients:]:
         excluded[c.device_id] = "not drawn this round"
-    return Selection(tuple(c.device_id for c in chosen), {c.device_id: size_steps(c, p) for c in chosen}, excluded)
+    sized = {c.device_id: size_task(c, p) for c in chosen}
+    return Selection(tuple(c.device_id for c in chosen), {d: n for d, (n, _) in sized.items()}, excluded,
+                     {d: why for d, (_, why) in sized.items() if why})

@@ -7,13 +7,15 @@ model); the round runner owns transport, deadlines and persistence. Every strate
 versions behind the client's base was), and keeps its own state serialisable
 (``to_state()``/``from_state()``, JSON-safe) so a restarted controller resumes.
 
-    configure(round_no, clients, base) -> {client: task config}
+    configure(round_no, clients, base) -> {client: task config}   (the engine sends exactly this)
     aggregate(global_head, results, failures) -> new head | None
 
 ``results`` are ``FitResult``s or ``(delta, num_samples, staleness)`` tuples; ``failures``
-are whatever the runner recorded (clients that timed out or were rejected) — data, not
-exceptions. ``validate_update`` is the pure gate an arriving update passes before it is a
-result; it raises ``UpdateRejected`` with the reason.
+are ``FitFailure``s the engine recorded (clients that went away, timed out or were rejected)
+— data, not exceptions; ``accept_failures=False`` turns any of them into "no new model".
+``validate_update`` is the one pure gate an arriving update passes before it is a result; it
+raises ``UpdateRejected`` with the reason. Cross-cutting policies (DP) wrap a strategy
+(``controller.privacy.DPFixedClipping``) instead of replacing it.
 """
 from __future__ import annotations
 
@@ -38,6 +40,13 @@ class FitResult:
 
 
 AnyResult = Union[FitResult, Result]
+
+
+@dataclass(frozen=True)
+class FitFailure:
+    """A selected client that produced no usable update this round, and why."""
+    client_id: str
+    reason: str
 
 
 class UpdateRejected(ValueError):
@@ -123,8 +132,14 @@ class Strategy:
         return None if d is None else self.apply(global_head, d)
 
     def aggregate_deltas(self, global_head: Mapping[str, np.ndarray], results: Sequence[AnyResult]) -> Head | None:
-        """``aggregate`` without failures (the round runner's entry point)."""
+        """``aggregate`` of a round without failures (tests and benchmarks)."""
         return self.aggregate(global_head, results, ())
+
+    def dp_sensitivity(self, results: Sequence[FitResult]) -> float:
+        """How far one client can move ``combine``'s output, per unit of (clipped) update norm;
+        DP noise is scaled by it. 1/n is the uniform mean's; it is the convention Flower's DP
+        wrappers use for every strategy, and an assumption for the robust aggregators."""
+        return 1.0 / max(1, len(results))
 
     # -- state -----------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:
@@ -158,6 +173,11 @@ class FedAvg(Strategy):
 
     def combine(self, results: Sequence[FitResult]) -> dict[str, np.ndarray]:
         return agg.fast_weighted_average([r.update for r in results], self.weights(results))
+
+    def dp_sensitivity(self, results: Sequence[FitResult]) -> float:
+        """A weighted mean moves by at most the largest weight share times one update's norm."""
+        w = self.weights(results)
+        return max(w) / sum(w)
 
 
 class FedProx(FedAvg):
@@ -304,18 +324,27 @@ class FedBuff(FedAvg):
         d = super().combine(results)
         return {k: (self.eta * v).astype(np.float32) for k, v in d.items()}
 
+    def dp_sensitivity(self, results):
+        return self.eta * super().dp_sensitivity(results)
+
 
 STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (FedAvg, FedProx, FedAdam, FedYogi, Median, TrimmedMean,
                                                                Krum, MultiKrum, FedBuff)}
 
 
 def make(name: str, **params: Any) -> Strategy:
-    """The strategy called ``name`` (a key of ``STRATEGIES``) built with ``params``."""
+    """The strategy called ``name`` (a key of ``STRATEGIES``) built with ``params``; every strategy
+    also takes ``accept_failures`` (bool, default true)."""
     try:
         cls = STRATEGIES[name]
     except KeyError:
         raise KeyError(f"unknown strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
+    accept = params.pop("accept_failures", True)
+    if not isinstance(accept, bool):
+        raise ValueError(f"bad parameters for {name}: accept_failures must be true or false, got {accept!r}")
     try:
-        return cls(**params)
+        s = cls(**params)
     except TypeError as exc:
         raise ValueError(f"bad parameters for {name}: {exc}") from None
+    s.accept_failures = accept
+    return s

@@ -10,8 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from controller.privacy import (DPConfig, PrivacyAccountant, clip_update, epsilon, private_mean,
+from controller.privacy import (DPConfig, DPFixedClipping, PrivacyAccountant, clip_update, epsilon,
                                 sampled_gaussian_rdp)
+from controller.strategies import make
 
 INT_ORDERS = [float(a) for a in range(2, 257)]
 
@@ -81,12 +82,13 @@ def test_clipping_and_noise_scale():
     two = {"a": np.array([3.0, 4.0], np.float32), "b": np.array([12.0], np.float32)}
     c = clip_update(two, 1.3)
     np.testing.assert_allclose(np.concatenate([c["a"], c["b"]]), [0.3, 0.4, 1.2], rtol=1e-6)
-    rng = np.random.default_rng(0)
-    ups = [{"w": np.zeros(20000, np.float32)} for _ in range(10)]
-    out = private_mean(ups, DPConfig(clip=1.0, noise=2.0), rng)
+    # FedAvg over equal sample counts is the uniform mean: noise N(0, (z clip / m)^2) on it
+    ups = [({"w": np.zeros(20000, np.float32)}, 1, 0) for _ in range(10)]
+    out = DPFixedClipping(make("fedavg"), DPConfig(clip=1.0, noise=2.0)).aggregate({"w": np.zeros(20000)}, ups)
     assert np.std(out["w"]) == pytest.approx(2.0 * 1.0 / 10, rel=0.03)
     # noise-free: the uniform mean of clipped updates
-    out = private_mean([{"w": np.array([3.0, 4.0])}, {"w": np.array([0.0, 0.1])}], DPConfig(clip=1.0, noise=0.0), rng)
+    out = DPFixedClipping(make("fedavg"), DPConfig(clip=1.0, noise=0.0)).aggregate(
+        {"w": np.zeros(2)}, [({"w": np.array([3.0, 4.0])}, 1, 0), ({"w": np.array([0.0, 0.1])}, 1, 0)])
     np.testing.assert_allclose(out["w"], [0.3, 0.45], rtol=1e-6)
 
 
@@ -101,3 +103,54 @@ def test_bad_dp_config():
         DPConfig(sample_rate=0.0)
     assert DPConfig.from_dict(None) is None
     assert DPConfig.from_dict({"noise": "0.5"}) == DPConfig(noise=0.5)
+
+
+# -- DP as a wrapper around the run's strategy (clip -> inner aggregate -> noise) ---------------
+
+G = {"w": np.array([1.0, 1.0], np.float32)}
+UPS = [({"w": np.array(v, np.float32)}, n, 0) for v, n in
+       (([3.0, 4.0], 10), ([4.0, 3.0], 30), ([-6.0, 8.0], 20), ([0.1, 0.2], 5), ([2.0, -2.0], 15))]
+
+
+@pytest.mark.parametrize("name,params", [("median", {}), ("trimmed_mean", {"beta": 0.2}),
+                                         ("fedadam", {"eta": 0.1}), ("fedavg", {})])
+def test_dp_without_noise_is_the_inner_strategy_on_clipped_updates(name, params):
+    dp = DPFixedClipping(make(name, **params), DPConfig(clip=1.0, noise=0.0))
+    want = make(name, **params).aggregate(G, [(clip_update(u, 1.0), n, s) for u, n, s in UPS])
+    np.testing.assert_array_equal(dp.aggregate(G, UPS)["w"], want["w"])
+    # ... which is not what the strategy makes of the unclipped updates
+    assert not np.allclose(make(name, **params).aggregate(G, UPS)["w"], want["w"])
+
+
+def test_dp_noise_is_calibrated_to_the_inner_aggregate_and_shifts_it():
+    zeros = [({"w": np.zeros(20000, np.float32)}, 1, 0) for _ in range(10)]
+    out = DPFixedClipping(make("median"), DPConfig(clip=1.0, noise=2.0)).aggregate({"w": np.zeros(20000)}, zeros)
+    assert np.std(out["w"]) == pytest.approx(2.0 * 1.0 / 10, rel=0.03)
+    # sample-weighted FedAvg: one device holding 90 % of the weight moves the mean by 0.9 clip
+    skewed = [(u, n, 0) for (u, _, _), n in zip(zeros[:2], (90, 10))]
+    out = DPFixedClipping(make("fedavg"), DPConfig(clip=1.0, noise=2.0)).aggregate({"w": np.zeros(20000)}, skewed)
+    assert np.std(out["w"]) == pytest.approx(2.0 * 0.9, rel=0.03)
+
+
+def test_dp_noise_comes_from_os_entropy_not_a_seed():
+    a, b = (DPFixedClipping(make("fedavg"), DPConfig(clip=1.0, noise=1.0)).aggregate(G, UPS) for _ in range(2))
+    assert not np.allclose(a["w"], b["w"])
+
+
+def test_dp_wrapper_configures_clients_to_clip_and_accounts_across_a_restart():
+    import json
+
+    from controller.strategies import STRATEGIES
+
+    dp = DPFixedClipping(make("fedprox", mu=0.1), DPConfig(clip=0.5, noise=1.0))
+    assert dp.configure(2, ["a"], {"steps": 20}) == {"a": {"steps": 20, "prox_mu": 0.1, "round": 2,
+                                                          "dp": {"clip": 0.5}}}
+    dp.aggregate(G, UPS)
+    state = json.loads(json.dumps(dp.to_state()))
+    again = DPFixedClipping(STRATEGIES["fedprox"].from_state(state, mu=0.1), DPConfig(clip=0.5, noise=1.0))
+    again.load_state(state)
+    again.aggregate(G, UPS)
+    assert again.to_state()["dp_rounds"] == 2
+    assert again.to_state()["dp_epsilon"] == pytest.approx(epsilon(1.0, 2, 1e-5)[0], abs=1e-4)
+    strict = DPFixedClipping(make("fedavg", accept_failures=False), DPConfig())
+    assert strict.aggregate(G, UPS, ["e timed out"]) is None

@@ -5,18 +5,37 @@ import numpy as np
 import pytest
 
 from controller.round_store import RoundStore
-from controller.rounds import RoundEngine, RunConfig, RunConfigError, validate_update
+from controller.round_runner import strategy_for
+from controller.rounds import RoundEngine, RunConfig, RunConfigError
 from controller.selection import ClientInfo
+from controller.strategies import FitFailure, Strategy, validate_update
 
 G = {"dense0.weight": np.zeros((2, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
 
 
-def fedavg(global_head, results, state):
-    """Sample- and staleness-weighted mean of deltas (the test's own hand-checkable rule)."""
-    w = np.array([n / np.sqrt(1 + s) for _, n, s in results], dtype=np.float64)
-    w /= w.sum()
-    new = {k: (global_head[k] + sum(wi * r[0][k] for wi, r in zip(w, results))).astype(np.float32) for k in global_head}
-    return new, {"calls": state.get("calls", 0) + 1, "last_staleness": [s for _, _, s in results]}
+class HandFedAvg(Strategy):
+    """Sample- and staleness-weighted mean of deltas (the test's own hand-checkable rule); it
+    remembers what it was given."""
+
+    def __init__(self) -> None:
+        self.calls, self.last_staleness, self.failures = 0, [], []
+
+    def aggregate(self, global_head, results, failures=()):
+        self.failures = list(failures)
+        return super().aggregate(global_head, results, failures)
+
+    def combine(self, results):
+        w = np.array([r.num_samples / np.sqrt(1 + r.staleness) for r in results], dtype=np.float64)
+        w /= w.sum()
+        self.calls += 1
+        self.last_staleness = [r.staleness for r in results]
+        return {k: sum(wi * r.update[k] for wi, r in zip(w, results)) for k in results[0].update}
+
+    def to_state(self):
+        return {"calls": self.calls, "last_staleness": self.last_staleness}
+
+    def load_state(self, state):
+        self.calls, self.last_staleness = state.get("calls", 0), state.get("last_staleness", [])
 
 
 def delta(v):
@@ -34,7 +53,7 @@ def store(tmp_path):
 
 def new_run(store, run_id="r1", **cfg):
     store.create_run(run_id, RunConfig(**cfg).to_dict(), G)
-    return RoundEngine(run_id, store, fedavg)
+    return RoundEngine(run_id, store, HandFedAvg())
 
 
 def test_sync_round_aggregates_what_arrived_by_the_deadline(store):
@@ -87,7 +106,7 @@ def test_restart_resumes_without_resending_or_losing_updates(store):
     eng.task_sent(tasks[1])
     eng.on_update(1.0, tasks[0].device_id, 1, 0, 10, delta(2.0), {})
     # controller killed here; a new engine over the same store
-    eng2 = RoundEngine("r1", store, fedavg)
+    eng2 = RoundEngine("r1", store, HandFedAvg())
     resend, _ = eng2.step(2.0, clients("a", "b", "c"))
     assert [t.device_id for t in resend] == [tasks[2].device_id]
     assert [u.device_id for u in store.updates("r1", 1)] == [tasks[0].device_id]
@@ -160,4 +179,117 @@ def test_config_validation():
         RunConfig(clients=2, min_clients=3)
     with pytest.raises(RunConfigError, match="unknown"):
         RunConfig.from_dict({"bogus": 1})
-    assert validate_update(delta(0.1), G, 10.0) is None
+    assert validate_update(delta(0.1), G, max_norm=10.0) == pytest.approx(np.sqrt(6 * 0.01))
+
+
+# -- the engine follows the run's strategy (issue 13) ------------------------------------------
+
+def strategy_run(store, run_id="r1", **cfg):
+    """An engine over the strategy ``fleetctl serve`` builds from the run's config."""
+    c = RunConfig(**cfg)
+    store.create_run(run_id, c.to_dict(), G)
+    return RoundEngine(run_id, store, strategy_for(c))
+
+
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_strategy_param_mu_reaches_every_task(store, mode):
+    eng = strategy_run(store, strategy="fedprox", strategy_params={"mu": 0.1}, mode=mode, clients=2, buffer=2)
+    tasks, _ = eng.step(0.0, clients("a", "b"))
+    assert sorted(t.device_id for t in tasks) == ["a", "b"]
+    assert all(t.body["prox_mu"] == 0.1 for t in tasks)
+
+
+def test_prox_mu_without_a_strategy_mu_is_sent_and_a_conflict_is_refused(store):
+    eng = strategy_run(store, strategy="fedavg", prox_mu=0.2, clients=1, buffer=1)
+    assert [t.body["prox_mu"] for t in eng.step(0.0, clients("a"))[0]] == [0.2]
+    with pytest.raises(ValueError, match="conflicts"):
+        strategy_for(RunConfig(strategy="fedprox", prox_mu=0.2))     # fedprox's own mu (0.01) would win
+
+
+def test_the_runner_sends_what_the_strategy_configures(store):
+    """The fl.task frame published to the device carries the strategy's settings."""
+    from types import SimpleNamespace
+
+    from protocol.binary import decode_frame
+    from protocol.topics import Topics
+    from controller.round_runner import RoundRunner
+
+    sent = []
+    link = SimpleNamespace(connected=SimpleNamespace(is_set=lambda: True),
+                           publish=lambda topic, payload, qos: sent.append((topic, payload)) or True)
+    dev = SimpleNamespace(id="a", online=True, telemetry={"learning": {"labelled_samples": 100}}, last_seen=1e12,
+                          group=None, state={})
+    registry = SimpleNamespace(db=store.db, devices=lambda: [dev], commit=lambda: None)
+    svc = SimpleNamespace(registry=registry, link=link, topics=Topics(), signing_key=None,
+                          cfg=SimpleNamespace(controller=SimpleNamespace(id="ctl")))
+    store.create_run("r1", RunConfig(strategy="fedprox", strategy_params={"mu": 0.1}, clients=1, buffer=1).to_dict(), G)
+    RoundRunner(svc).tick(1e12)
+    [(topic, payload)] = sent
+    body = decode_frame(payload).envelope.body
+    assert topic == Topics().cmd("a") and body["prox_mu"] == 0.1 and body["steps"] == 20
+
+
+def test_steps_asked_stay_on_a_fast_device_and_lowering_is_recorded(store):
+    fast = ClientInfo("fast", True, 100, samples_per_s=1e6)
+    slow = ClientInfo("slow", True, 100, samples_per_s=160.0)   # 160 * 10 s * 0.6 / 32 = 30 -> fits 20
+    slower = ClientInfo("slower", True, 100, samples_per_s=32.0)  # 32 * 6 / 32 = 6 steps fit
+    eng = strategy_run(store, "r2", local_steps=20, clients=3, deadline_s=10, batch_size=32)
+    tasks, _ = eng.step(0.0, [fast, slow, slower])
+    steps = {t.device_id: t.body["steps"] for t in tasks}
+    assert steps == {"fast": 20, "slow": 20, "slower": 6}
+    note = store.round("r2", 1).metrics["steps_lowered"]
+    assert set(note) == {"slower"}
+    assert note["slower"]["asked"] == 20 and note["slower"]["sent"] == 6 and "deadline" in note["slower"]["why"]
+
+
+def test_failures_reach_the_strategy_which_may_refuse_a_new_model(store):
+    eng = strategy_run(store, strategy="fedavg", strategy_params={"accept_failures": False}, rounds=1,
+                       clients=3, min_clients=2, deadline_s=5)
+    for t in eng.step(0.0, clients("a", "b", "c"))[0]:
+        eng.task_sent(t)
+    eng.on_update(1.0, "a", 1, 0, 10, delta(1.0), {})
+    eng.on_update(1.0, "b", 1, 0, 10, delta(1.0), {})
+    assert not eng.on_update(1.0, "c", 1, 0, 10, delta(np.nan), {}).accepted
+    _, outs = eng.step(2.0, clients("a", "b", "c"))
+    assert outs[0].status == "failed" and "failure" in outs[0].metrics["reason"]
+    assert outs[0].metrics["failures"] == [{"device": "c", "reason": "dense0.bias: NaN or inf values"}]
+    assert store.run("r1").global_version == 0
+
+
+def test_failures_reach_aggregate_side_by_side_with_the_results(store):
+    eng = new_run(store, rounds=1, clients=4, min_clients=1, deadline_s=5)
+    for t in eng.step(0.0, clients("a", "b", "c", "d"))[0]:
+        eng.task_sent(t)
+    eng.on_update(1.0, "a", 1, 0, 10, delta(1.0), {})
+    eng.on_update(1.0, "b", 1, 0, 10, delta(1e9), {})        # over the norm bound: rejected
+    _, outs = eng.step(6.0, clients("a", "b", "c") + clients("d", online=False))
+    assert outs[0].status == "aggregated"
+    assert sorted(eng.strategy.failures, key=lambda f: f.client_id) == [
+        FitFailure("b", "update L2 norm 2.45e+09 exceeds the bound 1e+04"),
+        FitFailure("c", "no update by the deadline"), FitFailure("d", "went offline before sending an update")]
+    assert [f["device"] for f in outs[0].metrics["failures"]] == ["b", "c", "d"]
+
+
+def _dp_round(store, run_id, ups, **cfg):
+    eng = strategy_run(store, run_id, rounds=1, clients=len(ups), min_clients=len(ups), deadline_s=5, **cfg)
+    for t in eng.step(0.0, clients(*ups))[0]:
+        eng.task_sent(t)
+    for dev, v in ups.items():
+        assert eng.on_update(1.0, dev, 1, 0, 10, delta(v), {}).accepted
+    _, outs = eng.step(2.0, clients(*ups))
+    assert outs[0].status == "aggregated", outs[0].metrics
+    return store.run(run_id).head
+
+
+def test_dp_run_uses_the_chosen_strategy(store):
+    # the median of (1, 2, 3, 500) is 2.5; a uniform mean would be 126.5 (noise sigma: 1e-4 * 1e3 / 4)
+    head = _dp_round(store, "r1", {"a": 1.0, "b": 2.0, "c": 3.0, "d": 500.0}, strategy="median",
+                     dp={"clip": 1e3, "noise": 1e-4})
+    np.testing.assert_allclose(head["dense0.bias"], [2.5, 2.5], atol=0.2)
+
+
+def test_two_dp_runs_with_the_same_seed_and_updates_publish_different_heads(store):
+    ups = {"a": 0.1, "b": 0.2}
+    h1 = _dp_round(store, "r1", ups, seed=0, dp={"clip": 1.0, "noise": 1.0})
+    h2 = _dp_round(store, "r2", ups, seed=0, dp={"clip": 1.0, "noise": 1.0})
+    assert not np.allclose(h1["dense0.weight"], h2["dense0.weight"])

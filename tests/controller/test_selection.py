@@ -12,22 +12,24 @@ def test_eligibility_reasons_and_sizing():
         ClientInfo("e", True, 100, 99.0),
         ClientInfo("f", True, 100, None, None, last_seen_age_s=500),
     ]
-    p = SelectionPolicy(clients=10, min_samples=10, deadline_s=10, deadline_fill=0.5, batch_size=32, max_steps=1000)
+    p = SelectionPolicy(clients=10, min_samples=10, deadline_s=10, deadline_fill=0.5, batch_size=32, local_steps=50)
     s = select(clients, p)
     assert s.selected == ("a", "b")
     assert s.excluded["c"] == "offline"
     assert "labelled samples" in s.excluded["d"]
     assert "busy" in s.excluded["e"]
     assert "silent" in s.excluded["f"]
-    # a is 10x faster than b: 10x the steps, both finish in ~5 s
-    assert s.steps == {"a": 100, "b": 10}
+    # a could do 100 steps in ~5 s: it gets the 50 asked; b can do only 10 in time: lowered, and said why
+    assert s.steps == {"a": 50, "b": 10}
+    assert set(s.lowered) == {"b"} and "64 samples/s fits 10 steps" in s.lowered["b"]
 
 
-def test_unknown_speed_gets_default_and_caps_apply():
-    p = SelectionPolicy(local_steps=20, min_steps=5, max_steps=50, deadline_s=1000)
-    assert size_steps(ClientInfo("x", True, 10), p) == 20
-    assert size_steps(ClientInfo("x", True, 10, samples_per_s=1e9), p) == 50
-    assert size_steps(ClientInfo("x", True, 10, samples_per_s=1e-3), p) == 5
+def test_sizing_only_ever_lowers_the_steps_asked():
+    p = SelectionPolicy(local_steps=20, min_steps=5, deadline_s=1000)
+    assert size_steps(ClientInfo("x", True, 10), p) == 20          # speed unknown: what was asked
+    assert size_steps(ClientInfo("x", True, 10, samples_per_s=1e9), p) == 20   # fast: never more
+    assert size_steps(ClientInfo("x", True, 10, samples_per_s=1e-3), p) == 5   # slow: fewer, not below min
+    assert size_steps(ClientInfo("x", True, 10, samples_per_s=1e9), SelectionPolicy(local_steps=5000)) == 5000
 
 
 def test_draw_is_seeded_and_bounded():

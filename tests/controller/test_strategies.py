@@ -126,6 +126,16 @@ def test_aggregate_takes_fit_results_and_failures():
     np.testing.assert_allclose(strict.aggregate(G, res, [])["w"], [2.5, 2.0])
 
 
+def test_accept_failures_is_a_strategy_param():
+    from controller.strategies import FitFailure
+
+    strict = make("fedavg", accept_failures=False)
+    assert strict.accept_failures is False and make("median").accept_failures is True
+    assert strict.aggregate(G, [(d(1, 0), 1, 0)], [FitFailure("c", "no update by the deadline")]) is None
+    with pytest.raises(ValueError, match="accept_failures"):
+        make("median", accept_failures="sometimes")
+
+
 def test_fedbuff_waits_for_k_usable_updates_and_drops_the_too_stale():
     s = make("fedbuff", eta=1.0, buffer_size=2, max_staleness=3)
     # one fresh + one 5 versions stale (dropped): only one usable of the two needed -> no model

@@ -107,6 +107,7 @@ class EvilDevice:
     def __init__(self, port: int, dev: str = "evil-1") -> None:
         self.dev = dev
         self.acks: list[dict] = []
+        self.tasks: list[dict] = []
         self.p = Probe(port, subscribe=(f"edgefleet/v1/dev/{dev}/cmd",), client_id=dev)
         st = Envelope(kind="state", sender=dev, body={"status": "online", "group": "default"})
         self.p.publish(f"edgefleet/v1/dev/{dev}/state", encode(st), retain=True)
@@ -120,6 +121,7 @@ class EvilDevice:
             f = decode_frame(m.payload)
             if f.envelope.kind == "fl.task":
                 b = f.envelope.body
+                self.tasks.append(dict(b))
                 delta = {k: np.full_like(v, np.nan) for k, v in f.tensors.items()}
                 up = Envelope(kind="fl.update", sender=self.dev, body={
                     "run_id": b["run_id"], "round": b["round"], "base_version": b["base_version"],
@@ -145,7 +147,8 @@ def test_poisoned_update_is_rejected_and_never_aggregated(tmp_path, mosquitto, e
         wait_for(lambda: (d := device(db, "evil-1")) and d.online, what="evil device registered")
         run_id = start_run(mosquitto.url, db, bundle, "--clients", "3", "--min-clients", "2", "--rounds", "1",
                            "--deadline", "20s", "--steps", "30", "--compress", "topk=0.2", "--compress", "int8=true",
-                           "--dp", "clip=1.0", "--dp", "noise=0.5")
+                           "--dp", "clip=1.0", "--dp", "noise=0.5", "--strategy", "fedprox",
+                           "--strategy-param", "mu=0.1")
         run = wait_run(db, run_id)
         assert run.status == "done" and run.global_version == 1
         ups = {u.device_id: u for u in store(db).updates(run_id, 1)}
@@ -159,6 +162,8 @@ def test_poisoned_update_is_rejected_and_never_aggregated(tmp_path, mosquitto, e
         assert all(np.isfinite(v).all() for v in run.head.values())
         wait_for(lambda: evil.acks, what="the rejection reported to the device")
         assert evil.acks[0]["accepted"] is False and "NaN" in evil.acks[0]["reason"]
+        # the task the device received carries what the (DP-wrapped) strategy configured
+        assert evil.tasks[0]["prox_mu"] == 0.1 and evil.tasks[0]["dp"] == {"clip": 1.0} and evil.tasks[0]["steps"] == 30
     finally:
         if evil:
             evil.p.close()
