@@ -26,7 +26,7 @@ import numpy as np
 
 MANIFEST = "manifest.json"
 # "mcu": a model (or any blob) for the board's sensor MCU, pushed over the firmware bridge when
-# the version that carries it is applied (agent/updater.py); the MCU's answer decides the update
+# the version that carries it is applied (agent/updates/feature.py); the MCU's answer decides the update
 ROLES = ("backbone", "head", "reference", "eval", "labels", "other", "mcu")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
 MAX_MANIFEST_BYTES = 1024 * 1024
