@@ -197,6 +197,8 @@ class MqttLink:
         self._v5 = protocol != "3.1.1"
         self._stopping = False
         self._tasks: set[asyncio.Task] = set()
+        #: mid -> future resolved by the broker's PUBACK (aiomqtt's _pending_publishes)
+        self._pending: dict[int, asyncio.Future] = {}
 
     @classmethod
     def from_settings(cls, settings: MqttSettings, client_id: str, **kw: object) -> "MqttLink":
@@ -230,6 +232,7 @@ class MqttLink:
         c.on_connect = self._cb_connect
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
+        c.on_publish = self._cb_publish
         c.on_socket_open = self._cb_socket_open
         self._client = c
         if self._v5:
@@ -258,8 +261,16 @@ class MqttLink:
             pass
         await asyncio.get_running_loop().run_in_executor(None, c.loop_stop)
         self.connected.clear()
+        self._fail_pending()
         for t in list(self._tasks):
             t.cancel()
+
+    def _fail_pending(self) -> None:
+        """Publishes of a client that is gone will never be acknowledged: they were not sent."""
+        pending, self._pending = self._pending, {}
+        for fut in pending.values():
+            if not fut.done():
+                fut.set_result(False)
 
     async def wait_connected(self, timeout: float | None = None) -> bool:
         try:
@@ -307,7 +318,18 @@ class MqttLink:
             corr = getattr(props, "CorrelationData", None)
         self._post(self._enqueue, Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr))
 
+    def _cb_publish(self, client, userdata, mid, rc=None, props=None) -> None:
+        # posted to the loop: the future for this mid is registered before the loop runs this
+        self._post(self._on_published, client, mid)
+
     # -- loop thread -----------------------------------------------------
+    def _on_published(self, client: mqtt.Client, mid: int) -> None:
+        if client is not self._client:
+            return
+        fut = self._pending.pop(mid, None)
+        if fut is not None and not fut.done():
+            fut.set_result(True)
+
     def _enqueue(self, msg: Message) -> None:
         try:
             self.messages.put_nowait(msg)
@@ -347,6 +369,7 @@ class MqttLink:
             self._spawn(self._restart(client))
 
     async def _restart(self, old: mqtt.Client) -> None:
+        self._fail_pending()
         try:
             old.disconnect()
         except Exception:  # noqa: BLE001
@@ -396,17 +419,37 @@ class MqttLink:
         info = c.publish(topic, payload, qos, retain, properties=props)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
+    def publish_acked(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
+                      response_topic: str | None = None, correlation: bytes | None = None) -> "asyncio.Future[bool]":
+        """Publish at QoS >= 1; the future resolves True when the broker acknowledged it (PUBACK),
+        False at once if paho could not take it. It stays pending across a reconnect (paho re-sends
+        what was in flight) — "sent" in a store means this future resolved True."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[bool] = loop.create_future()
+        c = self._client
+        if c is None or not self.connected.is_set():
+            fut.set_result(False)
+            return fut
+        props = None
+        if self._v5 and (response_topic or correlation):
+            props = Properties(PacketTypes.PUBLISH)
+            if response_topic:
+                props.ResponseTopic = response_topic
+            if correlation:
+                props.CorrelationData = correlation
+        info = c.publish(topic, payload, max(1, qos), retain, properties=props)
+        if info.rc != mqtt.MQTT_ERR_SUCCESS:
+            fut.set_result(False)
+            return fut
+        self._pending[info.mid] = fut
+        fut.add_done_callback(lambda f, mid=info.mid: self._pending.pop(mid, None) if f.cancelled() else None)
+        return fut
+
     async def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                                timeout: float = 1.0) -> bool:
         """Publish and wait until the broker acknowledged it (QoS 1) or ``timeout``."""
-        c = self._client
-        if c is None or not self.connected.is_set():
+        fut = self.publish_acked(topic, payload, qos, retain)
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), timeout)
+        except asyncio.TimeoutError:
             return False
-        info = c.publish(topic, payload, qos, retain)
-        if info.rc != mqtt.MQTT_ERR_SUCCESS:
-            return False
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
-        while not info.is_published() and loop.time() < deadline:
-            await asyncio.sleep(0.01)
-        return info.is_published()
