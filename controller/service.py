@@ -55,10 +55,10 @@ class ControllerService:
                 self.signing_key = load_private(cfg.security.signing_key)
             except SignatureError as exc:
                 raise ConfigError(f"security.signing_key: {exc}") from None
-        from .round_runner import RoundRunner
+        from .fl.runner import RoundRunner
 
         self.rounds = RoundRunner(self)
-        from .rollout_runner import RolloutRunner
+        from .rollouts.runner import RolloutRunner
 
         self.rollouts = RolloutRunner(self)
 
@@ -132,7 +132,7 @@ class ControllerService:
 
     async def _offload_tuner(self) -> None:
         """Move devices' offload thresholds by the documented feedback rule (controller/offload_tuning.py)."""
-        from .offload_tuning import adjust_threshold
+        from .offload.tuning import adjust_threshold
 
         last: dict[str, tuple[int, int, int]] = {}
         while True:

@@ -10,7 +10,7 @@ import math
 import numpy as np
 import pytest
 
-from controller.privacy import (DPConfig, PrivacyAccountant, clip_update, epsilon, private_mean,
+from controller.fl.privacy import (DPConfig, PrivacyAccountant, clip_update, epsilon, private_mean,
                                 sampled_gaussian_rdp)
 
 INT_ORDERS = [float(a) for a in range(2, 257)]

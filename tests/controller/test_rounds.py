@@ -4,9 +4,9 @@ import sqlite3
 import numpy as np
 import pytest
 
-from controller.round_store import RoundStore
-from controller.rounds import RoundEngine, RunConfig, RunConfigError, validate_update
-from controller.selection import ClientInfo
+from controller.fl.store import RoundStore
+from controller.fl.engine import RoundEngine, RunConfig, RunConfigError, validate_update
+from controller.fl.selection import ClientInfo
 
 G = {"dense0.weight": np.zeros((2, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
 

@@ -22,12 +22,12 @@ from protocol.cmdauth import sign_frame
 from protocol.envelope import DecodeError, Envelope, encode
 from protocol.mqttlink import Message
 
-from .round_store import RoundStore
-from .rounds import Aggregator, RoundEngine, RunConfig
+from .store import RoundStore
+from .engine import Aggregator, RoundEngine, RunConfig
 from .selection import ClientInfo
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .service import ControllerService
+    from ..service import ControllerService
 
 log = logging.getLogger("fleetctl.rounds")
 
@@ -156,12 +156,12 @@ class RoundRunner:
 
         from protocol.patch import PatchError
 
-        from .rollouts import RolloutPolicy, plan_waves
+        from ..rollouts.policy import RolloutPolicy, plan_waves
 
         dep = dict(run.config["deploy"])
         rollouts = self.svc.rollouts
         try:
-            from .modeltools.example import derive_bundle
+            from ..modeltools.example import derive_bundle
 
             base = rollouts.store.add_bundle(dep["bundle"])
             version = f"{base.version}+fl.{run.id[-4:]}.{run.global_version}"

@@ -15,11 +15,11 @@ from typing import Any
 
 import click
 
-from .round_cli import parse_duration
+from .round import parse_duration
 
 
 def _store(ctx: click.Context):
-    from .rollout_store import RolloutStore
+    from ..rollouts.store import RolloutStore
 
     path = ctx.obj.cfg().db_path
     if not os.path.exists(path):
@@ -96,7 +96,7 @@ def _policy_options(f):
 def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: str, batch: int,
             max_failures: int, wave_timeout: str, max_confidence_drop: float | None, selector: dict[str, Any],
             kind: str = "ro", max_accuracy_drop: float | None = None) -> str:
-    from .rollouts import RolloutConfigError, RolloutPolicy, plan_waves
+    from ..rollouts.policy import RolloutConfigError, RolloutPolicy, plan_waves
 
     try:
         policy = RolloutPolicy(canary=parse_fraction(canary), batch=batch, max_failures=max_failures,
@@ -171,7 +171,7 @@ def rollout_json(store: Any, r: Any) -> dict[str, Any]:
 
 
 def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
-    from .rollouts import FINAL
+    from ..rollouts.policy import FINAL
 
     deadline = time.monotonic() + timeout
     n = len(store.slots(rid))
@@ -198,7 +198,7 @@ def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
 
 
 def _print(s: dict[str, Any]) -> None:
-    from .table import render
+    from ..table import render
 
     click.echo(f"{s['rollout_id']}: {s['status']}  {s['version']}  wave {s['wave'] + 1}/{s['waves']}"
                + (f"  ({s['reason']})" if s["reason"] else ""))
@@ -235,7 +235,7 @@ def rollout_status(ctx: click.Context, rollout_id: str | None, as_json: bool) ->
 @click.pass_context
 def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Rollouts, newest first."""
-    from .table import render
+    from ..table import render
 
     store = _store(ctx)
     rows = store.rollouts(limit=limit)

@@ -9,7 +9,6 @@ Reads (`devices`, `device show`, `telemetry`) come from the registry that
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import logging
 import os
@@ -20,9 +19,9 @@ from typing import Any
 
 import click
 
-from .config import ConfigError, ControllerConfig, load_config
-from .registry import Registry, RegistryError
-from .table import age, render
+from ..config import ConfigError, ControllerConfig, load_config
+from ..registry import Registry, RegistryError
+from ..table import age, render
 
 log = logging.getLogger("fleetctl")
 
@@ -90,7 +89,7 @@ def serve(c: Ctx, log_level: str) -> None:
 
 
 async def _serve(cfg: ControllerConfig) -> None:
-    from .service import ControllerService
+    from ..service import ControllerService
 
     stop = asyncio.Event()
     hits = {"n": 0}
@@ -245,7 +244,7 @@ def _print_telemetry(dev: str, ts: float, body: dict[str, Any], as_json: bool) -
 
 
 async def _follow(cfg: ControllerConfig, device_id: str | None, as_json: bool) -> None:
-    from .client import FleetClient
+    from ..client import FleetClient
     from protocol.envelope import DecodeError
 
     async with FleetClient(cfg) as fc:
@@ -288,7 +287,7 @@ def cmd(c: Ctx, device_id: str, command: str, args: tuple[str, ...], timeout: fl
 
 
 async def _cmd(cfg: ControllerConfig, device_id: str, command: str, args: dict[str, Any], timeout: float) -> dict:
-    from .client import FleetClient, FleetClientError
+    from ..client import FleetClient, FleetClientError
 
     try:
         async with FleetClient(cfg) as fc:
@@ -334,7 +333,7 @@ def infer_cmd(c: Ctx, device_id: str, x_json: str | None, npy: str | None, row: 
 
 
 async def _infer(cfg: ControllerConfig, device_id: str, x: Any, timeout: float) -> dict:
-    from .client import FleetClient, FleetClientError
+    from ..client import FleetClient, FleetClientError
 
     try:
         async with FleetClient(cfg) as fc:
@@ -359,7 +358,7 @@ def feedback_cmd(c: Ctx, device_id: str, request_id: str, label: int, timeout: f
         raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from None
 
     async def go() -> dict:
-        from .client import FleetClient, FleetClientError
+        from ..client import FleetClient, FleetClientError
 
         try:
             async with FleetClient(c.cfg()) as fc:
@@ -392,28 +391,20 @@ def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool,
                       topic_root=c.topic_root, rollout_at=rollout_at))
 
 
-def _register_optional() -> None:
-    """Sub-command groups that live in their own modules (model tooling, certs…)."""
-    for module, attr in (("controller.keys_cli", "keys"), ("controller.round_cli", "round"),
-                         ("controller.patch_cli", "patch"), ("controller.report_cli", "report"),
-                         ("controller.offload_cli", "offload"), ("controller.offload_cli", "offload_worker"),
-                         ("controller.model_cli", "model"),
-                         ("controller.deploy_cli", "deploy"), ("controller.deploy_cli", "rollout"),
-                         ("controller.deploy_cli", "rollback"),
-                         ("controller.certs_cli", "certs")):
-        if importlib.util.find_spec(module) is not None:
-            mod = importlib.import_module(module)
-            cli.add_command(getattr(mod, attr))
+from .certs import certs  # noqa: E402 - the sub-command groups, registered explicitly
+from .deploy import deploy, rollback, rollout, tag  # noqa: E402
+from .keys import keys  # noqa: E402
+from .model import model  # noqa: E402
+from .offload import offload, offload_worker  # noqa: E402
+from .patch import patch  # noqa: E402
+from .report import report  # noqa: E402
+from .round import round  # noqa: E402,A004
 
-
-_register_optional()
-if importlib.util.find_spec("controller.deploy_cli") is not None:
-    device.add_command(importlib.import_module("controller.deploy_cli").tag)
+for _command in (keys, round, patch, report, offload, offload_worker, model, deploy, rollout, rollback, certs):
+    cli.add_command(_command)
+device.add_command(tag)
 
 
 def main() -> None:
     cli(prog_name="fleetctl")
 
-
-if __name__ == "__main__":
-    main()

@@ -30,12 +30,12 @@ from protocol.envelope import DecodeError, Envelope, encode
 from protocol.mqttlink import Message
 from protocol.patch import version_key
 
-from .rollout_store import Artifact, Desired, RolloutRow, RolloutStore
-from .rollouts import FAILED, FINAL, RolloutPolicy, Slot, decide
+from .store import Artifact, Desired, RolloutRow, RolloutStore
+from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .registry import Device
-    from .service import ControllerService
+    from ..registry import Device
+    from ..service import ControllerService
 
 log = logging.getLogger("fleetctl.rollouts")
 

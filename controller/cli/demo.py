@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import parse_config
-from .registry import Registry
-from .service import ControllerService
-from .table import render
+from ..config import parse_config
+from ..registry import Registry
+from ..service import ControllerService
+from ..table import render
 
 AGENT_TOML = """\
 [device]
@@ -63,7 +63,7 @@ results_interval_s = 2.0
 def example_bundle(cache: Path | None = None) -> Path | None:
     """Build (once, cached) the example digits bundle; None when the model tools are not installed."""
     try:
-        from .modeltools.example import build_example
+        from ..modeltools.example import build_example
     except ImportError:
         return None
     try:
@@ -90,7 +90,7 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     embedded = None
     if broker is None:
-        from .broker import EmbeddedBroker
+        from ..broker import EmbeddedBroker
 
         embedded = EmbeddedBroker().start()
         broker = embedded.url
@@ -108,7 +108,7 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
     model_toml = ""
     bundle = example_bundle()
     if bundle is not None:
-        from .modeltools.example import write_replay
+        from ..modeltools.example import write_replay
 
         xs, ys = write_replay(work)
         print(f"example model: {bundle} (digits, int8 ONNX backbone + float head)", file=live)
@@ -170,8 +170,8 @@ class DemoRollout:
 
         from protocol.bundle import load_head
 
-        from .modeltools.example import derive_bundle
-        from .rollouts import RolloutPolicy, plan_waves
+        from ..modeltools.example import derive_bundle
+        from ..rollouts.policy import RolloutPolicy, plan_waves
 
         try:
             rng = np.random.default_rng(1)
@@ -277,7 +277,7 @@ async def _run(cfg, procs, duration, live, as_json, embedded, demo_rollout=None)
 
 async def _ping_all(cfg, svc: ControllerService, pings: dict[str, Any]) -> None:
     """Signed request/response round trips to every agent, every few seconds."""
-    from .client import FleetClient, FleetClientError
+    from ..client import FleetClient, FleetClientError
 
     try:
         async with FleetClient(cfg, name="demo") as fc:

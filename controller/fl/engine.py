@@ -21,7 +21,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .round_store import RoundStore, UpdateRow
+from .store import RoundStore, UpdateRow
 from .selection import ClientInfo, SelectionPolicy, select
 
 Head = dict[str, np.ndarray]

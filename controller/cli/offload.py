@@ -42,7 +42,7 @@ def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], thresh
         raise click.ClickException("no online device matches")
 
     async def go() -> dict[str, Any]:
-        from .client import FleetClient, FleetClientError
+        from ..client import FleetClient, FleetClientError
 
         out: dict[str, Any] = {}
         try:
@@ -67,7 +67,7 @@ def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], thresh
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Fleet-wide offload figures from the devices' telemetry."""
-    from .table import render
+    from ..table import render
 
     reg = ctx.obj.registry()
     rows, total = [], {"requests": 0, "offloaded": 0, "timeouts": 0, "bytes_sent": 0}
@@ -103,7 +103,7 @@ def offload_worker(ctx: click.Context, bundle: str, worker_id: str | None, threa
     from protocol.bundle import BundleError
     from protocol.topics import InvalidId, validate_id
 
-    from .offload_worker import OffloadWorker
+    from ..offload.worker import OffloadWorker
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if worker_id:

@@ -76,7 +76,7 @@ def _eval_features(bundle: str, out: Path) -> Path | None:
 
 
 def _store(ctx: click.Context, create: bool):
-    from .round_store import RoundStore
+    from ..fl.store import RoundStore
 
     cfg = ctx.obj.cfg()
     path = cfg.db_path
@@ -132,11 +132,11 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
           max_cpu: float, deploy: bool, deploy_canary: str, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
-    from .rounds import RunConfig, RunConfigError
+    from ..fl.engine import RunConfig, RunConfigError
 
     head = load_head(bundle)
     try:
-        from . import strategies
+        from ..fl import strategies
 
         strategies.make(strategy, **_kv(sparams, "--strategy-param"))
     except ImportError:
@@ -172,7 +172,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
 
 
 def _deploy_spec(bundle: str, canary: str, max_failures: int) -> dict[str, Any]:
-    from .deploy_cli import parse_fraction
+    from .deploy import parse_fraction
 
     if not (Path(bundle) / "manifest.json").is_file():
         raise click.BadParameter("--deploy needs --bundle to be a bundle directory", param_hint="--bundle")
@@ -220,7 +220,7 @@ def _run_json(store, run_id: str) -> dict[str, Any]:
 
 
 def _print_history(s: dict[str, Any]) -> None:
-    from .table import render
+    from ..table import render
 
     click.echo(f"{s['run_id']}: {s['status']}  version {s['global_version']}"
                + (f"  error: {s['error']}" if s["error"] else ""))
@@ -258,7 +258,7 @@ def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
 @click.pass_context
 def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Past runs, newest first."""
-    from .table import render
+    from ..table import render
 
     store = _store(ctx, create=False)
     runs = store.runs(limit=limit)
