@@ -9,7 +9,6 @@ device with ``fl.ack``. All state is in SQLite, so a restarted service resumes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
@@ -183,7 +182,7 @@ class RoundRunner:
                      len(devices), rid)
         run_cfg = dict(run.config)
         run_cfg["deploy"] = {**dep, "rollout_id": rid}
-        self.store.db.execute("UPDATE fl_runs SET config=? WHERE id=?", (json.dumps(run_cfg), run.id))
+        self.store.set_config(run.id, run_cfg)
         return rid
 
     def publish_head(self, run_id: str, version: int) -> int:
