@@ -25,7 +25,7 @@ from protocol.offload import shared, worker_status_topic
 from protocol.topics import Topics
 
 from ..config import ControllerConfig
-from ..service import make_link
+from ..link import make_link
 
 log = logging.getLogger("fleetctl.offload")
 
