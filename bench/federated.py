@@ -27,9 +27,9 @@ logging.disable(logging.WARNING)
 
 from agent.serving.inference import InferenceEngine  # noqa: E402
 from agent.learning.trainer import HeadTrainer, TrainConfig, accuracy  # noqa: E402
-from controller import aggregate as agg  # noqa: E402
+from controller.fl import aggregate as agg  # noqa: E402
 from controller.modeltools.example import build_example, digits_split  # noqa: E402
-from controller.strategies import make  # noqa: E402
+from controller.fl.strategies import make  # noqa: E402
 from protocol.bundle import load_bundle  # noqa: E402
 from protocol.compression import Compressor, decode_update  # noqa: E402
 

@@ -33,7 +33,7 @@ logging.disable(logging.WARNING)
 
 from agent.serving.inference import InferenceEngine  # noqa: E402
 from controller.modeltools.example import build_example, digits_split  # noqa: E402
-from controller.offload_worker import OffloadModel  # noqa: E402
+from controller.offload.worker import OffloadModel  # noqa: E402
 from protocol.binary import encode_frame  # noqa: E402
 from protocol.bundle import load_bundle  # noqa: E402
 from protocol.envelope import Envelope, decode  # noqa: E402

@@ -114,7 +114,7 @@ def rollout_figures(work: Path, v1: Path, v2: Path, n: int, patch_bytes: int, bi
     from agent.core.config import parse_config as agent_config
     from agent.app import Agent
     from controller.config import parse_config as ctl_config
-    from controller.rollouts import RolloutPolicy, plan_waves
+    from controller.rollouts.policy import RolloutPolicy, plan_waves
     from controller.service import ControllerService
     from protocol.signing import generate as gen, save_keypair
 

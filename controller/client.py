@@ -12,12 +12,14 @@ import os
 from typing import Any, AsyncIterator
 
 from protocol import envelope as env_mod
+from protocol.config_loader import ConfigError
 from protocol.envelope import DecodeError, Envelope, encode, new_id
 from protocol.mqttlink import Message, MqttLink
 from protocol.topics import Topics, validate_id
 
+from .channel import ControlChannel, load_signing_key
 from .config import ControllerConfig
-from .service import make_link
+from .link import make_link
 
 
 class FleetClientError(RuntimeError):
@@ -32,14 +34,12 @@ class FleetClient:
         self.link: MqttLink = make_link(cfg, self.client_id,
                                         subscriptions=[(f"{self.topics.base}/dev/+/reply/{self.client_id}", 1)])
         self._pending: dict[str, asyncio.Future] = {}
-        self._key = None
-        if cfg.security.signing_key:
-            from protocol.signing import SignatureError, load_private
-
-            try:
-                self._key = load_private(cfg.security.signing_key)
-            except SignatureError as exc:
-                raise FleetClientError(f"security.signing_key: {exc}") from None
+        try:
+            key = load_signing_key(cfg.security.signing_key)
+        except ConfigError as exc:
+            raise FleetClientError(str(exc)) from None
+        self.channel = ControlChannel(self.topics, cfg.controller.id, self.link.publish, key,
+                                      connected=self.link.connected.is_set)
         self._pump: asyncio.Task | None = None
         self.extra: asyncio.Queue[Message] = asyncio.Queue()
 
@@ -74,11 +74,9 @@ class FleetClient:
     async def command(self, device_id: str, command: str, args: dict[str, Any] | None = None,
                       timeout: float = 5.0) -> dict[str, Any]:
         validate_id(device_id)
-        corr = new_id()
-        env = Envelope(kind="cmd", sender=self.cfg.controller.id, body={"command": command, "args": args or {}},
-                       reply_to=self.topics.reply(device_id, self.client_id), corr=corr)
-        topic = self.topics.cmd(device_id)
-        return await self.request(device_id, topic, self.sign(env, topic), timeout)
+        topic, env = self.channel.command_envelope(device_id, command, args,
+                                                   reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        return await self.request(device_id, topic, env, timeout)
 
     async def infer(self, device_id: str, x: Any, label: int | None = None, timeout: float = 5.0,
                     deadline_ms: float | None = None) -> dict[str, Any]:
@@ -99,14 +97,6 @@ class FleetClient:
         env = Envelope(kind="feedback", sender=self.cfg.controller.id, body={"request_id": request_id, "label": label},
                        reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
         return await self.request(device_id, self.topics.req(device_id), env, timeout)
-
-    def sign(self, env: Envelope, topic: str) -> Envelope:
-        """Sign a command end to end when a signing key is configured."""
-        if self._key is None:
-            return env
-        from protocol.cmdauth import sign_envelope
-
-        return sign_envelope(env, topic, self._key)
 
     async def request(self, device_id: str, topic: str, env: Envelope, timeout: float = 5.0) -> dict[str, Any]:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 import json
-import os
 import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from protocol.envelope import Envelope
+
+from .db import DatabaseMissing, connect, ensure_schema, has_table
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices(
@@ -79,22 +80,19 @@ class Registry:
         self.telemetry_keep = telemetry_keep
         self.events_keep = events_keep
         if readonly:
-            if not os.path.exists(self.path):
-                raise RegistryError(f"no registry at {self.path} (is `fleetctl serve` running with this --db?)")
-            self.db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=5)
             try:
-                ok = self.db.execute("SELECT 1 FROM sqlite_master WHERE type='table' AND name='devices'").fetchone()
+                self.db = connect(self.path, readonly=True, timeout=5)
+            except DatabaseMissing:
+                raise RegistryError(f"no registry at {self.path} (is `fleetctl serve` running with this --db?)") from None
+            try:
+                ok = has_table(self.db, "devices")
             except sqlite3.DatabaseError as exc:
                 raise RegistryError(f"{self.path} is not a registry: {exc}") from None
             if not ok:
                 raise RegistryError(f"registry {self.path} is not initialised yet (fleetctl serve creates it)")
         else:
-            Path(self.path).parent.mkdir(parents=True, exist_ok=True)
-            self.db = sqlite3.connect(self.path, timeout=5)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.db.executescript(SCHEMA)
-            self.db.commit()
+            self.db = connect(self.path, timeout=5)
+            ensure_schema(self.db, SCHEMA)
         self._since_prune = 0
 
     def close(self) -> None:

@@ -11,6 +11,7 @@ import json
 import logging
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any, Callable
 
 from protocol import envelope as env_mod
@@ -19,21 +20,21 @@ from protocol.envelope import DecodeError, Envelope, encode
 from protocol.mqttlink import Message, MqttLink, Will
 from protocol.topics import Topics
 
+from .channel import ControlChannel, load_signing_key
 from .config import ControllerConfig
+from .fl.runner import RoundRunner
+from .fl.store import RoundStore
+from .link import make_link
+from .offload.tuning import adjust_threshold
 from .registry import Registry
+from .rollouts.runner import RolloutRunner
+from .rollouts.store import RolloutStore
 
 log = logging.getLogger("fleetctl.serve")
 
 # which envelope kind may appear on which device leaf
 LEAF_KINDS = {"state": ("state",), "telemetry": ("telemetry",), "events": ("event",), "reply": ("reply",),
               "results": ("result",)}
-
-
-def make_link(cfg: ControllerConfig, client_id: str, *, will: Will | None = None,
-              subscriptions: list[tuple[str, int]] | None = None,
-              on_connect: Callable[[], Any] | None = None, persistent: bool = False) -> MqttLink:
-    return MqttLink.from_settings(cfg.mqtt, client_id, will=will, subscriptions=subscriptions,
-                                  on_connect=on_connect, persistent=persistent)
 
 
 class ControllerService:
@@ -46,21 +47,18 @@ class ControllerService:
         self.counts: Counter[str] = Counter()
         self.listeners: list[Callable[[str, Envelope], None]] = []
         self.workers: dict[str, dict[str, Any]] = {}
-        self.signing_key = None
-        if cfg.security.signing_key:
-            from protocol.config_loader import ConfigError
-            from protocol.signing import SignatureError, load_private
+        self.signing_key = load_signing_key(cfg.security.signing_key)
+        self.channel = ControlChannel(self.topics, cfg.controller.id, self._publish, self.signing_key,
+                                      connected=lambda: self.link is not None and self.link.connected.is_set())
+        # the runners get what they use, never the service itself
+        rollout_store = RolloutStore(self.registry.db, Path(cfg.db_path).parent / "artifacts")
+        self.rollouts = RolloutRunner(self.channel, self.registry, rollout_store, cfg, self.reject)
+        self.listeners.append(self.rollouts.on_message)
+        self.rounds = RoundRunner(self.channel, self.registry, RoundStore(self.registry.db), rollout_store, cfg,
+                                  self.reject)
 
-            try:
-                self.signing_key = load_private(cfg.security.signing_key)
-            except SignatureError as exc:
-                raise ConfigError(f"security.signing_key: {exc}") from None
-        from .round_runner import RoundRunner
-
-        self.rounds = RoundRunner(self)
-        from .rollout_runner import RolloutRunner
-
-        self.rollouts = RolloutRunner(self)
+    def _publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
+        return self.link is not None and self.link.publish(topic, payload, qos, retain)
 
     def _ctl_state(self, status: str) -> bytes:
         return encode(Envelope(kind="ctl.state", sender=self.cfg.controller.id, body={"status": status}))
@@ -131,9 +129,7 @@ class ControllerService:
         log.warning("rejected message on %s: %s", topic, detail)
 
     async def _offload_tuner(self) -> None:
-        """Move devices' offload thresholds by the documented feedback rule (controller/offload_tuning.py)."""
-        from .offload_tuning import adjust_threshold
-
+        """Move devices' offload thresholds by the documented feedback rule (controller/offload/tuning.py)."""
         last: dict[str, tuple[int, int, int]] = {}
         while True:
             await asyncio.sleep(self.cfg.controller.offload_tune_interval_s)
@@ -165,15 +161,7 @@ class ControllerService:
 
     def send_command(self, device_id: str, command: str, args: dict[str, Any]) -> bool:
         """Fire-and-forget signed command from the service (the reply lands in the device's subtree)."""
-        if self.link is None:
-            return False
-        topic = self.topics.cmd(device_id)
-        env = Envelope(kind="cmd", sender=self.cfg.controller.id, body={"command": command, "args": args})
-        if self.signing_key is not None:
-            from protocol.cmdauth import sign_envelope
-
-            env = sign_envelope(env, topic, self.signing_key)
-        return self.link.publish(topic, encode(env), 1)
+        return self.channel.command(device_id, command, args)
 
     def ingest(self, msg: Message) -> Envelope | None:
         """Validate one message and store it. Returns the envelope, or None if rejected."""

@@ -1,7 +1,7 @@
 import pytest
 
 from agent.offload.policy import LOCAL, LOCAL_LOW, OFFLOAD, OffloadPolicy, RttEstimator, decide
-from controller.offload_tuning import TuningRule, adjust_threshold
+from controller.offload.tuning import TuningRule, adjust_threshold
 
 
 def rtt(*samples):

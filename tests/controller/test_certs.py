@@ -14,7 +14,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from controller.certs import CertError, init_ca, issue_client, issue_server
-from controller.certs_cli import certs
+from controller.cli.certs import certs
 from protocol.topics import InvalidId
 
 

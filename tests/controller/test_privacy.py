@@ -10,9 +10,9 @@ import math
 import numpy as np
 import pytest
 
-from controller.privacy import (DPConfig, DPFixedClipping, PrivacyAccountant, clip_update, epsilon,
+from controller.fl.privacy import (DPConfig, DPFixedClipping, PrivacyAccountant, clip_update, epsilon,
                                 sampled_gaussian_rdp)
-from controller.strategies import make
+from controller.fl.strategies import make
 
 INT_ORDERS = [float(a) for a in range(2, 257)]
 
@@ -140,7 +140,7 @@ def test_dp_noise_comes_from_os_entropy_not_a_seed():
 def test_dp_wrapper_configures_clients_to_clip_and_accounts_across_a_restart():
     import json
 
-    from controller.strategies import STRATEGIES
+    from controller.fl.strategies import STRATEGIES
 
     dp = DPFixedClipping(make("fedprox", mu=0.1), DPConfig(clip=0.5, noise=1.0))
     assert dp.configure(2, ["a"], {"steps": 20}) == {"a": {"steps": 20, "prox_mu": 0.1, "round": 2,

@@ -1,7 +1,7 @@
 """Rollout decisions (pure): waves, canary gate, failure budget, timeouts, fleet confidence."""
 import pytest
 
-from controller.rollouts import RolloutConfigError, RolloutPolicy, Slot, decide, plan_waves
+from controller.rollouts.policy import RolloutConfigError, RolloutPolicy, Slot, decide, plan_waves
 
 
 @pytest.mark.parametrize("n,canary,batch,sizes", [
@@ -122,7 +122,7 @@ def test_fleet_accuracy_drop_from_the_devices_shadow_evaluations():
 def test_only_devices_that_need_attention_are_reconciled(tmp_path):
     """The reconcile query: online devices on another bundle, or with a slot still in progress."""
     from controller.registry import Registry
-    from controller.rollout_store import RolloutStore
+    from controller.rollouts.store import RolloutStore
     from protocol.envelope import Envelope
 
     reg = Registry(tmp_path / "r.db")
@@ -147,7 +147,7 @@ def test_only_devices_that_need_attention_are_reconciled(tmp_path):
 def test_an_older_registry_gains_the_new_columns(tmp_path):
     import sqlite3
 
-    from controller.rollout_store import RolloutStore
+    from controller.rollouts.store import RolloutStore
 
     db = sqlite3.connect(tmp_path / "old.db")
     db.execute("CREATE TABLE rollout_devices(rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, "

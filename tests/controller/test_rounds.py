@@ -4,11 +4,11 @@ import sqlite3
 import numpy as np
 import pytest
 
-from controller.round_store import RoundStore
-from controller.round_runner import strategy_for
-from controller.rounds import RoundEngine, RunConfig, RunConfigError
-from controller.selection import ClientInfo
-from controller.strategies import FitFailure, Strategy, validate_update
+from controller.fl.store import RoundStore
+from controller.fl.runner import strategy_for
+from controller.fl.engine import RoundEngine, RunConfig, RunConfigError
+from controller.fl.selection import ClientInfo
+from controller.fl.strategies import FitFailure, Strategy, validate_update
 
 G = {"dense0.weight": np.zeros((2, 2), np.float32), "dense0.bias": np.zeros(2, np.float32)}
 
@@ -212,18 +212,19 @@ def test_the_runner_sends_what_the_strategy_configures(store):
 
     from protocol.binary import decode_frame
     from protocol.topics import Topics
-    from controller.round_runner import RoundRunner
+    from controller.fl.runner import RoundRunner
+
+    from controller.channel import ControlChannel
 
     sent = []
-    link = SimpleNamespace(connected=SimpleNamespace(is_set=lambda: True),
-                           publish=lambda topic, payload, qos: sent.append((topic, payload)) or True)
+    channel = ControlChannel(Topics(), "ctl", lambda topic, payload, qos=0, retain=False: sent.append((topic, payload))
+                             or True, connected=lambda: True)
     dev = SimpleNamespace(id="a", online=True, telemetry={"learning": {"labelled_samples": 100}}, last_seen=1e12,
                           group=None, state={})
     registry = SimpleNamespace(db=store.db, devices=lambda: [dev], commit=lambda: None)
-    svc = SimpleNamespace(registry=registry, link=link, topics=Topics(), signing_key=None,
-                          cfg=SimpleNamespace(controller=SimpleNamespace(id="ctl")))
     store.create_run("r1", RunConfig(strategy="fedprox", strategy_params={"mu": 0.1}, clients=1, buffer=1).to_dict(), G)
-    RoundRunner(svc).tick(1e12)
+    RoundRunner(channel, registry, store, None, SimpleNamespace(controller=SimpleNamespace(id="ctl")),
+                reject=lambda *a: None).tick(1e12)
     [(topic, payload)] = sent
     body = decode_frame(payload).envelope.body
     assert topic == Topics().cmd("a") and body["prox_mu"] == 0.1 and body["steps"] == 20

@@ -1,6 +1,6 @@
 import random
 
-from controller.selection import ClientInfo, SelectionPolicy, select, size_steps
+from controller.fl.selection import ClientInfo, SelectionPolicy, select, size_steps
 
 
 def test_eligibility_reasons_and_sizing():

@@ -4,8 +4,8 @@ import json
 import numpy as np
 import pytest
 
-from controller import aggregate as agg
-from controller.strategies import STRATEGIES, make
+from controller.fl import aggregate as agg
+from controller.fl.strategies import STRATEGIES, make
 
 G = {"w": np.array([1.0, 1.0], np.float32)}
 
@@ -114,7 +114,7 @@ def test_configure_gives_each_client_the_base_plus_strategy_settings():
 
 
 def test_aggregate_takes_fit_results_and_failures():
-    from controller.strategies import FitResult
+    from controller.fl.strategies import FitResult
 
     s = make("fedavg")
     res = [FitResult(d(1, 0), 30, 0, "a"), FitResult(d(3, 4), 10, 0, "b")]
@@ -127,7 +127,7 @@ def test_aggregate_takes_fit_results_and_failures():
 
 
 def test_accept_failures_is_a_strategy_param():
-    from controller.strategies import FitFailure
+    from controller.fl.strategies import FitFailure
 
     strict = make("fedavg", accept_failures=False)
     assert strict.accept_failures is False and make("median").accept_failures is True
@@ -202,7 +202,7 @@ def test_aggregation_refuses_mismatched_updates_instead_of_broadcasting():
     ({"w": [0.1, 0.2]}, {}, "not an array"),
 ])
 def test_validate_update(update, kw, reason):
-    from controller.strategies import UpdateRejected, validate_update
+    from controller.fl.strategies import UpdateRejected, validate_update
 
     if reason is None:
         assert validate_update(update, G, max_norm=1.0, **kw) == pytest.approx(np.sqrt(0.05))

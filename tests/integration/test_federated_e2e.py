@@ -14,7 +14,7 @@ import pytest
 
 from conftest import Probe, wait_for
 from controller.registry import Registry
-from controller.round_store import RoundStore
+from controller.fl.store import RoundStore
 from protocol.binary import decode_frame, encode_frame, is_frame
 from protocol.envelope import Envelope, decode, encode
 from test_skeleton import ENV, ROOT, _fleet, device, fleetctl, start_controller, stop

@@ -15,27 +15,16 @@ from typing import Any
 
 import click
 
-from .round_cli import parse_duration
+from .params import DEVICE_ID, DURATION, FRACTION, TAG
 
 
 def _store(ctx: click.Context):
-    from .rollout_store import RolloutStore
+    from ..rollouts.store import RolloutStore
 
     path = ctx.obj.cfg().db_path
     if not os.path.exists(path):
         raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
     return RolloutStore.open(path)
-
-
-def parse_fraction(value: str) -> float:
-    v = value.strip()
-    try:
-        f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
-    except ValueError:
-        raise click.BadParameter(f"{value!r} is not a fraction like 10% or 0.1", param_hint="--canary") from None
-    if not (0 <= f < 1):
-        raise click.BadParameter(f"{value!r} must be at least 0 and below 100%", param_hint="--canary")
-    return f
 
 
 def select_devices(ctx: click.Context, store: Any, to: str | None, group: str | None, tag: str | None,
@@ -74,33 +63,33 @@ def _policy_options(f):
         click.option("--group", default=None, help="every device of this group"),
         click.option("--tag", default=None, help="every device with this tag (fleetctl device tag)"),
         click.option("--all", "all_", is_flag=True, help="every known device"),
-        click.option("--canary", default="10%", show_default=True, help="share of devices in the first wave"),
+        click.option("--canary", default="10%", show_default=True, type=FRACTION, help="share of devices in the first wave"),
         click.option("--batch", default=0, show_default=True, type=click.IntRange(0),
                      help="devices per wave after the canary (0 = all the rest at once)"),
         click.option("--max-failures", default=0, show_default=True, type=click.IntRange(0),
                      help="abort and roll the rollout back when more devices fail"),
-        click.option("--wave-timeout", default="10m", show_default=True,
+        click.option("--wave-timeout", default="10m", show_default=True, type=DURATION,
                      help="an online device that has not finished by then counts as failed"),
         click.option("--max-confidence-drop", default=None, type=click.FloatRange(0, 1),
                      help="abort when the updated devices' live mean confidence falls by more"),
         click.option("--max-accuracy-drop", default=None, type=click.FloatRange(0, 1),
                      help="abort when the updated devices' shadow-evaluation accuracy falls by more, on average"),
         click.option("--wait/--no-wait", default=False, help="follow the rollout until it ends"),
-        click.option("--timeout", "wait_timeout", default="30m", show_default=True, help="with --wait: give up after"),
+        click.option("--timeout", "wait_timeout", default="30m", show_default=True, type=DURATION, help="with --wait: give up after"),
         click.option("--json", "as_json", is_flag=True),
     ]):
         f = opt(f)
     return f
 
 
-def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: str, batch: int,
-            max_failures: int, wave_timeout: str, max_confidence_drop: float | None, selector: dict[str, Any],
+def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: float, batch: int,
+            max_failures: int, wave_timeout: float, max_confidence_drop: float | None, selector: dict[str, Any],
             kind: str = "ro", max_accuracy_drop: float | None = None) -> str:
-    from .rollouts import RolloutConfigError, RolloutPolicy, plan_waves
+    from ..rollouts.policy import RolloutConfigError, RolloutPolicy, plan_waves
 
     try:
-        policy = RolloutPolicy(canary=parse_fraction(canary), batch=batch, max_failures=max_failures,
-                               wave_timeout_s=parse_duration(wave_timeout), max_confidence_drop=max_confidence_drop,
+        policy = RolloutPolicy(canary=canary, batch=batch, max_failures=max_failures,
+                               wave_timeout_s=wave_timeout, max_confidence_drop=max_confidence_drop,
                                max_accuracy_drop=max_accuracy_drop)
     except RolloutConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -121,8 +110,8 @@ def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: lis
 @_policy_options
 @click.pass_context
 def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | None, group: str | None,
-           tag: str | None, all_: bool, canary: str, batch: int, max_failures: int, wave_timeout: str,
-           max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: str,
+           tag: str | None, all_: bool, canary: float, batch: int, max_failures: int, wave_timeout: float,
+           max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: float,
            as_json: bool) -> None:
     """Roll a bundle directory or a patch file out to devices, canary first."""
     from protocol.patch import PatchError
@@ -143,7 +132,7 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
                   max_accuracy_drop=max_accuracy_drop)
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
-        _follow(store, rid, parse_duration(wait_timeout), as_json)
+        _follow(store, rid, wait_timeout, as_json)
 
 
 def _report_created(store: Any, rid: str, version: str, n: int, as_json: bool, wait: bool) -> None:
@@ -171,14 +160,14 @@ def rollout_json(store: Any, r: Any) -> dict[str, Any]:
 
 
 def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
-    from .rollouts import FINAL
+    from ..rollouts.policy import FINAL
 
     deadline = time.monotonic() + timeout
     n = len(store.slots(rid))
     with click.progressbar(length=n, label=rid, file=sys.stderr, show_pos=True) as bar:
         done = 0
         while time.monotonic() < deadline:
-            store.db.rollback()  # end the read transaction so we see the service's writes
+            store.refresh()  # see the service's writes
             r = store.rollout(rid)
             fin = sum(1 for s in store.slots(rid) if s.status in FINAL)
             if fin > done:
@@ -198,7 +187,7 @@ def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
 
 
 def _print(s: dict[str, Any]) -> None:
-    from .table import render
+    from ..table import render
 
     click.echo(f"{s['rollout_id']}: {s['status']}  {s['version']}  wave {s['wave'] + 1}/{s['waves']}"
                + (f"  ({s['reason']})" if s["reason"] else ""))
@@ -235,7 +224,7 @@ def rollout_status(ctx: click.Context, rollout_id: str | None, as_json: bool) ->
 @click.pass_context
 def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Rollouts, newest first."""
-    from .table import render
+    from ..table import render
 
     store = _store(ctx)
     rows = store.rollouts(limit=limit)
@@ -253,11 +242,11 @@ def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.option("--tag", default=None)
 @click.option("--all", "all_", is_flag=True)
 @click.option("--wait/--no-wait", default=False)
-@click.option("--timeout", "wait_timeout", default="10m", show_default=True)
+@click.option("--timeout", "wait_timeout", default="10m", show_default=True, type=DURATION)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | None, tag: str | None, all_: bool,
-             wait: bool, wait_timeout: str, as_json: bool) -> None:
+             wait: bool, wait_timeout: float, as_json: bool) -> None:
     """Send devices back to VERSION (kept on the device, or shipped again from the artifact store)."""
     store = _store(ctx)
     devices = select_devices(ctx, store, to, group, tag, all_)
@@ -271,28 +260,20 @@ def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | N
                 sha = sha or i.get("bundle_sha256")
     if not sha:
         raise click.ClickException(f"version {to_version!r} is neither in the artifact store nor kept on those devices")
-    rid = _create(ctx, store, to_version, sha, devices, "0", 0, len(devices), "10m", None,
+    rid = _create(ctx, store, to_version, sha, devices, 0.0, 0, len(devices), 600.0, None,
                   {"to": to, "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
     _report_created(store, rid, to_version, len(devices), as_json, wait)
     if wait:
-        _follow(store, rid, parse_duration(wait_timeout), as_json)
+        _follow(store, rid, wait_timeout, as_json)
 
 
 @click.command("tag")
-@click.argument("device_id")
-@click.argument("tags", nargs=-1, required=True)
+@click.argument("device_id", type=DEVICE_ID)
+@click.argument("tags", nargs=-1, required=True, type=TAG)
 @click.option("--remove", is_flag=True, help="remove these tags instead")
 @click.pass_context
 def tag(ctx: click.Context, device_id: str, tags: tuple[str, ...], remove: bool) -> None:
     """Tag a device (deploy --tag T targets every device with tag T)."""
-    from protocol.topics import InvalidId, validate_id
-
-    try:
-        validate_id(device_id)
-        for t in tags:
-            validate_id(t, "tag")
-    except InvalidId as exc:
-        raise click.BadParameter(str(exc)) from None
     store = _store(ctx)
     for t in tags:
         store.tag(device_id, t, remove=remove)

@@ -24,8 +24,8 @@ from protocol.envelope import DecodeError, Envelope, encode
 from protocol.offload import shared, worker_status_topic
 from protocol.topics import Topics
 
-from .config import ControllerConfig
-from .service import make_link
+from ..config import ControllerConfig
+from ..link import make_link
 
 log = logging.getLogger("fleetctl.offload")
 

@@ -15,6 +15,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from ..db import connect, ensure_schema
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fl_runs(
     id TEXT PRIMARY KEY, created REAL NOT NULL, status TEXT NOT NULL, config TEXT NOT NULL,
@@ -84,8 +86,15 @@ class UpdateRow:
 class RoundStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        self.db.executescript(SCHEMA)
-        self.db.commit()
+        ensure_schema(self.db, SCHEMA)
+
+    @classmethod
+    def open(cls, db_path: str) -> "RoundStore":
+        return cls(connect(db_path))
+
+    def set_config(self, run_id: str, config: Mapping[str, Any]) -> None:
+        """Replace a run's config (uncommitted: the runner's tick commits)."""
+        self.db.execute("UPDATE fl_runs SET config=? WHERE id=?", (json.dumps(dict(config)), run_id))
 
     # -- runs --------------------------------------------------------------
     def create_run(self, run_id: str, config: Mapping[str, Any], head: Mapping[str, np.ndarray],

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import sqlite3
 import sys
 import time
 from pathlib import Path
@@ -18,26 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-
-def parse_duration(value: str) -> float:
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", value)
-    if not m:
-        raise click.BadParameter(f"{value!r} is not a duration like 60s, 500ms, 2m")
-    n, unit = float(m.group(1)), m.group(2) or "s"
-    return n * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[unit]
-
-
-def _kv(items: tuple[str, ...], what: str) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for it in items:
-        if "=" not in it:
-            raise click.BadParameter(f"{it!r} is not KEY=VALUE", param_hint=what)
-        k, v = it.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except ValueError:
-            out[k] = v
-    return out
+from .params import DURATION, FRACTION, KEY_VALUE
 
 
 def load_head(path: str) -> dict[str, np.ndarray]:
@@ -76,16 +55,13 @@ def _eval_features(bundle: str, out: Path) -> Path | None:
 
 
 def _store(ctx: click.Context, create: bool):
-    from .round_store import RoundStore
+    from ..fl.store import RoundStore
 
     cfg = ctx.obj.cfg()
     path = cfg.db_path
     if not create and not os.path.exists(path):
         raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    db = sqlite3.connect(path, timeout=10)
-    db.execute("PRAGMA journal_mode=WAL")
-    return RoundStore(db)
+    return RoundStore.open(path)
 
 
 @click.group()
@@ -97,11 +73,11 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--bundle", required=True, help="bundle dir (or head .npz) holding the initial global head")
 @click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam, fedyogi, median, "
               "trimmed_mean, krum, multikrum, fedbuff")
-@click.option("--strategy-param", "sparams", multiple=True, help="KEY=VALUE for the strategy")
+@click.option("--strategy-param", "sparams", multiple=True, type=KEY_VALUE, help="KEY=VALUE for the strategy")
 @click.option("--clients", default=10, show_default=True, type=click.IntRange(1, 100000))
 @click.option("--min-clients", default=None, type=click.IntRange(1, 100000), help="quorum (default: half)")
 @click.option("--rounds", "n_rounds", default=3, show_default=True, type=click.IntRange(1, 10000))
-@click.option("--deadline", default="60s", show_default=True, help="per-round deadline, e.g. 60s")
+@click.option("--deadline", default="60s", show_default=True, type=DURATION, help="per-round deadline, e.g. 60s")
 @click.option("--steps", default=20, show_default=True, type=click.IntRange(1, 100000), help="local steps (default)")
 @click.option("--lr", default=0.05, show_default=True, type=click.FloatRange(0, 10, min_open=True))
 @click.option("--batch-size", default=32, show_default=True, type=click.IntRange(1, 65536))
@@ -110,9 +86,9 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--async", "is_async", is_flag=True, help="buffered asynchronous mode (FedBuff)")
 @click.option("--buffer", default=2, show_default=True, type=click.IntRange(1, 100000), help="async: updates per version")
 @click.option("--max-staleness", default=4, show_default=True, type=click.IntRange(0, 1000))
-@click.option("--compress", "compress", multiple=True, help="KEY=VALUE compression option sent to devices, "
+@click.option("--compress", "compress", multiple=True, type=KEY_VALUE, help="KEY=VALUE compression option sent to devices, "
               "e.g. topk=0.1 int8=true zstd=true")
-@click.option("--dp", "dp", multiple=True, help="KEY=VALUE differential privacy, e.g. clip=1.0 noise=0.8")
+@click.option("--dp", "dp", multiple=True, type=KEY_VALUE, help="KEY=VALUE differential privacy, e.g. clip=1.0 noise=0.8")
 @click.option("--group", default=None, help="only devices of this group")
 @click.option("--max-update-norm", default=1e4, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -120,34 +96,34 @@ def round() -> None:  # noqa: A001 - the command is called "round"
               help="devices whose CPU is busier than this (percent) are not selected")
 @click.option("--deploy", is_flag=True, help="when the run is done, roll its head out as a new version of --bundle "
               "(a head-only signed patch, canary first, health-gated on every device)")
-@click.option("--deploy-canary", default="10%", show_default=True, help="with --deploy: share in the first wave")
+@click.option("--deploy-canary", default="10%", show_default=True, type=FRACTION, help="with --deploy: share in the first wave")
 @click.option("--deploy-max-failures", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--wait/--no-wait", default=True, show_default=True, help="follow progress until the run ends")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ...], clients: int,
-          min_clients: int | None, n_rounds: int, deadline: str, steps: int, lr: float, batch_size: int,
+def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[str, Any], ...], clients: int,
+          min_clients: int | None, n_rounds: int, deadline: float, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
-          compress: tuple[str, ...], dp: tuple[str, ...], group: str | None, max_update_norm: float, seed: int,
-          max_cpu: float, deploy: bool, deploy_canary: str, deploy_max_failures: int, wait: bool,
+          compress: tuple[tuple[str, Any], ...], dp: tuple[tuple[str, Any], ...], group: str | None, max_update_norm: float, seed: int,
+          max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
-    from .rounds import RunConfig, RunConfigError
+    from ..fl.engine import RunConfig, RunConfigError
 
     head = load_head(bundle)
     try:
-        cfg = RunConfig(strategy=strategy, strategy_params=_kv(sparams, "--strategy-param"), rounds=n_rounds,
+        cfg = RunConfig(strategy=strategy, strategy_params=dict(sparams), rounds=n_rounds,
                         mode="async" if is_async else "sync", clients=clients,
-                        min_clients=min_clients or max(1, clients // 2), deadline_s=parse_duration(deadline),
+                        min_clients=min_clients or max(1, clients // 2), deadline_s=deadline,
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
-                        max_update_norm=max_update_norm, compression=_kv(compress, "--compress"),
-                        dp=_kv(dp, "--dp") or None, buffer=min(buffer, clients), max_staleness=max_staleness,
+                        max_update_norm=max_update_norm, compression=dict(compress),
+                        dp=dict(dp) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
                         group=group, seed=seed, max_cpu_percent=max_cpu,
                         deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
         raise click.UsageError(str(exc)) from None
     try:
-        from .round_runner import strategy_for
+        from ..fl.runner import strategy_for
 
         strategy_for(cfg)   # what `fleetctl serve` will build: unknown names, bad params, a conflicting mu
     except (KeyError, TypeError, ValueError) as exc:
@@ -169,12 +145,10 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[str, ..
         click.echo(json.dumps({"run_id": run_id}))
 
 
-def _deploy_spec(bundle: str, canary: str, max_failures: int) -> dict[str, Any]:
-    from .deploy_cli import parse_fraction
-
+def _deploy_spec(bundle: str, canary: float, max_failures: int) -> dict[str, Any]:
     if not (Path(bundle) / "manifest.json").is_file():
         raise click.BadParameter("--deploy needs --bundle to be a bundle directory", param_hint="--bundle")
-    return {"bundle": str(Path(bundle).resolve()), "canary": parse_fraction(canary), "max_failures": max_failures}
+    return {"bundle": str(Path(bundle).resolve()), "canary": canary, "max_failures": max_failures}
 
 
 def _follow(store, run_id: str, as_json: bool) -> None:
@@ -218,7 +192,7 @@ def _run_json(store, run_id: str) -> dict[str, Any]:
 
 
 def _print_history(s: dict[str, Any]) -> None:
-    from .table import render
+    from ..table import render
 
     click.echo(f"{s['run_id']}: {s['status']}  version {s['global_version']}"
                + (f"  error: {s['error']}" if s["error"] else ""))
@@ -256,7 +230,7 @@ def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
 @click.pass_context
 def history(ctx: click.Context, limit: int, as_json: bool) -> None:
     """Past runs, newest first."""
-    from .table import render
+    from ..table import render
 
     store = _store(ctx, create=False)
     runs = store.runs(limit=limit)

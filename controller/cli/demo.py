@@ -18,12 +18,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .config import parse_config
-from .registry import Registry
-from .service import ControllerService
-from .table import render
+import click
+
+from protocol.lifecycle import run_until_stopped
+
+from ..config import parse_config
+from ..table import render
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..service import ControllerService
 
 AGENT_TOML = """\
 [device]
@@ -63,7 +68,7 @@ results_interval_s = 2.0
 def example_bundle(cache: Path | None = None) -> Path | None:
     """Build (once, cached) the example digits bundle; None when the model tools are not installed."""
     try:
-        from .modeltools.example import build_example
+        from ..modeltools.example import build_example
     except ImportError:
         return None
     try:
@@ -90,7 +95,7 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
     work = Path(tempfile.mkdtemp(prefix="edgefleet-demo-"))
     embedded = None
     if broker is None:
-        from .broker import EmbeddedBroker
+        from ..broker import EmbeddedBroker
 
         embedded = EmbeddedBroker().start()
         broker = embedded.url
@@ -108,7 +113,7 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
     model_toml = ""
     bundle = example_bundle()
     if bundle is not None:
-        from .modeltools.example import write_replay
+        from ..modeltools.example import write_replay
 
         xs, ys = write_replay(work)
         print(f"example model: {bundle} (digits, int8 ONNX backbone + float head)", file=live)
@@ -129,7 +134,8 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
                                           env={**os.environ, "PYTHONUNBUFFERED": "1"}))
         print(f"controller + {agents} agents started (logs in {work})", file=live)
         demo_rollout = DemoRollout(bundle, work, rollout_at) if bundle is not None and rollout_at > 0 else None
-        summary = asyncio.run(_run(cfg, procs, duration, live, as_json, embedded is not None, demo_rollout))
+        summary = asyncio.run(run_until_stopped(
+            lambda stop: _run(stop, cfg, procs, duration, live, as_json, embedded is not None, demo_rollout)))
     finally:
         for p in procs:
             if p.poll() is None:
@@ -170,8 +176,8 @@ class DemoRollout:
 
         from protocol.bundle import load_head
 
-        from .modeltools.example import derive_bundle
-        from .rollouts import RolloutPolicy, plan_waves
+        from ..modeltools.example import derive_bundle
+        from ..rollouts.policy import RolloutPolicy, plan_waves
 
         try:
             rng = np.random.default_rng(1)
@@ -213,11 +219,9 @@ class DemoRollout:
                 "seconds": round((self.finished or time.monotonic()) - self.started, 2) if self.started else None}
 
 
-async def _run(cfg, procs, duration, live, as_json, embedded, demo_rollout=None) -> dict[str, Any]:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+async def _run(stop: asyncio.Event, cfg, procs, duration, live, as_json, embedded, demo_rollout=None) -> dict[str, Any]:
+    from ..service import ControllerService
+
     svc = ControllerService(cfg)
     started = time.monotonic()
     svc_stop = asyncio.Event()
@@ -277,7 +281,7 @@ async def _run(cfg, procs, duration, live, as_json, embedded, demo_rollout=None)
 
 async def _ping_all(cfg, svc: ControllerService, pings: dict[str, Any]) -> None:
     """Signed request/response round trips to every agent, every few seconds."""
-    from .client import FleetClient, FleetClientError
+    from ..client import FleetClient, FleetClientError
 
     try:
         async with FleetClient(cfg, name="demo") as fc:
@@ -322,3 +326,19 @@ def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: 
     else:
         live.write(head + "\n" + render(headers, rows) + "\n\n")
     live.flush()
+
+
+@click.command()
+@click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50), help="number of agents")
+@click.option("--duration", default=None, type=click.FloatRange(1, 86400), help="stop after S seconds")
+@click.option("--json", "as_json", is_flag=True, help="print a final machine-readable summary")
+@click.option("--interval", default=1.0, show_default=True, type=click.FloatRange(0.2, 60), help="telemetry interval")
+@click.option("--rollout-at", default=10.0, show_default=True, type=click.FloatRange(0, 86400),
+              help="roll a new head version out at S seconds (canary first); 0 = no rollout")
+@click.pass_context
+def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool, interval: float,
+         rollout_at: float) -> None:
+    """Embedded broker + controller + N agents, with the fleet shown live."""
+    c = ctx.obj
+    sys.exit(run_demo(agents=agents, broker=c.broker, duration=duration, as_json=as_json, interval=interval,
+                      topic_root=c.topic_root, rollout_at=rollout_at))

@@ -21,7 +21,7 @@ def model() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def build_example_cmd(out: str, size: str, seed: int, version: str, as_json: bool) -> None:
     """Train a real example bundle on scikit-learn's bundled digits (int8 ONNX backbone + float head)."""
-    from .modeltools.example import build_example
+    from ..modeltools.example import build_example
 
     r = build_example(out, size, seed=seed, version=version).to_dict()
     if as_json:
@@ -43,7 +43,7 @@ def quantize(model_path: str, calibration: str | None, dynamic: bool, out: str) 
     """Quantize an ONNX model to int8 (static with calibration data, or --dynamic)."""
     import numpy as np
 
-    from .modeltools.onnx_export import quantize_dynamic_int8, quantize_static_int8
+    from ..modeltools.onnx_export import quantize_dynamic_int8, quantize_static_int8
 
     if dynamic:
         quantize_dynamic_int8(model_path, out)
@@ -75,7 +75,7 @@ def quantize(model_path: str, calibration: str | None, dynamic: bool, out: str) 
 def split(model_path: str, at: str, out: str, name: str | None, version: str, input_min: float | None,
           input_max: float | None) -> None:
     """Cut a single ONNX graph into backbone + head bundle at tensor --at."""
-    from .modeltools.split import SplitError, split_model
+    from ..modeltools.split import SplitError, split_model
 
     try:
         split_model(model_path, at, out, name or Path(model_path).stem, version, input_min, input_max)

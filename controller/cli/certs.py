@@ -15,7 +15,7 @@ def certs() -> None:
 @click.option("--days", default=3650, show_default=True, type=click.IntRange(1, 36500), help="validity")
 def init(directory: str, force: bool, days: int) -> None:
     """Create the CA (ca.pem, ca.key 0600)."""
-    from .certs import CertError, init_ca
+    from ..certs import CertError, init_ca
 
     try:
         click.echo(f"CA: {init_ca(directory, days=days, force=force)}")
@@ -31,7 +31,7 @@ def issue(device_id: str, directory: str, days: int) -> None:
     """Issue DEVICE_ID.pem / DEVICE_ID.key (client cert, CN = DEVICE_ID); 'controller' for the controller."""
     from protocol.topics import InvalidId
 
-    from .certs import CertError, issue_client
+    from ..certs import CertError, issue_client
 
     try:
         click.echo(f"client cert: {issue_client(directory, device_id, days)}")
@@ -48,7 +48,7 @@ def issue(device_id: str, directory: str, days: int) -> None:
 @click.option("--days", default=825, show_default=True, type=click.IntRange(1, 36500), help="validity")
 def server(directory: str, hosts: tuple[str, ...], days: int) -> None:
     """Issue the broker's server.pem / server.key for the given host names / IPs."""
-    from .certs import DEFAULT_SERVER_HOSTS, CertError, issue_server
+    from ..certs import DEFAULT_SERVER_HOSTS, CertError, issue_server
 
     try:
         click.echo(f"server cert: {issue_server(directory, list(hosts) or list(DEFAULT_SERVER_HOSTS), days)}")

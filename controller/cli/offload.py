@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
 import sys
 from typing import Any
 
 import click
+
+from protocol.lifecycle import run_until_stopped
+
+from .params import DEVICE_ID, DeviceId
 
 
 @click.group()
@@ -18,7 +20,7 @@ def offload() -> None:
 
 @offload.command("set")
 @click.option("--group", default=None, help="devices of this group (default: every device in the registry)")
-@click.option("--device", "devices", multiple=True, help="a device id (repeatable)")
+@click.option("--device", "devices", multiple=True, type=DEVICE_ID, help="a device id (repeatable)")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="offload below this confidence")
 @click.option("--mode", type=click.Choice(["features", "raw"]), default=None)
 @click.option("--deadline", "deadline_ms", type=click.FloatRange(1, 600000), default=None, help="milliseconds")
@@ -42,7 +44,7 @@ def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], thresh
         raise click.ClickException("no online device matches")
 
     async def go() -> dict[str, Any]:
-        from .client import FleetClient, FleetClientError
+        from ..client import FleetClient, FleetClientError
 
         out: dict[str, Any] = {}
         try:
@@ -67,7 +69,7 @@ def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], thresh
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Fleet-wide offload figures from the devices' telemetry."""
-    from .table import render
+    from ..table import render
 
     reg = ctx.obj.registry()
     rows, total = [], {"requests": 0, "offloaded": 0, "timeouts": 0, "bytes_sent": 0}
@@ -93,7 +95,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 
 @click.command("offload-worker")
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False), help="the larger model")
-@click.option("--id", "worker_id", default=None, help="worker id (default: host and pid)")
+@click.option("--id", "worker_id", default=None, type=DeviceId("worker id"), help="worker id (default: host and pid)")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64))
 @click.pass_context
 def offload_worker(ctx: click.Context, bundle: str, worker_id: str | None, threads: int) -> None:
@@ -101,34 +103,13 @@ def offload_worker(ctx: click.Context, bundle: str, worker_id: str | None, threa
     import logging
 
     from protocol.bundle import BundleError
-    from protocol.topics import InvalidId, validate_id
 
-    from .offload_worker import OffloadWorker
+    from ..offload.worker import OffloadWorker
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if worker_id:
-        try:
-            validate_id(worker_id, "worker id")
-        except InvalidId as exc:
-            raise click.BadParameter(str(exc), param_hint="--id") from None
     try:
         w = OffloadWorker(ctx.obj.cfg(), bundle, worker_id, threads)
     except (BundleError, ValueError) as exc:
         raise click.ClickException(f"cannot serve {bundle}: {exc}") from None
 
-    async def main() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        hits = {"n": 0}
-
-        def on_signal(signum: int) -> None:
-            hits["n"] += 1
-            if hits["n"] > 1:
-                os._exit(128 + signum)
-            stop.set()
-
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig)
-        await w.run(stop)
-
-    asyncio.run(main())
+    asyncio.run(run_until_stopped(w.run, logger=logging.getLogger("fleetctl.offload")))

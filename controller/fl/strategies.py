@@ -15,7 +15,7 @@ are ``FitFailure``s the engine recorded (clients that went away, timed out or we
 — data, not exceptions; ``accept_failures=False`` turns any of them into "no new model".
 ``validate_update`` is the one pure gate an arriving update passes before it is a result; it
 raises ``UpdateRejected`` with the reason. Cross-cutting policies (DP) wrap a strategy
-(``controller.privacy.DPFixedClipping``) instead of replacing it.
+(``controller.fl.privacy.DPFixedClipping``) instead of replacing it.
 """
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Where the noise goes — *server side, on the aggregate* (central DP, McMahan et
 wrapper around the run's own strategy (``DPFixedClipping``, after Flower's
 ``dp_fixed_clipping``): clip → the inner strategy aggregates → noise.
 
-* Clients clip their whole update to L2 norm ``clip`` (``agent.federated.clip_delta``, asked
+* Clients clip their whole update to L2 norm ``clip`` (``agent.learning.federated.clip_delta``, asked
   for in the task by the wrapper's ``configure``); the server clips again (``clip_update``) so
   a client that skipped it gains nothing.
 * The inner strategy selects and combines the clipped updates (FedAvg's weighted mean, the

@@ -1,6 +1,6 @@
 """The round runner: the I/O side of federated rounds, inside ``fleetctl serve``.
 
-It owns concurrency, deadlines and the broker; the engine (``rounds.py``) decides and
+It owns concurrency, deadlines and the broker; the engine (``engine.py``) decides and
 the strategy (``strategies.py``) computes. Every half second it advances each running
 run against the registry's live view of the fleet, sends the tasks the engine asks
 for (signed frames), and feeds arriving updates back to the engine, answering each
@@ -9,32 +9,33 @@ device with ``fl.ack``. All state is in SQLite, so a restarted service resumes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from protocol import fl as fl_msgs  # noqa: F401 - registers the fl.* kinds
 from protocol.binary import Frame, decode_frame
-from protocol.cmdauth import sign_frame
-from protocol.envelope import DecodeError, Envelope, encode
+from protocol.envelope import DecodeError
 from protocol.mqttlink import Message
 
-from .round_store import RoundStore
-from .rounds import RoundEngine, RunConfig
+from .store import RoundStore
+from .engine import RoundEngine, RunConfig
 from .selection import ClientInfo
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .service import ControllerService
+    from ..channel import ControlChannel
+    from ..config import ControllerConfig
+    from ..registry import Registry
+    from ..rollouts.store import RolloutStore
     from .strategies import Strategy
 
 log = logging.getLogger("fleetctl.rounds")
 
 
 def strategy_for(cfg: RunConfig) -> "Strategy":
-    """The run's strategy (by name, from ``controller.strategies``); with ``dp`` set, wrapped in
+    """The run's strategy (by name, from ``controller.fl.strategies``); with ``dp`` set, wrapped in
     ``DPFixedClipping`` (clip → the strategy aggregates → noise from OS entropy)."""
     from . import strategies
     from .privacy import DPConfig, DPFixedClipping
@@ -73,9 +74,12 @@ def decompress_update(frame: Frame, global_head: dict[str, np.ndarray]) -> dict[
 
 
 class RoundRunner:
-    def __init__(self, service: "ControllerService", tick_s: float = 0.5) -> None:
-        self.svc = service
-        self.store = RoundStore(service.registry.db)
+    def __init__(self, channel: "ControlChannel", registry: "Registry", store: RoundStore, rollouts: "RolloutStore",
+                 cfg: "ControllerConfig", reject: Callable[[str, str, str], None], tick_s: float = 0.5,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.channel, self.registry, self.rollouts, self.cfg, self.reject = channel, registry, rollouts, cfg, reject
+        self.clock = clock
+        self.store = store
         self.engines: dict[str, RoundEngine] = {}
         self.tick_s = tick_s
         self.counts: dict[str, int] = {"tasks_sent": 0, "updates": 0, "rejected_updates": 0}
@@ -90,18 +94,18 @@ class RoundRunner:
         return eng
 
     def clients(self, now: float) -> list[ClientInfo]:
-        return [ClientInfo.from_registry(d, now) for d in self.svc.registry.devices()]
+        return [ClientInfo.from_registry(d, now) for d in self.registry.devices()]
 
     async def run(self) -> None:
         while True:
             try:
-                self.tick(time.time())
+                self.tick(self.clock())
             except Exception:  # noqa: BLE001 - a bad run must not stop ingestion
                 log.exception("round runner tick failed")
             await asyncio.sleep(self.tick_s)
 
     def tick(self, now: float) -> None:
-        self.svc.registry.commit()
+        self.registry.commit()
         for run in self.store.runs(status=("pending", "running")):
             try:
                 eng = self.engine(run.id)
@@ -122,12 +126,9 @@ class RoundRunner:
                     eng.task_sent(t)
 
     def _send_task(self, task) -> bool:
-        link = self.svc.link
-        if link is None or not link.connected.is_set():
+        if not self.channel.connected():
             return False
-        topic = self.svc.topics.cmd(task.device_id)
-        env = Envelope(kind="fl.task", sender=self.svc.cfg.controller.id, body=task.body)
-        ok = link.publish(topic, sign_frame(env, topic, self.svc.signing_key, task.head), 1)
+        ok = self.channel.send_frame(task.device_id, "fl.task", task.body, tensors=task.head)
         if ok:
             self.counts["tasks_sent"] += 1
             log.info("round %s/%d: task to %s (%d steps)", task.body["run_id"], task.round_no, task.device_id,
@@ -147,63 +148,60 @@ class RoundRunner:
 
         from protocol.patch import PatchError
 
-        from .rollouts import RolloutPolicy, plan_waves
+        from ..rollouts.policy import RolloutPolicy, plan_waves
 
         dep = dict(run.config["deploy"])
-        rollouts = self.svc.rollouts
+        rollouts = self.rollouts
         try:
-            from .modeltools.example import derive_bundle
+            from ..modeltools.example import derive_bundle
 
-            base = rollouts.store.add_bundle(dep["bundle"])
+            base = rollouts.add_bundle(dep["bundle"])
             version = f"{base.version}+fl.{run.id[-4:]}.{run.global_version}"
-            out = Path(rollouts.store.artifacts_dir) / "derived" / f"{run.id}-v{run.global_version}"
+            out = Path(rollouts.artifacts_dir) / "derived" / f"{run.id}-v{run.global_version}"
             derive_bundle(base.path, out, version, run.head)
-            art = rollouts.store.add_bundle(out)
+            art = rollouts.add_bundle(out)
         except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:
             log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
             return None
-        devices = [d for d in self.svc.registry.devices()
+        devices = [d for d in self.registry.devices()
                    if ((d.state or {}).get("model") or {}).get("bundle_sha256") == base.bundle_sha256]
         current = {d.id: (base.bundle_sha256, base.version) for d in devices}
         policy = RolloutPolicy(canary=float(dep.get("canary", 0.1)), max_failures=int(dep.get("max_failures", 0)))
         rid = f"fl-{run.id[4:]}"
-        if rollouts.store.rollout(rid) is None and devices:
-            rollouts.store.create_rollout(rid, version, art.bundle_sha256, policy.to_dict(), {"run": run.id},
-                                          plan_waves(sorted(d.id for d in devices), policy.canary), current)
+        if rollouts.rollout(rid) is None and devices:
+            rollouts.create_rollout(rid, version, art.bundle_sha256, policy.to_dict(), {"run": run.id},
+                                    plan_waves(sorted(d.id for d in devices), policy.canary), current)
             log.info("run %s: head v%d rolled out as %s to %d device(s) (%s)", run.id, run.global_version, version,
                      len(devices), rid)
         run_cfg = dict(run.config)
         run_cfg["deploy"] = {**dep, "rollout_id": rid}
-        self.store.db.execute("UPDATE fl_runs SET config=? WHERE id=?", (json.dumps(run_cfg), run.id))
+        self.store.set_config(run.id, run_cfg)
         return rid
 
     def publish_head(self, run_id: str, version: int) -> int:
         """Send the new global head to every online device of the run that learns (until rollouts ship it)."""
-        link = self.svc.link
         run = self.store.run(run_id)
-        if link is None or run is None or not run.head:
+        if run is None or not run.head:
             return 0
         group = run.config.get("group")
         sent = 0
-        for d in self.svc.registry.devices():
+        for d in self.registry.devices():
             if not d.online or (group and d.group != group) or "learning" not in (d.telemetry or {}):
                 continue
-            topic = self.svc.topics.cmd(d.id)
-            env = Envelope(kind="fl.head", sender=self.svc.cfg.controller.id, body={"run_id": run_id, "version": version})
-            if link.publish(topic, sign_frame(env, topic, self.svc.signing_key, run.head), 1):
+            if self.channel.send_frame(d.id, "fl.head", {"run_id": run_id, "version": version}, tensors=run.head):
                 sent += 1
         return sent
 
     def on_update_message(self, device_id: str, msg: Message) -> None:
         """An ``fl.update`` frame from ``device_id`` (topic already parsed)."""
         try:
-            frame = decode_frame(msg.payload, max_bytes=self.svc.cfg.mqtt.max_frame_bytes, expect_sender=device_id)
+            frame = decode_frame(msg.payload, max_bytes=self.cfg.mqtt.max_frame_bytes, expect_sender=device_id)
         except DecodeError as exc:
-            self.svc.reject(exc.reason, msg.topic, str(exc))
+            self.reject(exc.reason, msg.topic, str(exc))
             return
         env = frame.envelope
         if env.kind != "fl.update":
-            self.svc.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on an update topic")
+            self.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on an update topic")
             return
         b = env.body
         run = self.store.run(b["run_id"])
@@ -227,15 +225,5 @@ class RoundRunner:
         self.tick(time.time())  # close the round now if this was the last update
 
     def _ack(self, device_id: str, body: dict, accepted: bool, reason: str) -> None:
-        link = self.svc.link
-        if link is None:
-            return
-        env = Envelope(kind="fl.ack", sender=self.svc.cfg.controller.id,
-                       body={"run_id": str(body.get("run_id")), "round": int(body.get("round", 0)),
-                             "accepted": accepted, "reason": reason})
-        topic = self.svc.topics.cmd(device_id)
-        if self.svc.signing_key is not None:
-            from protocol.cmdauth import sign_envelope
-
-            env = sign_envelope(env, topic, self.svc.signing_key)
-        link.publish(topic, encode(env), 1)
+        self.channel.send(device_id, "fl.ack", {"run_id": str(body.get("run_id")), "round": int(body.get("round", 0)),
+                                                "accepted": accepted, "reason": reason})

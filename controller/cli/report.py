@@ -18,7 +18,7 @@ def report() -> None:
 @click.pass_context
 def rounds(ctx: click.Context, run_id: str | None, png: str | None, as_json: bool) -> None:
     """Per-round figures of a run (default: the newest)."""
-    from .round_cli import _run_json, _store
+    from .round import _run_json, _store
 
     store = _store(ctx, create=False)
     runs = [store.run(run_id)] if run_id else store.runs(limit=1)

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
-from .round_store import RoundStore, UpdateRow
+from .store import RoundStore, UpdateRow
 from .selection import ClientInfo, Selection, SelectionPolicy, select
 from .strategies import FitFailure, FitResult, Strategy, UpdateRejected, validate_update
 

@@ -16,6 +16,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..db import connect, end_read, ensure_schema, has_table, transaction
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts(
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, version TEXT NOT NULL, bundle_sha256 TEXT NOT NULL,
@@ -91,22 +93,25 @@ class Desired:
 
 
 class RolloutStore:
-    def __init__(self, db: sqlite3.Connection, artifacts_dir: str | Path) -> None:
+    def __init__(self, db: sqlite3.Connection, artifacts_dir: str | Path, *, create: bool = True) -> None:
         self.db = db
-        self.db.executescript(SCHEMA)
-        cols = {r[1] for r in self.db.execute("PRAGMA table_info(rollout_devices)")}
-        for col in ("acc_before", "acc_after"):   # registries made before fleet accuracy was tracked
-            if col not in cols:
-                self.db.execute(f"ALTER TABLE rollout_devices ADD COLUMN {col} REAL")
-        self.db.commit()
+        if create:
+            # registries made before fleet accuracy was tracked lack the acc_* columns
+            ensure_schema(self.db, SCHEMA, {"rollout_devices": {"acc_before": "REAL", "acc_after": "REAL"}})
         self.artifacts_dir = Path(artifacts_dir)
 
     @classmethod
     def open(cls, db_path: str) -> "RolloutStore":
-        Path(db_path).parent.mkdir(parents=True, exist_ok=True)
-        db = sqlite3.connect(db_path, timeout=10)
-        db.execute("PRAGMA journal_mode=WAL")
-        return cls(db, Path(db_path).parent / "artifacts")
+        return cls(connect(db_path), Path(db_path).parent / "artifacts")
+
+    @classmethod
+    def reader(cls, db: sqlite3.Connection, artifacts_dir: str | Path = "artifacts") -> "RolloutStore | None":
+        """Reads over a read-only connection (the CLI's registry); None before the first rollout made the tables."""
+        return cls(db, artifacts_dir, create=False) if has_table(db, "desired") else None
+
+    def refresh(self) -> None:
+        """See what other connections (``fleetctl serve``) committed since the last read."""
+        end_read(self.db)
 
     def commit(self) -> None:
         self.db.commit()
@@ -187,16 +192,17 @@ class RolloutStore:
                        selector: dict[str, Any], waves: list[list[str]],
                        current: dict[str, tuple[str | None, str | None]]) -> None:
         now = time.time()
-        self.db.execute("INSERT INTO rollouts(id, created, status, version, bundle_sha256, policy, selector, waves, "
-                        "updated) VALUES(?,?,?,?,?,?,?,?,?)",
-                        (rid, now, "running", version, bundle_sha256, json.dumps(policy), json.dumps(selector),
-                         len(waves), now))
-        for w, devs in enumerate(waves):
-            for d in devs:
-                sha, ver = current.get(d, (None, None))
-                self.db.execute("INSERT INTO rollout_devices(rollout_id, device_id, wave, status, from_sha256, "
-                                "from_version, updated) VALUES(?,?,?,?,?,?,?)", (rid, d, w, "pending", sha, ver, now))
-        self.db.commit()
+        with transaction(self.db):   # the service never sees a rollout without its slots
+            self.db.execute("INSERT INTO rollouts(id, created, status, version, bundle_sha256, policy, selector, "
+                            "waves, updated) VALUES(?,?,?,?,?,?,?,?,?)",
+                            (rid, now, "running", version, bundle_sha256, json.dumps(policy), json.dumps(selector),
+                             len(waves), now))
+            for w, devs in enumerate(waves):
+                for d in devs:
+                    sha, ver = current.get(d, (None, None))
+                    self.db.execute("INSERT INTO rollout_devices(rollout_id, device_id, wave, status, from_sha256, "
+                                    "from_version, updated) VALUES(?,?,?,?,?,?,?)",
+                                    (rid, d, w, "pending", sha, ver, now))
 
     _R = ("id, created, status, version, bundle_sha256, policy, selector, waves, wave, wave_started, reason, "
           "figures, finished")

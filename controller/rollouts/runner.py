@@ -21,21 +21,22 @@ from collections import Counter, OrderedDict, deque
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from protocol import envelope as env_mod
 from protocol import rollout as ro
 from protocol.chunks import ChunkManifest, make_manifest
-from protocol.envelope import DecodeError, Envelope, encode
+from protocol.envelope import DecodeError, Envelope
 from protocol.mqttlink import Message
 from protocol.patch import version_key
 
-from .rollout_store import Artifact, Desired, RolloutRow, RolloutStore
-from .rollouts import FAILED, FINAL, RolloutPolicy, Slot, decide
+from .store import Artifact, Desired, RolloutRow, RolloutStore
+from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide
 
 if TYPE_CHECKING:  # pragma: no cover
-    from .registry import Device
-    from .service import ControllerService
+    from ..channel import ControlChannel
+    from ..config import ControllerConfig
+    from ..registry import Device, Registry
 
 log = logging.getLogger("fleetctl.rollouts")
 
@@ -66,18 +67,19 @@ def live_confidence(dev: "Device | None", version: str | None = None, min_infere
 
 
 class RolloutRunner:
-    def __init__(self, svc: "ControllerService", reoffer_s: float = 30.0) -> None:
-        self.svc = svc
-        self.store = RolloutStore(svc.registry.db, Path(svc.cfg.db_path).parent / "artifacts")
+    def __init__(self, channel: "ControlChannel", registry: "Registry", store: RolloutStore, cfg: "ControllerConfig",
+                 reject: Callable[[str, str, str], None], reoffer_s: float = 30.0,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.channel, self.registry, self.store, self.reject, self.clock = channel, registry, store, reject, clock
+        self.max_message_bytes = cfg.mqtt.max_message_bytes
         self.reoffer_s = reoffer_s
         self.last_offer: dict[str, float] = {}
         self.last_want: dict[str, float] = {}
         self._blobs: OrderedDict[str, tuple[bytes, ChunkManifest]] = OrderedDict()
         self.counts: Counter[str] = Counter()
-        self.rate = svc.cfg.controller.rollout_max_bytes_per_s
+        self.rate = cfg.controller.rollout_max_bytes_per_s
         self._queue: deque[tuple[str, Artifact, int]] = deque()   # (device, artifact, chunk) waiting for the cap
         self._queued: set[tuple[str, Artifact, int]] = set()
-        svc.listeners.append(self.on_message)
 
     # -- loop ----------------------------------------------------------------
     async def run(self) -> None:
@@ -86,7 +88,7 @@ class RolloutRunner:
             while True:
                 await asyncio.sleep(0.5)
                 try:
-                    self.tick(time.time())
+                    self.tick(self.clock())
                 except Exception:  # noqa: BLE001 - our bug; log it and keep the service up
                     log.exception("rollout tick failed")
         finally:
@@ -110,7 +112,7 @@ class RolloutRunner:
         for r in self.store.rollouts(status="running"):
             self.advance(r, now)
         self.reconcile(time.monotonic())
-        self.svc.registry.commit()
+        self.registry.commit()
 
     # -- rollouts --------------------------------------------------------------
     def advance(self, r: RolloutRow, now: float) -> None:
@@ -118,7 +120,7 @@ class RolloutRunner:
         if r.wave < 0:
             self.release(r, 0, now)
             return
-        devices = {d.id: d for d in self.svc.registry.devices()}
+        devices = {d.id: d for d in self.registry.devices()}
         slots = []
         for s in self.store.slots(r.id):
             dev = devices.get(s.device_id)
@@ -150,7 +152,7 @@ class RolloutRunner:
             self.store.update_rollout(r.id, figures=d.figures)
 
     def release(self, r: RolloutRow, wave: int, now: float) -> None:
-        devices = {d.id: d for d in self.svc.registry.devices()}
+        devices = {d.id: d for d in self.registry.devices()}
         for s in self.store.slots(r.id):
             if s.wave != wave:
                 continue
@@ -180,16 +182,12 @@ class RolloutRunner:
         self.store.set_desired(device_id, sha, version, rollout_id)
         self.last_offer.pop(device_id, None)
         self.last_want.pop(device_id, None)
-        link = self.svc.link
-        if link is not None:
-            body = {"version": version, "bundle_sha256": sha, "rollout_id": rollout_id}
-            env = Envelope(kind="ctl.state", sender=self.svc.cfg.controller.id, body=body)
-            link.publish(self.svc.topics.desired(device_id), encode(env), 1, True)
+        self.channel.set_desired(device_id, {"version": version, "bundle_sha256": sha, "rollout_id": rollout_id})
 
     # -- reconcile ----------------------------------------------------------------
     def reconcile(self, mono: float) -> None:
         for d in self.store.needing_attention(IN_PROGRESS):
-            dev = self.svc.registry.device(d.device_id)
+            dev = self.registry.device(d.device_id)
             if dev is None or not dev.online:
                 continue
             have = device_model(dev).get("bundle_sha256")
@@ -213,7 +211,7 @@ class RolloutRunner:
         kept = {i.get("bundle_sha256") for i in model.get("installed") or [] if isinstance(i, dict)}
         if d.bundle_sha256 in kept:
             self.counts["rollback_commands"] += 1
-            self.svc.send_command(dev.id, "model.rollback", {"bundle_sha256": d.bundle_sha256})
+            self.channel.command(dev.id, "model.rollback", {"bundle_sha256": d.bundle_sha256})
             return
         art = self.pick_artifact(have, d.bundle_sha256)
         if art is None:
@@ -234,16 +232,10 @@ class RolloutRunner:
         body = {"rollout_id": rid or None, "target": {"version": d.version, "bundle_sha256": d.bundle_sha256},
                 "base": base, "transfer": manifest.to_dict(),
                 "allow_downgrade": bool(have_version) and version_key(d.version) <= version_key(str(have_version))}
-        topic = self.svc.topics.cmd(dev.id)
-        env = Envelope(kind="model.offer", sender=self.svc.cfg.controller.id, body=body)
-        if self.svc.signing_key is not None:
-            from protocol.cmdauth import sign_envelope
-
-            env = sign_envelope(env, topic, self.svc.signing_key)
-        if self.svc.link is not None and self.svc.link.publish(topic, encode(env), 1):
+        if self.channel.send(dev.id, "model.offer", body):
             self.counts["offers"] += 1
             if slot is not None and slot.status == "released":
-                self.store.update_slot(rid, dev.id, status="offered", offered=time.time())
+                self.store.update_slot(rid, dev.id, status="offered", offered=self.clock())
 
     def pick_artifact(self, have: str | None, want: str) -> Artifact | None:
         arts = self.store.artifacts_for(want)
@@ -252,7 +244,7 @@ class RolloutRunner:
             if have and a.base_sha256 == have:
                 return a
         bundle = next((a for a in arts if a.kind == "bundle" and Path(a.path).is_dir()), None)
-        key = self.svc.signing_key
+        key = self.channel.key
         if bundle is not None and key is not None and have:
             old = self.store.artifact(have)
             if old is not None and old.kind == "bundle" and Path(old.path).is_dir():
@@ -267,7 +259,7 @@ class RolloutRunner:
     def _make(self, old: str | None, new: str) -> Artifact:
         from protocol.patch import make_patch
 
-        data, _ = make_patch(old, new, self.svc.signing_key)
+        data, _ = make_patch(old, new, self.channel.key)
         self.counts["patches_made"] += 1
         return self.store.add_patch(data)
 
@@ -306,7 +298,7 @@ class RolloutRunner:
         try:
             ro.check_update_event(b)
         except DecodeError as exc:
-            self.svc.reject(exc.reason, f"dev/{env.sender}/events", str(exc))
+            self.reject(exc.reason, f"dev/{env.sender}/events", str(exc))
             return
         rid = b.get("rollout_id")
         slot = self.store.slot(rid, env.sender) if rid else None
@@ -326,25 +318,25 @@ class RolloutRunner:
     def on_want(self, device_id: str, msg: Message) -> None:
         """``xfer.want`` from a device: send it the chunks it lacks of the artifact it was offered."""
         try:
-            env = env_mod.decode(msg.payload, max_bytes=self.svc.cfg.mqtt.max_message_bytes, expect_sender=device_id)
+            env = env_mod.decode(msg.payload, max_bytes=self.max_message_bytes, expect_sender=device_id)
         except DecodeError as exc:
-            self.svc.reject(exc.reason, msg.topic, str(exc))
+            self.reject(exc.reason, msg.topic, str(exc))
             return
         if env.kind != "xfer.want":
-            self.svc.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on a transfer topic")
+            self.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on a transfer topic")
             return
         tid = env.body["transfer_id"]
         art = self.store.artifact_by_transfer(tid)
         want = self.store.desired(device_id)
         if art is None or not want or want[0].bundle_sha256 != art.bundle_sha256:
-            self.svc.reject("unknown_transfer", msg.topic, f"{device_id} asked for transfer {tid!r}, "
+            self.reject("unknown_transfer", msg.topic, f"{device_id} asked for transfer {tid!r}, "
                                                             "which it was not offered")
             return
         self.last_want[device_id] = time.monotonic()
         _, manifest = self._blob(art)
         for i in env.body["chunks"]:
             if i >= manifest.count:
-                self.svc.reject("bad_chunk_index", msg.topic, f"chunk {i} of a {manifest.count}-chunk transfer")
+                self.reject("bad_chunk_index", msg.topic, f"chunk {i} of a {manifest.count}-chunk transfer")
                 continue
             if not self.rate:
                 self._send_chunk(device_id, art, i)
@@ -354,15 +346,10 @@ class RolloutRunner:
 
     def _send_chunk(self, device_id: str, art: Artifact, i: int) -> int:
         """One signed chunk frame to the device; returns the bytes sent (0 when it could not be)."""
-        from protocol.cmdauth import sign_frame
-
         data, manifest = self._blob(art)
         tid = manifest.transfer_id
-        topic = self.svc.topics.cmd(device_id)
         blob = data[i * manifest.chunk_size:(i + 1) * manifest.chunk_size]
-        frame = sign_frame(Envelope(kind="xfer.chunk", sender=self.svc.cfg.controller.id,
-                                    body={"transfer_id": tid, "index": i}), topic, self.svc.signing_key, blob=blob)
-        if self.svc.link is not None and self.svc.link.publish(topic, frame, 1):
+        if self.channel.send_frame(device_id, "xfer.chunk", {"transfer_id": tid, "index": i}, blob=blob):
             self.counts["chunks_sent"] += 1
             self.counts["bytes_sent"] += len(blob)
             return len(blob)

@@ -1,0 +1,4 @@
+"""``python -m controller.cli``: the same as ``fleetctl``."""
+from . import main
+
+main()

@@ -1,0 +1,65 @@
+"""The root ``fleetctl`` group: global options, and every command group registered explicitly.
+
+Global options (also from the environment, click's auto_envvar_prefix):
+``--broker`` / FLEETCTL_BROKER, ``--config`` / FLEETCTL_CONFIG, ``--db`` / FLEETCTL_DB.
+Reads (`devices`, `device show`, `telemetry`) come from the registry that
+`fleetctl serve` writes; live views (`telemetry --follow`, `cmd`) use the broker.
+``--json`` output is stable and documented in docs/cli.md.
+"""
+from __future__ import annotations
+
+import click
+
+from .certs import certs
+from .context import Ctx
+from .demo import demo
+from .deploy import deploy, rollback, rollout, tag
+from .devices import cmd, device, devices, feedback_cmd, infer_cmd, telemetry
+from .keys import keys
+from .model import model
+from .offload import offload, offload_worker
+from .patch import patch
+from .report import report
+from .round import round  # noqa: A004 - the command group is called "round"
+from .serve import serve
+
+
+@click.group(context_settings={"auto_envvar_prefix": "FLEETCTL", "help_option_names": ["-h", "--help"]})
+@click.option("--config", type=click.Path(dir_okay=False), default=None, help="controller TOML config")
+@click.option("--broker", default=None, help="broker URL, mqtt://host:port (overrides config)")
+@click.option("--db", default=None, help="registry SQLite file (overrides config)")
+@click.option("--topic-root", default=None, help="topic root (default edgefleet)")
+@click.option("--signing-key", default=None, type=click.Path(dir_okay=False),
+              help="Ed25519 private key that signs commands (fleetctl keys init)")
+@click.version_option("0.1.0", prog_name="fleetctl")
+@click.pass_context
+def cli(ctx: click.Context, config: str | None, broker: str | None, db: str | None, topic_root: str | None,
+        signing_key: str | None) -> None:
+    """edgefleet's fleet controller and CLI."""
+    ctx.obj = Ctx(config, broker, db, topic_root, signing_key)
+
+
+device.add_command(tag)
+cli.add_command(serve)
+cli.add_command(devices)
+cli.add_command(device)
+cli.add_command(telemetry)
+cli.add_command(cmd)
+cli.add_command(infer_cmd)
+cli.add_command(feedback_cmd)
+cli.add_command(demo)
+cli.add_command(deploy)
+cli.add_command(rollout)
+cli.add_command(rollback)
+cli.add_command(round)
+cli.add_command(report)
+cli.add_command(offload)
+cli.add_command(offload_worker)
+cli.add_command(model)
+cli.add_command(patch)
+cli.add_command(keys)
+cli.add_command(certs)
+
+
+def main() -> None:
+    cli(prog_name="fleetctl")

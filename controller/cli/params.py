@@ -1,0 +1,103 @@
+"""Click parameter types shared by every ``fleetctl`` command group.
+
+Each type converts once, at parse time, and fails with click's usual "Invalid value for
+'--opt'" message naming the value, so commands receive typed values (seconds, a fraction, a
+parsed ``(key, value)``, a valid id) and never re-parse strings themselves.
+"""
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import click
+
+from protocol.topics import InvalidId, validate_id
+
+_DURATION_RE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+class Duration(click.ParamType):
+    """``30s``, ``500ms``, ``5m``, ``1h`` or plain seconds (``90``, ``1.5``) → float seconds."""
+
+    name = "duration"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            if value < 0:
+                self.fail(f"{value!r} is negative", param, ctx)
+            return float(value)
+        m = _DURATION_RE.fullmatch(str(value))
+        if not m:
+            self.fail(f"{value!r} is not a duration like 60s, 500ms, 2m or 1h", param, ctx)
+        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+
+
+class Fraction(click.ParamType):
+    """``10%`` or ``0.1`` → 0.1; at least 0 and below 1 (``inclusive=True`` also allows 1)."""
+
+    name = "fraction"
+
+    def __init__(self, inclusive: bool = False) -> None:
+        self.inclusive = inclusive
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            f = value
+        else:
+            v = str(value).strip()
+            try:
+                f = float(v[:-1]) / 100 if v.endswith("%") else float(v)
+            except ValueError:
+                self.fail(f"{value!r} is not a fraction like 10% or 0.1", param, ctx)
+        if not (0 <= f < 1 or (self.inclusive and f == 1)):
+            self.fail(f"{value!r} must be at least 0 and {'at most' if self.inclusive else 'below'} 100%",
+                      param, ctx)
+        return f
+
+
+def parse_value(text: str) -> Any:
+    """A number, bool, null, list or object when ``text`` is one (JSON; ``True``/``False`` too), else the text."""
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+class KeyValue(click.ParamType):
+    """``key=value`` → ``(key, parsed value)``; use with ``multiple=True`` and ``dict(...)``."""
+
+    name = "key=value"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[str, Any]:
+        if isinstance(value, tuple):
+            return value
+        k, sep, v = str(value).partition("=")
+        if not sep or not k.strip():
+            self.fail(f"{value!r} is not KEY=VALUE", param, ctx)
+        return k.strip(), parse_value(v)
+
+
+class DeviceId(click.ParamType):
+    """An id that is a safe topic level, checked exactly as ``protocol.topics`` checks it."""
+
+    name = "device_id"
+
+    def __init__(self, what: str = "device id") -> None:
+        self.what = what
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        try:
+            return validate_id(value, self.what)
+        except InvalidId as exc:
+            self.fail(str(exc), param, ctx)
+
+
+DURATION = Duration()
+FRACTION = Fraction()
+KEY_VALUE = KeyValue()
+DEVICE_ID = DeviceId()
+TAG = DeviceId("tag")

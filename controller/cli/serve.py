@@ -1,0 +1,37 @@
+"""``fleetctl serve``: the controller service, in the shared lifecycle (protocol/lifecycle.py)."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+
+import click
+
+from protocol.lifecycle import run_until_stopped
+
+from ..config import ConfigError, ControllerConfig
+from .context import Ctx, pass_ctx, setup_logging
+
+log = logging.getLogger("fleetctl")
+
+
+@click.command()
+@click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@pass_ctx
+def serve(c: Ctx, log_level: str) -> None:
+    """Run the controller service until SIGTERM/SIGINT."""
+    cfg = c.cfg()
+    setup_logging(log_level)
+    asyncio.run(run_until_stopped(lambda stop: _serve(cfg, stop), logger=log))
+
+
+async def _serve(cfg: ControllerConfig, stop: asyncio.Event) -> None:
+    from ..service import ControllerService
+
+    try:
+        svc = ControllerService(cfg)
+        log.info("registry %s, broker %s", cfg.db_path, cfg.mqtt.broker)
+        await svc.run(stop)
+    except ConfigError as exc:
+        log.error("config error: %s", exc)
+        sys.exit(2)
