@@ -33,7 +33,7 @@ from protocol.patch import PatchError, bundle_id
 
 from ..core.context import AgentContext, Feature
 from .modelstore import failpoint
-from .states import UpdateState, UpdateStateError
+from .states import KEPT_SWITCH, UpdateState, UpdateStateError
 from .transfer import PartFile, Transfer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -306,7 +306,9 @@ class Updater(Feature):
                                           bool(offer.get("allow_downgrade")))
             if not res.ok:
                 self.stats["failed"] += 1
-                self.report("rolled_back" if "unhealthy" in res.steps else "failed", offer, res.reason)
+                status = "rolled_back" if "unhealthy" in res.steps else "failed"
+                assert status in KEPT_SWITCH
+                self.report(status, offer, res.reason)
                 return
             refused = await self._finish_switch(store, offer)
             if refused:

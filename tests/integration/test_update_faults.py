@@ -7,6 +7,7 @@ records every device's state and events in its registry.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 
@@ -38,6 +39,7 @@ class Signer:
         self._thread = threading.Thread(target=self._serve, name="chunk-server", daemon=True)
         self._thread.start()
         self._n = 0
+        self._ids = itertools.count()
 
     @staticmethod
     def topic(dev: str) -> str:
@@ -46,7 +48,7 @@ class Signer:
     def offer(self, dev: str, target, old=None, allow_downgrade: bool | None = None, serve: bool = True) -> bytes:
         """Sign and send an offer for ``target`` (a patch from ``old``, or the full bundle); its wire bytes."""
         data, _ = make_patch(old, target, self.key)
-        man = make_manifest(f"{dev}-{bundle_id(target)[:12]}-{len(self.transfers)}", data, 65536)
+        man = make_manifest(f"{dev}-{bundle_id(target)[:12]}-{next(self._ids)}", data, 65536)
         body = {"rollout_id": None,
                 "target": {"version": read_manifest(target)["version"], "bundle_sha256": bundle_id(target)},
                 "base": {"version": read_manifest(old)["version"], "bundle_sha256": bundle_id(old)} if old else None,
@@ -134,6 +136,7 @@ def serving(db, dev, version):
 
 
 # -- item 3 -------------------------------------------------------------------------------------------
+@pytest.mark.timeout(400)
 def test_captured_downgrades_replayed_after_a_restart_are_refused(signed_fleet, signer, versions):
     db, add_agent, ctl, keys = signed_fleet
     v1, v2, _ = versions
@@ -152,9 +155,11 @@ def test_captured_downgrades_replayed_after_a_restart_are_refused(signed_fleet, 
     serving(db, "rp1", "1.1.0")
 
     stop(agent)
+    states = lambda: signer.probe.seen(lambda t, p: t == "edgefleet/v1/dev/rp1/state")  # noqa: E731
+    n = len(wait_for(lambda: [s for s in states() if b'"offline"' in s[1]] and states(), what="rp1 offline"))
     agent = add_agent("rp1", v1)
-    wait_for(lambda: signer.served_versions("rp1")[-1:] == ["1.1.0"] and model_of(db, "rp1"), timeout=TIMEOUT,
-             what="rp1 back online")
+    wait_for(lambda: any(b'"online"' in p for _, p, _ in states()[n:]), timeout=TIMEOUT, what="rp1 back online")
+    assert ctl("cmd", "rp1", "ping").returncode == 0      # subscribed again: replays reach it
     before = len(signer.served_versions("rp1"))
     signer.replay("rp1", back_offer)
     signer.replay("rp1", back_cmd)
@@ -170,16 +175,21 @@ def test_captured_downgrades_replayed_after_a_restart_are_refused(signed_fleet, 
 
 
 # -- item 5 -------------------------------------------------------------------------------------------
-def test_sigkill_at_every_install_step_never_serves_an_ungated_version(signed_fleet, signer, versions):
+@pytest.mark.timeout(900)
+def test_sigkill_at_every_install_step_never_serves_an_ungated_version(signed_fleet, signer, versions, tmp_path):
     """Each install failpoint, with a version that passes its gate and one the gate refuses: after the
     kill and a restart the board serves the old version or the gated new one, and a version killed
     before its verdict is never switched to later (model.rollback, or a kept-version offer)."""
     from agent.updates.modelstore import INSTALL_FAILPOINTS
 
+    from agent.updates.modelstore import ModelStore
+
     db, add_agent, ctl, keys = signed_fleet
     v1, good, bad = versions
     cases = [(f"{kind[0]}-{point.replace('_', '-')}", point, target)
              for kind, target in (("good", good), ("bad", bad)) for point in INSTALL_FAILPOINTS]
+    for dev, _, _ in cases:   # the boards already serve v1 (its first install would hit the failpoints too)
+        assert ModelStore(tmp_path / dev / "models").install_bundle_dir(v1).ok
     procs = {dev: add_agent(dev, v1, env={"EDGEFLEET_FAILPOINT": point}) for dev, point, _ in cases}
     for dev, _, _ in cases:
         serving(db, dev, "1.0.0")
@@ -223,6 +233,7 @@ def test_sigkill_at_every_install_step_never_serves_an_ungated_version(signed_fl
 
 
 # -- item 6 -------------------------------------------------------------------------------------------
+@pytest.mark.timeout(400)
 def test_an_agent_killed_after_the_last_chunk_applies_the_patch_at_start(signed_fleet, signer, versions, tmp_path):
     from agent.updates.transfer import PartFile
     from protocol.chunks import ChunkManifest
@@ -241,7 +252,7 @@ def test_an_agent_killed_after_the_last_chunk_applies_the_patch_at_start(signed_
     sent = signer.chunks_sent
     add_agent("pc1", v1)
     serving(db, "pc1", "2.0.0")
-    applied = events(db, "pc1", "applied")[-1]
+    applied = wait_for(lambda: events(db, "pc1", "applied"), timeout=TIMEOUT, what="the applied event")[-1]
     assert applied["version"] == "2.0.0" and applied["held_at_start"] == man.count, applied
     assert signer.chunks_sent == sent
     assert not list((tmp_path / "pc1" / "transfers").glob("*"))
