@@ -127,7 +127,23 @@ class Agent:
                 keys.append(load_public(path))
             except SignatureError as exc:
                 raise ConfigError(f"security.trusted_keys: {exc}") from None
-        return CommandVerifier(keys, max_skew_s=sec.max_command_skew_s)
+        # replay protection survives restarts: the high-water marks live in the state dir
+        from .core.replaymarks import MarksFile
+
+        state = Path(self.cfg.state.dir)
+        try:
+            state.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state.dir {state}: {exc}") from None
+        marks_file = MarksFile(state / "command-marks.json")
+        marks, problem = marks_file.load()
+        floor = None
+        if problem:  # fail closed: nothing signed before this start is accepted
+            log.error("replay marks: %s; refusing commands signed before now", problem)
+            self.counters.reject("replay_marks_unreadable")
+            floor = time.time()
+        return CommandVerifier(keys, max_skew_s=sec.max_command_skew_s, marks=marks, persist=marks_file.save,
+                               floor=floor)
 
     # -- composition -------------------------------------------------------
     def start(self) -> None:
@@ -425,7 +441,7 @@ class Agent:
             self.counters.reject("internal_error")
 
     def _authenticated(self, env: Envelope, frame: "Frame | None", msg: Message) -> bool:
-        from protocol.cmdauth import verify_frame
+        from protocol.cmdauth import ReplayError, verify_frame
         from protocol.signing import SignatureError
 
         assert self.verifier is not None
@@ -438,6 +454,8 @@ class Agent:
         except SignatureError as exc:
             what = env.body.get("command", env.kind) if env.kind == "cmd" else env.kind
             self.counters.reject("unauthenticated")
+            if isinstance(exc, ReplayError):
+                self.counters.reject("replayed_command")
             log.warning("refused %r on %s: %s", what, msg.topic, exc)
             self.emit_event("command.refused", "warning", command=what, reason=str(exc))
             if env.kind == "cmd":

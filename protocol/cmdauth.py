@@ -4,8 +4,17 @@ The controller signs each command envelope with its Ed25519 key. The signed byte
 the canonical JSON of the envelope (without ``auth``) *plus the topic it is published
 on*, so a command captured for one device cannot be replayed to another, and the
 envelope's ``ts`` and ``id`` let the agent refuse replays: ``ts`` must be within
-``max_skew_s`` of the agent's clock and an ``id`` is accepted once (bounded memory).
-Pure logic; the caller passes ``now``.
+``max_skew_s`` of the agent's clock and an ``id`` is accepted once.
+
+Replays must stay refused across a restart, when the in-memory ids are gone: per signing key
+the verifier keeps a *high-water mark* — the newest ``ts`` it accepted and the ids accepted at
+exactly that ``ts`` — and hands it to ``persist`` (the agent writes it atomically to its state
+dir) *before* a command is accepted. A verifier built from saved ``marks`` refuses anything
+signed before the mark (or the mark's own ids): a captured older command, replayed after a
+restart, is refused although its signature and timestamp are fine. Within one run, commands
+from two publishers sharing a key may cross (fleetctl and the service), so only ids are checked
+above the floor the run started with; when the id memory is full the floor rises to the evicted
+``ts`` rather than forgetting. Pure logic; the caller passes ``now`` and does the I/O.
 """
 from __future__ import annotations
 
@@ -13,7 +22,7 @@ import base64
 from collections import OrderedDict
 from dataclasses import replace
 import json
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -43,25 +52,51 @@ def sign_envelope(env: Envelope, topic: str, key: Ed25519PrivateKey) -> Envelope
                               "sig": base64.b64encode(sig).decode()})
 
 
+class ReplayError(SignatureError):
+    """A well-signed command seen before, or older than what this board already accepted."""
+
+
+#: per key id: {"ts": newest accepted ts, "ids": [ids accepted at exactly that ts]} (plain JSON data)
+Marks = dict[str, dict[str, Any]]
+
+
 class CommandVerifier:
     """Verifies signatures, clock skew and replays of inbound commands."""
 
-    def __init__(self, trusted: Iterable[Ed25519PublicKey], max_skew_s: float = 300.0, remember: int = 4096) -> None:
+    def __init__(self, trusted: Iterable[Ed25519PublicKey], max_skew_s: float = 300.0, remember: int = 4096,
+                 marks: "Marks | None" = None, persist: "Callable[[Marks], None] | None" = None,
+                 floor: float | None = None) -> None:
+        """``marks``: what ``persist`` saved last run; ``floor``: refuse anything signed before it for a
+        key without a mark (the saved marks were unreadable: fail closed to the start time)."""
         self.keys = {key_id(k): k for k in trusted}
         self.max_skew_s = max_skew_s
         self.remember = remember
-        self._seen: OrderedDict[str, None] = OrderedDict()
+        self.persist = persist
+        self._seen: OrderedDict[str, tuple[str, float]] = OrderedDict()   # id -> (key id, ts), this run
+        self._high: dict[str, tuple[float, frozenset[str]]] = {}          # the high-water mark per key
+        self._floor: dict[str, tuple[float, frozenset[str]]] = {}         # refuse at or below (ids at it)
+        for kid in self.keys:
+            m = (marks or {}).get(kid)
+            if m is not None:
+                mark = (float(m["ts"]), frozenset(str(i) for i in m.get("ids") or ()))
+                self._high[kid] = self._floor[kid] = mark
+            elif floor is not None:
+                self._floor[kid] = (float(floor), frozenset())
+
+    def marks(self) -> Marks:
+        return {kid: {"ts": ts, "ids": sorted(ids)} for kid, (ts, ids) in self._high.items()}
 
     def verify(self, env: Envelope, topic: str, now: float) -> str:
-        """Return the signing key id, or raise SignatureError with the reason."""
+        """Return the signing key id, or raise SignatureError with the reason (ReplayError: a replay)."""
         auth: Any = env.auth
         if not auth:
             raise SignatureError("unsigned command (this agent requires signed commands)")
         if auth.get("alg") != "ed25519":
             raise SignatureError(f"unsupported signature algorithm {auth.get('alg')!r}")
-        key = self.keys.get(auth.get("key_id"))
+        kid = auth.get("key_id")
+        key = self.keys.get(kid)
         if key is None:
-            raise SignatureError(f"command signed by key {auth.get('key_id')!r}, which is not trusted here")
+            raise SignatureError(f"command signed by key {kid!r}, which is not trusted here")
         try:
             raw = base64.b64decode(auth.get("sig", ""), validate=True)
             key.verify(raw, signed_bytes(env, topic))
@@ -71,11 +106,36 @@ class CommandVerifier:
             raise SignatureError(f"command timestamp is {now - env.ts:+.0f}s off our clock "
                                  f"(limit ±{self.max_skew_s:.0f}s): stale or replayed")
         if env.id in self._seen:
-            raise SignatureError(f"replayed command id {env.id}")
-        self._seen[env.id] = None
+            raise ReplayError(f"replayed command id {env.id}")
+        floor, at_floor = self._floor.get(kid, (float("-inf"), frozenset()))
+        if env.ts < floor or (env.ts == floor and env.id in at_floor):
+            raise ReplayError(f"replayed or out-of-date command {env.id}: signed at {env.ts:.6f}, not after the "
+                              f"high-water mark {floor:.6f} of key {kid} (kept across restarts)")
+        high = self._high.get(kid)
+        new_high = high
+        if high is None or env.ts > high[0]:
+            new_high = (env.ts, frozenset({env.id}))
+        elif env.ts == high[0]:
+            new_high = (env.ts, high[1] | {env.id})
+        if new_high != high and self.persist is not None:
+            marks = self.marks()
+            marks[kid] = {"ts": new_high[0], "ids": sorted(new_high[1])}
+            try:
+                self.persist(marks)
+            except OSError as exc:   # not durable: accepting it would let a restart take it again
+                raise SignatureError(f"cannot record the command's id for replay protection: "
+                                     f"{exc.strerror or exc}") from None
+        if new_high is not None:
+            self._high[kid] = new_high
+        self._seen[env.id] = (kid, env.ts)
         while len(self._seen) > self.remember:
-            self._seen.popitem(last=False)
-        return auth["key_id"]
+            old_id, (old_kid, old_ts) = self._seen.popitem(last=False)
+            f_ts, f_ids = self._floor.get(old_kid, (float("-inf"), frozenset()))
+            if old_ts > f_ts:
+                self._floor[old_kid] = (old_ts, frozenset({old_id}))
+            elif old_ts == f_ts:
+                self._floor[old_kid] = (f_ts, f_ids | {old_id})
+        return kid
 
 
 def sign_frame(env: Envelope, topic: str, key: Ed25519PrivateKey | None,

@@ -160,6 +160,31 @@ class Serving(Feature):
         log.info("staged %s healthy: %s", staged.name, figures)
         return figures
 
+    def own_health_check(self, target: Path) -> dict[str, Any]:
+        """The target's own gate (loads, reference outputs, its eval baseline, no comparison with the
+        serving model): for an allowed downgrade, where differing from the serving model is the point."""
+        from .health import Unhealthy, check_bundle
+
+        try:
+            figures = check_bundle(target, self.ctx.cfg.model.threads, current=None)
+        except Unhealthy as exc:
+            raise RuntimeError(str(exc)) from None
+        log.info("kept %s healthy on its own checks: %s", target.name, figures)
+        return figures
+
+    def switch_gate(self, target: Path) -> Callable[[Path], dict[str, Any]]:
+        """The gate for switching to a version kept in the store: the full one (shadow evaluation and
+        live shadow against the serving model) when the target is newer, its own checks when older."""
+        from protocol.patch import PatchError, read_manifest, version_key
+
+        cur = self.store.current if self.store else None
+        try:
+            newer = cur is None or version_key(read_manifest(target)["version"]) > \
+                version_key(read_manifest(cur)["version"])
+        except PatchError:
+            newer = True
+        return self.health_check if newer else self.own_health_check
+
     def _live_shadow(self, staged: Path, n: int, window_s: float, min_agreement: float) -> dict[str, Any]:
         """Runs in the installer's thread: collect live inputs, then let the candidate answer them."""
         from protocol.bundle import load_bundle
@@ -270,11 +295,12 @@ class Serving(Feature):
         return {"serving": self.model_info(), "store": store.describe() if store else None,
                 "load_error": self.load_error}
 
-    def _cmd_rollback(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
+    def _cmd_rollback(self, args: dict[str, Any], env: Envelope) -> Awaitable[dict[str, Any]]:
+        """An explicit rollback (an operator, or the controller switching to a kept version): an
+        allowed downgrade, but the target must pass its health gate before it serves."""
         store = self.store
         if store is None:
             raise CommandError("no model store")
-        target = None
         if args.get("bundle_sha256"):
             target = store.find_id(str(args["bundle_sha256"]))
             if target is None:
@@ -283,13 +309,26 @@ class Serving(Feature):
             target = store.find(str(args["version"]))
             if target is None:
                 raise CommandError(f"version {args['version']!r} is not installed here")
-        res = store.rollback(target)
+        else:
+            target = store.previous
+            if target is None or not store.valid(target):
+                raise CommandError("no previous version to roll back to")
+        if store.current is not None and target == store.current:
+            raise CommandError("already serving that version")
+        return self._rollback_to(target)
+
+    async def _rollback_to(self, target: Path) -> dict[str, Any]:
+        store = self.store
+        assert store is not None
+        res = await asyncio.to_thread(store.switch, target, self.switch_gate(target), True)
         if not res.ok:
+            self.ctx.emit_event("model.rollback_refused", "error", version=res.version, reason=res.reason)
             raise CommandError(res.reason)
         self.load_current()
-        self.ctx.emit_event("model.rolled_back", "warning", version=res.version, reason="on command")
+        self.ctx.emit_event("model.rolled_back", "warning", version=res.version, reason="on command",
+                            health=res.health)
         self.ctx.republish_state()
-        return {"version": res.version}
+        return {"version": res.version, "health": res.health}
 
 
 def make_source(cfg: Any) -> Any:

@@ -4,7 +4,10 @@ Wiring only. ``agent.updates.transfer`` decides which chunks to ask for, ``proto
 verifies, ``agent.updates.modelstore`` stages, health-checks and switches, and
 ``agent.updates.states`` is the table of the steps an update may take. Chunks land in
 ``<state>/transfers/<transfer id>/patch.part`` as they arrive, so an agent that loses
-the link — or is restarted — asks only for what it does not hold. Every step is a
+the link — or is restarted — asks only for what it does not hold, and one restarted with
+every chunk on disk applies it as soon as it runs. A version already kept on the board
+is switched to under the same rules as an install: the downgrade rule (``allow_downgrade``
+in the signed offer) and the health gate. Every step is a
 ``model.update`` event (status offered → downloading → received → verified → staged →
 healthy → applied, or failed / rolled_back with the reason) that dashboards and the
 controller's rollout runner read. Bad chunks and stray frames are counted and dropped.
@@ -30,7 +33,7 @@ from protocol.patch import PatchError, bundle_id
 
 from ..core.context import AgentContext, Feature
 from .modelstore import failpoint
-from .states import UpdateState, UpdateStateError
+from .states import KEPT_SWITCH, UpdateState, UpdateStateError
 from .transfer import PartFile, Transfer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -60,6 +63,8 @@ class ServingPort(Protocol):
     def load_current(self) -> bool: ...
 
     def health_check(self, staged: Path) -> dict[str, Any]: ...
+
+    def switch_gate(self, target: Path) -> Callable[[Path], dict[str, Any]]: ...
 
 
 class McuPort(Protocol):
@@ -204,7 +209,13 @@ class Updater(Feature):
             self._ask(force=True)
 
     async def run(self) -> None:
-        """Re-ask for chunks whose request timed out (lost message, dropped link)."""
+        """Apply a transfer that was already complete on disk at start-up (killed after its last chunk:
+        no chunk and no offer will come to trigger it); then re-ask for chunks whose request timed
+        out (lost message, dropped link)."""
+        a = self.active
+        if a is not None and a.transfer.complete and not self.applying:
+            log.info("transfer %s was complete on disk at start-up: applying it", a.tid)
+            await self._apply()
         while True:
             await asyncio.sleep(min(0.5, self.retry_s / 2))
             if self.active is not None and not self.applying:
@@ -237,16 +248,8 @@ class Updater(Feature):
             self.ctx.republish_state()
             return
         kept = store.find_id(target["bundle_sha256"])
-        if kept is not None:  # a version we still hold (a rollback): switch to it, nothing to download
-            res = store.rollback(kept)
-            if res.ok:
-                refused = await self._finish_switch(store, offer)
-                if refused:
-                    self.report("rolled_back", offer, refused)
-                    return
-                self.report("applied", offer, "switched to a version kept on this device")
-            else:
-                self.report("failed", offer, res.reason)
+        if kept is not None:  # a version we still hold: switch to it, nothing to download
+            await self._switch_kept(store, kept, offer)
             return
         base = offer.get("base")
         if base is not None and have != base["bundle_sha256"]:
@@ -294,6 +297,27 @@ class Updater(Feature):
         else:
             self._ask(force=True)
 
+    async def _switch_kept(self, store: "ModelStore", kept: Path, offer: dict[str, Any]) -> None:
+        """A kept version obeys the install's rules: the downgrade rule (``allow_downgrade`` is in the
+        signed offer) and the health gate on it, before it serves."""
+        self.applying = True
+        try:
+            res = await asyncio.to_thread(store.switch, kept, self.serving.switch_gate(kept),
+                                          bool(offer.get("allow_downgrade")))
+            if not res.ok:
+                self.stats["failed"] += 1
+                status = "rolled_back" if "unhealthy" in res.steps else "failed"
+                assert status in KEPT_SWITCH
+                self.report(status, offer, res.reason)
+                return
+            refused = await self._finish_switch(store, offer)
+            if refused:
+                self.report("rolled_back", offer, refused)
+                return
+            self.report("applied", offer, "switched to a version kept on this device", health=res.health)
+        finally:
+            self.applying = False
+
     async def on_chunk(self, frame: Frame, msg: Message) -> None:
         if not isinstance(frame, Frame):
             self.ctx.counters.reject("chunk_not_a_frame")
@@ -320,6 +344,8 @@ class Updater(Feature):
             self.stats["chunks"] += 1
             if len(a.transfer.have) == a.transfer.count // 2:
                 failpoint("transfer_half")
+            if a.transfer.complete:
+                failpoint("transfer_complete")
         if a.transfer.complete:
             await self._apply()
         else:

@@ -7,14 +7,24 @@ Layout under ``<state dir>/models``::
     previous -> v-...  what ``rollback`` returns to
     .staging-<id16>/   a bundle being assembled (removed on start-up)
 
-Order of an install: verify everything in memory (``protocol.patch``) → assemble the new
-version in a staging directory (unchanged files hard-linked or copied from the current
-version and re-hashed) → fsync → rename into place → health-check the *staged* version
-→ switch ``current`` atomically. A SIGKILL at any point leaves ``current`` pointing at a
-complete version: the old one before the switch, the new one after it. ``recover()`` on
-start-up cleans half-done work and repairs a dangling pointer.
+Order of an install — stage → check → commit: verify everything in memory
+(``protocol.patch``) → assemble the new version in a staging directory (unchanged files
+hard-linked or copied from the current version and re-hashed) → fsync → health-check the
+*staging* directory → only a version that passed is renamed into its ``v-<id>`` directory →
+switch ``current`` atomically. So every ``v-*`` directory is a version that passed its gate:
+``find``/``find_id``/``installed`` never see one that was killed during its check, and a
+SIGKILL at any point leaves ``current`` pointing at a complete version: the old one before the
+switch, the new one after it. ``recover()`` on start-up removes staging directories (the
+half-done and the unchecked) and repairs a dangling pointer.
 
-``failpoint(name)`` lets tests kill the process at each step (EDGEFLEET_FAILPOINT=name).
+Switching to a version kept here (``switch``) obeys the same rules as installing one: the
+downgrade rule (``protocol.patch.version_key``; a downgrade only when the caller says it is
+allowed) and the health gate on the target, before ``current`` moves. ``rollback()`` without
+checks is only for going back to the version that served just before an interrupted or refused
+switch (the MCU refused its part).
+
+``failpoint(name)`` lets tests kill the process at each step (EDGEFLEET_FAILPOINT=name);
+``INSTALL_FAILPOINTS`` lists the install's, in order.
 """
 from __future__ import annotations
 
@@ -31,6 +41,10 @@ from protocol.patch import (PatchError, VerifiedPatch, bundle_id, parse_patch, r
 
 #: raises with the reason when a staged bundle is not healthy; returns its figures (latency, agreement...)
 HealthCheck = Callable[[Path], "dict[str, Any] | None"]
+
+
+#: every step boundary of an install where a test may kill the process, in order
+INSTALL_FAILPOINTS = ("staging", "staged", "gate", "healthy", "renamed", "before_switch", "switched")
 
 
 def failpoint(name: str) -> None:
@@ -205,25 +219,31 @@ class ModelStore:
                 failpoint("staging")
             _write_file(staging / "manifest.json", files["manifest.json"])
             _fsync_dir(staging)
-            failpoint("staged")
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(staging, final)
-            _fsync_dir(self.root)
             steps.append("staged")
-            failpoint("renamed")
+            failpoint("staged")
         except (PatchError, OSError) as exc:
             shutil.rmtree(staging, ignore_errors=True)
             return InstallResult(False, version, bid, f"staging failed: {exc}", tuple(steps))
         figures: dict[str, Any] = {}
         if health is not None:
+            failpoint("gate")
             try:
-                figures = dict(health(final) or {})
+                figures = dict(health(staging) or {})
             except Exception as exc:  # noqa: BLE001 - any failure of the candidate is a reason to refuse it
-                shutil.rmtree(final, ignore_errors=True)
+                shutil.rmtree(staging, ignore_errors=True)
                 return InstallResult(False, version, bid, f"rolled back: health check failed: {exc}",
                                      tuple(steps + ["unhealthy"]))
             steps.append("healthy")
+        failpoint("healthy")
+        try:  # commit: only now does the version become visible
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(staging, final)
+            _fsync_dir(self.root)
+            failpoint("renamed")
+        except OSError as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            return InstallResult(False, version, bid, f"staging failed: {exc}", tuple(steps))
         failpoint("before_switch")
         if cur is not None:
             self._point("previous", cur)
@@ -233,6 +253,43 @@ class ModelStore:
         failpoint("switched")
         self._prune()
         return InstallResult(True, version, bid, "installed", tuple(steps), figures)
+
+    def switch(self, target: Path | None, health: HealthCheck | None = None,
+               allow_downgrade: bool = False) -> InstallResult:
+        """Serve a version kept here, under the install's rules: the downgrade rule, then the gate."""
+        cur = self.current
+        if target is None or not self.valid(target):
+            return InstallResult(False, None, None, "that version is not installed here")
+        try:
+            m = read_manifest(target)
+            bid = bundle_id(target)
+        except PatchError as exc:
+            return InstallResult(False, None, None, f"unreadable kept version: {exc}")
+        version = m["version"]
+        if cur is not None and target == cur:
+            return InstallResult(False, version, bid, "already serving that version")
+        if cur is not None and not allow_downgrade:
+            try:
+                cur_version = read_manifest(cur)["version"]
+            except PatchError:
+                cur_version = None
+            if cur_version is not None and version_key(version) <= version_key(cur_version):
+                return InstallResult(False, version, bid, f"refused: version {version} is not newer than the "
+                                                          f"installed {cur_version} (replay or downgrade)")
+        steps: list[str] = []
+        figures: dict[str, Any] = {}
+        if health is not None:
+            try:
+                figures = dict(health(target) or {})
+            except Exception as exc:  # noqa: BLE001 - as for an install: any failure refuses the switch
+                return InstallResult(False, version, bid, f"refused: health check failed: {exc}", ("unhealthy",))
+            steps.append("healthy")
+        if cur is not None:
+            self._point("previous", cur)
+        self._point("current", target)
+        os.utime(target)
+        steps.append("applied")
+        return InstallResult(True, version, bid, "switched to a kept version", tuple(steps), figures)
 
     def rollback(self, to: Path | None = None) -> InstallResult:
         target = to or self.previous

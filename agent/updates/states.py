@@ -6,8 +6,13 @@ Rules:
   ``downloading`` (``resume`` does the same for a transfer found on disk at start-up), and every
   ``model.update`` status the board reports about it is a step in ``TRANSITIONS``; the final
   ones (``applied``, ``failed``, ``rolled_back``, ``unchanged``) return it to ``idle``;
-* offers refused before they become the active transfer (wrong base, too large, a version
-  already kept on the board) are answered without touching it;
+* a transfer found on disk at start-up resumes as ``downloading``; when every chunk is
+  already there (killed after the last one) the next step is ``received`` at once, as soon as
+  the agent runs — the same path as the last chunk arriving;
+* offers answered before they become the active transfer (wrong base, too large) do not touch
+  it; neither does a switch to a version already kept on the board, whose own short life is
+  the gate on the target then ``applied``, or ``failed`` (the downgrade rule) / ``rolled_back``
+  (its gate refused it), reported without the table (``KEPT_SWITCH``);
 * a download may be re-offered (``downloading → downloading``), and anything not final may
   fail (``failed``) or be rolled back after its gate refused it (``rolled_back``);
 * any other step is *our* bug (the daemon reported out of order): ``UpdateStateError``, and the
@@ -32,6 +37,10 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     "staged": frozenset({"healthy"}) | _ANY_END,
     "healthy": frozenset({"applied"}) | _ANY_END,
 }
+
+
+#: the statuses a switch to a kept version may report (outside the active transfer's table)
+KEPT_SWITCH = frozenset({"applied", "failed", "rolled_back"})
 
 
 class UpdateStateError(Exception):
