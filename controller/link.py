@@ -10,6 +10,7 @@ from .config import ControllerConfig
 
 def make_link(cfg: ControllerConfig, client_id: str, *, will: Will | None = None,
               subscriptions: list[tuple[str, int]] | None = None,
-              on_connect: Callable[[], Any] | None = None, persistent: bool = False) -> MqttLink:
+              on_connect: Callable[[], Any] | None = None, persistent: bool = False,
+              manual_ack: bool = False) -> MqttLink:
     return MqttLink.from_settings(cfg.mqtt, client_id, will=will, subscriptions=subscriptions,
-                                  on_connect=on_connect, persistent=persistent)
+                                  on_connect=on_connect, persistent=persistent, manual_ack=manual_ack)

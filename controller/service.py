@@ -73,7 +73,7 @@ class ControllerService:
         subs.append((f"{self.topics.base}/offload/workers/+", 0))
         self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
                               will=Will(self.topics.ctl_state, self._ctl_state("offline")),
-                              subscriptions=subs, on_connect=self._on_connect, persistent=True)
+                              subscriptions=subs, on_connect=self._on_connect, persistent=True, manual_ack=True)
         await self.link.start()
         pump = asyncio.create_task(self._pump(), name="ingest")
         sweeper = asyncio.create_task(self._sweep(), name="offline-sweep")
@@ -96,13 +96,18 @@ class ControllerService:
 
     async def _pump(self) -> None:
         assert self.link is not None
-        q = self.link.messages
+        link = self.link
+        q = link.messages
         while True:
-            msg = await q.get()
-            self._safe_ingest(msg)
-            while not q.empty():  # drain a burst, then commit once
-                self._safe_ingest(q.get_nowait())
+            batch = [await q.get()]
+            self._safe_ingest(batch[0])
+            while not q.empty() and len(batch) < 1000:  # drain a burst, then commit once
+                batch.append(q.get_nowait())
+                self._safe_ingest(batch[-1])
             self.registry.commit()
+            for msg in batch:  # acknowledged only once stored: a crash before this and the broker re-sends
+                link.ack(msg)
+            await asyncio.sleep(0)  # let the runners and the sweeper in between bursts
 
     def _safe_ingest(self, msg: Message) -> None:
         try:

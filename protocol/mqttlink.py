@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import logging
 import random
 import ssl
+import threading
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit, unquote
 
@@ -95,6 +96,24 @@ class Message:
     retain: bool = False
     response_topic: str | None = None
     correlation: bytes | None = None
+    #: the packet id, for ``MqttLink.ack`` on a link with ``manual_ack`` (0 for QoS 0)
+    mid: int = 0
+
+
+class _HandOff(asyncio.Queue):
+    """The paho thread → loop hand-off. Its bound is a semaphore the *paho thread* waits on: when
+    the consumer falls behind, the network thread stops reading (TCP pushes back to the broker)
+    instead of accepting a message and dropping it. Each item taken frees a slot."""
+
+    def __init__(self, slots: int) -> None:
+        super().__init__()
+        self.slots = threading.Semaphore(slots)
+        self.capacity = slots
+
+    def _get(self):  # asyncio.Queue's subclass hook, behind get() and get_nowait()
+        item = super()._get()
+        self.slots.release()
+        return item
 
 
 @dataclass(frozen=True)
@@ -167,9 +186,14 @@ class MqttLink:
                  on_connect: Callable[[], Awaitable[None] | None] | None = None,
                  min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000,
                  persistent: bool = False, session_expiry_s: int = 7 * 86400,
-                 on_disconnect: Callable[[str], None] | None = None) -> None:
+                 on_disconnect: Callable[[str], None] | None = None, manual_ack: bool = False) -> None:
         """``persistent``: keep the broker session (subscriptions + queued QoS 1 messages) across
-        disconnects and restarts, so nothing sent to us while we were away is lost."""
+        disconnects and restarts, so nothing sent to us while we were away is lost.
+
+        Inbound flow control: at most ``queue_size`` messages wait for the consumer; past that the
+        network thread waits (the broker holds the rest) — nothing the broker handed us is dropped.
+        ``manual_ack``: a QoS 1 message is acknowledged only when the consumer calls ``ack(msg)``
+        (after it stored it): a crash before that and the broker delivers it again."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.client_id = client_id
@@ -185,7 +209,8 @@ class MqttLink:
         self.on_disconnect = on_disconnect
         self.min_backoff = min_backoff
         self.max_backoff = max_backoff
-        self.messages: asyncio.Queue[Message] = asyncio.Queue(maxsize=queue_size)
+        self.manual_ack = manual_ack
+        self.messages: asyncio.Queue[Message] = _HandOff(queue_size)
         self.connected = asyncio.Event()
         self.dropped_incoming = 0
         self.connects = 0
@@ -218,7 +243,7 @@ class MqttLink:
     def _start_client(self) -> None:
         proto = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto,
-                        clean_session=None if self._v5 else not self.persistent)
+                        clean_session=None if self._v5 else not self.persistent, manual_ack=self.manual_ack)
         if self.broker.username:
             c.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls or (self.tls and self.tls.ca_file):
@@ -316,7 +341,14 @@ class MqttLink:
         if props is not None:
             rt = getattr(props, "ResponseTopic", None)
             corr = getattr(props, "CorrelationData", None)
-        self._post(self._enqueue, Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr))
+        msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0)
+        slots = self.messages.slots  # type: ignore[attr-defined]
+        while not slots.acquire(timeout=0.5):   # the consumer is behind: stop reading until it catches up
+            if self._stopping or self._loop is None or self._loop.is_closed():
+                self.dropped_incoming += 1      # shutting down: never acknowledged with manual_ack
+                log.warning("shutting down with a full inbound queue: %s not taken", m.topic)
+                return
+        self._post(self._enqueue, msg)
 
     def _cb_publish(self, client, userdata, mid, rc=None, props=None) -> None:
         # posted to the loop: the future for this mid is registered before the loop runs this
@@ -331,10 +363,13 @@ class MqttLink:
             fut.set_result(True)
 
     def _enqueue(self, msg: Message) -> None:
-        try:
-            self.messages.put_nowait(msg)
-        except asyncio.QueueFull:
-            self.dropped_incoming += 1
+        self.messages.put_nowait(msg)   # unbounded put: the slot was taken in the paho thread
+
+    def ack(self, msg: Message) -> None:
+        """With ``manual_ack``: acknowledge a QoS 1 message the consumer has stored."""
+        c = self._client
+        if self.manual_ack and msg.qos and msg.mid and c is not None:
+            c.ack(msg.mid, msg.qos)
 
     def _on_connect(self, client: mqtt.Client, rc: int, reason: str) -> None:
         if client is not self._client or self._stopping:
