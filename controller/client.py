@@ -4,6 +4,9 @@ Replies come back inside the device's own subtree
 (``{root}/v1/dev/{id}/reply/{client_id}``) so the broker ACL never has to let a
 device write elsewhere; correlation is by ``corr`` in the envelope (and MQTT 5
 correlation data when the session is v5).
+
+It connects under the CLI's own identity (``[cli]``, ``link.cli_settings``), never as the
+controller: the broker names each connection after its certificate, one at a time.
 """
 from __future__ import annotations
 
@@ -19,7 +22,7 @@ from protocol.topics import Topics, validate_id
 
 from .channel import ControlChannel, load_signing_key
 from .config import ControllerConfig
-from .link import make_link
+from .link import CliIdentityError, cli_settings, make_link
 
 
 class FleetClientError(RuntimeError):
@@ -30,8 +33,12 @@ class FleetClient:
     def __init__(self, cfg: ControllerConfig, name: str = "fleetctl") -> None:
         self.cfg = cfg
         self.topics = Topics(cfg.mqtt.topic_root)
-        self.client_id = f"{name}-{os.urandom(4).hex()}"
-        self.link: MqttLink = make_link(cfg, self.client_id,
+        self.client_id = f"{name}-{os.urandom(4).hex()}"   # names the reply topics; the broker may rename the session
+        try:
+            settings = cli_settings(cfg)
+        except CliIdentityError as exc:
+            raise FleetClientError(str(exc)) from None
+        self.link: MqttLink = make_link(cfg, self.client_id, settings=settings,
                                         subscriptions=[(f"{self.topics.base}/dev/+/reply/{self.client_id}", 1)])
         self._pending: dict[str, asyncio.Future] = {}
         try:

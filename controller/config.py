@@ -54,11 +54,31 @@ class SecuritySection:
     signing_key: str = ""   # Ed25519 private key (PEM) that signs commands and patches
 
 @dataclass(frozen=True)
+class CliSection:
+    """The CLI's own broker identity (``fleetctl cmd``, ``infer``, ``telemetry --follow``, …).
+
+    The shipped Mosquitto config names every connection after its certificate or user
+    (``use_username_as_clientid``), so the CLI must not connect as the controller: that would push
+    ``fleetctl serve`` off the broker. Give it an operator certificate (mTLS) or user (passwords);
+    the ``[mqtt]`` section's broker, CA and topic root still apply (controller/link.py)."""
+
+    cert_file: str = ""
+    key_file: str = ""
+    username: str = ""
+    password_file: str = ""
+
+    def __post_init__(self) -> None:
+        check(bool(self.cert_file) == bool(self.key_file), "cli.cert_file",
+              "and cli.key_file go together (the operator's certificate and its key)")
+
+
+@dataclass(frozen=True)
 class ControllerConfig:
     controller: ControllerSection = field(default_factory=ControllerSection)
     mqtt: MqttSettings = field(default_factory=MqttSettings)
     registry: RegistrySection = field(default_factory=RegistrySection)
     security: SecuritySection = field(default_factory=SecuritySection)
+    cli: CliSection = field(default_factory=CliSection)
     source: str = ""
 
     @property

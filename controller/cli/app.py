@@ -20,13 +20,14 @@ from .model import model
 from .offload import offload, offload_worker
 from .patch import patch
 from .report import report
+from .params import BROKER_HELP, BROKER_URL
 from .round import round  # noqa: A004 - the command group is called "round"
 from .serve import serve
 
 
 @click.group(context_settings={"auto_envvar_prefix": "FLEETCTL", "help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="controller TOML config")
-@click.option("--broker", default=None, help="broker URL, mqtt://host:port (overrides config)")
+@click.option("--broker", default=None, type=BROKER_URL, help=BROKER_HELP)
 @click.option("--db", default=None, help="registry SQLite file (overrides config)")
 @click.option("--topic-root", default=None, help="topic root (default edgefleet)")
 @click.option("--signing-key", default=None, type=click.Path(dir_okay=False),

@@ -26,6 +26,7 @@ from protocol.lifecycle import run_until_stopped
 
 from ..config import parse_config
 from ..table import render
+from .params import BROKER_URL
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..service import ControllerService
@@ -329,6 +330,8 @@ def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: 
 
 
 @click.command()
+@click.option("--broker", default=None, type=BROKER_URL,
+              help="use this broker instead of the embedded one (same as the global --broker, which it overrides)")
 @click.option("--agents", default=3, show_default=True, type=click.IntRange(1, 50), help="number of agents")
 @click.option("--duration", default=None, type=click.FloatRange(1, 86400), help="stop after S seconds")
 @click.option("--json", "as_json", is_flag=True, help="print a final machine-readable summary")
@@ -336,9 +339,9 @@ def _show(devs, svc: ControllerService, elapsed: float, live, tty: bool, pings: 
 @click.option("--rollout-at", default=10.0, show_default=True, type=click.FloatRange(0, 86400),
               help="roll a new head version out at S seconds (canary first); 0 = no rollout")
 @click.pass_context
-def demo(ctx: click.Context, agents: int, duration: float | None, as_json: bool, interval: float,
+def demo(ctx: click.Context, broker: str | None, agents: int, duration: float | None, as_json: bool, interval: float,
          rollout_at: float) -> None:
     """Embedded broker + controller + N agents, with the fleet shown live."""
     c = ctx.obj
-    sys.exit(run_demo(agents=agents, broker=c.broker, duration=duration, as_json=as_json, interval=interval,
+    sys.exit(run_demo(agents=agents, broker=broker or c.broker, duration=duration, as_json=as_json, interval=interval,
                       topic_root=c.topic_root, rollout_at=rollout_at))

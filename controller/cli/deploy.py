@@ -84,7 +84,7 @@ def _policy_options(f):
 
 def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: float, batch: int,
             max_failures: int, wave_timeout: float, max_confidence_drop: float | None, selector: dict[str, Any],
-            kind: str = "ro", max_accuracy_drop: float | None = None) -> str:
+            kind: str = "ro", max_accuracy_drop: float | None = None, artifact_id: str | None = None) -> str:
     from ..rollouts.policy import RolloutConfigError, RolloutPolicy, plan_waves
 
     try:
@@ -99,7 +99,7 @@ def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: lis
         m = (d.state or {}).get("model") or {}
         current[d.id] = (m.get("bundle_sha256"), m.get("version")) if isinstance(m, dict) else (None, None)
     rid = time.strftime(f"{kind}-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
-    store.create_rollout(rid, version, sha, policy.to_dict(), selector, waves, current)
+    store.create_rollout(rid, version, sha, policy.to_dict(), selector, waves, current, artifact_id=artifact_id)
     return rid
 
 
@@ -123,13 +123,16 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
         art = store.add_bundle(artifact) if Path(artifact).is_dir() else store.add_patch(Path(artifact).read_bytes())
     except (PatchError, OSError) as exc:
         raise click.ClickException(f"{artifact}: {exc}") from None
+    if art.quarantined is not None:
+        raise click.ClickException(f"{artifact}: artifact {art.id[:12]} is quarantined, it is never offered again "
+                                   f"({art.quarantine_reason})")
     devices = select_devices(ctx, store, to, group, tag, all_)
     if art.kind == "bundle" and not ctx.obj.cfg().security.signing_key:
         click.echo("warning: no --signing-key: fleetctl serve must have one to make patches from a bundle",
                    err=True)
     rid = _create(ctx, store, art.version, art.bundle_sha256, devices, canary, batch, max_failures, wave_timeout,
                   max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id},
-                  max_accuracy_drop=max_accuracy_drop)
+                  max_accuracy_drop=max_accuracy_drop, artifact_id=art.id)
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
@@ -145,18 +148,27 @@ def _report_created(store: Any, rid: str, version: str, n: int, as_json: bool, w
                    err=as_json)
 
 
+def _artifact_json(a: Any) -> dict[str, Any]:
+    return {"id": a.id, "kind": a.kind, "version": a.version, "base_sha256": a.base_sha256, "size": a.size,
+            "made_by_controller": a.made_from is not None, "quarantined": a.quarantined is not None,
+            "quarantined_at": a.quarantined, "quarantine_reason": a.quarantine_reason}
+
+
 def rollout_json(store: Any, r: Any) -> dict[str, Any]:
     slots = store.slots(r.id)
     counts: dict[str, int] = {}
     for s in slots:
         counts[s.status] = counts.get(s.status, 0) + 1
+    own = store.artifact(r.artifact_id) if r.artifact_id else None
     return {"rollout_id": r.id, "status": r.status, "version": r.version, "bundle_sha256": r.bundle_sha256,
             "created": r.created, "finished": r.finished, "wave": r.wave, "waves": r.waves, "reason": r.reason,
             "policy": r.policy, "selector": r.selector, "figures": r.figures, "counts": counts,
             "devices": [{"device": s.device_id, "wave": s.wave, "status": s.status, "reason": s.reason,
                          "from_version": s.from_version, "conf_before": s.conf_before, "conf_after": s.conf_after,
                          "acc_before": s.acc_before, "acc_after": s.acc_after}
-                        for s in slots]}
+                        for s in slots],
+            "artifact": _artifact_json(own) if own is not None else None,
+            "quarantined": [_artifact_json(a) for a in store.quarantined_for(r.bundle_sha256)]}
 
 
 def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
@@ -194,6 +206,9 @@ def _print(s: dict[str, Any]) -> None:
     click.echo(render(["DEVICE", "WAVE", "STATUS", "FROM", "REASON"],
                       [[d["device"], d["wave"] + 1, d["status"], d["from_version"] or "-", (d["reason"] or "")[:70]]
                        for d in s["devices"]]))
+    for a in s.get("quarantined") or []:
+        mine = " (this rollout's artifact)" if s.get("artifact") and s["artifact"]["id"] == a["id"] else ""
+        click.echo(f"quarantined: {a['kind']} {a['id'][:12]} for {a['version']}{mine}: {a['quarantine_reason']}")
 
 
 @click.group()

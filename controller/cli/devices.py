@@ -144,7 +144,7 @@ def _print_telemetry(dev: str, ts: float, body: dict[str, Any], as_json: bool) -
 
 async def _follow(cfg: ControllerConfig, device_id: str | None, as_json: bool, stop: asyncio.Event) -> None:
     """Print live telemetry until ``stop`` (SIGINT/SIGTERM)."""
-    from ..client import FleetClient
+    from ..client import FleetClient, FleetClientError
     from protocol.envelope import DecodeError
 
     async def stream(fc: FleetClient) -> None:
@@ -156,13 +156,16 @@ async def _follow(cfg: ControllerConfig, device_id: str | None, as_json: bool, s
                 continue
             _print_telemetry(dev, env.ts, dict(env.body), as_json)
 
-    async with FleetClient(cfg) as fc:
-        printer = asyncio.create_task(stream(fc), name="telemetry-follow")
-        stopped = asyncio.create_task(stop.wait(), name="telemetry-stop")
-        await asyncio.wait((printer, stopped), return_when=asyncio.FIRST_COMPLETED)
-        await cancel_tasks((printer, stopped))
-        if not printer.cancelled() and printer.exception() is not None:
-            raise printer.exception()
+    try:
+        async with FleetClient(cfg) as fc:
+            printer = asyncio.create_task(stream(fc), name="telemetry-follow")
+            stopped = asyncio.create_task(stop.wait(), name="telemetry-stop")
+            await asyncio.wait((printer, stopped), return_when=asyncio.FIRST_COMPLETED)
+            await cancel_tasks((printer, stopped))
+            if not printer.cancelled() and printer.exception() is not None:
+                raise printer.exception()
+    except FleetClientError as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.command("cmd")

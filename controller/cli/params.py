@@ -96,6 +96,23 @@ class DeviceId(click.ParamType):
             self.fail(str(exc), param, ctx)
 
 
+class BrokerUrl(click.ParamType):
+    """``mqtt://host:port`` or ``mqtts://…``, checked as the config checks ``mqtt.broker``."""
+
+    name = "url"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
+        from protocol.mqttlink import BrokerUrlError, parse_broker_url
+
+        try:
+            parse_broker_url(value)
+        except BrokerUrlError as exc:
+            self.fail(f"mqtt.broker: {exc}", param, ctx)   # the config key it overrides
+        return value
+
+
+BROKER_URL = BrokerUrl()
+BROKER_HELP = "broker URL, mqtt://host:port (overrides config)"
 DURATION = Duration()
 FRACTION = Fraction()
 KEY_VALUE = KeyValue()

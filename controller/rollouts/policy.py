@@ -28,6 +28,25 @@ from dataclasses import dataclass, field
 import math
 from typing import Any, Mapping, Sequence
 
+# what a board says (agent/updates/modelstore.py → "refused: " + protocol/patch.py's PatchError) when the
+# artifact's own bytes are bad: a broken or missing signature, a hash that does not match, a malformed
+# file. Such an artifact is quarantined. Not in the list, because they say nothing about the bytes: a key
+# the board does not trust (its configuration), wrong base, not newer, already installed, size limits.
+INTEGRITY_REASONS = ("unsigned", "bad signature", "signature is not valid", "signature must be",
+                     "unsupported signature", "payload hash", "does not decompress", "decompressed to the wrong",
+                     "sha-256 mismatch", "manifest hash mismatch", "does not match the target manifest",
+                     "truncated patch", "not an edgefleet patch", "unsupported patch format", "patch manifest",
+                     "outside the payload", "carries no manifest", "target manifest", "neither in the patch nor")
+
+
+def is_integrity_refusal(reason: str | None) -> bool:
+    """True when a board refused an artifact because of its content (integrity or signature)."""
+    if not reason or not reason.startswith("refused:"):
+        return False
+    r = reason.lower()
+    return "not trusted" not in r and any(k in r for k in INTEGRITY_REASONS)
+
+
 FINAL = ("applied", "failed", "rolled_back", "timeout", "skipped", "superseded")
 FAILED = ("failed", "rolled_back", "timeout")
 

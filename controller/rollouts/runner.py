@@ -11,8 +11,11 @@ It owns the I/O; ``rollouts.py`` decides. Every half second it
 * serves ``xfer.want`` requests with signed ``xfer.chunk`` frames, only for the artifact
   that device was offered.
 
-Patches are chosen per device: a stored patch from the device's bundle, else one made
-on the fly from two stored bundles (signed with the controller's key), else a full bundle.
+Artifacts are chosen per device, never a quarantined one (``pick_artifact``): the rollout's
+own patch when it fits the device's bundle, else a patch made from two stored bundles (signed
+with the controller's key; made once, then reused), else a full bundle. Patches uploaded for
+*other* rollouts are used only by rollouts without an artifact of their own (rollbacks, send-backs).
+A board that refuses an artifact for an integrity or signature reason gets it quarantined.
 """
 from __future__ import annotations
 
@@ -31,7 +34,7 @@ from protocol.mqttlink import Message
 from protocol.patch import version_key
 
 from .store import Artifact, Desired, RolloutRow, RolloutStore
-from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide
+from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide, is_integrity_refusal
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..channel import ControlChannel
@@ -213,9 +216,10 @@ class RolloutRunner:
             self.counts["rollback_commands"] += 1
             self.channel.command(dev.id, "model.rollback", {"bundle_sha256": d.bundle_sha256})
             return
-        art = self.pick_artifact(have, d.bundle_sha256)
+        r = self.store.rollout(rid) if rid and not d.rollout_id.endswith(":back") else None
+        art, reason = self.pick_artifact(have, d.bundle_sha256, r.artifact_id if r else None)
         if art is None:
-            reason = f"no patch or bundle here takes {have_version or 'nothing'} to {d.version}"
+            reason = f"{reason or 'no patch or bundle here'} takes {have_version or 'nothing'} to {d.version}"
             log.error("device %s: %s", dev.id, reason)
             if slot is not None and slot.status in IN_PROGRESS:
                 self.store.update_slot(rid, dev.id, status="failed", reason=reason)
@@ -237,31 +241,50 @@ class RolloutRunner:
             if slot is not None and slot.status == "released":
                 self.store.update_slot(rid, dev.id, status="offered", offered=self.clock())
 
-    def pick_artifact(self, have: str | None, want: str) -> Artifact | None:
-        arts = self.store.artifacts_for(want)
-        patches = [a for a in arts if a.kind == "patch" and Path(a.path).is_file()]
-        for a in patches:
-            if have and a.base_sha256 == have:
-                return a
-        bundle = next((a for a in arts if a.kind == "bundle" and Path(a.path).is_dir()), None)
+    def pick_artifact(self, have: str | None, want: str, own: str | None = None) -> tuple[Artifact | None, str]:
+        """The artifact that takes bundle ``have`` to ``want``, or (None, why not). ``own`` is the
+        rollout's artifact: when it is a patch, no other uploaded patch stands in for it."""
+        usable = [a for a in self.store.artifacts_for(want) if a.usable]
+        own_art = self.store.artifact(own) if own else None
+        if own_art is not None and own_art.kind == "patch":
+            if own_art.usable and (own_art.base_sha256 is None or (have and own_art.base_sha256 == have)):
+                return own_art, ""
+            uploaded = [a for a in usable if a.kind == "patch" and a.made_from is not None]   # ours only
+        else:
+            uploaded = [a for a in usable if a.kind == "patch"]
+        bundle = next((a for a in usable if a.kind == "bundle"), None)
         key = self.channel.key
         if bundle is not None and key is not None and have:
             old = self.store.artifact(have)
-            if old is not None and old.kind == "bundle" and Path(old.path).is_dir():
-                return self._make(old.path, bundle.path)
-        full = next((a for a in patches if a.base_sha256 is None), None)
-        if full is not None:
-            return full
-        if bundle is not None and key is not None:
-            return self._make(None, bundle.path)
-        return None
+            if old is not None and old.kind == "bundle" and old.usable:
+                made = self._derived(bundle, old)
+                if made is not None:
+                    return made, ""
+        delta = next((a for a in uploaded if have and a.base_sha256 == have), None)
+        full = next((a for a in uploaded if a.base_sha256 is None), None)
+        if delta or full:
+            return delta or full, ""   # type: ignore[return-value]
+        made = self._derived(bundle, None) if bundle is not None and key is not None else None
+        if made is not None:
+            return made, ""
+        if own_art is not None and own_art.quarantined is not None:
+            return None, f"the rollout's artifact {own_art.id[:12]} is quarantined ({own_art.quarantine_reason})"
+        return None, ""
 
-    def _make(self, old: str | None, new: str) -> Artifact:
+    def _derived(self, bundle: Artifact, old: Artifact | None) -> Artifact | None:
+        """The patch from ``old`` (None: a full patch) to ``bundle`` that this controller made: the stored
+        one when there is a usable one, else made now (patches carry a timestamp, so made once). None
+        when the new one has the very bytes of a quarantined one."""
+        base = old.id if old is not None else None
+        for a in self.store.artifacts_for(bundle.id):
+            if a.kind == "patch" and a.made_from == bundle.id and a.base_sha256 == base and a.usable:
+                return a
         from protocol.patch import make_patch
 
-        data, _ = make_patch(old, new, self.channel.key)
+        data, _ = make_patch(old.path if old is not None else None, bundle.path, self.channel.key)
         self.counts["patches_made"] += 1
-        return self.store.add_patch(data)
+        art = self.store.add_patch(data, made_from=bundle.id)
+        return art if art.usable else None
 
     def _blob(self, art: Artifact) -> tuple[bytes, ChunkManifest]:
         hit = self._blobs.get(art.id)
@@ -300,6 +323,8 @@ class RolloutRunner:
         except DecodeError as exc:
             self.reject(exc.reason, f"dev/{env.sender}/events", str(exc))
             return
+        if b["status"] == "failed" and is_integrity_refusal(b.get("reason")) and b.get("transfer_id"):
+            self.quarantine(b["transfer_id"], f"{env.sender}: {b.get('reason')}")
         rid = b.get("rollout_id")
         slot = self.store.slot(rid, env.sender) if rid else None
         if slot is None or slot.status in FINAL:
@@ -315,6 +340,16 @@ class RolloutRunner:
             if r is not None:
                 self._send_back(r, env.sender)
 
+    def quarantine(self, transfer_id: str, reason: str) -> None:
+        """Never offer the artifact of this transfer again (a board found its bytes bad)."""
+        art = self.store.artifact_by_transfer(transfer_id)
+        if art is None or not self.store.quarantine(art.id, reason):
+            return
+        self.store.commit()
+        self._blobs.pop(art.id, None)
+        self.counts["quarantined"] += 1
+        log.warning("artifact %s (%s %s) quarantined: %s", art.id[:12], art.kind, art.version, reason)
+
     def on_want(self, device_id: str, msg: Message) -> None:
         """``xfer.want`` from a device: send it the chunks it lacks of the artifact it was offered."""
         try:
@@ -328,6 +363,10 @@ class RolloutRunner:
         tid = env.body["transfer_id"]
         art = self.store.artifact_by_transfer(tid)
         want = self.store.desired(device_id)
+        if art is not None and art.quarantined is not None:
+            self.reject("quarantined_artifact", msg.topic, f"{device_id} asked for transfer {tid!r}, whose "
+                                                                "artifact is quarantined")
+            return
         if art is None or not want or want[0].bundle_sha256 != art.bundle_sha256:
             self.reject("unknown_transfer", msg.topic, f"{device_id} asked for transfer {tid!r}, "
                                                             "which it was not offered")

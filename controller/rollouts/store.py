@@ -4,6 +4,14 @@ each device's desired bundle, and device tags.
 The CLI writes rollouts and desired versions; ``fleetctl serve`` acts on them. Artifacts
 (bundle directories and patch files) live beside the database in ``artifacts/``, each
 renamed into place only once complete, named by hash.
+
+Artifacts are content-addressed: a bundle by its bundle id (the SHA-256 of its manifest,
+which lists every file's hash), a patch by the SHA-256 of its bytes, and each one records
+the bundle it produces (``bundle_sha256``). Two patches for the same pair of versions are two
+artifacts. A rollout records the artifact it was made from; ``made_from`` marks the patches
+the controller derived itself from a stored bundle. An artifact a device refused for an
+integrity or signature reason is *quarantined* (``quarantined``, ``quarantine_reason``):
+it is never offered again and cannot be deployed again.
 """
 from __future__ import annotations
 
@@ -21,12 +29,14 @@ from ..db import connect, end_read, ensure_schema, has_table, transaction
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts(
     id TEXT PRIMARY KEY, kind TEXT NOT NULL, name TEXT, version TEXT NOT NULL, bundle_sha256 TEXT NOT NULL,
-    base_sha256 TEXT, path TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL);
+    base_sha256 TEXT, path TEXT NOT NULL, size INTEGER NOT NULL, created REAL NOT NULL,
+    made_from TEXT, quarantined REAL, quarantine_reason TEXT);
 CREATE INDEX IF NOT EXISTS artifacts_target ON artifacts(bundle_sha256);
 CREATE TABLE IF NOT EXISTS rollouts(
     id TEXT PRIMARY KEY, created REAL NOT NULL, status TEXT NOT NULL, version TEXT NOT NULL,
     bundle_sha256 TEXT NOT NULL, policy TEXT NOT NULL, selector TEXT NOT NULL, waves INTEGER NOT NULL,
-    wave INTEGER NOT NULL DEFAULT -1, wave_started REAL, reason TEXT, figures TEXT, updated REAL, finished REAL);
+    wave INTEGER NOT NULL DEFAULT -1, wave_started REAL, reason TEXT, figures TEXT, updated REAL, finished REAL,
+    artifact_id TEXT);
 CREATE TABLE IF NOT EXISTS rollout_devices(
     rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL,
     reason TEXT, from_sha256 TEXT, from_version TEXT, conf_before REAL, conf_after REAL,
@@ -48,6 +58,19 @@ class Artifact:
     base_sha256: str | None
     path: str
     size: int
+    made_from: str | None = None          # patches the controller made: the bundle artifact they came from
+    quarantined: float | None = None      # when a device refused it for integrity/signature reasons
+    quarantine_reason: str | None = None
+
+    @property
+    def usable(self) -> bool:
+        """Not quarantined, and its file (patch) or directory (bundle) is on disk."""
+        if self.quarantined is not None:
+            return False
+        return Path(self.path).is_file() if self.kind == "patch" else Path(self.path).is_dir()
+
+
+_A = "id, kind, name, version, bundle_sha256, base_sha256, path, size, made_from, quarantined, quarantine_reason"
 
 
 @dataclass(frozen=True)
@@ -65,6 +88,7 @@ class RolloutRow:
     reason: str | None
     figures: dict[str, Any]
     finished: float | None
+    artifact_id: str | None = None   # the artifact it was made from (None: rollbacks, older registries)
 
 
 @dataclass(frozen=True)
@@ -97,7 +121,10 @@ class RolloutStore:
         self.db = db
         if create:
             # registries made before fleet accuracy was tracked lack the acc_* columns
-            ensure_schema(self.db, SCHEMA, {"rollout_devices": {"acc_before": "REAL", "acc_after": "REAL"}})
+            ensure_schema(self.db, SCHEMA, {"rollout_devices": {"acc_before": "REAL", "acc_after": "REAL"},
+                                            "artifacts": {"made_from": "TEXT", "quarantined": "REAL",
+                                                          "quarantine_reason": "TEXT"},
+                                            "rollouts": {"artifact_id": "TEXT"}})
         self.artifacts_dir = Path(artifacts_dir)
 
     @classmethod
@@ -141,8 +168,9 @@ class RolloutStore:
         os.rename(tmp, dst)
         return self._record(Artifact(bid, "bundle", m.get("name"), m["version"], bid, None, str(dst), size))
 
-    def add_patch(self, data: bytes) -> Artifact:
-        """Store a patch file (signed by whoever made it; agents verify)."""
+    def add_patch(self, data: bytes, made_from: str | None = None) -> Artifact:
+        """Store a patch file (signed by whoever made it; agents verify) under the SHA-256 of its bytes.
+        The same bytes again return the stored artifact as it is (quarantined included)."""
         import hashlib
 
         from protocol.patch import parse_patch
@@ -159,44 +187,58 @@ class RolloutStore:
         os.replace(tmp, dst)
         base = (pm.get("base") or {}).get("bundle_sha256")
         return self._record(Artifact(pid, "patch", pm.get("name"), pm["target"]["version"],
-                                     pm["target"]["bundle_sha256"], base, str(dst), len(data)))
+                                     pm["target"]["bundle_sha256"], base, str(dst), len(data), made_from))
 
     def _record(self, a: Artifact) -> Artifact:
-        self.db.execute("INSERT OR REPLACE INTO artifacts VALUES(?,?,?,?,?,?,?,?,?)",
-                        (a.id, a.kind, a.name, a.version, a.bundle_sha256, a.base_sha256, a.path, a.size, time.time()))
+        # never INSERT OR REPLACE: that would clear a quarantine mark when the same bytes come back
+        self.db.execute("INSERT INTO artifacts(id, kind, name, version, bundle_sha256, base_sha256, path, size, "
+                        "created, made_from) VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+                        "path=excluded.path, size=excluded.size",
+                        (a.id, a.kind, a.name, a.version, a.bundle_sha256, a.base_sha256, a.path, a.size, time.time(),
+                         a.made_from))
         self.db.commit()
-        return a
+        return self.artifact(a.id) or a
 
     def artifact(self, aid: str) -> Artifact | None:
-        r = self.db.execute("SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
-                            "WHERE id=?", (aid,)).fetchone()
+        r = self.db.execute(f"SELECT {_A} FROM artifacts WHERE id=?", (aid,)).fetchone()
         return Artifact(*r) if r else None
 
     def artifacts_for(self, bundle_sha256: str) -> list[Artifact]:
+        """Every artifact that produces this bundle, smallest first (quarantined ones too: filter on ``usable``)."""
         return [Artifact(*r) for r in self.db.execute(
-            "SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
-            "WHERE bundle_sha256=? ORDER BY size", (bundle_sha256,))]
+            f"SELECT {_A} FROM artifacts WHERE bundle_sha256=? ORDER BY size, created", (bundle_sha256,))]
 
     def artifact_by_version(self, version: str) -> Artifact | None:
-        r = self.db.execute("SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
-                            "WHERE version=? ORDER BY kind, created DESC LIMIT 1", (version,)).fetchone()
+        r = self.db.execute(f"SELECT {_A} FROM artifacts WHERE version=? AND quarantined IS NULL "
+                            "ORDER BY kind, created DESC LIMIT 1", (version,)).fetchone()
         return Artifact(*r) if r else None
 
     def artifact_by_transfer(self, transfer_id: str) -> Artifact | None:
-        r = self.db.execute("SELECT id, kind, name, version, bundle_sha256, base_sha256, path, size FROM artifacts "
-                            "WHERE kind='patch' AND substr(id, 1, 32)=?", (transfer_id,)).fetchone()
+        r = self.db.execute(f"SELECT {_A} FROM artifacts WHERE kind='patch' AND substr(id, 1, 32)=?",
+                            (transfer_id,)).fetchone()
         return Artifact(*r) if r else None
+
+    def quarantine(self, aid: str, reason: str) -> bool:
+        """Mark an artifact as never to be offered again; False when it already was (or is unknown)."""
+        cur = self.db.execute("UPDATE artifacts SET quarantined=?, quarantine_reason=? "
+                              "WHERE id=? AND quarantined IS NULL", (time.time(), reason[:500], aid))
+        return cur.rowcount > 0
+
+    def quarantined_for(self, bundle_sha256: str) -> list[Artifact]:
+        return [Artifact(*r) for r in self.db.execute(
+            f"SELECT {_A} FROM artifacts WHERE bundle_sha256=? AND quarantined IS NOT NULL ORDER BY quarantined",
+            (bundle_sha256,))]
 
     # -- rollouts ---------------------------------------------------------------
     def create_rollout(self, rid: str, version: str, bundle_sha256: str, policy: dict[str, Any],
                        selector: dict[str, Any], waves: list[list[str]],
-                       current: dict[str, tuple[str | None, str | None]]) -> None:
+                       current: dict[str, tuple[str | None, str | None]], artifact_id: str | None = None) -> None:
         now = time.time()
         with transaction(self.db):   # the service never sees a rollout without its slots
             self.db.execute("INSERT INTO rollouts(id, created, status, version, bundle_sha256, policy, selector, "
-                            "waves, updated) VALUES(?,?,?,?,?,?,?,?,?)",
+                            "waves, updated, artifact_id) VALUES(?,?,?,?,?,?,?,?,?,?)",
                             (rid, now, "running", version, bundle_sha256, json.dumps(policy), json.dumps(selector),
-                             len(waves), now))
+                             len(waves), now, artifact_id))
             for w, devs in enumerate(waves):
                 for d in devs:
                     sha, ver = current.get(d, (None, None))
@@ -205,12 +247,14 @@ class RolloutStore:
                                     (rid, d, w, "pending", sha, ver, now))
 
     _R = ("id, created, status, version, bundle_sha256, policy, selector, waves, wave, wave_started, reason, "
-          "figures, finished")
+          "figures, finished, artifact_id")
 
     def _rollout(self, r: Iterable[Any]) -> RolloutRow:
-        (id_, created, status, version, sha, policy, selector, waves, wave, ws, reason, figures, fin) = r
-        return RolloutRow(id_, created, status, version, sha, json.loads(policy), json.loads(selector), waves, wave,
-                          ws, reason, json.loads(figures) if figures else {}, fin)
+        (id_, created, status, version, sha, policy, selector, waves, wave, ws, reason, figures, fin, aid) = r
+        selector = json.loads(selector)
+        return RolloutRow(id_, created, status, version, sha, json.loads(policy), selector, waves, wave,
+                          ws, reason, json.loads(figures) if figures else {}, fin,
+                          aid or selector.get("artifact"))   # deploys before the column: the selector has it
 
     def rollout(self, rid: str) -> RolloutRow | None:
         r = self.db.execute(f"SELECT {self._R} FROM rollouts WHERE id=?", (rid,)).fetchone()

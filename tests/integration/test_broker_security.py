@@ -24,7 +24,7 @@ from test_skeleton import ENV, ROOT, device, stop
 CONF = ROOT / "configs" / "mosquitto"
 
 
-USERS = ("controller", "pi-a", "pi-b", "offload-1")
+USERS = ("controller", "operator", "pi-a", "pi-b", "offload-1")
 
 
 def start_broker(tmp_path: Path, auth: str = "mtls"):
@@ -150,7 +150,8 @@ def test_mtls_acl_and_controller_only_commands(tmp_path, tls_broker):
     tls = f'ca_file = "{pki / "ca.pem"}"\n'
     ctl_cfg = tmp_path / "controller.toml"
     ctl_cfg.write_text(f'[mqtt]\nbroker = "{url}"\n{tls}cert_file = "{pki / "controller.pem"}"\n'
-                       f'key_file = "{pki / "controller.key"}"\n[registry]\npath = "{tmp_path / "r.db"}"\n')
+                       f'key_file = "{pki / "controller.key"}"\n[registry]\npath = "{tmp_path / "r.db"}"\n'
+                       f'[cli]\ncert_file = "{pki / "operator.pem"}"\nkey_file = "{pki / "operator.key"}"\n')
     agent_cfg = tmp_path / "pi-a.toml"
     agent_cfg.write_text(f'[device]\nid = "pi-a"\n[mqtt]\nbroker = "{url}"\n{tls}cert_file = "{pki / "pi-a.pem"}"\n'
                          f'key_file = "{pki / "pi-a.key"}"\n[telemetry]\ninterval_s = 0.3\n'
