@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from conftest import wait_for
-from test_skeleton import ENV, ROOT, _fleet, device, fleetctl, stop
+from tests.helpers.fleet import ENV, ROOT, device, fleetctl, start_fleet, stop
+from tests.helpers.waiting import Probe, wait_for
 
 
 def worker(url, bundle, wid, log):
@@ -28,14 +28,13 @@ def test_low_confidence_goes_to_the_workers_and_falls_back_when_they_die(tmp_pat
                                                                           large_bundle, digits_test):
     x, y = digits_test
     np.save(tmp_path / "x.npy", x)
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     workers = []
     try:
         # threshold 1.0: every request is "low confidence" and goes to a worker while one answers
         add_agent("off-1", extra=f'[model]\nbundle = "{example_bundle[0]}"\n'
                                  f'[offload]\nenabled = true\nthreshold = 1.0\nmode = "features"\ndeadline_ms = 1500\n')
         wait_for(lambda: (d := device(db, "off-1")) and d.online, what="off-1 online")
-        from conftest import Probe
 
         probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/offload/workers/+",))
         workers = [worker(mosquitto.url, large_bundle, f"w{i}", tmp_path / f"w{i}.log") for i in range(2)]
@@ -90,7 +89,7 @@ def test_on_a_311_broker_every_worker_answers_and_the_device_keeps_the_first(tmp
     x, y = digits_test
     np.save(tmp_path / "x.npy", x)
     with EmbeddedBroker() as b:
-        db, add_agent, procs = _fleet(tmp_path, b.url)
+        db, add_agent, procs = start_fleet(tmp_path, b.url)
         workers = []
         try:
             add_agent("old-1", extra=f'[model]\nbundle = "{example_bundle[0]}"\n'

@@ -5,8 +5,9 @@ import json
 import sqlite3
 import time
 
-from conftest import wait_for
-from test_skeleton import _fleet, device, stop
+from tests.helpers.broker import Mosquitto
+from tests.helpers.fleet import device, start_fleet, stop
+from tests.helpers.waiting import wait_for
 
 OUTAGE_S = 30.0
 
@@ -23,12 +24,11 @@ def rows(db, table: str, dev: str) -> list[tuple[str, dict]]:
 def test_every_sample_and_event_produced_during_an_outage_arrives_exactly_once(tmp_path):
     # the production setting: the broker keeps sessions across its own restart (persistence true),
     # so the controller's queued messages survive too
-    from conftest import Mosquitto
 
     mosquitto = Mosquitto(tmp_path / "broker", persistence=True)
     mosquitto.workdir.mkdir()
     mosquitto.start()
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         add_agent("out-1", interval=0.5)
         wait_for(lambda: (d := device(db, "out-1")) and d.online and d.telemetry, what="out-1 online")

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import Probe, wait_for
 from controller.registry import Registry
 from protocol.envelope import Envelope, encode
-from test_skeleton import ENV, ROOT, agent_config, device, fleetctl, start_agent, stop
+from tests.helpers.fleet import ENV, ROOT, agent_config, device, fleetctl, start_agent, start_fleet, stop
+from tests.helpers.learning import agent_extra, ready, shards, store, wait_run
+from tests.helpers.waiting import Probe, wait_for
 
 
 def start_signed_controller(url: str, db, key, log):
@@ -262,8 +263,6 @@ def test_live_shadow_refuses_a_version_that_disagrees_on_todays_inputs(signed_fl
 def test_federated_run_ships_its_head_through_a_rollout(signed_fleet, tmp_path, example_bundle):
     """round start --deploy: the final global head becomes a new bundle version, shipped as a
     signed head-only patch, canary first, through each device's quality gate."""
-    from test_federated_e2e import agent_extra, ready, shards, store, wait_run
-
     db, add_agent, ctl, keys = signed_fleet
     v1 = example_bundle[0]
     sh = shards(tmp_path, 3)
@@ -387,7 +386,6 @@ def test_a_controller_without_the_trusted_key_is_told_at_once(tmp_path, mosquitt
     reason within seconds, not at the wave timeout, and nothing changes on the board."""
     from protocol.patch import make_patch
     from protocol.signing import load_private
-    from test_skeleton import _fleet
 
     keys = tmp_path / "keys"
     assert fleetctl("keys", "init", "--dir", str(keys)).returncode == 0
@@ -395,7 +393,7 @@ def test_a_controller_without_the_trusted_key_is_told_at_once(tmp_path, mosquitt
     v2 = variant(v1, tmp_path / "v2", "1.1.0", lambda h: {k: v * 1.01 for k, v in h.items()})
     data, _ = make_patch(v1, v2, load_private(keys / "controller.pem"))
     (tmp_path / "p.efp").write_bytes(data)
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)      # this controller signs nothing
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)      # this controller signs nothing
     try:
         add_agent("k1", extra=f'[model]\nbundle = "{v1}"\n[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
         wait_for(lambda: model_of(db, "k1").get("version") == "1.0.0", timeout=30, what="k1 on 1.0.0")
