@@ -44,7 +44,11 @@ def test_every_sample_and_event_produced_during_an_outage_arrives_exactly_once(t
             tel = rows(db, "telemetry", "out-1")
             seqs = {b["seq"] for _, b in tel}
             newest = max(seqs)
-            return newest > before + OUTAGE_S / INTERVAL_S + 2 and seqs >= set(range(1, newest + 1)) and tel
+            if not (newest > before + OUTAGE_S / INTERVAL_S + 2 and seqs >= set(range(1, newest + 1))):
+                return None
+            # and the reconnect's event is in, and the newest sample was taken with the outbox drained
+            ev = [b["event"] for _, b in rows(db, "events", "out-1")]
+            return ev.count("connected") >= 2 and tel[-1][1]["outbox"]["queued"] == 0 and tel
 
         # the controller reconnects on its own backoff schedule (0.5 s doubling: ~16 s after the stop);
         # then the broker hands it everything queued in its persistent session
