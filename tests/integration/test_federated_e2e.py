@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -140,10 +139,13 @@ def test_controller_killed_mid_round_resumes(tmp_path, mosquitto, example_bundle
         run_id = start_run(mosquitto.url, db, bundle, "--clients", "2", "--min-clients", "2", "--rounds", "2",
                            "--deadline", "40s", "--steps", "60")
         wait_for(lambda: (r := store(db).round(run_id, 1)) and len(r.tasks_sent) == 2, timeout=15, what="tasks sent")
+        uploads = Probe(mosquitto.port, subscribe=("edgefleet/v1/dev/+/data/fl",)).wait_subscribed()
         controller = procs[0]
         controller.kill()
         controller.wait()
-        time.sleep(3)   # devices finish and upload while the controller is down; the broker queues it
+        # devices finish and upload while the controller is down; the broker queues it
+        uploads.wait(n=2, timeout=40, what="both round-1 updates")
+        uploads.close()
         procs[0] = start_controller(mosquitto.url, db, tmp_path / "controller2.log")
         run = wait_run(db, run_id, timeout=60)
         assert run.status == "done" and run.global_version == 2
