@@ -33,6 +33,10 @@ class Faults:
     rx_bitflip: float = 0.0   # probability a read from the line gets one bit flipped (noise towards the MCU)
     nack_chunk: float = 0.0   # probability a good chunk is NACKed anyway (say, a flash write failed)
     seed: int = 0
+    # faults that hit for certain, whatever the timing (tests that count on them), once per transfer:
+    nack_chunks: frozenset = frozenset()       # these chunk indices are NACKed once
+    corrupt_acks: frozenset = frozenset()      # the first ACK of these chunk indices gets a bit flipped
+    rx_bitflip_reads: frozenset = frozenset()  # these reads after a MODEL_BEGIN (1 = the next one) get a bit flipped
 
 
 @dataclass
@@ -66,12 +70,24 @@ class MCUSimulator:
         self.state = SimState()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.receiver = ModelReceiver(flash_bytes, lambda i: self.rx_rng.random() < self.faults.nack_chunk)
+        self.receiver = ModelReceiver(flash_bytes, self._fail_chunk)
+        self._done_once: set[tuple] = set()   # (fault, transfer id, chunk index) of the certain faults
+        self._transfer_reads: int | None = None   # reads since a transfer began (rx_bitflip_reads)
         self._acked = False            # our last HELLO was answered
         self._hello_wanted = False     # the agent asked who we are
         self._reset_wanted = False
         self._tx_lock = threading.Lock()
         self.seq_to_sample: dict[int, int] = {}
+
+    def _once(self, fault: str, chunks: frozenset, index: int) -> bool:
+        key = (fault, (self.receiver.begin or {}).get("transfer_id"), index)
+        if index not in chunks or key in self._done_once:
+            return False
+        self._done_once.add(key)
+        return True
+
+    def _fail_chunk(self, index: int) -> bool:
+        return self._once("nack", self.faults.nack_chunks, index) or self.rx_rng.random() < self.faults.nack_chunk
 
     def send(self, t: MsgType, fields: dict, faulty: bool = False) -> None:
         """Send one message now (from any thread), e.g. a LOG or an on-MCU RESULT; by default
@@ -91,21 +107,22 @@ class MCUSimulator:
         """Replug on another pty; the MCU keeps running (no reset, sequence numbers go on)."""
         self.fd = fd
 
-    def _send(self, t: MsgType, fields: dict, faulty: bool = True, sample: int | None = None) -> None:
+    def _send(self, t: MsgType, fields: dict, faulty: bool = True, sample: int | None = None,
+              flip: bool = False) -> None:
         """Number, frame and write one message; both threads send, so this is one critical section
         (otherwise frames could leave in another order than their sequence numbers)."""
         with self._tx_lock:
             if sample is not None:
                 self.seq_to_sample[self.link._tx_seq] = sample
-            self._write(self.link.send(t, fields), faulty)
+            self._write(self.link.send(t, fields), faulty, flip)
 
-    def _write(self, frame: bytes, faulty: bool = True) -> None:
+    def _write(self, frame: bytes, faulty: bool = True, flip: bool = False) -> None:
         f = self.faults
         if faulty:
             garbage = b""
             if self.rng.random() < f.garbage:
                 garbage = bytes(self.rng.randrange(1, 256) for _ in range(self.rng.randrange(1, 20)))
-            if self.rng.random() < f.bitflip:
+            if self.rng.random() < f.bitflip or flip:
                 b = bytearray(frame)
                 i = self.rng.randrange(1, len(b) - 1)
                 b[i] ^= 1 << self.rng.randrange(8)
@@ -184,7 +201,10 @@ class MCUSimulator:
             except (OSError, ValueError):   # detached, closed, or no slave open (EIO): idle a moment
                 time.sleep(0.02)
                 continue
-            if data and self.rx_rng.random() < self.faults.rx_bitflip:
+            if self._transfer_reads is not None:
+                self._transfer_reads += 1
+            if data and (self.rx_rng.random() < self.faults.rx_bitflip
+                         or self._transfer_reads in self.faults.rx_bitflip_reads):
                 b = bytearray(data)
                 b[self.rx_rng.randrange(len(b))] ^= 1 << self.rx_rng.randrange(8)
                 data = bytes(b)
@@ -205,11 +225,14 @@ class MCUSimulator:
         elif m.type in (MsgType.MODEL_BEGIN, MsgType.MODEL_CHUNK, MsgType.MODEL_END):
             if m.type == MsgType.MODEL_BEGIN:
                 self.state.begins += 1
+                if (self.receiver.begin or {}).get("transfer_id") != m.fields["transfer_id"]:
+                    self._transfer_reads = 0
             for t, fields in self.receiver.receive(m):
                 if t == MsgType.ACK:
                     self.state.acks += 1
                 else:
                     self.state.nacks += 1
-                self._send(t, fields)
+                self._send(t, fields, flip=t == MsgType.ACK and self._once("ack", self.faults.corrupt_acks,
+                                                                           fields["index"]))
             if self.receiver.blob is not None:
                 self.state.model, self.state.model_done = self.receiver.blob, True

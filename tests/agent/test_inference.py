@@ -9,8 +9,8 @@ import pytest
 from agent.serving.histogram import LatencyHistogram
 from agent.serving.inference import InferenceEngine, InputError
 from agent.serving.runtimes import available_runtimes
-from conftest import make_plain_bundle
 from protocol.bundle import BundleError, load_bundle, write_manifest
+from tests.helpers.bundles import make_plain_bundle
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 

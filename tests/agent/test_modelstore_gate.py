@@ -11,7 +11,7 @@ from agent.updates.modelstore import ModelStore
 from protocol.patch import bundle_id, make_patch
 from protocol.signing import save_keypair
 
-from test_modelstore import ROOT, env, write_bundle  # noqa: F401 - the fixture
+from tests.agent.test_modelstore import ROOT, env, write_bundle  # noqa: F401 - the fixture
 
 
 def test_the_gate_runs_on_the_staging_directory_and_the_version_is_invisible_meanwhile(env):

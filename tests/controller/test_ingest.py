@@ -41,7 +41,8 @@ def test_good_messages_land(svc):
     (f"{T}/pi-1/events", json.dumps({"schema": 1, "kind": "nope", "id": "a", "sender": "pi-1", "ts": 1}).encode(),
      "unknown_kind"),
     ("edgefleet/v1/dev/a+b/telemetry", tele(), "bad_topic"),
-])
+], ids=["bad_json", "schema", "kind_topic_mismatch", "sender_mismatch", "oversize", "unknown_kind", "bad_topic"])
+# (named by the reason: the payloads hold random ids, and parallel workers must collect the same names)
 def test_bad_input_rejected_counted_and_nothing_else_lost(svc, topic, payload, reason):
     svc.ingest(Message(f"{T}/pi-1/telemetry", tele(seq=1)))
     assert svc.ingest(Message(topic, payload)) is None

@@ -7,14 +7,15 @@ import sys
 
 import pytest
 
-from agent.mcu.feature import McuBridge
 from agent.core.config import ConfigError, parse_config
-from bridge_parts import TFLITE, accuracy, pty, running, until  # noqa: F401 (fixtures too)
+from agent.mcu.feature import McuBridge
 from firmware_bridge.frames import MsgType
 from firmware_bridge.simulator import Faults, MCUSimulator
 from protocol.bundle import write_manifest
 from protocol.envelope import Envelope, encode
 from protocol.topics import Topics
+from tests.helpers.serial import TFLITE, accuracy, running
+from tests.helpers.waiting import Probe, until
 
 
 @pytest.fixture
@@ -48,7 +49,6 @@ def test_bridge_section_defaults_and_bad_values_name_the_key():
 
 def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosquitto, mcu_bundle, digits_test, pty):
     from agent.app import Agent
-    from conftest import Probe  # tests/conftest.py
 
     x, y = digits_test
     p = pty()

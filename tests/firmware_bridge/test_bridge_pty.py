@@ -3,9 +3,9 @@ import asyncio
 import itertools
 import os
 
-from bridge_parts import accuracy, answer, engine, pty, run_with, running  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import Faults, MCUSimulator
+from tests.helpers.serial import accuracy, run_with, running
 
 
 def run_bridge(pty, on_frame, x, faults: Faults, seconds: float, on_event=None):

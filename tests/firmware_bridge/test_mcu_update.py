@@ -12,9 +12,8 @@ import threading
 
 import pytest
 
-from agent.mcu.feature import McuBridge
 from agent.core.config import parse_config
-from bridge_parts import TFLITE, pty, running, until  # noqa: F401 (fixtures too)
+from agent.mcu.feature import McuBridge
 from firmware_bridge.simulator import MCUSimulator
 from protocol.bundle import write_manifest
 from protocol.chunks import make_manifest
@@ -22,6 +21,8 @@ from protocol.cmdauth import sign_envelope, sign_frame
 from protocol.envelope import Envelope, encode
 from protocol.patch import bundle_id, make_patch
 from protocol.signing import generate, save_keypair
+from tests.helpers.serial import TFLITE, running
+from tests.helpers.waiting import Probe, until
 
 FLOAT = TFLITE.with_name("digits_float.tflite")
 
@@ -40,8 +41,6 @@ class FakeControllerOnTheBroker:
     """Answers the agent's xfer.want with signed chunks of one patch (what fleetctl serve does)."""
 
     def __init__(self, port, device, key, data):
-        from conftest import Probe  # tests/conftest.py
-
         self.topic = f"edgefleet/v1/dev/{device}/cmd"
         self.key, self.data = key, data
         self.man = make_manifest("mcu-update", data, 65536)
@@ -103,7 +102,6 @@ def test_patch_with_an_mcu_model_is_applied_only_when_the_mcu_acks_it(tmp_path, 
                         "security": {"trusted_keys": [str(tmp_path / "k.pub")]},
                         "bridge": {"enabled": True, "port": p.name, "push_ack_timeout_s": 0.2}})
     ctl = FakeControllerOnTheBroker(mosquitto.port, "pi-u", key, data)
-    from conftest import Probe
 
     ha = Probe(mosquitto.port, subscribe=("homeassistant/+/pi-u/+/config",))
 

@@ -7,9 +7,10 @@ replugging makes a new pty and points the name at it.
 import asyncio
 import os
 
-from bridge_parts import accuracy, answer, engine, pty, run_with, running, until  # noqa: F401 (fixtures too)
 from firmware_bridge.bridge import Bridge, BridgeConfig
 from firmware_bridge.simulator import MCUSimulator
+from tests.helpers.serial import accuracy, run_with, running
+from tests.helpers.waiting import until
 
 
 def point(link_path, target):

@@ -15,11 +15,12 @@ import paho.mqtt.client as mqtt
 import pytest
 from paho.mqtt.enums import CallbackAPIVersion
 
-from conftest import free_port, mosquitto_binary, wait_for, wait_port
 from controller.certs import init_ca, issue_client, issue_server
 from controller.registry import Registry
 from protocol.envelope import Envelope, encode
-from test_skeleton import ENV, ROOT, device, stop
+from tests.helpers.broker import free_port, mosquitto_binary, wait_port
+from tests.helpers.fleet import ENV, ROOT, device, stop
+from tests.helpers.waiting import wait_for
 
 CONF = ROOT / "configs" / "mosquitto"
 

@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from conftest import wait_for
-from test_broker_security import TlsClient, start_broker
-from test_skeleton import ENV, ROOT, device, stop
+from tests.helpers.waiting import wait_for
+from tests.integration.test_broker_security import TlsClient, start_broker
+from tests.helpers.fleet import ENV, ROOT, device, stop
 
 
 @pytest.fixture

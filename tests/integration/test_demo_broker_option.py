@@ -6,7 +6,7 @@ import json
 from click.testing import CliRunner
 
 from controller.cli import app as app_mod
-from test_skeleton import fleetctl
+from tests.helpers.fleet import fleetctl
 
 
 def _captured(monkeypatch) -> list[dict]:

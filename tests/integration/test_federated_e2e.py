@@ -4,52 +4,18 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 
-from conftest import Probe, wait_for
 from controller.registry import Registry
-from controller.fl.store import RoundStore
 from protocol.binary import decode_frame, encode_frame, is_frame
 from protocol.envelope import Envelope, decode, encode
-from test_skeleton import ENV, ROOT, _fleet, device, fleetctl, start_controller, stop
-
-
-def shards(tmp_path, n: int, per: int = 160):
-    """Non-IID shards of the digits training split: each device sees mostly a few classes."""
-    from controller.modeltools.example import digits_split
-
-    xtr, ytr, _, _ = digits_split(0)
-    rng = np.random.default_rng(1)
-    out = []
-    for i in range(n):
-        pref = np.isin(ytr, [(2 * i + c) % 10 for c in range(4)])
-        idx = np.concatenate([rng.choice(np.flatnonzero(pref), per * 3 // 4, replace=False),
-                              rng.choice(len(ytr), per // 4, replace=False)])
-        np.save(tmp_path / f"x{i}.npy", xtr[idx])
-        np.save(tmp_path / f"y{i}.npy", ytr[idx])
-        out.append((tmp_path / f"x{i}.npy", tmp_path / f"y{i}.npy"))
-    return out
-
-
-def agent_extra(bundle, x, y, cpu: float = 0.5) -> str:
-    return (f'[model]\nbundle = "{bundle}"\n[inference]\nsource = "replay"\nreplay_x = "{x}"\nreplay_y = "{y}"\n'
-            f'rate_hz = 400\nloop = false\nresults = "off"\n[learning]\nenabled = false\ncpu_fraction = {cpu}\n')
-
-
-def ready(db, dev, n=20):
-    return wait_for(lambda: (d := device(db, dev)) and d.online and
-                    ((d.telemetry or {}).get("learning") or {}).get("labelled_samples", 0) >= n, timeout=30,
-                    what=f"{dev} with labelled samples")
-
-
-def store(db) -> RoundStore:
-    return RoundStore(sqlite3.connect(db, timeout=10))
+from tests.helpers.fleet import device, fleetctl, start_controller, start_fleet, stop
+from tests.helpers.learning import agent_extra, ready, shards, store, wait_run
+from tests.helpers.waiting import Probe, wait_for
 
 
 def start_run(url, db, bundle, *args) -> str:
@@ -60,18 +26,13 @@ def start_run(url, db, bundle, *args) -> str:
     return json.loads(out.stdout)["run_id"]
 
 
-def wait_run(db, run_id, timeout=60):
-    return wait_for(lambda: (r := store(db).run(run_id)) and r.status in ("done", "failed") and r, timeout=timeout,
-                    what=f"run {run_id} to end")
-
-
 def events(db, dev, name):
     return [e for e in Registry(db, readonly=True).events(dev) if e["event"] == name]
 
 
 def test_sync_round_completes_on_quorum_when_a_device_dies_mid_round(tmp_path, mosquitto, example_bundle):
     bundle = example_bundle[0]
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         sh = shards(tmp_path, 3)
         agents = {f"fl-{i}": add_agent(f"fl-{i}", extra=agent_extra(bundle, *sh[i], cpu=0.01 if i == 2 else 0.5))
@@ -135,7 +96,7 @@ class EvilDevice:
 
 def test_poisoned_update_is_rejected_and_never_aggregated(tmp_path, mosquitto, example_bundle):
     bundle = example_bundle[0]
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     evil = None
     try:
         sh = shards(tmp_path, 2)
@@ -173,7 +134,7 @@ def test_poisoned_update_is_rejected_and_never_aggregated(tmp_path, mosquitto, e
 
 def test_controller_killed_mid_round_resumes(tmp_path, mosquitto, example_bundle):
     bundle = example_bundle[0]
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         sh = shards(tmp_path, 2)
         for i in range(2):
@@ -183,10 +144,13 @@ def test_controller_killed_mid_round_resumes(tmp_path, mosquitto, example_bundle
         run_id = start_run(mosquitto.url, db, bundle, "--clients", "2", "--min-clients", "2", "--rounds", "2",
                            "--deadline", "40s", "--steps", "60")
         wait_for(lambda: (r := store(db).round(run_id, 1)) and len(r.tasks_sent) == 2, timeout=15, what="tasks sent")
+        uploads = Probe(mosquitto.port, subscribe=("edgefleet/v1/dev/+/data/fl",)).wait_subscribed()
         controller = procs[0]
         controller.kill()
         controller.wait()
-        time.sleep(3)   # devices finish and upload while the controller is down; the broker queues it
+        # devices finish and upload while the controller is down; the broker queues it
+        uploads.wait(n=2, timeout=40, what="both round-1 updates")
+        uploads.close()
         procs[0] = start_controller(mosquitto.url, db, tmp_path / "controller2.log")
         run = wait_run(db, run_id, timeout=60)
         assert run.status == "done" and run.global_version == 2
@@ -202,7 +166,7 @@ def test_controller_killed_mid_round_resumes(tmp_path, mosquitto, example_bundle
 
 def test_async_run_applies_a_stale_update_with_its_weight(tmp_path, mosquitto, example_bundle):
     bundle = example_bundle[0]
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         sh = shards(tmp_path, 3)
         for i, cpu in enumerate((0.5, 0.5, 0.02)):

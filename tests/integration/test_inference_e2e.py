@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 
 import numpy as np
+from tests.helpers.bundles import make_plain_bundle
+from tests.helpers.fleet import device, fleetctl, start_fleet, stop
+from tests.helpers.waiting import Probe, wait_for
 
-from conftest import Probe, make_plain_bundle, wait_for
-from test_skeleton import _fleet, device, fleetctl, stop
 
 MODELS = Path(__file__).resolve().parents[1] / "models"
 
@@ -18,7 +19,7 @@ def test_agent_serves_int8_onnx_and_litert_over_mqtt(tmp_path, mosquitto, exampl
     np.save(tmp_path / "y.npy", y)
     tfl = make_plain_bundle(tmp_path / "tfl", MODELS / "digits_int8.tflite", name="digits-tflite")
     probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/dev/+/results",))
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         add_agent("onnx-1", extra=f'[model]\nbundle = "{example_bundle[0]}"\n'
                                   f'[inference]\nsource = "replay"\nreplay_x = "{tmp_path / "x.npy"}"\n'
@@ -64,7 +65,7 @@ def test_bad_bundle_is_refused_and_the_agent_keeps_running(tmp_path, mosquitto, 
     bad = tmp_path / "bad"
     shutil.copytree(example_bundle[0], bad)
     (bad / "head.npz").write_bytes(b"corrupt")
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         add_agent("bad-1", extra=f'[model]\nbundle = "{bad}"\n')
         wait_for(lambda: (v := device(db, "bad-1")) and v.online, what="bad-1 online without a model")

@@ -6,9 +6,9 @@ import signal
 
 import numpy as np
 
-from conftest import Probe, wait_for
 from controller.registry import Registry
-from test_skeleton import _fleet, agent_config, device, fleetctl, start_agent, stop
+from tests.helpers.fleet import agent_config, device, fleetctl, start_agent, start_fleet, stop
+from tests.helpers.waiting import Probe, wait_for
 
 
 def drift(x):
@@ -27,7 +27,7 @@ def test_agent_learns_from_drifted_labelled_stream_and_persists(tmp_path, mosqui
              f'rate_hz = 400\nresults = "summary"\nresults_interval_s = 1.0\n'
              f'[learning]\nenabled = true\nevery_n = 150\nmax_steps = 800\ncpu_fraction = 0.5\n')
     probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/dev/+/results",))
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         agent = add_agent("learn-1", extra=extra)
         events = lambda name: [e for e in Registry(db, readonly=True).events("learn-1") if e["event"] == name]  # noqa

@@ -8,8 +8,8 @@ import time
 
 import numpy as np
 
-from conftest import wait_for
-from test_skeleton import ENV, ROOT, _fleet, device, fleetctl, stop
+from tests.helpers.fleet import ENV, ROOT, device, fleetctl, start_fleet, stop
+from tests.helpers.waiting import Probe, wait_for
 
 
 def worker(url, bundle, wid, log):
@@ -28,14 +28,13 @@ def test_low_confidence_goes_to_the_workers_and_falls_back_when_they_die(tmp_pat
                                                                           large_bundle, digits_test):
     x, y = digits_test
     np.save(tmp_path / "x.npy", x)
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     workers = []
     try:
         # threshold 1.0: every request is "low confidence" and goes to a worker while one answers
         add_agent("off-1", extra=f'[model]\nbundle = "{example_bundle[0]}"\n'
                                  f'[offload]\nenabled = true\nthreshold = 1.0\nmode = "features"\ndeadline_ms = 1500\n')
         wait_for(lambda: (d := device(db, "off-1")) and d.online, what="off-1 online")
-        from conftest import Probe
 
         probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/offload/workers/+",))
         workers = [worker(mosquitto.url, large_bundle, f"w{i}", tmp_path / f"w{i}.log") for i in range(2)]
@@ -60,7 +59,7 @@ def test_low_confidence_goes_to_the_workers_and_falls_back_when_they_die(tmp_pat
         t0 = time.monotonic()
         r = infer(mosquitto.url, "off-1", tmp_path / "x.npy", 5)
         assert r["path"] == "local_fallback" and r["label"] == int(y[5])
-        assert time.monotonic() - t0 < 1.5 + 1.5  # deadline + CLI start-up
+        assert time.monotonic() - t0 < 1.5 + 4.5  # the deadline + the CLI's start-up (seconds on a loaded machine)
         tel = wait_for(lambda: (d := device(db, "off-1")) and (d.telemetry or {}).get("offload", {}).get("timeouts", 0)
                        >= 1 and d.telemetry["offload"], what="offload telemetry")
         assert tel["remote_ok"] >= 17 and tel["offload_rate"] > 0.9 and tel["bytes_sent"] > 0
@@ -90,14 +89,19 @@ def test_on_a_311_broker_every_worker_answers_and_the_device_keeps_the_first(tmp
     x, y = digits_test
     np.save(tmp_path / "x.npy", x)
     with EmbeddedBroker() as b:
-        db, add_agent, procs = _fleet(tmp_path, b.url)
+        db, add_agent, procs = start_fleet(tmp_path, b.url)
         workers = []
         try:
             add_agent("old-1", extra=f'[model]\nbundle = "{example_bundle[0]}"\n'
                                      f'[offload]\nenabled = true\nthreshold = 1.0\ndeadline_ms = 2000\n')
             wait_for(lambda: (d := device(db, "old-1")) and d.online, timeout=20, what="old-1 online")
+            probe = Probe(int(b.url.rsplit(":", 1)[1]), subscribe=("edgefleet/v1/offload/workers/+",),
+                          protocol="3.1.1")
             workers = [worker(b.url, large_bundle, f"v{i}", tmp_path / f"v{i}.log") for i in range(2)]
-            time.sleep(6)  # workers probe MQTT 5 first, then fall back to 3.1.1
+            # workers probe MQTT 5 first, then fall back to 3.1.1, then announce themselves
+            wait_for(lambda: {t.rsplit("/", 1)[1] for t, p, _ in probe.seen() if p} >= {"v0", "v1"}, timeout=30,
+                     what="both workers up")
+            probe.close()
             results = [infer(b.url, "old-1", tmp_path / "x.npy", i) for i in range(6)]
             assert all(r["path"] == "remote" for r in results)
             assert sum(r["label"] == int(y[i]) for i, r in enumerate(results)) >= 5

@@ -9,10 +9,11 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import Probe, wait_for
 from controller.registry import Registry
 from protocol.envelope import Envelope, encode
-from test_skeleton import ENV, ROOT, agent_config, device, fleetctl, start_agent, stop
+from tests.helpers.fleet import ENV, ROOT, agent_config, device, fleetctl, start_agent, start_fleet, stop
+from tests.helpers.learning import agent_extra, ready, shards, store, wait_run
+from tests.helpers.waiting import Probe, wait_for
 
 
 def start_signed_controller(url: str, db, key, log):
@@ -112,7 +113,7 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
     for d in ("a1", "a2", "a3"):
         m = wait_for(lambda: model_of(db, d).get("version") == "1.1.0" and model_of(db, d), what=f"{d} on 1.1.0")
         assert [i["version"] for i in m["installed"]] == ["1.0.0", "1.1.0"]
-        applied = events(db, d, "applied")[-1]
+        applied = wait_for(lambda: events(db, d, "applied"), what="the applied event")[-1]
         # head-only: the patch is a few KB, not the 300+ KB bundle
         assert applied["bytes"] < 20_000 and applied["chunks"] == 1, applied
         steps = [e["status"] for e in events(db, d)]
@@ -151,7 +152,7 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
     assert by["a2"]["status"] == "skipped"
     for d in ("a1", "a2"):
         assert model_of(db, d)["version"] == "1.1.0"
-    rb = events(db, "a1", "rolled_back")[-1]
+    rb = wait_for(lambda: events(db, "a1", "rolled_back"), what="the rolled_back event")[-1]
     assert rb["version"] == "1.2.0"
 
     # 3. a wave aborts past max-failures: a4 still runs 1.0.0 and the controller only holds a patch
@@ -216,7 +217,7 @@ def test_interrupted_transfer_resumes_with_only_the_missing_chunks(signed_fleet,
     assert part.stat().st_size > 2_000_000
     add_agent("r1", v1)              # restarted, without the failpoint
     wait_for(lambda: model_of(db, "r1").get("version") == "2.0.0", timeout=60, what="r1 on 2.0.0")
-    applied = events(db, "r1", "applied")[-1]
+    applied = wait_for(lambda: events(db, "r1", "applied"), what="the applied event")[-1]
     assert applied["chunks"] >= 8 and applied["held_at_start"] == applied["chunks"] // 2, applied
     assert not list((tmp_path / "r1" / "transfers").glob("*"))   # cleaned up after the switch
     st = json.loads(ctl("rollout", "status", "--json").stdout)
@@ -254,7 +255,7 @@ def test_live_shadow_refuses_a_version_that_disagrees_on_todays_inputs(signed_fl
     out = ctl("deploy", str(good), "--from", str(v1), "--to", "s1", "--canary", "0", "--wait", "--json",
               "--timeout", "60s")
     assert out.returncode == 0, out.stdout + out.stderr
-    healthy = events(db, "s1", "healthy")[-1]
+    healthy = wait_for(lambda: events(db, "s1", "healthy"), what="the healthy event")[-1]
     assert healthy["version"] == "1.2.0" and healthy["live_samples"] == 60 and healthy["live_agreement"] == 1.0
     wait_for(lambda: model_of(db, "s1").get("version") == "1.2.0", what="s1 on 1.2.0")
 
@@ -262,8 +263,6 @@ def test_live_shadow_refuses_a_version_that_disagrees_on_todays_inputs(signed_fl
 def test_federated_run_ships_its_head_through_a_rollout(signed_fleet, tmp_path, example_bundle):
     """round start --deploy: the final global head becomes a new bundle version, shipped as a
     signed head-only patch, canary first, through each device's quality gate."""
-    from test_federated_e2e import agent_extra, ready, shards, store, wait_run
-
     db, add_agent, ctl, keys = signed_fleet
     v1 = example_bundle[0]
     sh = shards(tmp_path, 3)
@@ -285,7 +284,7 @@ def test_federated_run_ships_its_head_through_a_rollout(signed_fleet, tmp_path, 
     st = wait_for(lambda: (r := json.loads(ctl("rollout", "status", f"fl-{run_id[4:]}", "--json").stdout))
                   ["status"] == "done" and r, timeout=20, what="the run's rollout done")
     assert st["waves"] == 2 and st["version"] == version
-    applied = events(db, "f0", "applied")[-1]
+    applied = wait_for(lambda: events(db, "f0", "applied"), what="the applied event")[-1]
     assert applied["bytes"] < 20_000              # only the head travelled
     assert store(db).run(run_id).config["deploy"]["rollout_id"] == st["rollout_id"]
 
@@ -387,7 +386,6 @@ def test_a_controller_without_the_trusted_key_is_told_at_once(tmp_path, mosquitt
     reason within seconds, not at the wave timeout, and nothing changes on the board."""
     from protocol.patch import make_patch
     from protocol.signing import load_private
-    from test_skeleton import _fleet
 
     keys = tmp_path / "keys"
     assert fleetctl("keys", "init", "--dir", str(keys)).returncode == 0
@@ -395,7 +393,7 @@ def test_a_controller_without_the_trusted_key_is_told_at_once(tmp_path, mosquitt
     v2 = variant(v1, tmp_path / "v2", "1.1.0", lambda h: {k: v * 1.01 for k, v in h.items()})
     data, _ = make_patch(v1, v2, load_private(keys / "controller.pem"))
     (tmp_path / "p.efp").write_bytes(data)
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)      # this controller signs nothing
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)      # this controller signs nothing
     try:
         add_agent("k1", extra=f'[model]\nbundle = "{v1}"\n[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
         wait_for(lambda: model_of(db, "k1").get("version") == "1.0.0", timeout=30, what="k1 on 1.0.0")
@@ -450,7 +448,8 @@ def test_a_broker_outage_mid_transfer_costs_a_pause_not_the_transfer(tmp_path, m
         time.sleep(2.0)
         mosquitto.start()
         wait_for(lambda: model_of(db, "x1").get("version") == "2.0.0", timeout=60, what="x1 on 2.0.0")
-        applied = events(db, "x1", "applied")[-1]
+        # the state can land before the event that says so: wait for the event, do not assume it
+        applied = wait_for(lambda: events(db, "x1", "applied"), what="the applied event")[-1]
         assert applied["chunks"] == man.count and applied["held_at_start"] == 0   # same process, no restart
         assert applied["seconds"] >= 2.0
         assert agent.poll() is None

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from conftest import wait_for
-from test_rollout_e2e import events, model_of, signed_fleet, variant  # noqa: F401 - signed_fleet is a fixture
+from tests.helpers.waiting import wait_for
+from tests.integration.test_rollout_e2e import events, model_of, signed_fleet, variant  # noqa: F401 - signed_fleet is a fixture
 
 
 def test_a_tampered_patch_is_quarantined_and_the_genuine_version_still_deploys(signed_fleet, tmp_path,

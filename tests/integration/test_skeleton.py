@@ -2,92 +2,23 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
-from conftest import Probe, wait_for
-from controller.registry import Registry, RegistryError
+from controller.registry import Registry
 from protocol.envelope import Envelope, encode
-
-ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
-
-
-def agent_config(tmp: Path, dev: str, broker: str, interval: float = 0.3, extra: str = "") -> Path:
-    p = tmp / f"{dev}.toml"
-    p.write_text(f'[device]\nid = "{dev}"\n[mqtt]\nbroker = "{broker}"\nkeepalive = 5\nmin_backoff_s = 0.2\n'
-                 f'max_backoff_s = 1.0\n[telemetry]\ninterval_s = {interval}\n[state]\ndir = "{tmp / dev}"\n' + extra)
-    return p
-
-
-def start_agent(cfg: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
-
-
-def start_controller(broker: str, db: Path, log: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "controller.cli", "--broker", broker, "--db", str(db), "serve"],
-                            stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
-
-
-def fleetctl(*args: str, timeout: float = 30) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT, timeout=timeout)
-
-
-def device(db: Path, dev: str):
-    if not db.exists():
-        return None
-    try:
-        reg = Registry(db, readonly=True)
-    except RegistryError:
-        return None
-    try:
-        return reg.device(dev)
-    finally:
-        reg.close()
-
-
-def stop(p: subprocess.Popen) -> None:
-    if p.poll() is None:
-        p.terminate()
-        try:
-            p.wait(5)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-
-
-def _fleet(tmp_path, url):
-    procs: list[subprocess.Popen] = []
-    db = tmp_path / "registry.db"
-    procs.append(start_controller(url, db, tmp_path / "controller.log"))
-    # agents start once the controller is subscribed (its retained state says online), so the
-    # tests see every event from an agent's first second
-    port = int(url.rsplit(":", 1)[1])
-    probe = Probe(port, subscribe=("edgefleet/v1/ctl/state",), protocol="3.1.1")
-    try:
-        wait_for(lambda: any(b'"online"' in p for _, p, _ in probe.seen()), timeout=15, what="controller online")
-    finally:
-        probe.close()
-
-    def add_agent(dev: str, **kw) -> subprocess.Popen:
-        p = start_agent(agent_config(tmp_path, dev, url, **kw), tmp_path / f"{dev}.log")
-        procs.append(p)
-        return p
-
-    return db, add_agent, procs
+from tests.helpers.bundles import cached_example, copy_into
+from tests.helpers.fleet import ENV, ROOT, agent_config, device, fleetctl, start_fleet, stop
+from tests.helpers.waiting import Probe, wait_for
 
 
 @pytest.fixture
 def fleet(tmp_path, mosquitto):
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     yield db, add_agent
     for p in procs:
         stop(p)
@@ -104,7 +35,7 @@ def any_fleet(request, tmp_path):
 
         embedded = EmbeddedBroker().start()
         url = embedded.url
-    db, add_agent, procs = _fleet(tmp_path, url)
+    db, add_agent, procs = start_fleet(tmp_path, url)
     yield db, add_agent, url
     for p in procs:
         stop(p)
@@ -218,9 +149,12 @@ def test_agent_reconnects_after_broker_restart(fleet, mosquitto):
                          .telemetry("pi-5", limit=50)), timeout=30, what="telemetry after reconnect")
 
 
-def test_demo_on_the_embedded_broker():
+def test_demo_on_the_embedded_broker(tmp_path):
+    # the demo builds its example bundle into $XDG_CACHE_HOME/edgefleet unless it is there: hand it
+    # the one from the tests' build cache (the demo's parameters: build_example(out, "small"))
+    copy_into(cached_example("small")[0], tmp_path / "xdg" / "edgefleet" / "example-digits-1.0.0")
     out = fleetctl("demo", "--agents", "2", "--duration", "14", "--interval", "0.5", "--rollout-at", "3", "--json",
-                   timeout=120)
+                   timeout=120, env={"XDG_CACHE_HOME": str(tmp_path / "xdg")})
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads(out.stdout)
     assert summary["embedded_broker"] is True
@@ -242,7 +176,7 @@ def test_commands_must_be_signed_when_a_key_is_trusted(tmp_path, mosquitto):
     keys = tmp_path / "keys"
     out = fleetctl("keys", "init", "--dir", str(keys))
     assert out.returncode == 0, out.stderr
-    db, add_agent, procs = _fleet(tmp_path, mosquitto.url)
+    db, add_agent, procs = start_fleet(tmp_path, mosquitto.url)
     try:
         add_agent("pi-s", extra=f'[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
         wait_for(lambda: (x := device(db, "pi-s")) and x.online, what="pi-s online")

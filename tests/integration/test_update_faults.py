@@ -14,14 +14,14 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import Probe, wait_for
+from tests.helpers.waiting import Probe, wait_for
 from protocol.chunks import make_manifest
 from protocol.cmdauth import sign_envelope, sign_frame
 from protocol.envelope import Envelope, encode
 from protocol.patch import bundle_id, make_patch, read_manifest
 from protocol.signing import load_private
-from test_rollout_e2e import events, model_of, signed_fleet, variant, with_extra_file  # noqa: F401 - fixture
-from test_skeleton import stop
+from tests.integration.test_rollout_e2e import events, model_of, signed_fleet, variant, with_extra_file  # noqa: F401 - fixture
+from tests.helpers.fleet import stop
 
 TIMEOUT = 120
 

@@ -20,7 +20,7 @@ def publisher(port: int) -> mqtt.Client:
 def test_a_slow_consumer_loses_nothing(tmp_path):
     """The broker holds what the link does not read yet (up to its max_queued_messages, the limit
     the shipped mosquitto.conf raises); the link itself never takes a message it then drops."""
-    from conftest import Mosquitto
+    from tests.helpers.broker import Mosquitto
 
     n = 3000
     mosquitto = Mosquitto(tmp_path, extra_conf="max_queued_messages 100000\n").start()

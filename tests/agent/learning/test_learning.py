@@ -4,23 +4,7 @@ import pytest
 from agent.learning import HeadTrainer, LearnConfig, Learner, TrainConfig, loss_and_grads
 from agent.learning.drift import DriftConfig, DriftMonitor
 from agent.learning.replay import FeatureBuffer
-
-
-def blobs(n, dim=8, k=3, seed=0, shift=0.0):
-    rng = np.random.default_rng(seed)
-    centers = np.random.default_rng(42).normal(0, 3, (k, dim))
-    y = rng.integers(0, k, n)
-    x = centers[y] + rng.normal(0, 1, (n, dim)) + shift
-    return x.astype(np.float32), y
-
-
-def head(dims, seed=0):
-    rng = np.random.default_rng(seed)
-    h = {}
-    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
-        h[f"dense{i}.weight"] = rng.normal(0, 0.3, (a, b)).astype(np.float32)
-        h[f"dense{i}.bias"] = rng.normal(0, 0.1, b).astype(np.float32)
-    return h
+from tests.helpers.learning import blobs, head
 
 
 @pytest.mark.parametrize("dims,wd,mu", [([8, 3], 0.0, 0.0), ([8, 6, 3], 0.01, 0.0), ([8, 6, 3], 0.01, 0.5)])

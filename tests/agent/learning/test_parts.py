@@ -11,8 +11,7 @@ from agent.learning import (CheckpointError, Decision, DriftConfig, DriftMonitor
                             LearnConfig, Learner, PendingLabels, TrainConfig, TriggerState, decide_adoption,
                             read_checkpoint, trigger_reason, write_checkpoint)
 from agent.learning.drift import histogram, ks, psi
-
-from test_learning import blobs, head  # noqa: E402 - same directory (rootdir-relative import)
+from tests.helpers.learning import blobs, head
 
 
 # -- pending (labels later) -------------------------------------------------------------

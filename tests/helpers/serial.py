@@ -1,19 +1,11 @@
-"""Shared parts for the pty tests: a real pseudo-terminal, the real model, polling on the loop.
-
-Not a conftest.py: a second module named ``conftest`` would shadow tests/conftest.py for the
-modules that ``from conftest import ...``. Test modules import the fixtures they use from here.
-"""
+"""Parts for the pty tests: a real pseudo-terminal pair, the bridge's run loop, the real model."""
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import os
-import time
 import tty
 from pathlib import Path
-
-import numpy as np
-import pytest
 
 TFLITE = Path(__file__).resolve().parents[1] / "models" / "digits_int8.tflite"
 
@@ -34,37 +26,6 @@ class Pty:
             self.master = -1
 
 
-@pytest.fixture
-def pty():
-    made: list[Pty] = []
-
-    def make() -> Pty:
-        made.append(Pty())
-        return made[-1]
-
-    yield make
-    for p in made:
-        p.close()
-
-
-@pytest.fixture(scope="session")
-def engine(example_bundle):
-    from agent.serving.inference import InferenceEngine
-    from protocol.bundle import load_bundle
-
-    return InferenceEngine(load_bundle(example_bundle[0]))
-
-
-@pytest.fixture
-def answer(engine):
-    """The bridge's sensor handler: the real int8 model's label and confidence."""
-    def on_frame(mcu, msg):
-        p = engine.predict(np.asarray(msg.fields["samples"], np.float32))
-        return p.label, p.confidence
-
-    return on_frame
-
-
 @contextlib.asynccontextmanager
 async def running(bridge):
     """The bridge's run() as a task for the body of the block, stopped (and awaited) after it."""
@@ -83,16 +44,6 @@ def run_with(sim, main):
         return asyncio.run(main())
     finally:
         sim.stop()
-
-
-async def until(pred, timeout: float = 10.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = pred()
-        if v:
-            return v
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def accuracy(replies, y) -> float:

@@ -1,0 +1,98 @@
+"""Example bundles built once per build parameters and per version of the code that builds them.
+
+``build_example`` trains an MLP and quantizes it: seconds of CPU per bundle, every test session.
+The result is kept under ``$EDGEFLEET_TEST_CACHE`` (default ``~/.cache/edgefleet-tests``) in a
+folder named by a hash of the parameters and of the source of the model tools and of
+``protocol/bundle.py``, so a change to either builds anew. A build goes to a private folder that is
+renamed into place under a lock: parallel pytest processes build each entry once, the others wait.
+Tests get a copy (``copy_into``), never the cache itself.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import inspect
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    env = os.environ.get("EDGEFLEET_TEST_CACHE")
+    return Path(env) if env else Path.home() / ".cache" / "edgefleet-tests"
+
+
+def _code_hash() -> str:
+    """The model tools' package (every .py beside build_example) and protocol/bundle.py."""
+    import protocol.bundle
+    from controller.modeltools import example
+
+    h = hashlib.sha256()
+    tools = Path(inspect.getfile(example)).resolve().parent
+    for f in sorted(tools.glob("*.py")) + [Path(inspect.getfile(protocol.bundle)).resolve()]:
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def build_key(**params) -> str:
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    h.update(_code_hash().encode())
+    return h.hexdigest()[:20]
+
+
+def cached_example(size: str = "small", seed: int = 0, epochs: int = 40, version: str = "1.0.0",
+                   name: str = "digits") -> tuple[Path, dict]:
+    """``build_example(...)`` from the cache (built on a miss): the bundle's folder and its report."""
+    from controller.modeltools.example import build_example
+
+    params = dict(size=size, seed=seed, epochs=epochs, version=version, name=name)
+    entry = cache_root() / "bundles" / f"{name}-{size}-{build_key(**params)}"
+    if not (entry / "report.json").exists():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        # one build per entry at a time (xdist workers, parallel sessions); the others wait for it
+        with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (entry / "report.json").exists():
+                _build(entry, build_example, params)
+    return entry / "bundle", json.loads((entry / "report.json").read_text())
+
+
+def _build(entry: Path, build_example, params: dict) -> None:
+    work = entry.with_name(f".{entry.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    try:
+        report = build_example(work / "bundle", **params).to_dict()
+        (work / "report.json").write_text(json.dumps(report))   # written last: marks the entry whole
+        os.rename(work, entry)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def copy_into(src: Path, out: Path) -> Path:
+    """A private, writable copy of a cached bundle."""
+    shutil.copytree(src, out)
+    return out
+
+
+def example_into(out: Path, **params):
+    """A copy of the cached example bundle at ``out`` and its ``BuildReport`` (``path`` = ``out``)."""
+    from controller.modeltools.example import BuildReport
+
+    src, report = cached_example(**params)
+    copy_into(src, out)
+    fields = {k: v for k, v in report.items() if k in BuildReport.__dataclass_fields__}
+    return out, BuildReport(**{**fields, "path": str(out)})
+
+
+def make_plain_bundle(out: Path, model: Path, version: str = "1.0.0", name: str = "plain") -> Path:
+    """A backbone-only bundle around a single-graph model (its output is the class scores)."""
+    from protocol.bundle import write_manifest
+
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model, out / model.name)
+    write_manifest(out, {"name": name, "version": version,
+                         "input": {"name": "input", "shape": [1, 64], "dtype": "float32", "min": 0.0, "max": 16.0},
+                         "labels": [str(i) for i in range(10)],
+                         "files": {model.name: {"role": "backbone"}}})
+    return out
