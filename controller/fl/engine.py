@@ -331,6 +331,8 @@ class RoundEngine:
         return self._record(round_no, device_id, now, True, "accepted", num_samples, base_version, meta, delta)
 
     def _record(self, round_no, device_id, now, ok, reason, n, base, meta, delta) -> Verdict:
+        if self.cfg.mode == "sync":   # an answer proves the task arrived, even before its PUBACK is handled
+            self.store.mark_task_sent(self.run_id, round_no, device_id)
         fresh = self.store.add_update(self.run_id, round_no, UpdateRow(device_id, now, ok, None if ok else reason,
                                                                         n, base, dict(meta), delta))
         if not fresh:   # async: one update per device per window
