@@ -10,6 +10,7 @@ recorder in tests) and a ``connected`` probe, so it is tested without a broker.
 """
 from __future__ import annotations
 
+import concurrent.futures
 from typing import Any, Callable, Mapping, Protocol
 
 import numpy as np
@@ -26,6 +27,27 @@ class Publish(Protocol):
         """Queue one message; False when it could not be (not connected)."""
 
 
+class Acked(Protocol):
+    """What ``publish_acked`` returns (``asyncio.Future[bool]`` from ``MqttLink.publish_acked``)."""
+
+    def add_done_callback(self, fn: Callable[["Acked"], Any]) -> None: ...
+
+    def result(self) -> bool: ...
+
+    def cancelled(self) -> bool: ...
+
+
+class PublishAcked(Protocol):
+    def __call__(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False) -> Acked:
+        """Publish at QoS 1; the result resolves True when the broker acknowledged it (PUBACK)."""
+
+
+def _resolved(ok: bool) -> Acked:
+    fut: concurrent.futures.Future[bool] = concurrent.futures.Future()
+    fut.set_result(ok)
+    return fut
+
+
 def load_signing_key(path: str) -> Ed25519PrivateKey | None:
     """The controller's private key from ``security.signing_key`` (None when unset)."""
     if not path:
@@ -40,11 +62,14 @@ def load_signing_key(path: str) -> Ed25519PrivateKey | None:
 
 class ControlChannel:
     def __init__(self, topics: Topics, sender: str, publish: Publish, key: Ed25519PrivateKey | None = None,
-                 connected: Callable[[], bool] = lambda: True) -> None:
+                 connected: Callable[[], bool] = lambda: True, publish_acked: PublishAcked | None = None) -> None:
+        """``publish_acked`` (``MqttLink.publish_acked``): what the ``*_acked`` sends use; without one they
+        fall back to ``publish`` and count "queued" as acknowledged (recorders in tests)."""
         self.topics = topics
         self.sender = sender
         self.key = key
         self._publish = publish
+        self._publish_acked = publish_acked
         self._connected = connected
 
     @property
@@ -84,6 +109,22 @@ class ControlChannel:
         """A binary frame (tensors or a blob) to ``device_id``'s cmd topic."""
         topic = self.topics.cmd(device_id)
         return self._publish(topic, self.frame(topic, kind, body, tensors=tensors, blob=blob), qos)
+
+    def _acked(self, topic: str, payload: bytes, qos: int) -> Acked:
+        if self._publish_acked is None:
+            return _resolved(self._publish(topic, payload, max(1, qos)))
+        return self._publish_acked(topic, payload, max(1, qos))
+
+    def send_acked(self, device_id: str, kind: str, body: Mapping[str, Any], *, qos: int = 1) -> Acked:
+        """``send``, resolving True once the broker acknowledged it: what a store may call "sent"."""
+        topic = self.topics.cmd(device_id)
+        return self._acked(topic, encode(self.envelope(topic, kind, body)), qos)
+
+    def send_frame_acked(self, device_id: str, kind: str, body: Mapping[str, Any], *,
+                         tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"", qos: int = 1) -> Acked:
+        """``send_frame``, resolving True once the broker acknowledged it."""
+        topic = self.topics.cmd(device_id)
+        return self._acked(topic, self.frame(topic, kind, body, tensors=tensors, blob=blob), qos)
 
     def command(self, device_id: str, command: str, args: Mapping[str, Any] | None = None) -> bool:
         """Fire-and-forget ``cmd`` (the reply, if any, lands in the device's own subtree)."""

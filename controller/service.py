@@ -49,7 +49,8 @@ class ControllerService:
         self.workers: dict[str, dict[str, Any]] = {}
         self.signing_key = load_signing_key(cfg.security.signing_key)
         self.channel = ControlChannel(self.topics, cfg.controller.id, self._publish, self.signing_key,
-                                      connected=lambda: self.link is not None and self.link.connected.is_set())
+                                      connected=lambda: self.link is not None and self.link.connected.is_set(),
+                                      publish_acked=self._publish_acked)
         # the runners get what they use, never the service itself
         rollout_store = RolloutStore(self.registry.db, Path(cfg.db_path).parent / "artifacts")
         self.rollouts = RolloutRunner(self.channel, self.registry, rollout_store, cfg, self.reject)
@@ -59,6 +60,13 @@ class ControllerService:
 
     def _publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
         return self.link is not None and self.link.publish(topic, payload, qos, retain)
+
+    def _publish_acked(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False):
+        if self.link is None:
+            fut: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            fut.set_result(False)
+            return fut
+        return self.link.publish_acked(topic, payload, qos, retain)
 
     def _ctl_state(self, status: str) -> bytes:
         return encode(Envelope(kind="ctl.state", sender=self.cfg.controller.id, body={"status": status}))

@@ -88,6 +88,16 @@ class Participant:
         self.last_samples_per_s: float | None = None
         self.busy = False
         self._compressors: dict[str, Any] = {}
+        #: "run#round" -> (topic, payload, deadline_ts) of updates the controller has not acked yet: a
+        #: controller killed after the broker took our update, before it recorded or acked it, never
+        #: answers, so we send the same bytes again every ``resend_s`` (it dedupes by run and round
+        #: and answers a repeat with the verdict it recorded) until its ``fl.ack`` or the deadline
+        #: plus ``resend_grace_s``
+        self.unacked: dict[str, tuple[str, bytes, float]] = {}
+        self.acked: dict[str, None] = {}     # keys answered (insertion order; the last 1024 kept)
+        self.resend_s = 10.0
+        self.resend_grace_s = 60.0
+        self._resenders: set[asyncio.Task] = set()
 
     def _load(self) -> dict[str, int]:
         try:
@@ -173,12 +183,38 @@ class Participant:
             payload = encode_frame(env, delta)
         topic = self.ctx.topics.data(self.ctx.device_id, "fl")
         self.ctx.publish_reliable("update", topic, payload, qos=1)
+        key = f"{task['run_id']}#{task['round']}"
+        self.unacked[key] = (topic, payload, float(task["deadline_ts"]))
+        t = asyncio.ensure_future(self._resend(key))
+        self._resenders.add(t)
+        t.add_done_callback(self._resenders.discard)
         self.stats["updates_sent"] += 1
         log.info("fl update for %s#%s: %d samples, loss %.4f, %d bytes", task["run_id"], task["round"],
                  res.num_samples, res.loss, len(payload))
 
+    async def _resend(self, key: str) -> None:
+        while key in self.unacked:
+            await asyncio.sleep(self.resend_s)
+            item = self.unacked.get(key)
+            if item is None:
+                return
+            topic, payload, deadline = item
+            if time.time() > deadline + self.resend_grace_s:
+                self.unacked.pop(key, None)
+                log.warning("fl update for %s never acknowledged by the controller; giving up", key)
+                return
+            if self.ctx.connected and self.ctx.publish(topic, payload, 1):
+                log.info("fl update for %s not acknowledged yet: sent again", key)
+
     async def on_ack(self, env: Envelope, msg: Message) -> None:
         b = env.body
+        key = f"{b['run_id']}#{b['round']}"
+        self.unacked.pop(key, None)
+        if key in self.acked:
+            return   # a restarted controller acks again what a crash may have lost: count it once
+        self.acked[key] = None
+        while len(self.acked) > 1024:
+            del self.acked[next(iter(self.acked))]
         if b["accepted"]:
             self.stats["accepted"] += 1
         else:

@@ -145,6 +145,10 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
         click.echo(json.dumps({"run_id": run_id}))
 
 
+#: ``round start --wait`` exits 0 only when the run reached its rounds (2 is click's usage error)
+EXIT_CODES = {"done": 0, "failed": 1, "cancelled": 1, "partial": 3}
+
+
 def _deploy_spec(bundle: str, canary: float, max_failures: int) -> dict[str, Any]:
     if not (Path(bundle) / "manifest.json").is_file():
         raise click.BadParameter("--deploy needs --bundle to be a bundle directory", param_hint="--bundle")
@@ -152,6 +156,8 @@ def _deploy_spec(bundle: str, canary: float, max_failures: int) -> dict[str, Any
 
 
 def _follow(store, run_id: str, as_json: bool) -> None:
+    from ..fl.engine import TERMINAL
+
     last = None
     with click.progressbar(length=store.run(run_id).config["rounds"], label="rounds", file=sys.stderr,
                            show_pos=True) as bar:
@@ -162,7 +168,7 @@ def _follow(store, run_id: str, as_json: bool) -> None:
             if len(finished) > done:
                 bar.update(len(finished) - done)
                 done = len(finished)
-            if run.status in ("done", "failed", "cancelled"):
+            if run.status in TERMINAL:
                 break
             if last != (run.status, run.round_no):
                 last = (run.status, run.round_no)
@@ -172,8 +178,7 @@ def _follow(store, run_id: str, as_json: bool) -> None:
         click.echo(json.dumps(summary, indent=2))
     else:
         _print_history(summary)
-    if summary["status"] != "done":
-        sys.exit(1)
+    sys.exit(EXIT_CODES.get(summary["status"], 1))
 
 
 def _run_json(store, run_id: str) -> dict[str, Any]:

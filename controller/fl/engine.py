@@ -17,6 +17,7 @@ staleness; an update staler than ``max_staleness`` versions is refused.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+import math
 import random
 from typing import Any, Callable, Mapping, Sequence
 
@@ -27,6 +28,12 @@ from .selection import ClientInfo, Selection, SelectionPolicy, select
 from .strategies import FitFailure, FitResult, Strategy, UpdateRejected, validate_update
 
 Head = dict[str, np.ndarray]
+
+
+#: a run in one of these states is over
+TERMINAL = ("done", "partial", "failed", "cancelled")
+#: after the controller's link came back, how long the broker may take to hand over what it queued
+SETTLE_S = 2.0
 
 
 class RunConfigError(ValueError):
@@ -107,6 +114,7 @@ class Task:
 class Verdict:
     accepted: bool
     reason: str
+    duplicate: bool = False         # the answer recorded for an update already received
 
 
 @dataclass(frozen=True)
@@ -156,33 +164,46 @@ class RoundEngine:
                 d: {"asked": self.cfg.local_steps, "sent": sel.steps[d], "why": why} for d, why in sel.lowered.items()}})
 
     # -- decide ------------------------------------------------------------
-    def step(self, now: float, clients: Sequence[ClientInfo]) -> tuple[list[Task], list[RoundOutcome]]:
-        """Advance the run: start rounds, (re)issue unsent tasks, close rounds that are due."""
+    def step(self, now: float, clients: Sequence[ClientInfo], link_up_since: float | None = -math.inf
+             ) -> tuple[list[Task], list[RoundOutcome]]:
+        """Advance the run: start rounds, (re)issue unsent tasks, close rounds that are due.
+
+        ``link_up_since``: when the controller's own broker link came up (None: it is down). While
+        the controller cannot hear the fleet, and for ``SETTLE_S`` after it reconnected (the broker
+        hands over what it queued for us), no round is closed on its deadline."""
         run = self.run
-        if run is None or run.status in ("done", "failed", "cancelled"):
+        if run is None or run.status in TERMINAL:
             return [], []
         if run.status == "pending":
             self.store.update_run(self.run_id, status="running")
-        return self._step_async(now, clients) if self.cfg.mode == "async" else self._step_sync(now, clients)
+        if self.cfg.mode == "async":
+            return self._step_async(now, clients)
+        return self._step_sync(now, clients, link_up_since)
 
-    def _step_sync(self, now: float, clients: Sequence[ClientInfo]) -> tuple[list[Task], list[RoundOutcome]]:
+    def _hearing(self, now: float, link_up_since: float | None) -> bool:
+        return link_up_since is not None and now - link_up_since >= SETTLE_S
+
+    def _step_sync(self, now: float, clients: Sequence[ClientInfo], link_up_since: float | None = -math.inf
+                   ) -> tuple[list[Task], list[RoundOutcome]]:
         run = self.run
         outcomes: list[RoundOutcome] = []
         cur = self.store.round(self.run_id, run.round_no) if run.round_no else None
         if cur is not None and cur.status == "running":
-            online = {c.device_id for c in clients if c.online}
-            got = {u.device_id for u in self.store.updates(self.run_id, cur.round_no)}
-            waiting = [d for d in cur.selected if d not in got and d in online]
-            if now >= cur.deadline or not waiting:
-                outcomes.append(self._close_sync(cur, now, gone=[d for d in cur.selected
-                                                                 if d not in got and d not in online]))
+            # Only answers close a round early; looking offline (a last will, a broker restart, the
+            # controller's own outage) never does: the deadline is the deadline.
+            answered = {u.device_id for u in self.store.updates(self.run_id, cur.round_no)}
+            waiting = [d for d in cur.selected if d not in answered]
+            if not waiting or (now >= cur.deadline and self._hearing(now, link_up_since)):
+                online = {c.device_id for c in clients if c.online}
+                outcomes.append(self._close_sync(cur, now, early=not waiting,
+                                                 gone=[d for d in waiting if d not in online]))
                 run = self.run
             else:
                 return self._unsent(cur, run.global_version), outcomes
         if run.status != "running":
             return [], outcomes
         if run.round_no >= self.cfg.rounds:
-            self.store.update_run(self.run_id, status="done")
+            self._finish_run()
             return [], outcomes
         sel = select(clients, self.cfg.policy(), self.rng)
         if len(sel.selected) < self.cfg.min_clients:
@@ -196,32 +217,48 @@ class RoundEngine:
         self.started_waiting = None
         round_no = run.round_no + 1
         deadline = now + self.cfg.deadline_s
-        self.store.create_round(self.run_id, round_no, now, deadline, sel.selected, sel.steps)
+        self.store.start_round(self.run_id, round_no, now, deadline, sel.selected, sel.steps)
         self._note_sizing(round_no, sel)
-        self.store.update_run(self.run_id, round_no=round_no)
         return self._unsent(self.store.round(self.run_id, round_no), run.global_version), outcomes
+
+    def _finish_run(self) -> None:
+        """``done`` only when the run reached its rounds: else ``partial`` (some aggregated) or ``failed``."""
+        run = self.run
+        made = sum(1 for r in self.store.rounds(self.run_id) if r.status == "aggregated")
+        if made >= self.cfg.rounds:
+            self.store.update_run(self.run_id, status="done")
+        elif made == 0:
+            self.store.update_run(self.run_id, status="failed",
+                                  error=f"no round aggregated ({self.cfg.rounds} asked; global version "
+                                        f"{run.global_version})")
+        else:
+            self.store.update_run(self.run_id, status="partial", error=f"{made} of {self.cfg.rounds} rounds aggregated")
 
     def _unsent(self, cur, version: int) -> list[Task]:
         return self._tasks(cur.round_no, [d for d in cur.selected if d not in cur.tasks_sent], cur.steps, version,
                            cur.deadline, self.run.head or {})
 
     def task_sent(self, task: Task) -> None:
+        """Call only once the broker acknowledged the task (its PUBACK), never when it was merely queued."""
         self.store.mark_task_sent(self.run_id, task.round_no, task.device_id)
 
-    def _close_sync(self, cur, now: float, gone: list[str]) -> RoundOutcome:
+    def _close_sync(self, cur, now: float, early: bool, gone: list[str]) -> RoundOutcome:
         all_ups = self.store.updates(self.run_id, cur.round_no)
         ups = [u for u in all_ups if u.accepted]
         metrics: dict[str, Any] = {"selected": len(cur.selected), "received": len(ups), "dropped": gone,
-                                   "duration_s": round(now - cur.started, 3)}
+                                   "duration_s": round(now - cur.started, 3),
+                                   "closed": "all selected devices answered" if early else "deadline"}
         metrics.update(_update_metrics(ups))
         if len(ups) < self.cfg.min_clients:
-            metrics["reason"] = f"quorum not met: {len(ups)} of {self.cfg.min_clients} updates by the deadline"
+            when = ("every selected device answered before the deadline" if early else "by the deadline")
+            metrics["reason"] = (f"quorum not met: {len(ups)} of {self.cfg.min_clients} accepted updates"
+                                 + ("; " if early else " ") + when)
             self.store.finish_round(self.run_id, cur.round_no, "failed", metrics)
             return RoundOutcome(cur.round_no, "failed", metrics)
         got = {u.device_id for u in all_ups}
         failures = [FitFailure(u.device_id, u.reason or "rejected") for u in all_ups if not u.accepted]
-        failures += [FitFailure(d, "went offline before sending an update" if d in gone else
-                                "no update by the deadline") for d in cur.selected if d not in got]
+        failures += [FitFailure(d, "no update by the deadline" + (" (offline at the deadline)" if d in gone else ""))
+                     for d in cur.selected if d not in got]
         return self._apply(cur.round_no, [FitResult(u.update, u.num_samples, 0, u.device_id) for u in ups],
                            failures, metrics)
 
@@ -241,7 +278,6 @@ class RoundEngine:
             return RoundOutcome(round_no, "failed", metrics)
         state = self.strategy.to_state()
         version = run.global_version + 1
-        self.store.update_run(self.run_id, head=new_head, global_version=version, strategy_state=state)
         metrics["version"] = version
         if self.evaluate is not None:
             try:
@@ -250,13 +286,20 @@ class RoundEngine:
                 metrics["accuracy_error"] = str(exc)
         if "dp_epsilon" in state:
             metrics["dp_epsilon"], metrics["dp_delta"] = state["dp_epsilon"], state.get("dp_delta")
-        self.store.finish_round(self.run_id, round_no, "aggregated", metrics)
+        # one transaction: a crash never leaves a new version with its round still open (aggregated twice)
+        self.store.aggregate_round(self.run_id, round_no, new_head, version, state, metrics)
         return RoundOutcome(round_no, "aggregated", metrics, version)
 
     # -- updates -----------------------------------------------------------
     def on_update(self, now: float, device_id: str, round_no: int, base_version: int, num_samples: int,
-                  delta: Head | None, meta: Mapping[str, Any]) -> Verdict:
+                  delta: Head | None, meta: Mapping[str, Any], sent_ts: float | None = None) -> Verdict:
+        """The verdict on one update. ``sent_ts``: when the device sent it (its envelope); it matters only
+        for an update that reaches us after the deadline of a round still open because we could not
+        hear the fleet then. A re-sent update (our ``fl.ack`` was lost) gets the verdict recorded first."""
         run = self.run
+        recorded = self.store.update_row(self.run_id, round_no, device_id, task_round=self.cfg.mode == "async")
+        if recorded is not None:
+            return Verdict(recorded.accepted, recorded.reason or "accepted", duplicate=True)
         if run is None or run.status != "running":
             return Verdict(False, "run is not running")
         if self.cfg.mode == "async":
@@ -264,7 +307,8 @@ class RoundEngine:
         cur = self.store.round(self.run_id, round_no)
         if cur is None or device_id not in cur.selected:
             return Verdict(False, f"{device_id} has no task in round {round_no}")
-        if cur.status != "running" or now > cur.deadline:
+        on_time = now <= cur.deadline or (sent_ts is not None and sent_ts <= cur.deadline)
+        if cur.status != "running" or not on_time:
             return self._record(round_no, device_id, now, False, "late: the round's deadline has passed",
                                 num_samples, base_version, meta, None)
         if base_version != run.global_version:
@@ -287,10 +331,13 @@ class RoundEngine:
         return self._record(round_no, device_id, now, True, "accepted", num_samples, base_version, meta, delta)
 
     def _record(self, round_no, device_id, now, ok, reason, n, base, meta, delta) -> Verdict:
+        if self.cfg.mode == "sync":   # an answer proves the task arrived, even before its PUBACK is handled
+            self.store.mark_task_sent(self.run_id, round_no, device_id)
         fresh = self.store.add_update(self.run_id, round_no, UpdateRow(device_id, now, ok, None if ok else reason,
                                                                         n, base, dict(meta), delta))
-        if not fresh:
-            return Verdict(False, "duplicate: an update from this device is already recorded for this round")
+        if not fresh:   # async: one update per device per window
+            first = self.store.update_row(self.run_id, round_no, device_id)
+            return Verdict(first.accepted, first.reason or "accepted", duplicate=True)
         return Verdict(ok, reason)
 
     # -- async (FedBuff) ---------------------------------------------------
@@ -298,15 +345,20 @@ class RoundEngine:
         """One round row per aggregation window; idle eligible clients get a task from the current version."""
         run = self.run
         if run.round_no >= self.cfg.rounds and self._window_done(run):
-            self.store.update_run(self.run_id, status="done")
+            self._finish_run()
             return [], []
         if run.round_no == 0:
-            self.store.update_run(self.run_id, round_no=1)
+            self.store.start_round(self.run_id, 1, now, now + self.cfg.deadline_s, (), {})
             run = self.run
         cur = self.store.round(self.run_id, run.round_no)
         if cur is None:
-            self.store.create_round(self.run_id, run.round_no, now, now + self.cfg.deadline_s, (), {})
+            self.store.start_round(self.run_id, run.round_no, now, now + self.cfg.deadline_s, (), {})
             cur = self.store.round(self.run_id, run.round_no)
+        elif cur.status != "running":   # a crash after a window aggregated, before the next one opened
+            self.store.start_round(self.run_id, cur.round_no + 1, now, now + self.cfg.deadline_s, (), {},
+                                   tasks_sent=cur.tasks_sent - {u.device_id for u in
+                                                                self.store.updates(self.run_id, cur.round_no)})
+            cur = self.store.round(self.run_id, cur.round_no + 1)
         online = {c.device_id for c in clients if c.online}
         busy = self._busy(cur, online)
         room = self.cfg.clients - len(busy)
@@ -337,7 +389,7 @@ class RoundEngine:
             return self._record(run.round_no, device_id, now, False,
                                 f"stale: {staleness} versions behind (max {self.cfg.max_staleness})",
                                 num_samples, base_version, meta, None)
-        meta = {**meta, "staleness": staleness}
+        meta = {**meta, "staleness": staleness, "task_round": round_no}
         v = self._check_and_record(run.round_no, device_id, now, num_samples, base_version, delta, meta)
         return v
 
@@ -360,13 +412,11 @@ class RoundEngine:
         out = self._apply(cur.round_no, results, failures, metrics)
         if cur.round_no < self.cfg.rounds:
             nxt = cur.round_no + 1
-            self.store.create_round(self.run_id, nxt, now, now + self.cfg.deadline_s, (), {})
-            self.store.update_run(self.run_id, round_no=nxt)
             got = {u.device_id for u in all_ups}
-            for d in cur.tasks_sent - got:
-                self.store.mark_task_sent(self.run_id, nxt, d)
+            self.store.start_round(self.run_id, nxt, now, now + self.cfg.deadline_s, (), {},
+                                   tasks_sent=cur.tasks_sent - got)
         else:
-            self.store.update_run(self.run_id, status="done")
+            self._finish_run()
         return out
 
 

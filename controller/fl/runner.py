@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import os
+import signal
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -32,6 +35,29 @@ if TYPE_CHECKING:  # pragma: no cover
     from .strategies import Strategy
 
 log = logging.getLogger("fleetctl.rounds")
+
+#: every step boundary of a round where a test may kill the controller (EDGEFLEET_FAILPOINT=name):
+#: each step must be idempotent across a restart at any of them
+FAILPOINTS = (
+    "fl.round.opened",      # a round and its selection are stored; no task published yet
+    "fl.task.published",    # a task handed to paho; the broker has not acknowledged it
+    "fl.task.acked",        # the broker acknowledged a task; the store does not say "sent" yet
+    "fl.task.marked",       # the store says "sent"
+    "fl.update.received",   # an update taken off the wire (paho already acknowledged it); not recorded
+    "fl.update.recorded",   # an update and its verdict recorded; no fl.ack published
+    "fl.ack.published",     # the fl.ack handed to paho; not acknowledged
+    "fl.ack.acked",         # the broker acknowledged the fl.ack; the store does not say so yet
+    "fl.round.closed",      # a round closed (aggregated or failed); the new head not published
+)
+
+
+def failpoint(name: str) -> None:
+    """SIGKILL this process at ``name`` when EDGEFLEET_FAILPOINT says so (tests of crash safety)."""
+    if os.environ.get("EDGEFLEET_FAILPOINT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+#: a task or ack in flight longer than this (its PUBACK never came) is published again
+RESEND_AFTER_S = 30.0
 
 
 def strategy_for(cfg: RunConfig) -> "Strategy":
@@ -83,6 +109,10 @@ class RoundRunner:
         self.engines: dict[str, RoundEngine] = {}
         self.tick_s = tick_s
         self.counts: dict[str, int] = {"tasks_sent": 0, "updates": 0, "rejected_updates": 0}
+        #: (run, round, device) of a task or ack published and not acknowledged yet -> when published
+        self._in_flight: dict[tuple[str, str, int, str], float] = {}
+        self._link_up_since: float | None = None
+        self._acks_checked = False
 
     def engine(self, run_id: str) -> RoundEngine:
         eng = self.engines.get(run_id)
@@ -104,36 +134,68 @@ class RoundRunner:
                 log.exception("round runner tick failed")
             await asyncio.sleep(self.tick_s)
 
+    def _link_state(self, now: float) -> float | None:
+        """When our broker link came up (None while it is down): the engine decides nothing blind."""
+        if not self.channel.connected():
+            self._link_up_since = None
+            self._acks_checked = False
+        elif self._link_up_since is None:
+            self._link_up_since = now
+        return self._link_up_since
+
     def tick(self, now: float) -> None:
         self.registry.commit()
-        for run in self.store.runs(status=("pending", "running")):
+        link_up_since = self._link_state(now)
+        runs = self.store.runs(status=("pending", "running"))
+        if link_up_since is not None and not self._acks_checked:
+            self._acks_checked = True
+            self._resend_acks(tuple(r.id for r in runs))
+        for run in runs:
             try:
                 eng = self.engine(run.id)
             except Exception as exc:  # noqa: BLE001 - e.g. unknown strategy: fail the run, loudly
                 log.error("run %s cannot start: %s", run.id, exc)
                 self.store.update_run(run.id, status="failed", error=str(exc))
                 continue
-            tasks, outcomes = eng.step(now, self.clients(now))
+            before = run.round_no
+            tasks, outcomes = eng.step(now, self.clients(now), link_up_since)
             for o in outcomes:
+                failpoint("fl.round.closed")
                 self._announce(run.id, o)
             out = eng.maybe_aggregate_async(now)
             if out:
+                failpoint("fl.round.closed")
                 self._announce(run.id, out)
             if run.config.get("deploy") and (after := self.store.run(run.id)) and after.status == "done":
                 self.deploy_result(after)
+            if tasks and tasks[0].round_no != before:
+                failpoint("fl.round.opened")
             for t in tasks:
-                if self._send_task(t):
-                    eng.task_sent(t)
+                self._send_task(eng, t, now)
 
-    def _send_task(self, task) -> bool:
-        if not self.channel.connected():
-            return False
-        ok = self.channel.send_frame(task.device_id, "fl.task", task.body, tensors=task.head)
-        if ok:
+    def _send_task(self, eng: RoundEngine, task, now: float) -> None:
+        """Publish a task; the store says "sent" only when the broker acknowledged it (its PUBACK)."""
+        key = ("task", eng.run_id, task.round_no, task.device_id)
+        if not self.channel.connected() or now - self._in_flight.get(key, -math.inf) < RESEND_AFTER_S:
+            return
+        self._in_flight[key] = now
+        fut = self.channel.send_frame_acked(task.device_id, "fl.task", task.body, tensors=task.head)
+        failpoint("fl.task.published")
+
+        def done(f) -> None:
+            if self._in_flight.get(key) == now:
+                del self._in_flight[key]
+            if f.cancelled() or not f.result():
+                log.info("round %s/%d: task to %s not acknowledged; it will be sent again", eng.run_id,
+                         task.round_no, task.device_id)
+                return
+            failpoint("fl.task.acked")
+            eng.task_sent(task)
+            failpoint("fl.task.marked")
             self.counts["tasks_sent"] += 1
-            log.info("round %s/%d: task to %s (%d steps)", task.body["run_id"], task.round_no, task.device_id,
+            log.info("round %s/%d: task to %s (%d steps)", eng.run_id, task.round_no, task.device_id,
                      task.body["steps"])
-        return ok
+        fut.add_done_callback(done)
 
     def _announce(self, run_id: str, outcome) -> None:
         lvl = logging.INFO if outcome.status == "aggregated" else logging.WARNING
@@ -215,15 +277,39 @@ class RoundRunner:
             return
         meta = {k: b[k] for k in ("train_loss", "train_time_s", "samples_per_s", "steps") if k in b}
         meta["bytes"] = len(msg.payload)
+        failpoint("fl.update.received")
         verdict = self.engine(run.id).on_update(time.time(), device_id, b["round"], b["base_version"],
-                                                b["num_samples"], delta, meta)
+                                                b["num_samples"], delta, meta, sent_ts=env.ts)
+        failpoint("fl.update.recorded")
         self.counts["updates"] += 1
-        if not verdict.accepted:
+        if verdict.duplicate:
+            log.info("update from %s for %s/%d again (our ack was lost?): answering %s", device_id, run.id,
+                     b["round"], "accepted" if verdict.accepted else f"rejected: {verdict.reason}")
+        elif not verdict.accepted:
             self.counts["rejected_updates"] += 1
             log.warning("update from %s for %s/%d rejected: %s", device_id, run.id, b["round"], verdict.reason)
         self._ack(device_id, b, verdict.accepted, verdict.reason)
         self.tick(time.time())  # close the round now if this was the last update
 
     def _ack(self, device_id: str, body: dict, accepted: bool, reason: str) -> None:
-        self.channel.send(device_id, "fl.ack", {"run_id": str(body.get("run_id")), "round": int(body.get("round", 0)),
-                                                "accepted": accepted, "reason": reason})
+        """``fl.ack``; once the broker acknowledged it the store says so, so a restarted controller
+        sends again only the acks a crash lost."""
+        run_id, round_no = str(body.get("run_id")), int(body.get("round", 0))
+        fut = self.channel.send_acked(device_id, "fl.ack", {"run_id": run_id, "round": round_no,
+                                                            "accepted": accepted, "reason": reason})
+        failpoint("fl.ack.published")
+        store = self.store
+
+        def done(f) -> None:
+            if f.cancelled() or not f.result():
+                self._acks_checked = False   # try again at the next tick with the link up
+                return
+            failpoint("fl.ack.acked")
+            store.mark_acked(run_id, round_no, device_id)
+        fut.add_done_callback(done)
+
+    def _resend_acks(self, run_ids: tuple[str, ...]) -> None:
+        """The acks of recorded updates the broker never acknowledged (we crashed, or the link dropped)."""
+        for run_id, device_id, accepted, reason, task_round in self.store.unacked(run_ids):
+            log.info("fl.ack for %s/%d to %s again (never acknowledged)", run_id, task_round, device_id)
+            self._ack(device_id, {"run_id": run_id, "round": task_round}, accepted, reason or "accepted")

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..db import connect, ensure_schema
+from ..db import connect, ensure_schema, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fl_runs(
@@ -29,8 +29,10 @@ CREATE TABLE IF NOT EXISTS fl_rounds(
 CREATE TABLE IF NOT EXISTS fl_updates(
     run_id TEXT NOT NULL, round_no INTEGER NOT NULL, device_id TEXT NOT NULL, received REAL NOT NULL,
     accepted INTEGER NOT NULL, reason TEXT, num_samples INTEGER, base_version INTEGER, meta TEXT,
-    update_blob BLOB, PRIMARY KEY(run_id, round_no, device_id));
+    update_blob BLOB, acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(run_id, round_no, device_id));
 """
+#: columns older files lack
+MIGRATIONS = {"fl_updates": {"acked": "INTEGER NOT NULL DEFAULT 0"}}
 
 
 def pack_head(head: Mapping[str, np.ndarray]) -> bytes:
@@ -86,7 +88,7 @@ class UpdateRow:
 class RoundStore:
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
-        ensure_schema(self.db, SCHEMA)
+        ensure_schema(self.db, SCHEMA, MIGRATIONS)
 
     @classmethod
     def open(cls, db_path: str) -> "RoundStore":
@@ -147,6 +149,30 @@ class RoundStore:
                          json.dumps(dict(steps)), "[]"))
         self.db.commit()
 
+    def start_round(self, run_id: str, round_no: int, started: float, deadline: float,
+                    selected: tuple[str, ...], steps: Mapping[str, int], tasks_sent: frozenset[str] = frozenset()
+                    ) -> None:
+        """Open round ``round_no`` and make it the run's current round, in one transaction (a crash
+        between the two would leave a round the run does not know, and a primary-key clash forever)."""
+        with transaction(self.db):
+            self.db.execute("INSERT INTO fl_rounds(run_id, round_no, status, started, deadline, selected, steps, "
+                            "tasks_sent) VALUES(?,?,?,?,?,?,?,?)",
+                            (run_id, round_no, "running", started, deadline, json.dumps(list(selected)),
+                             json.dumps(dict(steps)), json.dumps(sorted(tasks_sent))))
+            self.db.execute("UPDATE fl_runs SET round_no=?, updated=? WHERE id=?", (round_no, time.time(), run_id))
+
+    def aggregate_round(self, run_id: str, round_no: int, head: Mapping[str, np.ndarray], version: int,
+                        strategy_state: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+        """The new global head and its round's close, in one transaction: a crash never leaves a new
+        version whose round is still open (a restart would aggregate it again)."""
+        row = self.round(run_id, round_no)
+        merged = {**((row.metrics or {}) if row else {}), **metrics}
+        with transaction(self.db):
+            self.db.execute("UPDATE fl_runs SET head=?, global_version=?, strategy_state=?, updated=? WHERE id=?",
+                            (pack_head(head), version, json.dumps(dict(strategy_state)), time.time(), run_id))
+            self.db.execute("UPDATE fl_rounds SET status='aggregated', finished=?, metrics=? "
+                            "WHERE run_id=? AND round_no=?", (time.time(), json.dumps(merged), run_id, round_no))
+
     def mark_task_sent(self, run_id: str, round_no: int, device_id: str) -> None:
         row = self.round(run_id, round_no)
         if row is None or device_id in row.tasks_sent:
@@ -202,6 +228,37 @@ class RoundStore:
              json.dumps(u.meta), pack_head(u.update) if u.update is not None else None))
         self.db.commit()
         return cur.rowcount == 1
+
+    def update_row(self, run_id: str, round_no: int, device_id: str, task_round: bool = False) -> UpdateRow | None:
+        """The update recorded from ``device_id`` for ``round_no`` (``task_round``: async, where an update
+        is filed under the window it arrived in and ``meta.task_round`` names the task's round)."""
+        if not task_round:
+            return next((u for u in self.updates(run_id, round_no) if u.device_id == device_id), None)
+        rows = self.db.execute("SELECT round_no FROM fl_updates WHERE run_id=? AND device_id=? AND round_no>=?",
+                               (run_id, device_id, round_no)).fetchall()
+        for (r,) in rows:
+            for u in self.updates(run_id, r):
+                if u.device_id == device_id and u.meta.get("task_round") == round_no:
+                    return u
+        return None
+
+    def mark_acked(self, run_id: str, round_no: int, device_id: str) -> None:
+        """The broker acknowledged our ``fl.ack`` for the update answering task ``round_no`` (async files
+        it under the window it arrived in, with ``meta.task_round``)."""
+        self.db.execute("UPDATE fl_updates SET acked=1 WHERE run_id=? AND device_id=? AND "
+                        "(round_no=? OR json_extract(meta, '$.task_round')=?)", (run_id, device_id, round_no, round_no))
+        self.db.commit()
+
+    def unacked(self, run_ids: tuple[str, ...]) -> list[tuple[str, str, bool, str | None, int]]:
+        """``(run_id, device_id, accepted, reason, task_round)`` of updates whose ``fl.ack`` the
+        broker never acknowledged (a crash between recording and acking)."""
+        if not run_ids:
+            return []
+        rows = self.db.execute(
+            f"SELECT run_id, round_no, device_id, accepted, reason, meta FROM fl_updates "
+            f"WHERE acked=0 AND run_id IN ({','.join('?' * len(run_ids))})", run_ids).fetchall()
+        return [(r[0], r[2], bool(r[3]), r[4], int((json.loads(r[5]) if r[5] else {}).get("task_round", r[1])))
+                for r in rows]
 
     def updates(self, run_id: str, round_no: int) -> list[UpdateRow]:
         rows = self.db.execute(

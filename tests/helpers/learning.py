@@ -62,5 +62,6 @@ def store(db):
 
 
 def wait_run(db, run_id, timeout=60):
-    return wait_for(lambda: (r := store(db).run(run_id)) and r.status in ("done", "failed") and r, timeout=timeout,
+    return wait_for(lambda: (r := store(db).run(run_id)) and r.status in ("done", "partial", "failed", "cancelled") and r,
+                    timeout=timeout,
                     what=f"run {run_id} to end")
