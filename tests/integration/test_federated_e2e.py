@@ -2,13 +2,8 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 
 import numpy as np
-import pytest
 
 from controller.registry import Registry
 from protocol.binary import decode_frame, encode_frame, is_frame
