@@ -438,19 +438,24 @@ class MqttLink:
         if self._client is not None and self.connected.is_set():
             self._client.subscribe(flt, qos)
 
+    def _props(self, response_topic: str | None, correlation: bytes | None) -> Properties | None:
+        """MQTT 5 request/response properties (None on 3.1.1, where the envelope carries them)."""
+        if not (self._v5 and (response_topic or correlation)):
+            return None
+        props = Properties(PacketTypes.PUBLISH)
+        if response_topic:
+            props.ResponseTopic = response_topic
+        if correlation:
+            props.CorrelationData = correlation
+        return props
+
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, *,
                 response_topic: str | None = None, correlation: bytes | None = None) -> bool:
         """Hand a message to paho. False if it could not be accepted (not connected)."""
         c = self._client
         if c is None or not self.connected.is_set():
             return False
-        props = None
-        if self._v5 and (response_topic or correlation):
-            props = Properties(PacketTypes.PUBLISH)
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation:
-                props.CorrelationData = correlation
+        props = self._props(response_topic, correlation)
         info = c.publish(topic, payload, qos, retain, properties=props)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
@@ -465,13 +470,7 @@ class MqttLink:
         if c is None or not self.connected.is_set():
             fut.set_result(False)
             return fut
-        props = None
-        if self._v5 and (response_topic or correlation):
-            props = Properties(PacketTypes.PUBLISH)
-            if response_topic:
-                props.ResponseTopic = response_topic
-            if correlation:
-                props.CorrelationData = correlation
+        props = self._props(response_topic, correlation)
         info = c.publish(topic, payload, max(1, qos), retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             fut.set_result(False)

@@ -165,8 +165,10 @@ class Updater(Feature):
 
     # -- start-up and reconnects ---------------------------------------------
     def restore(self) -> None:
-        """Pick up a transfer that a restart interrupted (its chunks are still on disk)."""
-        self._restore_mcu_pending()
+        """Pick up a transfer that a restart interrupted (its chunks are still on disk). A version
+        the board just went back from (killed mid MCU push) is not taken up again on its own: the
+        controller re-offers it if it still wants it."""
+        gone_back_from = self._restore_mcu_pending()
         if not self.dir.is_dir():
             return
         for d in sorted(self.dir.iterdir()):
@@ -176,7 +178,7 @@ class Updater(Feature):
             except (OSError, ValueError, KeyError, TypeError, ChunkError):
                 shutil.rmtree(d, ignore_errors=True)
                 continue
-            if self.active is not None or self._installed_id() == offer["target"]["bundle_sha256"]:
+            if self.active is not None or offer["target"]["bundle_sha256"] in (self._installed_id(), gone_back_from):
                 shutil.rmtree(d, ignore_errors=True)
                 continue
             part = PartFile(d, manifest)
@@ -186,20 +188,25 @@ class Updater(Feature):
             self.stats["resumed"] += 1
             log.info("resuming transfer %s: %d of %d chunks on disk", manifest.transfer_id, len(t.have), t.count)
 
-    def _restore_mcu_pending(self) -> None:
+    def _restore_mcu_pending(self) -> str | None:
+        """Killed while pushing a version's files to the MCU: back to the version it still runs.
+        Returns the bundle id gone back from (None when there was nothing to undo)."""
         try:
             pending = json.loads(self.mcu_pending.read_text())
         except FileNotFoundError:
-            return
+            return None
         except (OSError, ValueError):
             pending = {}
         store = self.serving.store
+        gone: str | None = None
         if store is not None and pending.get("bundle_sha256") and self._installed_id() == pending["bundle_sha256"]:
             back = store.rollback()
             self.serving.load_current()
+            gone = pending["bundle_sha256"]
             self.report("rolled_back", pending.get("offer"),
                         f"interrupted while pushing the new model to the MCU; back to {back.version or '?'}")
         self.mcu_pending.unlink(missing_ok=True)
+        return gone
 
     def _clear_mcu_pending(self) -> None:
         self.mcu_pending.unlink(missing_ok=True)

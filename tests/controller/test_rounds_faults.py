@@ -9,32 +9,20 @@ sent again; a duplicate update is answered with the verdict recorded the first t
 from __future__ import annotations
 
 import concurrent.futures
-import sqlite3
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from controller.channel import ControlChannel
-from controller.fl.engine import RoundEngine, RunConfig
+from controller.fl.engine import RunConfig
 from controller.fl.runner import RoundRunner
-from controller.fl.selection import ClientInfo
-from controller.fl.store import RoundStore
 from protocol.binary import decode_frame, is_frame
 from protocol.envelope import decode
 from protocol.topics import Topics
 
-from tests.controller.test_rounds import G, HandFedAvg, clients, delta
-
-
-@pytest.fixture
-def store(tmp_path):
-    return RoundStore(sqlite3.connect(tmp_path / "r.db"))
-
-
-def new_run(store, run_id="r1", **cfg):
-    store.create_run(run_id, RunConfig(**cfg).to_dict(), G)
-    return RoundEngine(run_id, store, HandFedAvg())
+from tests.controller.test_rounds import G, clients, delta, new_run
+from tests.controller.test_rounds import store  # noqa: F401 - the fixture
 
 
 def started(eng, now=0.0, ids=("a", "b")):
