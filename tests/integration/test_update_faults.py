@@ -119,6 +119,13 @@ def versions(tmp_path_factory, example_bundle):
     d = tmp_path_factory.mktemp("fault-versions")
     v1 = example_bundle[0]
     good = variant(v1, d / "good", "1.1.0", lambda h: {k: v * 1.01 for k, v in h.items()})
+    # 14 agents gate at once on 2 shared cores: the good version must not fail on a preempted timing,
+    # only the bad one on its answers (the latency rule has its own tests in tests/agent/test_health.py)
+    from protocol.bundle import write_manifest
+
+    m = json.loads((good / "manifest.json").read_text())
+    m.setdefault("eval", {})["max_latency_ratio"] = 1000.0
+    write_manifest(good, m)
     # loads and matches its own reference outputs, but its labels are scrambled: the gate refuses it
     bad = variant(v1, d / "bad", "1.2.0", lambda h: {k: np.roll(v, 3, axis=-1) for k, v in h.items()})
     return v1, good, bad
@@ -206,7 +213,9 @@ def test_sigkill_at_every_install_step_never_serves_an_ungated_version(signed_fl
         if killed[dev]:
             assert procs[dev].returncode == -9, (dev, procs[dev].returncode)
             procs[dev] = add_agent(dev, v1)          # restarted without the failpoint
-    assert all(killed[f"g-{p.replace('_', '-')}"] for p in INSTALL_FAILPOINTS), killed
+    missed = {dev: [(e.get("status"), e.get("reason")) for e in events(db, dev, "rolled_back") + events(db, dev, "failed")]
+              for dev, _, target in cases if target is good and not killed[dev]}
+    assert not missed, missed
     assert killed["b-gate"] and killed["b-staged"], killed
 
     for dev, point, target in cases:
