@@ -86,8 +86,12 @@ class CommandVerifier:
     def marks(self) -> Marks:
         return {kid: {"ts": ts, "ids": sorted(ids)} for kid, (ts, ids) in self._high.items()}
 
-    def verify(self, env: Envelope, topic: str, now: float) -> str:
-        """Return the signing key id, or raise SignatureError with the reason (ReplayError: a replay)."""
+    def verify(self, env: Envelope, topic: str, now: float, durable: bool = True) -> str:
+        """Return the signing key id, or raise SignatureError with the reason (ReplayError: a replay).
+
+        ``durable=False``: a message whose replay is harmless (a transfer chunk: hash-checked and
+        deduplicated by the receiver) is checked the same way but does not wait on ``persist``;
+        the next durable command saves the mark it advanced."""
         auth: Any = env.auth
         if not auth:
             raise SignatureError("unsigned command (this agent requires signed commands)")
@@ -117,7 +121,7 @@ class CommandVerifier:
             new_high = (env.ts, frozenset({env.id}))
         elif env.ts == high[0]:
             new_high = (env.ts, high[1] | {env.id})
-        if new_high != high and self.persist is not None:
+        if new_high != high and self.persist is not None and durable:
             marks = self.marks()
             marks[kid] = {"ts": new_high[0], "ids": sorted(new_high[1])}
             try:
@@ -148,9 +152,9 @@ def sign_frame(env: Envelope, topic: str, key: Ed25519PrivateKey | None,
     return encode_frame(env, tensors, blob)
 
 
-def verify_frame(verifier: "CommandVerifier", frame: Frame, topic: str, now: float) -> str:
+def verify_frame(verifier: "CommandVerifier", frame: Frame, topic: str, now: float, durable: bool = True) -> str:
     """Verify the envelope's signature and that it names this frame's payload."""
-    kid = verifier.verify(frame.envelope, topic, now)
+    kid = verifier.verify(frame.envelope, topic, now, durable)
     if frame.envelope.body.get("payload_sha256") != frame.payload_sha256:
         raise SignatureError("signed payload hash does not match the frame's payload")
     return kid

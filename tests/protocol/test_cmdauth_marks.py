@@ -123,3 +123,17 @@ def test_the_marks_file_is_written_atomically(tmp_path):
     assert marks == {} and "unreadable" in problem
     (tmp_path / "command-marks.json").write_text('{"k1": {"ts": "x"}}')
     assert "unreadable" in f.load()[1]
+
+
+def test_harmless_kinds_do_not_wait_on_the_disk_but_are_still_checked_and_saved_with_the_next():
+    key = generate()
+    disk = Disk()
+    v = CommandVerifier([key.public_key()], max_skew_s=300, persist=disk.save)
+    chunks = [sign_envelope(cmd(1000.0 + i, "chunk"), TOPIC, key) for i in range(5)]
+    for c in chunks:
+        assert v.verify(c, TOPIC, 1010.0, durable=False)
+    assert disk.saved == []                                  # no write per chunk
+    with pytest.raises(ReplayError):
+        v.verify(chunks[2], TOPIC, 1010.0, durable=False)    # still refused twice in one run
+    assert v.verify(sign_envelope(cmd(1006.0), TOPIC, key), TOPIC, 1010.0)
+    assert disk.last[key_id(key.public_key())]["ts"] == 1006.0
