@@ -12,6 +12,7 @@ reconnects the test controls.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
@@ -28,7 +29,7 @@ from protocol.binary import decode_frame, encode_frame, is_frame
 from protocol.envelope import Envelope, decode, encode
 from tests.helpers.broker import Mosquitto
 from tests.helpers.fleet import ENV, ROOT, device, stop
-from tests.helpers.learning import store
+from tests.helpers.learning import store, wait_run
 from tests.helpers.waiting import Probe, wait_for
 from tests.integration.test_federated_e2e import start_run
 
@@ -162,12 +163,9 @@ def controller_online(port: int, timeout: float = 30) -> None:
         probe.close()
 
 
-def wait_end(db, run_id, timeout=120):
-    return wait_for(lambda: (r := store(db).run(run_id)) and r.status in ("done", "partial", "failed", "cancelled")
-                    and r, timeout=timeout, what=f"run {run_id} to end")
-
-
-def test_a_broker_restart_mid_round_does_not_fail_the_round(tmp_path, example_bundle):
+@contextlib.contextmanager
+def restartable_fleet(tmp_path, prefix):
+    """A persistent Mosquitto, a real controller and two fake devices that hold their updates."""
     broker = Mosquitto(tmp_path, persistence=True).start()
     db = tmp_path / "registry.db"
     procs: list[subprocess.Popen] = []
@@ -175,35 +173,10 @@ def test_a_broker_restart_mid_round_does_not_fail_the_round(tmp_path, example_bu
     try:
         procs.append(start_controller(broker.url, db, tmp_path / "controller.log"))
         controller_online(broker.port)
-        devs = [FakeDevice(broker.port, f"fd-{i}", hold=True) for i in range(2)]
+        devs = [FakeDevice(broker.port, f"{prefix}-{i}", hold=True) for i in range(2)]
         for d in devs:
             wait_for(lambda d=d: (x := device(db, d.dev)) and x.online and x.telemetry, what=f"{d.dev} online")
-        run_id = start_run(broker.url, db, example_bundle[0], "--clients", "2", "--min-clients", "2",
-                           "--rounds", "2", "--deadline", "40s", "--steps", "5")
-        wait_for(lambda: all(d.tasks for d in devs), timeout=30, what="round 1 tasks at both devices")
-        t_task = time.time()
-        # systemctl restart mosquitto: SIGTERM publishes every client's last will
-        for d in devs:
-            d.may_reconnect.clear()
-        broker.stop()
-        for d in devs:
-            assert d.disconnected.wait(15)
-        broker.start()
-        controller_online(broker.port)
-        # the controller, back first, hears the devices' last wills: they look offline
-        wait_for(lambda: all(not device(db, d.dev).online for d in devs), timeout=20,
-                 what="the devices marked offline by their last wills")
-        assert store(db).round(run_id, 1).status == "running", store(db).round(run_id, 1).metrics
-        for d in devs:                                        # the devices come back and answer
-            d.may_reconnect.set()
-            d.release.set()
-        run = wait_end(db, run_id)
-        r1 = store(db).round(run_id, 1)
-        assert r1.status == "aggregated", r1.metrics
-        assert r1.metrics["received"] == 2 and r1.metrics["closed"] == "all selected devices answered"
-        assert r1.finished < t_task + 40                      # before its deadline, with both updates
-        assert run.status == "done" and run.global_version == 2
-        assert all(d.trained() == [f"{run_id}#1", f"{run_id}#2"] for d in devs)
+        yield broker, db, devs
     finally:
         for d in devs:
             d.close()
@@ -212,19 +185,45 @@ def test_a_broker_restart_mid_round_does_not_fail_the_round(tmp_path, example_bu
         broker.stop()
 
 
+def restart_broker(broker, devs):
+    """systemctl restart mosquitto: SIGTERM publishes every client's last will; the devices stay away
+    until the test lets them reconnect."""
+    for d in devs:
+        d.may_reconnect.clear()
+    broker.stop()
+    for d in devs:
+        assert d.disconnected.wait(15)
+    broker.start()
+    controller_online(broker.port)
+
+
+def test_a_broker_restart_mid_round_does_not_fail_the_round(tmp_path, example_bundle):
+    with restartable_fleet(tmp_path, "fd") as (broker, db, devs):
+        run_id = start_run(broker.url, db, example_bundle[0], "--clients", "2", "--min-clients", "2",
+                           "--rounds", "2", "--deadline", "40s", "--steps", "5")
+        wait_for(lambda: all(d.tasks for d in devs), timeout=30, what="round 1 tasks at both devices")
+        t_task = time.time()
+        restart_broker(broker, devs)
+        # the controller, back first, hears the devices' last wills: they look offline
+        wait_for(lambda: all(not device(db, d.dev).online for d in devs), timeout=20,
+                 what="the devices marked offline by their last wills")
+        assert store(db).round(run_id, 1).status == "running", store(db).round(run_id, 1).metrics
+        for d in devs:                                        # the devices come back and answer
+            d.may_reconnect.set()
+            d.release.set()
+        run = wait_run(db, run_id, timeout=120)
+        r1 = store(db).round(run_id, 1)
+        assert r1.status == "aggregated", r1.metrics
+        assert r1.metrics["received"] == 2 and r1.metrics["closed"] == "all selected devices answered"
+        assert r1.finished < t_task + 40                      # before its deadline, with both updates
+        assert run.status == "done" and run.global_version == 2
+        assert all(d.trained() == [f"{run_id}#1", f"{run_id}#2"] for d in devs)
+
+
 def test_a_broker_restart_with_a_device_that_never_returns_waits_for_the_deadline(tmp_path, example_bundle):
     """The round closes at its deadline, not at the last will; the reason says what happened; a run
     that did not reach its rounds is not done and ``round start --wait`` says so in its exit code."""
-    broker = Mosquitto(tmp_path, persistence=True).start()
-    db = tmp_path / "registry.db"
-    procs: list[subprocess.Popen] = []
-    devs: list[FakeDevice] = []
-    try:
-        procs.append(start_controller(broker.url, db, tmp_path / "controller.log"))
-        controller_online(broker.port)
-        devs = [FakeDevice(broker.port, f"fw-{i}", hold=True) for i in range(2)]
-        for d in devs:
-            wait_for(lambda d=d: (x := device(db, d.dev)) and x.online and x.telemetry, what=f"{d.dev} online")
+    with restartable_fleet(tmp_path, "fw") as (broker, db, devs):
         cli = subprocess.Popen([sys.executable, "-m", "controller.cli", "--broker", broker.url, "--db", str(db),
                                 "round", "start", "--bundle", str(example_bundle[0]), "--json", "--max-cpu", "100",
                                 "--clients", "2", "--min-clients", "1", "--rounds", "1", "--deadline", "15s",
@@ -232,13 +231,7 @@ def test_a_broker_restart_with_a_device_that_never_returns_waits_for_the_deadlin
                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=ENV, cwd=ROOT, text=True)
         wait_for(lambda: all(d.tasks for d in devs), timeout=30, what="round 1 tasks at both devices")
         run_id = devs[0].tasks[0]["run_id"]
-        for d in devs:
-            d.may_reconnect.clear()
-        broker.stop()
-        for d in devs:
-            assert d.disconnected.wait(15)
-        broker.start()
-        controller_online(broker.port)
+        restart_broker(broker, devs)
         devs[0].may_reconnect.set()                           # fw-1 never comes back
         devs[0].release.set()
         wait_for(lambda: devs[0].acks, timeout=30, what="fw-0's update acknowledged")
@@ -251,12 +244,6 @@ def test_a_broker_restart_with_a_device_that_never_returns_waits_for_the_deadlin
         assert r1["finished"] >= r1["deadline"]
         assert {f["device"]: f["reason"] for f in m["failures"]} == {
             "fw-1": "no update by the deadline (offline at the deadline)"}
-    finally:
-        for d in devs:
-            d.close()
-        for p in procs:
-            stop(p)
-        broker.stop()
 
 
 def test_every_failpoint_is_in_the_kill_loop():
@@ -282,7 +269,7 @@ def test_controller_killed_at_every_step_boundary_still_finishes_the_run(tmp_pat
                            "--rounds", "2", "--deadline", "60s", "--steps", "5")
         assert procs[0].wait(60) == -9, f"the controller did not reach {failpoint}"
         procs.append(start_controller(mosquitto.url, db, log))
-        run = wait_end(db, run_id, timeout=90)
+        run = wait_run(db, run_id, timeout=90)
         assert run.status == "done" and run.global_version == 2, (run.status, run.error, log.read_text()[-3000:])
         for r in (1, 2):
             rnd = store(db).round(run_id, r)
