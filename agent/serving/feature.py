@@ -117,6 +117,7 @@ class Serving(Feature):
                                   version=res.version, reason=res.reason, source=cfg.model.bundle)
             if not res.ok:
                 self.load_error = res.reason
+                log.error("refused the configured bundle %s: %s", cfg.model.bundle, res.reason)
         self.load_current()
 
     def load_current(self) -> bool:
@@ -125,9 +126,18 @@ class Serving(Feature):
         cur = self.store.current if self.store else None
         if cur is None:
             return False
+        from .health import model_problems
+
         try:
             engine = InferenceEngine(load_bundle(cur), threads=self.ctx.cfg.model.threads,
                                      providers=list(self.ctx.cfg.model.providers) or None)
+            problems = model_problems(engine)
+            for p in problems:
+                if p.severity != "error":
+                    log.warning("%s: %s", cur.name, p)
+            bad = [str(p) for p in problems if p.severity == "error"]
+            if bad:
+                raise ValueError(f"manifest does not match its model: {'; '.join(bad)}")
         except (BundleError, ValueError, RuntimeError) as exc:
             self.load_error = f"{cur.name}: {exc}"
             self.ctx.counters.reject("bad_bundle")
