@@ -58,11 +58,13 @@ def quantize(model_path: str, calibration: str | None, dynamic: bool, out: str) 
         raise click.ClickException(str(exc)) from None
     if not dynamic and not calibration:
         raise click.UsageError("static quantization needs --calibration DATA.npy (or use --dynamic)")
+    if not quantizable(m):
+        raise click.ClickException(f"nothing to quantize in {Path(model_path).name}: none of its ops "
+                                   f"({', '.join(sorted({n.op_type for n in m.graph.node}))}) has an int8 form in "
+                                   "ONNX Runtime (MatMul, Gemm, Conv, …): keep the fp32 model")
     tmp = f"{out}.tmp-{os.getpid()}"
     try:
         if dynamic:
-            if not quantizable(m):
-                raise click.ClickException(f"nothing to quantize in {Path(model_path).name}: no MatMul/Gemm/Conv/… ops")
             try:
                 with quiet_ort():
                     quantize_dynamic_int8(model_path, tmp)

@@ -23,7 +23,7 @@ from protocol.bundle import TASKS, head_bytes, head_forward, load_bundle, softma
 from protocol.verify import errors, io_of_runtime, verify
 
 from .normalize import ModelError, dims_of, io_specs, normalize, save
-from .quantize import QuantizeError, compare, decide, quantize_model, quiet_ort, run_rows, session
+from .quantize import QuantizeError, compare, decide, float_ops, quantize_model, quiet_ort, run_rows, session
 from .split import SplitError, auto_cut, cut_candidates, dense_head, extract_backbone
 
 
@@ -249,6 +249,9 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
         elif opt.quantize:
             try:
                 fmt = quantize_model(tmp / "fp32.onnx", tmp / "int8.onnx", qfeeds[:64])
+                left = float_ops(backbone)
+                if left:
+                    rep.notes.append("left in float (no int8 form): " + ", ".join(f"{k} {v}" for k, v in left.items()))
                 cfeeds, cy = (ev if ev is not None else cal)
                 cmp = compare(tmp / "fp32.onnx", tmp / "int8.onnx", cfeeds, cy, head=head)
                 rep.comparison = {**cmp.to_dict(), "format": fmt}
