@@ -329,8 +329,13 @@ class Serving(Feature):
     # -- commands ------------------------------------------------------------
     def _cmd_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         store = self.store
-        return {"serving": self.model_info(), "store": store.describe() if store else None,
-                "load_error": self.load_error}
+        out: dict[str, Any] = {"serving": self.model_info(), "store": store.describe() if store else None,
+                               "load_error": self.load_error}
+        if self.engine is not None:   # what a request must send (fleetctl infer --image resizes to it)
+            m = self.engine.bundle.manifest
+            out["inputs"] = [s.to_dict() for s in (m.inputs or (m.input,))]
+            out["task"] = m.task
+        return out
 
     def _cmd_rollback(self, args: dict[str, Any], env: Envelope) -> Awaitable[dict[str, Any]]:
         """An explicit rollback (an operator, or the controller switching to a kept version): an
