@@ -225,7 +225,7 @@ class InferenceEngine:
 
     def features(self, x: Any) -> np.ndarray:
         """Backbone output for one validated input (split computing sends this)."""
-        if self._fast:
+        if self._fast and not isinstance(x, Mapping):
             return self.runtime.run(self.validate(x))
         return self.runtime.run_named(self.validate_all(x), self._out_names[:1])[self._out_names[0]]
 
@@ -235,7 +235,8 @@ class InferenceEngine:
         t0 = time.perf_counter()
         try:
             if self._fast:
-                out = self.runtime.run(self.validate(x))
+                out = self.runtime.run(self.validate(x) if not isinstance(x, Mapping)
+                                       else self.validate_all(x)[self.inputs[0].feed])
             else:
                 feeds = self.validate_all(x)
                 out = self.runtime.run_named(feeds, self._out_names[:1])[self._out_names[0]]
