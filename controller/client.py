@@ -98,6 +98,31 @@ class FleetClient:
                        reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
         return await self.request(device_id, self.topics.req(device_id), env, timeout)
 
+    async def infer_inputs(self, device_id: str, inputs: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """JSON inference for a multi-input model: ``inputs`` maps input names to (nested) lists."""
+        validate_id(device_id)
+        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body={"inputs": inputs},
+                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        return await self.request(device_id, self.topics.req(device_id), env, timeout)
+
+    async def infer_tensors(self, device_id: str, tensors: dict[str, Any], label: int | None = None,
+                            timeout: float = 5.0, deadline_ms: float | None = None,
+                            compress: bool = False) -> dict[str, Any]:
+        """Inference with the inputs as a binary frame (dtype, shape, raw bytes; optional zstd):
+        a 224x224x3 uint8 image is 147 KiB on the wire instead of ~600 KiB of JSON."""
+        from protocol.binary import encode_frame
+
+        validate_id(device_id)
+        body: dict[str, Any] = {}
+        if label is not None:
+            body["label"] = label
+        if deadline_ms is not None:
+            body["deadline_ms"] = deadline_ms
+        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body=body,
+                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        return await self.request(device_id, self.topics.req(device_id), env, timeout,
+                                  payload=encode_frame(env, tensors, compress=compress))
+
     async def feedback(self, device_id: str, request_id: str, label: int, timeout: float = 5.0) -> dict[str, Any]:
         """Label an earlier inference request so the device can learn from it."""
         validate_id(device_id)
@@ -105,10 +130,11 @@ class FleetClient:
                        reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
         return await self.request(device_id, self.topics.req(device_id), env, timeout)
 
-    async def request(self, device_id: str, topic: str, env: Envelope, timeout: float = 5.0) -> dict[str, Any]:
+    async def request(self, device_id: str, topic: str, env: Envelope, timeout: float = 5.0,
+                      payload: bytes | None = None) -> dict[str, Any]:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[env.corr or env.id] = fut
-        if not self.link.publish(topic, encode(env), 1, response_topic=env.reply_to,
+        if not self.link.publish(topic, encode(env) if payload is None else payload, 1, response_topic=env.reply_to,
                                  correlation=(env.corr or env.id).encode()):
             self._pending.pop(env.corr or env.id, None)
             raise FleetClientError("not connected to the broker")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
+from protocol.binary import Frame
 from protocol.envelope import Envelope, encode
 from protocol.mqttlink import Message
 
@@ -249,23 +250,59 @@ class Serving(Feature):
             tap(x, pred.label)
         return pred
 
-    async def handle_request(self, env: Envelope, msg: Message) -> None:
+    def refuse(self, env: Envelope, msg: Message, reason: str, error: str) -> None:
+        """Every refused or failed request gets an error reply with a reason code."""
+        self.request_errors += 1
+        self.ctx.counters.reject("bad_request" if reason not in ("internal", "no_model") else reason)
+        self.ctx.reply(env, msg, {"ok": False, "reason": reason, "error": error,
+                                  "request_id": env.corr or env.id})
+
+    async def handle_request(self, req: "Envelope | Frame", msg: Message) -> None:
+        """``infer.request`` as JSON (``x`` or ``inputs``) or as a binary frame (tensors by input
+        name; a single-input model takes any one tensor)."""
         self.requests += 1
-        try:
-            pred = self.predict(env.body["x"])
-        except (InputError, LookupError) as exc:
-            self.request_errors += 1
-            self.ctx.counters.reject("bad_request")
-            self.ctx.reply(env, msg, {"ok": False, "error": str(exc)})
+        env = req.envelope if isinstance(req, Frame) else req
+        if isinstance(req, Frame) and req.tensors:
+            inputs: Any = req.tensors
+        elif "inputs" in env.body and env.body["inputs"] is not None:
+            inputs = env.body["inputs"]
+        elif env.body.get("x") is not None:
+            inputs = env.body["x"]
+        else:
+            self.refuse(env, msg, "missing_input", "the request carries no input: body.x, body.inputs "
+                                                   "or the tensors of a binary frame")
             return
+        engine = self.engine
+        if engine is None:
+            self.refuse(env, msg, "no_model", f"no model loaded on this device"
+                                              f"{': ' + self.load_error if self.load_error else ''}")
+            return
+        try:
+            ans = engine.answer(inputs)
+        except InputError as exc:
+            self.refuse(env, msg, exc.reason, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the runtime's own failure: say so, keep serving
+            log.exception("inference failed inside %s", engine.runtime.name)
+            self.refuse(env, msg, "internal", f"inference failed: {type(exc).__name__}: {exc}"[:500])
+            return
+        pred = ans.prediction
+        if pred is None:
+            result = {**ans.result, "latency_ms": round(ans.latency_ms, 4), "path": "local"}
+            self.ctx.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": result})
+            return
+        x = inputs if not isinstance(inputs, dict) or len(inputs) != 1 else next(iter(inputs.values()))
+        for tap in self.taps:
+            tap(x, pred.label)
         label = env.body.get("label")
         for fn in self.observers:
             fn(env.corr or env.id, pred, label)
         result = prediction_body(pred)
         if self.resolver is not None:
-            result = await self.resolver.resolve(pred, env.body["x"], result, env.body.get("deadline_ms"))
+            result = await self.resolver.resolve(pred, x, result, env.body.get("deadline_ms"))
         else:
             result = {**result, "path": "local"}
+        result["task"], result["top_k"] = "classify", ans.result["top_k"]
         self.ctx.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": result})
 
     async def run_source(self, source: Any) -> None:
@@ -302,8 +339,13 @@ class Serving(Feature):
     # -- commands ------------------------------------------------------------
     def _cmd_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         store = self.store
-        return {"serving": self.model_info(), "store": store.describe() if store else None,
-                "load_error": self.load_error}
+        out: dict[str, Any] = {"serving": self.model_info(), "store": store.describe() if store else None,
+                               "load_error": self.load_error}
+        if self.engine is not None:   # what a request must send (fleetctl infer --image resizes to it)
+            m = self.engine.bundle.manifest
+            out["inputs"] = [s.to_dict() for s in (m.inputs or (m.input,))]
+            out["task"] = m.task
+        return out
 
     def _cmd_rollback(self, args: dict[str, Any], env: Envelope) -> Awaitable[dict[str, Any]]:
         """An explicit rollback (an operator, or the controller switching to a kept version): an

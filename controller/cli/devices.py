@@ -194,39 +194,67 @@ async def _cmd(cfg: ControllerConfig, device_id: str, command: str, args: dict[s
 
 @click.command("infer")
 @click.argument("device_id", type=DEVICE_ID)
-@click.option("--x", "x_json", default=None, help="input as a JSON list, e.g. '[0, 3, 16, ...]'")
-@click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None, help="take the input from a .npy")
-@click.option("--row", default=0, show_default=True, type=click.IntRange(0), help="row of --npy")
+@click.option("--input", "--x", "x_json", default=None,
+              help="input as JSON: a list ('[0, 3, 16, ...]') or {name: list} for a multi-input model")
+@click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="take the input from a .npy (sent as a binary tensor)")
+@click.option("--row", default=None, type=click.IntRange(0), help="row of --npy (default: the first row of a 2-D table)")
+@click.option("--image", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="an image file, resized and converted to the model's input (needs Pillow)")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
 @pass_ctx
-def infer_cmd(c: Ctx, device_id: str, x_json: str | None, npy: str | None, row: int, timeout: float) -> None:
-    """Ask DEVICE_ID for one inference (request/response over MQTT)."""
-    if (x_json is None) == (npy is None):
-        raise click.UsageError("give exactly one of --x or --npy")
-    if npy:
-        import numpy as np
+def infer_cmd(c: Ctx, device_id: str, x_json: str | None, npy: str | None, row: int | None, image: str | None,
+              timeout: float) -> None:
+    """Ask DEVICE_ID for one inference (request/response over MQTT; tensors as a binary frame)."""
+    if sum(v is not None for v in (x_json, npy, image)) != 1:
+        raise click.UsageError("give exactly one of --input, --npy or --image")
+    from ..tensorinput import TensorInputError, npy_tensor
 
+    x: Any = None
+    tensor = None
+    if npy:
         try:
-            arr = np.load(npy, allow_pickle=False)
-            x = arr[row].tolist()
-        except (OSError, ValueError, IndexError) as exc:
-            raise click.BadParameter(f"{npy}: {exc}", param_hint="--npy") from None
-    else:
+            tensor = npy_tensor(npy, row)
+        except TensorInputError as exc:
+            raise click.BadParameter(str(exc), param_hint="--npy") from None
+    elif x_json is not None:
         try:
             x = json.loads(x_json)
         except ValueError as exc:
-            raise click.BadParameter(f"not JSON: {exc}", param_hint="--x") from None
-    reply = asyncio.run(_infer(c.cfg(), device_id, x, timeout))
+            raise click.BadParameter(f"not JSON: {exc}", param_hint="--input") from None
+        if not isinstance(x, (list, dict)) or not x:
+            raise click.BadParameter("must be a non-empty list or an object of lists", param_hint="--input")
+    reply = asyncio.run(_infer(c.cfg(), device_id, x, tensor, image, timeout))
     click.echo(json.dumps(reply, indent=2))
     if not reply.get("ok"):
         sys.exit(1)
 
 
-async def _infer(cfg: ControllerConfig, device_id: str, x: Any, timeout: float) -> dict:
+async def _infer(cfg: ControllerConfig, device_id: str, x: Any, tensor: Any, image: str | None,
+                 timeout: float) -> dict:
     from ..client import FleetClient, FleetClientError
+    from ..tensorinput import TensorInputError, image_tensor
 
     try:
         async with FleetClient(cfg) as fc:
+            if image is not None:
+                desc = await fc.command(device_id, "model.describe", {}, timeout)
+                inputs = (desc.get("result") or {}).get("inputs")
+                if not desc.get("ok") or not inputs:
+                    raise click.ClickException(f"{device_id} serves no model to shape --image for: "
+                                               f"{desc.get('error') or (desc.get('result') or {}).get('load_error')}")
+                if len(inputs) != 1:
+                    raise click.ClickException(f"the model takes {len(inputs)} inputs "
+                                               f"{[i.get('name') for i in inputs]}; --image fills one")
+                try:
+                    tensor = image_tensor(image, inputs[0])
+                except TensorInputError as exc:
+                    raise click.BadParameter(str(exc), param_hint="--image") from None
+            if tensor is not None:
+                return await fc.infer_tensors(device_id, {"x": tensor}, timeout=timeout,
+                                              compress=tensor.nbytes > 64 * 1024)
+            if isinstance(x, dict):
+                return await fc.infer_inputs(device_id, x, timeout=timeout)
             return await fc.infer(device_id, x, timeout=timeout)
     except FleetClientError as exc:
         raise click.ClickException(str(exc)) from None
