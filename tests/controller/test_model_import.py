@@ -23,7 +23,7 @@ from controller.modeltools.wheel_models import iris_model, ocr_cls_model, text_o
 from protocol.bundle import load_bundle
 
 ROOT = Path(__file__).resolve().parents[2]
-FACE = ROOT / "tests" / "models" / "mediapipe_face_detection_short_range.tflite"
+FACE = ROOT / "tests" / "models" / "face_detection_short_range.tflite"
 
 
 def fleetctl(*a):
