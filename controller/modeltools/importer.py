@@ -194,7 +194,7 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
     if dyn and not opt.task_params.get("dynamic_dims"):
         raise ImportError_(f"input {dyn[0][0]!r} has dynamic dimensions {dyn[0][1]}: give the sample shape with "
                            f"--input-shape (e.g. --input-shape 1,{','.join('H' if d is None else str(d) for d in (dyn[0][1] or [])[1:])})")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent if out.parent.exists() else None))
+    tmp = _workdir(out)
     try:
         head = None
         if opt.cut:
@@ -342,6 +342,15 @@ def _runner(path: Path):
     return lambda feed: s.run([name], feed)[0]
 
 
+def _workdir(out: Path) -> Path:
+    """A private folder beside OUT (same file system: the finished bundle is renamed into place)."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
+    except OSError as exc:
+        raise ImportError_(f"cannot write beside {out}: {exc}") from None
+
+
 def _place(bdir: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
@@ -373,7 +382,7 @@ def import_tflite(src: str | Path, out: str | Path, opt: ImportOptions) -> Impor
     from .litert import LiteRtModel
 
     src, out = Path(src), Path(out)
-    rep = ImportReport(str(out), "litert")
+    rep = ImportReport(str(out), "litert", kept="as given")
     if opt.cut:
         raise ImportError_("--cut works on ONNX graphs; a .tflite model is imported whole (no head)")
     try:
@@ -383,7 +392,7 @@ def import_tflite(src: str | Path, out: str | Path, opt: ImportOptions) -> Impor
     ins, outs = m.io()
     rep.notes.append("LiteRT model taken as given (no re-quantization): "
                      + ", ".join(f"{i['name']} {i['dtype']}{' (quantized)' if i.get('quantized') else ''}" for i in ins))
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent if out.parent.exists() else None))
+    tmp = _workdir(out)
     try:
         feed_specs = [{**i, "dtype": "float32" if i.get("quantized") else i["dtype"]} for i in ins]
         ev = load_data(opt.eval, feed_specs) if opt.eval else None
