@@ -80,7 +80,7 @@ def _match(specs: Sequence[TensorSpec], model: Sequence[ModelIO], kind: str,
         w = f"{where}[{i}]"
         if s.name in by_name:
             pairs.append((s, by_name[s.name], w))
-        elif len(specs) == 1 and len(model) >= 1 and kind == "input" and len(model) == 1:
+        elif kind == "input" and len(specs) == 1 and len(model) == 1:
             # one input, fed by position: an old manifest's generic name still serves
             pairs.append((s, model[0], w))
             problems.append(Problem("warning", f"{w}.name", f"{s.name!r} is not the model's input name "

@@ -47,7 +47,7 @@ def quantize(model_path: str, calibration: str | None, dynamic: bool, out: str) 
     is reported as such and not written."""
     import os
 
-    from ..modeltools.importer import ImportError_, load_data
+    from ..modeltools.importer import ModelImportError, load_data
     from ..modeltools.normalize import ModelError, io_specs, load_onnx
     from ..modeltools.onnx_export import quantize_dynamic_int8
     from ..modeltools.quantize import QuantizeError, quantizable, quantize_model, quiet_ort, size_line
@@ -75,7 +75,7 @@ def quantize(model_path: str, calibration: str | None, dynamic: bool, out: str) 
             ins = [{**i, "shape": [1] + list((i["shape"] or [None])[1:])} for i in ins]
             try:
                 feeds, _ = load_data(calibration, ins)
-            except ImportError_ as exc:
+            except ModelImportError as exc:
                 raise click.BadParameter(str(exc), param_hint="--calibration") from None
             if len(feeds) < 8:
                 raise click.BadParameter("need at least 8 samples as an array [n, ...]", param_hint="--calibration")
@@ -223,7 +223,7 @@ def import_cmd(model_path: str, out: str, name: str | None, version: str, task: 
                input_min: float | None, input_max: float | None, task_params: tuple[str, ...], max_drop: float,
                no_quantize: bool, force: bool, as_json: bool) -> None:
     """Turn an ONNX or TFLite export into a verified bundle (normalise, cut, quantize, compare, verify)."""
-    from ..modeltools.importer import ImportError_, ImportOptions, import_model, read_labels
+    from ..modeltools.importer import ModelImportError, ImportOptions, import_model, read_labels
     from ..modeltools.normalize import ModelError, parse_shape
     from ..modeltools.quantize import quiet_ort, size_line
 
@@ -240,7 +240,7 @@ def import_cmd(model_path: str, out: str, name: str | None, version: str, task: 
                             input_min, input_max, params, max_drop, not no_quantize, force)
         with quiet_ort():
             rep = import_model(model_path, out, opt)
-    except (ImportError_, ModelError) as exc:
+    except (ModelImportError, ModelError) as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from protocol.bundle import MANIFEST, BundleError, load_bundle, write_manifest
+from protocol.bundle import BundleError, load_bundle, write_manifest
 
 
 def describe_file(path: str | Path, input_shape: list[int | None] | None = None) -> dict[str, Any]:
@@ -78,7 +78,7 @@ def set_backbone(bundle: str | Path, model: str | Path) -> dict[str, Any]:
         from .importer import _reference, _runner
 
         feeds = [{_name(b): xi.reshape([1] + list(man_shape(b))[1:])} for xi in ref["x"]]
-        probs = _reference(b.path / name, feeds, b.head, _runner(b.path / name))
+        probs = _reference(feeds, b.head, _runner(b.path / name))
         rname = str(b.manifest.file("reference"))
         rtmp = b.path / f".{rname}.new.npz"
         np.savez(rtmp, x=ref["x"], probs=probs)
@@ -97,7 +97,7 @@ def man_shape(b: Any) -> list[int | None]:
 def add_data(bundle: str | Path, role: str, data: str | Path, min_agreement: float = 1.0,
              max_prob_diff: float = 0.05, max_drop: float = 0.02) -> dict[str, Any]:
     """Add a reference set (x; probs computed by the bundle's own model) or an eval set (x, y)."""
-    from .importer import ImportError_, _reference, _runner, load_data
+    from .importer import ModelImportError, _reference, _runner, load_data
 
     if role not in ("reference", "eval"):
         raise ValueError(f"role {role!r}: reference or eval")
@@ -109,11 +109,11 @@ def add_data(bundle: str | Path, role: str, data: str | Path, min_agreement: flo
     ins[0]["shape"] = [1] + list(ins[0]["shape"][1:])
     try:
         feeds, y = load_data(data, ins)
-    except ImportError_ as exc:
+    except ModelImportError as exc:
         raise ValueError(str(exc)) from None
     run = _runner(b.backbone_path)
     feeds = [{_name(b): v for v in f.values()} for f in feeds]
-    probs = _reference(b.backbone_path, feeds, b.head, run)
+    probs = _reference(feeds, b.head, run)
     x = np.stack([next(iter(f.values()))[0] for f in feeds])
     d = dict(man.raw)
     files = {k: dict(v) for k, v in d["files"].items()}
@@ -148,5 +148,3 @@ def _name(b: Any) -> str:
 
     return session(p).get_inputs()[0].name
 
-
-__all__ = ["describe_file", "set_backbone", "add_data", "MANIFEST"]

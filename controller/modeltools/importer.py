@@ -22,12 +22,12 @@ import numpy as np
 from protocol.bundle import TASKS, head_bytes, head_forward, load_bundle, softmax, write_manifest
 from protocol.verify import errors, io_of_runtime, verify
 
-from .normalize import ModelError, dims_of, io_specs, normalize, save
+from .normalize import ModelError, io_specs, normalize, save
 from .quantize import QuantizeError, compare, decide, float_ops, quantize_model, quiet_ort, run_rows, session
 from .split import SplitError, auto_cut, cut_candidates, dense_head, extract_backbone
 
 
-class ImportError_(ValueError):
+class ModelImportError(ValueError):
     """The model cannot become a bundle; the message says why and how to fix it."""
 
 
@@ -79,7 +79,7 @@ def load_data(path: str | Path, inputs: Sequence[dict[str, Any]]) -> tuple[list[
         else:
             d = {"x": np.load(p, allow_pickle=False)}
     except (OSError, ValueError) as exc:
-        raise ImportError_(f"{p.name}: cannot read ({exc})") from None
+        raise ModelImportError(f"{p.name}: cannot read ({exc})") from None
     names = [i["name"] for i in inputs]
     arrays: dict[str, np.ndarray] = {}
     if all(n in d for n in names):
@@ -87,19 +87,19 @@ def load_data(path: str | Path, inputs: Sequence[dict[str, Any]]) -> tuple[list[
     elif "x" in d and len(names) == 1:
         arrays = {names[0]: d["x"]}
     else:
-        raise ImportError_(f"{p.name}: needs an array 'x' (one input) or one array per input {names}; has {sorted(d)}")
+        raise ModelImportError(f"{p.name}: needs an array 'x' (one input) or one array per input {names}; has {sorted(d)}")
     n = {len(a) for a in arrays.values()}
     if len(n) != 1 or not n.pop():
-        raise ImportError_(f"{p.name}: the arrays must have the same, non-zero number of samples")
+        raise ModelImportError(f"{p.name}: the arrays must have the same, non-zero number of samples")
     feeds: list[dict[str, np.ndarray]] = []
     for spec in inputs:
         a = arrays[spec["name"]]
         sample = [d for d in (spec["shape"] or [])[1:]]
         if any(s is None for s in sample):
-            raise ImportError_(f"input {spec['name']!r} has dynamic dimensions {spec['shape']}: give --input-shape")
+            raise ModelImportError(f"input {spec['name']!r} has dynamic dimensions {spec['shape']}: give --input-shape")
         size = int(np.prod(sample)) if sample else 1
         if a[0].size != size:
-            raise ImportError_(f"{p.name}: a sample of {spec['name']!r} has {a[0].size} values ({list(a.shape[1:])}); "
+            raise ModelImportError(f"{p.name}: a sample of {spec['name']!r} has {a[0].size} values ({list(a.shape[1:])}); "
                                f"the model takes {sample}")
         dt = np.dtype(spec["dtype"]) if spec["dtype"] in ("float32", "float16", "int8", "uint8", "int32", "int64") \
             else np.float32
@@ -109,7 +109,7 @@ def load_data(path: str | Path, inputs: Sequence[dict[str, Any]]) -> tuple[list[
             feeds[i][spec["name"]] = a[i].reshape([1] + sample).astype(dt)
     y = d.get("y")
     if y is not None and len(y) != len(feeds):
-        raise ImportError_(f"{p.name}: y has {len(y)} labels for {len(feeds)} samples")
+        raise ModelImportError(f"{p.name}: y has {len(y)} labels for {len(feeds)} samples")
     return feeds, None if y is None else np.asarray(y).astype(np.int64).reshape(-1)
 
 
@@ -117,10 +117,10 @@ def read_labels(path: str | Path) -> list[str]:
     try:
         lines = [ln.strip() for ln in Path(path).read_text(encoding="utf-8").splitlines()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise ImportError_(f"--labels {path}: cannot read ({exc})") from None
+        raise ModelImportError(f"--labels {path}: cannot read ({exc})") from None
     labels = [ln for ln in lines if ln]
     if not labels:
-        raise ImportError_(f"--labels {path}: no labels (one per line)")
+        raise ModelImportError(f"--labels {path}: no labels (one per line)")
     return labels
 
 
@@ -183,7 +183,7 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
         with quiet_ort():
             norm = normalize(src, opt.input_shapes)
     except ModelError as exc:
-        raise ImportError_(str(exc)) from None
+        raise ModelImportError(str(exc)) from None
     rep.notes += norm.notes
     model = norm.model
     moved = _scores_first(model, opt.task) if not opt.cut else None
@@ -192,7 +192,7 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
     ins, outs = io_specs(model)
     dyn = [(i["name"], i["shape"]) for i in ins if i["shape"] is None or any(d is None for d in i["shape"][1:])]
     if dyn and not opt.task_params.get("dynamic_dims"):
-        raise ImportError_(f"input {dyn[0][0]!r} has dynamic dimensions {dyn[0][1]}: give the sample shape with "
+        raise ModelImportError(f"input {dyn[0][0]!r} has dynamic dimensions {dyn[0][1]}: give the sample shape with "
                            f"--input-shape (e.g. --input-shape 1,{','.join('H' if d is None else str(d) for d in (dyn[0][1] or [])[1:])})")
     tmp = _workdir(out)
     try:
@@ -204,7 +204,7 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
                 head = dense_head(model, at)
                 backbone = extract_backbone(model, at, int(head["dense0.weight"].shape[0]))
             except SplitError as exc:
-                raise ImportError_(f"--cut {opt.cut}: {exc}") from None
+                raise ModelImportError(f"--cut {opt.cut}: {exc}") from None
             rep.cut = at
         else:
             backbone = model
@@ -219,7 +219,7 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
             classes = int(head[f"dense{len(head) // 2 - 1}.bias"].shape[0])
             if labels is not None and len(labels) != classes:
                 if labelled is None:
-                    raise ImportError_(f"--labels has {len(labels)} labels, the model's head {classes} classes: give "
+                    raise ModelImportError(f"--labels has {len(labels)} labels, the model's head {classes} classes: give "
                                        "labelled data (--calibration/--eval .npz with x and y) to fit a new head")
                 feats, _ = run_rows(sess, labelled[0])
                 head = fit_head(feats, labelled[1], len(labels))
@@ -239,7 +239,7 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
             elif bb_out[0]["shape"] and all(d is not None for d in bb_out[0]["shape"][1:]):
                 n = int(np.prod(bb_out[0]["shape"][1:]))
             if labels is not None and n is not None and len(labels) != n:
-                raise ImportError_(f"--labels has {len(labels)} labels; the model's {bb_out[0]['name']!r} gives {n} "
+                raise ModelImportError(f"--labels has {len(labels)} labels; the model's {bb_out[0]['name']!r} gives {n} "
                                    "values per sample (cut it with --cut to train a new head)")
             labels = labels or ([str(i) for i in range(n)] if n else [])
         chosen = tmp / "fp32.onnx"
@@ -268,8 +268,7 @@ def import_onnx(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportR
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _reference(backbone: Path, feeds: list[dict[str, np.ndarray]], head: Mapping[str, np.ndarray] | None,
-               runtime: Any) -> np.ndarray:
+def _reference(feeds: list[dict[str, np.ndarray]], head: Mapping[str, np.ndarray] | None, runtime: Any) -> np.ndarray:
     """What the agent's engine computes for these inputs (softmax over the head, or the scores)."""
     outs = []
     for f in feeds:
@@ -309,13 +308,13 @@ def _finish(tmp: Path, out: Path, chosen: Path, suffix: str, opt: ImportOptions,
     ref_src = ev if ev is not None else cal
     if opt.task == "classify" and ref_src is not None:
         feeds = ref_src[0][:8]
-        probs = _reference(bdir / bb, feeds, head, run)
+        probs = _reference(feeds, head, run)
         x = np.stack([next(iter(f.values()))[0] for f in feeds])
         np.savez(bdir / "reference.npz", x=x, probs=probs)
         files["reference.npz"] = {"role": "reference"}
         man["reference"] = {"file": "reference.npz", "min_agreement": 1.0, "max_prob_diff": 0.05}
         if ev is not None and ev[1] is not None and len(ins) == 1:
-            pe = _reference(bdir / bb, ev[0], head, run)
+            pe = _reference(ev[0], head, run)
             acc = float((pe.argmax(1) == ev[1]).mean())
             np.savez(bdir / "eval.npz", x=np.stack([next(iter(f.values()))[0] for f in ev[0]]), y=ev[1])
             files["eval.npz"] = {"role": "eval"}
@@ -325,7 +324,7 @@ def _finish(tmp: Path, out: Path, chosen: Path, suffix: str, opt: ImportOptions,
     problems = deep_verify(bdir)
     bad = errors(problems)
     if bad:
-        raise ImportError_("the bundle does not verify: " + "; ".join(str(p) for p in bad))
+        raise ModelImportError("the bundle does not verify: " + "; ".join(str(p) for p in bad))
     rep.warnings += [str(p) for p in problems if p.severity != "error"]
     _place(bdir, out, opt.force)
     return rep
@@ -348,13 +347,13 @@ def _workdir(out: Path) -> Path:
         out.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(prefix=f".{out.name}.import-", dir=out.parent))
     except OSError as exc:
-        raise ImportError_(f"cannot write beside {out}: {exc}") from None
+        raise ModelImportError(f"cannot write beside {out}: {exc}") from None
 
 
 def _place(bdir: Path, out: Path, force: bool) -> None:
     if out.exists():
         if not force:
-            raise ImportError_(f"{out} exists (use --force to replace it)")
+            raise ModelImportError(f"{out} exists (use --force to replace it)")
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         os.rename(out, old)
         os.rename(bdir, out)
@@ -384,11 +383,11 @@ def import_tflite(src: str | Path, out: str | Path, opt: ImportOptions) -> Impor
     src, out = Path(src), Path(out)
     rep = ImportReport(str(out), "litert", kept="as given")
     if opt.cut:
-        raise ImportError_("--cut works on ONNX graphs; a .tflite model is imported whole (no head)")
+        raise ModelImportError("--cut works on ONNX graphs; a .tflite model is imported whole (no head)")
     try:
         m = LiteRtModel(src)
     except ValueError as exc:
-        raise ImportError_(str(exc)) from None
+        raise ModelImportError(str(exc)) from None
     ins, outs = m.io()
     rep.notes.append("LiteRT model taken as given (no re-quantization): "
                      + ", ".join(f"{i['name']} {i['dtype']}{' (quantized)' if i.get('quantized') else ''}" for i in ins))
@@ -401,7 +400,7 @@ def import_tflite(src: str | Path, out: str | Path, opt: ImportOptions) -> Impor
         if opt.task == "classify":
             n = int(np.prod(outs[0]["shape"][1:])) if outs[0]["shape"] else None
             if labels is not None and n is not None and len(labels) != n:
-                raise ImportError_(f"--labels has {len(labels)} labels; the model's {outs[0]['name']!r} gives {n} "
+                raise ModelImportError(f"--labels has {len(labels)} labels; the model's {outs[0]['name']!r} gives {n} "
                                    "values per sample")
             labels = labels or ([str(i) for i in range(n)] if n else [])
         shutil.copy(src, tmp / "model.tflite")
@@ -413,14 +412,11 @@ def import_tflite(src: str | Path, out: str | Path, opt: ImportOptions) -> Impor
 
 def import_model(src: str | Path, out: str | Path, opt: ImportOptions) -> ImportReport:
     if opt.task not in TASKS:
-        raise ImportError_(f"--task {opt.task!r}: not one of {', '.join(TASKS)}")
+        raise ModelImportError(f"--task {opt.task!r}: not one of {', '.join(TASKS)}")
     suffix = Path(src).suffix.lower()
     if suffix == ".onnx":
         return import_onnx(src, out, opt)
     if suffix == ".tflite":
         return import_tflite(src, out, opt)
-    raise ImportError_(f"{Path(src).name}: not a .onnx or .tflite file")
+    raise ModelImportError(f"{Path(src).name}: not a .onnx or .tflite file")
 
-
-def describe_dims(vi: Any) -> list[int | None] | None:
-    return dims_of(vi)

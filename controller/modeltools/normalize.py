@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import os
 from pathlib import Path
 import tempfile
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -257,6 +257,3 @@ def save(model: Any, path: str | Path) -> None:
 
     onnx.save(model, str(path))
 
-
-def first_dims(seq: Sequence[int | None] | None) -> list[int | None]:
-    return list(seq or [])

@@ -15,7 +15,7 @@ import pytest
 
 from agent.serving.health import check_bundle, model_problems
 from agent.serving.inference import InferenceEngine
-from controller.modeltools.importer import ImportError_, ImportOptions, deep_verify, import_model
+from controller.modeltools.importer import ModelImportError, ImportOptions, deep_verify, import_model
 from controller.modeltools.normalize import normalize
 from controller.modeltools.quantize import session
 from controller.modeltools.split import auto_cut, cut_candidates
@@ -72,7 +72,7 @@ def test_import_needs_the_sample_shape_then_serves_like_the_original(tmp_path):
     x = np.random.default_rng(1).uniform(0, 1, (24, 1, 8, 8)).astype(np.float32)
     y = session(src).run(None, {"img": x})[0].argmax(1)
     np.savez(tmp_path / "eval.npz", x=x, y=y)
-    with pytest.raises(ImportError_, match="--input-shape"):
+    with pytest.raises(ModelImportError, match="--input-shape"):
         import_model(src, tmp_path / "b0", ImportOptions("m", cut="auto"))
     rep = import_model(src, tmp_path / "b", ImportOptions("m", cut="auto", input_shapes={"": [1, 1, 8, 8]},
                                                           eval=str(tmp_path / "eval.npz"), quantize=False))
@@ -193,7 +193,7 @@ def test_real_iris_and_mediapipe_tflite_become_bundles(tmp_path):
     eng = InferenceEngine(load_bundle(tmp_path / "iris"))
     p = eng.predict([5.1, 3.5])
     assert p.label_name == "setosa" and abs(float(p.probabilities.sum()) - 1) < 1e-5
-    with pytest.raises(ImportError_, match="14336 values"):
+    with pytest.raises(ModelImportError, match="14336 values"):
         import_model(FACE, tmp_path / "f0", ImportOptions("face", labels=["face"]))
     import_model(FACE, tmp_path / "face", ImportOptions("face", task="raw"))
     b = load_bundle(tmp_path / "face")
