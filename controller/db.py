@@ -18,8 +18,9 @@ backends differ in this file only:
   A store's migration 1 is its baseline, idempotent (``IF NOT EXISTS``, missing columns added),
   so registries made before this table existed are taken as they are.
 
-A URL chooses the backend: ``postgresql://user@host/db`` (or ``postgres://``), ``sqlite:///path``,
-or a plain path (SQLite).
+A URL chooses the backend: ``postgresql://user@host/db`` (or ``postgres://``), ``sqlite:///path``
+(SQLAlchemy's form: ``sqlite:///rel/r.db`` is relative, ``sqlite:////var/lib/r.db`` absolute), or a
+plain path (SQLite).
 """
 from __future__ import annotations
 
@@ -63,7 +64,7 @@ def parse_url(url: str | Path) -> DbUrl:
         rest = s[len("sqlite://"):]
         if not rest.startswith("/"):
             raise ValueError(f"registry URL {s!r}: use sqlite:///path (three slashes, then the file)")
-        return DbUrl("sqlite", rest[1:] if rest.startswith("//") else rest)
+        return DbUrl("sqlite", rest[1:])   # SQLAlchemy's form: sqlite:///relative, sqlite:////absolute
     if "://" in s:
         raise ValueError(f"registry URL {s!r}: expected postgresql://…, sqlite:///path or a file path")
     return DbUrl("sqlite", s)

@@ -165,3 +165,13 @@ def pg_url(postgres_server: PostgresServer, request) -> str:
     """A fresh database per test module on the session's server."""
     mod = request.module.__name__.rsplit(".", 1)[-1].replace("test_", "")[:20]
     return postgres_server.create_database("".join(ch if ch.isalnum() else "_" for ch in mod) or "t")
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def registry_url(request, tmp_path) -> str:
+    """One store test, both backends: an SQLite file in the test's tmp dir, or a fresh PostgreSQL
+    database on the session's server (started only when a test asks for this variant)."""
+    if request.param == "sqlite":
+        return str(tmp_path / "registry.db")
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.create_database("reg")
