@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 import functools
+import logging
 import os
 import re
 import sqlite3
@@ -36,6 +37,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence, Union
 
 __all__ = ["as_database", "Database", "DatabaseMissing", "DatabaseUnavailable", "Migration", "connect", "parse_url",
            "ensure_schema", "migrate", "has_table", "transaction", "end_read", "is_disconnect"]
+
+
+log = logging.getLogger("fleetctl.db")
 
 
 class DatabaseMissing(RuntimeError):
@@ -113,8 +117,9 @@ class Database:
     ``execute``/``executemany`` (returning a DB-API cursor), ``commit``/``rollback``, ``transaction()``,
     ``script`` for DDL, ``has_table``/``columns``, ``upsert``. Not thread-safe: one per thread."""
 
-    def __init__(self, raw: Any, url: DbUrl, readonly: bool) -> None:
+    def __init__(self, raw: Any, url: DbUrl, readonly: bool, reopen: Callable[[], Any] | None = None) -> None:
         self.raw = raw
+        self._reopen = reopen
         self.url = url
         self.backend = url.backend
         self.readonly = readonly
@@ -130,18 +135,41 @@ class Database:
     def _sql(self, sql: str) -> str:
         return sql if self.backend == "sqlite" else _to_pyformat(sql)
 
+    def _ready(self) -> None:
+        """PostgreSQL: a connection the server dropped (restart, network) is opened again before the next
+        statement (its open transaction was lost, and the statement that met the loss raised); a
+        transaction a failed statement aborted is rolled back (SQLite goes on after a failed statement;
+        PostgreSQL would refuse every later one)."""
+        if self.backend != "postgres":
+            return
+        raw = self.raw
+        if raw.closed or raw.broken:
+            if self._reopen is None:
+                raise DatabaseUnavailable("the registry connection was lost")
+            self.raw = self._reopen()
+            log.info("registry connection re-opened (%s)", self.url.display())
+            return
+        from psycopg import pq
+
+        if raw.info.transaction_status == pq.TransactionStatus.INERROR:
+            log.warning("rolling back a registry transaction that a failed statement aborted")
+            raw.rollback()
+
     def execute(self, sql: str, args: Sequence[Any] | Mapping[str, Any] = ()) -> Any:
+        self._ready()
         return self.raw.execute(self._sql(sql), tuple(args) if isinstance(args, list) else args)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> Any:
         if self.backend == "sqlite":
             return self.raw.executemany(sql, rows)
+        self._ready()
         cur = self.raw.cursor()
         cur.executemany(self._sql(sql), list(rows))
         return cur
 
     def script(self, ddl: str) -> None:
         """Run DDL statements (``;``-separated, no ``;`` inside literals) in the current transaction."""
+        self._ready()
         for stmt in _statements(_ddl(ddl, self.backend)):
             self.raw.execute(stmt)
 
@@ -156,9 +184,16 @@ class Database:
         return self.execute(sql, [values[c] for c in cols])
 
     def commit(self) -> None:
+        if self.backend == "postgres" and (self.raw.closed or self.raw.broken):
+            self._ready()   # re-open for what comes next, and say that what was written is gone
+            raise DatabaseUnavailable("the registry connection was lost: the transaction was not committed")
         self.raw.commit()
 
     def rollback(self) -> None:
+        if self.backend == "postgres" and (self.raw.closed or self.raw.broken):
+            with contextlib.suppress(DatabaseUnavailable, *self.errors):
+                self._ready()
+            return
         self.raw.rollback()
 
     def close(self) -> None:
@@ -225,12 +260,13 @@ def connect(url: str | Path, *, readonly: bool = False, timeout: float = 10.0) -
         except ImportError:
             raise DatabaseUnavailable("a postgresql:// registry needs psycopg: pip install 'edgefleet[postgres]'") \
                 from None
-        try:
-            raw = psycopg.connect(u.target, connect_timeout=max(1, int(timeout)),
-                                  options="-c default_transaction_read_only=on" if readonly else None)
-        except psycopg.OperationalError as exc:
-            raise DatabaseUnavailable(f"cannot reach the registry at {u.display()}: {str(exc).strip()}") from None
-        return Database(raw, u, readonly)
+        def open_pg() -> Any:
+            try:
+                return psycopg.connect(u.target, connect_timeout=max(1, int(timeout)),
+                                       options="-c default_transaction_read_only=on" if readonly else None)
+            except psycopg.OperationalError as exc:
+                raise DatabaseUnavailable(f"cannot reach the registry at {u.display()}: {str(exc).strip()}") from None
+        return Database(open_pg(), u, readonly, open_pg)
     path = u.target
     if readonly:
         if not os.path.exists(path):

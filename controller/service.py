@@ -109,7 +109,7 @@ class ControllerService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            self.registry.commit()
+            self._commit_own()
             self.writer.set_meta(self._stats_key, self.figures())
             await self.writer.stop()   # commits and acknowledges what it holds, while the link is up
             await self.link.stop()
@@ -122,10 +122,22 @@ class ControllerService:
             while not q.empty() and len(burst) < 500:
                 burst.append(q.get_nowait())
             items = [self._safe_classify(m) for m in burst]
-            self.registry.commit()   # what the runners wrote for these (updates, transfers) before any ack
+            self._commit_own()   # what the runners wrote for these (updates, transfers) before any ack
             for msg, item in zip(burst, items):
                 await self.writer.put(msg, item)   # waits while the writer is behind: flow control
             await asyncio.sleep(0)  # let the runners and the sweeper in between bursts
+
+    def _commit_own(self) -> None:
+        """Commit the service's own connection; a registry that went away is logged, not fatal (the
+        connection re-opens on next use; the writer retries its batches itself)."""
+        try:
+            self.registry.commit()
+        except Exception as exc:  # noqa: BLE001 - sqlite3/psycopg errors, DatabaseUnavailable
+            log.warning("registry commit failed: %s", exc)
+            try:
+                self.registry.rollback()
+            except Exception:  # noqa: BLE001
+                pass
 
     def _committed(self, msgs: list[Message], result: WriteResult) -> None:
         """The writer committed a batch: acknowledge its messages (in order), count duplicates."""
@@ -182,8 +194,11 @@ class ControllerService:
                     log.info("device %s silent for %.0fs: marking offline", dev, now - last_seen)
                     self.registry.mark_offline(dev, now)
             # age retention for devices that went quiet (the writer prunes the others as they send)
-            cursor, _ = self.registry.prune_slice(cursor, 100, now)
-            self.registry.commit()
+            try:
+                cursor, _ = self.registry.prune_slice(cursor, 100, now)
+            except Exception as exc:  # noqa: BLE001 - the registry is away: next time
+                log.warning("retention sweep failed: %s", exc)
+            self._commit_own()
 
     def reject(self, reason: str, topic: str, detail: str) -> None:
         self.counts["rejected"] += 1
