@@ -34,9 +34,10 @@ def describe_exception(exc: BaseException | None, host: str, port: int) -> str:
     if isinstance(exc, ConnectionRefusedError):
         return f"connection refused by {where} (no broker listening there?)"
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: the broker's certificate is not trusted ({exc.verify_message or exc.reason or exc})"
+        why = getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or exc
+        return f"TLS: the broker's certificate is not trusted ({why})"
     if isinstance(exc, ssl.SSLError):
-        what = exc.reason or str(exc)
+        what = getattr(exc, "reason", None) or str(exc)
         if "CERTIFICATE_REQUIRED" in str(what).upper() or "UNKNOWN_CA" in str(what).upper() \
                 or "BAD_CERTIFICATE" in str(what).upper():
             return f"TLS: the broker refused our client certificate ({what})"
