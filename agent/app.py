@@ -203,7 +203,7 @@ class Agent:
         if link is not None:
             body["link"] = {"connects": link.connects, "disconnects": link.disconnects,
                             "mqtt": "5" if link.is_v5 else "3.1.1",
-                            "dropped_incoming": link.dropped_incoming}
+                            "dropped_incoming": link.dropped_incoming, "refused": link.refused}
         body["outbox"] = self.outbox.stats()
         for f in self.features:
             try:

@@ -253,6 +253,7 @@ class MqttLink:
         self._session_started: float | None = None   # paho thread: when the current session began
         self._mids: dict[int, str] = {}              # QoS >= 1 publish / subscribe mid -> topic (for refusals)
         self._refused_logged: set[str] = set()
+        self.refused = 0                             # publishes/subscriptions the broker refused
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._v5 = protocol != "3.1.1"
@@ -437,7 +438,10 @@ class MqttLink:
     def _on_refused(self, client: mqtt.Client, mid: int, reason: str) -> None:
         """The broker acknowledged a publish or subscription with a refusal (MQTT 5 reason code)."""
         topic = self._mids.pop(mid, f"(message {mid})")
-        if topic in self._refused_logged:
+        self.refused += 1
+        if topic in self._refused_logged or (reason.lower() == "not authorized" and self._refused_logged):
+            # said once (with the id and the CN); every further refusal is counted, not repeated
+            log.debug("the broker refused %s: %s (%d refusals)", topic, reason, self.refused)
             return
         if len(self._refused_logged) < 256:
             self._refused_logged.add(topic)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from controller.certs import issue_client
 from tests.helpers.broker import free_port, mosquitto_binary, wait_port
 from tests.helpers.fleet import ENV, ROOT, device, stop
 from tests.helpers.waiting import wait_for
@@ -123,7 +124,7 @@ def site(tmp_path_factory):
              subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(agent_cfg)], env=ENV,
                               cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(tmp / "pi-07.log", "wb"))]
     try:
-        yield {"tmp": tmp, "port": port, "pki": pki, "db": tmp / "registry.db", "stderr": stderr}
+        yield {"tmp": tmp, "port": port, "pki": pki, "db": tmp / "registry.db", "stderr": stderr, "agent_cfg": agent_cfg}
     finally:
         for p in procs:
             stop(p)
@@ -155,6 +156,25 @@ def test_documented_site_setup(site):
         assert ha.publish("homeassistant/sensor/pi-07/cpu/config", b"{}") == "Not authorized"
     finally:
         ha.close()
+    # a device id that does not match its certificate's CN: check --connect connects (the identity is
+    # valid), then run is refused its own subtree by the ACL and says so, naming the id and the CN
+    issue_client(pki, "pi-09")
+    wrong = site["tmp"] / "pi-10.toml"
+    wrong.write_text(site["agent_cfg"].read_text().replace('id = "pi-07"', 'id = "pi-10"')
+                     .replace("pi-07.pem", "pi-09.pem").replace("pi-07.key", "pi-09.key")
+                     .replace(str(site["tmp"] / "pi-07"), str(site["tmp"] / "pi-10")))
+    chk = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(wrong), "--connect"],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert chk.returncode == 0 and "connected as pi-10" in chk.stdout, chk.stdout + chk.stderr
+    log10 = site["tmp"] / "pi-10.log"
+    p10 = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(wrong)], env=ENV, cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=open(log10, "wb"))
+    try:
+        wait_for(lambda: re.search(r"ERROR .*edgefleet/v1/dev/pi-10/\w+: not authorized .*id is 'pi-10' but its "
+                                   r"certificate CN is 'pi-09'", _read(log10)), timeout=30,
+                 what="ERROR naming the device id and the certificate CN")
+    finally:
+        stop(p10)
     # the broker logged no warning but the documented three
     log = _read(site["tmp"] / "mosquitto.log") + _read(site["stderr"])
     problems = [l.split(": ", 1)[-1] for l in log.splitlines() if re.search(r"\b(Warning|Error)\b", l)]
