@@ -58,16 +58,21 @@ def describe_refusal(reason: str) -> str:
     return f"the broker refused the connection ({reason})"
 
 
-def describe_loss(reason: str, from_server: bool) -> str:
-    """A lost session's reason: the broker's DISCONNECT reason if it sent one, else what we know."""
+def describe_loss(reason: str, from_server: bool, socket_error: str | None = None) -> str:
+    """A lost session's reason: the broker's DISCONNECT reason if it sent one, else the socket's
+    error (paho's log line), else — the connection simply closed — what that usually means."""
     if from_server:
         if reason.lower() == "session taken over":
             return "session taken over by another client with our id"
         return f"the broker disconnected us ({reason})"
-    if reason in ("Unspecified error", "Connection lost", "The connection was lost."):
-        return "connection closed by the broker or the network (no reason given)"
     if "keep alive" in reason.lower() or "keepalive" in reason.lower():
         return "no answer from the broker within the keepalive (network or broker down)"
+    if socket_error:
+        return socket_error.replace("failed to receive on socket", "connection lost").replace(
+            "timeout on socket", "connection timed out")
+    if reason in ("Unspecified error", "Connection lost", "The connection was lost."):
+        return ("the broker closed the connection (a broker restart or shutdown, or another client "
+                "connecting with our id)")
     return reason
 
 
@@ -102,14 +107,15 @@ class FailureLog:
 class TakeoverDetector:
     """Recognises two processes under one id pushing each other off.
 
-    A session that is lost although the connect that made it succeeded at the first try, and the
-    broker keeps accepting us, is a "bounce". ``limit`` bounces within ``window_s`` of each other:
+    A session shorter than ``short_s`` that is lost although the connect that made it succeeded at
+    the first try (the broker is up and accepts us) is a "bounce"; a broker restart shows a failed
+    attempt in between. ``limit`` bounces within ``window_s`` of each other:
     someone else uses our id. Then the link waits ``backoff_s`` (doubling, up to ``max_backoff_s``)
     before it reconnects, instead of pushing the other one off every half second."""
 
     def __init__(self, limit: int = 3, window_s: float = 60.0, backoff_s: float = 30.0,
-                 max_backoff_s: float = 300.0) -> None:
-        self.limit, self.window_s = limit, window_s
+                 max_backoff_s: float = 300.0, short_s: float = 10.0) -> None:
+        self.limit, self.window_s, self.short_s = limit, window_s, short_s
         self.base_backoff, self.max_backoff = backoff_s, max_backoff_s
         self._bounces: deque[float] = deque()
         self._clean_connect = True      # the current session came without a failed attempt
@@ -125,7 +131,7 @@ class TakeoverDetector:
         taken = bool(from_server_reason and from_server_reason.lower() == "session taken over")
         if session_s >= self.window_s:
             self.stable()
-        if self._clean_connect or taken:
+        if taken or (self._clean_connect and session_s < self.short_s):
             self._bounces.append(now)
         while self._bounces and now - self._bounces[0] > self.window_s:
             self._bounces.popleft()

@@ -251,6 +251,7 @@ class MqttLink:
         #: set while the broker keeps pushing us off (another client with our id): the back-off in s
         self.taken_over_backoff: float | None = None
         self._session_started: float | None = None   # paho thread: when the current session began
+        self._socket_error: tuple[float, str] | None = None   # paho thread: its last socket error
         self._mids: dict[int, str] = {}              # QoS >= 1 publish / subscribe mid -> topic (for refusals)
         self._refused_logged: set[str] = set()
         self.refused = 0                             # publishes/subscriptions the broker refused
@@ -300,6 +301,7 @@ class MqttLink:
         c.on_publish = self._cb_publish
         c.on_socket_open = self._cb_socket_open
         c.on_connect_fail = self._cb_connect_fail
+        c.on_log = self._cb_log
         c.on_subscribe = self._cb_subscribe
         self._client = c
         if self._v5:
@@ -363,6 +365,11 @@ class MqttLink:
             self.takeover.connect_failed()
         self._post(self._on_connect, client, code, str(rc))
 
+    def _cb_log(self, client, userdata, level, buf) -> None:
+        # paho says why a socket failed only in its log ("failed to receive on socket: [Errno 104] ...")
+        if level == mqtt.MQTT_LOG_ERR and "socket" in buf:
+            self._socket_error = (time.monotonic(), buf)
+
     def _cb_connect_fail(self, client, userdata) -> None:
         # paho calls this inside its `except OSError:` around the connect: the exception is current
         self.takeover.connect_failed()
@@ -383,7 +390,9 @@ class MqttLink:
         # Some 3.1.1-only brokers (amqtt with a will) drop a v5 CONNECT without a CONNACK.
         self._post(self._maybe_fallback, client, str(rc))
         from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
-        reason = linkreport.describe_loss(str(rc), from_server)
+        sock_err, self._socket_error = self._socket_error, None
+        recent = sock_err[1] if sock_err and time.monotonic() - sock_err[0] < 5 else None
+        reason = linkreport.describe_loss(str(rc), from_server, recent)
         backoff = None
         if self._session_started is not None and not self._stopping:
             now = time.monotonic()

@@ -31,7 +31,9 @@ def test_refusals_and_losses_say_what_happened():
     assert describe_refusal("Bad user name or password").startswith("authentication")
     assert "Server unavailable" in describe_refusal("Server unavailable")
     assert describe_loss("Session taken over", True) == "session taken over by another client with our id"
-    assert describe_loss("Unspecified error", False) != "Unspecified error"
+    assert describe_loss("Unspecified error", False).startswith("the broker closed the connection")
+    assert describe_loss("Unspecified error", False, "failed to receive on socket: [Errno 104] Connection reset "
+                         "by peer") == "connection lost: [Errno 104] Connection reset by peer"
     assert "keepalive" in describe_loss("Keep alive timeout", False)
 
 
@@ -53,8 +55,8 @@ def test_a_takeover_is_recognised_and_backs_off_doubling():
     assert d.lost(3.0, session_s=0.6) == 30          # three bounces in a row: someone else has our id
     assert [d.lost(t, session_s=0.5) for t in (40, 41, 42)] == [None, None, 60]
     assert [d.lost(t, session_s=0.5) for t in (80, 81, 82)] == [None, None, 100]   # capped
-    d.lost(500, session_s=400)                        # a long session resets the episode count
-    assert [d.lost(t, session_s=0.5) for t in (501, 502)] == [None, 30]
+    assert d.lost(500, session_s=400) is None         # a long session resets the episode count
+    assert [d.lost(t, session_s=0.5) for t in (501, 502, 503)] == [None, None, 30]
 
 
 def test_an_outage_is_not_a_takeover():
