@@ -51,6 +51,17 @@ def describe_exception(exc: BaseException | None, host: str, port: int) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def describe_socket_error(line: str, during_connect: bool = False) -> str:
+    """paho's socket error log line as a reason; a TLS alert about our certificate says so."""
+    up = line.upper()
+    if any(a in up for a in ("ALERT_UNKNOWN_CA", "CERTIFICATE_REQUIRED", "ALERT_BAD_CERTIFICATE",
+                             "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED")):
+        alert = line.rsplit("]", 1)[-1].split("(_ssl", 1)[0].strip() or line
+        return f"TLS: the broker refused our client certificate ({alert})"
+    what = "connection lost during connect" if during_connect else "connection lost"
+    return line.replace("failed to receive on socket", what).replace("timeout on socket", "connection timed out")
+
+
 def describe_refusal(reason: str) -> str:
     """A CONNACK refusal with its category (authentication or the broker's own reason)."""
     if any(r.lower() == reason.lower() for r in AUTH_REASONS):
@@ -68,8 +79,7 @@ def describe_loss(reason: str, from_server: bool, socket_error: str | None = Non
     if "keep alive" in reason.lower() or "keepalive" in reason.lower():
         return "no answer from the broker within the keepalive (network or broker down)"
     if socket_error:
-        return socket_error.replace("failed to receive on socket", "connection lost").replace(
-            "timeout on socket", "connection timed out")
+        return describe_socket_error(socket_error)
     if reason in ("Unspecified error", "Connection lost", "The connection was lost."):
         return ("the broker closed the connection (a broker restart or shutdown, or another client "
                 "connecting with our id)")

@@ -430,6 +430,15 @@ class MqttLink:
         if self._session_started is not None and not self._stopping:
             now = time.monotonic()
             backoff = self.takeover.lost(now, str(rc) if from_server else None, now - self._session_started)
+        elif not self._stopping:
+            # closed before any CONNACK: a failed connect too (e.g. the broker refused our TLS client
+            # certificate after the handshake); the auto protocol's 3.1.1 fallback gets its turn first
+            self.takeover.connect_failed()
+            if not (self.protocol == "auto" and self._v5 and self.connects == 0):
+                why = (linkreport.describe_socket_error(recent, during_connect=True) if recent else
+                       "the broker closed the connection before accepting it (a client certificate it does not "
+                       "trust? not an MQTT port?)")
+                self._post(self._on_connect_failed, client, why)
         self._session_started = None
         try:
             if backoff:   # someone else uses our id: let it be for a while instead of pushing it off

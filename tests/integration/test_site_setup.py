@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from controller.certs import issue_client
+from controller.certs import init_ca, issue_client
 from tests.helpers.broker import free_port, mosquitto_binary, wait_port
 from tests.helpers.fleet import ENV, ROOT, device, stop
 from tests.helpers.waiting import wait_for
@@ -166,6 +166,17 @@ def test_documented_site_setup(site):
     chk = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(wrong), "--connect"],
                          capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
     assert chk.returncode == 0 and "connected as pi-10" in chk.stdout, chk.stdout + chk.stderr
+    # a certificate from another CA: check --connect says the broker refused it (TLS), naming nothing else
+    other = site["tmp"] / "other-pki"
+    init_ca(other)
+    issue_client(other, "pi-10")
+    stranger = site["tmp"] / "stranger.toml"
+    stranger.write_text(wrong.read_text().replace(f"{pki}/pi-09.pem", f"{other}/pi-10.pem")
+                        .replace(f"{pki}/pi-09.key", f"{other}/pi-10.key"))
+    chk = subprocess.run([sys.executable, "-m", "agent.cli", "check", "--config", str(stranger), "--connect"],
+                         capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=60)
+    assert chk.returncode == 2 and f"error: broker mqtts://127.0.0.1:{port}: TLS: the broker refused our client " \
+        "certificate" in chk.stderr, chk.stdout + chk.stderr
     log10 = site["tmp"] / "pi-10.log"
     p10 = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(wrong)], env=ENV, cwd=ROOT,
                            stdout=subprocess.DEVNULL, stderr=open(log10, "wb"))

@@ -10,7 +10,7 @@ import ssl
 import pytest
 
 from protocol.linkreport import (FailureLog, TakeoverDetector, describe_exception, describe_loss,
-                                 describe_refusal, not_authorized_text)
+                                 describe_refusal, describe_socket_error, not_authorized_text)
 
 
 @pytest.mark.parametrize("exc,words", [
@@ -35,6 +35,13 @@ def test_refusals_and_losses_say_what_happened():
     assert describe_loss("Unspecified error", False, "failed to receive on socket: [Errno 104] Connection reset "
                          "by peer") == "connection lost: [Errno 104] Connection reset by peer"
     assert "keepalive" in describe_loss("Keep alive timeout", False)
+
+
+def test_a_tls_alert_about_our_certificate_says_so():
+    line = "failed to receive on socket: [SSL: TLSV1_ALERT_UNKNOWN_CA] tlsv1 alert unknown ca (_ssl.c:2580)"
+    assert describe_socket_error(line, True) == "TLS: the broker refused our client certificate (tlsv1 alert unknown ca)"
+    assert describe_socket_error("failed to receive on socket: [Errno 32] Broken pipe", True) == \
+        "connection lost during connect: [Errno 32] Broken pipe"
 
 
 def test_failures_are_logged_first_on_change_and_then_at_a_bounded_rate():
