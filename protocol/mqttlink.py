@@ -232,7 +232,7 @@ class MqttLink:
     """One MQTT session, reconnecting forever until ``stop()``."""
 
     def __init__(self, client_id: str, broker: BrokerAddress, *, protocol: str = "auto",
-                 keepalive: int = 30, will: Will | None = None, tls: TlsFiles | None = None,
+                 keepalive: int = 30, will: "Will | Callable[[], Will] | None" = None, tls: TlsFiles | None = None,
                  subscriptions: list[tuple[str, int]] | None = None,
                  on_connect: Callable[[], Awaitable[None] | None] | None = None,
                  min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000,
@@ -324,7 +324,15 @@ class MqttLink:
                           cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
             except (OSError, ssl.SSLError, ValueError) as exc:
                 raise tls_config_error(t, exc) from None
-        if self.will:
+        if callable(self.will):
+            # a will built afresh before every (re)connect: its timestamp is when the connection it
+            # guards began, not when the process started (paho calls on_pre_connect each attempt)
+            def _arm(client, userdata, make=self.will) -> None:
+                w = make()
+                client.will_set(w.topic, w.payload, w.qos, w.retain)
+            _arm(c, None)
+            c.on_pre_connect = _arm
+        elif self.will:
             c.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
         c.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
         c.max_queued_messages_set(10000)
