@@ -29,10 +29,12 @@ EX_CONFIG = 78
 def instance_lock_path(cfg: ControllerConfig) -> str | None:
     """Where the single-instance lock lives: beside a registry file. None: the registry is not a
     local file (a database URL), and replicas are coordinated by the database itself."""
-    path = cfg.db_path
-    if "://" in path:
+    from ..db import parse_url
+
+    u = parse_url(cfg.db_path)
+    if u.backend != "sqlite":
         return None
-    return f"{path}.serve.lock"
+    return f"{u.target}.serve.lock"
 
 
 @click.command()
