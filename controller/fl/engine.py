@@ -154,7 +154,10 @@ class RoundEngine:
                                 "batch_size": c.batch_size, "optimizer": c.optimizer, "prox_mu": c.prox_mu,
                                 "deadline_ts": deadline, "compression": dict(c.compression)}
         cfgs = self.strategy.configure(round_no, list(devices), base)
-        return [Task(d, round_no, {**cfgs[d], "round": round_no, "steps": steps.get(d, c.local_steps)}, head)
+        if head:   # the strategy's stored state (SCAFFOLD's control variate) goes out with the head
+            self.strategy.load_state(self.run.strategy_state or {})
+        tensors = self.strategy.task_tensors(head) if head else head
+        return [Task(d, round_no, {**cfgs[d], "round": round_no, "steps": steps.get(d, c.local_steps)}, tensors)
                 for d in devices]
 
     def _note_sizing(self, round_no: int, sel: Selection) -> None:
@@ -325,7 +328,7 @@ class RoundEngine:
             return self._record(round_no, device_id, now, False, f"num_samples must be > 0, got {num_samples!r}",
                                 0, base_version, meta, None)
         try:
-            validate_update(delta, self.run.head or {}, max_norm=self.cfg.max_update_norm)
+            validate_update(delta, self.strategy.expected_update(self.run.head or {}), max_norm=self.cfg.max_update_norm)
         except UpdateRejected as exc:
             return self._record(round_no, device_id, now, False, exc.reason, num_samples, base_version, meta, None)
         return self._record(round_no, device_id, now, True, "accepted", num_samples, base_version, meta, delta)

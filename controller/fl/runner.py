@@ -271,7 +271,7 @@ class RoundRunner:
             self._ack(device_id, b, False, f"unknown run {b['run_id']!r}")
             return
         try:
-            delta = decompress_update(frame, run.head or {})
+            delta = decompress_update(frame, self.engine(run.id).strategy.expected_update(run.head or {}))
         except (ValueError, KeyError) as exc:
             self._ack(device_id, b, False, f"cannot decode update: {exc}")
             return

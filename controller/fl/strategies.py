@@ -108,6 +108,14 @@ class Strategy:
         """One task config per selected client: the runner's base settings plus the strategy's."""
         return {c: {**(base or {}), **self.task_config, "round": round_no} for c in clients}
 
+    def task_tensors(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        """The tensors every task carries: the global head (SCAFFOLD adds its control variate)."""
+        return dict(global_head)
+
+    def expected_update(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        """What an update must look like (names and shapes): the global head's, by default."""
+        return dict(global_head)
+
     # -- decide: the next model ------------------------------------------------------------
     def select(self, results: Sequence[FitResult]) -> list[FitResult]:
         """Which results take part (all, by default)."""
@@ -195,40 +203,63 @@ class FedProx(FedAvg):
 
 class FedOpt(FedAvg):
     """Server optimizers on the pseudo-gradient (the averaged delta), Reddi et al. 2021:
-    m ← β1 m + (1−β1) Δ;  v ← second_moment(v, Δ);  w ← w + η m / (√v + τ), with v₀ = τ²."""
+    m ← β1 m + (1−β1) Δ;  v ← second_moment(v, Δ);  w ← w + η m / (√v + τ), with v₀ = τ².
+
+    ``bias_correction``: Adam's (Kingma & Ba 2015) m̂ = m/(1−β1ᵗ), v̂ = v/(1−β2ᵗ), w ← w + η m̂/(√v̂ + τ),
+    v₀ = 0 — without it the first rounds' steps are (1−β1) times too small. ``flower``: exactly
+    what ``flwr.server.strategy.FedAdam`` computes (v₀ = 0, and its step
+    η·√(1−β2^(t+1))/(1−β1^(t+1)) · m/(√v + τ), t the 1-based round) — for comparisons."""
 
     def __init__(self, eta: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
-                 staleness: str = "sqrt") -> None:
+                 staleness: str = "sqrt", bias_correction: bool = False, flower: bool = False) -> None:
         super().__init__(staleness)
         if eta <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or tau <= 0:
             raise ValueError("FedOpt needs eta > 0, 0 <= beta1, beta2 < 1, tau > 0")
+        if not isinstance(bias_correction, bool) or not isinstance(flower, bool):
+            raise ValueError("bias_correction and flower must be true or false")
+        if bias_correction and flower:
+            raise ValueError("give bias_correction or flower, not both (flower has its own correction)")
         self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
+        self.bias_correction, self.flower = bias_correction, flower
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
+        self.t = 0
 
     def second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def apply(self, global_head: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Head:
         out = {}
+        self.t += 1
+        t = self.t
+        v0 = 0.0 if (self.bias_correction or self.flower) else self.tau ** 2
         for k, g in global_head.items():
             d = np.asarray(delta[k], np.float64)
-            m = self.m.get(k, np.zeros_like(d))
-            v = self.v.get(k, np.full_like(d, self.tau ** 2))
+            m = np.asarray(self.m.get(k, np.zeros_like(d)), np.float64)
+            v = np.asarray(self.v.get(k, np.full_like(d, v0)), np.float64)
             if m.shape != d.shape:  # the head changed shape (a new bundle): restart the optimizer
-                m, v = np.zeros_like(d), np.full_like(d, self.tau ** 2)
+                m, v = np.zeros_like(d), np.full_like(d, v0)
             m = self.beta1 * m + (1 - self.beta1) * d
             v = self.second_moment(v, d)
             self.m[k], self.v[k] = m.astype(np.float32), v.astype(np.float32)
-            out[k] = (np.asarray(g, np.float32) + self.eta * m / (np.sqrt(v) + self.tau)).astype(np.float32)
+            if self.flower:
+                eta_t = self.eta * math.sqrt(1 - self.beta2 ** (t + 1.0)) / (1 - self.beta1 ** (t + 1.0))
+                step = eta_t * m / (np.sqrt(v) + self.tau)
+            elif self.bias_correction:
+                step = self.eta * (m / (1 - self.beta1 ** t)) / (np.sqrt(v / (1 - self.beta2 ** t)) + self.tau)
+            else:
+                step = self.eta * m / (np.sqrt(v) + self.tau)
+            out[k] = (np.asarray(g, np.float64) + step).astype(np.float32)
         return out
 
     def to_state(self) -> dict[str, Any]:
-        return {"m": {k: v.tolist() for k, v in self.m.items()}, "v": {k: v.tolist() for k, v in self.v.items()}}
+        return {"m": {k: v.tolist() for k, v in self.m.items()}, "v": {k: v.tolist() for k, v in self.v.items()},
+                "t": self.t}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.m = {k: np.asarray(v, np.float32) for k, v in (state.get("m") or {}).items()}
         self.v = {k: np.asarray(v, np.float32) for k, v in (state.get("v") or {}).items()}
+        self.t = int(state.get("t") or (1 if self.m else 0))
 
 
 class FedAdam(FedOpt):
@@ -330,6 +361,10 @@ class FedBuff(FedAvg):
 
 STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (FedAvg, FedProx, FedAdam, FedYogi, Median, TrimmedMean,
                                                                Krum, MultiKrum, FedBuff)}
+
+from .noniid import FedAvgM, Scaffold  # noqa: E402 - they build on FedAvg above
+
+STRATEGIES.update({FedAvgM.name: FedAvgM, Scaffold.name: Scaffold})
 
 
 def make(name: str, **params: Any) -> Strategy:
