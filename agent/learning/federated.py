@@ -19,7 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -51,7 +51,8 @@ class LocalTrainer(Protocol):
     def labelled_count(self) -> int: ...
 
     def train_from(self, start: Head, *, steps: int, lr: float, batch_size: int, prox_mu: float,
-                   optimizer: str, budget_s: float) -> LocalResult: ...
+                   optimizer: str, budget_s: float, correction: Mapping[str, np.ndarray] | None = None,
+                   frozen: tuple[str, ...] = ()) -> LocalResult: ...
 
 
 class TaskRefused(Exception):
@@ -78,11 +79,19 @@ def clip_delta(delta: Head, clip: float) -> tuple[Head, float]:
 
 
 class Participant:
-    def __init__(self, ctx: "AgentContext", trainer: LocalTrainer, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """``local_shapes``: the tensors rounds federate (the bundle's trainable layers); ``full_head``
+    (when only some layers are federated) gives the frozen ones the board trains on top of."""
+
+    def __init__(self, ctx: "AgentContext", trainer: LocalTrainer, local_shapes: Mapping[str, tuple[int, ...]],
+                 full_head: "Callable[[], Mapping[str, np.ndarray]] | None" = None, bundle_id: str = "") -> None:
+        from .scaffold import ControlStore
+
         self.ctx = ctx
         self.trainer = trainer
         self.local_shapes = dict(local_shapes)
+        self.full_head = full_head
         self.state_file = Path(ctx.cfg.state.dir) / "fl_rounds.json"
+        self.controls = ControlStore(Path(ctx.cfg.state.dir) / "learning", bundle_id)
         self.done: dict[str, int] = self._load()
         self.stats = {"tasks": 0, "updates_sent": 0, "accepted": 0, "rejected": 0, "refused_tasks": 0}
         self.last_samples_per_s: float | None = None
@@ -129,7 +138,17 @@ class Participant:
             budget = float(b["deadline_ts"]) - time.time()
             if budget <= 0.5:
                 raise TaskRefused("task arrived after its deadline")
-            check_task_head(frame.tensors, self.local_shapes)
+            scaffold = bool(b.get("scaffold"))
+            if scaffold:
+                from . import scaffold as sc
+
+                try:
+                    x, c_glob = sc.split_task(frame.tensors)
+                except ValueError as exc:
+                    raise TaskRefused(str(exc)) from None
+            else:
+                x, c_glob = dict(frame.tensors), {}
+            check_task_head(x, self.local_shapes)
             if self.trainer.labelled_count() < 1:
                 raise TaskRefused("no labelled samples on this device")
         except TaskRefused as exc:
@@ -140,20 +159,44 @@ class Participant:
             return
         self.done[key] = 0
         self._save()
+        correction, ci = None, None
+        if scaffold:
+            ci, why = self.controls.load_or_reset(self.local_shapes)
+            if why:   # corrupt, or for another bundle: SCAFFOLD restarts its own cᵢ from zeros
+                self.ctx.counters.reject("scaffold_state_reset")
+                log.warning("SCAFFOLD control variate reset: %s", why)
+                self.ctx.emit_event("fl.scaffold_reset", "warning", reason=why)
+            correction = sc.correction(c_glob, ci)
+        start, frozen = dict(x), ()
+        if self.full_head is not None:
+            from protocol.layers import merge
+
+            full = dict(self.full_head())
+            start = merge(full, x)
+            frozen = tuple(sorted(set(full) - set(x)))
         self.busy = True
         try:
-            res = await asyncio.to_thread(self.trainer.train_from, dict(frame.tensors), steps=int(b["steps"]),
+            res = await asyncio.to_thread(self.trainer.train_from, start, steps=int(b["steps"]),
                                           lr=float(b["lr"]), batch_size=int(b["batch_size"]),
                                           prox_mu=float(b.get("prox_mu", 0.0)),
-                                          optimizer=str(b.get("optimizer") or "sgd"), budget_s=budget * 0.8)
+                                          optimizer=str(b.get("optimizer") or "sgd"), budget_s=budget * 0.8,
+                                          correction=correction, frozen=frozen)
         finally:
             self.busy = False
         if res.seconds > 0:
             self.last_samples_per_s = round(res.steps * int(b["batch_size"]) / res.seconds, 2)
-        delta = {k: (res.head[k].astype(np.float32) - frame.tensors[k].astype(np.float32)) for k in frame.tensors}
+        y = {k: res.head[k].astype(np.float32) for k in x}
+        if scaffold:
+            momentum = float(getattr(getattr(self.trainer, "cfg", None), "momentum", 0.0) or 0.0)
+            ci_new, dci = sc.new_control(x, y, c_glob, ci, max(1, res.steps), float(b["lr"]) / (1 - momentum))
+            delta = sc.update_tensors(x, y, dci)
+        else:
+            delta = {k: (y[k] - x[k].astype(np.float32)) for k in x}
         dp = b.get("dp") or {}
         delta, norm = clip_delta(delta, float(dp.get("clip", 0.0)))
         self._send_update(b, delta, res, norm)
+        if scaffold:
+            self.controls.save(ci_new)   # after the update is in the outbox: cᵢ moves with what we sent
         self.done[key] = 1
         self._save()
 

@@ -9,7 +9,8 @@ SCAFFOLD stays correct (cᵢ = 0 is its own initialisation), only its variance r
 Per round: every local gradient g is corrected to g − cᵢ + c (``correction`` = c − cᵢ, handed to
 the trainer); after K local steps of rate η from x to y,
     cᵢ⁺ = cᵢ − c + (x − y) / (K η),      Δcᵢ = cᵢ⁺ − cᵢ,
-and the update carries Δy = y − x and Δcᵢ (``cv.<name>``).
+and the update carries Δy = y − x and Δcᵢ (``cv.<name>``). With heavy-ball momentum β the
+local steps move at η/(1−β) each, so that is the η to give ``new_control``.
 """
 from __future__ import annotations
 

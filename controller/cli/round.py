@@ -29,6 +29,13 @@ def load_head(path: str) -> dict[str, np.ndarray]:
         raise click.BadParameter(f"cannot read a head from {f}: {exc}", param_hint="--bundle") from None
     if not head or not all(k.startswith("dense") for k in head):
         raise click.BadParameter(f"{f} holds no dense{{i}}.weight/bias tensors", param_hint="--bundle")
+    if p.is_dir() and (p / "manifest.json").exists():   # only the layers the bundle declares trainable
+        from protocol.layers import LayerError, federated, trainable_tensors
+
+        try:
+            head = federated(head, trainable_tensors(json.loads((p / "manifest.json").read_text()), head))
+        except (LayerError, ValueError) as exc:
+            raise click.BadParameter(f"{p}: {exc}", param_hint="--bundle") from None
     return head
 
 
@@ -72,7 +79,7 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @round.command("start")
 @click.option("--bundle", required=True, help="bundle dir (or head .npz) holding the initial global head")
 @click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam, fedyogi, median, "
-              "trimmed_mean, krum, multikrum, fedbuff")
+              "trimmed_mean, krum, multikrum, fedbuff, fedavgm, scaffold")
 @click.option("--strategy-param", "sparams", multiple=True, type=KEY_VALUE, help="KEY=VALUE for the strategy")
 @click.option("--clients", default=10, show_default=True, type=click.IntRange(1, 100000))
 @click.option("--min-clients", default=None, type=click.IntRange(1, 100000), help="quorum (default: half)")

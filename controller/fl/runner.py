@@ -220,9 +220,13 @@ class RoundRunner:
             base = rollouts.add_bundle(dep["bundle"])
             version = f"{base.version}+fl.{run.id[-4:]}.{run.global_version}"
             out = Path(rollouts.artifacts_dir) / "derived" / f"{run.id}-v{run.global_version}"
-            derive_bundle(base.path, out, version, run.head)
+            from protocol.bundle import load_bundle
+            from protocol.layers import merge
+
+            full = load_bundle(base.path).head or {}
+            derive_bundle(base.path, out, version, merge(full, run.head))   # the run carries the trainable layers
             art = rollouts.add_bundle(out)
-        except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:
+        except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:  # LayerError too
             log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
             return None
         devices = [d for d in self.registry.devices()
