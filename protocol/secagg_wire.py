@@ -18,7 +18,12 @@ from .secagg import (Advertise, Inbox, Masked, Reveal, Roster, SecAggClient, Sec
                      UnmaskRequest)
 
 KIND = "fl.secagg"
-STAGES = ("advertise", "roster", "shares", "inbox", "masked", "unmask", "reveal")
+STAGES = ("advertise", "roster", "shares", "inbox", "masked", "unmask", "reveal", "refused")
+
+
+def flatten(delta: Mapping[str, np.ndarray], n: int) -> np.ndarray:
+    """What a board masks for a weighted mean: n·Δ (tensors in sorted name order, float64), then n."""
+    return np.concatenate([(n * np.asarray(delta[k], np.float64)).ravel() for k in sorted(delta)] + [[float(n)]])
 
 
 def _b64(b: bytes) -> str:
@@ -129,6 +134,13 @@ def from_wire(body: Mapping[str, Any], tensors: Mapping[str, np.ndarray] | None 
 def size_of(m: Any, sender: str = "dev-000") -> int:
     body, tensors = to_wire(m)
     return len(encode_frame(Envelope(kind=KIND, sender=sender, body=body), tensors))
+
+
+def size_of_body(body: Mapping[str, Any], sender: str = "controller") -> int:
+    """A JSON ``fl.secagg`` envelope's size (what the controller sends)."""
+    from .envelope import encode
+
+    return len(encode(Envelope(kind=KIND, sender=sender, body=dict(body))))
 
 
 def _check(body: Mapping[str, Any]) -> None:

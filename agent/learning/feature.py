@@ -70,8 +70,10 @@ class Adaptation(Feature):
     def control_kinds(self) -> dict[str, Any]:
         if self.participant is None:
             return {}
+        from protocol import secagg_wire  # noqa: F401 - registers fl.secagg
+
         return {"fl.task": self.participant.on_task, "fl.ack": self.participant.on_ack,
-                "fl.head": self.on_global_head}
+                "fl.head": self.on_global_head, "fl.secagg": self.participant.on_secagg}
 
     def telemetry(self) -> dict[str, Any] | None:
         if self.learner is None:

@@ -107,6 +107,8 @@ class Participant:
         self.resend_s = 10.0
         self.resend_grace_s = 60.0
         self._resenders: set[asyncio.Task] = set()
+        #: session -> (SecAggClient, the weighted update it masks): the update never leaves unmasked
+        self.secure: dict[str, tuple[Any, np.ndarray]] = {}
 
     def _load(self) -> dict[str, int]:
         try:
@@ -194,7 +196,10 @@ class Participant:
             delta = {k: (y[k] - x[k].astype(np.float32)) for k in x}
         dp = b.get("dp") or {}
         delta, norm = clip_delta(delta, float(dp.get("clip", 0.0)))
-        self._send_update(b, delta, res, norm)
+        if b.get("secagg"):
+            self._start_secure(b, delta, res)
+        else:
+            self._send_update(b, delta, res, norm)
         if scaffold:
             self.controls.save(ci_new)   # after the update is in the outbox: cᵢ moves with what we sent
         self.done[key] = 1
@@ -234,6 +239,55 @@ class Participant:
         self.stats["updates_sent"] += 1
         log.info("fl update for %s#%s: %d samples, loss %.4f, %d bytes", task["run_id"], task["round"],
                  res.num_samples, res.loss, len(payload))
+
+    # -- secure aggregation (protocol.secagg): the update leaves the board only masked ------------
+    def _publish_secagg(self, m: Any) -> None:
+        from protocol.secagg_wire import KIND, to_wire
+
+        body, tensors = to_wire(m)
+        env = Envelope(kind=KIND, sender=self.ctx.device_id, body=body)
+        self.ctx.publish(self.ctx.topics.data(self.ctx.device_id, "fl"), encode_frame(env, tensors), 1)
+
+    def _start_secure(self, task: Mapping[str, Any], delta: Head, res: LocalResult) -> None:
+        from protocol.secagg import SecAggClient
+        from protocol.secagg_wire import flatten
+
+        session = str(task["secagg"]["session"])
+        client = SecAggClient(session, self.ctx.device_id)
+        self.secure = {session: (client, flatten(delta, int(res.num_samples)))}   # one session at a time
+        self.stats["updates_sent"] += 1
+        self._publish_secagg(client.advertise())
+        log.info("fl update for %s kept on the board: secure aggregation session %s", task["run_id"], session)
+
+    async def on_secagg(self, env: Envelope, msg: Message) -> None:
+        """The controller's next stage of a secure session: answer it, or refuse it with the reason."""
+        from protocol.secagg import SecAggError
+        from protocol.secagg_wire import from_wire
+
+        b = env.body
+        session = str(b.get("session"))
+        item = self.secure.get(session)
+        try:
+            if b.get("stage") == "refused":
+                raise SecAggError(f"the controller refused our message: {b.get('reason')}")
+            if item is None:
+                raise SecAggError(f"no secure session {session!r} on this device")
+            client, vector = item
+            m = from_wire(b)
+            stage = b.get("stage")
+            if stage == "roster":
+                self._publish_secagg(client.on_roster(m))
+            elif stage == "inbox":
+                self._publish_secagg(client.on_inbox(m, vector))
+            elif stage == "unmask":
+                self._publish_secagg(client.on_unmask(m))
+                self.secure.pop(session, None)
+            else:
+                raise SecAggError(f"stage {stage!r} is not sent by the controller")
+        except SecAggError as exc:
+            self.ctx.counters.reject("secagg_refused")
+            log.warning("secure aggregation %s: %s", session, exc.reason)
+            self.ctx.emit_event("fl.secagg_refused", "warning", session=session, reason=exc.reason)
 
     async def _resend(self, key: str) -> None:
         while key in self.unacked:

@@ -93,6 +93,8 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--async", "is_async", is_flag=True, help="buffered asynchronous mode (FedBuff)")
 @click.option("--buffer", default=2, show_default=True, type=click.IntRange(1, 100000), help="async: updates per version")
 @click.option("--max-staleness", default=4, show_default=True, type=click.IntRange(0, 1000))
+@click.option("--secagg", "secagg", multiple=True, type=KEY_VALUE, help="KEY=VALUE secure aggregation "
+              "(devices mask their updates; the controller sees only the sum), e.g. max_dropout=0.3 stage_s=15")
 @click.option("--compress", "compress", multiple=True, type=KEY_VALUE, help="KEY=VALUE compression option sent to devices, "
               "e.g. topk=0.1 int8=true zstd=true")
 @click.option("--dp", "dp", multiple=True, type=KEY_VALUE, help="KEY=VALUE differential privacy, e.g. clip=1.0 noise=0.8")
@@ -111,7 +113,7 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[str, Any], ...], clients: int,
           min_clients: int | None, n_rounds: int, deadline: float, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
-          compress: tuple[tuple[str, Any], ...], dp: tuple[tuple[str, Any], ...], group: str | None, max_update_norm: float, seed: int,
+          secagg: tuple[tuple[str, Any], ...], compress: tuple[tuple[str, Any], ...], dp: tuple[tuple[str, Any], ...], group: str | None, max_update_norm: float, seed: int,
           max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
@@ -124,7 +126,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
                         min_clients=min_clients or max(1, clients // 2), deadline_s=deadline,
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
                         max_update_norm=max_update_norm, compression=dict(compress),
-                        dp=dict(dp) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
+                        dp=dict(dp) or None, secagg=dict(secagg) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
                         group=group, seed=seed, max_cpu_percent=max_cpu,
                         deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
