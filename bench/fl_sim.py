@@ -134,6 +134,8 @@ def run_fl(clients: Sequence[Client], head0: Head, strategy: Strategy, rounds: i
     ``configure``/``task_tensors``, ``validate_update`` against ``expected_update``, then
     ``aggregate`` (the engine's SQLite store is left out: it would dominate the time)."""
     t0 = time.perf_counter()
+    for c in clients:   # every run starts from fresh boards: no compressor residual, no SCAFFOLD cᵢ
+        c.comp, c.ci = None, None
     cfg = RunConfig(rounds=rounds, clients=per_round, min_clients=per_round, local_steps=local.steps, lr=local.lr,
                     batch_size=local.batch_size, min_samples=1, seed=seed, deadline_s=3600)
     policy, rng = cfg.policy(), random.Random(seed)
