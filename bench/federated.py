@@ -198,7 +198,8 @@ def main() -> None:
                mnist1d_global_per_board=round(out["pers_global_per_board"], 4),
                mnist1d_personalized_gain_pts=round(100 * (out["pers_served_per_board"] - out["pers_global_per_board"]), 2),
                wire_compression=out["wire_compression"], wire_reduction=round(out["wire_reduction"], 2),
-               wire_acc_drop_pts=round(out["wire_acc_drop_pts"], 2), wire_all=out["wire_all"])
+               wire_acc_drop_pts=round(out["wire_acc_drop_pts"], 2), wire_all=out["wire_all"],
+               uplink_reduction=round(out["wire_reduction"], 2))   # whole MQTT payloads, as wire_reduction
     if "flower_fedavg" in out:
         fig.update(mnist1d_flower_fedavg=round(out["flower_fedavg"], 4),
                    mnist1d_best_minus_flower_pts=round(100 * (out[out["best"]] - out["flower_fedavg"]), 2),

@@ -26,13 +26,13 @@ def test_two_secure_rounds_and_a_replayed_mask(tmp_path, mosquitto, example_bund
                 for t, p, _ in spy.seen() if is_frame(p) for f in [decode_frame(p)]]
 
     try:
-        sh = shards(tmp_path, 4)
-        for i in range(4):
+        sh = shards(tmp_path, 3)
+        for i in range(3):
             add_agent(f"sa-{i}", extra=agent_extra(bundle, *sh[i]))
-        for i in range(4):
+        for i in range(3):
             ready(db, f"sa-{i}")
-        run_id = start_run(mosquitto.url, db, bundle, "--clients", "4", "--min-clients", "3", "--rounds", "2",
-                           "--deadline", "30s", "--steps", "20", "--secagg", "max_dropout=0.25",
+        run_id = start_run(mosquitto.url, db, bundle, "--clients", "3", "--min-clients", "2", "--rounds", "2",
+                           "--deadline", "30s", "--steps", "10", "--secagg", "max_dropout=0.34",
                            "--secagg", "stage_s=10")
         run = wait_run(db, run_id, timeout=120)
         seen = frames()
@@ -41,7 +41,7 @@ def test_two_secure_rounds_and_a_replayed_mask(tmp_path, mosquitto, example_bund
             rows = store(db).updates(run_id, r)
             assert [u.device_id for u in rows] == ["secagg"]           # never an individual update
             m = store(db).round(run_id, r).metrics
-            assert m["secagg_clients"] >= 3 and m["secagg_bytes"] > 0, m
+            assert m["secagg_clients"] >= 2 and m["secagg_bytes"] > 0, m
         assert all(b.get("stage") in ("advertise", "shares", "masked", "reveal") for _, b, _ in seen)
         assert not any(b.get("encoding") for _, b, _ in seen)          # no fl.update on the wire at all
         _, body, tensors = next((t, b, x) for t, b, x in seen if b.get("stage") == "masked" and b["client"] == "sa-0")
@@ -52,7 +52,7 @@ def test_two_secure_rounds_and_a_replayed_mask(tmp_path, mosquitto, example_bund
         # the session is over: the replay is refused with the reason, back on sa-0's command topic
         wait_for(lambda: events(db, "sa-0", "fl.secagg_refused"), timeout=30, what="the replay refused")
         assert "no secure session" in events(db, "sa-0", "fl.secagg_refused")[-1]["body"]["reason"]
-        for i in range(4):
+        for i in range(3):
             assert events(db, f"sa-{i}", "fl.head_applied")
     finally:
         spy.close()
