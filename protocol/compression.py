@@ -35,6 +35,9 @@ from typing import Any, Mapping
 import numpy as np
 
 MAGIC = b"EFU2"
+#: what rounds should ask for (``--compress topk=0.2 --compress int8=true``): on MNIST-1D's whole MLP
+#: (bench/federated.py) whole fl.update messages 11.7x smaller than fp32 for 0.7 points
+RECOMMENDED = {"topk": 0.2, "int8": True, "zstd": True}
 _P = struct.Struct("<4sBHI")
 _T = struct.Struct("<If")
 F_TOPK, F_INT8, F_ZSTD, F_BITMAP = 1, 2, 4, 8
