@@ -127,7 +127,7 @@ def test_home_assistant_discovery_and_reannounce(fleet, mosquitto):
     first = wait_for(lambda: len(configs()) >= 9 and configs(), what="discovery configs")
     cpu = json.loads(next(p for t, p, _ in first if t.endswith("/cpu/config")))
     assert cpu["state_topic"] == "edgefleet/v1/dev/pi-4/telemetry"
-    assert cpu["availability_topic"] == "edgefleet/v1/dev/pi-4/state"
+    assert [a["topic"] for a in cpu["availability"]] == ["edgefleet/v1/dev/pi-4/state"]
     n = len(configs())
     probe.publish("homeassistant/status", b"online")
     wait_for(lambda: len(configs()) >= 2 * n, what="re-announce on HA birth")
