@@ -15,7 +15,7 @@ from typing import Any
 
 import click
 
-from .params import DEVICE_ID, DURATION, FRACTION, TAG
+from .params import DEVICE_ID, DURATION, POSITIVE_DURATION, FRACTION, TAG
 
 
 def _store(ctx: click.Context):
@@ -68,31 +68,38 @@ def _policy_options(f):
                      help="devices per wave after the canary (0 = all the rest at once)"),
         click.option("--max-failures", default=0, show_default=True, type=click.IntRange(0),
                      help="abort and roll the rollout back when more devices fail"),
-        click.option("--wave-timeout", default="10m", show_default=True, type=DURATION,
+        click.option("--wave-timeout", default="10m", show_default=True, type=POSITIVE_DURATION,
                      help="an online device that has not finished by then counts as failed"),
+        click.option("--soak", default="60s", show_default=True, type=DURATION,
+                     help="a finished wave counts as healthy only after this long on the new version; fleet "
+                          "confidence, error rate and latency are gathered over it (0 = no soak)"),
         click.option("--max-confidence-drop", default=None, type=click.FloatRange(0, 1),
                      help="abort when the updated devices' live mean confidence falls by more"),
         click.option("--max-accuracy-drop", default=None, type=click.FloatRange(0, 1),
                      help="abort when the updated devices' shadow-evaluation accuracy falls by more, on average"),
         click.option("--wait/--no-wait", default=False, help="follow the rollout until it ends"),
-        click.option("--timeout", "wait_timeout", default="30m", show_default=True, type=DURATION, help="with --wait: give up after"),
+        click.option("--timeout", "wait_timeout", default="30m", show_default=True, type=POSITIVE_DURATION,
+                     help="with --wait: give up after"),
         click.option("--json", "as_json", is_flag=True),
     ]):
         f = opt(f)
     return f
 
 
-def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: float, batch: int,
-            max_failures: int, wave_timeout: float, max_confidence_drop: float | None, selector: dict[str, Any],
-            kind: str = "ro", max_accuracy_drop: float | None = None, artifact_id: str | None = None) -> str:
-    from ..rollouts.policy import RolloutConfigError, RolloutPolicy, plan_waves
+def _policy(**kw: Any) -> Any:
+    """The rollout policy, checked before anything is stored (a bad value creates nothing)."""
+    from ..rollouts.policy import RolloutConfigError, RolloutPolicy
 
     try:
-        policy = RolloutPolicy(canary=canary, batch=batch, max_failures=max_failures,
-                               wave_timeout_s=wave_timeout, max_confidence_drop=max_confidence_drop,
-                               max_accuracy_drop=max_accuracy_drop)
+        return RolloutPolicy(**kw)
     except RolloutConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _create(store: Any, version: str, sha: str, devices: list[Any], policy: Any, selector: dict[str, Any],
+            kind: str = "ro", artifact_id: str | None = None) -> str:
+    from ..rollouts.policy import plan_waves
+
     waves = plan_waves([d.id for d in devices], policy.canary, policy.batch)
     current = {}
     for d in devices:
@@ -111,12 +118,17 @@ def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: lis
 @click.pass_context
 def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | None, group: str | None,
            tag: str | None, all_: bool, canary: float, batch: int, max_failures: int, wave_timeout: float,
-           max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: float,
+           soak: float, max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: float,
            as_json: bool) -> None:
     """Roll a bundle directory or a patch file out to devices, canary first."""
     from protocol.patch import PatchError
 
+    # every flag and the device selection are checked before the artifact or the rollout is stored
+    policy = _policy(canary=canary, batch=batch, max_failures=max_failures, wave_timeout_s=wave_timeout,
+                     max_confidence_drop=max_confidence_drop, max_accuracy_drop=max_accuracy_drop,
+                     soak_s=soak)
     store = _store(ctx)
+    devices = select_devices(ctx, store, to, group, tag, all_)
     try:
         for b in bases:
             store.add_bundle(b)
@@ -126,13 +138,11 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
     if art.quarantined is not None:
         raise click.ClickException(f"{artifact}: artifact {art.id[:12]} is quarantined, it is never offered again "
                                    f"({art.quarantine_reason})")
-    devices = select_devices(ctx, store, to, group, tag, all_)
     if art.kind == "bundle" and not ctx.obj.cfg().security.signing_key:
         click.echo("warning: no --signing-key: fleetctl serve must have one to make patches from a bundle",
                    err=True)
-    rid = _create(ctx, store, art.version, art.bundle_sha256, devices, canary, batch, max_failures, wave_timeout,
-                  max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id},
-                  max_accuracy_drop=max_accuracy_drop, artifact_id=art.id)
+    rid = _create(store, art.version, art.bundle_sha256, devices, policy,
+                  {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id}, artifact_id=art.id)
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
@@ -185,7 +195,7 @@ def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
             if fin > done:
                 bar.update(fin - done)
                 done = fin
-            if r.status != "running":
+            if r.status in ("done", "aborted"):   # paused or aborting: still going
                 break
             time.sleep(0.3)
     r = store.rollout(rid)
@@ -195,6 +205,9 @@ def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
     else:
         _print(out)
     if r.status != "done":
+        if r.status not in ("done", "aborted"):
+            click.echo(f"{rid}: still {r.status} after --timeout {timeout:g}s (fleetctl rollout status {rid})",
+                       err=True)
         sys.exit(1)
 
 
@@ -251,18 +264,37 @@ def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--to", "to_version", required=True, help="the version to return to")
-@click.option("--devices", "to", default=None, help="device ids, comma-separated")
-@click.option("--group", default=None)
-@click.option("--tag", default=None)
-@click.option("--all", "all_", is_flag=True)
-@click.option("--wait/--no-wait", default=False)
-@click.option("--timeout", "wait_timeout", default="10m", show_default=True, type=DURATION)
+@click.option("--version", "to_version", default=None, help="the version to return to")
+@click.option("--to", default=None, help="device ids, comma-separated (before 0.2: the version; see below)")
+@click.option("--devices", "devices_old", default=None, hidden=True, help="deprecated spelling of --to IDS")
+@click.option("--group", default=None, help="every device of this group")
+@click.option("--tag", default=None, help="every device with this tag")
+@click.option("--all", "all_", is_flag=True, help="every known device")
+@click.option("--wait/--no-wait", default=False, help="follow the rollback until it ends")
+@click.option("--timeout", "wait_timeout", default="10m", show_default=True, type=POSITIVE_DURATION,
+              help="with --wait: give up after")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | None, tag: str | None, all_: bool,
-             wait: bool, wait_timeout: float, as_json: bool) -> None:
-    """Send devices back to VERSION (kept on the device, or shipped again from the artifact store)."""
+def rollback(ctx: click.Context, to_version: str | None, to: str | None, devices_old: str | None, group: str | None,
+             tag: str | None, all_: bool, wait: bool, wait_timeout: float, as_json: bool) -> None:
+    """Send devices back to --version (kept on the device, or shipped again from the artifact store).
+
+    Devices are picked as for deploy: --to IDS, --group, --tag or --all. The old spellings
+    `rollback --to VERSION --devices IDS|--group G|--tag T|--all` still work (with a warning)
+    where they cannot be confused: no --version, and the devices picked by another option."""
+    others = sum(x is not None and x is not False for x in (group, tag, all_ or None))
+    if devices_old is None and to_version is None and to is not None and others == 1:
+        click.echo("warning: `rollback --to VERSION` is deprecated: use --version VERSION (--to picks devices)",
+                   err=True)
+        to_version, to = to, None
+    if devices_old is not None:
+        if to_version is not None or to is None:
+            raise click.UsageError("--devices is the old spelling of --to: use --version VERSION --to IDS")
+        click.echo("warning: `rollback --to VERSION --devices IDS` is deprecated: use --version VERSION --to IDS",
+                   err=True)
+        to_version, to = to, devices_old
+    if to_version is None:
+        raise click.UsageError("give the version to return to with --version")
     store = _store(ctx)
     devices = select_devices(ctx, store, to, group, tag, all_)
     sha = None
@@ -275,11 +307,61 @@ def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | N
                 sha = sha or i.get("bundle_sha256")
     if not sha:
         raise click.ClickException(f"version {to_version!r} is neither in the artifact store nor kept on those devices")
-    rid = _create(ctx, store, to_version, sha, devices, 0.0, 0, len(devices), 600.0, None,
+    policy = _policy(canary=0.0, batch=0, max_failures=len(devices), wave_timeout_s=600.0)
+    rid = _create(store, to_version, sha, devices, policy,
                   {"to": to, "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
     _report_created(store, rid, to_version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
+
+
+def _control(ctx: click.Context, rollout_id: str, as_json: bool, act: Any, verb: str, allowed: str) -> None:
+    store = _store(ctx)
+    r = store.rollout(rollout_id)
+    if r is None:
+        raise click.ClickException(f"no rollout {rollout_id!r}")
+    if not act(store):
+        raise click.ClickException(f"{rollout_id} is {r.status}: only a {allowed} rollout can be {verb}")
+    r = store.rollout(rollout_id)
+    if as_json:
+        click.echo(json.dumps(rollout_json(store, r), indent=2))
+    else:
+        click.echo(f"{rollout_id}: {r.status}" + (f" ({r.reason})" if r.status == "aborting" else ""))
+
+
+@rollout.command("pause")
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_pause(ctx: click.Context, rollout_id: str, as_json: bool) -> None:
+    """Hold ROLLOUT_ID: no further wave starts; devices already released finish their update.
+
+    The wave timeout and the soak stop counting while paused; `rollout resume` carries on."""
+    _control(ctx, rollout_id, as_json, lambda st: st.pause(rollout_id), "paused", "running")
+
+
+@rollout.command("resume")
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_resume(ctx: click.Context, rollout_id: str, as_json: bool) -> None:
+    """Carry on with a paused ROLLOUT_ID where it stopped."""
+    _control(ctx, rollout_id, as_json, lambda st: st.resume(rollout_id), "resumed", "paused")
+
+
+@rollout.command("abort")
+@click.argument("rollout_id")
+@click.option("--keep-updated", is_flag=True,
+              help="leave devices that already applied the new version on it (default: send them back)")
+@click.option("--reason", default="aborted by the operator", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_abort(ctx: click.Context, rollout_id: str, keep_updated: bool, reason: str, as_json: bool) -> None:
+    """Stop ROLLOUT_ID: no further wave; devices not yet released keep their version (skipped);
+    devices released or updated are sent back to the version they ran before, unless --keep-updated
+    (then only those still mid-update go back). Recorded at once; `fleetctl serve` carries it out."""
+    _control(ctx, rollout_id, as_json, lambda st: st.request_abort(rollout_id, reason, keep_updated), "aborted",
+             "running or paused")
 
 
 @click.command("tag")

@@ -16,7 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .params import DURATION, FRACTION, KEY_VALUE
+from .params import DURATION, FRACTION, KEY_VALUE, checked_settings
 
 
 def load_head(path: str) -> dict[str, np.ndarray]:
@@ -64,6 +64,18 @@ def _store(ctx: click.Context, create: bool):
     return RoundStore.open(path)
 
 
+def _check_compress(d: dict[str, Any]) -> None:
+    from protocol.compression import Compressor
+
+    Compressor.from_config(d)   # what every device runs on the task's settings
+
+
+def _check_dp(d: dict[str, Any]) -> None:
+    from ..fl.privacy import DPConfig
+
+    DPConfig.from_dict(d)   # what the service's DP wrapper runs
+
+
 @click.group()
 def round() -> None:  # noqa: A001 - the command is called "round"
     """Federated rounds: start, status, history."""
@@ -86,9 +98,11 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--async", "is_async", is_flag=True, help="buffered asynchronous mode (FedBuff)")
 @click.option("--buffer", default=2, show_default=True, type=click.IntRange(1, 100000), help="async: updates per version")
 @click.option("--max-staleness", default=4, show_default=True, type=click.IntRange(0, 1000))
-@click.option("--compress", "compress", multiple=True, type=KEY_VALUE, help="KEY=VALUE compression option sent to devices, "
-              "e.g. topk=0.1 int8=true zstd=true")
-@click.option("--dp", "dp", multiple=True, type=KEY_VALUE, help="KEY=VALUE differential privacy, e.g. clip=1.0 noise=0.8")
+@click.option("--compress", "compress", multiple=True, type=KEY_VALUE, callback=checked_settings("compression", _check_compress),
+              help="KEY=VALUE compression option sent to devices: topk=FRACTION int8=BOOL zstd=BOOL "
+              "error_feedback=BOOL level=1..22, e.g. topk=0.1 int8=true")
+@click.option("--dp", "dp", multiple=True, type=KEY_VALUE, callback=checked_settings("dp", _check_dp),
+              help="KEY=VALUE differential privacy: clip, noise, delta, sample_rate, e.g. clip=1.0 noise=0.8")
 @click.option("--group", default=None, help="only devices of this group")
 @click.option("--max-update-norm", default=1e4, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
@@ -104,7 +118,7 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[str, Any], ...], clients: int,
           min_clients: int | None, n_rounds: int, deadline: float, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
-          compress: tuple[tuple[str, Any], ...], dp: tuple[tuple[str, Any], ...], group: str | None, max_update_norm: float, seed: int,
+          compress: dict[str, Any], dp: dict[str, Any], group: str | None, max_update_norm: float, seed: int,
           max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
@@ -146,7 +160,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
 
 
 #: ``round start --wait`` exits 0 only when the run reached its rounds (2 is click's usage error)
-EXIT_CODES = {"done": 0, "failed": 1, "cancelled": 1, "partial": 3}
+EXIT_CODES = {"done": 0, "failed": 1, "cancelled": 1, "partial": 3, "stopped": 4}
 
 
 def _deploy_spec(bundle: str, canary: float, max_failures: int) -> dict[str, Any]:
@@ -227,6 +241,27 @@ def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
     click.echo(json.dumps(s, indent=2) if as_json else "")
     if not as_json:
         _print_history(s)
+
+
+@round.command("stop")
+@click.argument("run_id")
+@click.option("--reason", default="stopped by the operator", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stop(ctx: click.Context, run_id: str, reason: str, as_json: bool) -> None:
+    """End RUN_ID now: status `stopped`, its open round closes unaggregated; rounds already
+    aggregated (and the global head) are kept. Updates arriving later are refused."""
+    store = _store(ctx, create=False)
+    run = store.run(run_id)
+    if run is None:
+        raise click.ClickException(f"no run {run_id!r}")
+    if not store.stop_run(run_id, reason):
+        raise click.ClickException(f"{run_id} is {run.status}: only a pending or running run can be stopped")
+    s = _run_json(store, run_id)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+    else:
+        click.echo(f"{run_id}: stopped at round {s['round']}, global version {s['global_version']}")
 
 
 @round.command("history")

@@ -31,7 +31,7 @@ Head = dict[str, np.ndarray]
 
 
 #: a run in one of these states is over
-TERMINAL = ("done", "partial", "failed", "cancelled")
+TERMINAL = ("done", "partial", "failed", "cancelled", "stopped")   # stopped: ``fleetctl round stop``
 #: after the controller's link came back, how long the broker may take to hand over what it queued
 SETTLE_S = 2.0
 
@@ -287,7 +287,8 @@ class RoundEngine:
         if "dp_epsilon" in state:
             metrics["dp_epsilon"], metrics["dp_delta"] = state["dp_epsilon"], state.get("dp_delta")
         # one transaction: a crash never leaves a new version with its round still open (aggregated twice)
-        self.store.aggregate_round(self.run_id, round_no, new_head, version, state, metrics)
+        if not self.store.aggregate_round(self.run_id, round_no, new_head, version, state, metrics):
+            return RoundOutcome(round_no, "stopped", {**metrics, "reason": "the run was stopped"})
         return RoundOutcome(round_no, "aggregated", metrics, version)
 
     # -- updates -----------------------------------------------------------

@@ -270,6 +270,9 @@ class RoundRunner:
         if run is None:
             self._ack(device_id, b, False, f"unknown run {b['run_id']!r}")
             return
+        if run.status == "stopped":
+            self._ack(device_id, b, False, f"run {run.id} was stopped: {run.error or 'by the operator'}")
+            return
         try:
             delta = decompress_update(frame, run.head or {})
         except (ValueError, KeyError) as exc:

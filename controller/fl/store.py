@@ -137,7 +137,8 @@ class RoundStore:
             args.append(v)
         cols.append("updated=?")
         args.append(time.time())
-        self.db.execute(f"UPDATE fl_runs SET {', '.join(cols)} WHERE id=?", args + [run_id])
+        # an operator's stop is final: the runner's later writes (done, failed…) never undo it
+        self.db.execute(f"UPDATE fl_runs SET {', '.join(cols)} WHERE id=? AND status != 'stopped'", args + [run_id])
         self.db.commit()
 
     # -- rounds ------------------------------------------------------------
@@ -162,16 +163,33 @@ class RoundStore:
             self.db.execute("UPDATE fl_runs SET round_no=?, updated=? WHERE id=?", (round_no, time.time(), run_id))
 
     def aggregate_round(self, run_id: str, round_no: int, head: Mapping[str, np.ndarray], version: int,
-                        strategy_state: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+                        strategy_state: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
         """The new global head and its round's close, in one transaction: a crash never leaves a new
         version whose round is still open (a restart would aggregate it again)."""
         row = self.round(run_id, round_no)
         merged = {**((row.metrics or {}) if row else {}), **metrics}
         with transaction(self.db):
-            self.db.execute("UPDATE fl_runs SET head=?, global_version=?, strategy_state=?, updated=? WHERE id=?",
-                            (pack_head(head), version, json.dumps(dict(strategy_state)), time.time(), run_id))
+            # a run stopped meanwhile (``round stop``, another connection) is never aggregated again
+            if self.db.execute("UPDATE fl_runs SET head=?, global_version=?, strategy_state=?, updated=? "
+                               "WHERE id=? AND status IN ('pending', 'running')",
+                               (pack_head(head), version, json.dumps(dict(strategy_state)), time.time(),
+                                run_id)).rowcount == 0:
+                return False
             self.db.execute("UPDATE fl_rounds SET status='aggregated', finished=?, metrics=? "
                             "WHERE run_id=? AND round_no=?", (time.time(), json.dumps(merged), run_id, round_no))
+        return True
+
+    def stop_run(self, run_id: str, reason: str) -> bool:
+        """End a pending or running run now (``round stop``): the run and its open round become
+        ``stopped`` in one transaction; nothing aggregates after it. False: it had already ended."""
+        now = time.time()
+        with transaction(self.db):
+            if self.db.execute("UPDATE fl_runs SET status='stopped', error=?, updated=? WHERE id=? "
+                               "AND status IN ('pending', 'running')", (reason, now, run_id)).rowcount == 0:
+                return False
+            self.db.execute("UPDATE fl_rounds SET status='stopped', finished=? WHERE run_id=? AND status='running'",
+                            (now, run_id))
+        return True
 
     def mark_task_sent(self, run_id: str, round_no: int, device_id: str) -> None:
         row = self.round(run_id, round_no)
@@ -199,8 +217,8 @@ class RoundStore:
         """Close a round; what ``note_round`` recorded while it ran is kept."""
         row = self.round(run_id, round_no)
         merged = {**((row.metrics or {}) if row else {}), **metrics}
-        self.db.execute("UPDATE fl_rounds SET status=?, finished=?, metrics=? WHERE run_id=? AND round_no=?",
-                        (status, time.time(), json.dumps(merged), run_id, round_no))
+        self.db.execute("UPDATE fl_rounds SET status=?, finished=?, metrics=? WHERE run_id=? AND round_no=? "
+                        "AND status != 'stopped'", (status, time.time(), json.dumps(merged), run_id, round_no))
         self.db.commit()
 
     def _round(self, r: tuple) -> RoundRow:

@@ -36,7 +36,7 @@ CREATE TABLE IF NOT EXISTS rollouts(
     id TEXT PRIMARY KEY, created REAL NOT NULL, status TEXT NOT NULL, version TEXT NOT NULL,
     bundle_sha256 TEXT NOT NULL, policy TEXT NOT NULL, selector TEXT NOT NULL, waves INTEGER NOT NULL,
     wave INTEGER NOT NULL DEFAULT -1, wave_started REAL, reason TEXT, figures TEXT, updated REAL, finished REAL,
-    artifact_id TEXT);
+    artifact_id TEXT, soak_started REAL, paused_at REAL, keep_updated INTEGER);
 CREATE TABLE IF NOT EXISTS rollout_devices(
     rollout_id TEXT NOT NULL, device_id TEXT NOT NULL, wave INTEGER NOT NULL, status TEXT NOT NULL,
     reason TEXT, from_sha256 TEXT, from_version TEXT, conf_before REAL, conf_after REAL,
@@ -77,7 +77,7 @@ _A = "id, kind, name, version, bundle_sha256, base_sha256, path, size, made_from
 class RolloutRow:
     id: str
     created: float
-    status: str            # running | done | aborted
+    status: str            # running | paused | aborting | done | aborted
     version: str
     bundle_sha256: str
     policy: dict[str, Any]
@@ -89,6 +89,9 @@ class RolloutRow:
     figures: dict[str, Any]
     finished: float | None
     artifact_id: str | None = None   # the artifact it was made from (None: rollbacks, older registries)
+    soak_started: float | None = None   # when the current wave finished and its soak began
+    paused_at: float | None = None
+    keep_updated: bool = False          # an operator's abort that leaves applied devices on the new version
 
 
 @dataclass(frozen=True)
@@ -124,7 +127,8 @@ class RolloutStore:
             ensure_schema(self.db, SCHEMA, {"rollout_devices": {"acc_before": "REAL", "acc_after": "REAL"},
                                             "artifacts": {"made_from": "TEXT", "quarantined": "REAL",
                                                           "quarantine_reason": "TEXT"},
-                                            "rollouts": {"artifact_id": "TEXT"}})
+                                            "rollouts": {"artifact_id": "TEXT", "soak_started": "REAL",
+                                                         "paused_at": "REAL", "keep_updated": "INTEGER"}})
         self.artifacts_dir = Path(artifacts_dir)
 
     @classmethod
@@ -247,14 +251,16 @@ class RolloutStore:
                                     (rid, d, w, "pending", sha, ver, now))
 
     _R = ("id, created, status, version, bundle_sha256, policy, selector, waves, wave, wave_started, reason, "
-          "figures, finished, artifact_id")
+          "figures, finished, artifact_id, soak_started, paused_at, keep_updated")
 
     def _rollout(self, r: Iterable[Any]) -> RolloutRow:
-        (id_, created, status, version, sha, policy, selector, waves, wave, ws, reason, figures, fin, aid) = r
+        (id_, created, status, version, sha, policy, selector, waves, wave, ws, reason, figures, fin, aid,
+         soak, paused, keep) = r
         selector = json.loads(selector)
         return RolloutRow(id_, created, status, version, sha, json.loads(policy), selector, waves, wave,
                           ws, reason, json.loads(figures) if figures else {}, fin,
-                          aid or selector.get("artifact"))   # deploys before the column: the selector has it
+                          aid or selector.get("artifact"),   # deploys before the column: the selector has it
+                          soak, paused, bool(keep))
 
     def rollout(self, rid: str) -> RolloutRow | None:
         r = self.db.execute(f"SELECT {self._R} FROM rollouts WHERE id=?", (rid,)).fetchone()
@@ -269,12 +275,43 @@ class RolloutStore:
         args.append(limit)
         return [self._rollout(r) for r in self.db.execute(q, args)]
 
-    def update_rollout(self, rid: str, **fields: Any) -> None:
+    def update_rollout(self, rid: str, expect: tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """Set fields; with ``expect``, only while the rollout's status is one of those (the runner's
+        writes never undo an operator's pause or abort made meanwhile). True when a row changed."""
         if "figures" in fields:
             fields["figures"] = json.dumps(fields["figures"])
         fields["updated"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE rollouts SET {cols} WHERE id=?", (*fields.values(), rid))
+        q, args = f"UPDATE rollouts SET {cols} WHERE id=?", [*fields.values(), rid]
+        if expect:
+            q += f" AND status IN ({','.join('?' * len(expect))})"
+            args += list(expect)
+        return self.db.execute(q, args).rowcount > 0
+
+    # -- operator control: persisted before anything acts on it (the runner reads it every tick) --
+    def pause(self, rid: str, now: float | None = None) -> bool:
+        """Hold the rollout: no wave is released, no wave timeout or soak runs out while paused."""
+        with transaction(self.db):
+            return self.db.execute("UPDATE rollouts SET status='paused', paused_at=?, updated=? "
+                                   "WHERE id=? AND status='running'",
+                                   (now or time.time(), time.time(), rid)).rowcount > 0
+
+    def resume(self, rid: str, now: float | None = None) -> bool:
+        """Carry on where it was paused: the wave's clocks (timeout, soak) move on by the pause."""
+        now = now or time.time()
+        with transaction(self.db):
+            return self.db.execute(
+                "UPDATE rollouts SET status='running', wave_started=wave_started + (? - paused_at), "
+                "soak_started=soak_started + (? - paused_at), paused_at=NULL, updated=? "
+                "WHERE id=? AND status='paused'", (now, now, time.time(), rid)).rowcount > 0
+
+    def request_abort(self, rid: str, reason: str, keep_updated: bool = False) -> bool:
+        """Mark the rollout ``aborting``; ``fleetctl serve`` carries the abort out (and again after a
+        restart, until it is ``aborted``)."""
+        with transaction(self.db):
+            return self.db.execute("UPDATE rollouts SET status='aborting', reason=?, keep_updated=?, updated=? "
+                                   "WHERE id=? AND status IN ('running', 'paused')",
+                                   (reason, 1 if keep_updated else 0, time.time(), rid)).rowcount > 0
 
     def slots(self, rid: str) -> list[SlotRow]:
         return [SlotRow(*r) for r in self.db.execute(
