@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from .select import ids_of, pick, selection_options
 from .params import DEVICE_ID, DURATION, POSITIVE_DURATION, FRACTION, TAG
 
 
@@ -27,42 +28,14 @@ def _store(ctx: click.Context):
     return RolloutStore.open(path)
 
 
-def select_devices(ctx: click.Context, store: Any, to: str | None, group: str | None, tag: str | None,
+def select_devices(ctx: click.Context, store: Any, to: Any, group: str | None, tag: str | None,
                    all_: bool) -> list[Any]:
-    """Registry devices picked by id list, group, tag or all; online ones first."""
-    from protocol.topics import InvalidId, validate_id
-
-    if sum(x is not None and x is not False for x in (to, group, tag, all_ or None)) != 1:
-        raise click.UsageError("pick the devices with exactly one of --to, --group, --tag or --all")
-    devs = {d.id: d for d in ctx.obj.registry().devices()}
-    if to is not None:
-        ids = [i.strip() for i in to.split(",") if i.strip()]
-        for i in ids:
-            try:
-                validate_id(i)
-            except InvalidId as exc:
-                raise click.BadParameter(str(exc), param_hint="--to") from None
-        unknown = [i for i in ids if i not in devs]
-        if unknown:
-            raise click.BadParameter(f"unknown device(s): {', '.join(unknown)}", param_hint="--to")
-        picked = [devs[i] for i in ids]
-    elif group is not None:
-        picked = [d for d in devs.values() if d.group == group]
-    elif tag is not None:
-        picked = [devs[i] for i in store.devices_with_tag(tag) if i in devs]
-    else:
-        picked = list(devs.values())
-    if not picked:
-        raise click.ClickException("no device matches")
-    return sorted(picked, key=lambda d: (not d.online, d.id))
+    """Registry devices picked by id list, group, tag or all; online ones first (``select.pick``)."""
+    return pick(ctx.obj.registry(), to, group, tag, all_, store.devices_with_tag)
 
 
 def _policy_options(f):
     for opt in reversed([
-        click.option("--to", default=None, help="device ids, comma-separated"),
-        click.option("--group", default=None, help="every device of this group"),
-        click.option("--tag", default=None, help="every device with this tag (fleetctl device tag)"),
-        click.option("--all", "all_", is_flag=True, help="every known device"),
         click.option("--canary", default="10%", show_default=True, type=FRACTION, help="share of devices in the first wave"),
         click.option("--batch", default=0, show_default=True, type=click.IntRange(0),
                      help="devices per wave after the canary (0 = all the rest at once)"),
@@ -114,9 +87,10 @@ def _create(store: Any, version: str, sha: str, devices: list[Any], policy: Any,
 @click.argument("artifact", type=click.Path(exists=True))
 @click.option("--from", "bases", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="a bundle devices may run now, so head-only patches can be made from it (repeatable)")
+@selection_options
 @_policy_options
 @click.pass_context
-def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | None, group: str | None,
+def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: tuple[str, ...], group: str | None,
            tag: str | None, all_: bool, canary: float, batch: int, max_failures: int, wave_timeout: float,
            soak: float, max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: float,
            as_json: bool) -> None:
@@ -142,7 +116,7 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
         click.echo("warning: no --signing-key: fleetctl serve must have one to make patches from a bundle",
                    err=True)
     rid = _create(store, art.version, art.bundle_sha256, devices, policy,
-                  {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id}, artifact_id=art.id)
+                  {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "artifact": art.id}, artifact_id=art.id)
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
@@ -309,7 +283,7 @@ def rollback(ctx: click.Context, to_version: str | None, to: str | None, devices
         raise click.ClickException(f"version {to_version!r} is neither in the artifact store nor kept on those devices")
     policy = _policy(canary=0.0, batch=0, max_failures=len(devices), wave_timeout_s=600.0)
     rid = _create(store, to_version, sha, devices, policy,
-                  {"to": to, "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
+                  {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
     _report_created(store, rid, to_version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)

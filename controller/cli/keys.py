@@ -25,7 +25,10 @@ def init(directory: str, name: str, force: bool) -> None:
     if priv.exists() and not force:
         raise click.ClickException(f"{priv} exists; use --force to replace it (agents trusting it must be updated)")
     key = generate()
-    save_keypair(key, priv, pub)
+    try:
+        save_keypair(key, priv, pub)
+    except OSError as exc:
+        raise click.ClickException(f"cannot write the key pair into {d}: {exc.strerror or exc}") from None
     click.echo(f"key {key_id(key.public_key())}\n  private {priv} (keep secret; fleetctl --signing-key)\n"
                f"  public  {pub} (agents: [security] trusted_keys)")
 

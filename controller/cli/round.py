@@ -16,7 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .params import DURATION, FRACTION, KEY_VALUE, checked_settings
+from .params import DURATION, FRACTION, KEY_VALUE, POSITIVE_DURATION, checked_settings
 
 
 def load_head(path: str) -> dict[str, np.ndarray]:
@@ -61,6 +61,8 @@ def _store(ctx: click.Context, create: bool):
     path = cfg.db_path
     if not create and not os.path.exists(path):
         raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
+    if create and not Path(path).resolve().parent.is_dir():
+        raise click.ClickException(f"no directory for the registry {path} (is --db right?)")
     return RoundStore.open(path)
 
 
@@ -106,6 +108,8 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--group", default=None, help="only devices of this group")
 @click.option("--max-update-norm", default=1e4, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--start-timeout", default="120s", show_default=True, type=POSITIVE_DURATION,
+              help="fail the run when no round can start for this long (too few eligible devices)")
 @click.option("--max-cpu", default=90.0, show_default=True, type=click.FloatRange(0, 100),
               help="devices whose CPU is busier than this (percent) are not selected")
 @click.option("--deploy", is_flag=True, help="when the run is done, roll its head out as a new version of --bundle "
@@ -119,7 +123,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
           min_clients: int | None, n_rounds: int, deadline: float, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
           compress: dict[str, Any], dp: dict[str, Any], group: str | None, max_update_norm: float, seed: int,
-          max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
+          start_timeout: float, max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
     from ..fl.engine import RunConfig, RunConfigError
@@ -132,7 +136,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
                         max_update_norm=max_update_norm, compression=dict(compress),
                         dp=dict(dp) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
-                        group=group, seed=seed, max_cpu_percent=max_cpu,
+                        group=group, seed=seed, max_cpu_percent=max_cpu, start_timeout_s=start_timeout,
                         deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -169,10 +173,14 @@ def _deploy_spec(bundle: str, canary: float, max_failures: int) -> dict[str, Any
     return {"bundle": str(Path(bundle).resolve()), "canary": canary, "max_failures": max_failures}
 
 
+#: ``round start --wait``: the same "waiting" line again at most this often (a changed one at once)
+WAITING_EVERY_S = 10.0
+
+
 def _follow(store, run_id: str, as_json: bool) -> None:
     from ..fl.engine import TERMINAL
 
-    last = None
+    said, said_at = None, 0.0
     with click.progressbar(length=store.run(run_id).config["rounds"], label="rounds", file=sys.stderr,
                            show_pos=True) as bar:
         done = 0
@@ -184,12 +192,16 @@ def _follow(store, run_id: str, as_json: bool) -> None:
                 done = len(finished)
             if run.status in TERMINAL:
                 break
-            if last != (run.status, run.round_no):
-                last = (run.status, run.round_no)
+            now = time.monotonic()
+            if run.waiting and (run.waiting != said or now - said_at >= WAITING_EVERY_S):
+                click.echo(f"\nwaiting for devices: {run.waiting}", err=True)
+                said, said_at = run.waiting, now
             time.sleep(0.3)
     summary = _run_json(store, run_id)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+        if summary["error"]:
+            click.echo(f"{run_id}: {summary['status']}: {summary['error']}", err=True)
     else:
         _print_history(summary)
     sys.exit(EXIT_CODES.get(summary["status"], 1))
@@ -206,7 +218,7 @@ def _run_json(store, run_id: str) -> dict[str, Any]:
                        "updates": [{"device": u.device_id, "accepted": u.accepted, "reason": u.reason,
                                     "num_samples": u.num_samples, "base_version": u.base_version,
                                     "meta": u.meta} for u in ups]})
-    return {"run_id": run.id, "status": run.status, "error": run.error, "config": run.config,
+    return {"run_id": run.id, "status": run.status, "error": run.error, "waiting": run.waiting, "config": run.config,
             "round": run.round_no, "global_version": run.global_version, "created": run.created, "rounds": rounds}
 
 
@@ -214,7 +226,8 @@ def _print_history(s: dict[str, Any]) -> None:
     from ..table import render
 
     click.echo(f"{s['run_id']}: {s['status']}  version {s['global_version']}"
-               + (f"  error: {s['error']}" if s["error"] else ""))
+               + (f"  error: {s['error']}" if s["error"] else "")
+               + (f"\n  waiting for devices: {s['waiting']}" if s.get("waiting") else ""))
     rows = []
     for r in s["rounds"]:
         m = r["metrics"] or {}

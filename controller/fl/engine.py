@@ -24,7 +24,7 @@ from typing import Any, Callable, Mapping, Sequence
 import numpy as np
 
 from .store import RoundStore, UpdateRow
-from .selection import ClientInfo, Selection, SelectionPolicy, select
+from .selection import why_waiting, ClientInfo, Selection, SelectionPolicy, select
 from .strategies import FitFailure, FitResult, Strategy, UpdateRejected, validate_update
 
 Head = dict[str, np.ndarray]
@@ -209,12 +209,16 @@ class RoundEngine:
         if len(sel.selected) < self.cfg.min_clients:
             if self.started_waiting is None:
                 self.started_waiting = now
+            why = why_waiting(sel, self.cfg.min_clients)
             if now - self.started_waiting > self.cfg.start_timeout_s:
-                self.store.update_run(self.run_id, status="failed",
-                                      error=f"only {len(sel.selected)} eligible clients "
-                                            f"(need {self.cfg.min_clients}): {dict(sel.excluded)}")
+                self.store.update_run(self.run_id, status="failed", waiting=None,
+                                      error=f"no round could start in {self.cfg.start_timeout_s:g}s: {why}")
+            elif why != run.waiting:
+                self.store.update_run(self.run_id, waiting=why)   # `round start --wait` shows it
             return [], outcomes
         self.started_waiting = None
+        if run.waiting is not None:
+            self.store.update_run(self.run_id, waiting=None)
         round_no = run.round_no + 1
         deadline = now + self.cfg.deadline_s
         self.store.start_round(self.run_id, round_no, now, deadline, sel.selected, sel.steps)

@@ -21,7 +21,7 @@ SCHEMA = """
 CREATE TABLE IF NOT EXISTS fl_runs(
     id TEXT PRIMARY KEY, created REAL NOT NULL, status TEXT NOT NULL, config TEXT NOT NULL,
     round_no INTEGER NOT NULL DEFAULT 0, global_version INTEGER NOT NULL DEFAULT 0,
-    head BLOB, strategy_state TEXT, error TEXT, updated REAL);
+    head BLOB, strategy_state TEXT, error TEXT, updated REAL, waiting TEXT);
 CREATE TABLE IF NOT EXISTS fl_rounds(
     run_id TEXT NOT NULL, round_no INTEGER NOT NULL, status TEXT NOT NULL, started REAL NOT NULL,
     deadline REAL NOT NULL, selected TEXT NOT NULL, steps TEXT NOT NULL, tasks_sent TEXT NOT NULL,
@@ -32,7 +32,7 @@ CREATE TABLE IF NOT EXISTS fl_updates(
     update_blob BLOB, acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(run_id, round_no, device_id));
 """
 #: columns older files lack
-MIGRATIONS = {"fl_updates": {"acked": "INTEGER NOT NULL DEFAULT 0"}}
+MIGRATIONS = {"fl_updates": {"acked": "INTEGER NOT NULL DEFAULT 0"}, "fl_runs": {"waiting": "TEXT"}}
 
 
 def pack_head(head: Mapping[str, np.ndarray]) -> bytes:
@@ -57,6 +57,7 @@ class RunRow:
     head: dict[str, np.ndarray] | None
     strategy_state: dict[str, Any] | None
     error: str | None
+    waiting: str | None = None   # why no round can start now (no device eligible, and why), for `round start --wait`
 
 
 @dataclass(frozen=True)
@@ -109,9 +110,9 @@ class RoundStore:
 
     def _run(self, r: tuple) -> RunRow:
         return RunRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], unpack_head(r[6]) if r[6] else None,
-                      json.loads(r[7]) if r[7] else None, r[8])
+                      json.loads(r[7]) if r[7] else None, r[8], r[9])
 
-    _RUN = "id, created, status, config, round_no, global_version, head, strategy_state, error"
+    _RUN = "id, created, status, config, round_no, global_version, head, strategy_state, error, waiting"
 
     def run(self, run_id: str) -> RunRow | None:
         r = self.db.execute(f"SELECT {self._RUN} FROM fl_runs WHERE id=?", (run_id,)).fetchone()
