@@ -36,7 +36,7 @@ def classify(exc: BaseException) -> Unreachable:
     if isinstance(exc, (socket.timeout, TimeoutError)):
         return Unreachable("timeout", str(exc) or "timed out")
     if isinstance(exc, ssl.SSLError):
-        return Unreachable("tls", getattr(exc, "verify_message", None) or exc.reason or str(exc))
+        return Unreachable("tls", getattr(exc, "verify_message", None) or getattr(exc, "reason", None) or str(exc))
     if isinstance(exc, FileNotFoundError):
         return Unreachable("tls", f"{exc.filename}: no such file")
     if isinstance(exc, OSError):

@@ -271,3 +271,25 @@ def test_round_stop_ends_the_run_and_nothing_aggregates_after_it(fleet):
     store.update_run("run-x", status="done")            # a late write of the runner never undoes the stop
     assert store.run("run-x").status == "stopped"
     assert ctl(db, "round", "stop", "run-x").exit_code == 1
+
+
+def test_a_run_that_cannot_start_says_why_then_fails_with_the_reason(tmp_path):
+    from controller.fl.engine import RoundEngine, RunConfig
+    from controller.fl.runner import strategy_for
+    from controller.fl.selection import ClientInfo
+    from controller.fl.store import RoundStore
+
+    store = RoundStore.open(str(tmp_path / "r.db"))
+    cfg = RunConfig(clients=2, min_clients=2, rounds=1, max_cpu_percent=50, start_timeout_s=30)
+    store.create_run("run-w", cfg.to_dict(), {"dense0.bias": np.zeros(2, np.float32)})
+    eng = RoundEngine("run-w", store, strategy_for(cfg))
+    busy = [ClientInfo("pi-1", True, 100, cpu_percent=93.0), ClientInfo("pi-2", True, 100, cpu_percent=20.0)]
+    assert eng.step(100.0, busy) == ([], [])
+    run = store.run("run-w")
+    assert run.status == "running" and "busy (cpu > 50%) on 1: pi-1" in run.waiting, run.waiting
+    eng.step(131.0, busy)
+    run = store.run("run-w")
+    assert run.status == "failed" and "no round could start in 30s" in run.error and "pi-1" in run.error, run.error
+    # the CLI prints the reason, not only `round status`
+    out = CliRunner().invoke(cli, ["--db", str(tmp_path / "r.db"), "round", "status", "run-w"])
+    assert "no round could start" in out.output
