@@ -66,6 +66,30 @@ def _store(ctx: click.Context, create: bool):
     return RoundStore.open(path)
 
 
+def _only_devices(ctx: click.Context, to: tuple[str, ...], tag: str | None) -> tuple[str, ...] | None:
+    """``--to`` ids (checked as topic levels) or the devices tagged ``--tag`` now; None: any device."""
+    from .select import ids_of
+
+    ids = ids_of(to)
+    if ids is not None:
+        from protocol.topics import InvalidId, validate_id
+
+        for i in ids:
+            try:
+                validate_id(i)
+            except InvalidId as exc:
+                raise click.BadParameter(str(exc), param_hint="--to") from None
+        return tuple(dict.fromkeys(ids))
+    if tag is None:
+        return None
+    from .select import tags_reader
+
+    devs = tuple(tags_reader(ctx.obj.registry())(tag))
+    if not devs:
+        raise click.BadParameter(f"no device has tag {tag!r}", param_hint="--tag")
+    return devs
+
+
 def _check_compress(d: dict[str, Any]) -> None:
     from protocol.compression import Compressor
 
@@ -106,6 +130,9 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--dp", "dp", multiple=True, type=KEY_VALUE, callback=checked_settings("dp", _check_dp),
               help="KEY=VALUE differential privacy: clip, noise, delta, sample_rate, e.g. clip=1.0 noise=0.8")
 @click.option("--group", default=None, help="only devices of this group")
+@click.option("--to", "to", multiple=True, help="only these device ids (comma-separated or repeated)")
+@click.option("--tag", default=None, help="only devices with this tag (fleetctl device tag)")
+@click.option("--all", "all_", is_flag=True, help="any eligible device (the default)")
 @click.option("--max-update-norm", default=1e4, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--start-timeout", default="120s", show_default=True, type=POSITIVE_DURATION,
@@ -122,12 +149,16 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[str, Any], ...], clients: int,
           min_clients: int | None, n_rounds: int, deadline: float, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
-          compress: dict[str, Any], dp: dict[str, Any], group: str | None, max_update_norm: float, seed: int,
+          compress: dict[str, Any], dp: dict[str, Any], group: str | None,
+          to: tuple[str, ...], tag: str | None, all_: bool, max_update_norm: float, seed: int,
           start_timeout: float, max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
     from ..fl.engine import RunConfig, RunConfigError
 
+    if sum(bool(x) for x in (to, group, tag, all_)) > 1:
+        raise click.UsageError("pick the devices with at most one of --to, --group, --tag or --all")
+    only = _only_devices(ctx, to, tag)
     head = load_head(bundle)
     try:
         cfg = RunConfig(strategy=strategy, strategy_params=dict(sparams), rounds=n_rounds,
@@ -136,7 +167,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
                         max_update_norm=max_update_norm, compression=dict(compress),
                         dp=dict(dp) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
-                        group=group, seed=seed, max_cpu_percent=max_cpu, start_timeout_s=start_timeout,
+                        group=group, devices=only, seed=seed, max_cpu_percent=max_cpu, start_timeout_s=start_timeout,
                         deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
         raise click.UsageError(str(exc)) from None

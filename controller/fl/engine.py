@@ -61,6 +61,7 @@ class RunConfig:
     buffer: int = 2
     max_staleness: int = 4
     group: str | None = None
+    devices: tuple[str, ...] | None = None   # only these device ids (round start --to/--tag), None: any
     seed: int = 0
     start_timeout_s: float = 120.0
     eval_file: str | None = None      # npz of backbone features + labels: accuracy of each new head
@@ -98,6 +99,7 @@ class RunConfig:
 
     def policy(self) -> SelectionPolicy:
         return SelectionPolicy(clients=self.clients, min_samples=self.min_samples, group=self.group,
+                               devices=tuple(self.devices) if self.devices is not None else None,
                                max_cpu_percent=self.max_cpu_percent,
                                deadline_s=self.deadline_s, local_steps=self.local_steps, batch_size=self.batch_size)
 

@@ -245,10 +245,11 @@ class RoundRunner:
         run = self.store.run(run_id)
         if run is None or not run.head:
             return 0
-        group = run.config.get("group")
+        group, only = run.config.get("group"), run.config.get("devices")
         sent = 0
         for d in self.registry.devices():
-            if not d.online or (group and d.group != group) or "learning" not in (d.telemetry or {}):
+            if not d.online or (group and d.group != group) or (only is not None and d.id not in only) \
+                    or "learning" not in (d.telemetry or {}):
                 continue
             if self.channel.send_frame(d.id, "fl.head", {"run_id": run_id, "version": version}, tensors=run.head):
                 sent += 1

@@ -40,6 +40,7 @@ class SelectionPolicy:
     max_cpu_percent: float = 90.0
     max_silence_s: float = 120.0
     group: str | None = None
+    devices: tuple[str, ...] | None = None   # round start --to/--tag: only these ids
     deadline_s: float = 60.0
     local_steps: int = 20             # asked of every device; only ever lowered to fit the deadline
     min_steps: int = 1
@@ -61,6 +62,8 @@ def eligible(c: ClientInfo, p: SelectionPolicy) -> str | None:
         return "offline"
     if p.group is not None and c.group != p.group:
         return f"not in group {p.group}"
+    if p.devices is not None and c.device_id not in p.devices:
+        return "not picked (--to/--tag)"
     if c.last_seen_age_s > p.max_silence_s:
         return f"silent for {c.last_seen_age_s:.0f}s"
     if c.labelled_samples < p.min_samples:

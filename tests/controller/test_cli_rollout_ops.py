@@ -293,3 +293,22 @@ def test_a_run_that_cannot_start_says_why_then_fails_with_the_reason(tmp_path):
     # the CLI prints the reason, not only `round status`
     out = CliRunner().invoke(cli, ["--db", str(tmp_path / "r.db"), "round", "status", "run-w"])
     assert "no round could start" in out.output
+
+
+def test_round_start_picks_devices_like_every_other_command(fleet):
+    from controller.fl.engine import RunConfig
+    from controller.fl.selection import ClientInfo, select
+    from controller.fl.store import RoundStore
+
+    db, _, bundle = fleet
+    ok = ctl(db, "round", "start", "--bundle", str(bundle), "--to", "a1,a3", "--clients", "2", "--no-wait", "--json")
+    assert ok.exit_code == 0, ok.output
+    run = RoundStore.open(str(db)).runs()[0]
+    cfg = RunConfig.from_dict(run.config)
+    assert list(cfg.devices) == ["a1", "a3"]
+    sel = select([ClientInfo(d, True, 100) for d in ("a1", "a2", "a3")], cfg.policy())
+    assert sel.selected == ("a1", "a3") and sel.excluded == {"a2": "not picked (--to/--tag)"}
+    bad = ctl(db, "round", "start", "--bundle", str(bundle), "--to", "a/+", "--no-wait")
+    assert bad.exit_code == 2 and "--to" in bad.output
+    both = ctl(db, "round", "start", "--bundle", str(bundle), "--to", "a1", "--group", "g", "--no-wait")
+    assert both.exit_code == 2 and "at most one" in both.output
