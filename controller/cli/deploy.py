@@ -342,10 +342,15 @@ def rollout_abort(ctx: click.Context, rollout_id: str, keep_updated: bool, reaso
 @click.argument("device_id", type=DEVICE_ID)
 @click.argument("tags", nargs=-1, required=True, type=TAG)
 @click.option("--remove", is_flag=True, help="remove these tags instead")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def tag(ctx: click.Context, device_id: str, tags: tuple[str, ...], remove: bool) -> None:
+def tag(ctx: click.Context, device_id: str, tags: tuple[str, ...], remove: bool, as_json: bool) -> None:
     """Tag a device (deploy --tag T targets every device with tag T)."""
     store = _store(ctx)
     for t in tags:
         store.tag(device_id, t, remove=remove)
-    click.echo(f"{device_id}: {', '.join(store.tags(device_id).get(device_id, [])) or 'no tags'}")
+    now = store.tags(device_id).get(device_id, [])
+    if as_json:
+        click.echo(json.dumps({"device": device_id, "tags": now}))
+    else:
+        click.echo(f"{device_id}: {', '.join(now) or 'no tags'}")

@@ -258,8 +258,10 @@ async def _cmd(cfg: ControllerConfig, targets: list[str], command: str, args: di
 @click.option("--npy", type=click.Path(exists=True, dir_okay=False), default=None, help="take the input from a .npy")
 @click.option("--row", default=0, show_default=True, type=click.IntRange(0), help="row of --npy")
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@click.option("--json", "as_json", is_flag=True, help="the reply as JSON")
 @pass_ctx
-def infer_cmd(c: Ctx, device_id: str, x_json: str | None, npy: str | None, row: int, timeout: float) -> None:
+def infer_cmd(c: Ctx, device_id: str, x_json: str | None, npy: str | None, row: int, timeout: float,
+              as_json: bool) -> None:
     """Ask DEVICE_ID for one inference (request/response over MQTT)."""
     if (x_json is None) == (npy is None):
         raise click.UsageError("give exactly one of --x or --npy")
@@ -277,9 +279,7 @@ def infer_cmd(c: Ctx, device_id: str, x_json: str | None, npy: str | None, row: 
         except ValueError as exc:
             raise click.BadParameter(f"not JSON: {exc}", param_hint="--x") from None
     reply = asyncio.run(_infer(c.cfg(), device_id, x, timeout))
-    click.echo(json.dumps(reply, indent=2))
-    if not reply.get("ok"):
-        sys.exit(1)
+    _print_reply(device_id, "infer", reply, as_json)
 
 
 async def _infer(cfg: ControllerConfig, device_id: str, x: Any, timeout: float) -> dict:
@@ -297,8 +297,9 @@ async def _infer(cfg: ControllerConfig, device_id: str, x: Any, timeout: float) 
 @click.argument("request_id")
 @click.argument("label", type=int)
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@click.option("--json", "as_json", is_flag=True, help="the reply as JSON")
 @pass_ctx
-def feedback_cmd(c: Ctx, device_id: str, request_id: str, label: int, timeout: float) -> None:
+def feedback_cmd(c: Ctx, device_id: str, request_id: str, label: int, timeout: float, as_json: bool) -> None:
     """Label an earlier inference REQUEST_ID on DEVICE_ID (on-device learning uses it)."""
 
     async def go() -> dict:
@@ -311,6 +312,23 @@ def feedback_cmd(c: Ctx, device_id: str, request_id: str, label: int, timeout: f
             raise click.ClickException(str(exc)) from None
 
     reply = asyncio.run(go())
-    click.echo(json.dumps(reply, indent=2))
+    _print_reply(device_id, "feedback", reply, as_json)
+
+
+def _print_reply(device_id: str, what: str, reply: dict[str, Any], as_json: bool) -> None:
+    """A device's reply: JSON with --json, else its fields (``key: value``); exit 1 unless ok."""
+    if as_json:
+        click.echo(json.dumps(reply, indent=2))
+    elif reply.get("ok"):
+        body = {k: v for k, v in reply.items() if k not in ("ok", "result")}
+        res = reply.get("result")
+        items = {**body, **(res if isinstance(res, dict) else {"result": res} if res is not None else {})}
+        click.echo(f"{device_id}: {what} ok")
+        for k, v in items.items():
+            if isinstance(v, list) and len(v) > 12:
+                v = [*(fmt(x) for x in v[:12]), f"… ({len(v)} values)"]
+            click.echo(f"  {k}: {compact(v) if isinstance(v, (dict, list)) else fmt(v)}")
+    else:
+        click.echo(f"{device_id}: {what} failed: {reply.get('error')}")
     if not reply.get("ok"):
         sys.exit(1)

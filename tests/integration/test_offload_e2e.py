@@ -19,7 +19,7 @@ def worker(url, bundle, wid, log):
 
 
 def infer(url, dev, npy, row):
-    out = fleetctl("--broker", url, "infer", dev, "--npy", str(npy), "--row", str(row))
+    out = fleetctl("--broker", url, "infer", dev, "--npy", str(npy), "--row", str(row), "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)["result"]
 
