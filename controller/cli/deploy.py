@@ -147,6 +147,7 @@ def rollout_json(store: Any, r: Any) -> dict[str, Any]:
     return {"rollout_id": r.id, "status": r.status, "version": r.version, "bundle_sha256": r.bundle_sha256,
             "created": r.created, "finished": r.finished, "wave": r.wave, "waves": r.waves, "reason": r.reason,
             "policy": r.policy, "selector": r.selector, "figures": r.figures, "counts": counts,
+            "soak_started": r.soak_started, "paused_at": r.paused_at, "keep_updated": r.keep_updated,
             "devices": [{"device": s.device_id, "wave": s.wave, "status": s.status, "reason": s.reason,
                          "from_version": s.from_version, "conf_before": s.conf_before, "conf_after": s.conf_after,
                          "acc_before": s.acc_before, "acc_after": s.acc_after}

@@ -373,6 +373,9 @@ class RoundEngine:
             return [], []
         sel = select(clients, self.cfg.policy(), self.rng, exclude=sorted(busy))
         devices = sel.selected[:room]
+        why = why_waiting(sel, 1) if not devices and not busy else None   # nobody is training: say why
+        if why != run.waiting:
+            self.store.update_run(self.run_id, waiting=why)
         self._note_sizing(cur.round_no, Selection(devices, sel.steps, sel.excluded,
                                                   {d: w for d, w in sel.lowered.items() if d in devices}))
         return self._tasks(cur.round_no, devices, sel.steps, run.global_version, now + self.cfg.deadline_s,
