@@ -68,10 +68,13 @@ class FleetClient:
                 if bad is not None and not self.link.connected.is_set():
                     await self.link.stop()
                     raise FleetClientError(bad.message(self.cfg.mqtt.broker))
-            elif not self.link.connected.is_set():
-                await self.link.stop()
-                raise FleetClientError(f"the broker at {self.cfg.mqtt.broker} refused the connection: {why} "
-                                       "(credentials, certificate or ACL)")
+            elif not await self.link.wait_connected(HEAD_START_S):
+                # a refusal may be the MQTT 5 → 3.1.1 fallback (the link retries at once): one more
+                # head start, then the broker's reason
+                if self.link.last_error is not None and not self.link.connected.is_set():
+                    await self.link.stop()
+                    raise FleetClientError(f"the broker at {self.cfg.mqtt.broker} refused the connection: "
+                                           f"{self.link.last_error} (credentials, certificate or ACL)")
             if not await self.link.wait_connected(CONNECT_TIMEOUT_S - HEAD_START_S):
                 await self.link.stop()
                 raise FleetClientError(f"cannot connect to {self.cfg.mqtt.broker}: "
