@@ -37,7 +37,7 @@ TELEMETRY = {"seq": 7, "cpu_percent": 12.5, "load": [0.5, 0.4, 0.3], "mem_used_p
                        "input_errors": 1, "mean_confidence": 0.0029, "latency_ms": {"p95_ms": 3.25}},
              "offload": {"enabled": True, "threshold": 0.99, "mode": "features", "requests": 10, "offloaded": 3,
                          "offload_rate": 0.3, "timeouts": 0, "bytes_sent": 4096, "agreement": 0.99,
-                         "remote_latency_ms": {"p50": 2.0, "p95": 4.5}}}
+                         "remote_latency_ms": {"p50_ms": 2.0, "p95_ms": 4.5}}}
 
 
 @pytest.fixture
