@@ -187,13 +187,19 @@ def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
 
 
 def _print(s: dict[str, Any]) -> None:
-    from ..table import render
+    from ..table import fmt, render
 
     click.echo(f"{s['rollout_id']}: {s['status']}  {s['version']}  wave {s['wave'] + 1}/{s['waves']}"
                + (f"  ({s['reason']})" if s["reason"] else ""))
-    click.echo(render(["DEVICE", "WAVE", "STATUS", "FROM", "REASON"],
-                      [[d["device"], d["wave"] + 1, d["status"], d["from_version"] or "-", (d["reason"] or "")[:70]]
-                       for d in s["devices"]]))
+    click.echo(render(["DEVICE", "WAVE", "STATUS", "FROM", "CONF BEFORE", "CONF AFTER", "REASON"],
+                      [[d["device"], d["wave"] + 1, d["status"], d["from_version"] or "-", d["conf_before"],
+                        d["conf_after"], (d["reason"] or "")[:70]] for d in s["devices"]]))
+    fleet = (s.get("figures") or {}).get("fleet") or {}
+    if fleet.get("devices"):
+        click.echo(f"fleet on {s['version']}: {fleet['devices']} device(s), {fleet.get('inferences', 0)} inferences, "
+                   f"mean confidence {fmt(fleet.get('mean_confidence'))}, error rate {fmt(fleet.get('error_rate'))}, "
+                   f"p95 {fmt(fleet.get('p95_latency_ms'))} ms"
+                   + (f"; soaking, {fmt(s['figures']['soak_left_s'])} s left" if "soak_left_s" in s["figures"] else ""))
     for a in s.get("quarantined") or []:
         mine = " (this rollout's artifact)" if s.get("artifact") and s["artifact"]["id"] == a["id"] else ""
         click.echo(f"quarantined: {a['kind']} {a['id'][:12]} for {a['version']}{mine}: {a['quarantine_reason']}")

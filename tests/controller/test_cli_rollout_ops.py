@@ -312,3 +312,18 @@ def test_round_start_picks_devices_like_every_other_command(fleet):
     assert bad.exit_code == 2 and "--to" in bad.output
     both = ctl(db, "round", "start", "--bundle", str(bundle), "--to", "a1", "--group", "g", "--no-wait")
     assert both.exit_code == 2 and "at most one" in both.output
+
+
+def test_rollout_status_shows_confidence_and_fleet_figures(fleet):
+    db, _, bundle = fleet
+    rid = deploy(db, bundle, "--soak", "30s")
+    st = RolloutStore.open(str(db))
+    st.update_slot(rid, "a1", status="applied", conf_before=0.91, conf_after=0.0029)
+    st.update_rollout(rid, figures={"failures": 0, "applied": 1, "soak_left_s": 12.5,
+                                    "fleet": {"devices": 1, "inferences": 40, "mean_confidence": 0.0029,
+                                              "error_rate": 0.0, "p95_latency_ms": 3.5}})
+    st.commit()
+    out = ctl(db, "rollout", "status", rid)
+    assert out.exit_code == 0, out.output
+    assert "CONF AFTER" in out.output and "0.91" in out.output and "0.0029" in out.output, out.output
+    assert "40 inferences" in out.output and "12.5 s left" in out.output, out.output
