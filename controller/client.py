@@ -29,6 +29,11 @@ class FleetClientError(RuntimeError):
     pass
 
 
+#: the link's head start before a failure is diagnosed, and the whole wait for a silent broker
+HEAD_START_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+
+
 class FleetClient:
     def __init__(self, cfg: ControllerConfig, name: str = "fleetctl") -> None:
         self.cfg = cfg
@@ -52,9 +57,28 @@ class FleetClient:
 
     async def __aenter__(self) -> "FleetClient":
         await self.link.start()
-        if not await self.link.wait_connected(10):
-            await self.link.stop()
-            raise FleetClientError(f"cannot connect to {self.cfg.mqtt.broker}: {self.link.last_error or 'timeout'}")
+        if not await self.link.wait_connected(HEAD_START_S):
+            # fail fast, saying why: the broker's own refusal (CONNACK), else what a plain TCP/TLS
+            # connection finds (refused, DNS, TLS, timeout); only a silent broker gets the full wait
+            why = self.link.last_error
+            if why is None:
+                from .reach import diagnose
+
+                bad = await asyncio.to_thread(diagnose, self.link.broker, self.link.tls)
+                if bad is not None and not self.link.connected.is_set():
+                    await self.link.stop()
+                    raise FleetClientError(bad.message(self.cfg.mqtt.broker))
+            elif not await self.link.wait_connected(HEAD_START_S):
+                # a refusal may be the MQTT 5 → 3.1.1 fallback (the link retries at once): one more
+                # head start, then the broker's reason
+                if self.link.last_error is not None and not self.link.connected.is_set():
+                    await self.link.stop()
+                    raise FleetClientError(f"the broker at {self.cfg.mqtt.broker} refused the connection: "
+                                           f"{self.link.last_error} (credentials, certificate or ACL)")
+            if not await self.link.wait_connected(CONNECT_TIMEOUT_S - HEAD_START_S):
+                await self.link.stop()
+                raise FleetClientError(f"cannot connect to {self.cfg.mqtt.broker}: "
+                                       f"{self.link.last_error or 'no MQTT answer (CONNACK) in time'}")
         self._pump = asyncio.create_task(self._run(), name="fleet-client")
         return self
 

@@ -45,6 +45,7 @@ def instance_lock_path(cfg: ControllerConfig) -> str | None:
 def serve(c: Ctx, log_level: str, replica: bool) -> None:
     """Run the controller service until SIGTERM/SIGINT."""
     cfg = c.cfg()
+    _check_signing_key(cfg.security.signing_key)
     setup_logging(log_level)
     lock = None
     where = instance_lock_path(cfg)
@@ -66,6 +67,19 @@ def serve(c: Ctx, log_level: str, replica: bool) -> None:
             lock.release()
     if code:
         sys.exit(code)
+
+
+def _check_signing_key(path: str | None) -> None:
+    """A missing or unreadable key: one line naming the file and what to run, exit 2 (before any
+    logging or connection: under systemd it is the whole journal entry)."""
+    from ..channel import load_signing_key
+
+    try:
+        load_signing_key(path)
+    except ConfigError as exc:
+        click.echo(f"fleetctl serve: {exc}; make a key pair with `fleetctl keys init --dir DIR` and pass "
+                   f"--signing-key DIR/controller.pem (or set [security] signing_key)", err=True)
+        sys.exit(2)
 
 
 async def _serve(cfg: ControllerConfig, stop: asyncio.Event) -> int:

@@ -25,14 +25,14 @@ import numpy as np
 
 from .secure import SECAGG_ID
 from .store import RoundStore, UpdateRow
-from .selection import ClientInfo, Selection, SelectionPolicy, select
+from .selection import why_waiting, ClientInfo, Selection, SelectionPolicy, select
 from .strategies import FitFailure, FitResult, Strategy, UpdateRejected, validate_update
 
 Head = dict[str, np.ndarray]
 
 
 #: a run in one of these states is over
-TERMINAL = ("done", "partial", "failed", "cancelled")
+TERMINAL = ("done", "partial", "failed", "cancelled", "stopped")   # stopped: ``fleetctl round stop``
 #: after the controller's link came back, how long the broker may take to hand over what it queued
 SETTLE_S = 2.0
 
@@ -62,6 +62,7 @@ class RunConfig:
     buffer: int = 2
     max_staleness: int = 4
     group: str | None = None
+    devices: tuple[str, ...] | None = None   # only these device ids (round start --to/--tag), None: any
     seed: int = 0
     start_timeout_s: float = 120.0
     eval_file: str | None = None      # npz of backbone features + labels: accuracy of each new head
@@ -107,6 +108,7 @@ class RunConfig:
 
     def policy(self) -> SelectionPolicy:
         return SelectionPolicy(clients=self.clients, min_samples=self.min_samples, group=self.group,
+                               devices=tuple(self.devices) if self.devices is not None else None,
                                max_cpu_percent=self.max_cpu_percent,
                                deadline_s=self.deadline_s, local_steps=self.local_steps, batch_size=self.batch_size)
 
@@ -227,12 +229,16 @@ class RoundEngine:
         if len(sel.selected) < self.cfg.min_clients:
             if self.started_waiting is None:
                 self.started_waiting = now
+            why = why_waiting(sel, self.cfg.min_clients)
             if now - self.started_waiting > self.cfg.start_timeout_s:
-                self.store.update_run(self.run_id, status="failed",
-                                      error=f"only {len(sel.selected)} eligible clients "
-                                            f"(need {self.cfg.min_clients}): {dict(sel.excluded)}")
+                self.store.update_run(self.run_id, status="failed", waiting=None,
+                                      error=f"no round could start in {self.cfg.start_timeout_s:g}s: {why}")
+            elif why != run.waiting:
+                self.store.update_run(self.run_id, waiting=why)   # `round start --wait` shows it
             return [], outcomes
         self.started_waiting = None
+        if run.waiting is not None:
+            self.store.update_run(self.run_id, waiting=None)
         round_no = run.round_no + 1
         deadline = now + self.cfg.deadline_s
         self.store.start_round(self.run_id, round_no, now, deadline, sel.selected, sel.steps)
@@ -310,7 +316,8 @@ class RoundEngine:
         if "dp_epsilon" in state:
             metrics["dp_epsilon"], metrics["dp_delta"] = state["dp_epsilon"], state.get("dp_delta")
         # one transaction: a crash never leaves a new version with its round still open (aggregated twice)
-        self.store.aggregate_round(self.run_id, round_no, new_head, version, state, metrics)
+        if not self.store.aggregate_round(self.run_id, round_no, new_head, version, state, metrics):
+            return RoundOutcome(round_no, "stopped", {**metrics, "reason": "the run was stopped"})
         return RoundOutcome(round_no, "aggregated", metrics, version)
 
     # -- updates -----------------------------------------------------------
@@ -406,6 +413,9 @@ class RoundEngine:
             return [], []
         sel = select(clients, self.cfg.policy(), self.rng, exclude=sorted(busy))
         devices = sel.selected[:room]
+        why = why_waiting(sel, 1) if not devices and not busy else None   # nobody is training: say why
+        if why != run.waiting:
+            self.store.update_run(self.run_id, waiting=why)
         self._note_sizing(cur.round_no, Selection(devices, sel.steps, sel.excluded,
                                                   {d: w for d, w in sel.lowered.items() if d in devices}))
         return self._tasks(cur.round_no, devices, sel.steps, run.global_version, now + self.cfg.deadline_s,

@@ -303,10 +303,11 @@ class RoundRunner:
         run = self.store.run(run_id)
         if run is None or not run.head:
             return 0
-        group = run.config.get("group")
+        group, only = run.config.get("group"), run.config.get("devices")
         sent = 0
         for d in self.registry.devices():
-            if not d.online or (group and d.group != group) or "learning" not in (d.telemetry or {}):
+            if not d.online or (group and d.group != group) or (only is not None and d.id not in only) \
+                    or "learning" not in (d.telemetry or {}):
                 continue
             if self.channel.send_frame(d.id, "fl.head", {"run_id": run_id, "version": version}, tensors=run.head):
                 sent += 1
@@ -330,6 +331,9 @@ class RoundRunner:
         run = self.store.run(b["run_id"])
         if run is None:
             self._ack(device_id, b, False, f"unknown run {b['run_id']!r}")
+            return
+        if run.status == "stopped":
+            self._ack(device_id, b, False, f"run {run.id} was stopped: {run.error or 'by the operator'}")
             return
         try:
             delta = decompress_update(frame, self.engine(run.id).strategy.expected_update(run.head or {}))

@@ -168,7 +168,7 @@ def test_mtls_acl_and_controller_only_commands(tmp_path, tls_broker):
                      what="pi-a over mTLS")
         assert d.telemetry["link"]["connects"] == 1
         # the controller can command the device
-        ping = subprocess.run([sys.executable, "-m", "controller.cli", "--config", str(ctl_cfg), "cmd", "pi-a", "ping"],
+        ping = subprocess.run([sys.executable, "-m", "controller.cli", "--config", str(ctl_cfg), "cmd", "pi-a", "ping", "--json"],
                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
         assert ping.returncode == 0, ping.stdout + ping.stderr
         assert json.loads(ping.stdout)["result"]["pong"] is True
