@@ -29,11 +29,11 @@ def test_images_by_binary_frame_on_onnx_and_litert_and_an_oversize_json_gets_its
             probe.wait(lambda t, p, d=dev: t.endswith(f"{d}/state") and b'"model"' in p, timeout=60,
                        what=f"{dev} serving")
         # fleetctl infer --image: resized to the served input (32x32 uint8 / 128x128 float in [-1, 1])
-        out = fleetctl("--broker", mosquitto.url, "infer", "onnx-img", "--image", str(tmp_path / "p.png"))
+        out = fleetctl("--broker", mosquitto.url, "infer", "onnx-img", "--image", str(tmp_path / "p.png"), "--json")
         assert out.returncode == 0, out.stdout + out.stderr
         r = json.loads(out.stdout)["result"]
         assert r["task"] == "classify" and r["label_name"] in ("cat", "dog", "bird") and len(r["top_k"]) == 2
-        out = fleetctl("--broker", mosquitto.url, "infer", "tfl-img", "--image", str(tmp_path / "p.png"))
+        out = fleetctl("--broker", mosquitto.url, "infer", "tfl-img", "--image", str(tmp_path / "p.png"), "--json")
         assert out.returncode == 0, out.stdout + out.stderr
         r = json.loads(out.stdout)["result"]
         assert r["task"] == "detect" and r["count"] == 5 and len(r["detections"][0]["box"]) == 4
