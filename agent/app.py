@@ -223,7 +223,7 @@ class Agent:
         if link is not None:
             body["link"] = {"connects": link.connects, "disconnects": link.disconnects,
                             "mqtt": "5" if link.is_v5 else "3.1.1",
-                            "dropped_incoming": link.dropped_incoming}
+                            "dropped_incoming": link.dropped_incoming, "refused": link.refused}
         body["outbox"] = self.outbox.stats()
         for f in self.features:
             try:
@@ -322,6 +322,9 @@ class Agent:
         if self.notifier is not None:
             model = (self.state_body("online").get("model") or {}).get("version", "none")
             self.notifier.status(f"connected to {self.cfg.mqtt.broker}; model {model}")
+        ready, self._ready = getattr(self, "_ready", None), None
+        if ready:
+            ready()
         self._telemetry_now.set()
         self._drain_soon()
         for f in self.features:
@@ -366,7 +369,12 @@ class Agent:
         subs += [(s.topic, s.qos) for s in self.subscriptions.values()]
         return MqttLink.from_settings(self.cfg.mqtt, self.device_id, subscriptions=subs,
                                       will=will,
-                                      on_connect=self._on_connect, on_disconnect=self._on_disconnect)
+                                      on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+                                      on_connect_error=self._on_connect_error)
+
+    def _on_connect_error(self, reason: str) -> None:
+        if self.notifier is not None:
+            self.notifier.status(f"connecting to {self.cfg.mqtt.broker} ({reason}); {len(self.outbox)} kept on disk")
 
     def _on_disconnect(self, reason: str) -> None:
         self.emit_event("link.lost", "warning", reason=reason)  # waits in the outbox, arrives on reconnect
@@ -381,8 +389,7 @@ class Agent:
                  asyncio.create_task(self._message_loop(), name="messages")]
         for f in self.features:
             tasks += [asyncio.create_task(coro(), name=name) for name, coro in f.tasks()]
-        if ready:
-            ready()
+        self._ready = ready   # told on the first connection (_on_connect), not before
         try:
             await stop.wait()
         finally:

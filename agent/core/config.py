@@ -137,6 +137,9 @@ class LearningSection:
     pending_max: int = 2048          # unlabelled requests kept for later feedback
     pending_ttl_s: float = 600.0
     federated: bool = True           # take part in federated rounds
+    personalize: bool = False        # keep a per-board last layer on top of the global body (FedPer);
+                                     # serve it only when it beats the global head on the holdout
+    personal_steps: int = 100        # fine-tuning steps of the personal layer per new global head
     isolate: str = "process"         # process: train in a short-lived child (inference keeps its latency)
 
     def __post_init__(self) -> None:
@@ -151,6 +154,7 @@ class LearningSection:
               "every_n, max_steps and batch_size must be >= 1")
         check(self.holdout_every >= 2, "learning.holdout_every", "must be >= 2")
         check(self.budget_s > 0, "learning.budget_s", "must be > 0")
+        check(1 <= self.personal_steps <= 100000, "learning.personal_steps", "must be 1..100000")
 
 
 @dataclass(frozen=True)

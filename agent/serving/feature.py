@@ -112,12 +112,16 @@ class Serving(Feature):
         self.store = ModelStore(Path(cfg.state.dir) / "models", keep=cfg.model.keep_versions)
         for note in self.store.recover():
             log.warning("model store: %s", note)
-        if cfg.model.bundle and self.store.current is None:
+        if cfg.model.bundle and not Path(cfg.model.bundle).is_dir():
+            log.warning("model.bundle %s does not exist (or is not a directory): %s", cfg.model.bundle,
+                        "serving the installed model" if self.store.current else "serving no model")
+        elif cfg.model.bundle and self.store.current is None:
             res = self.store.install_bundle_dir(cfg.model.bundle, health=self.health_check)
             self.ctx.emit_event("model.installed" if res.ok else "model.refused", "info" if res.ok else "error",
                                   version=res.version, reason=res.reason, source=cfg.model.bundle)
             if not res.ok:
                 self.load_error = res.reason
+                log.warning("model.bundle %s not installed: %s; serving no model", cfg.model.bundle, res.reason)
         self.load_current()
 
     def load_current(self) -> bool:

@@ -29,6 +29,13 @@ def load_head(path: str) -> dict[str, np.ndarray]:
         raise click.BadParameter(f"cannot read a head from {f}: {exc}", param_hint="--bundle") from None
     if not head or not all(k.startswith("dense") for k in head):
         raise click.BadParameter(f"{f} holds no dense{{i}}.weight/bias tensors", param_hint="--bundle")
+    if p.is_dir() and (p / "manifest.json").exists():   # only the layers the bundle declares trainable
+        from protocol.layers import LayerError, federated, trainable_tensors
+
+        try:
+            head = federated(head, trainable_tensors(json.loads((p / "manifest.json").read_text()), head))
+        except (LayerError, ValueError) as exc:
+            raise click.BadParameter(f"{p}: {exc}", param_hint="--bundle") from None
     return head
 
 
@@ -59,9 +66,14 @@ def _store(ctx: click.Context, create: bool):
 
     cfg = ctx.obj.cfg()
     path = cfg.db_path
-    if not create and not os.path.exists(path):
+    if not create and cfg.db_is_sqlite and not os.path.exists(path):
         raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
-    return RoundStore.open(path)
+    from ..db import DatabaseUnavailable
+
+    try:
+        return RoundStore.open(path)
+    except DatabaseUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -72,7 +84,7 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @round.command("start")
 @click.option("--bundle", required=True, help="bundle dir (or head .npz) holding the initial global head")
 @click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam, fedyogi, median, "
-              "trimmed_mean, krum, multikrum, fedbuff")
+              "trimmed_mean, krum, multikrum, fedbuff, fedavgm, scaffold")
 @click.option("--strategy-param", "sparams", multiple=True, type=KEY_VALUE, help="KEY=VALUE for the strategy")
 @click.option("--clients", default=10, show_default=True, type=click.IntRange(1, 100000))
 @click.option("--min-clients", default=None, type=click.IntRange(1, 100000), help="quorum (default: half)")
@@ -86,6 +98,8 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--async", "is_async", is_flag=True, help="buffered asynchronous mode (FedBuff)")
 @click.option("--buffer", default=2, show_default=True, type=click.IntRange(1, 100000), help="async: updates per version")
 @click.option("--max-staleness", default=4, show_default=True, type=click.IntRange(0, 1000))
+@click.option("--secagg", "secagg", multiple=True, type=KEY_VALUE, help="KEY=VALUE secure aggregation "
+              "(devices mask their updates; the controller sees only the sum), e.g. max_dropout=0.3 stage_s=15")
 @click.option("--compress", "compress", multiple=True, type=KEY_VALUE, help="KEY=VALUE compression option sent to devices, "
               "e.g. topk=0.1 int8=true zstd=true")
 @click.option("--dp", "dp", multiple=True, type=KEY_VALUE, help="KEY=VALUE differential privacy, e.g. clip=1.0 noise=0.8")
@@ -104,7 +118,7 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[str, Any], ...], clients: int,
           min_clients: int | None, n_rounds: int, deadline: float, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
-          compress: tuple[tuple[str, Any], ...], dp: tuple[tuple[str, Any], ...], group: str | None, max_update_norm: float, seed: int,
+          secagg: tuple[tuple[str, Any], ...], compress: tuple[tuple[str, Any], ...], dp: tuple[tuple[str, Any], ...], group: str | None, max_update_norm: float, seed: int,
           max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
@@ -117,7 +131,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
                         min_clients=min_clients or max(1, clients // 2), deadline_s=deadline,
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
                         max_update_norm=max_update_norm, compression=dict(compress),
-                        dp=dict(dp) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
+                        dp=dict(dp) or None, secagg=dict(secagg) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
                         group=group, seed=seed, max_cpu_percent=max_cpu,
                         deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
@@ -130,7 +144,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
         raise click.BadParameter(str(exc), param_hint="--strategy") from None
     store = _store(ctx, create=True)
     run_id = time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
-    eval_file = _eval_features(bundle, Path(ctx.obj.cfg().db_path).parent / "runs" / f"{run_id}-eval.npz")
+    eval_file = _eval_features(bundle, ctx.obj.cfg().state_dir / "runs" / f"{run_id}-eval.npz")
     if eval_file:
         from dataclasses import replace
 

@@ -205,7 +205,7 @@ def test_bad_trusted_key_is_a_config_error(tmp_path, mosquitto):
     cfg = agent_config(tmp_path, "pi-k", mosquitto.url, extra=f'[security]\ntrusted_keys = ["{bad}"]\n')
     p = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)], capture_output=True,
                        text=True, env=ENV, cwd=ROOT, timeout=30)
-    assert p.returncode == 2
+    assert p.returncode == 78      # EX_CONFIG: the unit's RestartPreventExitStatus, no restart loop
     assert "security.trusted_keys" in p.stderr
 
 
