@@ -108,7 +108,7 @@ async def through_client(port: int, n: int, x: list) -> dict[str, list[float]]:
         for kind, call in (("ping", lambda i: fc.command("lat-1", "ping", timeout=10)),
                            ("infer", lambda i: fc.infer("lat-1", x[i % len(x)], timeout=10)),
                            ("offload", lambda i: fc.infer("off-1", x[i % len(x)], timeout=10))):
-            m = n if kind != "offload" else max(20, n // 4)
+            m = n if kind != "offload" else max(20, n // 3)
             for i in range(m + 20):
                 t = time.perf_counter()
                 r = await call(i)
@@ -124,7 +124,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (< 60 s)")
     a = ap.parse_args()
-    n = 100 if a.quick else 1000
+    n = 60 if a.quick else 1000
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     print(f"work dir {work}", file=sys.stderr)
     broker, port = start_mosquitto(work)
