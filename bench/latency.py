@@ -94,7 +94,7 @@ async def through_client(port: int, n: int, x: list) -> dict[str, list[float]]:
     from controller.config import load_config
 
     cfg = load_config(None, {"mqtt": {"broker": f"mqtt://127.0.0.1:{port}"}})
-    out: dict[str, list[float]] = {"ping": [], "infer": [], "offload": []}
+    out: dict[str, list[float]] = {"ping": [], "infer": [], "offload": [], "remote": []}
     async with FleetClient(cfg) as fc:
         for dev in ("lat-1", "off-1"):            # wait until both serve
             deadline = time.monotonic() + 60
@@ -108,13 +108,15 @@ async def through_client(port: int, n: int, x: list) -> dict[str, list[float]]:
         for kind, call in (("ping", lambda i: fc.command("lat-1", "ping", timeout=10)),
                            ("infer", lambda i: fc.infer("lat-1", x[i % len(x)], timeout=10)),
                            ("offload", lambda i: fc.infer("off-1", x[i % len(x)], timeout=10))):
-            m = n if kind != "offload" else max(20, n // 4)
+            m = n if kind != "offload" else max(20, n // 3)
             for i in range(m + 20):
                 t = time.perf_counter()
                 r = await call(i)
                 ms = (time.perf_counter() - t) * 1000
                 if i >= 20 and r.get("ok") and (kind != "offload" or r["result"].get("path") == "remote"):
                     out[kind].append(ms)
+                    if kind == "offload":
+                        out["remote"].append(float(r["result"].get("remote_ms", "nan")))
     return out
 
 
@@ -122,8 +124,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="fewer requests (< 60 s)")
     a = ap.parse_args()
-    n = 100 if a.quick else 1000
+    n = 60 if a.quick else 1000
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
+    print(f"work dir {work}", file=sys.stderr)
     broker, port = start_mosquitto(work)
     procs: list[subprocess.Popen] = []
     try:
@@ -149,6 +152,8 @@ def main() -> None:
                "infer_p50_vs_raw": round(pct(got["infer"], 50) / raw50, 2),
                "offload_p50_ms": round(pct(got["offload"], 50), 3),
                "offload_p50_vs_raw": round(pct(got["offload"], 50) / raw50, 2),
+               # the device's own view: request to the worker and its answer back (two hops)
+               "offload_remote_p50_ms": round(pct(got["remote"], 50), 3),
                "requests": {k: len(v) for k, v in got.items()}, "raw_requests": len(raw_all),
                "infer_request_bytes": req_size}
         print(f"raw paho echo (QoS 1): p50 {raw50:.3f} ms p99 {raw99:.3f} ms")

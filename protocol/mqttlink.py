@@ -5,10 +5,14 @@ pure modules imports it. Paho's types stop here: callers see ``Message`` and pla
 ``publish``/``subscribe`` calls.
 
 Shape (aiomqtt-like, kept small):
-* paho's network thread does socket I/O and hands every callback to the asyncio loop
-  with ``call_soon_threadsafe``; all our state lives on the loop thread.
-* reconnects with exponential backoff whose first step is jittered (``on_disconnect``
-  re-seeds paho's delay), so a fleet does not stampede a restarted broker.
+* paho's network I/O runs *inside* the asyncio loop (paho's external-loop API, as aiomqtt does):
+  the socket is watched with ``add_reader``/``add_writer`` → ``loop_read``/``loop_write``, a
+  once-a-second task runs ``loop_misc`` (keepalive). No network thread: a request/response
+  crosses no thread and no self-pipe on either side (with a paho thread, every message cost two
+  thread wake-ups per hop: ~1 ms each on a busy 2-core board). Only the blocking TCP/TLS connect
+  runs in an executor; everything else, and all our state, lives on the loop thread.
+* reconnects with exponential backoff whose every step is jittered, so a fleet does not
+  stampede a restarted broker.
 * ``protocol="auto"`` tries MQTT 5 and falls back to 3.1.1 when the broker says
   "unsupported protocol version" (amqtt, old brokers). MQTT 5 response-topic /
   correlation-data are used only when the session is v5; the envelope carries
@@ -118,18 +122,31 @@ class Message:
 
 
 class _HandOff(asyncio.Queue):
-    """The paho thread → loop hand-off. Its bound is a semaphore the *paho thread* waits on: when
-    the consumer falls behind, the network thread stops reading (TCP pushes back to the broker)
-    instead of accepting a message and dropping it. Each item taken frees a slot."""
+    """The network → consumer hand-off, bounded: when the consumer falls behind, the link stops
+    reading the socket (TCP pushes back to the broker) instead of accepting a message and dropping
+    it. What paho already parsed past the bound waits in ``held`` (at most one read's worth) and
+    moves in as items are taken; ``on_room`` resumes reading."""
 
     def __init__(self, slots: int) -> None:
         super().__init__()
-        self.slots = threading.Semaphore(slots)
         self.capacity = slots
+        self.held: list = []
+        self.on_room: Callable[[], None] | None = None
+
+    def offer(self, item: object) -> bool:
+        """Take ``item`` now or hold it; False when the consumer is behind (pause reading)."""
+        if self.held or self.qsize() >= self.capacity:
+            self.held.append(item)
+            return False
+        self.put_nowait(item)
+        return True
 
     def _get(self):  # asyncio.Queue's subclass hook, behind get() and get_nowait()
         item = super()._get()
-        self.slots.release()
+        if self.held:
+            self._put(self.held.pop(0))    # keeps the order; the getter that woke us has its item
+        if not self.held and self.on_room is not None and super().qsize() < self.capacity:
+            self.on_room()
         return item
 
 
@@ -306,6 +323,9 @@ class MqttLink:
         self._tasks: set[asyncio.Task] = set()
         #: mid -> future resolved by the broker's PUBACK (aiomqtt's _pending_publishes)
         self._pending: dict[int, asyncio.Future] = {}
+        self._loop_thread: int | None = None
+        self._misc_task: asyncio.Future | None = None
+        self._paused = False
 
     @classmethod
     def from_settings(cls, settings: MqttSettings, client_id: str, **kw: object) -> "MqttLink":
@@ -320,6 +340,7 @@ class MqttLink:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._start_client()
 
     def _start_client(self) -> None:
@@ -345,17 +366,20 @@ class MqttLink:
             c.on_pre_connect = _arm
         elif self.will:
             c.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
-        c.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
         c.max_queued_messages_set(10000)
         c.on_connect = self._cb_connect
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
         c.on_publish = self._cb_publish
         c.on_socket_open = self._cb_socket_open
+        c.on_socket_close = self._cb_socket_close
+        c.on_socket_register_write = self._cb_want_write
+        c.on_socket_unregister_write = self._cb_done_writing
         c.on_connect_fail = self._cb_connect_fail
         c.on_log = self._cb_log
         c.on_subscribe = self._cb_subscribe
         self._client = c
+        self.messages.on_room = self._resume_reading  # type: ignore[attr-defined]
         if self._v5:
             props = None
             if self.persistent:
@@ -365,25 +389,144 @@ class MqttLink:
                             clean_start=not self.persistent, properties=props)
         else:
             c.connect_async(self.broker.host, self.broker.port, self.keepalive)
-        c.loop_start()
+        self._spawn(self._connect_loop(c, first=True))
+        if self._misc_task is None or self._misc_task.done():
+            self._misc_task = asyncio.ensure_future(self._misc())
 
     def _jittered_min(self) -> float:
         return self.min_backoff * random.uniform(0.5, 1.5)
 
+    # -- the network, inside the loop ---------------------------------------
+    async def _connect_loop(self, c: mqtt.Client, first: bool = False, delay: float | None = None) -> None:
+        """(Re)connect ``c`` until it has a socket: the blocking TCP/TLS connect in an executor,
+        jittered exponential backoff between attempts (``delay``: the first wait, e.g. the
+        take-over backoff). The CONNACK arrives through loop_read."""
+        if not first:
+            await asyncio.sleep(delay if delay else self._jittered_min())
+        delay = self.min_backoff
+        while not self._stopping and c is self._client:
+            try:
+                rc = await asyncio.get_running_loop().run_in_executor(None, c.reconnect)
+                if rc == mqtt.MQTT_ERR_SUCCESS:
+                    return
+                self.last_error = f"connect: {mqtt.error_string(rc)}"
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self.takeover.connect_failed()
+                self._on_connect_failed(c, linkreport.describe_exception(exc, self.broker.host, self.broker.port))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(self.max_backoff, delay * 2)
+
+    async def _misc(self) -> None:
+        """paho's keepalive (PINGREQ, and a dead broker noticed) once a second."""
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            c = self._client
+            if c is not None and c.socket() is not None:
+                c.loop_misc()
+
+    def _on_loop_thread(self) -> bool:
+        return self._loop_thread == threading.get_ident()
+
+    def _in_loop(self, fn: Callable, *args: object) -> None:
+        """Run ``fn`` now on the loop thread, or hand it over (paho calls some hooks from the
+        connect executor)."""
+        if self._on_loop_thread():
+            fn(*args)
+        else:
+            self._post(fn, *args)
+
+    def _read(self, c: mqtt.Client) -> None:
+        if c is not self._client:
+            return
+        c.loop_read()
+        sock = c.socket()
+        if sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
+            self._loop.call_soon(self._read, c)  # type: ignore[union-attr]  # decrypted bytes epoll cannot see
+
+    def _write(self, c: mqtt.Client) -> None:
+        if c is self._client:
+            c.loop_write()
+
+    def _cb_want_write(self, client, userdata, sock) -> None:
+        self._in_loop(self._add_writer, client, sock)
+
+    def _add_writer(self, client: mqtt.Client, sock) -> None:
+        if client is self._client and client.socket() is sock and self._loop is not None:
+            self._loop.add_writer(sock, self._write, client)
+
+    def _cb_done_writing(self, client, userdata, sock) -> None:
+        self._in_loop(self._remove_writer, sock)
+
+    def _remove_writer(self, sock) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_writer(sock)
+            except (ValueError, OSError):  # already closed
+                pass
+
+    def _add_reader(self, client: mqtt.Client, sock) -> None:
+        if client is self._client and client.socket() is sock and self._loop is not None:
+            self._paused = False
+            self._loop.add_reader(sock, self._read, client)
+
+    def _cb_socket_close(self, client, userdata, sock) -> None:
+        # synchronous on the loop thread: the fd must leave the selector before it is closed
+        if self._loop is None or self._loop.is_closed():
+            return
+        try:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        except (ValueError, OSError, RuntimeError):
+            pass
+
+    def _pause_reading(self) -> None:
+        c = self._client
+        if not self._paused and c is not None and c.socket() is not None and self._loop is not None:
+            self._paused = True
+            self._loop.remove_reader(c.socket())
+
+    def _resume_reading(self) -> None:
+        c = self._client
+        if self._paused and c is not None and c.socket() is not None and self._loop is not None:
+            self._paused = False
+            self._loop.add_reader(c.socket(), self._read, c)
+            self._loop.call_soon(self._read, c)   # paho may hold bytes it read before the pause
+
     async def stop(self, timeout: float = 1.0) -> None:
-        """Clean disconnect (no last will is sent) and stop the network thread."""
+        """Clean disconnect (no last will is sent): the DISCONNECT is flushed, the socket closed."""
         self._stopping = True
         c = self._client
         if c is None:
             return
         try:
             c.disconnect()
+            deadline = time.monotonic() + timeout
+            while c.socket() is not None and c.want_write() and time.monotonic() < deadline:
+                c.loop_write()                       # writes the DISCONNECT; paho closes after it
+                if c.want_write():
+                    await asyncio.sleep(0.01)
         except Exception:  # noqa: BLE001 - already gone is fine
             pass
-        await asyncio.get_running_loop().run_in_executor(None, c.loop_stop)
+        if c.socket() is not None:
+            try:
+                c._sock_close()                      # paho's own close: runs on_socket_close first
+            except Exception:  # noqa: BLE001
+                pass
         self.connected.clear()
         self._fail_pending()
-        for t in list(self._tasks):
+        for t in list(self._tasks) + ([self._misc_task] if self._misc_task else []):
+            t.cancel()
+
+    def kill(self) -> None:
+        """Drop the connection with no DISCONNECT (the broker then sends the will), as a crash
+        would, and never reconnect: for fault tests and drills."""
+        self._stopping = True
+        c = self._client
+        if c is not None and c.socket() is not None:
+            sock = c.socket()
+            self._cb_socket_close(c, None, sock)
+            sock.close()
+        for t in list(self._tasks) + ([self._misc_task] if self._misc_task else []):
             t.cancel()
 
     def _fail_pending(self) -> None:
@@ -402,10 +545,14 @@ class MqttLink:
 
     # -- paho thread → loop ---------------------------------------------
     def _post(self, fn: Callable, *args: object) -> None:
+        """Run ``fn`` on the loop soon (after the paho callback returns); thread-safe."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(fn, *args)
+                if self._on_loop_thread():
+                    loop.call_soon(fn, *args)
+                else:
+                    loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:  # loop closing during shutdown
                 pass
 
@@ -430,6 +577,7 @@ class MqttLink:
 
     def _cb_socket_open(self, client, userdata, sock) -> None:
         set_nodelay(sock)
+        self._in_loop(self._add_reader, client, sock)
         if self.protocol == "auto" and self._v5 and self.connects == 0:
             self._post(self._arm_connack_timer, client)
 
@@ -460,13 +608,6 @@ class MqttLink:
                        "trust? not an MQTT port?)")
                 self._post(self._on_connect_failed, client, why)
         self._session_started = None
-        try:
-            if backoff:   # someone else uses our id: let it be for a while instead of pushing it off
-                client.reconnect_delay_set(backoff, backoff)
-            else:
-                client.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
-        except Exception:  # noqa: BLE001
-            pass
         self._post(self._on_disconnect, client, reason, backoff)
 
     def _cb_subscribe(self, client, userdata, mid, reason_codes, props=None) -> None:
@@ -482,13 +623,8 @@ class MqttLink:
             corr = getattr(props, "CorrelationData", None)
             ctype = getattr(props, "ContentType", None)
         msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0, ctype)
-        slots = self.messages.slots  # type: ignore[attr-defined]
-        while not slots.acquire(timeout=0.5):   # the consumer is behind: stop reading until it catches up
-            if self._stopping or self._loop is None or self._loop.is_closed():
-                self.dropped_incoming += 1      # shutting down: never acknowledged with manual_ack
-                log.warning("shutting down with a full inbound queue: %s not taken", m.topic)
-                return
-        self._post(self._enqueue, msg)
+        if not self.messages.offer(msg):  # type: ignore[attr-defined]
+            self._pause_reading()               # the consumer is behind: stop reading until it catches up
 
     def _cb_publish(self, client, userdata, mid, rc=None, props=None) -> None:
         # posted to the loop: the future for this mid is registered before the loop runs this
@@ -534,9 +670,6 @@ class MqttLink:
         if self.on_connect_error:
             self.on_connect_error(reason)
 
-    def _enqueue(self, msg: Message) -> None:
-        self.messages.put_nowait(msg)   # unbounded put: the slot was taken in the paho thread
-
     def ack(self, msg: Message) -> None:
         """With ``manual_ack``: acknowledge a QoS 1 message the consumer has stored."""
         c = self._client
@@ -581,10 +714,10 @@ class MqttLink:
     async def _restart(self, old: mqtt.Client) -> None:
         self._fail_pending()
         try:
-            old.disconnect()
+            if old.socket() is not None:
+                old._sock_close()
         except Exception:  # noqa: BLE001
             pass
-        await asyncio.get_running_loop().run_in_executor(None, old.loop_stop)
         if not self._stopping:
             self._start_client()
 
@@ -593,6 +726,9 @@ class MqttLink:
             return
         was = self.connected.is_set()
         self.connected.clear()
+        if not self._stopping and client.socket() is None:
+            # someone else uses our id (backoff): let it be for a while instead of pushing it off
+            self._spawn(self._connect_loop(client, delay=backoff))
         if was:
             self.disconnects += 1
             if not self._stopping:
