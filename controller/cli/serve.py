@@ -83,13 +83,19 @@ def _check_signing_key(path: str | None) -> None:
 
 
 async def _serve(cfg: ControllerConfig, stop: asyncio.Event) -> int:
+    from ..registry import RegistryError
     from ..service import ControllerService
 
     try:
         svc = ControllerService(cfg)
-        log.info("registry %s, broker %s", cfg.db_path, cfg.mqtt.broker)
+        from ..db import parse_url
+
+        log.info("registry %s, broker %s", parse_url(cfg.db_path).display(), cfg.mqtt.broker)
         await svc.run(stop)
     except ConfigError as exc:
         log.error("config error: %s", exc)
+        return EX_CONFIG
+    except RegistryError as exc:   # e.g. the PostgreSQL server is not reachable at start
+        log.error("registry: %s", exc)
         return EX_CONFIG
     return 0

@@ -188,3 +188,15 @@ def test_a_sample_is_stored_as_received_and_read_back_as_its_body(registry_url):
     ro = Registry(registry_url, readonly=True)
     assert ro.telemetry("pi-1")[0]["body"] == dict(e.body) == ro.device("pi-1").telemetry
     assert ro.summaries()[0].key_metrics()["temperature_c"] == 51.5
+
+
+def test_cli_names_an_unreachable_or_bad_registry_without_a_traceback():
+    from click.testing import CliRunner
+
+    from controller.cli.app import cli
+
+    out = CliRunner().invoke(cli, ["--registry", "postgresql://u:pw@127.0.0.1:1/x", "devices", "--json"])
+    assert out.exit_code == 1 and "cannot reach the registry at postgresql://u:***@" in out.output
+    assert "Traceback" not in out.output and "pw@" not in out.output
+    out = CliRunner().invoke(cli, ["--registry", "mysql://h/db", "status"])
+    assert out.exit_code == 2 and "registry.url" in out.output
