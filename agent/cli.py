@@ -87,6 +87,20 @@ async def _serve(cfg: AgentConfig) -> int:
         notifier.ready(f"serving as {cfg.device.id} via {cfg.mqtt.broker}")
 
     async def main(stop: asyncio.Event) -> int:
+        from .provisioning.claim import ClaimRefused, claim_identity, needs_claim
+
+        if needs_claim(cfg):
+            notifier.status("claiming an identity with the claim credential")
+            claim = asyncio.ensure_future(claim_identity(cfg))
+            await asyncio.wait([claim, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if not claim.done():
+                claim.cancel()
+                return 0
+            try:
+                claim.result()
+            except ClaimRefused as exc:
+                log.error("%s", exc)
+                return 3
         agent = Agent(cfg)
         agent.notifier = notifier
         await agent.run(stop, ready=ready)

@@ -224,6 +224,8 @@ class MqttLink:
         self._tasks: set[asyncio.Task] = set()
         #: mid -> future resolved by the broker's PUBACK (aiomqtt's _pending_publishes)
         self._pending: dict[int, asyncio.Future] = {}
+        #: QoS >= 1 publishes paho holds until their PUBACK (``reconnect_with`` waits for them)
+        self._unacked: set[int] = set()
 
     @classmethod
     def from_settings(cls, settings: MqttSettings, client_id: str, **kw: object) -> "MqttLink":
@@ -358,6 +360,7 @@ class MqttLink:
     def _on_published(self, client: mqtt.Client, mid: int) -> None:
         if client is not self._client:
             return
+        self._unacked.discard(mid)
         fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
             fut.set_result(True)
@@ -457,6 +460,8 @@ class MqttLink:
             return False
         props = self._props(response_topic, correlation)
         info = c.publish(topic, payload, qos, retain, properties=props)
+        if qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._unacked.add(info.mid)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def publish_acked(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
@@ -478,6 +483,24 @@ class MqttLink:
         self._pending[info.mid] = fut
         fut.add_done_callback(lambda f, mid=info.mid: self._pending.pop(mid, None) if f.cancelled() else None)
         return fut
+
+    async def reconnect_with(self, tls: TlsFiles, drain_timeout: float = 10.0) -> None:
+        """Switch to new TLS files (a renewed certificate): stop taking publishes (callers fall
+        back to their outbox), wait until the broker acknowledged what paho holds in flight —
+        a new client does not re-send the old one's — then reconnect with ``tls``. Subscriptions
+        and the inbound queue carry over."""
+        old = self._client
+        self.connected.clear()
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while (self._unacked or self._pending) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        self.tls = tls
+        self._client = None
+        self._unacked.clear()
+        if old is not None:
+            await self._restart(old)
+        elif not self._stopping:
+            self._start_client()
 
     async def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                                timeout: float = 1.0) -> bool:

@@ -19,6 +19,7 @@ from .keys import keys
 from .model import model
 from .offload import offload, offload_worker
 from .patch import patch
+from .provision import devices_group
 from .report import report
 from .params import BROKER_HELP, BROKER_URL
 from .round import round  # noqa: A004 - the command group is called "round"
@@ -42,7 +43,7 @@ def cli(ctx: click.Context, config: str | None, broker: str | None, db: str | No
 
 device.add_command(tag)
 cli.add_command(serve)
-cli.add_command(devices)
+cli.add_command(devices_group(devices))
 cli.add_command(device)
 cli.add_command(telemetry)
 cli.add_command(cmd)
