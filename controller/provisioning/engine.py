@@ -12,7 +12,9 @@ kill at any step is completed on restart. Renewals arrive on the device's own
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
 import time
 from typing import Any, Callable
 
@@ -29,6 +31,15 @@ from .store import ClaimStore
 log = logging.getLogger("fleetctl.provisioning")
 
 ENGINE = "controller"
+
+
+def _peek_nonce(payload: bytes, max_bytes: int) -> str | None:
+    """The nonce of a claim that may not verify (its refusal is answered there), if well formed."""
+    try:
+        nonce = json.loads(payload[:max_bytes]).get("nonce") if len(payload) <= max_bytes else None
+    except (ValueError, AttributeError):
+        return None
+    return nonce if isinstance(nonce, str) and re.fullmatch(r"[0-9a-f]{32}", nonce) else None
 
 
 class Provisioner:
@@ -73,10 +84,12 @@ class Provisioner:
         """Verify and store one claim; the claim id, or None when refused (answered with the reason)."""
         topic = claim_request_topic(self.topics)
         now = time.time() if now is None else now
-        nonce = None
+        nonce = _peek_nonce(payload, self.max_bytes)   # where a refusal is answered
         try:
             req = parse_request(payload, now, purpose="claim", max_bytes=self.max_bytes, skew_s=self.skew_s)
             nonce = req.nonce
+            if self.store.has_nonce(req.nonce):
+                raise ClaimError("replayed", f"nonce {req.nonce} was used before")
             ident = self.store.identity(req.device_id)
             if ident is not None:
                 raise ClaimError("exists" if ident[0] != "revoked" else "revoked",

