@@ -120,3 +120,22 @@ def record(cfg: Any, action: str, target: str = "", **detail: Any) -> None:
 
 def reader(db: sqlite3.Connection) -> AuditLog | None:
     return AuditLog(db, create=False) if has_table(db, "audit") else None
+
+
+def cli_hook(action: str, target: str = "", **detail: Any) -> None:
+    """The one-line hook in a CLI command: record into the controller database of the running
+    ``fleetctl`` (its --config/--db). Commands that may run before a controller exists (``certs
+    init``, ``keys init``) are recorded only when that database exists, and say so otherwise."""
+    import os
+
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    obj = ctx.find_root().obj if ctx is not None else None
+    if obj is None or not hasattr(obj, "cfg"):
+        return
+    cfg = obj.cfg()
+    if not os.path.exists(cfg.db_path):
+        click.echo(f"note: {action} not audited: no controller database at {cfg.db_path} yet", err=True)
+        return
+    record(cfg, action, target, **detail)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import click
 
+from .audit_cmd import audit
 from .certs import certs
 from .context import Ctx
 from .demo import demo
@@ -61,6 +62,7 @@ cli.add_command(model)
 cli.add_command(patch)
 cli.add_command(keys)
 cli.add_command(certs)
+cli.add_command(audit)
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from .. import audit
 from .params import DEVICE_ID, DURATION, FRACTION, TAG
 
 
@@ -133,6 +134,7 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
     rid = _create(ctx, store, art.version, art.bundle_sha256, devices, canary, batch, max_failures, wave_timeout,
                   max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id},
                   max_accuracy_drop=max_accuracy_drop, artifact_id=art.id)
+    audit.cli_hook("deploy", art.version, rollout=rid, artifact=art.id, devices=[d.id for d in devices])
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
@@ -277,6 +279,7 @@ def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | N
         raise click.ClickException(f"version {to_version!r} is neither in the artifact store nor kept on those devices")
     rid = _create(ctx, store, to_version, sha, devices, 0.0, 0, len(devices), 600.0, None,
                   {"to": to, "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
+    audit.cli_hook("rollback", to_version, rollout=rid, devices=[d.id for d in devices])
     _report_created(store, rid, to_version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)

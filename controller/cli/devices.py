@@ -23,7 +23,9 @@ from .params import DEVICE_ID, KEY_VALUE
 
 
 def device_rows(devs: list, desired: dict[str, str] | None = None) -> tuple[list[str], list[list[Any]]]:
-    headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C"]
+    from .provision import expiry_note
+
+    headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C", "CERT"]
     rows = []
     for d in devs:
         m = d.key_metrics()
@@ -32,7 +34,8 @@ def device_rows(devs: list, desired: dict[str, str] | None = None) -> tuple[list
         if want and model and not model.endswith("@" + want):
             model = f"{model} -> {want}"
         rows.append([d.id, d.group, d.online, age(d.last_seen), model, m["cpu_percent"],
-                     m["mem_used_percent"], m["rss_mb"], m["temperature_c"]])
+                     m["mem_used_percent"], m["rss_mb"], m["temperature_c"],
+                     expiry_note(((d.telemetry or {}).get("cert") or {}).get("not_after"))])
     return headers, rows
 
 

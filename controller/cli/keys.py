@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from .. import audit
+
 
 @click.group()
 def keys() -> None:
@@ -26,6 +28,7 @@ def init(directory: str, name: str, force: bool) -> None:
         raise click.ClickException(f"{priv} exists; use --force to replace it (agents trusting it must be updated)")
     key = generate()
     save_keypair(key, priv, pub)
+    audit.cli_hook("key.init", str(priv), key_id=key_id(key.public_key()))
     click.echo(f"key {key_id(key.public_key())}\n  private {priv} (keep secret; fleetctl --signing-key)\n"
                f"  public  {pub} (agents: [security] trusted_keys)")
 

@@ -16,6 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
+from .. import audit
 from .params import DURATION, FRACTION, KEY_VALUE
 
 
@@ -136,6 +137,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
 
         cfg = replace(cfg, eval_file=str(eval_file))
     store.create_run(run_id, cfg.to_dict(), head)
+    audit.cli_hook("round.start", run_id, strategy=strategy, rounds=n_rounds, clients=clients)
     if not as_json:
         click.echo(f"{run_id}: {cfg.mode} {strategy}, {n_rounds} rounds, up to {clients} clients, "
                    f"deadline {cfg.deadline_s:g}s")
