@@ -237,3 +237,100 @@ def test_rotation_two_renewals_no_lost_telemetry(fleet):
     assert "certificate expires in" in r.stderr   # 20 s certificates are always "soon"
     log = (fleet.tmp / "auto-rot.log").read_text()
     assert log.count("certificate renewed") >= 2, log[-3000:]
+
+
+def list_clients(broker) -> list[str]:
+    probe = TlsProbe(broker, "operator", ("$CONTROL/dynamic-security/v1/response",))
+    try:
+        probe.publish("$CONTROL/dynamic-security/v1", json.dumps(
+            {"commands": [{"command": "listClients", "count": -1}]}).encode())
+        hits = wait_for(lambda: [json.loads(p) for _, p in probe.seen()], 10, what="listClients")
+        return hits[0]["responses"][0]["data"]["clients"]
+    finally:
+        probe.close()
+
+
+def test_kill_between_issue_and_dynsec_then_revoke(fleet, tmp_path):
+    """The controller dies after committing the certificate, before the broker call: a new
+    controller on the same database completes it; a revoked device is removed from the broker
+    and its renewal is refused."""
+    import asyncio
+
+    from controller.audit import AuditLog
+    from controller.db import connect
+    from controller.provisioning.dynsec import RESPONSE
+    from controller.provisioning.engine import Provisioner
+    from controller.provisioning.store import ClaimStore
+    from protocol.mqttlink import MqttLink, TlsFiles, parse_broker_url
+    from protocol.topics import Topics
+
+    b = fleet.broker
+    answers = TlsProbe(b, "claim", ("edgefleet/v1/claim/answer/+",))
+    sent: list[tuple[str, str, dict]] = []
+
+    async def main() -> None:
+        cert, key = b.identity("controller")
+        link = MqttLink("ctl-test", parse_broker_url(b.url), tls=TlsFiles(str(b.pki / "ca.pem"), str(cert), str(key)),
+                        subscriptions=[(RESPONSE, 1)])
+        await link.start()
+        assert await link.wait_connected(10)
+
+        def make() -> Provisioner:
+            db = connect(tmp_path / "ctl.db")
+            return Provisioner(ClaimStore(db), AuditLog(db), Topics(), link.publish,
+                               lambda d, c, a: sent.append((d, c, a)) or True, ca_dir=str(b.pki), lifetime_s=600)
+
+        p1 = make()
+        body = make_request(new_key(), "killed-1")
+        cid = p1.on_claim(json.dumps(body).encode())
+        assert cid and p1.store.decide(cid, "accepted", "test")
+        p1.issue_accepted()                    # committed ... and the controller is killed here
+        p1.store.db.close()
+        assert "killed-1" not in list_clients(b)
+        p2 = make()                            # the restarted controller
+        pump = asyncio.create_task(_pump(link, p2))
+        assert p2.store.get(cid).status == "issued"
+        await p2.step()
+        assert p2.store.get(cid).status == "done"
+        assert "killed-1" in list_clients(b)
+        wait_for(lambda: [p for t, p in answers.seen() if t.endswith(body["nonce"]) and json.loads(p)["ok"]], 10,
+                 what="the completed claim's answer")
+        await p2.step()                        # idempotent: nothing more to do, nothing breaks
+        p2.store.set_identity("killed-1", "revoking", None, None)
+        await p2.step()
+        assert "killed-1" not in list_clients(b)
+        assert p2.store.identity("killed-1")[0] == "revoked"
+        renewal = make_request(new_key(), "killed-1", "renew")
+        assert not p2.on_renew("killed-1", json.dumps(renewal).encode())
+        assert sent[-1][1] == "cert.refused" and sent[-1][2]["reason"] == "revoked"
+        assert p2.on_claim(json.dumps(make_request(new_key(), "killed-1")).encode()) is None   # no re-claim
+        pump.cancel()
+        await link.stop()
+
+    async def _pump(link, prov) -> None:
+        while True:
+            prov.handles(await link.messages.get())
+
+    asyncio.run(main())
+    answers.close()
+
+    # and through the CLI, on a running board: revoked at once, its own certificate can no longer act
+    fleet.add_agent("pi-rev")
+    wait_for(lambda: "pi-rev" in pending_ids(fleet), 30, what="pi-rev's claim")
+    assert fleet.ctl("devices", "accept", "pi-rev").returncode == 0
+    wait_for(lambda: (d := device(fleet.db, "pi-rev")) is not None and d.online, 30, what="pi-rev online")
+    r = fleet.ctl("devices", "revoke", "pi-rev")
+    assert r.returncode == 0 and "revoked 1 device" in r.stdout, r.stdout + r.stderr
+    assert "pi-rev" not in list_clients(b)
+    watcher = TlsProbe(b, "operator", ("edgefleet/v1/dev/+/events",))
+    board = TlsProbe(b, "pi-rev")
+    board.publish("edgefleet/v1/dev/pi-rev/events", b"after-revoke")
+    TlsProbe(b, "operator").publish("edgefleet/v1/dev/x/events", b"marker")
+    wait_for(lambda: watcher.seen(lambda t, p: p == b"marker"), 10, what="marker")
+    assert not watcher.seen(lambda t, p: p == b"after-revoke")
+    out = json.loads(fleet.ctl("audit", "--json").stdout)["entries"]
+    actions = {(e["action"], e["target"]) for e in out}
+    assert ("device.accept", "pi-rev") in actions and ("device.revoke", "pi-rev") in actions, actions
+    assert all(e["actor"] for e in out)
+    watcher.close()
+    board.close()
