@@ -17,6 +17,7 @@ from .demo import demo
 from .deploy import deploy, rollback, rollout, tag
 from .devices import cmd, device, devices, feedback_cmd, infer_cmd, telemetry
 from .keys import keys
+from .logs import logs
 from .model import model
 from .offload import offload, offload_worker
 from .patch import patch
@@ -63,6 +64,7 @@ cli.add_command(patch)
 cli.add_command(keys)
 cli.add_command(certs)
 cli.add_command(audit)
+cli.add_command(logs)
 
 
 def main() -> None:
