@@ -17,6 +17,7 @@ from .demo import demo
 from .deploy import deploy, rollback, rollout, tag
 from .devices import cmd, device, devices, feedback_cmd, infer_cmd, telemetry
 from .keys import keys
+from .lineage import lineage
 from .logs import logs
 from .model import model
 from .offload import offload, offload_worker
@@ -44,6 +45,7 @@ def cli(ctx: click.Context, config: str | None, broker: str | None, db: str | No
 
 
 device.add_command(tag)
+model.add_command(lineage)
 cli.add_command(serve)
 cli.add_command(devices_group(devices))
 cli.add_command(device)

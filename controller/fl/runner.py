@@ -220,7 +220,7 @@ class RoundRunner:
             base = rollouts.add_bundle(dep["bundle"])
             version = f"{base.version}+fl.{run.id[-4:]}.{run.global_version}"
             out = Path(rollouts.artifacts_dir) / "derived" / f"{run.id}-v{run.global_version}"
-            derive_bundle(base.path, out, version, run.head)
+            derive_bundle(base.path, out, version, run.head, lineage=self.lineage_of(run))
             art = rollouts.add_bundle(out)
         except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:
             log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
@@ -239,6 +239,15 @@ class RoundRunner:
         run_cfg["deploy"] = {**dep, "rollout_id": rid}
         self.store.set_config(run.id, run_cfg)
         return rid
+
+    def lineage_of(self, run) -> dict:
+        """A federated result's lineage: the run, its aggregated rounds, who took part, how, and DP."""
+        rounds = [r for r in self.store.rounds(run.id) if r.status == "aggregated"] or self.store.rounds(run.id)
+        devices = sorted({u.device_id for r in rounds for u in self.store.updates(run.id, r.round_no) if u.accepted})
+        last = next((r.metrics for r in reversed(rounds) if r.metrics and "dp_epsilon" in r.metrics), None)
+        return {"kind": "federated", "run_id": run.id, "rounds": [r.round_no for r in rounds], "devices": devices,
+                "n_devices": len(devices), "strategy": str(run.config.get("strategy", "?")),
+                "dp": {"epsilon": last["dp_epsilon"], "delta": last.get("dp_delta")} if last else None}
 
     def publish_head(self, run_id: str, version: int) -> int:
         """Send the new global head to every online device of the run that learns (until rollouts ship it)."""
