@@ -167,7 +167,7 @@ class Agent:
                          "telemetry.now": self._cmd_telemetry_now}
         self.control_handlers = {"cmd": self._handle_cmd}
         self.request_handlers = {}
-        own = {self.topics.cmd(self.device_id), self.topics.req(self.device_id),
+        own = {self.topics.cmd(self.device_id), self.topics.bin(self.device_id), self.topics.req(self.device_id),
                self.topics.group_cmd(self.cfg.device.group)}
         self.subscriptions = {}
         if self.cfg.homeassistant.enabled:
@@ -333,7 +333,8 @@ class Agent:
     # -- main ------------------------------------------------------------
     def _make_link(self) -> MqttLink:
         offline = encode(self._envelope("state", self.state_body("offline")))
-        subs = [(self.topics.cmd(self.device_id), 1), (self.topics.req(self.device_id), 1),
+        subs = [(self.topics.cmd(self.device_id), 1), (self.topics.bin(self.device_id), 1),
+                (self.topics.req(self.device_id), 1),
                 (self.topics.group_cmd(self.cfg.device.group), 1)]
         subs += [(s.topic, s.qos) for s in self.subscriptions.values()]
         return MqttLink.from_settings(self.cfg.mqtt, self.device_id, subscriptions=subs,
@@ -402,7 +403,10 @@ class Agent:
         if sub is not None:
             await sub.handler(msg)
             return
-        control = msg.topic in (self.topics.cmd(self.device_id), self.topics.group_cmd(self.cfg.device.group))
+        # the controller channel: JSON commands on cmd, signed binary frames on bin (frames that
+        # still arrive on cmd, from a controller before the bin topic, are accepted the same way)
+        control = msg.topic in (self.topics.cmd(self.device_id), self.topics.bin(self.device_id),
+                                self.topics.group_cmd(self.cfg.device.group))
         decoded = self.decode(msg)
         if decoded is None:
             return

@@ -98,6 +98,8 @@ class Message:
     correlation: bytes | None = None
     #: the packet id, for ``MqttLink.ack`` on a link with ``manual_ack`` (0 for QoS 0)
     mid: int = 0
+    #: MQTT 5 content type as the publisher set it (None on 3.1.1 or when unset)
+    content_type: str | None = None
 
 
 class _HandOff(asyncio.Queue):
@@ -175,6 +177,38 @@ class MqttSettings:
 
     def tls_files(self) -> TlsFiles | None:
         return TlsFiles(self.ca_file or None, self.cert_file or None, self.key_file or None) if self.ca_file else None
+
+
+
+# MQTT 5 content types of what we publish (docs/protocol.md): JSON envelopes are UTF-8 text
+# (payload format indicator 1); binary frames (protocol/binary.py, magic b"EF") are not.
+CONTENT_JSON = "application/json"
+CONTENT_FRAME = "application/vnd.edgefleet.frame"
+
+
+def content_kind(payload: bytes | bytearray | memoryview) -> str:
+    """"frame" for a binary frame, "json" for an envelope, "other" for anything else (HA's b"online")."""
+    head = bytes(payload[:2])
+    if head == b"EF":
+        return "frame"
+    if head[:1] in (b"{", b"["):
+        return "json"
+    return "other"
+
+
+def _content_props(kind: str) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    if kind == "json":
+        props.ContentType = CONTENT_JSON
+        props.PayloadFormatIndicator = 1
+    elif kind == "frame":
+        props.ContentType = CONTENT_FRAME
+        props.PayloadFormatIndicator = 0
+    return props
+
+
+_CONTENT_PROPS = {k: _content_props(k) for k in ("json", "frame")}
+_CONTENT_PROPS["other"] = None  # type: ignore[assignment]
 
 
 class MqttLink:
@@ -338,12 +372,13 @@ class MqttLink:
         self._post(self._on_disconnect, client, str(rc))
 
     def _cb_message(self, client, userdata, m) -> None:
-        rt = corr = None
+        rt = corr = ctype = None
         props = getattr(m, "properties", None)
         if props is not None:
             rt = getattr(props, "ResponseTopic", None)
             corr = getattr(props, "CorrelationData", None)
-        msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0)
+            ctype = getattr(props, "ContentType", None)
+        msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0, ctype)
         slots = self.messages.slots  # type: ignore[attr-defined]
         while not slots.acquire(timeout=0.5):   # the consumer is behind: stop reading until it catches up
             if self._stopping or self._loop is None or self._loop.is_closed():
@@ -441,11 +476,16 @@ class MqttLink:
         if self._client is not None and self.connected.is_set():
             self._client.subscribe(flt, qos)
 
-    def _props(self, response_topic: str | None, correlation: bytes | None) -> Properties | None:
-        """MQTT 5 request/response properties (None on 3.1.1, where the envelope carries them)."""
-        if not (self._v5 and (response_topic or correlation)):
+    def _props(self, response_topic: str | None, correlation: bytes | None,
+               payload: bytes = b"") -> Properties | None:
+        """MQTT 5 properties (None on 3.1.1, where the envelope carries what matters): the content
+        type, so a dashboard can tell JSON from a binary frame before parsing, and request/response."""
+        if not self._v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)
+        kind = content_kind(payload)
+        if not (response_topic or correlation):
+            return _CONTENT_PROPS[kind]   # shared, never mutated: no allocation per message
+        props = _content_props(kind)
         if response_topic:
             props.ResponseTopic = response_topic
         if correlation:
@@ -458,7 +498,7 @@ class MqttLink:
         c = self._client
         if c is None or not self.connected.is_set():
             return False
-        props = self._props(response_topic, correlation)
+        props = self._props(response_topic, correlation, payload)
         info = c.publish(topic, payload, qos, retain, properties=props)
         if qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
             self._unacked.add(info.mid)
@@ -475,7 +515,7 @@ class MqttLink:
         if c is None or not self.connected.is_set():
             fut.set_result(False)
             return fut
-        props = self._props(response_topic, correlation)
+        props = self._props(response_topic, correlation, payload)
         info = c.publish(topic, payload, max(1, qos), retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             fut.set_result(False)
