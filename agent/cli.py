@@ -121,6 +121,36 @@ async def _serve(cfg: AgentConfig) -> int:
 
 
 @cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="agent TOML config")
+@click.option("--timeout", default=0.0, type=float, help="give up after this many seconds (0: wait for ever)")
+def claim(config_path: str, timeout: float) -> None:
+    """Claim this board's own certificate with the claim credential ([provisioning]), then exit
+    (``run`` does the same on its first start)."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(2)
+    from .provisioning.claim import ClaimRefused, claim_identity, needs_claim
+
+    setup_logging("info")
+    if not needs_claim(cfg):
+        click.echo(f"nothing to claim: {cfg.mqtt.cert_file or '[mqtt] cert_file'} exists or [provisioning] "
+                   "claim_cert is not set")
+        return
+    try:
+        path = asyncio.run(claim_identity(cfg, timeout or None))
+    except ClaimRefused as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(3)
+    except asyncio.TimeoutError:
+        click.echo(f"no answer within {timeout:g}s; the claim stays pending (run again to keep waiting)", err=True)
+        sys.exit(4)
+    click.echo(f"claimed: {path}")
+
+
+@cli.command()
 @click.option("--port", required=True, help="serial port of the MCU, e.g. /dev/ttyUSB0")
 @click.option("--baud", default=115200, show_default=True, type=click.IntRange(300, 12_000_000))
 @click.option("--bundle", default=None, type=click.Path(file_okay=False), help="answer sensor frames with this model")

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .. import audit
+
 
 @click.group()
 def patch() -> None:
@@ -37,6 +39,7 @@ def make(old_bundle: str, new_bundle: str, out: str, key_path: str, full: bool, 
     tmp = Path(out).with_name(f".{Path(out).name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, out)
+    audit.cli_hook("patch.make", pm["target"]["version"], key_id=pm["signature"]["key_id"], out=out)
     summary = {"out": out, "bytes": len(data), "base": pm["base"], "target": pm["target"],
                "files": sorted(pm["files"]), "unchanged": pm["unchanged"], "key_id": pm["signature"]["key_id"]}
     if as_json:

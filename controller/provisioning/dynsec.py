@@ -33,19 +33,16 @@ def role_name(device_id: str) -> str:
 
 
 def device_acls(topics: Topics, device_id: str) -> list[dict[str, Any]]:
-    """The device's own subtree: publish anything in it except ``cmd`` (the controller's), read
-    its ``cmd``/``req`` topics, its groups' commands and the controller's state."""
+    """configs/mosquitto/acl's ``pattern`` lines for this one device: it writes only its own
+    subtree (not its ``cmd``/``bin``/``req``: those are written to it), reads its own commands,
+    frames, requests and replies, any group's commands and the Home Assistant birth topic."""
     own = f"{topics.base}/dev/{device_id}"
-    return [
-        {"acltype": "publishClientSend", "topic": f"{own}/cmd", "priority": 10, "allow": False},
-        {"acltype": "publishClientSend", "topic": f"{own}/#", "priority": 1, "allow": True},
-        {"acltype": "subscribeLiteral", "topic": f"{own}/cmd", "allow": True},
-        {"acltype": "subscribeLiteral", "topic": f"{own}/req", "allow": True},
-        {"acltype": "subscribePattern", "topic": f"{topics.base}/group/+/cmd", "allow": True},
-        {"acltype": "subscribePattern", "topic": f"{topics.base}/ctl/#", "allow": True},
-        {"acltype": "subscribePattern", "topic": "homeassistant/status", "allow": True},
-        {"acltype": "publishClientSend", "topic": "homeassistant/#", "allow": True},
-    ]
+    send = [f"{own}/state", f"{own}/telemetry", f"{own}/events", f"{own}/results", f"{own}/reply/#",
+            f"{own}/data/#", f"{topics.base}/offload/req", f"homeassistant/+/{device_id}/+/config"]
+    read = [f"{own}/cmd", f"{own}/bin", f"{own}/req", f"{own}/reply/#", f"{topics.base}/group/+/cmd",
+            "homeassistant/status"]
+    return ([{"acltype": "publishClientSend", "topic": t, "allow": True} for t in send]
+            + [{"acltype": "subscribePattern", "topic": t, "allow": True} for t in read])
 
 
 def add_device_commands(topics: Topics, device_id: str) -> list[dict[str, Any]]:
