@@ -24,7 +24,7 @@ from protocol.claims import ClaimError, check_issued, key_pem, make_request, new
 from protocol.mqttlink import TlsFiles
 
 from ..core.context import CommandError, Feature
-from .files import load_cert, load_key, pair_matches, sync_dir, write_atomic
+from .files import load_cert, pair_matches, sync_dir, write_atomic
 
 log = logging.getLogger("edge_agent.cert")
 

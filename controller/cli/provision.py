@@ -9,6 +9,7 @@ expiry); ``devices_group`` wraps the existing command so devices.py stays as it 
 from __future__ import annotations
 
 import json
+import os
 import time
 from typing import Any
 
@@ -24,7 +25,10 @@ WARN_EXPIRY_S = 7 * 86400
 
 
 def _store(c: Ctx) -> ClaimStore:
-    return ClaimStore(connect(c.cfg().db_path))
+    path = c.cfg().db_path
+    if not os.path.exists(path):
+        raise click.ClickException(f"no controller database at {path} (is `fleetctl serve` running with this --db?)")
+    return ClaimStore(connect(path))
 
 
 def _resolve(store: ClaimStore, refs: tuple[str, ...], all_pending: bool) -> list[Any]:

@@ -4,7 +4,10 @@ bad claims refused with reasons; revocation removes the board; audit lists the a
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import subprocess
+import sys
 import threading
 import time
 
@@ -17,9 +20,6 @@ from protocol.claims import make_request, new_key
 from tests.helpers.dynsec import start_dynsec_broker
 from tests.helpers.fleet import ENV, ROOT, device, fleetctl, stop
 from tests.helpers.waiting import wait_for
-
-import subprocess
-import sys
 
 LIFETIME = 20.0
 
@@ -203,8 +203,6 @@ def test_fifty_claims_in_one_command_and_bad_claims(fleet):
 
 
 def os_nonce() -> str:
-    import os
-
     return os.urandom(16).hex()
 
 
