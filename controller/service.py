@@ -26,6 +26,7 @@ from .fl.runner import RoundRunner
 from .fl.store import RoundStore
 from .link import make_link
 from .offload.tuning import adjust_threshold
+from .provisioning.service_hook import make_provisioner
 from .registry import Registry
 from .rollouts.runner import RolloutRunner
 from .rollouts.store import RolloutStore
@@ -57,7 +58,6 @@ class ControllerService:
         self.listeners.append(self.rollouts.on_message)
         self.rounds = RoundRunner(self.channel, self.registry, RoundStore(self.registry.db), rollout_store, cfg,
                                   self.reject)
-        from .provisioning.service_hook import make_provisioner
         self.provisioning = make_provisioner(cfg, self.registry.db, self.topics, self._publish, self.channel.command,
                                              self.reject)
 

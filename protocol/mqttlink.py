@@ -329,6 +329,7 @@ class MqttLink:
     def _fail_pending(self) -> None:
         """Publishes of a client that is gone will never be acknowledged: they were not sent."""
         pending, self._pending = self._pending, {}
+        self._unacked.clear()
         for fut in pending.values():
             if not fut.done():
                 fut.set_result(False)
