@@ -13,16 +13,15 @@ from __future__ import annotations
 import getpass
 import hashlib
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from .db import connect, ensure_schema, has_table
+from .db import Database, as_database, connect, has_table, migrate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS audit(
-    id INTEGER PRIMARY KEY, ts REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
+    id AUTO_ID, ts REAL NOT NULL, actor TEXT NOT NULL, action TEXT NOT NULL,
     target TEXT NOT NULL, detail TEXT NOT NULL);
 """
 
@@ -86,10 +85,10 @@ def actor_of(cfg: Any, role: str = "cli") -> str:
 
 
 class AuditLog:
-    def __init__(self, db: sqlite3.Connection, create: bool = True) -> None:
-        self.db = db
+    def __init__(self, db: Database, create: bool = True) -> None:
+        self.db = as_database(db)
         if create:
-            ensure_schema(db, SCHEMA)
+            migrate(self.db, "audit", [SCHEMA])
 
     def append(self, actor: str, action: str, target: str = "", detail: dict[str, Any] | None = None,
                now: float | None = None) -> None:
@@ -118,7 +117,7 @@ def record(cfg: Any, action: str, target: str = "", **detail: Any) -> None:
         db.close()
 
 
-def reader(db: sqlite3.Connection) -> AuditLog | None:
+def reader(db: Database) -> AuditLog | None:
     return AuditLog(db, create=False) if has_table(db, "audit") else None
 
 
@@ -135,7 +134,7 @@ def cli_hook(action: str, target: str = "", **detail: Any) -> None:
     if obj is None or not hasattr(obj, "cfg"):
         return
     cfg = obj.cfg()
-    if not os.path.exists(cfg.db_path):
+    if cfg.db_is_sqlite and not os.path.exists(cfg.db_path):
         click.echo(f"note: {action} not audited: no controller database at {cfg.db_path} yet", err=True)
         return
     record(cfg, action, target, **detail)

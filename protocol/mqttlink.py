@@ -215,7 +215,7 @@ class MqttLink:
     """One MQTT session, reconnecting forever until ``stop()``."""
 
     def __init__(self, client_id: str, broker: BrokerAddress, *, protocol: str = "auto",
-                 keepalive: int = 30, will: Will | None = None, tls: TlsFiles | None = None,
+                 keepalive: int = 30, will: "Will | Callable[[], Will] | None" = None, tls: TlsFiles | None = None,
                  subscriptions: list[tuple[str, int]] | None = None,
                  on_connect: Callable[[], Awaitable[None] | None] | None = None,
                  min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000,
@@ -286,7 +286,15 @@ class MqttLink:
             t = self.tls or TlsFiles()
             c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        if self.will:
+        if callable(self.will):
+            # a will built afresh before every (re)connect: its timestamp is when the connection it
+            # guards began, not when the process started (paho calls on_pre_connect each attempt)
+            def _arm(client, userdata, make=self.will) -> None:
+                w = make()
+                client.will_set(w.topic, w.payload, w.qos, w.retain)
+            _arm(c, None)
+            c.on_pre_connect = _arm
+        elif self.will:
             c.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
         c.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
         c.max_queued_messages_set(10000)

@@ -22,7 +22,8 @@ from .context import Ctx, pass_ctx
 from .params import DEVICE_ID, KEY_VALUE
 
 
-def device_rows(devs: list, desired: dict[str, str] | None = None) -> tuple[list[str], list[list[Any]]]:
+def device_rows(devs: list, desired: dict[str, str] | None = None,
+                certs: dict[str, float] | None = None) -> tuple[list[str], list[list[Any]]]:
     from .provision import expiry_note
 
     headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C", "CERT"]
@@ -35,7 +36,7 @@ def device_rows(devs: list, desired: dict[str, str] | None = None) -> tuple[list
             model = f"{model} -> {want}"
         rows.append([d.id, d.group, d.online, age(d.last_seen), model, m["cpu_percent"],
                      m["mem_used_percent"], m["rss_mb"], m["temperature_c"],
-                     expiry_note(((d.telemetry or {}).get("cert") or {}).get("not_after"))])
+                     expiry_note((certs or {}).get(d.id))])
     return headers, rows
 
 
@@ -50,16 +51,18 @@ def _desired_versions(reg: Registry) -> dict[str, str]:
 def devices(c: Ctx, as_json: bool) -> None:
     """List devices: id, online, last seen, model, key metrics."""
     reg = c.registry()
-    devs = reg.devices()
+    devs = reg.summaries()   # columns only: no state or telemetry JSON parsed for a list
     desired = _desired_versions(reg)
-    if as_json:
+    if as_json:   # one line (json's C encoder): 10,000 devices in a fraction of a second
         click.echo(json.dumps({"devices": [{**_device_summary(d), "desired_version": desired.get(d.id)}
-                                           for d in devs]}, indent=2))
+                                           for d in devs]}))
         return
     if not devs:
         click.echo("no devices yet")
         return
-    click.echo(render(*device_rows(devs, desired)))
+    from .provision import cert_expiries
+
+    click.echo(render(*device_rows(devs, desired, cert_expiries(reg))))
 
 
 def _device_summary(d: Any) -> dict[str, Any]:

@@ -60,7 +60,7 @@ def lineage(c: Ctx, version: str, as_json: bool) -> None:
 
     store = None
     db = c.cfg().db_path
-    if os.path.exists(db):
+    if not c.cfg().db_is_sqlite or os.path.exists(db):
         store = RolloutStore.reader(c.registry().db)
 
     def find(v: str) -> dict[str, Any] | None:

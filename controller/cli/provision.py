@@ -25,8 +25,9 @@ WARN_EXPIRY_S = 7 * 86400
 
 
 def _store(c: Ctx) -> ClaimStore:
-    path = c.cfg().db_path
-    if not os.path.exists(path):
+    cfg = c.cfg()
+    path = cfg.db_path
+    if cfg.db_is_sqlite and not os.path.exists(path):
         raise click.ClickException(f"no controller database at {path} (is `fleetctl serve` running with this --db?)")
     return ClaimStore(connect(path))
 
@@ -65,16 +66,10 @@ def expiry_note(not_after: float | None, now: float | None = None) -> str:
 
 
 def cert_expiries(reg: Any) -> dict[str, float]:
-    """Each device's certificate expiry: what it reports in telemetry, else what was issued."""
-    out: dict[str, float] = {}
+    """Each provisioned device's certificate expiry, as issued (renewals update it): one query, no
+    telemetry parsed (the device's own view is in its telemetry, ``cert.not_after``)."""
     st = ClaimStore.reader(reg.db)
-    if st is not None:
-        out.update({d: na for d, (_, na) in st.identities().items() if na})
-    for d in reg.devices():
-        na = ((d.telemetry or {}).get("cert") or {}).get("not_after")
-        if na:
-            out[d.id] = float(na)
-    return out
+    return {d: na for d, (status, na) in st.identities().items() if na and status == "active"} if st else {}
 
 
 def devices_group(devices_cmd: click.Command) -> click.Group:

@@ -1,7 +1,6 @@
 """Build the Provisioner from the controller config (None when provisioning is off)."""
 from __future__ import annotations
 
-import sqlite3
 from typing import Any, Callable
 
 from protocol.topics import Topics
@@ -12,7 +11,7 @@ from .policy import AutoAccept
 from .store import ClaimStore
 
 
-def make_provisioner(cfg: Any, db: sqlite3.Connection, topics: Topics, publish: Callable[..., bool],
+def make_provisioner(cfg: Any, db: Any, topics: Topics, publish: Callable[..., bool],
                      command: Callable[[str, str, dict[str, Any]], bool],
                      reject: Callable[[str, str, str], None]) -> Provisioner | None:
     p = cfg.provisioning

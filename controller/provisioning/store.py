@@ -9,16 +9,15 @@ are idempotent). ``identities`` holds one row per device that has (had) a certif
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
 
-from ..db import connect, ensure_schema, has_table
+from ..db import Database, as_database, connect, has_table, migrate
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS claims(
-    id INTEGER PRIMARY KEY, device_id TEXT NOT NULL, nonce TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
+    id AUTO_ID, device_id TEXT NOT NULL, nonce TEXT NOT NULL UNIQUE, status TEXT NOT NULL,
     hardware TEXT, tags TEXT, csr TEXT NOT NULL, received_at REAL NOT NULL, decided_at REAL,
     decided_by TEXT, reason TEXT, cert TEXT, serial TEXT, not_after REAL);
 CREATE INDEX IF NOT EXISTS claims_status ON claims(status);
@@ -29,6 +28,8 @@ CREATE TABLE IF NOT EXISTS identities(
 CREATE TABLE IF NOT EXISTS renew_nonces(nonce TEXT PRIMARY KEY, device_id TEXT NOT NULL, seen_at REAL NOT NULL);
 """
 
+#: versioned migrations (controller/db.py): 1 = the tables above
+MIGRATIONS = [SCHEMA]
 OPEN = ("pending", "accepted", "issued")
 
 
@@ -57,17 +58,17 @@ def _claim(r: tuple) -> Claim:
 
 
 class ClaimStore:
-    def __init__(self, db: sqlite3.Connection, create: bool = True) -> None:
-        self.db = db
+    def __init__(self, db: Database, create: bool = True) -> None:
+        self.db = as_database(db)
         if create:
-            ensure_schema(db, SCHEMA)
+            migrate(self.db, "provisioning", MIGRATIONS)
 
     @classmethod
     def open(cls, path: str) -> "ClaimStore":
         return cls(connect(path))
 
     @classmethod
-    def reader(cls, db: sqlite3.Connection) -> "ClaimStore | None":
+    def reader(cls, db: Database) -> "ClaimStore | None":
         return cls(db, create=False) if has_table(db, "claims") else None
 
     # -- claims ------------------------------------------------------------
