@@ -1,4 +1,11 @@
-"""``fleetctl serve``: the controller service, in the shared lifecycle (protocol/lifecycle.py)."""
+"""``fleetctl serve``: the controller service, in the shared lifecycle (protocol/lifecycle.py).
+
+One ``serve`` per registry unless the operator asks for replicas (``--replica``): two controllers
+on one SQLite file under one broker identity push each other off the broker every half second
+and fight over the file. The guard is an ``fcntl`` lock next to the registry
+(protocol/instancelock.py); ``instance_lock_path`` is the hook a shared registry (PostgreSQL,
+where replicas coordinate through leases) answers with None.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -7,6 +14,7 @@ import sys
 
 import click
 
+from protocol.instancelock import InstanceLock, LockHeld
 from protocol.lifecycle import run_until_stopped
 
 from ..config import ConfigError, ControllerConfig
@@ -14,18 +22,67 @@ from .context import Ctx, pass_ctx, setup_logging
 
 log = logging.getLogger("fleetctl")
 
+#: sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus=78 (fail once with the reason, no restart loop)
+EX_CONFIG = 78
+
+
+def instance_lock_path(cfg: ControllerConfig) -> str | None:
+    """Where the single-instance lock lives: beside a registry file. None: the registry is not a
+    local file (a database URL), and replicas are coordinated by the database itself."""
+    from ..db import parse_url
+
+    u = parse_url(cfg.db_path)
+    if u.backend != "sqlite":
+        return None
+    return f"{u.target}.serve.lock"
+
 
 @click.command()
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option("--replica", is_flag=True,
+              help="run beside another `serve` on the same registry (deliberate replicas: shared subscriptions)")
 @pass_ctx
-def serve(c: Ctx, log_level: str) -> None:
+def serve(c: Ctx, log_level: str, replica: bool) -> None:
     """Run the controller service until SIGTERM/SIGINT."""
     cfg = c.cfg()
+    _check_signing_key(cfg.security.signing_key)
     setup_logging(log_level)
-    asyncio.run(run_until_stopped(lambda stop: _serve(cfg, stop), logger=log))
+    lock = None
+    where = instance_lock_path(cfg)
+    if where and not replica:
+        lock = InstanceLock(where, f"registry {cfg.db_path}")
+        try:
+            lock.acquire()
+        except LockHeld as exc:
+            click.echo(f"error: {exc}: another `fleetctl serve` runs on this registry (stop it, or pass "
+                       "--replica to run a deliberate second replica)", err=True)
+            sys.exit(EX_CONFIG)
+        except OSError as exc:
+            click.echo(f"error: registry {cfg.db_path}: cannot create its lock {where}: {exc.strerror or exc}", err=True)
+            sys.exit(EX_CONFIG)
+    try:
+        code = asyncio.run(run_until_stopped(lambda stop: _serve(cfg, stop), logger=log))
+    finally:
+        if lock is not None:
+            lock.release()
+    if code:
+        sys.exit(code)
 
 
-async def _serve(cfg: ControllerConfig, stop: asyncio.Event) -> None:
+def _check_signing_key(path: str | None) -> None:
+    """A missing or unreadable key: one line naming the file and what to run, exit 2 (before any
+    logging or connection: under systemd it is the whole journal entry)."""
+    from ..channel import load_signing_key
+
+    try:
+        load_signing_key(path)
+    except ConfigError as exc:
+        click.echo(f"fleetctl serve: {exc}; make a key pair with `fleetctl keys init --dir DIR` and pass "
+                   f"--signing-key DIR/controller.pem (or set [security] signing_key)", err=True)
+        sys.exit(2)
+
+
+async def _serve(cfg: ControllerConfig, stop: asyncio.Event) -> int:
     from ..service import ControllerService
 
     try:
@@ -34,4 +91,5 @@ async def _serve(cfg: ControllerConfig, stop: asyncio.Event) -> None:
         await svc.run(stop)
     except ConfigError as exc:
         log.error("config error: %s", exc)
-        sys.exit(2)
+        return EX_CONFIG
+    return 0
