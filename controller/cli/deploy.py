@@ -312,6 +312,7 @@ def _control(ctx: click.Context, rollout_id: str, as_json: bool, act: Any, verb:
         raise click.ClickException(f"no rollout {rollout_id!r}")
     if not act(store):
         raise click.ClickException(f"{rollout_id} is {r.status}: only a {allowed} rollout can be {verb}")
+    audit.cli_hook(f"rollout.{verb}", rollout_id)
     r = store.rollout(rollout_id)
     if as_json:
         click.echo(json.dumps(rollout_json(store, r), indent=2))

@@ -317,6 +317,7 @@ def stop(ctx: click.Context, run_id: str, reason: str, as_json: bool) -> None:
         raise click.ClickException(f"no run {run_id!r}")
     if not store.stop_run(run_id, reason):
         raise click.ClickException(f"{run_id} is {run.status}: only a pending or running run can be stopped")
+    audit.cli_hook("round.stop", run_id, reason=reason)
     s = _run_json(store, run_id)
     if as_json:
         click.echo(json.dumps(s, indent=2))
