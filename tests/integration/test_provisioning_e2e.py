@@ -19,7 +19,7 @@ from controller.registry import Registry
 from protocol.claims import make_request, new_key
 from tests.helpers.dynsec import start_dynsec_broker
 from tests.helpers.fleet import ENV, ROOT, device, fleetctl, stop
-from tests.helpers.waiting import wait_for
+from tests.helpers.waiting import until, wait_for
 
 LIFETIME = 20.0
 
@@ -291,8 +291,8 @@ def test_kill_between_issue_and_dynsec_then_revoke(fleet, tmp_path):
         await p2.step()
         assert p2.store.get(cid).status == "done"
         assert "killed-1" in list_clients(b)
-        wait_for(lambda: [p for t, p in answers.seen() if t.endswith(body["nonce"]) and json.loads(p)["ok"]], 10,
-                 what="the completed claim's answer")
+        await until(lambda: [p for t, p in answers.seen() if t.endswith(body["nonce"]) and json.loads(p)["ok"]], 20,
+                    what="the completed claim's answer")   # async: the link's I/O runs on this loop
         await p2.step()                        # idempotent: nothing more to do, nothing breaks
         p2.store.set_identity("killed-1", "revoking", None, None)
         await p2.step()
