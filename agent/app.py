@@ -87,6 +87,13 @@ def compose(ctx: "Agent") -> list[Feature]:
     features: list[Feature] = [serving, offloader, Updater(ctx, serving, mcu=mcu), Adaptation(ctx, serving)]
     if mcu is not None:
         features.append(mcu)
+    from .logs.feature import RemoteLogs
+
+    features.append(RemoteLogs(ctx))
+    if cfg.mqtt.cert_file and cfg.provisioning.rotate:
+        from .provisioning.rotation import CertRotation
+
+        features.append(CertRotation(ctx, reconnect=lambda tls: ctx.link.reconnect_with(tls)))
     return features
 
 

@@ -147,6 +147,20 @@ async def _serve(cfg: AgentConfig) -> int:
                 pass
 
     async def main(stop: asyncio.Event) -> int:
+        from .provisioning.claim import ClaimRefused, claim_identity, needs_claim
+
+        if needs_claim(cfg):
+            notifier.status("claiming an identity with the claim credential")
+            claim = asyncio.ensure_future(claim_identity(cfg))
+            await asyncio.wait([claim, asyncio.ensure_future(stop.wait())], return_when=asyncio.FIRST_COMPLETED)
+            if not claim.done():
+                claim.cancel()
+                return 0
+            try:
+                claim.result()
+            except ClaimRefused as exc:
+                log.error("%s", exc)
+                return 3
         agent = Agent(cfg)
         agent.notifier = notifier
         notifier.status(f"connecting to {cfg.mqtt.broker}")
@@ -167,6 +181,36 @@ async def _serve(cfg: AgentConfig) -> int:
             watchdog.stop()
         if beat:
             beat.cancel()
+
+
+@cli.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="agent TOML config")
+@click.option("--timeout", default=0.0, type=float, help="give up after this many seconds (0: wait for ever)")
+def claim(config_path: str, timeout: float) -> None:
+    """Claim this board's own certificate with the claim credential ([provisioning]), then exit
+    (``run`` does the same on its first start)."""
+    try:
+        cfg = load_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"config error: {exc}", err=True)
+        sys.exit(2)
+    from .provisioning.claim import ClaimRefused, claim_identity, needs_claim
+
+    setup_logging("info")
+    if not needs_claim(cfg):
+        click.echo(f"nothing to claim: {cfg.mqtt.cert_file or '[mqtt] cert_file'} exists or [provisioning] "
+                   "claim_cert is not set")
+        return
+    try:
+        path = asyncio.run(claim_identity(cfg, timeout or None))
+    except ClaimRefused as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(3)
+    except asyncio.TimeoutError:
+        click.echo(f"no answer within {timeout:g}s; the claim stays pending (run again to keep waiting)", err=True)
+        sys.exit(4)
+    click.echo(f"claimed: {path}")
 
 
 @cli.command()

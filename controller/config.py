@@ -78,6 +78,24 @@ class SecuritySection:
     signing_key: str = ""   # Ed25519 private key (PEM) that signs commands and patches
 
 @dataclass(frozen=True)
+class ProvisioningSection:
+    """Claims and certificate renewals (docs/provisioning.md); off unless enabled."""
+    enabled: bool = False
+    ca_dir: str = ""                          # the fleet CA (fleetctl certs init) that signs devices
+    cert_lifetime_s: float = 90 * 86400.0     # devices renew at 2/3 of it
+    auto_accept: tuple[str, ...] = ()         # device-id globs accepted without an operator
+    auto_accept_tags: tuple[str, ...] = ()    # ... or claims carrying one of these tags
+    max_claim_bytes: int = 16384
+    max_skew_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        check(not self.enabled or bool(self.ca_dir), "provisioning.ca_dir", "is required when enabled")
+        check(10 <= self.cert_lifetime_s <= 36500 * 86400, "provisioning.cert_lifetime_s", "must be 10 s..100 years")
+        check(1024 <= self.max_claim_bytes <= 1 << 20, "provisioning.max_claim_bytes", "must be 1 KiB..1 MiB")
+        check(self.max_skew_s > 0, "provisioning.max_skew_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class CliSection:
     """The CLI's own broker identity (``fleetctl cmd``, ``infer``, ``telemetry --follow``, …).
 
@@ -103,6 +121,7 @@ class ControllerConfig:
     registry: RegistrySection = field(default_factory=RegistrySection)
     security: SecuritySection = field(default_factory=SecuritySection)
     cli: CliSection = field(default_factory=CliSection)
+    provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
     source: str = ""
 
     @property

@@ -29,6 +29,7 @@ from .fl.store import RoundStore
 from .ingest import IngestWriter, Item, WriterSettings
 from .link import make_link
 from .offload.tuning import adjust_threshold
+from .provisioning.service_hook import make_provisioner
 from .registry import Registry, WriteResult
 from .rollouts.runner import RolloutRunner
 from .rollouts.store import RolloutStore
@@ -61,6 +62,8 @@ class ControllerService:
         self.listeners.append(self.rollouts.on_message)
         self.rounds = RoundRunner(self.channel, self.registry, RoundStore(self.registry.db), rollout_store, cfg,
                                   self.reject)
+        self.provisioning = make_provisioner(cfg, self.registry.db, self.topics, self._publish, self.channel.command,
+                                             self.reject)
 
     def _publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
         return self.link is not None and self.link.publish(topic, payload, qos, retain)
@@ -83,6 +86,7 @@ class ControllerService:
         subs = [(self.topics.all_devices(leaf), 1) for leaf in ("state", "telemetry", "events", "results")]
         subs.append((f"{self.topics.base}/dev/+/data/#", 1))
         subs.append((f"{self.topics.base}/offload/workers/+", 0))
+        subs += self.provisioning.subscriptions() if self.provisioning else []
         self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
                               will=Will(self.topics.ctl_state, self._ctl_state("offline")),
                               subscriptions=subs, on_connect=self._on_connect, persistent=True, manual_ack=True)
@@ -98,7 +102,8 @@ class ControllerService:
         rounds = asyncio.create_task(self.rounds.run(), name="rounds")
         tuner = asyncio.create_task(self._offload_tuner(), name="offload-tuner")
         rollouts = asyncio.create_task(self.rollouts.run(), name="rollouts")
-        tasks = (pump, sweeper, rounds, tuner, rollouts, ctl_tel)
+        tasks = (pump, sweeper, rounds, tuner, rollouts, ctl_tel) + ((asyncio.create_task(
+            self.provisioning.run(), name="provisioning"),) if self.provisioning else ())
         if ready:
             ready()
         try:
@@ -254,7 +259,9 @@ class ControllerService:
 
     def classify(self, msg: Message) -> Item | None:
         """Validate one message; returns what the registry is to store, or None (rejected, or handled
-        here: worker status, federated updates, transfer requests)."""
+        here: worker status, federated updates, transfer requests, claims, renewals)."""
+        if self.provisioning is not None and self.provisioning.handles(msg):
+            return None
         if msg.topic.startswith(f"{self.topics.base}/offload/workers/"):
             if msg.payload:
                 try:
@@ -275,6 +282,8 @@ class ControllerService:
                 self.rounds.on_update_message(device_id, msg)
             elif rest == ("xfer",):
                 self.rollouts.on_want(device_id, msg)
+            elif rest == ("cert",) and self.provisioning is not None:
+                self.provisioning.on_renew(device_id, msg.payload)
             else:
                 self.reject("bad_topic", msg.topic, "no handler for this data topic")
             return None

@@ -323,6 +323,8 @@ class MqttLink:
         self._tasks: set[asyncio.Task] = set()
         #: mid -> future resolved by the broker's PUBACK (aiomqtt's _pending_publishes)
         self._pending: dict[int, asyncio.Future] = {}
+        #: QoS >= 1 publishes paho holds until their PUBACK (``reconnect_with`` waits for them)
+        self._unacked: set[int] = set()
         self._loop_thread: int | None = None
         self._misc_task: asyncio.Future | None = None
         self._paused = False
@@ -532,6 +534,7 @@ class MqttLink:
     def _fail_pending(self) -> None:
         """Publishes of a client that is gone will never be acknowledged: they were not sent."""
         pending, self._pending = self._pending, {}
+        self._unacked.clear()
         for fut in pending.values():
             if not fut.done():
                 fut.set_result(False)
@@ -635,6 +638,7 @@ class MqttLink:
     def _on_published(self, client: mqtt.Client, mid: int, refused: str | None = None) -> None:
         if client is not self._client:
             return
+        self._unacked.discard(mid)
         if refused:
             self._on_refused(client, mid, refused)
         else:
@@ -790,6 +794,7 @@ class MqttLink:
         props = self._props(response_topic, correlation, payload)
         info = c.publish(topic, payload, qos, retain, properties=props)
         if qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._unacked.add(info.mid)
             self._track(info.mid, topic)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
@@ -819,6 +824,24 @@ class MqttLink:
         self._track(info.mid, topic)
         fut.add_done_callback(lambda f, mid=info.mid: self._pending.pop(mid, None) if f.cancelled() else None)
         return fut
+
+    async def reconnect_with(self, tls: TlsFiles, drain_timeout: float = 10.0) -> None:
+        """Switch to new TLS files (a renewed certificate): stop taking publishes (callers fall
+        back to their outbox), wait until the broker acknowledged what paho holds in flight —
+        a new client does not re-send the old one's — then reconnect with ``tls``. Subscriptions
+        and the inbound queue carry over."""
+        old = self._client
+        self.connected.clear()
+        deadline = asyncio.get_running_loop().time() + drain_timeout
+        while (self._unacked or self._pending) and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        self.tls = tls
+        self._client = None
+        self._unacked.clear()
+        if old is not None:
+            await self._restart(old)
+        elif not self._stopping:
+            self._start_client()
 
     async def publish_and_wait(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False,
                                timeout: float = 1.0) -> bool:

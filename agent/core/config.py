@@ -191,6 +191,29 @@ class SecuritySection:
 
 
 @dataclass(frozen=True)
+class ProvisioningSection:
+    """Claim and rotation of the board's own certificate (docs/provisioning.md).
+
+    With ``claim_cert``/``claim_key`` set and no ``mqtt.cert_file`` on disk yet, the agent first
+    claims an identity with the fleet-wide claim credential and writes its own key and certificate
+    to ``mqtt.key_file``/``mqtt.cert_file``; with ``rotate`` it renews at ``renew_at`` of the lifetime."""
+    claim_cert: str = ""
+    claim_key: str = ""
+    tags: tuple[str, ...] = ()
+    rotate: bool = True
+    renew_at: float = 2 / 3
+    answer_timeout_s: float = 20.0   # a renewal unanswered this long is sent again
+    connect_timeout_s: float = 20.0  # the new certificate must connect within this, else the old stays
+
+    def __post_init__(self) -> None:
+        check(bool(self.claim_cert) == bool(self.claim_key), "provisioning.claim_cert",
+              "and provisioning.claim_key go together")
+        check(0.1 <= self.renew_at <= 0.95, "provisioning.renew_at", "must be in [0.1, 0.95]")
+        check(self.answer_timeout_s > 0, "provisioning.answer_timeout_s", "must be > 0")
+        check(self.connect_timeout_s > 0, "provisioning.connect_timeout_s", "must be > 0")
+
+
+@dataclass(frozen=True)
 class BridgeSection:
     """A sensor MCU on a serial port (firmware_bridge, wired in by agent.mcu); off unless enabled."""
     enabled: bool = False
@@ -229,6 +252,7 @@ class AgentConfig:
     inference: InferenceSection = field(default_factory=InferenceSection)
     learning: LearningSection = field(default_factory=LearningSection)
     offload: OffloadSection = field(default_factory=OffloadSection)
+    provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
     source: str = ""  # where it was loaded from, for messages
 
     @property

@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import click
 
+from .audit_cmd import audit
 from .certs import certs
 from .context import Ctx
 from .demo import demo
 from .deploy import deploy, rollback, rollout, tag
 from .devices import cmd, device, devices, feedback_cmd, infer_cmd, telemetry
 from .keys import keys
+from .lineage import lineage
+from .logs import logs
 from .model import model
 from .offload import offload, offload_worker
 from .patch import patch
+from .provision import devices_group
 from .report import report
 from .params import BROKER_HELP, BROKER_URL
 from .round import round  # noqa: A004 - the command group is called "round"
@@ -47,8 +51,9 @@ def cli(ctx: click.Context, config: str | None, broker: str | None, registry_url
 
 
 device.add_command(tag)
+model.add_command(lineage)
 cli.add_command(serve)
-cli.add_command(devices)
+cli.add_command(devices_group(devices))
 cli.add_command(status)
 cli.add_command(device)
 cli.add_command(telemetry)
@@ -67,6 +72,8 @@ cli.add_command(model)
 cli.add_command(patch)
 cli.add_command(keys)
 cli.add_command(certs)
+cli.add_command(audit)
+cli.add_command(logs)
 
 
 def main() -> None:

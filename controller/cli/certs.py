@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import click
 
+from .. import audit
+
 
 @click.group()
 def certs() -> None:
@@ -19,6 +21,7 @@ def init(directory: str, force: bool, days: int) -> None:
 
     try:
         click.echo(f"CA: {init_ca(directory, days=days, force=force)}")
+        audit.cli_hook("cert.ca_init", directory, days=days, force=force)
     except CertError as exc:
         raise click.ClickException(str(exc)) from None
 
@@ -35,6 +38,7 @@ def issue(device_id: str, directory: str, days: int) -> None:
 
     try:
         click.echo(f"client cert: {issue_client(directory, device_id, days)}")
+        audit.cli_hook("cert.issue", device_id, directory=directory, days=days)
     except InvalidId as exc:
         raise click.BadParameter(str(exc), param_hint="DEVICE_ID") from None
     except CertError as exc:
@@ -52,5 +56,6 @@ def server(directory: str, hosts: tuple[str, ...], days: int) -> None:
 
     try:
         click.echo(f"server cert: {issue_server(directory, list(hosts) or list(DEFAULT_SERVER_HOSTS), days)}")
+        audit.cli_hook("cert.server", directory, hosts=list(hosts), days=days)
     except CertError as exc:
         raise click.ClickException(str(exc)) from None

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from .. import audit
 from .select import ids_of, pick, selection_options
 from .params import DEVICE_ID, DURATION, POSITIVE_DURATION, FRACTION, TAG
 
@@ -123,6 +124,7 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: tuple[
                    err=True)
     rid = _create(store, art.version, art.bundle_sha256, devices, policy,
                   {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "artifact": art.id}, artifact_id=art.id)
+    audit.cli_hook("deploy", art.version, rollout=rid, artifact=art.id, devices=[d.id for d in devices])
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
@@ -297,6 +299,7 @@ def rollback(ctx: click.Context, to_version: str | None, to: str | None, devices
     policy = _policy(canary=0.0, batch=0, max_failures=len(devices), wave_timeout_s=600.0)
     rid = _create(store, to_version, sha, devices, policy,
                   {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
+    audit.cli_hook("rollback", to_version, rollout=rid, devices=[d.id for d in devices])
     _report_created(store, rid, to_version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
@@ -309,6 +312,7 @@ def _control(ctx: click.Context, rollout_id: str, as_json: bool, act: Any, verb:
         raise click.ClickException(f"no rollout {rollout_id!r}")
     if not act(store):
         raise click.ClickException(f"{rollout_id} is {r.status}: only a {allowed} rollout can be {verb}")
+    audit.cli_hook(f"rollout.{verb}", rollout_id)
     r = store.rollout(rollout_id)
     if as_json:
         click.echo(json.dumps(rollout_json(store, r), indent=2))

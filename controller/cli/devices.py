@@ -24,8 +24,11 @@ from .params import DEVICE_ID, KEY_VALUE
 from .select import commands_epilog, selection_options, target_ids
 
 
-def device_rows(devs: list, desired: dict[str, str] | None = None) -> tuple[list[str], list[list[Any]]]:
-    headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C"]
+def device_rows(devs: list, desired: dict[str, str] | None = None,
+                certs: dict[str, float] | None = None) -> tuple[list[str], list[list[Any]]]:
+    from .provision import expiry_note
+
+    headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C", "CERT"]
     rows = []
     for d in devs:
         m = d.key_metrics()
@@ -34,7 +37,8 @@ def device_rows(devs: list, desired: dict[str, str] | None = None) -> tuple[list
         if want and model and not model.endswith("@" + want):
             model = f"{model} -> {want}"
         rows.append([d.id, d.group, d.online, age(d.last_seen), model, m["cpu_percent"],
-                     m["mem_used_percent"], m["rss_mb"], m["temperature_c"]])
+                     m["mem_used_percent"], m["rss_mb"], m["temperature_c"],
+                     expiry_note((certs or {}).get(d.id))])
     return headers, rows
 
 
@@ -58,7 +62,9 @@ def devices(c: Ctx, as_json: bool) -> None:
     if not devs:
         click.echo("no devices yet")
         return
-    click.echo(render(*device_rows(devs, desired)))
+    from .provision import cert_expiries
+
+    click.echo(render(*device_rows(devs, desired, cert_expiries(reg))))
 
 
 def _device_summary(d: Any) -> dict[str, Any]:

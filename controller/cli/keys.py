@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .. import audit
+
 
 @click.group()
 def keys() -> None:
@@ -31,6 +33,7 @@ def init(directory: str, name: str, force: bool, as_json: bool) -> None:
         save_keypair(key, priv, pub)
     except OSError as exc:
         raise click.ClickException(f"cannot write the key pair into {d}: {exc.strerror or exc}") from None
+    audit.cli_hook("key.init", str(priv), key_id=key_id(key.public_key()))
     if as_json:
         click.echo(json.dumps({"key_id": key_id(key.public_key()), "private": str(priv), "public": str(pub)}))
         return

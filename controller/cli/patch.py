@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from .. import audit
+
 
 @click.group()
 def patch() -> None:
@@ -45,6 +47,7 @@ def make(old_bundle: str, new_bundle: str, out: str, key_path: str, full: bool, 
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
+    audit.cli_hook("patch.make", pm["target"]["version"], key_id=pm["signature"]["key_id"], out=out)
     summary = {"out": out, "bytes": len(data), "base": pm["base"], "target": pm["target"],
                "files": sorted(pm["files"]), "unchanged": pm["unchanged"], "key_id": pm["signature"]["key_id"]}
     if as_json:

@@ -16,6 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
+from .. import audit
 from .params import DURATION, FRACTION, KEY_VALUE, POSITIVE_DURATION, checked_settings
 
 
@@ -199,6 +200,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
 
         cfg = replace(cfg, eval_file=str(eval_file))
     store.create_run(run_id, cfg.to_dict(), head)
+    audit.cli_hook("round.start", run_id, strategy=strategy, rounds=n_rounds, clients=clients)
     if not as_json:
         click.echo(f"{run_id}: {cfg.mode} {strategy}, {n_rounds} rounds, up to {clients} clients, "
                    f"deadline {cfg.deadline_s:g}s")
@@ -315,6 +317,7 @@ def stop(ctx: click.Context, run_id: str, reason: str, as_json: bool) -> None:
         raise click.ClickException(f"no run {run_id!r}")
     if not store.stop_run(run_id, reason):
         raise click.ClickException(f"{run_id} is {run.status}: only a pending or running run can be stopped")
+    audit.cli_hook("round.stop", run_id, reason=reason)
     s = _run_json(store, run_id)
     if as_json:
         click.echo(json.dumps(s, indent=2))

@@ -278,7 +278,8 @@ class RoundRunner:
             from protocol.layers import merge
 
             full = load_bundle(base.path).head or {}
-            derive_bundle(base.path, out, version, merge(full, run.head))   # the run carries the trainable layers
+            derive_bundle(base.path, out, version, merge(full, run.head),   # the run carries the trainable layers
+                          lineage=self.lineage_of(run))
             art = rollouts.add_bundle(out)
         except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:  # LayerError too
             log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
@@ -297,6 +298,15 @@ class RoundRunner:
         run_cfg["deploy"] = {**dep, "rollout_id": rid}
         self.store.set_config(run.id, run_cfg)
         return rid
+
+    def lineage_of(self, run) -> dict:
+        """A federated result's lineage: the run, its aggregated rounds, who took part, how, and DP."""
+        rounds = [r for r in self.store.rounds(run.id) if r.status == "aggregated"] or self.store.rounds(run.id)
+        devices = sorted({u.device_id for r in rounds for u in self.store.updates(run.id, r.round_no) if u.accepted})
+        last = next((r.metrics for r in reversed(rounds) if r.metrics and "dp_epsilon" in r.metrics), None)
+        return {"kind": "federated", "run_id": run.id, "rounds": [r.round_no for r in rounds], "devices": devices,
+                "n_devices": len(devices), "strategy": str(run.config.get("strategy", "?")),
+                "dp": {"epsilon": last["dp_epsilon"], "delta": last.get("dp_delta")} if last else None}
 
     def publish_head(self, run_id: str, version: int) -> int:
         """Send the new global head to every online device of the run that learns (until rollouts ship it)."""

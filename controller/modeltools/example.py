@@ -97,7 +97,8 @@ def build_example(out: str | Path, size: str = "small", seed: int = 0, epochs: i
         fp32 = work / "backbone_fp32.onnx"
         dense_to_onnx(back_layers, fp32, 64, relu_last=True)
         int8 = work / "backbone.onnx"
-        quantize_static_int8(fp32, int8, xtr[rng.permutation(len(xtr))[:256]])
+        calib = xtr[rng.permutation(len(xtr))[:256]]
+        quantize_static_int8(fp32, int8, calib)
         sess = _onnx_session(int8)
         ftr = np.concatenate([sess.run(None, {"input": xtr[i:i + 256]})[0] for i in range(0, len(xtr), 256)])
         fte = sess.run(None, {"input": xte})[0]
@@ -131,6 +132,7 @@ def build_example(out: str | Path, size: str = "small", seed: int = 0, epochs: i
                         "dataset": "sklearn load_digits, stratified 80/20, seed %d" % seed},
             "reference": {"file": "reference.npz", "min_agreement": 1.0, "max_prob_diff": 0.05},
             "eval": {"file": "eval.npz", "baseline_accuracy": round(eval_acc, 4), "max_accuracy_drop": 0.02},
+            "lineage": built_lineage(fp32, f"sklearn load_digits seed {seed} ({size})", calib, tmp_out / "eval.npz"),
         }
         write_manifest(tmp_out, manifest)
         load_bundle(tmp_out)  # never hand out a bundle we could not serve
@@ -142,6 +144,19 @@ def build_example(out: str | Path, size: str = "small", seed: int = 0, epochs: i
     return BuildReport(str(out), size, fp32.stat().st_size if fp32.exists() else manifest["metrics"]["fp32_backbone_bytes"],
                        manifest["metrics"]["int8_backbone_bytes"], round(fp32_acc, 4), round(int8_acc, 4),
                        round(eval_acc, 4), round(time.time() - t0, 2))
+
+
+def built_lineage(source: Path, what: str, calibration: np.ndarray | None, eval_file: Path | None) -> dict:
+    """The ``lineage`` of a model built or imported here: its source file's hash and the hashes of
+    the calibration samples (as float32 bytes) and the eval file (protocol/lineage.py)."""
+    import hashlib
+
+    from protocol.lineage import file_sha256
+
+    return {"kind": "built", "parent_version": None, "source": {"file": what, "sha256": file_sha256(source)},
+            "calibration_sha256": (hashlib.sha256(np.ascontiguousarray(calibration, np.float32).tobytes()).hexdigest()
+                                   if calibration is not None else None),
+            "eval_sha256": file_sha256(eval_file) if eval_file is not None else None}
 
 
 def write_replay(out_dir: str | Path, seed: int = 0, n: int | None = None) -> tuple[Path, Path]:
@@ -162,7 +177,8 @@ if __name__ == "__main__":  # pragma: no cover
     print(json.dumps(build_example(sys.argv[1], sys.argv[2] if len(sys.argv) > 2 else "small").to_dict(), indent=2))
 
 
-def derive_bundle(src: str | Path, out: str | Path, version: str, head: dict[str, np.ndarray]) -> Path:
+def derive_bundle(src: str | Path, out: str | Path, version: str, head: dict[str, np.ndarray],
+                  lineage: dict | None = None) -> Path:
     """A new version of an ONNX bundle with another head: same backbone bytes, the head and the
     reference outputs rewritten, ``parent_version`` = the source's version. This is what a
     fine-tuned or federated head becomes before it is shipped as a (head-only) patch."""
@@ -183,7 +199,12 @@ def derive_bundle(src: str | Path, out: str | Path, version: str, head: dict[str
             ref_x = z["x"]
         feats = _onnx_session(tmp / bb).run(None, {"input": ref_x.astype(np.float32)})[0]
         np.savez(tmp / ref_name, x=ref_x, probs=softmax(head_forward(head, feats)).astype(np.float32))
-    m.update(version=version, parent_version=m.get("version"), created=round(time.time(), 3))
+    from protocol.lineage import validate
+    from protocol.patch import bundle_id
+
+    parent = {"parent_version": m.get("version"), "parent_sha256": bundle_id(src)}
+    m.update(version=version, parent_version=m.get("version"), created=round(time.time(), 3),
+             lineage=validate({"kind": "derived", **(lineage or {}), **parent}))
     write_manifest(tmp, m)
     load_bundle(tmp)
     if out.exists():

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from protocol.bundle import check_head, head_bytes, write_manifest
+from protocol.lineage import file_sha256
 
 
 class SplitError(ValueError):
@@ -228,7 +229,10 @@ def split_model(model_path: str | Path, at: str, out: str | Path, name: str = "m
         write_manifest(tmp, {"name": name, "version": version, "input": spec,
                              "features": {"name": at, "shape": [None, int(head["dense0.weight"].shape[0])]},
                              "labels": labels or [str(i) for i in range(n_out)],
-                             "files": {"backbone.onnx": {"role": "backbone"}, "head.npz": {"role": "head"}}})
+                             "files": {"backbone.onnx": {"role": "backbone"}, "head.npz": {"role": "head"}},
+                             "lineage": {"kind": "built", "parent_version": None,
+                                         "source": {"file": Path(model_path).name,
+                                                    "sha256": file_sha256(model_path)}}})
         if out.exists():
             shutil.rmtree(out)
         shutil.copytree(tmp, out)

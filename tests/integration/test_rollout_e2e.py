@@ -287,6 +287,14 @@ def test_federated_run_ships_its_head_through_a_rollout(signed_fleet, tmp_path, 
     applied = wait_for(lambda: events(db, "f0", "applied"), what="the applied event")[-1]
     assert applied["bytes"] < 20_000              # only the head travelled
     assert store(db).run(run_id).config["deploy"]["rollout_id"] == st["rollout_id"]
+    # lineage names the run, its rounds, who took part and how; its parent is the built model
+    chain = json.loads(ctl("model", "lineage", version, "--json").stdout)["chain"]
+    fl = chain[0]["lineage"]
+    assert fl["kind"] == "federated" and fl["run_id"] == run_id and len(fl["rounds"]) == 2, chain
+    assert fl["devices"] == ["f0", "f1", "f2"] and fl["n_devices"] == 3 and fl["strategy"] == "fedavg"
+    assert chain[1]["version"] == "1.0.0" and chain[1]["lineage"]["kind"] == "built", chain
+    audit = json.loads(ctl("audit", "--json").stdout)["entries"]
+    assert any(e["action"] == "round.start" and e["target"] == run_id for e in audit), audit
 
 
 def test_bad_offers_and_chunks_are_refused_counted_and_survived(signed_fleet, tmp_path, example_bundle, mosquitto):
