@@ -27,12 +27,19 @@ class ControllerSection:
     offload_auto_tune: bool = False   # adjust devices' offload thresholds from worker load (offload_tuning.py)
     offload_tune_interval_s: float = 30.0
     rollout_max_bytes_per_s: int = 0  # cap on model chunks sent, all devices together (0 = no cap)
+    #: this replica's name when several `fleetctl serve` share one fleet (MQTT 5 shared subscriptions,
+    #: leases in the registry: controller/lease.py); empty = the only controller
+    replica: str = ""
+    lease_ttl_s: float = 10.0   # a dead replica's rounds and rollouts are taken over after this long
 
     def __post_init__(self) -> None:
         try:
             validate_id(self.id, "controller.id")
+            if self.replica:
+                validate_id(self.replica, "controller.replica")
         except InvalidId as exc:
             raise ConfigError(str(exc)) from None
+        check(1.0 <= self.lease_ttl_s <= 600, "controller.lease_ttl_s", "must be 1..600 s")
         check(self.offline_after_s >= 0, "controller.offline_after_s", "must be >= 0")
         check(self.rollout_max_bytes_per_s == 0 or self.rollout_max_bytes_per_s >= 4096,
               "controller.rollout_max_bytes_per_s", "must be 0 (no cap) or at least 4096")
@@ -47,6 +54,18 @@ class RegistrySection:
     def __post_init__(self) -> None:
         check(self.telemetry_keep_per_device >= 1, "registry.telemetry_keep_per_device", "must be >= 1")
         check(self.events_keep_per_device >= 1, "registry.events_keep_per_device", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """The Prometheus endpoint of `fleetctl serve` (controller/metrics.py): off unless ``port`` is set."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "metrics.port", f"must be 0 (off) or a TCP port, got {self.port}")
+        check(bool(self.host), "metrics.host", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -79,6 +98,7 @@ class ControllerConfig:
     registry: RegistrySection = field(default_factory=RegistrySection)
     security: SecuritySection = field(default_factory=SecuritySection)
     cli: CliSection = field(default_factory=CliSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = ""
 
     @property
