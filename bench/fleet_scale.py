@@ -192,11 +192,15 @@ def controller_config(workdir: Path, broker: Broker, db: Path, keep: int, replic
     return cfg
 
 
+PROFILE_DIR: Path | None = None   # --profile: each controller runs under cProfile, its stats written there
+
+
 def start_controllers(workdir: Path, broker: Broker, db: Path, spec: Spec) -> list[subprocess.Popen]:
     procs = []
     for r in range(spec.replicas):
         cfg = controller_config(workdir, broker, db, spec.keep, r + 1, spec.replicas)
-        procs.append(subprocess.Popen([sys.executable, "-m", "controller.cli", "--config", str(cfg), "serve"],
+        prof = ["-m", "cProfile", "-o", str(PROFILE_DIR / f"{spec.name}-{r + 1}.prof")] if PROFILE_DIR else []
+        procs.append(subprocess.Popen([sys.executable, *prof, "-m", "controller.cli", "--config", str(cfg), "serve"],
                                       stdout=open(workdir / f"controller-{r + 1}.log", "wb"),
                                       stderr=subprocess.STDOUT, env=ENV, cwd=ROOT))
     for r in range(spec.replicas):
@@ -429,7 +433,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer devices, shorter runs (< 60 s)")
     ap.add_argument("--keep", type=int, default=None, help="samples per device in the pre-filled registry")
     ap.add_argument("--only", default=None, help="comma list of runs: headline,hz1_1000,postgres,replicas_2")
+    ap.add_argument("--profile", default=None, help="run the controllers under cProfile, stats into this directory")
     args = ap.parse_args()
+    if args.profile:
+        global PROFILE_DIR
+        PROFILE_DIR = Path(args.profile).resolve()
+        PROFILE_DIR.mkdir(parents=True, exist_ok=True)
     raise_fd_limit()
     template = fleetsim.telemetry_template()
     if args.quick:

@@ -17,6 +17,7 @@ Shape (aiomqtt-like, kept small):
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from dataclasses import dataclass
 import logging
 import random
@@ -211,6 +212,9 @@ class MqttLink:
         self.max_backoff = max_backoff
         self.manual_ack = manual_ack
         self.messages: asyncio.Queue[Message] = _HandOff(queue_size)
+        #: paho thread -> loop: messages appended there, moved into ``messages`` by one posted drain
+        self._inbox: deque[Message] = deque()
+        self._inbox_wake = False
         self.connected = asyncio.Event()
         self.dropped_incoming = 0
         self.connects = 0
@@ -348,7 +352,10 @@ class MqttLink:
                 self.dropped_incoming += 1      # shutting down: never acknowledged with manual_ack
                 log.warning("shutting down with a full inbound queue: %s not taken", m.topic)
                 return
-        self._post(self._enqueue, msg)
+        self._inbox.append(msg)
+        if not self._inbox_wake:                 # one loop wake-up per burst, not one per message
+            self._inbox_wake = True
+            self._post(self._drain_inbox)
 
     def _cb_publish(self, client, userdata, mid, rc=None, props=None) -> None:
         # posted to the loop: the future for this mid is registered before the loop runs this
@@ -362,8 +369,13 @@ class MqttLink:
         if fut is not None and not fut.done():
             fut.set_result(True)
 
-    def _enqueue(self, msg: Message) -> None:
-        self.messages.put_nowait(msg)   # unbounded put: the slot was taken in the paho thread
+    def _drain_inbox(self) -> None:
+        # reset before draining: a message the paho thread appends after this either is drained
+        # below or sees the flag down and posts another drain
+        self._inbox_wake = False
+        inbox, put = self._inbox, self.messages.put_nowait
+        while inbox:
+            put(inbox.popleft())        # unbounded put: the slot was taken in the paho thread
 
     def ack(self, msg: Message) -> None:
         """With ``manual_ack``: acknowledge a QoS 1 message the consumer has stored."""

@@ -155,11 +155,8 @@ def test_a_replica_killed_mid_round_is_taken_over(tmp_path, mosquitto, example_b
         b, log_b = start_replica(tmp_path, mosquitto.url, db, "r2")
         procs.append(b)
         assert a.wait(60) == -9, f"replica r1 did not reach {failpoint}: {log_a.read_text()[-2000:]}"
-        killed = time.time()
         wait_for(lambda: (x := lease(db, f"fl:{run_id}")) and x[0] == "controller-r2", timeout=TTL + 60,
                  what="the run taken over by r2")   # TTL + r2's start-up and a tick (generous: a loaded machine)
-        took = time.time() - killed
-        assert took >= TTL * 0.5, took             # not before r1's lease could have expired
         run = wait_run(db, run_id, timeout=90)
         assert run.status == "done" and run.global_version == 1, (run.status, run.error, log_b.read_text()[-3000:])
         assert lease(db, f"fl:{run_id}") == ("controller-r2", 2)      # one change of owner
