@@ -31,6 +31,7 @@ class ControllerSection:
     #: leases in the registry: controller/lease.py); empty = the only controller
     replica: str = ""
     lease_ttl_s: float = 10.0   # a dead replica's rounds and rollouts are taken over after this long
+    telemetry_interval_s: float = 10.0   # the controller's own figures on ctl/telemetry and in the registry
 
     def __post_init__(self) -> None:
         try:
@@ -41,19 +42,42 @@ class ControllerSection:
             raise ConfigError(str(exc)) from None
         check(1.0 <= self.lease_ttl_s <= 600, "controller.lease_ttl_s", "must be 1..600 s")
         check(self.offline_after_s >= 0, "controller.offline_after_s", "must be >= 0")
+        check(self.telemetry_interval_s >= 0.1, "controller.telemetry_interval_s", "must be >= 0.1")
         check(self.rollout_max_bytes_per_s == 0 or self.rollout_max_bytes_per_s >= 4096,
               "controller.rollout_max_bytes_per_s", "must be 0 (no cap) or at least 4096")
 
 
 @dataclass(frozen=True)
 class RegistrySection:
+    """``url``: ``postgresql://user@host/db`` (production), ``sqlite:///path`` or a plain path (embedded,
+    the default); ``path`` is the older name of the same setting. Retention is per device, by count
+    and by age (0: no age limit). ``artifacts_dir``: where rollout artifacts and run files live
+    (default: beside an SQLite file; with PostgreSQL, the state directory)."""
     path: str = ""
+    url: str = ""
     telemetry_keep_per_device: int = 1000
     events_keep_per_device: int = 1000
+    telemetry_max_age_s: float = 30 * 86400.0
+    events_max_age_s: float = 90 * 86400.0
+    artifacts_dir: str = ""
+    batch_max: int = 500      # the writer commits at most this many messages at once…
+    flush_ms: float = 50.0    # …or this long after the first one waiting
 
     def __post_init__(self) -> None:
+        from .db import parse_url
+
         check(self.telemetry_keep_per_device >= 1, "registry.telemetry_keep_per_device", "must be >= 1")
         check(self.events_keep_per_device >= 1, "registry.events_keep_per_device", "must be >= 1")
+        check(self.telemetry_max_age_s >= 0, "registry.telemetry_max_age_s", "must be >= 0 (0 = no age limit)")
+        check(self.events_max_age_s >= 0, "registry.events_max_age_s", "must be >= 0 (0 = no age limit)")
+        check(1 <= self.batch_max <= 10000, "registry.batch_max", "must be 1-10000")
+        check(0 < self.flush_ms <= 10000, "registry.flush_ms", "must be > 0 and <= 10000")
+        check(not (self.url and self.path and self.url != self.path), "registry.url",
+              "and registry.path name two registries: set one")
+        try:
+            parse_url(self.url or self.path or "x")
+        except ValueError as exc:
+            raise ConfigError(f"registry.url: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -103,7 +127,29 @@ class ControllerConfig:
 
     @property
     def db_path(self) -> str:
-        return self.registry.path or default_db_path()
+        """The registry URL (or SQLite path) in use."""
+        return self.registry.url or self.registry.path or default_db_path()
+
+    @property
+    def db_is_sqlite(self) -> bool:
+        from .db import parse_url
+
+        return parse_url(self.db_path).backend == "sqlite"
+
+    @property
+    def state_dir(self) -> Path:
+        """Where artifacts and run files go: ``registry.artifacts_dir``'s parent, else beside an SQLite
+        registry, else the default state directory."""
+        from .db import parse_url
+
+        if self.registry.artifacts_dir:
+            return Path(self.registry.artifacts_dir).parent
+        u = parse_url(self.db_path)
+        return Path(u.target).parent if u.backend == "sqlite" else Path(default_db_path()).parent
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return Path(self.registry.artifacts_dir) if self.registry.artifacts_dir else self.state_dir / "artifacts"
 
 
 def parse_config(table: dict[str, Any], source: str = "<dict>") -> ControllerConfig:

@@ -29,6 +29,9 @@ CREATE TABLE IF NOT EXISTS leases(
     name TEXT PRIMARY KEY, owner TEXT NOT NULL, expires REAL NOT NULL, epoch INTEGER NOT NULL);
 """
 
+#: versioned migrations of the lease table (controller/db.py ``migrate``)
+MIGRATIONS = [SCHEMA]
+
 _TAKE = ("INSERT INTO leases(name, owner, expires, epoch) VALUES(?,?,?,1) "
          "ON CONFLICT(name) DO UPDATE SET owner=excluded.owner, expires=excluded.expires, "
          "epoch=CASE WHEN leases.owner=excluded.owner THEN leases.epoch ELSE leases.epoch+1 END "
@@ -60,8 +63,9 @@ class Leases:
         self._held: dict[str, Held] = {}
         self.acquired = 0     # times a lease came to us from nobody or another owner
         self.lost = 0
-        db.executescript(SCHEMA) if hasattr(db, "executescript") else db.execute(SCHEMA)
-        db.commit()
+        from .db import migrate
+
+        migrate(db, "leases", MIGRATIONS)
 
     def hold(self, name: str, now: float | None = None) -> int | None:
         """The lease's epoch if we hold ``name`` now (taking or renewing it as needed), else None."""

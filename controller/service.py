@@ -2,7 +2,10 @@
 
 Every message is validated (envelope, kind matches the topic leaf, sender matches
 the device id in the topic); a bad one is logged with its reason and counted in the
-registry's ``rejects`` table, and ingestion goes on.
+registry's ``rejects`` table, and ingestion goes on. Valid ones are stored in batches by the
+registry writer (controller/ingest.py), which acknowledges each MQTT message only once the batch
+holding it committed. The controller's own figures go out on ``ctl/telemetry`` and into the
+registry for ``fleetctl status``.
 
 Replicas (``[controller] replica``): several services share one fleet. Telemetry and results
 come through MQTT 5 shared subscriptions (``$share/edgefleet-ctl/…``: the broker hands each
@@ -18,7 +21,6 @@ import json
 import logging
 import time
 from collections import Counter
-from pathlib import Path
 from typing import Any, Callable
 
 from protocol import envelope as env_mod
@@ -31,11 +33,12 @@ from .channel import ControlChannel, load_signing_key
 from .config import ControllerConfig
 from .fl.runner import RoundRunner
 from .fl.store import RoundStore
+from .ingest import IngestWriter, Item, WriterSettings
 from .lease import Leases
 from .link import make_link
-from .metrics import NoMetrics, make_metrics
+from .metrics import make_metrics
 from .offload.tuning import adjust_threshold
-from .registry import Registry
+from .registry import Registry, WriteResult
 from .rollouts.runner import RolloutRunner
 from .rollouts.store import RolloutStore
 
@@ -62,8 +65,9 @@ class ControllerService:
         self.replica = cfg.controller.replica
         self.owner = f"{cfg.controller.id}-{self.replica}" if self.replica else cfg.controller.id
         self.topics = Topics(cfg.mqtt.topic_root)
-        self.registry = registry or Registry(cfg.db_path, telemetry_keep=cfg.registry.telemetry_keep_per_device,
-                                             events_keep=cfg.registry.events_keep_per_device)
+        self.registry = registry or open_registry(cfg)
+        self.writer: IngestWriter | None = None
+        self.started = time.time()
         self.link: MqttLink | None = None
         self.counts: Counter[str] = Counter()
         self.listeners: list[Callable[[str, Envelope], None]] = []
@@ -73,7 +77,7 @@ class ControllerService:
                                       connected=lambda: self.link is not None and self.link.connected.is_set(),
                                       publish_acked=self._publish_acked)
         # the runners get what they use, never the service itself
-        rollout_store = RolloutStore(self.registry.db, Path(cfg.db_path).parent / "artifacts")
+        rollout_store = RolloutStore(self.registry.db, cfg.artifacts_dir)
         self.leases = Leases(self.registry.db, self.owner, cfg.controller.lease_ttl_s)
         self.rollouts = RolloutRunner(self.channel, self.registry, rollout_store, cfg, self.reject,
                                       leases=self.leases)
@@ -84,23 +88,25 @@ class ControllerService:
         self._stop: asyncio.Event | None = None
         self.online: set[str] = set()
         self.known = 0
+        self._stamps: dict[int, float] = {}
         self.metrics_port = cfg.metrics.port if metrics_port is None else metrics_port
         self.metrics = make_metrics(cfg.metrics, metrics_port, gauges={
             "edgefleet_devices_online": lambda: len(self.online),
             "edgefleet_devices_known": lambda: self.known,
-            "edgefleet_inbound_queue": lambda: self.link.messages.qsize() if self.link else 0,
+            "edgefleet_inbound_queue": lambda: (self.link.messages.qsize() if self.link else 0)
+            + (self.writer.pending if self.writer else 0),
             "edgefleet_rounds_running": lambda: self.rounds.counts.get("running", 0),
             "edgefleet_rollouts_running": lambda: self.rollouts.counts.get("running", 0),
             "edgefleet_leases_held": lambda: len(self.leases.held()),
             "edgefleet_mqtt_connected": lambda: 1 if self.link is not None and self.link.connected.is_set() else 0,
         }, counters={
-            "edgefleet_dropped": lambda: self.link.dropped_incoming if self.link else 0,
+            "edgefleet_dropped": lambda: sum(self.writer.shed.values()) if self.writer else 0,
             "edgefleet_round_tasks_sent": lambda: self.rounds.counts["tasks_sent"],
             "edgefleet_round_updates": lambda: self.rounds.counts["updates"],
             "edgefleet_rollout_chunks_sent": lambda: self.rollouts.counts["chunks_sent"],
         })
 
-    def subscriptions(self, v5: bool = True) -> list[tuple[str, int]]:
+    def subscriptions(self) -> list[tuple[str, int]]:
         """What this service subscribes to: with replicas, the shared leaves through ``$share``."""
         subs = []
         for leaf in ("state", "telemetry", "events", "results"):
@@ -148,28 +154,33 @@ class ControllerService:
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
         self._stop = stop
-        client_id = f"{self.cfg.controller.id}-serve" + (f"-{self.replica}" if self.replica else "")
-        self.link = make_link(self.cfg, client_id,
-                              will=Will(self.ctl_state_topic, self._ctl_state("offline")),
-                              subscriptions=self.subscriptions(), on_connect=self._on_connect, persistent=True,
-                              manual_ack=True)
         if self.replica and self.cfg.mqtt.protocol == "3.1.1":
             self.fatal = (f"controller.replica is {self.replica!r} but mqtt.protocol is 3.1.1: replicas need "
                           "MQTT 5 shared subscriptions (set mqtt.protocol to auto or 5, or run one controller)")
             log.error("%s", self.fatal)
             raise ReplicaRefused(self.fatal)
+        client_id = f"{self.cfg.controller.id}-serve" + (f"-{self.replica}" if self.replica else "")
+        self.link = make_link(self.cfg, client_id, will=Will(self.ctl_state_topic, self._ctl_state("offline")),
+                              subscriptions=self.subscriptions(), on_connect=self._on_connect, persistent=True,
+                              manual_ack=True)
         devs = self.registry.devices()
         self.known = len(devs)
         self.online = {d.id for d in devs if d.online}
         if self.metrics.enabled:
             self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.metrics_port)
+        reg_url = self.registry.path
+        self.writer = IngestWriter(lambda: open_registry(self.cfg, reg_url), self._committed,
+                                   WriterSettings(batch_max=self.cfg.registry.batch_max,
+                                                  flush_s=self.cfg.registry.flush_ms / 1000))
+        self.writer.start()
         await self.link.start()
         pump = asyncio.create_task(self._pump(), name="ingest")
+        ctl_tel = asyncio.create_task(self._ctl_telemetry(), name="ctl-telemetry")
         sweeper = asyncio.create_task(self._sweep(), name="offline-sweep")
         rounds = asyncio.create_task(self.rounds.run(), name="rounds")
         tuner = asyncio.create_task(self._offload_tuner(), name="offload-tuner")
         rollouts = asyncio.create_task(self.rollouts.run(), name="rollouts")
-        tasks = (pump, sweeper, rounds, tuner, rollouts)
+        tasks = (pump, sweeper, rounds, tuner, rollouts, ctl_tel)
         if ready:
             ready()
         try:
@@ -180,61 +191,119 @@ class ControllerService:
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
+            self._commit_own()
+            self.writer.set_meta(self._stats_key, self.figures())
+            await self.writer.stop()   # commits and acknowledges what it holds, while the link is up
             await self.link.stop()
-            self.registry.commit()
+            self._commit_own()
             self.leases.release_all()
             self.metrics.close()
         if self.fatal:
             raise ReplicaRefused(self.fatal)
 
     async def _pump(self) -> None:
-        assert self.link is not None
-        link = self.link
-        q = link.messages
-        metrics = self.metrics
+        assert self.link is not None and self.writer is not None
+        q = self.link.messages
         while True:
-            batch = [await q.get()]
-            stamps: list[float] = []
-            self._safe_ingest(batch[0], stamps)
-            while not q.empty() and len(batch) < 1000:  # drain a burst, then commit once
-                batch.append(q.get_nowait())
-                self._safe_ingest(batch[-1], stamps)
-            t0 = time.perf_counter()
-            self.registry.commit()
-            if metrics.enabled:
-                now = time.time()
-                metrics.commit(time.perf_counter() - t0, len(batch))
-                metrics.lags([now - ts for ts in stamps])
-            for msg in batch:  # acknowledged only once stored: a crash before this and the broker re-sends
-                link.ack(msg)
+            burst = [await q.get()]
+            while not q.empty() and len(burst) < 500:
+                burst.append(q.get_nowait())
+            items = [self._safe_classify(m) for m in burst]
+            self._commit_own()   # what the runners wrote for these (updates, transfers) before any ack
+            for msg, item in zip(burst, items):
+                await self.writer.put(msg, item)   # waits while the writer is behind: flow control
             await asyncio.sleep(0)  # let the runners and the sweeper in between bursts
 
-    def _safe_ingest(self, msg: Message, stamps: list[float] | None = None) -> None:
+    def _commit_own(self) -> None:
+        """Commit the service's own connection; a registry that went away is logged, not fatal (the
+        connection re-opens on next use; the writer retries its batches itself)."""
         try:
-            env = self.ingest(msg)
-            if env is not None and stamps is not None:
-                stamps.append(env.ts)
+            self.registry.commit()
+        except Exception as exc:  # noqa: BLE001 - sqlite3/psycopg errors, DatabaseUnavailable
+            log.warning("registry commit failed: %s", exc)
+            try:
+                self.registry.rollback()
+            except Exception:  # noqa: BLE001
+                pass
+
+    def _committed(self, msgs: list[Message], result: WriteResult) -> None:
+        """The writer committed a batch: acknowledge its messages (in order), count duplicates."""
+        self.counts["duplicates"] += result.duplicates
+        if self.metrics.enabled:
+            now, stamps = time.time(), self._stamps
+            self.metrics.lags([now - stamps.pop(id(m)) for m in msgs if id(m) in stamps])
+            w = self.writer.write_ms if self.writer else None
+            self.metrics.commit(w[-1] / 1000 if w else 0.0, len(msgs))
+        if self.link is not None:
+            for m in msgs:   # acknowledged only once stored: a crash before this and the broker re-sends
+                self.link.ack(m)
+
+    def _safe_classify(self, msg: Message) -> Item | None:
+        try:
+            item = self.classify(msg)
+            if item is not None and self.metrics.enabled:
+                self._stamps[id(msg)] = item[1].ts    # the ingest lag, observed once it is committed
+            return item
         except Exception:  # noqa: BLE001 - our bug; survive and count
             log.exception("internal error ingesting %s", msg.topic)
             self.reject("internal_error", msg.topic, "internal error")
+            return None
+
+    @property
+    def _stats_key(self) -> str:
+        return f"ctl.stats.{self.cfg.controller.id}"
+
+    def figures(self) -> dict[str, Any]:
+        """The controller's own telemetry: what came in, what was stored, shed, rejected, and how fast."""
+        link = self.link
+        return {"controller": self.cfg.controller.id, "ts": time.time(), "uptime_s": round(time.time() - self.started, 1),
+                "registry": self.registry.backend, "messages": dict(self.counts),
+                "ingest": self.writer.figures() if self.writer else {},
+                # taken off the wire but never acknowledged (shutting down with a full hand-off): the
+                # broker sends them again, so this is not a loss
+                "link": {"connected": bool(link and link.connected.is_set()),
+                         "not_taken": link.dropped_incoming if link else 0,
+                         "handoff_queued": link.messages.qsize() if link else 0}}
+
+    async def _ctl_telemetry(self) -> None:
+        """Every ``controller.telemetry_interval_s``: ``ctl/telemetry`` (retained) and the registry row."""
+        while True:
+            await asyncio.sleep(self.cfg.controller.telemetry_interval_s)
+            figs = self.figures()
+            if self.writer:
+                self.writer.set_meta(self._stats_key, figs)
+            try:
+                payload = encode(Envelope(kind="ctl.telemetry", sender=self.cfg.controller.id, body=figs))
+            except ValueError:
+                continue
+            self._publish(self.topics.ctl_telemetry, payload, 0, True)
 
     async def _sweep(self) -> None:
         limit = self.cfg.controller.offline_after_s
+        cursor = ""
         while True:
-            await asyncio.sleep(max(1.0, limit / 4) if limit else 3600)
-            if limit and self.leases.holds("sweeper"):
-                now = time.time()
-                for d in self.registry.devices():
-                    if d.online and now - d.last_seen > limit:
-                        log.info("device %s silent for %.0fs: marking offline", d.id, now - d.last_seen)
-                        self.registry.mark_offline(d.id, now)
-                        self.online.discard(d.id)
-                self.registry.commit()
+            await asyncio.sleep(max(1.0, limit / 4) if limit else 60)
+            now = time.time()
+            self._commit_own()     # the lease write commits this connection: nothing half-done in it
+            if limit and self.leases.holds("sweeper", now):
+                for dev, last_seen in self.registry.silent_online(now - limit):
+                    log.info("device %s silent for %.0fs: marking offline", dev, now - last_seen)
+                    self.registry.mark_offline(dev, now)
+                    self.online.discard(dev)
+            # age retention for devices that went quiet (the writer prunes the others as they send)
+            try:
+                cursor, _ = self.registry.prune_slice(cursor, 100, now)
+            except Exception as exc:  # noqa: BLE001 - the registry is away: next time
+                log.warning("retention sweep failed: %s", exc)
+            self._commit_own()
 
     def reject(self, reason: str, topic: str, detail: str) -> None:
         self.counts["rejected"] += 1
         self.metrics.reject(reason)
-        self.registry.count_reject(reason)
+        if self.writer is not None:
+            self.writer.reject(reason)
+        else:
+            self.registry.count_reject(reason)
         log.warning("rejected message on %s: %s", topic, detail)
 
     async def _offload_tuner(self) -> None:
@@ -273,7 +342,17 @@ class ControllerService:
         return self.channel.command(device_id, command, args)
 
     def ingest(self, msg: Message) -> Envelope | None:
-        """Validate one message and store it. Returns the envelope, or None if rejected."""
+        """Validate one message and store it now on the service's own connection (uncommitted: the
+        caller commits). ``fleetctl serve`` goes through ``classify`` and the writer instead."""
+        item = self.classify(msg)
+        if item is None:
+            return None
+        self.counts["duplicates"] += self.registry.write([item]).duplicates
+        return item[1]
+
+    def classify(self, msg: Message) -> Item | None:
+        """Validate one message; returns what the registry is to store, or None (rejected, or handled
+        here: worker status, federated updates, transfer requests)."""
         if msg.topic.startswith(f"{self.topics.base}/offload/workers/"):
             if msg.payload:
                 try:
@@ -305,28 +384,26 @@ class ControllerService:
         if env.kind not in LEAF_KINDS.get(leaf, ()):
             self.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} does not belong on /{leaf}")
             return None
-        if leaf == "state":
-            self.registry.record_state(env)
-            if env.sender not in self.online and env.body.get("status") == "online":
-                self.online.add(env.sender)
-                self.known = max(self.known, len(self.online))
-            elif env.body.get("status") != "online":
-                self.online.discard(env.sender)
-        elif leaf == "telemetry":
-            if not self.registry.record_telemetry(env):
-                self.counts["duplicates"] += 1
-                self.metrics.duplicate(leaf)
-        elif leaf == "events":
-            if not self.registry.record_event(env):
-                self.counts["duplicates"] += 1
-                self.metrics.duplicate(leaf)
-        elif leaf == "results":
-            self.registry.record_result(env)
         self.counts[leaf] += 1
         self.metrics.message(leaf)
+        if leaf == "state":
+            if env.body.get("status") == "online":
+                if env.sender not in self.online:
+                    self.online.add(env.sender)
+                    self.known = max(self.known, len(self.online))
+            else:
+                self.online.discard(env.sender)
         for fn in self.listeners:
             fn(leaf, env)
-        return env
+        return (leaf, env) if leaf in ("state", "telemetry", "events", "results") else None
+
+
+def open_registry(cfg: ControllerConfig, url: str | None = None) -> Registry:
+    """The registry ``cfg`` names, with its retention settings (``url``: another connection to the same one)."""
+    r = cfg.registry
+    return Registry(url or cfg.db_path, telemetry_keep=r.telemetry_keep_per_device,
+                    events_keep=r.events_keep_per_device, telemetry_max_age_s=r.telemetry_max_age_s,
+                    events_max_age_s=r.events_max_age_s)
 
 
 def pretty(obj: Any) -> str:

@@ -174,6 +174,7 @@ KINDS: dict[str, BodyCheck] = {
     "reply": _check_reply,
     "infer.request": _check_infer_request,
     "ctl.state": _check_any,
+    "ctl.telemetry": _check_any,
     "result": _check_result,
     "feedback": _check_feedback,
 }

@@ -13,6 +13,7 @@ can confine a device to its own topics with a ``%c``/``%u`` pattern::
     {root}/v1/dev/{id}/results      JSON inference results / per-interval summaries
     {root}/v1/group/{group}/cmd     commands to every device of a group
     {root}/v1/ctl/state             retained controller state
+    {root}/v1/ctl/telemetry         retained: the controller's own figures (ingest, drops, rejects)
     {root}/v1/ctl/desired/{id}      retained: the model version the controller wants there
     {root}/v1/offload/req           offload requests; workers share one subscription
 
@@ -120,6 +121,10 @@ class Topics:
     @property
     def ctl_state(self) -> str:
         return f"{self.base}/ctl/state"
+
+    @property
+    def ctl_telemetry(self) -> str:
+        return f"{self.base}/ctl/telemetry"
 
     def desired(self, device_id: str) -> str:
         """Retained, controller-written: the bundle version a device should run (dashboards read it)."""

@@ -12,10 +12,11 @@ import pytest
 
 from tests.helpers.broker import Mosquitto
 from tests.helpers.bundles import example_into
+from tests.helpers.postgres import pg_url, postgres_server, registry_url  # noqa: F401 - fixtures for every test module
 
 INTEGRATION_DIR = Path(__file__).resolve().parent / "integration"
 # fixtures that bring up real brokers, agents, controllers or ptys
-INTEGRATION_FIXTURES = {"mosquitto", "fleet", "any_fleet", "pty"}
+INTEGRATION_FIXTURES = {"mosquitto", "fleet", "any_fleet", "pty", "postgres_server", "pg_url", "registry_url"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,8 @@
 """The root ``fleetctl`` group: global options, and every command group registered explicitly.
 
 Global options (also from the environment, click's auto_envvar_prefix):
-``--broker`` / FLEETCTL_BROKER, ``--config`` / FLEETCTL_CONFIG, ``--db`` / FLEETCTL_DB.
+``--broker`` / FLEETCTL_BROKER, ``--config`` / FLEETCTL_CONFIG, ``--registry`` / FLEETCTL_REGISTRY
+(``postgresql://…``, ``sqlite:///path`` or a path; ``--db`` / FLEETCTL_DB is its older name).
 Reads (`devices`, `device show`, `telemetry`) come from the registry that
 `fleetctl serve` writes; live views (`telemetry --follow`, `cmd`) use the broker.
 ``--json`` output is stable and documented in docs/cli.md.
@@ -23,26 +24,32 @@ from .report import report
 from .params import BROKER_HELP, BROKER_URL
 from .round import round  # noqa: A004 - the command group is called "round"
 from .serve import serve
+from .status import status
 
 
 @click.group(context_settings={"auto_envvar_prefix": "FLEETCTL", "help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="controller TOML config")
 @click.option("--broker", default=None, type=BROKER_URL, help=BROKER_HELP)
-@click.option("--db", default=None, help="registry SQLite file (overrides config)")
+@click.option("--registry", "registry_url", default=None, metavar="URL",
+              help="registry: postgresql://user@host/db, sqlite:///path or a file path (overrides config)")
+@click.option("--db", default=None, help="registry SQLite file (older name of --registry)")
 @click.option("--topic-root", default=None, help="topic root (default edgefleet)")
 @click.option("--signing-key", default=None, type=click.Path(dir_okay=False),
               help="Ed25519 private key that signs commands (fleetctl keys init)")
 @click.version_option("0.1.0", prog_name="fleetctl")
 @click.pass_context
-def cli(ctx: click.Context, config: str | None, broker: str | None, db: str | None, topic_root: str | None,
-        signing_key: str | None) -> None:
+def cli(ctx: click.Context, config: str | None, broker: str | None, registry_url: str | None, db: str | None,
+        topic_root: str | None, signing_key: str | None) -> None:
     """edgefleet's fleet controller and CLI."""
-    ctx.obj = Ctx(config, broker, db, topic_root, signing_key)
+    if registry_url and db and registry_url != db:
+        raise click.UsageError("--registry and --db name two registries: give one")
+    ctx.obj = Ctx(config, broker, registry_url or db, topic_root, signing_key)
 
 
 device.add_command(tag)
 cli.add_command(serve)
 cli.add_command(devices)
+cli.add_command(status)
 cli.add_command(device)
 cli.add_command(telemetry)
 cli.add_command(cmd)

@@ -31,7 +31,8 @@ class Ctx:
         if self.topic_root:
             o.setdefault("mqtt", {})["topic_root"] = self.topic_root
         if self.db:
-            o.setdefault("registry", {})["path"] = self.db
+            o.setdefault("registry", {})["url"] = self.db
+            o["registry"]["path"] = ""
         if self.signing_key:
             o.setdefault("security", {})["signing_key"] = self.signing_key
         try:

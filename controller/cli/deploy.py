@@ -21,10 +21,16 @@ from .params import DEVICE_ID, DURATION, FRACTION, TAG
 def _store(ctx: click.Context):
     from ..rollouts.store import RolloutStore
 
-    path = ctx.obj.cfg().db_path
-    if not os.path.exists(path):
+    cfg = ctx.obj.cfg()
+    path = cfg.db_path
+    if cfg.db_is_sqlite and not os.path.exists(path):
         raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
-    return RolloutStore.open(path)
+    from ..db import DatabaseUnavailable
+
+    try:
+        return RolloutStore.open(path, cfg.artifacts_dir)
+    except DatabaseUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 def select_devices(ctx: click.Context, store: Any, to: str | None, group: str | None, tag: str | None,

@@ -47,11 +47,11 @@ def _desired_versions(reg: Registry) -> dict[str, str]:
 def devices(c: Ctx, as_json: bool) -> None:
     """List devices: id, online, last seen, model, key metrics."""
     reg = c.registry()
-    devs = reg.devices()
+    devs = reg.summaries()   # columns only: no state or telemetry JSON parsed for a list
     desired = _desired_versions(reg)
-    if as_json:
+    if as_json:   # one line (json's C encoder): 10,000 devices in a fraction of a second
         click.echo(json.dumps({"devices": [{**_device_summary(d), "desired_version": desired.get(d.id)}
-                                           for d in devs]}, indent=2))
+                                           for d in devs]}))
         return
     if not devs:
         click.echo("no devices yet")

@@ -59,9 +59,14 @@ def _store(ctx: click.Context, create: bool):
 
     cfg = ctx.obj.cfg()
     path = cfg.db_path
-    if not create and not os.path.exists(path):
+    if not create and cfg.db_is_sqlite and not os.path.exists(path):
         raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
-    return RoundStore.open(path)
+    from ..db import DatabaseUnavailable
+
+    try:
+        return RoundStore.open(path)
+    except DatabaseUnavailable as exc:
+        raise click.ClickException(str(exc)) from None
 
 
 @click.group()
@@ -130,7 +135,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
         raise click.BadParameter(str(exc), param_hint="--strategy") from None
     store = _store(ctx, create=True)
     run_id = time.strftime("run-%Y%m%d-%H%M%S-") + os.urandom(2).hex()
-    eval_file = _eval_features(bundle, Path(ctx.obj.cfg().db_path).parent / "runs" / f"{run_id}-eval.npz")
+    eval_file = _eval_features(bundle, ctx.obj.cfg().state_dir / "runs" / f"{run_id}-eval.npz")
     if eval_file:
         from dataclasses import replace
 

@@ -9,13 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 import io
 import json
-import sqlite3
 import time
 from typing import Any, Mapping
 
 import numpy as np
 
-from ..db import connect, ensure_schema, transaction
+from ..db import Database, as_database, baseline, connect, migrate, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fl_runs(
@@ -32,7 +31,9 @@ CREATE TABLE IF NOT EXISTS fl_updates(
     update_blob BLOB, acked INTEGER NOT NULL DEFAULT 0, PRIMARY KEY(run_id, round_no, device_id));
 """
 #: columns older files lack
-MIGRATIONS = {"fl_updates": {"acked": "INTEGER NOT NULL DEFAULT 0"}}
+ADD_COLUMNS = {"fl_updates": {"acked": "INTEGER NOT NULL DEFAULT 0"}}
+#: versioned migrations of the round tables (controller/db.py ``migrate``); 1 is the baseline
+MIGRATIONS = [baseline(SCHEMA, ADD_COLUMNS)]
 
 
 def pack_head(head: Mapping[str, np.ndarray]) -> bytes:
@@ -86,9 +87,9 @@ class UpdateRow:
 
 
 class RoundStore:
-    def __init__(self, db: sqlite3.Connection) -> None:
-        self.db = db
-        ensure_schema(self.db, SCHEMA, MIGRATIONS)
+    def __init__(self, db: Database) -> None:
+        self.db = as_database(db)
+        migrate(self.db, "fl", MIGRATIONS)
 
     @classmethod
     def open(cls, db_path: str) -> "RoundStore":
@@ -222,8 +223,9 @@ class RoundStore:
     def add_update(self, run_id: str, round_no: int, u: UpdateRow) -> bool:
         """Store an update once per device per round; False if one was already stored."""
         cur = self.db.execute(
-            "INSERT OR IGNORE INTO fl_updates(run_id, round_no, device_id, received, accepted, reason, num_samples, "
-            "base_version, meta, update_blob) VALUES(?,?,?,?,?,?,?,?,?,?)",
+            "INSERT INTO fl_updates(run_id, round_no, device_id, received, accepted, reason, num_samples, "
+            "base_version, meta, update_blob) VALUES(?,?,?,?,?,?,?,?,?,?) "
+            "ON CONFLICT(run_id, round_no, device_id) DO NOTHING",
             (run_id, round_no, u.device_id, u.received, int(u.accepted), u.reason, u.num_samples, u.base_version,
              json.dumps(u.meta), pack_head(u.update) if u.update is not None else None))
         self.db.commit()
@@ -245,8 +247,12 @@ class RoundStore:
     def mark_acked(self, run_id: str, round_no: int, device_id: str) -> None:
         """The broker acknowledged our ``fl.ack`` for the update answering task ``round_no`` (async files
         it under the window it arrived in, with ``meta.task_round``)."""
-        self.db.execute("UPDATE fl_updates SET acked=1 WHERE run_id=? AND device_id=? AND "
-                        "(round_no=? OR json_extract(meta, '$.task_round')=?)", (run_id, device_id, round_no, round_no))
+        rows = self.db.execute("SELECT round_no, meta FROM fl_updates WHERE run_id=? AND device_id=? AND acked=0",
+                               (run_id, device_id)).fetchall()
+        for r, meta in rows:   # meta is JSON text: read here, not with a backend's JSON functions
+            if r == round_no or (json.loads(meta) if meta else {}).get("task_round") == round_no:
+                self.db.execute("UPDATE fl_updates SET acked=1 WHERE run_id=? AND device_id=? AND round_no=?",
+                                (run_id, device_id, r))
         self.db.commit()
 
     def unacked(self, run_ids: tuple[str, ...]) -> list[tuple[str, str, bool, str | None, int]]:

@@ -19,12 +19,11 @@ from dataclasses import dataclass
 import json
 import os
 import shutil
-import sqlite3
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..db import connect, end_read, ensure_schema, has_table, transaction
+from ..db import Database, as_database, baseline, connect, end_read, has_table, migrate, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts(
@@ -46,6 +45,12 @@ CREATE TABLE IF NOT EXISTS desired(
     set_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS device_tags(device_id TEXT NOT NULL, tag TEXT NOT NULL, PRIMARY KEY(device_id, tag));
 """
+# registries made before fleet accuracy was tracked lack the acc_* columns (and the quarantine ones)
+ADD_COLUMNS = {"rollout_devices": {"acc_before": "REAL", "acc_after": "REAL"},
+               "artifacts": {"made_from": "TEXT", "quarantined": "REAL", "quarantine_reason": "TEXT"},
+               "rollouts": {"artifact_id": "TEXT"}}
+#: versioned migrations of the rollout tables (controller/db.py ``migrate``); 1 is the baseline
+MIGRATIONS = [baseline(SCHEMA, ADD_COLUMNS)]
 
 
 @dataclass(frozen=True)
@@ -117,22 +122,21 @@ class Desired:
 
 
 class RolloutStore:
-    def __init__(self, db: sqlite3.Connection, artifacts_dir: str | Path, *, create: bool = True) -> None:
-        self.db = db
+    def __init__(self, db: Database, artifacts_dir: str | Path, *, create: bool = True) -> None:
+        self.db = as_database(db)
         if create:
-            # registries made before fleet accuracy was tracked lack the acc_* columns
-            ensure_schema(self.db, SCHEMA, {"rollout_devices": {"acc_before": "REAL", "acc_after": "REAL"},
-                                            "artifacts": {"made_from": "TEXT", "quarantined": "REAL",
-                                                          "quarantine_reason": "TEXT"},
-                                            "rollouts": {"artifact_id": "TEXT"}})
+            migrate(self.db, "rollouts", MIGRATIONS)
         self.artifacts_dir = Path(artifacts_dir)
 
     @classmethod
-    def open(cls, db_path: str) -> "RolloutStore":
-        return cls(connect(db_path), Path(db_path).parent / "artifacts")
+    def open(cls, db_url: str, artifacts_dir: str | Path | None = None) -> "RolloutStore":
+        """``artifacts_dir`` defaults to ``artifacts/`` beside an SQLite file (a PostgreSQL URL needs one)."""
+        if artifacts_dir is None:
+            artifacts_dir = Path(db_url).parent / "artifacts"
+        return cls(connect(db_url), artifacts_dir)
 
     @classmethod
-    def reader(cls, db: sqlite3.Connection, artifacts_dir: str | Path = "artifacts") -> "RolloutStore | None":
+    def reader(cls, db: Database, artifacts_dir: str | Path = "artifacts") -> "RolloutStore | None":
         """Reads over a read-only connection (the CLI's registry); None before the first rollout made the tables."""
         return cls(db, artifacts_dir, create=False) if has_table(db, "desired") else None
 
@@ -316,10 +320,10 @@ class RolloutStore:
         rows = self.db.execute(
             "SELECT d.device_id, d.bundle_sha256, d.version, d.rollout_id, d.set_at FROM desired d "
             "JOIN devices v ON v.id = d.device_id WHERE v.online = 1 AND ("
-            "COALESCE(json_extract(v.state, '$.model.bundle_sha256'), '') != d.bundle_sha256 OR EXISTS("
+            "COALESCE(v.bundle_sha256, '') != d.bundle_sha256 OR EXISTS("
             f"SELECT 1 FROM rollout_devices r WHERE r.device_id = d.device_id AND r.status IN ({marks}) AND "
-            "r.rollout_id = substr(d.rollout_id, 1, CASE WHEN instr(d.rollout_id, ':') > 0 "
-            "THEN instr(d.rollout_id, ':') - 1 ELSE length(d.rollout_id) END))) ORDER BY d.device_id",
+            "(r.rollout_id = d.rollout_id OR substr(d.rollout_id, 1, length(r.rollout_id) + 1) = r.rollout_id || ':'))) "
+            "ORDER BY d.device_id",
             in_progress)
         return [Desired(*r) for r in rows]
 
@@ -328,7 +332,8 @@ class RolloutStore:
         if remove:
             self.db.execute("DELETE FROM device_tags WHERE device_id=? AND tag=?", (device_id, tag))
         else:
-            self.db.execute("INSERT OR IGNORE INTO device_tags VALUES(?,?)", (device_id, tag))
+            self.db.execute("INSERT INTO device_tags VALUES(?,?) ON CONFLICT(device_id, tag) DO NOTHING",
+                            (device_id, tag))
         self.db.commit()
 
     def tags(self, device_id: str | None = None) -> dict[str, list[str]]:

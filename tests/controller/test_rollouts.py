@@ -119,13 +119,13 @@ def test_fleet_accuracy_drop_from_the_devices_shadow_evaluations():
     assert decide(10, p, 0, 0, 2, s).action == "release"
 
 
-def test_only_devices_that_need_attention_are_reconciled(tmp_path):
+def test_only_devices_that_need_attention_are_reconciled(tmp_path, registry_url):
     """The reconcile query: online devices on another bundle, or with a slot still in progress."""
     from controller.registry import Registry
     from controller.rollouts.store import RolloutStore
     from protocol.envelope import Envelope
 
-    reg = Registry(tmp_path / "r.db")
+    reg = Registry(registry_url)
     store = RolloutStore(reg.db, tmp_path / "artifacts")
     for dev, sha, online in (("on-old", "a" * 64, True), ("on-new", "b" * 64, True), ("off-old", "a" * 64, False),
                              ("on-new-busy", "b" * 64, True)):

@@ -1,5 +1,4 @@
 """Round engine decisions, pure over a real SQLite store (no broker)."""
-import sqlite3
 
 import numpy as np
 import pytest
@@ -47,8 +46,11 @@ def clients(*ids, online=True):
 
 
 @pytest.fixture
-def store(tmp_path):
-    return RoundStore(sqlite3.connect(tmp_path / "r.db"))
+def store(registry_url):
+    """The same round tests on SQLite and on a real PostgreSQL."""
+    from controller.db import connect
+
+    return RoundStore(connect(registry_url))
 
 
 def new_run(store, run_id="r1", **cfg):
