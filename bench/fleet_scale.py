@@ -120,74 +120,125 @@ def stop_proc(p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
 
 
 # -- the registry --------------------------------------------------------------
-def prefill(path: Path, devices: int, keep: int, interval_s: float, template: dict[str, Any]) -> float:
+def prefill(url: str, devices: int, keep: int, interval_s: float, template: dict[str, Any]) -> float:
     """Every device with its state and ``keep`` past samples, written through the registry's own
-    API (so the rows are exactly what the controller stores). Returns the seconds it took."""
+    batch API (so the rows are exactly what the controller stores). Returns the seconds it took."""
     from controller.registry import Registry
     from protocol.envelope import Envelope
 
     t0 = time.perf_counter()
-    reg = Registry(path, telemetry_keep=keep)
+    reg = Registry(url, telemetry_keep=keep)
     now = time.time()
     base = now - (keep + 10) * interval_s
-    for i in range(devices):
-        dev = f"sim-{i:05d}"
-        reg.record_state(Envelope(kind="state", sender=dev, body=fleetsim.state_online(dev), ts=base), now=base)
+    reg.write([("state", Envelope(kind="state", sender=f"sim-{i:05d}", body=fleetsim.state_online(f"sim-{i:05d}"),
+                                  ts=base)) for i in range(devices)], now=base)
     reg.commit()
-    n = 0
+    batch: list[tuple[str, Any]] = []
     for k in range(keep):
         for i in range(devices):
             dev = f"sim-{i:05d}"
             ts = base + k * interval_s + i * interval_s / devices
-            reg.record_telemetry(Envelope(kind="telemetry", sender=dev, ts=ts,
-                                          body=fleetsim.telemetry_body(template, k + 1, interval_s)), now=ts)
-            n += 1
-            if n % 5000 == 0:
+            batch.append(("telemetry", Envelope(kind="telemetry", sender=dev, ts=ts,
+                                                body=fleetsim.telemetry_body(template, k + 1, interval_s))))
+            if len(batch) >= 2000:
+                reg.write(batch, now=ts)
                 reg.commit()
-    reg.commit()
+                batch = []
+    if batch:
+        reg.write(batch, now=ts)
+        reg.commit()
     reg.close()
     return time.perf_counter() - t0
 
 
-def registry_for(spec: Spec, workdir: Path, cache: Path, template: dict[str, Any]) -> tuple[Path, float | None]:
-    cached = cache / f"reg-{spec.backend}-{spec.devices}x{spec.keep}.db"
+class Postgres:
+    """A real PostgreSQL server for the run (tests/helpers/postgres.py: initdb/pg_ctl in a temp dir on a
+    free loopback port); the pre-filled registry is a template database each run copies."""
+
+    def __init__(self) -> None:
+        from tests.helpers.postgres import PostgresServer
+
+        self.server = PostgresServer().start()
+        self.templates: set[str] = set()
+
+    def registry(self, name: str, spec: Spec, template: dict[str, Any]) -> tuple[str, float | None]:
+        import psycopg
+
+        tpl = f"tpl_{spec.devices}x{spec.keep}"
+        took = None
+        if tpl not in self.templates:
+            with psycopg.connect(self.server.url(), autocommit=True) as c:
+                c.execute(f"CREATE DATABASE {tpl}")
+            took = prefill(self.server.url(tpl), spec.devices, spec.keep, spec.interval_s, template)
+            self.templates.add(tpl)
+        db = f"run_{name}_{int(time.time() * 1000) % 10 ** 9}"
+        with psycopg.connect(self.server.url(), autocommit=True) as c:
+            c.execute(f"CREATE DATABASE {db} TEMPLATE {tpl}")
+        return self.server.url(db), took
+
+    def stop(self) -> None:
+        self.server.stop()
+        self.server.cleanup()
+
+
+PG: Postgres | None = None
+
+
+def registry_for(spec: Spec, workdir: Path, cache: Path, template: dict[str, Any]) -> tuple[str, float | None]:
+    """A registry at steady state for ``spec``: a copy of a cached pre-filled SQLite file, or a
+    PostgreSQL database made from a pre-filled template."""
+    if spec.backend == "postgres":
+        assert PG is not None
+        return PG.registry(spec.name, spec, template)
+    cached = cache / f"reg-{spec.backend}-{spec.devices}x{spec.keep}-{schema_tag()}.db"
     took = None
     if not cached.exists():
         tmp = cached.with_suffix(".tmp")
         for p in cache.glob(tmp.name + "*"):
             p.unlink()
-        took = prefill(tmp, spec.devices, spec.keep, spec.interval_s, template)
+        took = prefill(str(tmp), spec.devices, spec.keep, spec.interval_s, template)
         con = sqlite3.connect(tmp)
         con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
         con.close()
         os.replace(tmp, cached)
     dst = workdir / "registry.db"
     shutil.copyfile(cached, dst)
-    return dst, took
+    return str(dst), took
 
 
-def stored(db: Path, t0: float, t1: float) -> list[tuple[float, float]]:
+def schema_tag() -> str:
+    """Changes when the registry's code does, so a cached pre-fill is never from another schema."""
+    import hashlib
+
+    src = (ROOT / "controller" / "registry.py").read_bytes() + (ROOT / "bench" / "data" / "agent_telemetry.json").read_bytes()
+    return hashlib.sha256(src).hexdigest()[:10]
+
+
+def _query(url: str, sql: str, args: tuple) -> list[tuple]:
+    from controller.db import connect
+
+    db = connect(url, readonly=True, timeout=30)
+    try:
+        return [tuple(r) for r in db.execute(sql, args).fetchall()]
+    finally:
+        db.close()
+
+
+def stored(url: str, t0: float, t1: float) -> list[tuple[float, float]]:
     """(ts, received) of the telemetry stored with ts in [t0, t1]."""
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute("SELECT ts, received FROM telemetry WHERE ts >= ? AND ts <= ?", (t0, t1)).fetchall()
-    finally:
-        con.close()
+    return _query(url, "SELECT ts, received FROM telemetry WHERE ts >= ? AND ts <= ?", (t0, t1))
 
 
-def count_stored(db: Path, t0: float) -> int:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
-    try:
-        return con.execute("SELECT COUNT(*) FROM telemetry WHERE ts >= ?", (t0,)).fetchone()[0]
-    finally:
-        con.close()
+def count_stored(url: str, t0: float) -> int:
+    return _query(url, "SELECT COUNT(*) FROM telemetry WHERE ts >= ?", (t0,))[0][0]
 
 
 # -- processes -----------------------------------------------------------------
-def controller_config(workdir: Path, broker: Broker, db: Path, keep: int, replica: int, replicas: int) -> Path:
+def controller_config(workdir: Path, broker: Broker, db: str, keep: int, replica: int, replicas: int) -> Path:
     cfg = workdir / f"controller-{replica}.toml"
     ctl = f'[controller]\nreplica = "r{replica}"\n' if replicas > 1 else ""
-    cfg.write_text(f'{ctl}[mqtt]\nbroker = "{broker.url}"\n[registry]\npath = "{db}"\n'
+    cfg.write_text(f'{ctl}[mqtt]\nbroker = "{broker.url}"\n[registry]\nurl = "{db}"\n'
+                   f'artifacts_dir = "{workdir / "artifacts"}"\n'
                    f"telemetry_keep_per_device = {keep}\nevents_keep_per_device = {keep}\n")
     return cfg
 
@@ -195,7 +246,7 @@ def controller_config(workdir: Path, broker: Broker, db: Path, keep: int, replic
 PROFILE_DIR: Path | None = None   # --profile: each controller runs under cProfile, its stats written there
 
 
-def start_controllers(workdir: Path, broker: Broker, db: Path, spec: Spec) -> list[subprocess.Popen]:
+def start_controllers(workdir: Path, broker: Broker, db: str, spec: Spec) -> list[subprocess.Popen]:
     procs = []
     for r in range(spec.replicas):
         cfg = controller_config(workdir, broker, db, spec.keep, r + 1, spec.replicas)
@@ -256,11 +307,11 @@ def cpu_s(procs: list[psutil.Process]) -> float:
     return total
 
 
-def devices_json_seconds(db: Path) -> float | None:
+def devices_json_seconds(db: str) -> float | None:
     code = ("import sys,time,io,contextlib\nfrom controller.cli.app import cli\n"
             "buf=io.StringIO()\nt=time.perf_counter()\n"
             "with contextlib.redirect_stdout(buf):\n"
-            f"    cli.main(['--db', {str(db)!r}, 'devices', '--json'], standalone_mode=False)\n"
+            f"    cli.main(['--registry', {str(db)!r}, 'devices', '--json'], standalone_mode=False)\n"
             "dt=time.perf_counter()-t\nprint(dt, len(buf.getvalue()), file=sys.stderr)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     try:
@@ -329,7 +380,7 @@ def run(spec: Spec, cache: Path, template: dict[str, Any]) -> dict[str, Any]:
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-async def _drive(spec: Spec, broker: Broker, db: Path, ctl: list[psutil.Process], subp: psutil.Process,
+async def _drive(spec: Spec, broker: Broker, db: str, ctl: list[psutil.Process], subp: psutil.Process,
                  template: dict[str, Any]) -> dict[str, Any]:
     fleet = fleetsim.Fleet("127.0.0.1", broker.port, spec.devices, loop=asyncio.get_running_loop())
     connect_s = await fleet.connect()
@@ -407,25 +458,18 @@ def saturation(spec: Spec, cache: Path, template: dict[str, Any]) -> dict[str, A
         shutil.rmtree(workdir, ignore_errors=True)
 
 
-def replicas_supported() -> str | None:
-    """None if `fleetctl serve` can run as replicas here, else why not."""
+def postgres_missing() -> str | None:
+    """None if a PostgreSQL server can be started here, else why not."""
     try:
-        from controller.config import ControllerSection
+        import psycopg  # noqa: F401
+        from tests.helpers.postgres import pg_bindir
     except ImportError as exc:
-        return str(exc)
-    if "replica" not in ControllerSection.__dataclass_fields__:
-        return "this tree's fleetctl serve has no replicas (controller.replica) yet"
+        return f"no PostgreSQL client/helpers: {exc}"
+    try:
+        pg_bindir()
+    except BaseException as exc:  # noqa: BLE001 - pytest.fail raises outside BaseException's usual tree
+        return f"no PostgreSQL server binaries: {exc}"
     return None
-
-
-def postgres_supported() -> str | None:
-    try:
-        import controller.db as db
-    except ImportError as exc:
-        return str(exc)
-    if not hasattr(db, "open_url") and not hasattr(db, "connect_url"):
-        return "this tree's registry has no PostgreSQL backend yet (store14's branch is not merged)"
-    return "the PostgreSQL run is not wired into this bench yet"
 
 
 def main() -> None:
@@ -445,10 +489,12 @@ def main() -> None:
         keep = args.keep or 20
         head = Spec("headline", 1000, 10.0, 10.0, keep, saturation_msgs=3000)
         hz1 = Spec("hz1_1000", 200, 1.0, 5.0, keep)
+        pg_head = Spec("headline", 300, 10.0, 5.0, args.keep or 5, saturation_msgs=1500)
     else:
         keep = args.keep or 100
         head = Spec("headline", 10000, 10.0, 60.0, keep, saturation_msgs=30000)
         hz1 = Spec("hz1_1000", 1000, 1.0, 30.0, keep)
+        pg_head = head
     only = set(args.only.split(",")) if args.only else {"headline", "hz1_1000", "postgres", "replicas_2"}
     cache = Path(tempfile.gettempdir()) / "edgefleet-fleet-scale-cache"
     cache.mkdir(exist_ok=True)
@@ -461,25 +507,34 @@ def main() -> None:
     if "hz1_1000" in only:
         result["hz1_1000"] = run(hz1, cache, template)
         print("hz1_1000", json.dumps(result["hz1_1000"]), file=sys.stderr)
-    if "postgres" in only:
-        why = postgres_supported()
-        result["postgres"] = None
-        result["postgres_reason"] = why
-    why = replicas_supported()
-    if "replicas_2" in only:
-        if why:
-            result["replicas_2"] = None
-            result["replicas_2_reason"] = why
-            result["replica_speedup"] = None
-        else:
-            two = replace(head, name="replicas_2", replicas=2)
+    why = postgres_missing() if ({"postgres", "replicas_2"} & only) else None
+    global PG
+    if why is None and ({"postgres", "replicas_2"} & only):
+        PG = Postgres()
+    try:
+        pg = replace(pg_head, name="postgres", backend="postgres")
+        if "postgres" in only:
+            if why:
+                result["postgres"], result["postgres_reason"] = None, why
+            else:
+                result["postgres"] = run(pg, cache, template)
+                print("postgres", json.dumps(result["postgres"]), file=sys.stderr)
+        if "replicas_2" in only:
+            # replicas share a production registry: PostgreSQL (SQLite when it is not here, said so)
+            base = pg if not why else head
+            two = replace(base, name="replicas_2", replicas=2)
             result["replicas_2"] = run(two, cache, template)
+            if why:
+                result["replicas_2"]["note"] = f"on SQLite (one file, two processes): {why}"
             print("replicas_2", json.dumps(result["replicas_2"]), file=sys.stderr)
-            one_sat = saturation(head, cache, template)
-            two_sat = saturation(two, cache, template)
+            one_sat = saturation(replace(base, name="sat1"), cache, template)
+            two_sat = saturation(replace(two, name="sat2"), cache, template)
             result["saturation_1"], result["saturation_2"] = one_sat, two_sat
             result["replica_speedup"] = round(two_sat["msgs_per_s"] / one_sat["msgs_per_s"], 2) \
                 if one_sat["msgs_per_s"] else None
+    finally:
+        if PG is not None:
+            PG.stop()
     result["quick"] = args.quick
     result["bench_s"] = round(time.monotonic() - started, 1)
     print(json.dumps(result))
