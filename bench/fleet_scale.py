@@ -495,6 +495,10 @@ def main() -> None:
         head = Spec("headline", 10000, 10.0, 60.0, keep, saturation_msgs=30000)
         hz1 = Spec("hz1_1000", 1000, 1.0, 30.0, keep)
         pg_head = head
+    # the registry must keep at least what one device sends in the window (or retention, not a loss,
+    # would remove samples the bench counts): keep = max(--keep, samples per device in the window + 2)
+    head, hz1, pg_head = (replace(sp, keep=max(sp.keep, int(sp.duration_s / sp.interval_s) + 2))
+                          for sp in (head, hz1, pg_head))
     only = set(args.only.split(",")) if args.only else {"headline", "hz1_1000", "postgres", "replicas_2"}
     cache = Path(tempfile.gettempdir()) / "edgefleet-fleet-scale-cache"
     cache.mkdir(exist_ok=True)
