@@ -87,6 +87,7 @@ class Agent:
             self.outbox = Outbox(Path(cfg.state.dir) / "outbox.db", cfg.state.outbox_bytes)
         except (OSError, sqlite3.Error) as exc:
             raise ConfigError(f"state.dir {cfg.state.dir}: cannot open the outbox there: {exc}") from None
+        self._announced = hass.Announced(Path(cfg.state.dir) / "hass-announced.json")
         self._draining = False
         self._drain_task: asyncio.Future | None = None
         self._inflight: set[asyncio.Future] = set()
@@ -160,7 +161,7 @@ class Agent:
                          "telemetry.now": self._cmd_telemetry_now}
         self.control_handlers = {"cmd": self._handle_cmd}
         self.request_handlers = {}
-        own = {self.topics.cmd(self.device_id), self.topics.req(self.device_id),
+        own = {self.topics.cmd(self.device_id), self.topics.bin(self.device_id), self.topics.req(self.device_id),
                self.topics.group_cmd(self.cfg.device.group)}
         self.subscriptions = {}
         if self.cfg.homeassistant.enabled:
@@ -297,7 +298,7 @@ class Agent:
     async def _on_connect(self) -> None:
         self.republish_state()
         if self.cfg.homeassistant.enabled:
-            self.announce_hass()
+            self.announce_discovery()
         self.emit_event("connected", mqtt="5" if self.link and self.link.is_v5 else "3.1.1")
         if self.notifier is not None:
             model = (self.state_body("online").get("model") or {}).get("version", "none")
@@ -310,27 +311,42 @@ class Agent:
             except Exception:  # noqa: BLE001 - one feature's bug must not stop the others
                 log.exception("on_connect of %s failed", type(f).__name__)
 
-    def announce_hass(self) -> None:
-        for topic, payload in hass.discovery_messages(self.topics, self.device_id,
-                                                      self.cfg.homeassistant.prefix, __version__):
-            self.publish(topic, payload, qos=1, retain=True)
+    def announce_discovery(self) -> None:
+        """HA discovery as a lifecycle: announce what the board and its features offer now, and
+        clear (empty retained config: HA removes the entity) what was announced before and is gone."""
+        if not self.cfg.homeassistant.enabled:
+            return
+        msgs = hass.discovery_messages(self.topics, self.device_id, self.cfg.homeassistant.prefix, __version__,
+                                       area=self.cfg.device.location)
         for f in self.features:   # sub-devices (sensor MCUs) announce through the board
-            for topic, payload in f.discovery():
-                self.publish(topic, payload, qos=1, retain=True)
+            msgs += f.discovery()
+        for topic, payload in msgs:
+            self.publish(topic, payload, qos=1, retain=True)
+        if not self.connected:
+            return   # nothing went out: keep the record as it was
+        for topic in self._announced.replace(t for t, _ in msgs):
+            log.info("Home Assistant: removing %s (no longer offered)", topic)
+            self.publish(topic, b"", qos=1, retain=True)
 
     async def _on_hass_birth(self, msg: Message) -> None:
         if msg.payload.strip() == b"online":
             log.info("Home Assistant (re)started: re-announcing discovery")
-            self.announce_hass()
+            self.announce_discovery()
 
     # -- main ------------------------------------------------------------
     def _make_link(self) -> MqttLink:
-        offline = encode(self._envelope("state", self.state_body("offline")))
-        subs = [(self.topics.cmd(self.device_id), 1), (self.topics.req(self.device_id), 1),
+        def will() -> Will:
+            # the broker publishes this when the connection drops; its ts is when that connection
+            # began (the agent cannot know when it will be lost), and the body says it is a will
+            body = {**self.state_body("offline"), "reason": "connection lost", "last_will": True}
+            return Will(self.topics.state(self.device_id), encode(self._envelope("state", body)), 1, True)
+
+        subs = [(self.topics.cmd(self.device_id), 1), (self.topics.bin(self.device_id), 1),
+                (self.topics.req(self.device_id), 1),
                 (self.topics.group_cmd(self.cfg.device.group), 1)]
         subs += [(s.topic, s.qos) for s in self.subscriptions.values()]
         return MqttLink.from_settings(self.cfg.mqtt, self.device_id, subscriptions=subs,
-                                      will=Will(self.topics.state(self.device_id), offline, 1, True),
+                                      will=will,
                                       on_connect=self._on_connect, on_disconnect=self._on_disconnect)
 
     def _on_disconnect(self, reason: str) -> None:
@@ -395,7 +411,10 @@ class Agent:
         if sub is not None:
             await sub.handler(msg)
             return
-        control = msg.topic in (self.topics.cmd(self.device_id), self.topics.group_cmd(self.cfg.device.group))
+        # the controller channel: JSON commands on cmd, signed binary frames on bin (frames that
+        # still arrive on cmd, from a controller before the bin topic, are accepted the same way)
+        control = msg.topic in (self.topics.cmd(self.device_id), self.topics.bin(self.device_id),
+                                self.topics.group_cmd(self.cfg.device.group))
         decoded = self.decode(msg)
         if decoded is None:
             return

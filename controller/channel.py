@@ -106,8 +106,8 @@ class ControlChannel:
 
     def send_frame(self, device_id: str, kind: str, body: Mapping[str, Any], *,
                    tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"", qos: int = 1) -> bool:
-        """A binary frame (tensors or a blob) to ``device_id``'s cmd topic."""
-        topic = self.topics.cmd(device_id)
+        """A binary frame (tensors or a blob) to ``device_id``'s bin topic (cmd carries only JSON)."""
+        topic = self.topics.bin(device_id)
         return self._publish(topic, self.frame(topic, kind, body, tensors=tensors, blob=blob), qos)
 
     def _acked(self, topic: str, payload: bytes, qos: int) -> Acked:
@@ -123,7 +123,7 @@ class ControlChannel:
     def send_frame_acked(self, device_id: str, kind: str, body: Mapping[str, Any], *,
                          tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"", qos: int = 1) -> Acked:
         """``send_frame``, resolving True once the broker acknowledged it."""
-        topic = self.topics.cmd(device_id)
+        topic = self.topics.bin(device_id)
         return self._acked(topic, self.frame(topic, kind, body, tensors=tensors, blob=blob), qos)
 
     def command(self, device_id: str, command: str, args: Mapping[str, Any] | None = None) -> bool:

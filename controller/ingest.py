@@ -24,7 +24,6 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from protocol.envelope import Envelope
 from protocol.mqttlink import Message
 
 from .db import is_disconnect
@@ -32,7 +31,7 @@ from .registry import Registry
 
 log = logging.getLogger("fleetctl.ingest")
 
-Item = tuple[str, Envelope]   # (leaf, envelope) to store
+Item = tuple   # (leaf, envelope) or (leaf, envelope, payload as received) to store
 
 
 @dataclass(frozen=True)

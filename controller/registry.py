@@ -106,9 +106,12 @@ def _bundle(state: dict[str, Any]) -> str | None:
     return b if isinstance(b, str) else None
 
 
-def _metrics(t: dict[str, Any]) -> tuple[float | None, ...]:
-    return tuple(v if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-                 for v in (t.get(k) for k in KEY_METRICS))
+def _metrics(t: Any) -> tuple[float | None, ...]:
+    out = []
+    for k in KEY_METRICS:   # a plain loop: this runs for every sample stored
+        v = t.get(k)
+        out.append(v if type(v) in (int, float) else None)   # not bool, not a string
+    return tuple(out)
 
 
 @dataclass(frozen=True)
@@ -272,15 +275,16 @@ class Registry:
                         "ON CONFLICT(dict_id) DO NOTHING", (did, "telemetry", time.time(), data))
 
     # -- writes (service only) ---------------------------------------------
-    def write(self, envs: Sequence[tuple[str, Envelope]], rejects: dict[str, int] | None = None,
+    def write(self, envs: Sequence[tuple], rejects: dict[str, int] | None = None,
               now: float | None = None) -> WriteResult:
-        """Store one batch of validated messages (``(leaf, envelope)``, in arrival order) and reject
-        counts. Uncommitted: the caller commits, then acknowledges the messages."""
+        """Store one batch of validated messages and reject counts. Items are ``(leaf, envelope)`` or
+        ``(leaf, envelope, payload)`` (the bytes it was decoded from: stored as they are), in arrival
+        order. Uncommitted: the caller commits, then acknowledges the messages."""
         now = time.time() if now is None else now
         res = WriteResult()
-        tel = [e for leaf, e in envs if leaf == "telemetry"]
-        evs = [e for leaf, e in envs if leaf == "events"]
-        for leaf, env in envs:
+        tel = [(it[1], it[2] if len(it) > 2 else None) for it in envs if it[0] == "telemetry"]
+        evs = [it[1] for it in envs if it[0] == "events"]
+        for leaf, env, *_ in envs:
             if leaf == "state":
                 self._state(env, now)
             elif leaf == "results":
@@ -298,9 +302,9 @@ class Registry:
             self.count_reject(reason, count)
         return res
 
-    def _fresh(self, table: str, envs: list[Envelope]) -> tuple[list[Envelope], int]:
+    def _fresh(self, table: str, envs: list, key=lambda e: e) -> tuple[list, int]:
         """Drop ids already stored (or twice in this batch): one query per batch."""
-        ids = list({e.id for e in envs})
+        ids = list({key(e).id for e in envs})
         have: set[str] = set()
         for i in range(0, len(ids), 500):
             chunk = ids[i:i + 500]
@@ -308,19 +312,25 @@ class Registry:
                 f"SELECT msg_id FROM {table} WHERE msg_id IN ({','.join('?' * len(chunk))})", chunk))
         out, seen = [], set()
         for e in envs:
-            if e.id in have or e.id in seen:
+            mid = key(e).id
+            if mid in have or mid in seen:
                 continue
-            seen.add(e.id)
+            seen.add(mid)
             out.append(e)
         return out, len(envs) - len(out)
 
-    def _telemetry(self, envs: list[Envelope], now: float, res: WriteResult) -> tuple[int, int]:
-        fresh, dup = self._fresh("telemetry", envs)
+    def _telemetry(self, envs: list[tuple[Envelope, bytes | None]], now: float, res: WriteResult) -> tuple[int, int]:
+        fresh_pairs, dup = self._fresh("telemetry", envs, key=lambda p: p[0])
+        fresh = [e for e, _ in fresh_pairs]
         rows, latest = [], {}
-        for e in fresh:
-            raw = dumps(e.body)
-            self._maybe_train(raw)
-            blob = self.codec.compress(raw)
+        for e, payload in fresh_pairs:
+            if payload is not None:       # as received: no serialisation at all
+                self._maybe_train(payload)
+                blob = self.codec.compress_envelope(payload)
+            else:
+                raw = dumps(e.body)
+                self._maybe_train(raw)
+                blob = self.codec.compress(raw)
             rows.append((e.id, e.sender, e.ts, now, blob))
             cur = latest.get(e.sender)
             if cur is None or e.ts >= cur[4]:

@@ -395,7 +395,9 @@ class ControllerService:
                 self.online.discard(env.sender)
         for fn in self.listeners:
             fn(leaf, env)
-        return (leaf, env) if leaf in ("state", "telemetry", "events", "results") else None
+        if leaf == "telemetry":
+            return (leaf, env, msg.payload)   # stored as received: never serialised again
+        return (leaf, env) if leaf in ("state", "events", "results") else None
 
 
 def open_registry(cfg: ControllerConfig, url: str | None = None) -> Registry:

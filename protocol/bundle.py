@@ -29,6 +29,10 @@ MANIFEST = "manifest.json"
 # the version that carries it is applied (agent/updates/feature.py); the MCU's answer decides the update
 ROLES = ("backbone", "head", "reference", "eval", "labels", "other", "mcu")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
+# what a bundle's outputs mean, and so how the agent shapes its answer (agent/serving):
+# classify: top-k with label names; regress: values; detect: boxes, scores, classes above a
+# threshold (``task_params`` names the outputs); embed: the vector; raw: every named output
+TASKS = ("classify", "regress", "detect", "embed", "raw")
 MAX_MANIFEST_BYTES = 1024 * 1024
 
 
@@ -74,6 +78,15 @@ class Manifest:
     reference: Mapping[str, Any] | None = None
     eval: Mapping[str, Any] | None = None
     raw: Mapping[str, Any] = field(default_factory=dict)
+    # every model input in feed order; ``input`` is ``inputs[0]`` (single-input bundles and old
+    # manifests write only ``input``)
+    inputs: tuple[TensorSpec, ...] = ()
+    # the model outputs the bundle serves, by name; () = the backbone's first output
+    outputs: tuple[TensorSpec, ...] = ()
+    task: str = "classify"
+    # task-specific settings, e.g. detect: {"boxes": NAME, "scores": NAME, "classes": NAME,
+    # "threshold": 0.5}; classify: {"top_k": 5}
+    task_params: Mapping[str, Any] = field(default_factory=dict)
 
     def file(self, role: str) -> str | None:
         for name, e in self.files.items():
@@ -142,7 +155,30 @@ def parse_manifest(d: Any) -> Manifest:
     labels = d.get("labels", [])
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise _err("labels", "must be a list of strings")
-    inp = _spec(d.get("input"), "input")
+    if d.get("inputs") is not None:
+        if not isinstance(d["inputs"], list) or not d["inputs"] or len(d["inputs"]) > 16:
+            raise _err("inputs", "must be a non-empty list of at most 16 tensor specs")
+        inputs = tuple(_spec(x, f"inputs[{i}]") for i, x in enumerate(d["inputs"]))
+        if d.get("input") is not None and _spec(d["input"], "input") != inputs[0]:
+            raise _err("input", "differs from inputs[0]")
+    else:
+        inputs = (_spec(d.get("input"), "input"),)
+    inp = inputs[0]
+    outputs: tuple[TensorSpec, ...] = ()
+    if d.get("outputs") is not None:
+        if not isinstance(d["outputs"], list) or not d["outputs"] or len(d["outputs"]) > 16:
+            raise _err("outputs", "must be a non-empty list of at most 16 tensor specs")
+        outputs = tuple(_spec(x, f"outputs[{i}]") for i, x in enumerate(d["outputs"]))
+    for where, specs in (("inputs", inputs), ("outputs", outputs)):
+        names = [s.name for s in specs]
+        if len(set(names)) != len(names):
+            raise _err(where, f"tensor names must be unique, got {names}")
+    task = d.get("task", "classify")
+    if task not in TASKS:
+        raise _err("task", f"{task!r} not one of {TASKS}")
+    task_params = d.get("task_params") or {}
+    if not isinstance(task_params, dict):
+        raise _err("task_params", "must be an object")
     feats = _spec(d["features"], "features") if d.get("features") is not None else None
     for k in ("reference", "eval", "metrics"):
         if d.get(k) is not None and not isinstance(d[k], dict):
@@ -151,7 +187,8 @@ def parse_manifest(d: Any) -> Manifest:
     if parent is not None and not isinstance(parent, str):
         raise _err("parent_version", "must be a string or null")
     return Manifest(d["name"], d["version"], inp, feats, tuple(labels), entries, parent, d.get("created"),
-                    d.get("metrics") or {}, d.get("reference"), d.get("eval"), d)
+                    d.get("metrics") or {}, d.get("reference"), d.get("eval"), d,
+                    inputs, outputs, task, task_params)
 
 
 @dataclass(frozen=True)

@@ -99,6 +99,8 @@ class Message:
     correlation: bytes | None = None
     #: the packet id, for ``MqttLink.ack`` on a link with ``manual_ack`` (0 for QoS 0)
     mid: int = 0
+    #: MQTT 5 content type as the publisher set it (None on 3.1.1 or when unset)
+    content_type: str | None = None
 
 
 class _HandOff(asyncio.Queue):
@@ -178,11 +180,43 @@ class MqttSettings:
         return TlsFiles(self.ca_file or None, self.cert_file or None, self.key_file or None) if self.ca_file else None
 
 
+
+# MQTT 5 content types of what we publish (docs/protocol.md): JSON envelopes are UTF-8 text
+# (payload format indicator 1); binary frames (protocol/binary.py, magic b"EF") are not.
+CONTENT_JSON = "application/json"
+CONTENT_FRAME = "application/vnd.edgefleet.frame"
+
+
+def content_kind(payload: bytes | bytearray | memoryview) -> str:
+    """"frame" for a binary frame, "json" for an envelope, "other" for anything else (HA's b"online")."""
+    head = bytes(payload[:2])
+    if head == b"EF":
+        return "frame"
+    if head[:1] in (b"{", b"["):
+        return "json"
+    return "other"
+
+
+def _content_props(kind: str) -> Properties:
+    props = Properties(PacketTypes.PUBLISH)
+    if kind == "json":
+        props.ContentType = CONTENT_JSON
+        props.PayloadFormatIndicator = 1
+    elif kind == "frame":
+        props.ContentType = CONTENT_FRAME
+        props.PayloadFormatIndicator = 0
+    return props
+
+
+_CONTENT_PROPS = {k: _content_props(k) for k in ("json", "frame")}
+_CONTENT_PROPS["other"] = None  # type: ignore[assignment]
+
+
 class MqttLink:
     """One MQTT session, reconnecting forever until ``stop()``."""
 
     def __init__(self, client_id: str, broker: BrokerAddress, *, protocol: str = "auto",
-                 keepalive: int = 30, will: Will | None = None, tls: TlsFiles | None = None,
+                 keepalive: int = 30, will: "Will | Callable[[], Will] | None" = None, tls: TlsFiles | None = None,
                  subscriptions: list[tuple[str, int]] | None = None,
                  on_connect: Callable[[], Awaitable[None] | None] | None = None,
                  min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000,
@@ -254,7 +288,15 @@ class MqttLink:
             t = self.tls or TlsFiles()
             c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
                       cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
-        if self.will:
+        if callable(self.will):
+            # a will built afresh before every (re)connect: its timestamp is when the connection it
+            # guards began, not when the process started (paho calls on_pre_connect each attempt)
+            def _arm(client, userdata, make=self.will) -> None:
+                w = make()
+                client.will_set(w.topic, w.payload, w.qos, w.retain)
+            _arm(c, None)
+            c.on_pre_connect = _arm
+        elif self.will:
             c.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
         c.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
         c.max_queued_messages_set(10000)
@@ -340,12 +382,13 @@ class MqttLink:
         self._post(self._on_disconnect, client, str(rc))
 
     def _cb_message(self, client, userdata, m) -> None:
-        rt = corr = None
+        rt = corr = ctype = None
         props = getattr(m, "properties", None)
         if props is not None:
             rt = getattr(props, "ResponseTopic", None)
             corr = getattr(props, "CorrelationData", None)
-        msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0)
+            ctype = getattr(props, "ContentType", None)
+        msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0, ctype)
         slots = self.messages.slots  # type: ignore[attr-defined]
         while not slots.acquire(timeout=0.5):   # the consumer is behind: stop reading until it catches up
             if self._stopping or self._loop is None or self._loop.is_closed():
@@ -450,11 +493,16 @@ class MqttLink:
         if self._client is not None and self.connected.is_set():
             self._client.subscribe(flt, qos)
 
-    def _props(self, response_topic: str | None, correlation: bytes | None) -> Properties | None:
-        """MQTT 5 request/response properties (None on 3.1.1, where the envelope carries them)."""
-        if not (self._v5 and (response_topic or correlation)):
+    def _props(self, response_topic: str | None, correlation: bytes | None,
+               payload: bytes = b"") -> Properties | None:
+        """MQTT 5 properties (None on 3.1.1, where the envelope carries what matters): the content
+        type, so a dashboard can tell JSON from a binary frame before parsing, and request/response."""
+        if not self._v5:
             return None
-        props = Properties(PacketTypes.PUBLISH)
+        kind = content_kind(payload)
+        if not (response_topic or correlation):
+            return _CONTENT_PROPS[kind]   # shared, never mutated: no allocation per message
+        props = _content_props(kind)
         if response_topic:
             props.ResponseTopic = response_topic
         if correlation:
@@ -467,7 +515,7 @@ class MqttLink:
         c = self._client
         if c is None or not self.connected.is_set():
             return False
-        props = self._props(response_topic, correlation)
+        props = self._props(response_topic, correlation, payload)
         info = c.publish(topic, payload, qos, retain, properties=props)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
@@ -482,7 +530,7 @@ class MqttLink:
         if c is None or not self.connected.is_set():
             fut.set_result(False)
             return fut
-        props = self._props(response_topic, correlation)
+        props = self._props(response_topic, correlation, payload)
         info = c.publish(topic, payload, max(1, qos), retain, properties=props)
         if info.rc != mqtt.MQTT_ERR_SUCCESS:
             fut.set_result(False)

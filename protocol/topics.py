@@ -6,7 +6,8 @@ can confine a device to its own topics with a ``%c``/``%u`` pattern::
     {root}/v1/dev/{id}/state        retained JSON, online/offline (also the last will)
     {root}/v1/dev/{id}/telemetry    JSON on an interval
     {root}/v1/dev/{id}/events       JSON, one per thing that happened
-    {root}/v1/dev/{id}/cmd          commands *to* the device (only the controller may publish)
+    {root}/v1/dev/{id}/cmd          JSON commands *to* the device (only the controller may publish)
+    {root}/v1/dev/{id}/bin          signed binary frames *to* the device (chunks, federated tasks)
     {root}/v1/dev/{id}/req          requests to the device (e.g. inference) from any client
     {root}/v1/dev/{id}/reply[/...]  the device's replies; requesters pick a suffix
     {root}/v1/dev/{id}/data[/...]   binary payloads from the device (tensors, updates, chunks)
@@ -35,7 +36,10 @@ _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 # name (wildcards, separators, control characters, '$'), and fullmatch does not let "\n" end it
 _ID_FULL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}").fullmatch
 
-DEVICE_LEAVES = ("state", "telemetry", "events", "cmd", "req", "reply", "data", "results")
+DEVICE_LEAVES = ("state", "telemetry", "events", "cmd", "bin", "req", "reply", "data", "results")
+# the leaves that may carry binary frames (protocol/binary.py); every other leaf is JSON only, so a
+# dashboard subscribed to ``{root}/#`` can skip these by topic (or by the MQTT 5 content type)
+BINARY_LEAVES = ("bin", "req", "reply", "data")
 
 
 class InvalidId(ValueError):
@@ -101,6 +105,10 @@ class Topics:
 
     def cmd(self, device_id: str) -> str:
         return self.device(device_id, "cmd")
+
+    def bin(self, device_id: str) -> str:
+        """Controller → device binary frames (signed like commands; the cmd topic stays JSON)."""
+        return self.device(device_id, "bin")
 
     def req(self, device_id: str) -> str:
         return self.device(device_id, "req")

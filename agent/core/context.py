@@ -64,6 +64,11 @@ class AgentContext(Protocol):
 
     def republish_state(self) -> None: ...
 
+    def announce_discovery(self) -> None:
+        """(Re)announce HA discovery for the board and every feature's sub-devices; clear what is
+        no longer offered."""
+        ...
+
     def decode(self, msg: Message) -> "tuple[Envelope, Frame | None] | None":
         """Validate a raw message: (envelope, frame or None), or None once counted and logged."""
 

@@ -125,6 +125,12 @@ class McuBridge(Feature):
         finally:
             self._waiting.pop(sid, None)
         self.counts["answered"] += 1
+        d = self._device(mcu)
+        d["answered"] += 1
+        d["results_total"] += 1
+        names = engine.labels
+        d["last_result"] = {"label": names[label] if label < len(names) else str(label),
+                            "confidence": round(conf, 5), "source": "board"}
         return label, conf
 
     def _observe(self, sid: str, pred: "Prediction", label: int | None) -> None:
@@ -138,8 +144,9 @@ class McuBridge(Feature):
         if d is None:
             if len(self.devices) >= MAX_DEVICES:
                 del self.devices[min(self.devices, key=lambda k: self.devices[k]["last_seen"])]
+            # results: the MCU's own (on-MCU model); answered: the board's, on this MCU's frames
             d = self.devices[mcu] = {"online": True, "last_seen": time.monotonic(), "hellos": 0, "results": 0,
-                                     "logs": Counter()}
+                                     "answered": 0, "results_total": 0, "logs": Counter()}
         return d
 
     def _seen(self, mcu: str | None) -> None:
@@ -167,15 +174,14 @@ class McuBridge(Feature):
             self._event(kind, "info", mcu=mcu, firmware=e["firmware"], sensors=e["sensors"],
                         samples_per_frame=e["samples_per_frame"])
             if d["hellos"] == 1 and self.ctx.cfg.homeassistant.enabled:
-                for topic, payload in hass.mcu_discovery_messages(self.ctx.topics, self.ctx.device_id,
-                                                                  self.ctx.cfg.homeassistant.prefix, mcu,
-                                                                  d.get("firmware")):
-                    self.ctx.publish(topic, payload, qos=1, retain=True)
+                self.ctx.announce_discovery()   # the board's announcement now includes this MCU
         elif kind == "mcu.result":
             d["results"] += 1
+            d["results_total"] += 1
             d["last_result"] = {"label": e["label"], "confidence": round(e["confidence"], 5),
                                 "timestamp_ms": e["timestamp_ms"]}
             self._event(kind, "info", mcu=mcu, **d["last_result"])
+            d["last_result"]["source"] = "mcu"
         elif kind == "mcu.log":
             level = LOG_LEVELS.get(e["level"], "info")
             d["logs"][level] += 1
@@ -192,7 +198,8 @@ class McuBridge(Feature):
         out: list[tuple[str, bytes]] = []
         for mcu, d in self.devices.items():
             out += hass.mcu_discovery_messages(self.ctx.topics, self.ctx.device_id,
-                                               self.ctx.cfg.homeassistant.prefix, mcu, d.get("firmware"))
+                                               self.ctx.cfg.homeassistant.prefix, mcu, d.get("firmware"),
+                                               self.ctx.cfg.device.location)
         return out
 
     def _event(self, event: str, level: str, limited: bool = True, **data: Any) -> None:

@@ -122,7 +122,7 @@ class Offloader(Feature):
                 "requests": s["requests"], "offloaded": s["offloaded"], "offload_rate": round(s["offloaded"] / n, 4),
                 "remote_ok": s["remote_ok"], "timeouts": s["timeouts"], "errors": s["remote_error"],
                 "fallbacks": s["fallback"], "low_confidence_local": s["low_local"], "bytes_sent": s["bytes"],
-                "remote_latency_ms": {"p50": h["p50_ms"], "p95": h["p95_ms"]},
+                "remote_latency_ms": {k: h[k] for k in ("p50_ms", "p95_ms", "p99_ms")},
                 "rtt_ms": None if self.rtt.srtt is None else round(self.rtt.srtt, 3),
                 "agreement": round(s["agree"] / judged, 4) if judged else None,
                 "duplicate_replies": s["duplicate_reply"], "unknown_replies": s["unknown_reply"]}

@@ -33,7 +33,7 @@ from protocol.patch import PatchError, bundle_id
 
 from ..core.context import AgentContext, Feature
 from .modelstore import failpoint
-from .states import KEPT_SWITCH, UpdateState, UpdateStateError
+from .states import IDLE, KEPT_SWITCH, UpdateState, UpdateStateError
 from .transfer import PartFile, Transfer
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -101,6 +101,7 @@ class Updater(Feature):
                       "resumed": 0}
         self.last: dict[str, Any] | None = None
         self.state = UpdateState()
+        self._update_target: str | None = None
         self.trusted = self._load_trusted()
 
     # -- declarations ----------------------------------------------------------
@@ -134,12 +135,16 @@ class Updater(Feature):
                **data: Any) -> None:
         """One ``model.update`` event; ``active``: a step of the active transfer (checked by the table)."""
         if active:
+            before = self.state.state
             try:
                 self.state.advance(status)
             except UpdateStateError:  # our bug: say so loudly, still tell the controller what happened
                 log.exception("update state table")
                 self.ctx.counters.reject("update_state_error")
                 self.state.reset()
+            if (before == IDLE) != (self.state.state == IDLE):
+                self._update_target = ((offer or {}).get("target") or {}).get("version")
+                self.ctx.republish_state()   # dashboards: an update started or ended (HA's in_progress)
         target = (offer or {}).get("target") or {}
         body: dict[str, Any] = {"status": status, "reason": reason,
                                 "rollout_id": (offer or {}).get("rollout_id"),
@@ -149,6 +154,13 @@ class Updater(Feature):
         level = "error" if status in ("failed", "rolled_back") else "info"
         self.last = {"status": status, "reason": reason, "version": target.get("version"), "ts": time.time()}
         self.ctx.emit_event("model.update", level, **{k: v for k, v in body.items() if v is not None})
+
+    def state_fields(self) -> dict[str, Any]:
+        """While an update is under way: its step and target, in the retained state (HA's update
+        entity shows it as in progress)."""
+        if self.state.state == IDLE:
+            return {}
+        return {"update": {"state": self.state.state, "version": self._update_target}}
 
     def telemetry(self) -> dict[str, Any]:
         out: dict[str, Any] = dict(self.stats)

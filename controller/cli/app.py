@@ -30,7 +30,7 @@ from .status import status
 @click.group(context_settings={"auto_envvar_prefix": "FLEETCTL", "help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="controller TOML config")
 @click.option("--broker", default=None, type=BROKER_URL, help=BROKER_HELP)
-@click.option("--registry", "registry_url", default=None, metavar="URL",
+@click.option("--registry", "registry_url", default=None, metavar="URL", envvar="FLEETCTL_REGISTRY",
               help="registry: postgresql://user@host/db, sqlite:///path or a file path (overrides config)")
 @click.option("--db", default=None, help="registry SQLite file (older name of --registry)")
 @click.option("--topic-root", default=None, help="topic root (default edgefleet)")

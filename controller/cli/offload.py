@@ -82,7 +82,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
         for k in total:
             total[k] += int(o.get(k) or 0)
         rows.append([d.id, o["enabled"], o["threshold"], o["mode"], o["requests"], o["offload_rate"],
-                     (o.get("remote_latency_ms") or {}).get("p50"), (o.get("remote_latency_ms") or {}).get("p95"),
+                     (o.get("remote_latency_ms") or {}).get("p50_ms"), (o.get("remote_latency_ms") or {}).get("p95_ms"),
                      o["timeouts"], o.get("agreement"), o["bytes_sent"]])
     fleet = {**total, "offload_rate": round(total["offloaded"] / total["requests"], 4) if total["requests"] else None}
     if as_json:

@@ -79,6 +79,7 @@ class RolloutRunner:
         self.max_message_bytes = cfg.mqtt.max_message_bytes
         self.reoffer_s = reoffer_s
         self.last_offer: dict[str, float] = {}
+        self.desired_announced: set[str] = set()   # devices whose retained desired version is out
         self.last_want: dict[str, float] = {}
         self._blobs: OrderedDict[str, tuple[bytes, ChunkManifest]] = OrderedDict()
         self.counts: Counter[str] = Counter()
@@ -208,6 +209,22 @@ class RolloutRunner:
         if s.status == "applied":
             self.store.update_slot(r.id, device_id, status="rolled_back", reason="rollout aborted")
 
+    def _announce_desired(self, device_id: str, state: dict[str, Any]) -> None:
+        """Every registered device has a retained desired version (dashboards: HA's update entity is
+        never "unknown"): the rollout's when there is one, else what the device runs — once per
+        device per controller session, and again only when a rollout changes it."""
+        rows = self.store.desired(device_id)
+        if rows:
+            d = rows[0]
+            body = {"version": d.version, "bundle_sha256": d.bundle_sha256, "rollout_id": d.rollout_id}
+        else:
+            m = state.get("model") or {}
+            if not isinstance(m, dict) or not isinstance(m.get("version"), str):
+                return   # no model yet: nothing to want
+            body = {"version": m["version"], "bundle_sha256": m.get("bundle_sha256"), "rollout_id": None}
+        if self.channel.set_desired(device_id, body):
+            self.desired_announced.add(device_id)
+
     def set_desired(self, device_id: str, sha: str, version: str, rollout_id: str | None) -> None:
         self.store.set_desired(device_id, sha, version, rollout_id)
         self.last_offer.pop(device_id, None)
@@ -330,6 +347,8 @@ class RolloutRunner:
             return
         if leaf == "state" and env.body.get("status") == "online":
             self.last_offer.pop(env.sender, None)   # a (re)connect: reconcile it at once
+            if env.sender not in self.desired_announced:
+                self._announce_desired(env.sender, env.body)
             return
         if leaf == "events" and env.body.get("event") == "command.refused" and env.body.get("command") == "model.offer":
             # e.g. this controller has no signing key, or not the one the device trusts: say so now,

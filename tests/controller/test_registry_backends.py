@@ -175,3 +175,16 @@ def test_bodies_compress_with_a_dictionary_trained_on_the_fleet(registry_url):
     assert sum(sizes[-50:]) < 0.7 * sum(sizes[:50])        # dictionary frames are smaller than plain zstd
     ro = Registry(registry_url, readonly=True)              # a reader finds the dictionary in the registry
     assert [r["body"]["seq"] for r in ro.telemetry("pi-39", limit=2)] == [359, 399]
+
+
+def test_a_sample_is_stored_as_received_and_read_back_as_its_body(registry_url):
+    from protocol.envelope import encode
+
+    reg = Registry(registry_url)
+    e = tel("pi-1", 5, temperature_c=51.5, note="ünïcode")
+    assert reg.write([("telemetry", e, encode(e))]).stored["telemetry"] == 1
+    assert reg.write([("telemetry", e, encode(e))]).duplicates == 1
+    reg.commit()
+    ro = Registry(registry_url, readonly=True)
+    assert ro.telemetry("pi-1")[0]["body"] == dict(e.body) == ro.device("pi-1").telemetry
+    assert ro.summaries()[0].key_metrics()["temperature_c"] == 51.5

@@ -111,7 +111,10 @@ def test_agent_serves_the_mcu_reports_it_and_pushes_a_bundle_file(tmp_path, mosq
            if b.get("mcu", {}).get("devices", {}).get("mcu-9", {}).get("results")]
     dev = tel[-1]["mcu"]["devices"]["mcu-9"]
     assert dev["online"] and dev["firmware"] == "sim-1.0" and dev["uptime_s"] >= 0
-    assert dev["logs"] == {"warning": 1, "debug": 1} and dev["last_result"]["label"] == 3
+    assert dev["logs"] == {"warning": 1, "debug": 1} and dev["results"] == 1
+    # Results counts the MCU's own result and the board's answers to its frames; the last is either
+    assert dev["results_total"] == dev["results"] + dev["answered"] and dev["answered"] >= 50
+    assert dev["last_result"]["source"] in ("mcu", "board")
     assert tel[-1]["mcu"]["answered"] >= 50 and tel[-1]["model"]["inferences"] >= 50
     assert sum(tel[-1]["mcu"]["link"]["dropped"].values()) >= 1     # the line was noisy, and it was counted
     # every MCU sample went through the agent's serving loop and its results channel
@@ -141,3 +144,52 @@ def test_edge_agent_bridge_command_answers_frames_and_pushes(tmp_path, pty, exam
     outcome = [e for e in map(json.loads, push.stdout.splitlines()) if e["event"].startswith("mcu.model.")]
     assert [e["event"] for e in outcome] == ["mcu.model.pushed"] and outcome[0]["size"] == TFLITE.stat().st_size
     assert sim.state.model == TFLITE.read_bytes()
+
+
+def test_ha_discovery_of_an_mcu_is_cleared_when_the_agent_restarts_without_its_bridge(tmp_path, mosquitto,
+                                                                                     example_bundle, digits_test, pty):
+    """Stale discovery floods HA with template errors: what the agent no longer offers is removed."""
+    from agent.app import Agent
+    from tests.helpers.hass import render, templates
+
+    x, _ = digits_test
+    p = pty()
+    sim = MCUSimulator(p.master, "mcu-h", x[:20], rate_hz=50, heartbeat_s=0.2).start()
+    base = {"device": {"id": "pi-h", "location": "Barn"}, "mqtt": {"broker": mosquitto.url},
+            "state": {"dir": str(tmp_path / "state")}, "telemetry": {"interval_s": 0.3},
+            "model": {"bundle": str(example_bundle[0])}}
+    with_bridge = parse_config({**base, "bridge": {"enabled": True, "port": p.name}})
+    ha = Probe(mosquitto.port, subscribe=("homeassistant/#", "edgefleet/v1/dev/pi-h/telemetry")).wait_subscribed()
+    mcu_cfg = lambda t, pl: "/mcu_mcu-h_" in t and bool(pl)  # noqa: E731
+
+    async def run(cfg, until_pred, what):
+        async with running(Agent(cfg)):
+            await until(until_pred, timeout=30, what=what)
+
+    try:
+        asyncio.run(run(with_bridge, lambda: ha.seen(mcu_cfg) and [
+            1 for t, pl, _ in ha.seen(lambda t, pl: t.endswith("/telemetry") and b'"mcu-h"' in pl)],
+            "MCU discovery and telemetry"))
+        # the announced MCU entities render on the board's real telemetry, availability included
+        tel = json.loads(ha.seen(lambda t, pl: t.endswith("/telemetry") and b'"mcu-h"' in pl)[-1][1])
+        announced = {t: json.loads(pl) for t, pl, _ in ha.seen(mcu_cfg)}
+        assert {c["device"]["suggested_area"] for c in announced.values()} == {"Barn"}
+        for cfg in announced.values():
+            for key, src, tmpl in templates(cfg):
+                if src.endswith("/telemetry"):
+                    assert render(tmpl, tel) not in ("None",) or "unit_of_measurement" in cfg or cfg.get("state_class")
+        sim.stop()
+        n = len(ha.seen())
+        asyncio.run(run(parse_config(base), lambda: any(mcu_cfg(t, b"x") and not pl for t, pl, _ in ha.seen()[n:])
+                        and len([1 for t, pl, _ in ha.seen()[n:] if mcu_cfg(t, b"x") and not pl]) == len(announced),
+                        "empty retained configs for every MCU entity"))
+    finally:
+        sim.stop()
+        ha.close()
+    # a Home Assistant that connects now finds the board's entities and none of the MCU's
+    fresh = Probe(mosquitto.port, subscribe=("homeassistant/+/pi-h/+/config",)).wait_subscribed()
+    try:
+        fresh.wait(lambda t, pl: t.endswith("/cpu/config"), timeout=10, what="the board's retained config")
+        assert not fresh.seen(mcu_cfg)
+    finally:
+        fresh.close()

@@ -42,6 +42,7 @@ class FakeControllerOnTheBroker:
 
     def __init__(self, port, device, key, data):
         self.topic = f"edgefleet/v1/dev/{device}/cmd"
+        self.bin = f"edgefleet/v1/dev/{device}/bin"   # chunks are binary frames: the bin topic
         self.key, self.data = key, data
         self.man = make_manifest("mcu-update", data, 65536)
         self.probe = Probe(port, subscribe=(f"edgefleet/v1/dev/{device}/#",))
@@ -68,7 +69,7 @@ class FakeControllerOnTheBroker:
                     blob = self.data[i * self.man.chunk_size:(i + 1) * self.man.chunk_size]
                     env = Envelope(kind="xfer.chunk", sender="controller",
                                    body={"transfer_id": self.man.transfer_id, "index": i})
-                    self.probe.publish(self.topic, sign_frame(env, self.topic, self.key, blob=blob))
+                    self.probe.publish(self.bin, sign_frame(env, self.bin, self.key, blob=blob))
             seen = len(wants)
             time.sleep(0.02)
 

@@ -39,6 +39,11 @@ def _code_hash() -> str:
 def build_key(**params) -> str:
     h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
     h.update(_code_hash().encode())
+    # numpy's BLAS rounds differently with another thread count: a bundle built under
+    # OPENBLAS_NUM_THREADS=1 and one built without would not share their backbone bit for bit
+    # (the offload worker's large bundle must match the example's), so keep them apart
+    h.update(json.dumps({k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS",
+                                                        "MKL_NUM_THREADS")}).encode())
     return h.hexdigest()[:20]
 
 

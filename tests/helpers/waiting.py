@@ -41,6 +41,7 @@ class Probe:
         from paho.mqtt.enums import CallbackAPIVersion
 
         self.messages: list[tuple[str, bytes, bool]] = []
+        self.content_types: dict[str, set[str | None]] = {}
         self._cond = threading.Condition()
         self._subs = subscribe
         self._subscribed = threading.Event()
@@ -74,6 +75,9 @@ class Probe:
     def _on_message(self, client, userdata, m):
         with self._cond:
             self.messages.append((m.topic, bytes(m.payload), bool(m.retain)))
+            # MQTT 5 content type per topic, as the publisher set it (None when unset)
+            self.content_types.setdefault(m.topic, set()).add(getattr(getattr(m, "properties", None),
+                                                                      "ContentType", None))
             self._cond.notify_all()
 
     def wait_subscribed(self, timeout: float = 10.0) -> "Probe":

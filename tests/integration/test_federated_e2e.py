@@ -67,7 +67,8 @@ class EvilDevice:
         self.dev = dev
         self.acks: list[dict] = []
         self.tasks: list[dict] = []
-        self.p = Probe(port, subscribe=(f"edgefleet/v1/dev/{dev}/cmd",), client_id=dev)
+        self.p = Probe(port, subscribe=(f"edgefleet/v1/dev/{dev}/cmd", f"edgefleet/v1/dev/{dev}/bin"),
+                       client_id=dev)
         st = Envelope(kind="state", sender=dev, body={"status": "online", "group": "default"})
         self.p.publish(f"edgefleet/v1/dev/{dev}/state", encode(st), retain=True)
         tel = Envelope(kind="telemetry", sender=dev, body={"seq": 1, "interval_s": 1, "cpu_percent": 1.0,

@@ -88,6 +88,7 @@ class FakeDevice:
 
     def _on_connect(self, client, userdata, flags, rc, props=None) -> None:
         client.subscribe(f"{BASE}/dev/{self.dev}/cmd", 1)
+        client.subscribe(f"{BASE}/dev/{self.dev}/bin", 1)   # fl.task frames
         client.publish(f"{BASE}/dev/{self.dev}/state", self._state("online"), 1, True)
         tel = Envelope(kind="telemetry", sender=self.dev, body={"seq": int(time.time() * 1000), "interval_s": 1,
                                                                 "cpu_percent": 1.0,

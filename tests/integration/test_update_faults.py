@@ -45,6 +45,10 @@ class Signer:
     def topic(dev: str) -> str:
         return f"edgefleet/v1/dev/{dev}/cmd"
 
+    @staticmethod
+    def bin(dev: str) -> str:
+        return f"edgefleet/v1/dev/{dev}/bin"   # the controller's binary frames (chunks)
+
     def offer(self, dev: str, target, old=None, allow_downgrade: bool | None = None, serve: bool = True) -> bytes:
         """Sign and send an offer for ``target`` (a patch from ``old``, or the full bundle); its wire bytes."""
         data, _ = make_patch(old, target, self.key)
@@ -85,7 +89,7 @@ class Signer:
                 for i in body["chunks"]:
                     env = Envelope(kind="xfer.chunk", sender="controller",
                                    body={"transfer_id": body["transfer_id"], "index": i})
-                    self.probe.publish(self.topic(dev), sign_frame(env, self.topic(dev), self.key,
+                    self.probe.publish(self.bin(dev), sign_frame(env, self.bin(dev), self.key,
                                                                    blob=data[i * size:(i + 1) * size]))
                     self.chunks_sent += 1
 

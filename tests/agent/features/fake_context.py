@@ -45,6 +45,7 @@ class FakeContext:
         self.replies: list[tuple[Envelope, dict[str, Any]]] = []
         self.events: list[dict[str, Any]] = []
         self.states = 0
+        self.announcements = 0
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, **props: Any) -> bool:
         if not self.connected:
@@ -66,6 +67,9 @@ class FakeContext:
 
     def republish_state(self) -> None:
         self.states += 1
+
+    def announce_discovery(self) -> None:
+        self.announcements += 1
 
     def decode(self, msg: Message) -> "tuple[Envelope, Frame | None] | None":
         try:
