@@ -489,7 +489,7 @@ def main() -> None:
         keep = args.keep or 20
         head = Spec("headline", 1000, 10.0, 10.0, keep, saturation_msgs=3000)
         hz1 = Spec("hz1_1000", 200, 1.0, 5.0, keep)
-        pg_head = Spec("headline", 300, 10.0, 5.0, args.keep or 5, saturation_msgs=1500)
+        pg_head = Spec("headline", 300, 10.0, 10.0, args.keep or 5, saturation_msgs=1500)
     else:
         keep = args.keep or 100
         head = Spec("headline", 10000, 10.0, 60.0, keep, saturation_msgs=30000)
