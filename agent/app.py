@@ -38,11 +38,30 @@ log = logging.getLogger("edge_agent")
 
 #: signed kinds whose replay cannot change anything (the receiver checks and dedupes them itself)
 HARMLESS_REPLAYS = frozenset({"xfer.chunk"})
+#: commands that only read: a replay after a restart changes nothing, so their replay mark is
+#: checked but not fsynced (the next durable command saves it) — an fsync per ping cost ~5-15 ms
+READ_ONLY_COMMANDS = frozenset({"ping", "describe", "model.describe", "telemetry.now", "offload.status"})
 
 if TYPE_CHECKING:  # pragma: no cover
     from protocol.cmdauth import CommandVerifier
 
     from .serving.feature import Serving
+
+
+def salvage_reply(msg: Message) -> Envelope | None:
+    """Where to send the error reply for a message we cannot decode: MQTT 5 response topic and
+    correlation data (properties, not the payload), else the ``reply_to``/``corr`` read from what
+    can be read cheaply: a frame's header alone, or the bounded ends of a JSON envelope (the
+    encoder writes ``reply_to``/``corr`` after the body). None: nobody to tell."""
+    from protocol.salvage import reply_fields
+
+    rt, corr = msg.response_topic, msg.correlation.decode("utf-8", "replace") if msg.correlation else None
+    if not rt:
+        rt, corr2 = reply_fields(msg.payload)
+        corr = corr or corr2
+    if not rt:
+        return None
+    return Envelope(kind="infer.request", sender="unknown", reply_to=rt, corr=corr)
 
 
 def compose(ctx: "Agent") -> list[Feature]:
@@ -204,7 +223,7 @@ class Agent:
         if link is not None:
             body["link"] = {"connects": link.connects, "disconnects": link.disconnects,
                             "mqtt": "5" if link.is_v5 else "3.1.1",
-                            "dropped_incoming": link.dropped_incoming}
+                            "dropped_incoming": link.dropped_incoming, "refused": link.refused}
         body["outbox"] = self.outbox.stats()
         for f in self.features:
             try:
@@ -303,6 +322,9 @@ class Agent:
         if self.notifier is not None:
             model = (self.state_body("online").get("model") or {}).get("version", "none")
             self.notifier.status(f"connected to {self.cfg.mqtt.broker}; model {model}")
+        ready, self._ready = getattr(self, "_ready", None), None
+        if ready:
+            ready()
         self._telemetry_now.set()
         self._drain_soon()
         for f in self.features:
@@ -347,7 +369,12 @@ class Agent:
         subs += [(s.topic, s.qos) for s in self.subscriptions.values()]
         return MqttLink.from_settings(self.cfg.mqtt, self.device_id, subscriptions=subs,
                                       will=will,
-                                      on_connect=self._on_connect, on_disconnect=self._on_disconnect)
+                                      on_connect=self._on_connect, on_disconnect=self._on_disconnect,
+                                      on_connect_error=self._on_connect_error)
+
+    def _on_connect_error(self, reason: str) -> None:
+        if self.notifier is not None:
+            self.notifier.status(f"connecting to {self.cfg.mqtt.broker} ({reason}); {len(self.outbox)} kept on disk")
 
     def _on_disconnect(self, reason: str) -> None:
         self.emit_event("link.lost", "warning", reason=reason)  # waits in the outbox, arrives on reconnect
@@ -362,8 +389,7 @@ class Agent:
                  asyncio.create_task(self._message_loop(), name="messages")]
         for f in self.features:
             tasks += [asyncio.create_task(coro(), name=name) for name, coro in f.tasks()]
-        if ready:
-            ready()
+        self._ready = ready   # told on the first connection (_on_connect), not before
         try:
             await stop.wait()
         finally:
@@ -415,7 +441,7 @@ class Agent:
         # still arrive on cmd, from a controller before the bin topic, are accepted the same way)
         control = msg.topic in (self.topics.cmd(self.device_id), self.topics.bin(self.device_id),
                                 self.topics.group_cmd(self.cfg.device.group))
-        decoded = self.decode(msg)
+        decoded = self.decode(msg, request=not control)
         if decoded is None:
             return
         env, frame = decoded
@@ -426,7 +452,8 @@ class Agent:
                                  else "unexpected_kind")
             log.warning("rejected %s message on %s: not served on this topic", env.kind, msg.topic)
             if env.reply_to or msg.response_topic:
-                self.reply(env, msg, {"ok": False, "error": f"kind {env.kind!r} is not served on {msg.topic}"})
+                self.reply(env, msg, {"ok": False, "reason": "unsupported_kind",
+                                      "error": f"kind {env.kind!r} is not served on {msg.topic}"})
             return
         if control and self.verifier is not None and not self._authenticated(env, frame, msg):
             return
@@ -435,32 +462,48 @@ class Agent:
             if len(self._inflight) >= self.max_inflight_requests:
                 self.counters.reject("overloaded")
                 if env.reply_to or msg.response_topic:
-                    self.reply(env, msg, {"ok": False, "error": "device overloaded: too many requests in flight"})
+                    self.reply(env, msg, {"ok": False, "reason": "overloaded",
+                                          "error": "device overloaded: too many requests in flight"})
                 return
-            t = asyncio.ensure_future(self._guarded(handler(env, msg), msg.topic))
+            t = asyncio.ensure_future(self._guarded(handler(frame if frame is not None else env, msg), env, msg))
             self._inflight.add(t)
             t.add_done_callback(self._inflight.discard)
             return
         await handler(frame if frame is not None else env, msg)
 
-    def decode(self, msg: Message) -> "tuple[Envelope, Frame | None] | None":
-        """The envelope (and frame) of a message, or None after counting and logging why not."""
+    def decode(self, msg: Message, request: bool = False) -> "tuple[Envelope, Frame | None] | None":
+        """The envelope (and frame) of a message, or None after counting, logging why not and
+        replying with the reason when the sender can be told (``salvage_reply``). Binary frames
+        on the request topic are held to ``[inference] max_request_bytes``."""
+        frame_limit = self.cfg.mqtt.max_frame_bytes
+        if request:
+            frame_limit = min(frame_limit, self.cfg.inference.max_request_bytes)
         try:
             if is_frame(msg.payload):
-                frame = decode_frame(msg.payload, max_bytes=self.cfg.mqtt.max_frame_bytes)
+                frame = decode_frame(msg.payload, max_bytes=frame_limit)
                 return frame.envelope, frame
             return env_mod.decode(msg.payload, max_bytes=self.cfg.mqtt.max_message_bytes), None
         except DecodeError as exc:
             self.counters.reject(exc.reason)
             log.warning("rejected message on %s: %s", msg.topic, exc)
+            target = salvage_reply(msg)
+            if target is not None:
+                reason = "oversize" if exc.reason == "oversize" else "bad_request"
+                error = str(exc)
+                if reason == "oversize" and not is_frame(msg.payload):
+                    error += "; send tensors as a binary frame (docs/protocol.md; fleetctl infer --npy/--image does)"
+                self.reply(target, msg, {"ok": False, "reason": reason, "error": error})
             return None
 
-    async def _guarded(self, coro: Any, topic: str) -> None:
+    async def _guarded(self, coro: Any, env: Envelope, msg: Message) -> None:
         try:
             await coro
-        except Exception:  # noqa: BLE001 - our bug; count it and keep serving
-            log.exception("internal error handling a request on %s", topic)
+        except Exception as exc:  # noqa: BLE001 - our bug; count it, tell the requester, keep serving
+            log.exception("internal error handling a request on %s", msg.topic)
             self.counters.reject("internal_error")
+            if env.reply_to or msg.response_topic:
+                self.reply(env, msg, {"ok": False, "reason": "internal",
+                                      "error": f"internal error: {type(exc).__name__}"})
 
     def _authenticated(self, env: Envelope, frame: "Frame | None", msg: Message) -> bool:
         from protocol.cmdauth import ReplayError, verify_frame
@@ -472,7 +515,8 @@ class Agent:
                 # a chunk replayed after a restart is harmless (hash-checked, deduplicated): no fsync per chunk
                 verify_frame(self.verifier, frame, msg.topic, time.time(), durable=env.kind not in HARMLESS_REPLAYS)
             else:
-                self.verifier.verify(env, msg.topic, time.time())
+                read_only = env.kind == "cmd" and env.body.get("command") in READ_ONLY_COMMANDS
+                self.verifier.verify(env, msg.topic, time.time(), durable=not read_only)
             return True
         except SignatureError as exc:
             what = env.body.get("command", env.kind) if env.kind == "cmd" else env.kind

@@ -14,6 +14,10 @@ import click
 from . import __version__
 from .core.config import AgentConfig, ConfigError, load_config
 
+#: sysexits.h EX_CONFIG: the unit's RestartPreventExitStatus=78, so a bad config fails once, loudly,
+#: instead of restart-looping under systemd
+EX_CONFIG = 78
+
 
 def setup_logging(level: str, json_logs: bool = False) -> None:
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -41,14 +45,42 @@ def cli() -> None:
               help="agent TOML config")
 @click.option("--broker", default=None, help="override mqtt.broker (mqtt://host:port)")
 @click.option("--device-id", default=None, help="override device.id")
-def check(config_path: str, broker: str | None, device_id: str | None) -> None:
-    """Validate a config file; exit non-zero with the reason if it is bad."""
+@click.option("--connect", is_flag=True, help="also connect to the broker once (as this device) and say why not")
+def check(config_path: str, broker: str | None, device_id: str | None, connect: bool) -> None:
+    """Check a config and what `run` will open (files, keys, certificates, bundle); exit 2 with one
+    line per problem, naming the file."""
+    from .core.preflight import check_files
+
     try:
         cfg = load_config(config_path, _overrides(broker, device_id))
     except ConfigError as exc:
         click.echo(f"config error: {exc}", err=True)
         sys.exit(2)
+    findings = check_files(cfg)
+    for f in findings:
+        click.echo(f"{'error' if f.problem else 'warning'}: {f.text}", err=True)
+    problems = sum(f.problem for f in findings)
+    if not problems and connect:
+        reason = asyncio.run(_try_broker(cfg))
+        if reason:
+            click.echo(f"error: broker {cfg.mqtt.broker}: {reason}", err=True)
+            problems += 1
+        else:
+            click.echo(f"broker {cfg.mqtt.broker}: connected as {cfg.device.id}")
+    if problems:
+        click.echo(f"{config_path}: {problems} problem(s)", err=True)
+        sys.exit(2)
     click.echo(f"config OK: device {cfg.device.id} → {cfg.mqtt.broker}")
+
+
+async def _try_broker(cfg: AgentConfig) -> str | None:
+    from protocol.mqttlink import MqttLink, try_connect
+
+    try:
+        link = MqttLink.from_settings(cfg.mqtt, cfg.device.id)
+        return await try_connect(link, timeout=15)
+    except ConfigError as exc:
+        return str(exc)
 
 
 @cli.command()
@@ -63,9 +95,24 @@ def run(config_path: str, broker: str | None, device_id: str | None, log_level: 
         cfg = load_config(config_path, _overrides(broker, device_id))
     except ConfigError as exc:
         click.echo(f"config error: {exc}", err=True)
-        sys.exit(2)
+        sys.exit(EX_CONFIG)
     setup_logging(log_level)
-    sys.exit(asyncio.run(_serve(cfg)))
+    from protocol.instancelock import InstanceLock, LockHeld
+
+    # one agent per state dir: a second one would fight the first for its files and its broker id
+    lock = InstanceLock(f"{cfg.state.dir}/agent.lock", f"state dir {cfg.state.dir} (device {cfg.device.id})")
+    try:
+        lock.acquire()
+    except LockHeld as exc:
+        click.echo(f"error: {exc}; another edge-agent runs with this config", err=True)
+        sys.exit(EX_CONFIG)
+    except OSError as exc:
+        click.echo(f"config error: state.dir {cfg.state.dir}: {exc.strerror or exc}", err=True)
+        sys.exit(EX_CONFIG)
+    try:
+        sys.exit(asyncio.run(_serve(cfg)))
+    finally:
+        lock.release()
 
 
 async def _serve(cfg: AgentConfig) -> int:
@@ -83,22 +130,38 @@ async def _serve(cfg: AgentConfig) -> int:
     if watchdog:
         watchdog.start()
 
-    def ready() -> None:
+    is_ready = asyncio.Event()
+
+    def ready() -> None:   # the agent calls it once connected: READY means "serving", not "started"
+        is_ready.set()
         notifier.ready(f"serving as {cfg.device.id} via {cfg.mqtt.broker}")
+
+    async def extend_start() -> None:
+        # until the first connection systemd sees "activating" with STATUS "connecting to ... (reason)";
+        # extending the start timeout keeps it from killing an agent that waits for its broker
+        while not is_ready.is_set():
+            notifier.notify("EXTEND_TIMEOUT_USEC=60000000")
+            try:
+                await asyncio.wait_for(is_ready.wait(), 30)
+            except asyncio.TimeoutError:
+                pass
 
     async def main(stop: asyncio.Event) -> int:
         agent = Agent(cfg)
         agent.notifier = notifier
+        notifier.status(f"connecting to {cfg.mqtt.broker}")
         await agent.run(stop, ready=ready)
         return 0
 
+    extender = asyncio.create_task(extend_start(), name="sd-extend-start")
     try:
         return await run_until_stopped(main, logger=log)
     except ConfigError as exc:  # e.g. an unreadable password or key file, found at connect time
         log.error("config error: %s", exc)
         notifier.status(f"config error: {exc}")
-        return 2
+        return EX_CONFIG
     finally:
+        extender.cancel()
         notifier.stopping()
         if watchdog:
             watchdog.stop()

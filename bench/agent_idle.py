@@ -70,7 +70,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp())
     port = free_port()
     conf = tmp / "m.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\n")
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\n")
     procs = [subprocess.Popen([mosq, "-c", str(conf)], stderr=subprocess.DEVNULL)]
     try:
         wait_port(port)

@@ -27,7 +27,7 @@ def start_mosquitto(work: Path, extra_conf: str = "") -> tuple[subprocess.Popen,
         raise FileNotFoundError("mosquitto is not installed (apt-get install -y mosquitto)")
     port = free_port()
     conf = work / f"mosquitto-{port}.conf"
-    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+    conf.write_text(f"listener {port} 127.0.0.1\nallow_anonymous true\nset_tcp_nodelay true\npersistence false\n"
                     + ("user root\n" if os.geteuid() == 0 else "") + extra_conf)
     proc = subprocess.Popen([exe, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     for _ in range(200):

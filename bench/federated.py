@@ -1,183 +1,251 @@
-"""Federated learning benchmark: edgefleet's rounds vs centralized training and vs Flower.
+"""Federated learning benchmark: edgefleet's strategies vs Flower's FedAvg and centralized training.
 
-On real data (scikit-learn's digits through the example bundle's int8 backbone), split
-non-IID over 20 clients (Dirichlet alpha = 0.3). Every client trains the head locally with
-the agent's own trainer; aggregation is edgefleet's FedAvg strategy, or Flower's FedAvg
-(``flwr.server.strategy.FedAvg.aggregate_fit``, bench extra) fed the very same client
-results, or centralized training of the same head on all the data. Also: uplink bytes with
-the device-side compression (top-k + error feedback, int8, zstd) vs float32 updates, and
-aggregation speed on 1,000 updates x 100k parameters vs Flower's ``aggregate``.
-Never fails on a number; last line is one JSON object.
+Two tasks, each split over 50 clients by a proper Dirichlet draw (every client samples its own
+class mix q ~ Dir(α), α = 0.1, then its samples), 10 clients sampled per round by the round
+engine's own selection, every client training with the agent's numpy trainer:
+
+* ``mnist1d`` — a whole small MLP (40-64-64-10) on MNIST-1D, generated locally by the
+  ``mnist1d`` package's generator (``make_dataset``; never downloaded; cached as .npz);
+* ``head`` (full run only) — the example bundle's float head over its int8 backbone on
+  scikit-learn's digits (the earlier linear-probe task).
+
+Figures: accuracy per strategy (FedAvg, FedAvgM, SCAFFOLD, FedAdam with bias correction) as the
+mean of the last 5 rounds, Flower's ``FedAvg.aggregate_fit`` fed the same client results,
+centralized training, FedPer personalization (mean per-board test accuracy, gated on each
+board's validation slice) vs the global model, whole ``fl.update`` MQTT payloads (envelope +
+frame) compressed vs fp32 and the accuracy it costs, and SecAgg with 10 % and 30 % of the
+clients dropping (result vs plain aggregation, bytes and seconds). Never fails on a number;
+the last line is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
+import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # small matmuls: threads only contend
+
+import numpy as np  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 logging.disable(logging.WARNING)
 
-from agent.serving.inference import InferenceEngine  # noqa: E402
-from agent.learning.trainer import HeadTrainer, TrainConfig, accuracy  # noqa: E402
-from controller.fl import aggregate as agg  # noqa: E402
-from controller.modeltools.example import build_example, digits_split  # noqa: E402
+from agent.learning.trainer import accuracy  # noqa: E402
 from controller.fl.strategies import make  # noqa: E402
-from protocol.bundle import load_bundle  # noqa: E402
-from protocol.compression import Compressor, decode_update  # noqa: E402
+from protocol.compression import RECOMMENDED  # noqa: E402
+from fl_sim import (Local, FlowerFedAvg, central, dirichlet_split, init_mlp, make_clients, personalize,  # noqa: E402
+                    run_fl, secagg_round, _local_update)
 
-NAMES = ("dense0.weight", "dense0.bias")
-
-
-def dirichlet_split(y: np.ndarray, clients: int, alpha: float, rng) -> list[np.ndarray]:
-    idx = [[] for _ in range(clients)]
-    for c in np.unique(y):
-        ids = rng.permutation(np.flatnonzero(y == c))
-        props = rng.dirichlet([alpha] * clients)
-        cuts = (np.cumsum(props) * len(ids)).astype(int)[:-1]
-        for k, part in enumerate(np.split(ids, cuts)):
-            idx[k] += part.tolist()
-    return [np.array(sorted(i), dtype=np.int64) for i in idx]
+ALPHA, CLIENTS, PER_ROUND = 0.1, 50, 10
+#: compressions measured; the first is protocol.compression.RECOMMENDED (the one --quick measures)
+COMPRESSIONS = (RECOMMENDED, {"topk": 0.1, "int8": True, "zstd": True},
+                {"topk": 0.25, "int8": True, "zstd": True},
+                {"int8": True, "zstd": True})
 
 
-def init_head(dim: int, rng) -> dict:
-    return {"dense0.weight": (rng.normal(0, 0.01, (dim, 10))).astype(np.float32), "dense0.bias": np.zeros(10, np.float32)}
+def mnist1d_data(n: int = 5000) -> tuple[np.ndarray, ...]:
+    """MNIST-1D from the package's own generator (offline), cached under ~/.cache/edgefleet."""
+    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "edgefleet" / f"mnist1d-{n}.npz"
+    if not cache.exists():
+        from mnist1d.data import get_dataset_args, make_dataset   # generates; get_dataset would download
+
+        args = get_dataset_args()
+        args.num_samples = n
+        ds = make_dataset(args)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp.npz")
+        np.savez(tmp, x=ds["x"], y=ds["y"], xt=ds["x_test"], yt=ds["y_test"])
+        os.replace(tmp, cache)
+    with np.load(cache) as z:
+        return z["x"].astype(np.float32), z["y"].astype(np.int64), z["xt"].astype(np.float32), z["yt"].astype(np.int64)
 
 
-def local_train(head, x, y, steps, seed):
-    t = HeadTrainer(head, TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=16, seed=seed))
-    t.train(x, y, steps, yield_every=0)
-    return t.head()
+def tail(curve, k=5) -> float:
+    return float(np.mean(curve[-k:]))
 
 
-def run_fl(parts, ftr, ytr, fte, yte, rounds, steps, rng_seed, aggregator, compress=None):
-    rng = np.random.default_rng(rng_seed)
-    head = init_head(ftr.shape[1], np.random.default_rng(0))
-    comps = [Compressor(**compress) if compress else None for _ in parts]
-    up_bytes = raw_bytes = 0
-    shapes = {k: v.shape for k, v in head.items()}
-    for r in range(rounds):
-        results = []
-        for i, p in enumerate(parts):
-            if len(p) == 0:
-                continue
-            local = local_train(head, ftr[p], ytr[p], steps, seed=rng_seed * 1000 + r * 100 + i)
-            delta = {k: local[k] - head[k] for k in head}
-            raw_bytes += sum(v.nbytes for v in delta.values())
-            if comps[i] is not None:
-                blob = comps[i].encode(delta)
-                up_bytes += len(blob)
-                delta = decode_update(blob, shapes)
-            else:
-                up_bytes += sum(v.nbytes for v in delta.values())
-            results.append((delta, len(p), 0))
-        head = aggregator(head, results)
-        _ = rng
-    return accuracy(head, fte, yte), up_bytes, raw_bytes
+def one_round_diff(clients, head0, local: Local) -> float:
+    """edgefleet's FedAvg vs Flower's on one round of the same 10 client updates."""
+    from controller.fl.strategies import FitResult
+
+    res = [FitResult(_local_update(c, head0, {"round": 1, "steps": local.steps}, local, 0), len(c.y), 0, c.cid)
+           for c in clients[:PER_ROUND]]
+    a = make("fedavg").aggregate(head0, res)
+    b = FlowerFedAvg().aggregate(head0, res)
+    return float(max(np.max(np.abs(a[k].astype(np.float64) - b[k])) for k in a))
 
 
-def edgefleet_fedavg(head, results):
-    return make("fedavg").aggregate_deltas(head, results)
+def fedadam_flower_diff(clients, head0, local: Local, rounds: int = 3) -> float:
+    """edgefleet's ``fedadam flower=true`` vs ``flwr.server.strategy.FedAdam`` over a few rounds of
+    the same client results (max |difference| of the heads)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.strategy import FedAdam
 
+    from controller.fl.strategies import FitResult
 
-def flower_fedavg():
-    from flwr.common import FitRes, Status, Code, ndarrays_to_parameters, parameters_to_ndarrays
-    from flwr.server.strategy import FedAvg
+    names = sorted(head0)
+    ours = make("fedadam", eta=0.01, beta1=0.9, beta2=0.99, tau=1e-9, flower=True)
+    theirs = FedAdam(initial_parameters=ndarrays_to_parameters([head0[k] for k in names]), eta=0.01,
+                     beta_1=0.9, beta_2=0.99, tau=1e-9)
 
-    strategy = FedAvg()
-
-    class _Proxy:  # aggregate_fit only reads the results' FitRes
+    class _Proxy:
         cid = "x"
 
-    def aggregate(head, results):
-        fit = [(_Proxy(), FitRes(Status(Code.OK, ""), ndarrays_to_parameters([head[k] + d[k] for k in NAMES]), n, {}))
-               for d, n, _ in results]
-        params, _ = strategy.aggregate_fit(1, fit, [])
-        arrs = parameters_to_ndarrays(params)
-        return {k: a.astype(np.float32) for k, a in zip(NAMES, arrs)}
+    h, worst = dict(head0), 0.0
+    for r in range(1, rounds + 1):
+        res = [FitResult(_local_update(c, h, {"round": r, "steps": local.steps}, local, 0), len(c.y), 0, c.cid)
+               for c in clients[(r - 1) * PER_ROUND:r * PER_ROUND]]
+        fit = [(_Proxy(), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(
+            [np.asarray(h[k], np.float32) + x.update[k] for k in names]), x.num_samples, {})) for x in res]
+        params, _ = theirs.aggregate_fit(r, fit, [])
+        ref = dict(zip(names, parameters_to_ndarrays(params)))
+        h = ours.aggregate(h, res)
+        worst = max(worst, max(float(np.max(np.abs(h[k].astype(np.float64) - ref[k]))) for k in names))
+        h = {k: np.asarray(ref[k], np.float32) for k in names}   # both continue from Flower's head
+    return worst
 
-    return aggregate
+
+def strategies(quick: bool) -> dict:
+    s = {"fedavg": ("fedavg", {}), "fedavgm": ("fedavgm", {"eta": 1.0, "beta": 0.8})}
+    if not quick:
+        s.update(scaffold=("scaffold", {"num_clients": CLIENTS}),
+                 fedadam=("fedadam", {"eta": 0.01, "tau": 1e-3, "bias_correction": True}))
+    return s
 
 
-def bench_aggregation(n_updates: int, n_params: int, reps: int) -> dict:
-    from flwr.server.strategy.aggregate import aggregate as flwr_aggregate
-
+def task(name: str, x, y, xt, yt, sizes, rounds: int, local: Local, quick: bool, fig: dict) -> dict:
     rng = np.random.default_rng(0)
-    ups = [{"w": rng.normal(size=n_params).astype(np.float32)} for _ in range(n_updates)]
-    ns = rng.integers(10, 500, n_updates)
-    flwr_in = [([u["w"]], int(n)) for u, n in zip(ups, ns)]
-    t_ours, t_flwr = [], []
-    for _ in range(reps):
-        t = time.perf_counter()
-        ours = agg.fast_weighted_average(ups, ns)
-        t_ours.append(time.perf_counter() - t)
-        t = time.perf_counter()
-        theirs = flwr_aggregate(flwr_in)
-        t_flwr.append(time.perf_counter() - t)
-    diff = float(np.abs(ours["w"].astype(np.float64) - np.asarray(theirs[0], np.float64)).max())
-    return {"aggregate_ms": round(min(t_ours) * 1000, 2), "flower_aggregate_ms": round(min(t_flwr) * 1000, 2),
-            "aggregate_speedup_vs_flower": round(min(t_flwr) / min(t_ours), 3), "aggregate_max_abs_diff": diff,
-            "aggregate_shape": [n_updates, n_params]}
+    clients = make_clients(x, y, dirichlet_split(y, CLIENTS, ALPHA, rng), rng)
+    ev = lambda h: accuracy(h, xt, yt)  # noqa: E731
+    head0 = init_mlp(sizes, np.random.default_rng(0))
+    out: dict = {}
+    t = time.perf_counter()
+    out["central"] = central(clients, head0, rounds * local.steps * 4, local, ev)
+    print(f"[{name}] centralized {out['central']:.4f} ({time.perf_counter() - t:.1f}s)")
+    runs = {}
+    for label, (sname, params) in strategies(quick).items():
+        r = run_fl(clients, head0, make(sname, **params), rounds, local, ev, per_round=PER_ROUND)
+        runs[label] = r
+        out[label] = tail(r.curve)
+        print(f"[{name}] {label:9s} {out[label]:.4f} (last-5 mean; final {r.accuracy:.4f}; {r.seconds:.1f}s)")
+    try:
+        r = run_fl(clients, head0, FlowerFedAvg(), rounds, local, ev, per_round=PER_ROUND)
+        out["flower_fedavg"] = tail(r.curve)
+        out["fedavg_max_abs_diff_vs_flower"] = one_round_diff(clients, head0, local)
+        out["fedadam_flower_mode_max_abs_diff"] = fedadam_flower_diff(clients, head0, local)
+        print(f"[{name}] fedadam flower=true vs flwr FedAdam, 3 rounds of the same results: max |diff| "
+              f"{out['fedadam_flower_mode_max_abs_diff']:.1e}")
+        print(f"[{name}] Flower FedAvg {out['flower_fedavg']:.4f} (one round on the same updates: max |edgefleet "
+              f"FedAvg - Flower| {out['fedavg_max_abs_diff_vs_flower']:.1e}; over many rounds training amplifies "
+              f"float32 rounding)")
+    except ImportError:
+        print(f"[{name}] flwr not installed (pip install 'edgefleet[bench]'): Flower comparison skipped")
+    best = max(strategies(quick), key=lambda k: out[k])
+    out["best"] = best
+    p = personalize(clients, runs[best].head, 60 if quick else 150, local)
+    out.update({f"pers_{k}": v for k, v in p.items()})
+    print(f"[{name}] personalized (FedPer, gated): per-board {p['served_per_board']:.4f} vs global "
+          f"{p['global_per_board']:.4f} ({100 * (p['served_per_board'] - p['global_per_board']):+.1f} pts; "
+          f"{p['personal_served_share']:.0%} of boards serve their own head)")
+    wire = []
+    for comp in (COMPRESSIONS[:1] if quick else COMPRESSIONS):
+        sname, params = strategies(quick)[best]
+        r = run_fl(clients, head0, make(sname, **params), rounds, local, ev, per_round=PER_ROUND, compression=comp)
+        red = r.raw_update_bytes / r.update_bytes
+        drop = 100 * (out[best] - tail(r.curve))
+        wire.append((comp, red, drop))
+        print(f"[{name}] {best} + {comp}: whole fl.update messages {r.update_bytes / rounds:.0f} B/round vs "
+              f"{r.raw_update_bytes / rounds:.0f} B fp32 ({red:.1f}x less), {drop:+.2f} pts")
+    ok = [w for w in wire if w[2] <= 1.0]
+    pick = max(ok, key=lambda w: w[1]) if ok else max(wire, key=lambda w: w[1] - w[2])
+    out.update(wire_compression=pick[0], wire_reduction=pick[1], wire_acc_drop_pts=pick[2],
+               wire_all=[{"compression": c, "reduction": round(r, 2), "acc_drop_pts": round(d, 2)} for c, r, d in wire])
+    out["clients_obj"], out["head"] = clients, runs[best].head
+    return out
+
+
+def secagg(clients, head, local: Local, fig: dict) -> None:
+    """One round of 10 real client updates through secure aggregation, 10 % and 30 % dropping."""
+    sel = clients[:PER_ROUND]
+    deltas = [_local_update(c, head, {"round": 1, "steps": local.steps}, local, 0) for c in sel]
+    weights = [len(c.y) for c in sel]
+    for frac, key in ((0.1, "10pct"), (0.3, "30pct")):
+        try:
+            r = secagg_round(deltas, weights, frac)
+        except ImportError:
+            print("pycryptodome not installed (pip install 'edgefleet[secagg]'): SecAgg skipped")
+            return
+        fig[f"secagg_max_abs_diff_{key}_dropout"] = r["max_abs_diff"]
+        fig[f"secagg_overhead_bytes_ratio_{key}"] = round(r["bytes"] / r["plain_bytes"], 3)
+        fig[f"secagg_seconds_{key}"] = round(r["seconds"], 3)
+        print(f"SecAgg, {r['dropped']} of {PER_ROUND} drop after sharing keys: max |secure - plain| "
+              f"{r['max_abs_diff']:.1e}; {r['bytes']} B in all stages vs {r['plain_bytes']} B of fp32 updates "
+              f"({r['bytes'] / r['plain_bytes']:.2f}x), {r['seconds']:.2f}s for the whole round")
+    fig["secagg_overhead_bytes_ratio"] = fig["secagg_overhead_bytes_ratio_30pct"]
+
+
+def head_task(rounds: int, local: Local, fig: dict) -> None:
+    """The earlier task: the example bundle's head over its int8 backbone (digits)."""
+    from agent.serving.inference import InferenceEngine
+    from controller.modeltools.example import build_example, digits_split
+    from protocol.bundle import load_bundle
+
+    work = Path(tempfile.mkdtemp(prefix="edgefleet-fl-"))
+    try:
+        build_example(work / "b", "small", epochs=30)
+        eng = InferenceEngine(load_bundle(work / "b"))
+        xtr, ytr, xte, yte = digits_split()
+        feats = lambda x: np.concatenate([eng.runtime.run(x[i:i + 1]) for i in range(len(x))])  # noqa: E731
+        ftr, fte = feats(xtr), feats(xte)
+        out = task("head", ftr, ytr, fte, yte, [ftr.shape[1], 10], rounds, local, False, fig)
+    finally:
+        import shutil
+
+        shutil.rmtree(work, ignore_errors=True)
+    fig.update(head_central=round(out["central"], 4), head_best=out["best"],
+               head_best_accuracy=round(out[out["best"]], 4), head_fedavg=round(out["fedavg"], 4),
+               head_flower_fedavg=round(out.get("flower_fedavg", float("nan")), 4),
+               head_wire_reduction=round(out["wire_reduction"], 2), head_wire_acc_drop_pts=round(out["wire_acc_drop_pts"], 2))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    rounds, steps = (15, 10) if a.quick else (40, 20)
-    work = Path(tempfile.mkdtemp(prefix="edgefleet-fl-"))
-    build_example(work / "b", "small", epochs=30)
-    eng = InferenceEngine(load_bundle(work / "b"))
-    xtr, ytr, xte, yte = digits_split()
-    feats = lambda x: np.concatenate([eng.runtime.run(x[i:i + 1]) for i in range(len(x))])  # noqa: E731
-    ftr, fte = feats(xtr), feats(xte)
-    parts = dirichlet_split(ytr, 20, 0.3, np.random.default_rng(0))
-    sizes = [len(p) for p in parts]
-    fig: dict = {"clients": 20, "alpha": 0.3, "rounds": rounds, "local_steps": steps,
-                 "client_sizes_min_max": [min(sizes), max(sizes)]}
-
-    c = HeadTrainer(init_head(ftr.shape[1], np.random.default_rng(0)),
-                    TrainConfig(lr=0.05, momentum=0.9, weight_decay=1e-4, batch_size=16))
-    c.train(ftr, ytr, rounds * steps * 4, yield_every=0)
-    central = accuracy(c.params, fte, yte)
-    ours, up_raw, _ = run_fl(parts, ftr, ytr, fte, yte, rounds, steps, 1, edgefleet_fedavg)
-    fig.update(central_accuracy=round(central, 4), fl_accuracy=round(ours, 4), fl_vs_central=round(ours / central, 4))
-    print(f"non-IID digits, 20 clients (sizes {min(sizes)}..{max(sizes)}), {rounds} rounds x {steps} local steps: "
-          f"edgefleet FedAvg {ours:.4f} vs centralized {central:.4f} ({ours / central:.2%})")
-    try:
-        theirs, _, _ = run_fl(parts, ftr, ytr, fte, yte, rounds, steps, 1, flower_fedavg())
-        fig.update(flower_accuracy=round(theirs, 4), fl_minus_flower_pts=round(100 * (ours - theirs), 3))
-        print(f"Flower FedAvg on the same clients and local training: {theirs:.4f} "
-              f"(edgefleet - Flower = {100 * (ours - theirs):+.2f} pts)")
-    except ImportError:
-        print("flwr not installed (pip install 'edgefleet[bench]'): Flower comparison skipped")
-    comp = {"topk": 0.05, "int8": True, "zstd": True}
-    cacc, up_c, raw = run_fl(parts, ftr, ytr, fte, yte, rounds, steps, 1, edgefleet_fedavg, comp)
-    fig.update(compression=comp, uplink_bytes_per_round=round(up_c / rounds), raw_uplink_bytes_per_round=round(raw / rounds),
-               uplink_reduction=round(raw / up_c, 2), compressed_accuracy=round(cacc, 4),
-               compressed_acc_drop_pts=round(100 * (ours - cacc), 3))
-    print(f"compressed updates (top-5% + error feedback, int8, zstd): {up_c / rounds:.0f} B/round vs "
-          f"{raw / rounds:.0f} B/round float32 ({raw / up_c:.1f}x less), accuracy {cacc:.4f} "
-          f"({100 * (ours - cacc):+.2f} pts vs uncompressed)")
-    try:
-        n_up = 300 if a.quick else 1000
-        ag = bench_aggregation(n_up, 100_000, 3 if a.quick else 5)
-        fig.update(ag)
-        print(f"aggregation of {n_up} x 100k float32: edgefleet {ag['aggregate_ms']} ms vs Flower "
-              f"{ag['flower_aggregate_ms']} ms ({ag['aggregate_speedup_vs_flower']}x), max |diff| "
-              f"{ag['aggregate_max_abs_diff']:.1e}")
-    except ImportError:
-        pass
-    import shutil
-
-    shutil.rmtree(work, ignore_errors=True)
+    t0 = time.perf_counter()
+    rounds = 20 if a.quick else 60
+    local = Local(lr=0.1, steps=10 if a.quick else 20, batch_size=16, momentum=0.0)
+    fig: dict = {"clients": CLIENTS, "per_round": PER_ROUND, "alpha": ALPHA, "rounds": rounds,
+                 "local_steps": local.steps}
+    x, y, xt, yt = mnist1d_data(5000)
+    out = task("mnist1d", x, y, xt, yt, [40, 64, 64, 10], rounds, local, a.quick, fig)
+    acc = {k: round(out[k], 4) for k in strategies(a.quick)}
+    fig.update(mnist1d_accuracy=acc, mnist1d_central=round(out["central"], 4), mnist1d_best=out["best"],
+               mnist1d_fl_vs_central=round(out[out["best"]] / out["central"], 4),
+               mnist1d_personalized_per_board=round(out["pers_served_per_board"], 4),
+               mnist1d_global_per_board=round(out["pers_global_per_board"], 4),
+               mnist1d_personalized_gain_pts=round(100 * (out["pers_served_per_board"] - out["pers_global_per_board"]), 2),
+               wire_compression=out["wire_compression"], wire_reduction=round(out["wire_reduction"], 2),
+               wire_acc_drop_pts=round(out["wire_acc_drop_pts"], 2), wire_all=out["wire_all"],
+               uplink_reduction=round(out["wire_reduction"], 2))   # whole MQTT payloads, as wire_reduction
+    if "flower_fedavg" in out:
+        fig.update(mnist1d_flower_fedavg=round(out["flower_fedavg"], 4),
+                   mnist1d_best_minus_flower_pts=round(100 * (out[out["best"]] - out["flower_fedavg"]), 2),
+                   mnist1d_fedavg_max_abs_diff_vs_flower=out["fedavg_max_abs_diff_vs_flower"],
+                   fedadam_flower_mode_max_abs_diff=out["fedadam_flower_mode_max_abs_diff"])
+    else:
+        fig["mnist1d_best_minus_flower_pts"] = None
+    secagg(out["clients_obj"], out["head"], local, fig)
+    if not a.quick:
+        head_task(rounds, local, fig)
+    fig["seconds"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(fig))
 
 

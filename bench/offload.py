@@ -49,11 +49,14 @@ def load(port: int, x: np.ndarray, seconds: float, inflight: int, mode: str = "r
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from protocol.mqttlink import set_nodelay
+
     sent: dict[str, float] = {}
     rtts: list[float] = []
     lock = threading.Lock()
     done = threading.Event()
     c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"loadgen-{os.getpid()}", protocol=mqtt.MQTTv5)
+    c.on_socket_open = lambda cl, ud, sock: set_nodelay(sock)
     reply = "edgefleet/v1/dev/loadgen/reply/offload"
     n = {"i": 0, "ok": 0}
 

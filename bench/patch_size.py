@@ -78,17 +78,21 @@ def raw_publish_seconds(url: str, n: int, size: int) -> float:
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion
 
+    from protocol.mqttlink import set_nodelay
+
     host, port = url.rsplit("/", 1)[1].split(":")
     got = threading.Semaphore(0)
     subs = []
     for i in range(n):
         c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"raw-sub-{i}")
         c.on_message = lambda *a: got.release()
+        c.on_socket_open = lambda cl, ud, sock: set_nodelay(sock)
         c.connect(host, int(port))
         c.subscribe(f"raw/{i}", 1)
         c.loop_start()
         subs.append(c)
     pub = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="raw-pub")
+    pub.on_socket_open = lambda cl, ud, sock: set_nodelay(sock)
     pub.connect(host, int(port))
     pub.loop_start()
     time.sleep(0.5)

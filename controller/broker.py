@@ -1,7 +1,8 @@
 """An embedded MQTT 3.1.1 broker (amqtt) for first runs and the demo.
 
 It runs in its own thread with its own event loop so that the caller's loop (or a
-plain synchronous CLI) is untouched. Production fleets use Mosquitto or a
+plain synchronous CLI) is untouched. amqtt serves through asyncio, which sets TCP_NODELAY on
+every accepted TCP connection (Python >= 3.7), so it needs no ``set_tcp_nodelay``. Production fleets use Mosquitto or a
 clustered broker; this is only so that one command shows the whole system.
 """
 from __future__ import annotations

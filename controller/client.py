@@ -29,6 +29,11 @@ class FleetClientError(RuntimeError):
     pass
 
 
+#: the link's head start before a failure is diagnosed, and the whole wait for a silent broker
+HEAD_START_S = 2.0
+CONNECT_TIMEOUT_S = 10.0
+
+
 class FleetClient:
     def __init__(self, cfg: ControllerConfig, name: str = "fleetctl") -> None:
         self.cfg = cfg
@@ -52,9 +57,28 @@ class FleetClient:
 
     async def __aenter__(self) -> "FleetClient":
         await self.link.start()
-        if not await self.link.wait_connected(10):
-            await self.link.stop()
-            raise FleetClientError(f"cannot connect to {self.cfg.mqtt.broker}: {self.link.last_error or 'timeout'}")
+        if not await self.link.wait_connected(HEAD_START_S):
+            # fail fast, saying why: the broker's own refusal (CONNACK), else what a plain TCP/TLS
+            # connection finds (refused, DNS, TLS, timeout); only a silent broker gets the full wait
+            why = self.link.last_error
+            if why is None:
+                from .reach import diagnose
+
+                bad = await asyncio.to_thread(diagnose, self.link.broker, self.link.tls)
+                if bad is not None and not self.link.connected.is_set():
+                    await self.link.stop()
+                    raise FleetClientError(bad.message(self.cfg.mqtt.broker))
+            elif not await self.link.wait_connected(HEAD_START_S):
+                # a refusal may be the MQTT 5 → 3.1.1 fallback (the link retries at once): one more
+                # head start, then the broker's reason
+                if self.link.last_error is not None and not self.link.connected.is_set():
+                    await self.link.stop()
+                    raise FleetClientError(f"the broker at {self.cfg.mqtt.broker} refused the connection: "
+                                           f"{self.link.last_error} (credentials, certificate or ACL)")
+            if not await self.link.wait_connected(CONNECT_TIMEOUT_S - HEAD_START_S):
+                await self.link.stop()
+                raise FleetClientError(f"cannot connect to {self.cfg.mqtt.broker}: "
+                                       f"{self.link.last_error or 'no MQTT answer (CONNACK) in time'}")
         self._pump = asyncio.create_task(self._run(), name="fleet-client")
         return self
 
@@ -98,6 +122,31 @@ class FleetClient:
                        reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
         return await self.request(device_id, self.topics.req(device_id), env, timeout)
 
+    async def infer_inputs(self, device_id: str, inputs: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+        """JSON inference for a multi-input model: ``inputs`` maps input names to (nested) lists."""
+        validate_id(device_id)
+        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body={"inputs": inputs},
+                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        return await self.request(device_id, self.topics.req(device_id), env, timeout)
+
+    async def infer_tensors(self, device_id: str, tensors: dict[str, Any], label: int | None = None,
+                            timeout: float = 5.0, deadline_ms: float | None = None,
+                            compress: bool = False) -> dict[str, Any]:
+        """Inference with the inputs as a binary frame (dtype, shape, raw bytes; optional zstd):
+        a 224x224x3 uint8 image is 147 KiB on the wire instead of ~600 KiB of JSON."""
+        from protocol.binary import encode_frame
+
+        validate_id(device_id)
+        body: dict[str, Any] = {}
+        if label is not None:
+            body["label"] = label
+        if deadline_ms is not None:
+            body["deadline_ms"] = deadline_ms
+        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body=body,
+                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        return await self.request(device_id, self.topics.req(device_id), env, timeout,
+                                  payload=encode_frame(env, tensors, compress=compress))
+
     async def feedback(self, device_id: str, request_id: str, label: int, timeout: float = 5.0) -> dict[str, Any]:
         """Label an earlier inference request so the device can learn from it."""
         validate_id(device_id)
@@ -105,10 +154,11 @@ class FleetClient:
                        reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
         return await self.request(device_id, self.topics.req(device_id), env, timeout)
 
-    async def request(self, device_id: str, topic: str, env: Envelope, timeout: float = 5.0) -> dict[str, Any]:
+    async def request(self, device_id: str, topic: str, env: Envelope, timeout: float = 5.0,
+                      payload: bytes | None = None) -> dict[str, Any]:
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self._pending[env.corr or env.id] = fut
-        if not self.link.publish(topic, encode(env), 1, response_topic=env.reply_to,
+        if not self.link.publish(topic, encode(env) if payload is None else payload, 1, response_topic=env.reply_to,
                                  correlation=(env.corr or env.id).encode()):
             self._pending.pop(env.corr or env.id, None)
             raise FleetClientError("not connected to the broker")

@@ -18,14 +18,33 @@ def age(ts: float | None, now: float | None = None) -> str:
     return f"{d / 86400:.1f}d ago"
 
 
-def fmt(v: Any, digits: int = 1) -> str:
+def fmt(v: Any, digits: int = 3) -> str:
+    """A cell: floats to ``digits`` significant digits (0.99 stays 0.99, 0.0029 stays 0.0029, never
+    "1.0" or "0.0"), whole numbers of 10**digits and more without a fraction; None as "-"."""
     if v is None:
         return "-"
     if isinstance(v, bool):
         return "yes" if v else "no"
     if isinstance(v, float):
-        return f"{v:.{digits}f}"
+        if v != v or v in (float("inf"), float("-inf")):
+            return str(v)
+        if v == 0:
+            return "0"
+        if abs(v) >= 10 ** digits:
+            return f"{v:.0f}"
+        return f"{v:.{digits}g}"
+    if isinstance(v, (dict, list, tuple)):
+        return compact(v)
     return str(v)
+
+
+def compact(v: Any) -> str:
+    """A nested value for a human: ``k=v`` pairs and comma lists, not a Python repr."""
+    if isinstance(v, dict):
+        return " ".join(f"{k}={compact(x)}" for k, x in v.items()) or "-"
+    if isinstance(v, (list, tuple)):
+        return ",".join(compact(x) for x in v) or "-"
+    return fmt(v)
 
 
 def render(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:

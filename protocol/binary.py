@@ -4,13 +4,16 @@ Layout, all integers little-endian::
 
     0   2   magic  b"EF"
     2   1   format version (1)
-    3   1   flags (0; reserved)
+    3   1   flags: bit 0 (``FLAG_ZSTD``) = the payload is one zstd frame; other bits reserved (0)
     4   4   header length H (uint32)
     8   H   header: UTF-8 JSON = the envelope (schema, kind, id, sender, ts, body)
             plus "tensors": [{"name", "dtype", "shape", "offset", "nbytes"}, ...]
             and "blob": {"offset", "nbytes"} when a raw blob is carried,
             and "payload_sha256": hex SHA-256 of the payload (checked on decode)
-    8+H ... payload; tensor/blob offsets are relative to its start
+    8+H ... payload; tensor/blob offsets are relative to its start (of the decompressed
+            payload when FLAG_ZSTD is set; ``payload_sha256`` is always over the decompressed
+            bytes, so a signature does not depend on the compression, and decompression stops
+            at the frame size limit: a small frame cannot inflate past it)
 
 A signed frame (``protocol.cmdauth.sign_frame``) also puts ``payload_sha256`` into the
 envelope body before signing, so the signature covers the tensors too.
@@ -32,6 +35,7 @@ import numpy as np
 from .envelope import DecodeError, Envelope, from_dict, BodyCheck
 
 MAGIC = b"EF"
+FLAG_ZSTD = 0x01
 FORMAT_VERSION = 1
 _PREFIX = struct.Struct("<2sBBI")
 MAX_FRAME_BYTES = 8 * 1024 * 1024
@@ -68,7 +72,10 @@ def payload_of(tensors: Mapping[str, np.ndarray] | None, blob: bytes = b"") -> t
     return specs, b"".join(parts)
 
 
-def encode_frame(env: Envelope, tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"") -> bytes:
+def encode_frame(env: Envelope, tensors: Mapping[str, np.ndarray] | None = None, blob: bytes = b"",
+                 compress: bool | int = False) -> bytes:
+    """``compress``: zstd the payload (True = level 3, or a level); kept uncompressed when that
+    does not make it smaller (random or already-compressed data)."""
     header: dict[str, Any] = env.to_dict()
     specs, payload = payload_of(tensors, blob)
     if specs:
@@ -77,7 +84,14 @@ def encode_frame(env: Envelope, tensors: Mapping[str, np.ndarray] | None = None,
         header["blob"] = {"offset": len(payload) - len(blob), "nbytes": len(blob)}
     header["payload_sha256"] = hashlib.sha256(payload).hexdigest()
     hb = json.dumps(header, separators=(",", ":"), allow_nan=False).encode()
-    return _PREFIX.pack(MAGIC, FORMAT_VERSION, 0, len(hb)) + hb + payload
+    flags = 0
+    if compress and payload:
+        import zstandard
+
+        packed = zstandard.ZstdCompressor(level=3 if compress is True else int(compress)).compress(payload)
+        if len(packed) < len(payload):
+            payload, flags = packed, FLAG_ZSTD
+    return _PREFIX.pack(MAGIC, FORMAT_VERSION, flags, len(hb)) + hb + payload
 
 
 def is_frame(payload: bytes | memoryview) -> bool:
@@ -97,7 +111,7 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = MA
         raise DecodeError("bad_frame", f"bad magic {magic!r}", "magic")
     if version != FORMAT_VERSION:
         raise DecodeError("schema", f"unsupported frame format {version}", "version")
-    if flags != 0:
+    if flags & ~FLAG_ZSTD:
         raise DecodeError("bad_frame", f"unknown flags {flags:#x}", "flags")
     if hlen > MAX_HEADER_BYTES or _PREFIX.size + hlen > len(mv):
         raise DecodeError("truncated", f"header length {hlen} exceeds the frame", "header")
@@ -109,6 +123,8 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = MA
         raise DecodeError("bad_json", "header must be an object", "header")
     env = from_dict(header, expect_sender=expect_sender, kinds=kinds)
     data = mv[_PREFIX.size + hlen:]
+    if flags & FLAG_ZSTD:
+        data = memoryview(_inflate(data, max_bytes))
     digest = hashlib.sha256(data).hexdigest()
     if header.get("payload_sha256") != digest:
         raise DecodeError("bad_frame", "payload SHA-256 does not match the header (corrupt or truncated)",
@@ -128,6 +144,27 @@ def decode_frame(payload: bytes | bytearray | memoryview, *, max_bytes: int = MA
         off, n = _span(bspec, len(data), "blob")
         blob = bytes(data[off:off + n])
     return Frame(env, tensors, blob, digest)
+
+
+def _inflate(data: memoryview, max_bytes: int) -> bytes:
+    """Decompress at most ``max_bytes`` (never trusting the frame's own content-size claim)."""
+    import zstandard
+
+    try:
+        parts, n = [], 0
+        with zstandard.ZstdDecompressor().stream_reader(bytes(data)) as r:
+            while n <= max_bytes:
+                chunk = r.read(min(1 << 20, max_bytes + 1 - n))
+                if not chunk:
+                    break
+                parts.append(chunk)
+                n += len(chunk)
+        out = b"".join(parts)
+    except zstandard.ZstdError as exc:
+        raise DecodeError("bad_frame", f"payload is not valid zstd: {exc}", "payload") from None
+    if len(out) > max_bytes:
+        raise DecodeError("oversize", f"payload inflates past the limit of {max_bytes} bytes")
+    return out
 
 
 def _span(spec: Any, limit: int, where: str) -> tuple[int, int]:

@@ -141,9 +141,14 @@ def _check_reply(body: Mapping[str, Any]) -> None:
 
 
 def _check_infer_request(body: Mapping[str, Any]) -> None:
-    x = _req(body, "x", list)
-    if not x:
+    """JSON requests carry ``x`` (the one input) or ``inputs`` ({name: list}); a binary frame
+    carries its inputs as tensors and may have neither (the agent replies ``missing_input``)."""
+    x = _req(body, "x", list, optional=True)
+    if x is not None and not x:
         raise DecodeError("field", "empty input", "body.x")
+    inputs = _req(body, "inputs", dict, optional=True)
+    if inputs is not None and (not inputs or not all(isinstance(v, list) and v for v in inputs.values())):
+        raise DecodeError("field", "must map input names to non-empty lists", "body.inputs")
     _req(body, "label", int, optional=True)
     _req(body, "deadline_ms", (int, float), optional=True)
 

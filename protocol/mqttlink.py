@@ -5,10 +5,14 @@ pure modules imports it. Paho's types stop here: callers see ``Message`` and pla
 ``publish``/``subscribe`` calls.
 
 Shape (aiomqtt-like, kept small):
-* paho's network thread does socket I/O and hands every callback to the asyncio loop
-  with ``call_soon_threadsafe``; all our state lives on the loop thread.
-* reconnects with exponential backoff whose first step is jittered (``on_disconnect``
-  re-seeds paho's delay), so a fleet does not stampede a restarted broker.
+* paho's network I/O runs *inside* the asyncio loop (paho's external-loop API, as aiomqtt does):
+  the socket is watched with ``add_reader``/``add_writer`` → ``loop_read``/``loop_write``, a
+  once-a-second task runs ``loop_misc`` (keepalive). No network thread: a request/response
+  crosses no thread and no self-pipe on either side (with a paho thread, every message cost two
+  thread wake-ups per hop: ~1 ms each on a busy 2-core board). Only the blocking TCP/TLS connect
+  runs in an executor; everything else, and all our state, lives on the loop thread.
+* reconnects with exponential backoff whose every step is jittered, so a fleet does not
+  stampede a restarted broker.
 * ``protocol="auto"`` tries MQTT 5 and falls back to 3.1.1 when the broker says
   "unsupported protocol version" (amqtt, old brokers). MQTT 5 response-topic /
   correlation-data are used only when the session is v5; the envelope carries
@@ -17,12 +21,14 @@ Shape (aiomqtt-like, kept small):
 from __future__ import annotations
 
 import asyncio
-from collections import deque
 from dataclasses import dataclass
 import logging
 import random
+import socket
 import ssl
+import sys
 import threading
+import time
 from typing import Awaitable, Callable
 from urllib.parse import urlsplit, unquote
 
@@ -31,9 +37,21 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from . import linkreport
+
 log = logging.getLogger(__name__)
 
 PROTOCOLS = ("auto", "5", "3.1.1")
+
+
+def set_nodelay(sock: object) -> bool:
+    """TCP_NODELAY on a paho socket (plain or TLS): request/response over MQTT otherwise waits
+    ~40 ms per hop on Nagle + the peer's delayed ACK. False where the socket is not TCP."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # type: ignore[attr-defined]
+        return True
+    except (AttributeError, OSError):
+        return False
 
 
 class BrokerUrlError(ValueError):
@@ -104,18 +122,31 @@ class Message:
 
 
 class _HandOff(asyncio.Queue):
-    """The paho thread → loop hand-off. Its bound is a semaphore the *paho thread* waits on: when
-    the consumer falls behind, the network thread stops reading (TCP pushes back to the broker)
-    instead of accepting a message and dropping it. Each item taken frees a slot."""
+    """The network → consumer hand-off, bounded: when the consumer falls behind, the link stops
+    reading the socket (TCP pushes back to the broker) instead of accepting a message and dropping
+    it. What paho already parsed past the bound waits in ``held`` (at most one read's worth) and
+    moves in as items are taken; ``on_room`` resumes reading."""
 
     def __init__(self, slots: int) -> None:
         super().__init__()
-        self.slots = threading.Semaphore(slots)
         self.capacity = slots
+        self.held: list = []
+        self.on_room: Callable[[], None] | None = None
+
+    def offer(self, item: object) -> bool:
+        """Take ``item`` now or hold it; False when the consumer is behind (pause reading)."""
+        if self.held or self.qsize() >= self.capacity:
+            self.held.append(item)
+            return False
+        self.put_nowait(item)
+        return True
 
     def _get(self):  # asyncio.Queue's subclass hook, behind get() and get_nowait()
         item = super()._get()
-        self.slots.release()
+        if self.held:
+            self._put(self.held.pop(0))    # keeps the order; the getter that woke us has its item
+        if not self.held and self.on_room is not None and super().qsize() < self.capacity:
+            self.on_room()
         return item
 
 
@@ -180,6 +211,19 @@ class MqttSettings:
         return TlsFiles(self.ca_file or None, self.cert_file or None, self.key_file or None) if self.ca_file else None
 
 
+def tls_config_error(t: TlsFiles, exc: BaseException) -> "Exception":
+    """A TLS file paho/ssl could not load, as a ConfigError naming the file (no traceback)."""
+    import os
+
+    from .config_loader import ConfigError
+
+    for key, path in (("mqtt.ca_file", t.ca_file), ("mqtt.cert_file", t.cert_file), ("mqtt.key_file", t.key_file)):
+        if path and not os.access(path, os.R_OK):
+            why = "does not exist" if not os.path.exists(path) else "is not readable by this user"
+            return ConfigError(f"{key} {path} {why}")
+    names = ", ".join(p for p in (t.ca_file, t.cert_file, t.key_file) if p)
+    return ConfigError(f"mqtt TLS files ({names}): {getattr(exc, 'reason', None) or exc}")
+
 
 # MQTT 5 content types of what we publish (docs/protocol.md): JSON envelopes are UTF-8 text
 # (payload format indicator 1); binary frames (protocol/binary.py, magic b"EF") are not.
@@ -221,14 +265,23 @@ class MqttLink:
                  on_connect: Callable[[], Awaitable[None] | None] | None = None,
                  min_backoff: float = 0.5, max_backoff: float = 30.0, queue_size: int = 10000,
                  persistent: bool = False, session_expiry_s: int = 7 * 86400,
-                 on_disconnect: Callable[[str], None] | None = None, manual_ack: bool = False) -> None:
+                 on_disconnect: Callable[[str], None] | None = None, manual_ack: bool = False,
+                 on_connect_error: Callable[[str], None] | None = None,
+                 on_takeover: Callable[[float], None] | None = None) -> None:
         """``persistent``: keep the broker session (subscriptions + queued QoS 1 messages) across
         disconnects and restarts, so nothing sent to us while we were away is lost.
 
         Inbound flow control: at most ``queue_size`` messages wait for the consumer; past that the
         network thread waits (the broker holds the rest) — nothing the broker handed us is dropped.
         ``manual_ack``: a QoS 1 message is acknowledged only when the consumer calls ``ack(msg)``
-        (after it stored it): a crash before that and the broker delivers it again."""
+        (after it stored it): a crash before that and the broker delivers it again.
+
+        Failures are never silent: a failed connect attempt is logged at WARNING with the address and
+        the reason (refused, TLS, authentication, DNS, timeout) the first time, when the reason
+        changes, and at most once a minute while it lasts; ``on_connect_error(reason)`` hears every
+        one. A lost session logs its reason; one taken over again and again by another client with
+        our id logs an ERROR and backs off (``on_takeover(backoff_s)``). A publish or subscription the
+        broker refuses as "not authorized" logs an ERROR naming our id and our certificate's CN."""
         if protocol not in PROTOCOLS:
             raise ValueError(f"protocol must be one of {PROTOCOLS}, got {protocol!r}")
         self.client_id = client_id
@@ -246,15 +299,23 @@ class MqttLink:
         self.max_backoff = max_backoff
         self.manual_ack = manual_ack
         self.messages: asyncio.Queue[Message] = _HandOff(queue_size)
-        #: paho thread -> loop: messages appended there, moved into ``messages`` by one posted drain
-        self._inbox: deque[Message] = deque()
-        self._inbox_wake = False
         self.connected = asyncio.Event()
         self.dropped_incoming = 0
         self.connects = 0
         self.disconnects = 0
         self.last_error: str | None = None
         self.connack_timeout = 3.0
+        self.on_connect_error = on_connect_error
+        self.on_takeover = on_takeover
+        self.failures = linkreport.FailureLog()
+        self.takeover = linkreport.TakeoverDetector()
+        #: set while the broker keeps pushing us off (another client with our id): the back-off in s
+        self.taken_over_backoff: float | None = None
+        self._session_started: float | None = None   # paho thread: when the current session began
+        self._socket_error: tuple[float, str] | None = None   # paho thread: its last socket error
+        self._mids: dict[int, str] = {}              # QoS >= 1 publish / subscribe mid -> topic (for refusals)
+        self._refused_logged: set[str] = set()
+        self.refused = 0                             # publishes/subscriptions the broker refused
         self._loop: asyncio.AbstractEventLoop | None = None
         self._client: mqtt.Client | None = None
         self._v5 = protocol != "3.1.1"
@@ -262,6 +323,9 @@ class MqttLink:
         self._tasks: set[asyncio.Task] = set()
         #: mid -> future resolved by the broker's PUBACK (aiomqtt's _pending_publishes)
         self._pending: dict[int, asyncio.Future] = {}
+        self._loop_thread: int | None = None
+        self._misc_task: asyncio.Future | None = None
+        self._paused = False
 
     @classmethod
     def from_settings(cls, settings: MqttSettings, client_id: str, **kw: object) -> "MqttLink":
@@ -276,6 +340,7 @@ class MqttLink:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._loop_thread = threading.get_ident()
         self._start_client()
 
     def _start_client(self) -> None:
@@ -286,8 +351,11 @@ class MqttLink:
             c.username_pw_set(self.broker.username, self.broker.password)
         if self.broker.tls or (self.tls and self.tls.ca_file):
             t = self.tls or TlsFiles()
-            c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
-                      cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            try:
+                c.tls_set(ca_certs=t.ca_file, certfile=t.cert_file, keyfile=t.key_file,
+                          cert_reqs=ssl.CERT_REQUIRED, tls_version=ssl.PROTOCOL_TLS_CLIENT)
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                raise tls_config_error(t, exc) from None
         if callable(self.will):
             # a will built afresh before every (re)connect: its timestamp is when the connection it
             # guards began, not when the process started (paho calls on_pre_connect each attempt)
@@ -298,14 +366,20 @@ class MqttLink:
             c.on_pre_connect = _arm
         elif self.will:
             c.will_set(self.will.topic, self.will.payload, self.will.qos, self.will.retain)
-        c.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
         c.max_queued_messages_set(10000)
         c.on_connect = self._cb_connect
         c.on_disconnect = self._cb_disconnect
         c.on_message = self._cb_message
         c.on_publish = self._cb_publish
         c.on_socket_open = self._cb_socket_open
+        c.on_socket_close = self._cb_socket_close
+        c.on_socket_register_write = self._cb_want_write
+        c.on_socket_unregister_write = self._cb_done_writing
+        c.on_connect_fail = self._cb_connect_fail
+        c.on_log = self._cb_log
+        c.on_subscribe = self._cb_subscribe
         self._client = c
+        self.messages.on_room = self._resume_reading  # type: ignore[attr-defined]
         if self._v5:
             props = None
             if self.persistent:
@@ -315,25 +389,144 @@ class MqttLink:
                             clean_start=not self.persistent, properties=props)
         else:
             c.connect_async(self.broker.host, self.broker.port, self.keepalive)
-        c.loop_start()
+        self._spawn(self._connect_loop(c, first=True))
+        if self._misc_task is None or self._misc_task.done():
+            self._misc_task = asyncio.ensure_future(self._misc())
 
     def _jittered_min(self) -> float:
         return self.min_backoff * random.uniform(0.5, 1.5)
 
+    # -- the network, inside the loop ---------------------------------------
+    async def _connect_loop(self, c: mqtt.Client, first: bool = False, delay: float | None = None) -> None:
+        """(Re)connect ``c`` until it has a socket: the blocking TCP/TLS connect in an executor,
+        jittered exponential backoff between attempts (``delay``: the first wait, e.g. the
+        take-over backoff). The CONNACK arrives through loop_read."""
+        if not first:
+            await asyncio.sleep(delay if delay else self._jittered_min())
+        delay = self.min_backoff
+        while not self._stopping and c is self._client:
+            try:
+                rc = await asyncio.get_running_loop().run_in_executor(None, c.reconnect)
+                if rc == mqtt.MQTT_ERR_SUCCESS:
+                    return
+                self.last_error = f"connect: {mqtt.error_string(rc)}"
+            except (OSError, ssl.SSLError, ValueError) as exc:
+                self.takeover.connect_failed()
+                self._on_connect_failed(c, linkreport.describe_exception(exc, self.broker.host, self.broker.port))
+            await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(self.max_backoff, delay * 2)
+
+    async def _misc(self) -> None:
+        """paho's keepalive (PINGREQ, and a dead broker noticed) once a second."""
+        while not self._stopping:
+            await asyncio.sleep(1.0)
+            c = self._client
+            if c is not None and c.socket() is not None:
+                c.loop_misc()
+
+    def _on_loop_thread(self) -> bool:
+        return self._loop_thread == threading.get_ident()
+
+    def _in_loop(self, fn: Callable, *args: object) -> None:
+        """Run ``fn`` now on the loop thread, or hand it over (paho calls some hooks from the
+        connect executor)."""
+        if self._on_loop_thread():
+            fn(*args)
+        else:
+            self._post(fn, *args)
+
+    def _read(self, c: mqtt.Client) -> None:
+        if c is not self._client:
+            return
+        c.loop_read()
+        sock = c.socket()
+        if sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
+            self._loop.call_soon(self._read, c)  # type: ignore[union-attr]  # decrypted bytes epoll cannot see
+
+    def _write(self, c: mqtt.Client) -> None:
+        if c is self._client:
+            c.loop_write()
+
+    def _cb_want_write(self, client, userdata, sock) -> None:
+        self._in_loop(self._add_writer, client, sock)
+
+    def _add_writer(self, client: mqtt.Client, sock) -> None:
+        if client is self._client and client.socket() is sock and self._loop is not None:
+            self._loop.add_writer(sock, self._write, client)
+
+    def _cb_done_writing(self, client, userdata, sock) -> None:
+        self._in_loop(self._remove_writer, sock)
+
+    def _remove_writer(self, sock) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            try:
+                self._loop.remove_writer(sock)
+            except (ValueError, OSError):  # already closed
+                pass
+
+    def _add_reader(self, client: mqtt.Client, sock) -> None:
+        if client is self._client and client.socket() is sock and self._loop is not None:
+            self._paused = False
+            self._loop.add_reader(sock, self._read, client)
+
+    def _cb_socket_close(self, client, userdata, sock) -> None:
+        # synchronous on the loop thread: the fd must leave the selector before it is closed
+        if self._loop is None or self._loop.is_closed():
+            return
+        try:
+            self._loop.remove_reader(sock)
+            self._loop.remove_writer(sock)
+        except (ValueError, OSError, RuntimeError):
+            pass
+
+    def _pause_reading(self) -> None:
+        c = self._client
+        if not self._paused and c is not None and c.socket() is not None and self._loop is not None:
+            self._paused = True
+            self._loop.remove_reader(c.socket())
+
+    def _resume_reading(self) -> None:
+        c = self._client
+        if self._paused and c is not None and c.socket() is not None and self._loop is not None:
+            self._paused = False
+            self._loop.add_reader(c.socket(), self._read, c)
+            self._loop.call_soon(self._read, c)   # paho may hold bytes it read before the pause
+
     async def stop(self, timeout: float = 1.0) -> None:
-        """Clean disconnect (no last will is sent) and stop the network thread."""
+        """Clean disconnect (no last will is sent): the DISCONNECT is flushed, the socket closed."""
         self._stopping = True
         c = self._client
         if c is None:
             return
         try:
             c.disconnect()
+            deadline = time.monotonic() + timeout
+            while c.socket() is not None and c.want_write() and time.monotonic() < deadline:
+                c.loop_write()                       # writes the DISCONNECT; paho closes after it
+                if c.want_write():
+                    await asyncio.sleep(0.01)
         except Exception:  # noqa: BLE001 - already gone is fine
             pass
-        await asyncio.get_running_loop().run_in_executor(None, c.loop_stop)
+        if c.socket() is not None:
+            try:
+                c._sock_close()                      # paho's own close: runs on_socket_close first
+            except Exception:  # noqa: BLE001
+                pass
         self.connected.clear()
         self._fail_pending()
-        for t in list(self._tasks):
+        for t in list(self._tasks) + ([self._misc_task] if self._misc_task else []):
+            t.cancel()
+
+    def kill(self) -> None:
+        """Drop the connection with no DISCONNECT (the broker then sends the will), as a crash
+        would, and never reconnect: for fault tests and drills."""
+        self._stopping = True
+        c = self._client
+        if c is not None and c.socket() is not None:
+            sock = c.socket()
+            self._cb_socket_close(c, None, sock)
+            sock.close()
+        for t in list(self._tasks) + ([self._misc_task] if self._misc_task else []):
             t.cancel()
 
     def _fail_pending(self) -> None:
@@ -352,17 +545,39 @@ class MqttLink:
 
     # -- paho thread → loop ---------------------------------------------
     def _post(self, fn: Callable, *args: object) -> None:
+        """Run ``fn`` on the loop soon (after the paho callback returns); thread-safe."""
         loop = self._loop
         if loop is not None and not loop.is_closed():
             try:
-                loop.call_soon_threadsafe(fn, *args)
+                if self._on_loop_thread():
+                    loop.call_soon(fn, *args)
+                else:
+                    loop.call_soon_threadsafe(fn, *args)
             except RuntimeError:  # loop closing during shutdown
                 pass
 
     def _cb_connect(self, client, userdata, flags, rc, props=None) -> None:
-        self._post(self._on_connect, client, rc.value if hasattr(rc, "value") else int(rc), str(rc))
+        code = rc.value if hasattr(rc, "value") else int(rc)
+        if code == 0:
+            self._session_started = time.monotonic()
+        else:
+            self.takeover.connect_failed()
+        self._post(self._on_connect, client, code, str(rc))
+
+    def _cb_log(self, client, userdata, level, buf) -> None:
+        # paho says why a socket failed only in its log ("failed to receive on socket: [Errno 104] ...")
+        if level == mqtt.MQTT_LOG_ERR and "socket" in buf:
+            self._socket_error = (time.monotonic(), buf)
+
+    def _cb_connect_fail(self, client, userdata) -> None:
+        # paho calls this inside its `except OSError:` around the connect: the exception is current
+        self.takeover.connect_failed()
+        reason = linkreport.describe_exception(sys.exc_info()[1], self.broker.host, self.broker.port)
+        self._post(self._on_connect_failed, client, reason)
 
     def _cb_socket_open(self, client, userdata, sock) -> None:
+        set_nodelay(sock)
+        self._in_loop(self._add_reader, client, sock)
         if self.protocol == "auto" and self._v5 and self.connects == 0:
             self._post(self._arm_connack_timer, client)
 
@@ -375,11 +590,30 @@ class MqttLink:
     def _cb_disconnect(self, client, userdata, flags, rc, props=None) -> None:
         # Some 3.1.1-only brokers (amqtt with a will) drop a v5 CONNECT without a CONNACK.
         self._post(self._maybe_fallback, client, str(rc))
-        try:
-            client.reconnect_delay_set(self._jittered_min(), int(max(1, self.max_backoff)))
-        except Exception:  # noqa: BLE001
-            pass
-        self._post(self._on_disconnect, client, str(rc))
+        from_server = bool(getattr(flags, "is_disconnect_packet_from_server", False))
+        sock_err, self._socket_error = self._socket_error, None
+        recent = sock_err[1] if sock_err and time.monotonic() - sock_err[0] < 5 else None
+        reason = linkreport.describe_loss(str(rc), from_server, recent)
+        backoff = None
+        if self._session_started is not None and not self._stopping:
+            now = time.monotonic()
+            backoff = self.takeover.lost(now, str(rc) if from_server else None, now - self._session_started)
+        elif not self._stopping:
+            # closed before any CONNACK: a failed connect too (e.g. the broker refused our TLS client
+            # certificate after the handshake); the auto protocol's 3.1.1 fallback gets its turn first
+            self.takeover.connect_failed()
+            if not (self.protocol == "auto" and self._v5 and self.connects == 0):
+                why = (linkreport.describe_socket_error(recent, during_connect=True) if recent else
+                       "the broker closed the connection before accepting it (a client certificate it does not "
+                       "trust? not an MQTT port?)")
+                self._post(self._on_connect_failed, client, why)
+        self._session_started = None
+        self._post(self._on_disconnect, client, reason, backoff)
+
+    def _cb_subscribe(self, client, userdata, mid, reason_codes, props=None) -> None:
+        refused = [str(rc) for rc in (reason_codes or []) if getattr(rc, "is_failure", False)]
+        if refused:
+            self._post(self._on_refused, client, mid, refused[0])
 
     def _cb_message(self, client, userdata, m) -> None:
         rt = corr = ctype = None
@@ -389,36 +623,52 @@ class MqttLink:
             corr = getattr(props, "CorrelationData", None)
             ctype = getattr(props, "ContentType", None)
         msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0, ctype)
-        slots = self.messages.slots  # type: ignore[attr-defined]
-        while not slots.acquire(timeout=0.5):   # the consumer is behind: stop reading until it catches up
-            if self._stopping or self._loop is None or self._loop.is_closed():
-                self.dropped_incoming += 1      # shutting down: never acknowledged with manual_ack
-                log.warning("shutting down with a full inbound queue: %s not taken", m.topic)
-                return
-        self._inbox.append(msg)
-        if not self._inbox_wake:                 # one loop wake-up per burst, not one per message
-            self._inbox_wake = True
-            self._post(self._drain_inbox)
+        if not self.messages.offer(msg):  # type: ignore[attr-defined]
+            self._pause_reading()               # the consumer is behind: stop reading until it catches up
 
     def _cb_publish(self, client, userdata, mid, rc=None, props=None) -> None:
         # posted to the loop: the future for this mid is registered before the loop runs this
-        self._post(self._on_published, client, mid)
+        refused = str(rc) if rc is not None and getattr(rc, "is_failure", False) else None
+        self._post(self._on_published, client, mid, refused)
 
     # -- loop thread -----------------------------------------------------
-    def _on_published(self, client: mqtt.Client, mid: int) -> None:
+    def _on_published(self, client: mqtt.Client, mid: int, refused: str | None = None) -> None:
         if client is not self._client:
             return
+        if refused:
+            self._on_refused(client, mid, refused)
+        else:
+            self._mids.pop(mid, None)
         fut = self._pending.pop(mid, None)
         if fut is not None and not fut.done():
-            fut.set_result(True)
+            fut.set_result(refused is None)   # acknowledged with a refusal is not sent
 
-    def _drain_inbox(self) -> None:
-        # reset before draining: a message the paho thread appends after this either is drained
-        # below or sees the flag down and posts another drain
-        self._inbox_wake = False
-        inbox, put = self._inbox, self.messages.put_nowait
-        while inbox:
-            put(inbox.popleft())        # unbounded put: the slot was taken in the paho thread
+    def _on_refused(self, client: mqtt.Client, mid: int, reason: str) -> None:
+        """The broker acknowledged a publish or subscription with a refusal (MQTT 5 reason code)."""
+        topic = self._mids.pop(mid, f"(message {mid})")
+        self.refused += 1
+        if topic in self._refused_logged or (reason.lower() == "not authorized" and self._refused_logged):
+            # said once (with the id and the CN); every further refusal is counted, not repeated
+            log.debug("the broker refused %s: %s (%d refusals)", topic, reason, self.refused)
+            return
+        if len(self._refused_logged) < 256:
+            self._refused_logged.add(topic)
+        if reason.lower() == "not authorized":
+            cn = linkreport.certificate_cn(self.tls.cert_file if self.tls else None)
+            log.error("%s", linkreport.not_authorized_text(topic, self.client_id, cn, self.broker.username))
+        else:
+            log.error("the broker refused %s: %s", topic, reason)
+
+    def _on_connect_failed(self, client: mqtt.Client, reason: str) -> None:
+        if client is not self._client or self._stopping:
+            return
+        self.last_error = reason
+        if self.failures.failed(reason, time.monotonic()):
+            n = self.failures.failures
+            log.warning("cannot connect to %s as %s: %s%s", self.broker.url, self.client_id, reason,
+                        f" ({n} attempts so far; retrying)" if n > 1 else " (retrying)")
+        if self.on_connect_error:
+            self.on_connect_error(reason)
 
     def ack(self, msg: Message) -> None:
         """With ``manual_ack``: acknowledge a QoS 1 message the consumer has stored."""
@@ -430,21 +680,24 @@ class MqttLink:
         if client is not self._client or self._stopping:
             return
         if rc != 0:
-            self.last_error = reason
             if self.protocol == "auto" and self._v5 and rc in (1, 0x84):
+                self.last_error = reason
                 log.info("broker %s does not speak MQTT 5 (%s); falling back to 3.1.1", self.broker.url, reason)
                 self._v5 = False
                 self._client = None
                 self._spawn(self._restart(client))
             else:
-                log.warning("MQTT connect to %s refused: %s", self.broker.url, reason)
+                self._on_connect_failed(client, linkreport.describe_refusal(reason))
             return
         self.connects += 1
         self.last_error = None
+        self.taken_over_backoff = None
+        failed = self.failures.connected()
         for flt, qos in self.subscriptions:
-            client.subscribe(flt, qos)
+            self._subscribe(client, flt, qos)
         self.connected.set()
-        log.info("connected to %s as %s (MQTT %s)", self.broker.url, self.client_id, "5" if self._v5 else "3.1.1")
+        log.info("connected to %s as %s (MQTT %s)%s", self.broker.url, self.client_id, "5" if self._v5 else "3.1.1",
+                 f" after {failed} failed attempts" if failed else "")
         if self.on_connect:
             res = self.on_connect()
             if asyncio.iscoroutine(res):
@@ -461,22 +714,36 @@ class MqttLink:
     async def _restart(self, old: mqtt.Client) -> None:
         self._fail_pending()
         try:
-            old.disconnect()
+            if old.socket() is not None:
+                old._sock_close()
         except Exception:  # noqa: BLE001
             pass
-        await asyncio.get_running_loop().run_in_executor(None, old.loop_stop)
         if not self._stopping:
             self._start_client()
 
-    def _on_disconnect(self, client: mqtt.Client, reason: str) -> None:
+    def _on_disconnect(self, client: mqtt.Client, reason: str, backoff: float | None = None) -> None:
         if client is not self._client:
             return
         was = self.connected.is_set()
         self.connected.clear()
+        if not self._stopping and client.socket() is None:
+            # someone else uses our id (backoff): let it be for a while instead of pushing it off
+            self._spawn(self._connect_loop(client, delay=backoff))
         if was:
             self.disconnects += 1
             if not self._stopping:
-                log.warning("disconnected from %s: %s", self.broker.url, reason)
+                self.last_error = reason
+                if backoff:
+                    self.taken_over_backoff = backoff
+                    reason = f"session taken over by another client with id {self.client_id}"
+                    log.error("%s: another process is using id %s (the broker closed our connection right after "
+                              "each reconnect, %d times in a row); waiting %.0f s before reconnecting instead of "
+                              "pushing it off", reason, self.client_id, self.takeover.limit, backoff)
+                    self.last_error = reason
+                    if self.on_takeover:
+                        self.on_takeover(backoff)
+                else:
+                    log.warning("disconnected from %s: %s", self.broker.url, reason)
                 if self.on_disconnect:
                     self.on_disconnect(reason)
 
@@ -491,7 +758,12 @@ class MqttLink:
         if (flt, qos) not in self.subscriptions:
             self.subscriptions.append((flt, qos))
         if self._client is not None and self.connected.is_set():
-            self._client.subscribe(flt, qos)
+            self._subscribe(self._client, flt, qos)
+
+    def _subscribe(self, client: mqtt.Client, flt: str, qos: int) -> None:
+        rc, mid = client.subscribe(flt, qos)
+        if rc == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            self._mids[mid] = f"subscription {flt}"
 
     def _props(self, response_topic: str | None, correlation: bytes | None,
                payload: bytes = b"") -> Properties | None:
@@ -517,7 +789,15 @@ class MqttLink:
             return False
         props = self._props(response_topic, correlation, payload)
         info = c.publish(topic, payload, qos, retain, properties=props)
+        if qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
+            self._track(info.mid, topic)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def _track(self, mid: int, topic: str) -> None:
+        if len(self._mids) > 20000:    # acks that never came (a dropped session): forget the oldest
+            for k in list(self._mids)[:10000]:
+                del self._mids[k]
+        self._mids[mid] = topic
 
     def publish_acked(self, topic: str, payload: bytes, qos: int = 1, retain: bool = False, *,
                       response_topic: str | None = None, correlation: bytes | None = None) -> "asyncio.Future[bool]":
@@ -536,6 +816,7 @@ class MqttLink:
             fut.set_result(False)
             return fut
         self._pending[info.mid] = fut
+        self._track(info.mid, topic)
         fut.add_done_callback(lambda f, mid=info.mid: self._pending.pop(mid, None) if f.cancelled() else None)
         return fut
 
@@ -547,3 +828,32 @@ class MqttLink:
             return await asyncio.wait_for(asyncio.shield(fut), timeout)
         except asyncio.TimeoutError:
             return False
+
+
+async def try_connect(link: MqttLink, timeout: float = 10.0) -> str | None:
+    """Connect once and disconnect: None when the broker accepted us, else the reason of the first
+    failure (refused, TLS, authentication, DNS) or a timeout. For ``check --connect`` and fail-fast
+    CLI commands."""
+    failed: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+    previous = link.on_connect_error
+
+    def first(reason: str) -> None:
+        if not failed.done():
+            failed.set_result(reason)
+        if previous:
+            previous(reason)
+
+    link.on_connect_error = first
+    await link.start()
+    ok = asyncio.ensure_future(link.connected.wait())
+    try:
+        done, _ = await asyncio.wait({ok, failed}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        if ok in done:
+            return None
+        if failed in done:
+            return failed.result()
+        return link.last_error or f"no answer from {link.broker.url} within {timeout:.0f} s"
+    finally:
+        ok.cancel()
+        link.on_connect_error = previous
+        await link.stop()

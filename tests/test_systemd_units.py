@@ -148,3 +148,48 @@ def test_agent_process_speaks_sd_notify(tmp_path, mosquitto):
         if p.poll() is None:
             p.kill()
         sock.close()
+
+
+def test_offload_worker_unit_has_its_own_identity_and_config():
+    """On the old unit the worker ran with controller.toml (the controller's certificate) and no --id,
+    so the ACL's offload block was never used."""
+    text = (ROOT / "systemd" / "fleet-offload-worker@.service").read_text()
+    (line,) = [l for l in text.splitlines() if l.startswith("ExecStart=")]
+    assert "--config /etc/edgefleet/offload-%i.toml" in line and "--id offload-%i" in line, line
+    assert "controller.toml" not in line
+    acl = (ROOT / "configs" / "mosquitto" / "acl").read_text()
+    assert "user offload-" in acl and "topic readwrite edgefleet/v1/offload/workers/offload-" in acl
+    doc = (ROOT / "docs" / "install-on-a-board.md").read_text()
+    assert "fleet-offload-worker@digits-large" in doc and "/etc/edgefleet/offload-digits-large.toml" in doc
+    offload_doc = (ROOT / "docs" / "offload.md").read_text()
+    assert "--id offload-1" in offload_doc and "fleetctl certs issue offload-1" in offload_doc
+
+
+def test_documentation_paths_are_installed_by_the_documented_step():
+    doc = (ROOT / "docs" / "install-on-a-board.md").read_text()
+    for unit in UNITS:
+        for line in unit.read_text().splitlines():
+            if line.startswith("Documentation="):
+                path = line.split("file://", 1)[1]
+                assert path.startswith("/usr/share/doc/edgefleet/"), line
+                assert (ROOT / "docs" / Path(path).name).exists(), f"{unit.name}: {path} has no source in docs/"
+    assert "sudo install -m 0644 docs/*.md /usr/share/doc/edgefleet/" in doc
+
+
+def test_config_errors_do_not_restart_loop():
+    """The agent and fleetctl serve exit 78 (EX_CONFIG) on a config they cannot use; every unit stops there."""
+    from agent.cli import EX_CONFIG as AGENT
+    from controller.cli.serve import EX_CONFIG as SERVE
+
+    assert AGENT == SERVE == 78
+    for unit in UNITS:
+        assert "\nRestartPreventExitStatus=78\n" in unit.read_text(), unit.name
+
+
+def test_keys_are_group_readable_for_the_service_user():
+    """docs say how User=edgefleet reads root-owned keys: 0640 root:edgefleet (and why not LoadCredential=)."""
+    doc = (ROOT / "docs" / "install-on-a-board.md").read_text()
+    assert "sudo install -m 0640 -o root -g edgefleet pi-07.key /etc/edgefleet/" in doc
+    assert "LoadCredential=" in doc and "0640 root:edgefleet" in doc
+    for unit in UNITS:
+        assert "LoadCredential" not in unit.read_text()

@@ -100,9 +100,14 @@ class InferenceSection:
     results: str = "summary"         # every | summary | off
     results_interval_s: float = 10.0
     max_results_per_s: float = 20.0
+    # a binary tensor request (e.g. a 224x224x3 uint8 image is 147 KiB) larger than this is
+    # refused with an ``oversize`` error reply; JSON requests stay under mqtt.max_message_bytes
+    max_request_bytes: int = 4 * 1024 * 1024
 
     def __post_init__(self) -> None:
         one_of(self.source, ("none", "replay", "stdin"), "inference.source")
+        check(1024 <= self.max_request_bytes <= 256 * 1024 * 1024, "inference.max_request_bytes",
+              f"must be 1 KiB..256 MiB, got {self.max_request_bytes}")
         check(self.source != "replay" or bool(self.replay_x), "inference.replay_x", "is required for source = replay")
         check(0 <= self.rate_hz <= 100000, "inference.rate_hz", "must be 0..100000 (0 = as fast as possible)")
         one_of(self.results, ("every", "summary", "off"), "inference.results")
@@ -132,6 +137,9 @@ class LearningSection:
     pending_max: int = 2048          # unlabelled requests kept for later feedback
     pending_ttl_s: float = 600.0
     federated: bool = True           # take part in federated rounds
+    personalize: bool = False        # keep a per-board last layer on top of the global body (FedPer);
+                                     # serve it only when it beats the global head on the holdout
+    personal_steps: int = 100        # fine-tuning steps of the personal layer per new global head
     isolate: str = "process"         # process: train in a short-lived child (inference keeps its latency)
 
     def __post_init__(self) -> None:
@@ -146,6 +154,7 @@ class LearningSection:
               "every_n, max_steps and batch_size must be >= 1")
         check(self.holdout_every >= 2, "learning.holdout_every", "must be >= 2")
         check(self.budget_s > 0, "learning.budget_s", "must be > 0")
+        check(1 <= self.personal_steps <= 100000, "learning.personal_steps", "must be 1..100000")
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ class Adaptation(Feature):
         self.learner: Learner | None = None
         self.participant: Any = None
         self.cycles = 0
+        self.personal: dict[str, Any] = {}   # the gate's last choice and both accuracies (telemetry)
 
     # -- declarations ----------------------------------------------------------
     def commands(self) -> dict[str, Any]:
@@ -69,11 +70,18 @@ class Adaptation(Feature):
     def control_kinds(self) -> dict[str, Any]:
         if self.participant is None:
             return {}
+        from protocol import secagg_wire  # noqa: F401 - registers fl.secagg
+
         return {"fl.task": self.participant.on_task, "fl.ack": self.participant.on_ack,
-                "fl.head": self.on_global_head}
+                "fl.head": self.on_global_head, "fl.secagg": self.participant.on_secagg}
 
     def telemetry(self) -> dict[str, Any] | None:
-        return self.learner.status() if self.learner is not None else None
+        if self.learner is None:
+            return None
+        st = self.learner.status()
+        if self.personal:
+            st["personalization"] = dict(self.personal)
+        return st
 
     def tasks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
         return [("learning", self.run)] if self.learner is not None else []
@@ -102,9 +110,22 @@ class Adaptation(Feature):
         self.learner = learner
         self.serving.observers.append(self._observe)
         if cfg.federated:
+            from protocol.layers import LayerError, trainable_tensors
+
             from .federated import Participant
 
-            self.participant = Participant(self.ctx, learner, learner.shapes)
+            try:
+                names = trainable_tensors(engine.bundle.manifest.raw, learner.head)
+            except LayerError as exc:   # a bundle that declares layers its head does not have: no rounds
+                log.error("not taking part in federated rounds: %s", exc)
+                self.ctx.emit_event("fl.refused", "error", reason=str(exc))
+                return
+            partial = set(names) != set(learner.head)
+            self.participant = Participant(self.ctx, learner, {k: learner.shapes[k] for k in names},
+                                           full_head=(lambda: learner.head) if partial else None,
+                                           bundle_id=engine.bundle.id)
+            if cfg.personalize:
+                self._restore_personal()
 
     def _observe(self, sample_id: str, pred: Any, label: int | None) -> None:
         assert self.learner is not None
@@ -122,22 +143,73 @@ class Adaptation(Feature):
         self.ctx.reply(env, msg, {"ok": why is None, **({"error": why} if why else {"labelled": self.learner.labelled})})
 
     async def on_global_head(self, frame: Any, msg: Message) -> None:
-        """A new global head version from the controller (federated aggregate)."""
+        """A new global head version from the controller (federated aggregate): the federated
+        layers, put back on the frozen ones; with ``personalize``, the board's own last layer is
+        fine-tuned from it and served only if it beats the global head on the holdout."""
         from protocol.bundle import check_head
+        from protocol.layers import merge
 
         engine = self.serving.engine
         if engine is None or self.learner is None:
             return
         try:
-            head = check_head(frame.tensors)
+            head = check_head(merge(self.learner.head, frame.tensors))
+            self.learner.adopt_global(head)
+            if self.ctx.cfg.learning.personalize:
+                head = await asyncio.to_thread(self._personalize, head)
             engine.swap_head(head)
         except ValueError as exc:
             self.ctx.counters.reject("bad_global_head")
             self.ctx.emit_event("fl.head_refused", "warning", reason=str(exc))
             return
-        self.learner.adopt_global(head)
         self.ctx.emit_event("fl.head_applied", version=frame.envelope.body["version"],
-                              run_id=frame.envelope.body.get("run_id"))
+                              run_id=frame.envelope.body.get("run_id"), serving=self.personal.get("serve", "global"))
+
+    # -- personalization (FedPer) ------------------------------------------------
+    def _personal_store(self):
+        from .personal import PersonalStore
+
+        return PersonalStore(Path(self.ctx.cfg.state.dir) / "learning", self.serving.engine.bundle.id)
+
+    def _personalize(self, global_head: dict) -> dict:
+        """Worker thread: fine-tune the last layer, gate on the holdout, keep the personal layer."""
+        from .personal import last_layer, personalize
+        from .trainer import TrainConfig
+
+        lr = self.learner
+        assert lr is not None
+        x, y = lr.buffer.train_view()
+        hx, hy = lr.buffer.holdout_view()
+        if len(y) < 1 or len(hy) < 1:
+            self.personal = {"serve": "global", "reason": "no labelled/held-out samples yet"}
+            return global_head
+        c = self.ctx.cfg.learning
+        head, choice = personalize(global_head, x, y, hx, hy, c.personal_steps,
+                                   TrainConfig(lr=c.lr, momentum=c.momentum, weight_decay=c.weight_decay,
+                                               batch_size=c.batch_size))
+        last = last_layer(head)
+        if choice.serve == "personal":
+            self._personal_store().save({k: v for k, v in head.items() if k.startswith(last + ".")})
+        self.personal = {"serve": choice.serve, "global_accuracy": round(choice.global_acc, 4),
+                         "personal_accuracy": round(choice.personal_acc, 4)}
+        return head
+
+    def _restore_personal(self) -> None:
+        """At start: the personal layer kept for this bundle, if any (refused with the reason otherwise)."""
+        from .personal import PersonalHeadError
+
+        lr, engine = self.learner, self.serving.engine
+        try:
+            layer = self._personal_store().load(lr.head)
+        except PersonalHeadError as exc:
+            self.ctx.counters.reject("personal_head_refused")
+            log.warning("personal head refused: %s", exc)
+            self.ctx.emit_event("fl.personal_refused", "warning", reason=str(exc))
+            self.personal = {"serve": "global", "reason": str(exc)}
+            return
+        if layer is not None:
+            engine.swap_head({**lr.head, **layer})
+            self.personal = {"serve": "personal", "restored": True}
 
     async def run(self) -> None:
         """Check the trigger twice a second; train in a worker thread; swap adopted heads."""

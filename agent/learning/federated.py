@@ -19,7 +19,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 
 import numpy as np
 
@@ -51,7 +51,8 @@ class LocalTrainer(Protocol):
     def labelled_count(self) -> int: ...
 
     def train_from(self, start: Head, *, steps: int, lr: float, batch_size: int, prox_mu: float,
-                   optimizer: str, budget_s: float) -> LocalResult: ...
+                   optimizer: str, budget_s: float, correction: Mapping[str, np.ndarray] | None = None,
+                   frozen: tuple[str, ...] = ()) -> LocalResult: ...
 
 
 class TaskRefused(Exception):
@@ -78,11 +79,19 @@ def clip_delta(delta: Head, clip: float) -> tuple[Head, float]:
 
 
 class Participant:
-    def __init__(self, ctx: "AgentContext", trainer: LocalTrainer, local_shapes: Mapping[str, tuple[int, ...]]) -> None:
+    """``local_shapes``: the tensors rounds federate (the bundle's trainable layers); ``full_head``
+    (when only some layers are federated) gives the frozen ones the board trains on top of."""
+
+    def __init__(self, ctx: "AgentContext", trainer: LocalTrainer, local_shapes: Mapping[str, tuple[int, ...]],
+                 full_head: "Callable[[], Mapping[str, np.ndarray]] | None" = None, bundle_id: str = "") -> None:
+        from .scaffold import ControlStore
+
         self.ctx = ctx
         self.trainer = trainer
         self.local_shapes = dict(local_shapes)
+        self.full_head = full_head
         self.state_file = Path(ctx.cfg.state.dir) / "fl_rounds.json"
+        self.controls = ControlStore(Path(ctx.cfg.state.dir) / "learning", bundle_id)
         self.done: dict[str, int] = self._load()
         self.stats = {"tasks": 0, "updates_sent": 0, "accepted": 0, "rejected": 0, "refused_tasks": 0}
         self.last_samples_per_s: float | None = None
@@ -98,6 +107,8 @@ class Participant:
         self.resend_s = 10.0
         self.resend_grace_s = 60.0
         self._resenders: set[asyncio.Task] = set()
+        #: session -> (SecAggClient, the weighted update it masks): the update never leaves unmasked
+        self.secure: dict[str, tuple[Any, np.ndarray]] = {}
 
     def _load(self) -> dict[str, int]:
         try:
@@ -129,7 +140,17 @@ class Participant:
             budget = float(b["deadline_ts"]) - time.time()
             if budget <= 0.5:
                 raise TaskRefused("task arrived after its deadline")
-            check_task_head(frame.tensors, self.local_shapes)
+            scaffold = bool(b.get("scaffold"))
+            if scaffold:
+                from . import scaffold as sc
+
+                try:
+                    x, c_glob = sc.split_task(frame.tensors)
+                except ValueError as exc:
+                    raise TaskRefused(str(exc)) from None
+            else:
+                x, c_glob = dict(frame.tensors), {}
+            check_task_head(x, self.local_shapes)
             if self.trainer.labelled_count() < 1:
                 raise TaskRefused("no labelled samples on this device")
         except TaskRefused as exc:
@@ -140,20 +161,47 @@ class Participant:
             return
         self.done[key] = 0
         self._save()
+        correction, ci = None, None
+        if scaffold:
+            ci, why = self.controls.load_or_reset(self.local_shapes)
+            if why:   # corrupt, or for another bundle: SCAFFOLD restarts its own cᵢ from zeros
+                self.ctx.counters.reject("scaffold_state_reset")
+                log.warning("SCAFFOLD control variate reset: %s", why)
+                self.ctx.emit_event("fl.scaffold_reset", "warning", reason=why)
+            correction = sc.correction(c_glob, ci)
+        start, frozen = dict(x), ()
+        if self.full_head is not None:
+            from protocol.layers import merge
+
+            full = dict(self.full_head())
+            start = merge(full, x)
+            frozen = tuple(sorted(set(full) - set(x)))
         self.busy = True
         try:
-            res = await asyncio.to_thread(self.trainer.train_from, dict(frame.tensors), steps=int(b["steps"]),
+            res = await asyncio.to_thread(self.trainer.train_from, start, steps=int(b["steps"]),
                                           lr=float(b["lr"]), batch_size=int(b["batch_size"]),
                                           prox_mu=float(b.get("prox_mu", 0.0)),
-                                          optimizer=str(b.get("optimizer") or "sgd"), budget_s=budget * 0.8)
+                                          optimizer=str(b.get("optimizer") or "sgd"), budget_s=budget * 0.8,
+                                          correction=correction, frozen=frozen)
         finally:
             self.busy = False
         if res.seconds > 0:
             self.last_samples_per_s = round(res.steps * int(b["batch_size"]) / res.seconds, 2)
-        delta = {k: (res.head[k].astype(np.float32) - frame.tensors[k].astype(np.float32)) for k in frame.tensors}
+        y = {k: res.head[k].astype(np.float32) for k in x}
+        if scaffold:
+            momentum = float(getattr(getattr(self.trainer, "cfg", None), "momentum", 0.0) or 0.0)
+            ci_new, dci = sc.new_control(x, y, c_glob, ci, max(1, res.steps), float(b["lr"]) / (1 - momentum))
+            delta = sc.update_tensors(x, y, dci)
+        else:
+            delta = {k: (y[k] - x[k].astype(np.float32)) for k in x}
         dp = b.get("dp") or {}
         delta, norm = clip_delta(delta, float(dp.get("clip", 0.0)))
-        self._send_update(b, delta, res, norm)
+        if b.get("secagg"):
+            self._start_secure(b, delta, res)
+        else:
+            self._send_update(b, delta, res, norm)
+        if scaffold:
+            self.controls.save(ci_new)   # after the update is in the outbox: cᵢ moves with what we sent
         self.done[key] = 1
         self._save()
 
@@ -191,6 +239,55 @@ class Participant:
         self.stats["updates_sent"] += 1
         log.info("fl update for %s#%s: %d samples, loss %.4f, %d bytes", task["run_id"], task["round"],
                  res.num_samples, res.loss, len(payload))
+
+    # -- secure aggregation (protocol.secagg): the update leaves the board only masked ------------
+    def _publish_secagg(self, m: Any) -> None:
+        from protocol.secagg_wire import KIND, to_wire
+
+        body, tensors = to_wire(m)
+        env = Envelope(kind=KIND, sender=self.ctx.device_id, body=body)
+        self.ctx.publish(self.ctx.topics.data(self.ctx.device_id, "fl"), encode_frame(env, tensors), 1)
+
+    def _start_secure(self, task: Mapping[str, Any], delta: Head, res: LocalResult) -> None:
+        from protocol.secagg import SecAggClient
+        from protocol.secagg_wire import flatten
+
+        session = str(task["secagg"]["session"])
+        client = SecAggClient(session, self.ctx.device_id)
+        self.secure = {session: (client, flatten(delta, int(res.num_samples)))}   # one session at a time
+        self.stats["updates_sent"] += 1
+        self._publish_secagg(client.advertise())
+        log.info("fl update for %s kept on the board: secure aggregation session %s", task["run_id"], session)
+
+    async def on_secagg(self, env: Envelope, msg: Message) -> None:
+        """The controller's next stage of a secure session: answer it, or refuse it with the reason."""
+        from protocol.secagg import SecAggError
+        from protocol.secagg_wire import from_wire
+
+        b = env.body
+        session = str(b.get("session"))
+        item = self.secure.get(session)
+        try:
+            if b.get("stage") == "refused":
+                raise SecAggError(f"the controller refused our message: {b.get('reason')}")
+            if item is None:
+                raise SecAggError(f"no secure session {session!r} on this device")
+            client, vector = item
+            m = from_wire(b)
+            stage = b.get("stage")
+            if stage == "roster":
+                self._publish_secagg(client.on_roster(m))
+            elif stage == "inbox":
+                self._publish_secagg(client.on_inbox(m, vector))
+            elif stage == "unmask":
+                self._publish_secagg(client.on_unmask(m))
+                self.secure.pop(session, None)
+            else:
+                raise SecAggError(f"stage {stage!r} is not sent by the controller")
+        except SecAggError as exc:
+            self.ctx.counters.reject("secagg_refused")
+            log.warning("secure aggregation %s: %s", session, exc.reason)
+            self.ctx.emit_event("fl.secagg_refused", "warning", session=session, reason=exc.reason)
 
     async def _resend(self, key: str) -> None:
         while key in self.unacked:

@@ -90,9 +90,10 @@ class CycleResult:
         return self.acc_after
 
 
-def _train_candidate(start, tcfg, x, y, steps, budget_s, cpu_fraction):
-    """Train a copy of ``start``; top-level so a child process can run it."""
-    trainer = HeadTrainer(start, tcfg)
+def _train_candidate(start, tcfg, x, y, steps, budget_s, cpu_fraction, correction=None, frozen=()):
+    """Train a copy of ``start``; top-level so a child process can run it. ``correction`` is added to
+    every gradient (SCAFFOLD), ``frozen`` tensors are not stepped (layers a bundle does not federate)."""
+    trainer = HeadTrainer(start, tcfg, correction=correction, frozen=set(frozen))
     rep = trainer.train(x, y, steps, budget_s, cpu_fraction=cpu_fraction)
     return trainer.head(), rep
 
@@ -236,21 +237,24 @@ class Learner:
         return self.buffer.train_size
 
     def train_from(self, start: Mapping[str, np.ndarray], *, steps: int, lr: float, batch_size: int,
-                   prox_mu: float, optimizer: str, budget_s: float):
+                   prox_mu: float, optimizer: str, budget_s: float,
+                   correction: Mapping[str, np.ndarray] | None = None, frozen: tuple[str, ...] = ()):
         from .federated import LocalResult
 
         with self._busy:
             x, y = self.buffer.train_view()
             head, rep = self._train(start, self._train_cfg(lr=lr, batch_size=batch_size, prox_mu=prox_mu,
-                                                           optimizer=optimizer), x, y, steps, budget_s)
+                                                           optimizer=optimizer), x, y, steps, budget_s,
+                                    correction=correction, frozen=frozen)
             self._train_time += rep.seconds
             if rep.seconds > 0:
                 self.last_samples_per_s = rep.samples_per_s
             return LocalResult(head, len(y), rep.loss, rep.seconds, rep.steps)
 
     def _train(self, start: Mapping[str, np.ndarray], tcfg: TrainConfig, x: np.ndarray, y: np.ndarray, steps: int,
-               budget_s: float):
-        args = (dict(start), tcfg, x, y, steps, budget_s, self.cfg.cpu_fraction)
+               budget_s: float, correction: Mapping[str, np.ndarray] | None = None, frozen: tuple[str, ...] = ()):
+        args = (dict(start), tcfg, x, y, steps, budget_s, self.cfg.cpu_fraction,
+                dict(correction) if correction else None, tuple(frozen))
         if self.cfg.isolate == "thread":
             return _train_candidate(*args)
         import pickle

@@ -94,8 +94,13 @@ def loss_and_grads(head: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray,
 
 
 class HeadTrainer:
-    def __init__(self, head: Mapping[str, np.ndarray], cfg: TrainConfig, ref: Mapping[str, np.ndarray] | None = None):
+    def __init__(self, head: Mapping[str, np.ndarray], cfg: TrainConfig, ref: Mapping[str, np.ndarray] | None = None,
+                 correction: Mapping[str, np.ndarray] | None = None, frozen: "set[str] | frozenset[str]" = frozenset()):
+        """``correction``: added to every gradient (SCAFFOLD's c − cᵢ). ``frozen``: tensors never
+        stepped (the layers a bundle does not federate)."""
         self.cfg = cfg
+        self.correction = {k: np.asarray(v, np.float32) for k, v in (correction or {}).items()}
+        self.frozen = frozenset(frozen)
         self.params: Head = {k: np.array(v, dtype=np.float32, copy=True) for k, v in head.items()}
         self.ref = {k: np.asarray(v, np.float32) for k, v in (ref or head).items()} if cfg.prox_mu else None
         self.rng = np.random.default_rng(cfg.seed)
@@ -114,6 +119,10 @@ class HeadTrainer:
             raise FloatingPointError(f"training loss is {loss}")
         self._t += 1
         for k, g in grads.items():
+            if k in self.frozen:
+                continue
+            if k in self.correction:
+                g = g + self.correction[k]
             if c.optimizer == "sgd":
                 m = self._m[k]
                 m *= c.momentum

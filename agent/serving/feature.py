@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Awaitable, Callable, Protocol
 
+from protocol.binary import Frame
 from protocol.envelope import Envelope, encode
 from protocol.mqttlink import Message
 
@@ -111,12 +112,16 @@ class Serving(Feature):
         self.store = ModelStore(Path(cfg.state.dir) / "models", keep=cfg.model.keep_versions)
         for note in self.store.recover():
             log.warning("model store: %s", note)
-        if cfg.model.bundle and self.store.current is None:
+        if cfg.model.bundle and not Path(cfg.model.bundle).is_dir():
+            log.warning("model.bundle %s does not exist (or is not a directory): %s", cfg.model.bundle,
+                        "serving the installed model" if self.store.current else "serving no model")
+        elif cfg.model.bundle and self.store.current is None:
             res = self.store.install_bundle_dir(cfg.model.bundle, health=self.health_check)
             self.ctx.emit_event("model.installed" if res.ok else "model.refused", "info" if res.ok else "error",
                                   version=res.version, reason=res.reason, source=cfg.model.bundle)
             if not res.ok:
                 self.load_error = res.reason
+                log.error("refused the configured bundle %s: %s; serving no model", cfg.model.bundle, res.reason)
         self.load_current()
 
     def load_current(self) -> bool:
@@ -125,9 +130,18 @@ class Serving(Feature):
         cur = self.store.current if self.store else None
         if cur is None:
             return False
+        from .health import model_problems
+
         try:
             engine = InferenceEngine(load_bundle(cur), threads=self.ctx.cfg.model.threads,
                                      providers=list(self.ctx.cfg.model.providers) or None)
+            problems = model_problems(engine)
+            for p in problems:
+                if p.severity != "error":
+                    log.warning("%s: %s", cur.name, p)
+            bad = [str(p) for p in problems if p.severity == "error"]
+            if bad:
+                raise ValueError(f"manifest does not match its model: {'; '.join(bad)}")
         except (BundleError, ValueError, RuntimeError) as exc:
             self.load_error = f"{cur.name}: {exc}"
             self.ctx.counters.reject("bad_bundle")
@@ -239,23 +253,59 @@ class Serving(Feature):
             tap(x, pred.label)
         return pred
 
-    async def handle_request(self, env: Envelope, msg: Message) -> None:
+    def refuse(self, env: Envelope, msg: Message, reason: str, error: str) -> None:
+        """Every refused or failed request gets an error reply with a reason code."""
+        self.request_errors += 1
+        self.ctx.counters.reject("bad_request" if reason not in ("internal", "no_model") else reason)
+        self.ctx.reply(env, msg, {"ok": False, "reason": reason, "error": error,
+                                  "request_id": env.corr or env.id})
+
+    async def handle_request(self, req: "Envelope | Frame", msg: Message) -> None:
+        """``infer.request`` as JSON (``x`` or ``inputs``) or as a binary frame (tensors by input
+        name; a single-input model takes any one tensor)."""
         self.requests += 1
-        try:
-            pred = self.predict(env.body["x"])
-        except (InputError, LookupError) as exc:
-            self.request_errors += 1
-            self.ctx.counters.reject("bad_request")
-            self.ctx.reply(env, msg, {"ok": False, "error": str(exc)})
+        env = req.envelope if isinstance(req, Frame) else req
+        if isinstance(req, Frame) and req.tensors:
+            inputs: Any = req.tensors
+        elif "inputs" in env.body and env.body["inputs"] is not None:
+            inputs = env.body["inputs"]
+        elif env.body.get("x") is not None:
+            inputs = env.body["x"]
+        else:
+            self.refuse(env, msg, "missing_input", "the request carries no input: body.x, body.inputs "
+                                                   "or the tensors of a binary frame")
             return
+        engine = self.engine
+        if engine is None:
+            self.refuse(env, msg, "no_model", f"no model loaded on this device"
+                                              f"{': ' + self.load_error if self.load_error else ''}")
+            return
+        try:
+            ans = engine.answer(inputs)
+        except InputError as exc:
+            self.refuse(env, msg, exc.reason, str(exc))
+            return
+        except Exception as exc:  # noqa: BLE001 - the runtime's own failure: say so, keep serving
+            log.exception("inference failed inside %s", engine.runtime.name)
+            self.refuse(env, msg, "internal", f"inference failed: {type(exc).__name__}: {exc}"[:500])
+            return
+        pred = ans.prediction
+        if pred is None:
+            result = {**ans.result, "latency_ms": round(ans.latency_ms, 4), "path": "local"}
+            self.ctx.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": result})
+            return
+        x = inputs if not isinstance(inputs, dict) or len(inputs) != 1 else next(iter(inputs.values()))
+        for tap in self.taps:
+            tap(x, pred.label)
         label = env.body.get("label")
         for fn in self.observers:
             fn(env.corr or env.id, pred, label)
         result = prediction_body(pred)
         if self.resolver is not None:
-            result = await self.resolver.resolve(pred, env.body["x"], result, env.body.get("deadline_ms"))
+            result = await self.resolver.resolve(pred, x, result, env.body.get("deadline_ms"))
         else:
             result = {**result, "path": "local"}
+        result["task"], result["top_k"] = "classify", ans.result["top_k"]
         self.ctx.reply(env, msg, {"ok": True, "request_id": env.corr or env.id, "result": result})
 
     async def run_source(self, source: Any) -> None:
@@ -292,8 +342,13 @@ class Serving(Feature):
     # -- commands ------------------------------------------------------------
     def _cmd_describe(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         store = self.store
-        return {"serving": self.model_info(), "store": store.describe() if store else None,
-                "load_error": self.load_error}
+        out: dict[str, Any] = {"serving": self.model_info(), "store": store.describe() if store else None,
+                               "load_error": self.load_error}
+        if self.engine is not None:   # what a request must send (fleetctl infer --image resizes to it)
+            m = self.engine.bundle.manifest
+            out["inputs"] = [s.to_dict() for s in (m.inputs or (m.input,))]
+            out["task"] = m.task
+        return out
 
     def _cmd_rollback(self, args: dict[str, Any], env: Envelope) -> Awaitable[dict[str, Any]]:
         """An explicit rollback (an operator, or the controller switching to a kept version): an

@@ -25,6 +25,15 @@ class Unhealthy(Exception):
     pass
 
 
+def model_problems(engine: InferenceEngine) -> list:
+    """The deep verification (protocol.verify) of a loaded engine: the manifest against the model's
+    IO as its runtime reads it — the same check ``fleetctl model inspect`` runs."""
+    from protocol.verify import io_of_runtime, verify
+
+    ins, outs = io_of_runtime(engine.runtime)
+    return verify(engine.bundle.manifest, ins, outs, engine.bundle.head)
+
+
 def _paired_p95(new: InferenceEngine, cur: InferenceEngine, x: np.ndarray) -> tuple[float, float]:
     """p95 latency of both engines, taking turns on each sample (timing only)."""
     a, b = [], []
@@ -41,6 +50,9 @@ def check_bundle(path: str | Path, threads: int = 1, current: InferenceEngine | 
         engine = InferenceEngine(bundle, threads=threads)
     except (BundleError, ValueError, RuntimeError) as exc:
         raise Unhealthy(f"does not load: {exc}") from None
+    bad = [str(p) for p in model_problems(engine) if p.severity == "error"]
+    if bad:
+        raise Unhealthy(f"manifest does not match its model: {'; '.join(bad)}")
     m = bundle.manifest
     out: dict[str, Any] = {"version": m.version}
     try:

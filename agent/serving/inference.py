@@ -18,10 +18,17 @@ from protocol.bundle import Bundle, check_head, head_forward
 
 from .histogram import LatencyHistogram
 from .runtimes import Runtime, make_runtime
+from .tasks import DEFAULT_TOP_K, shape_answer, top_k
 
 
 class InputError(ValueError):
-    """A request input we refuse (shape, dtype, NaN/inf, out of range); the message says which."""
+    """A request input we refuse; the message says which input and why, ``reason`` is the code
+    the error reply carries (``bad_shape``, ``bad_dtype``, ``out_of_range``, ``bad_value``,
+    ``missing_input``)."""
+
+    def __init__(self, message: str, reason: str = "bad_value") -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,10 +42,112 @@ class Prediction:
     latency_ms: float
 
 
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One served request: the task's JSON-ready result and, for classify, the Prediction the
+    offload policy, learning and the taps use."""
+
+    result: dict[str, Any]
+    prediction: Prediction | None
+    latency_ms: float
+
+
+@dataclass(frozen=True, slots=True)
+class InputCheck:
+    """One declared model input: what a request must send for it, and the runtime name it feeds."""
+
+    name: str
+    feed: str
+    sample: tuple[int, ...]
+    batch: tuple[int, ...]
+    size: int
+    dtype: np.dtype
+    lo: float
+    hi: float
+    tol: float
+
+
 def _softmax1(logits: np.ndarray) -> np.ndarray:
     e = np.exp(logits - logits.max())
     e /= e.sum()
     return e
+
+
+def _input_check(spec: Any, feed: str) -> InputCheck:
+    sample = tuple(spec.shape[1:])
+    if any(d is None for d in sample):
+        raise ValueError(f"input {spec.name!r} spec {list(spec.shape)}: only the batch dimension may be dynamic")
+    sample_i = tuple(int(d) for d in sample)  # type: ignore[arg-type]
+    lo = -np.inf if spec.min is None else float(spec.min)
+    hi = np.inf if spec.max is None else float(spec.max)
+    tol = 1e-6 * max(1.0, abs(lo) if np.isfinite(lo) else 1.0, abs(hi) if np.isfinite(hi) else 1.0)
+    return InputCheck(spec.name, feed, sample_i, (1,) + sample_i, int(np.prod(sample_i)), np.dtype(spec.dtype),
+                      lo, hi, tol)
+
+
+def _match(declared: list[str], actual: list[str], what: str) -> list[str]:
+    """Runtime names for the declared ones: by name when they all exist; inputs else by position."""
+    if all(n in actual for n in declared):
+        return list(declared)
+    if what == "output":
+        raise ValueError(f"manifest outputs {declared} are not all among the model's outputs {actual}")
+    if len(declared) == len(actual):      # old manifests name the input freely ("x", "input")
+        return list(actual)
+    raise ValueError(f"manifest declares {len(declared)} {what}(s) {declared}; the model has {actual}")
+
+
+def check_input(c: InputCheck, x: Any) -> np.ndarray:
+    """One input, validated and in the model's dtype and batch shape, or InputError.
+
+    JSON lists are converted to the declared dtype (integers must be whole and in range); a binary
+    tensor must already be the declared dtype or safely widen to it (uint8 image → float32
+    model), never float → integer. A flat vector input takes any shape of the right size; a
+    multi-dimensional one takes exactly its sample shape or the batch-of-1 shape (a 224×224×3
+    image is not silently reshaped into 3×224×224)."""
+    want = c.dtype
+    if isinstance(x, np.ndarray):
+        a = x
+        if a.dtype != want:
+            k = a.dtype.kind
+            if k not in "biuf" or (k == "f" and want.kind in "iub"):
+                raise InputError(f"input {c.name!r} is {a.dtype.name}; the model takes {want.name}", "bad_dtype")
+            a = _cast(c, a)
+    else:
+        try:
+            a = np.asarray(x, dtype=want) if want.kind == "f" else np.asarray(x)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"input {c.name!r} is not numeric: {exc}", "bad_value") from None
+        if a.dtype != want:
+            if a.dtype.kind not in "biuf":
+                raise InputError(f"input {c.name!r} is not numeric", "bad_value")
+            if a.dtype.kind == "f" and a.size and not np.array_equal(a, np.round(a)):
+                raise InputError(f"input {c.name!r} has fractional values; the model takes {want.name}", "bad_dtype")
+            a = _cast(c, a)
+    if a.size != c.size or a.ndim > len(c.batch) or (
+            len(c.sample) > 1 and a.shape != c.sample and a.shape != c.batch):
+        raise InputError(f"input {c.name!r} has shape {list(a.shape)}; expected {list(c.sample)} "
+                         f"(or {list(c.batch)})", "bad_shape")
+    if a.shape != c.batch:
+        a = a.reshape(c.batch)
+    if a.dtype.kind == "f" or np.isfinite(c.lo) or np.isfinite(c.hi):
+        lo, hi = float(a.min()), float(a.max())  # NaN propagates through min/max: one pass checks both
+        if not (lo >= c.lo - c.tol and hi <= c.hi + c.tol):
+            if lo != lo or hi != hi or np.isinf(lo) or np.isinf(hi):
+                raise InputError(f"input {c.name!r} contains NaN or inf", "bad_value")
+            raise InputError(f"input values span [{lo:g}, {hi:g}], outside the model's range "
+                             f"[{c.lo:g}, {c.hi:g}]", "out_of_range")
+        if a.dtype.kind == "f" and (np.isinf(c.lo) or np.isinf(c.hi)) and not np.isfinite(a).all():
+            raise InputError(f"input {c.name!r} contains NaN or inf", "bad_value")
+    return a
+
+
+def _cast(c: InputCheck, a: np.ndarray) -> np.ndarray:
+    if c.dtype.kind in "iu" and a.size:
+        info = np.iinfo(c.dtype)
+        lo, hi = a.min(), a.max()
+        if lo < info.min or hi > info.max:
+            raise InputError(f"input {c.name!r} values span [{lo}, {hi}], outside {c.dtype.name}", "bad_dtype")
+    return a.astype(c.dtype)
 
 
 class InferenceEngine:
@@ -47,17 +156,23 @@ class InferenceEngine:
         self.bundle = bundle
         m = bundle.manifest
         self.runtime = runtime or make_runtime(bundle.backbone_path, threads, providers)
+        rt_inputs = [i.name for i in getattr(self.runtime, "inputs", (self.runtime.input,))]
+        rt_outputs = [o.name for o in getattr(self.runtime, "outputs", (self.runtime.output,))]
+        specs = list(m.inputs or (m.input,))
+        feeds = _match([s.name for s in specs], rt_inputs, "input")
+        self.inputs: tuple[InputCheck, ...] = tuple(_input_check(s, f) for s, f in zip(specs, feeds))
         self.spec = m.input
-        sample = tuple(d for d in self.spec.shape[1:])
-        if any(d is None for d in sample):
-            raise ValueError(f"input spec {list(self.spec.shape)}: only the batch dimension may be dynamic")
-        self._sample_shape: tuple[int, ...] = tuple(int(d) for d in sample)  # type: ignore[arg-type]
-        self._sample_size = int(np.prod(self._sample_shape))
-        self._batch_shape = (1,) + self._sample_shape
-        self._lo = -np.inf if self.spec.min is None else float(self.spec.min)
-        self._hi = np.inf if self.spec.max is None else float(self.spec.max)
-        self._tol = 1e-6 * max(1.0, abs(self._lo) if np.isfinite(self._lo) else 1.0,
-                               abs(self._hi) if np.isfinite(self._hi) else 1.0)
+        first = self.inputs[0]
+        self._sample_shape, self._sample_size, self._batch_shape = first.sample, first.size, first.batch
+        #: served outputs: (name in the answer, runtime output name)
+        declared = [o.name for o in m.outputs]
+        served = _match(declared, rt_outputs, "output") if declared else [rt_outputs[0]]
+        self.outputs: tuple[tuple[str, str], ...] = tuple(zip(declared or served, served))
+        self._out_names = [rt for _, rt in self.outputs]
+        self.task = m.task
+        self.task_params = dict(m.task_params or {})
+        #: one input, the model's first output: ``runtime.run`` (the digits MLP's path)
+        self._fast = (len(self.inputs) == 1 and first.feed == rt_inputs[0] and self._out_names == [rt_outputs[0]])
         self.labels = m.labels
         self._head: Mapping[str, np.ndarray] | None = bundle.head
         self.head_version = 0
@@ -85,37 +200,52 @@ class InferenceEngine:
 
     # -- requests ------------------------------------------------------------
     def validate(self, x: Any) -> np.ndarray:
-        try:
-            a = np.asarray(x, dtype=np.float32)
-        except (ValueError, TypeError) as exc:
-            raise InputError(f"input is not numeric: {exc}") from None
-        if a.size != self._sample_size or a.ndim > len(self._batch_shape):
-            raise InputError(f"input has shape {list(a.shape)}; expected {list(self._sample_shape)} "
-                             f"(or {list(self._batch_shape)})")
-        a = a.reshape(self._batch_shape)
-        lo, hi = float(a.min()), float(a.max())  # NaN propagates through min/max: one pass checks both
-        if not (lo >= self._lo - self._tol and hi <= self._hi + self._tol):
-            if lo != lo or hi != hi or np.isinf(lo) or np.isinf(hi):
-                raise InputError("input contains NaN or inf")
-            raise InputError(f"input values span [{lo:g}, {hi:g}], outside the model's range "
-                             f"[{self._lo:g}, {self._hi:g}]")
-        if np.isinf(self._lo) or np.isinf(self._hi):
-            if not np.isfinite(a).all():
-                raise InputError("input contains NaN or inf")
-        return a
+        """The first (usually only) input, validated (see ``check_input``)."""
+        return check_input(self.inputs[0], x)
+
+    def validate_all(self, inputs: Mapping[str, Any] | Any) -> dict[str, np.ndarray]:
+        """Every declared input by name (runtime feed names as keys). A single-input model also
+        takes its input bare, or under any one name."""
+        if not isinstance(inputs, Mapping):
+            if len(self.inputs) != 1:
+                raise InputError(f"the model takes {len(self.inputs)} inputs "
+                                 f"{[c.name for c in self.inputs]}: send them by name", "missing_input")
+            return {self.inputs[0].feed: check_input(self.inputs[0], inputs)}
+        if len(self.inputs) == 1 and len(inputs) == 1:
+            return {self.inputs[0].feed: check_input(self.inputs[0], next(iter(inputs.values())))}
+        missing = [c.name for c in self.inputs if c.name not in inputs]
+        if missing:
+            raise InputError(f"missing input(s) {missing}; the model takes {[c.name for c in self.inputs]}",
+                             "missing_input")
+        extra = sorted(set(inputs) - {c.name for c in self.inputs})
+        if extra:
+            raise InputError(f"unknown input(s) {extra}; the model takes {[c.name for c in self.inputs]}",
+                             "missing_input")
+        return {c.feed: check_input(c, inputs[c.name]) for c in self.inputs}
 
     def features(self, x: Any) -> np.ndarray:
         """Backbone output for one validated input (split computing sends this)."""
-        return self.runtime.run(self.validate(x))
+        if self._fast and not isinstance(x, Mapping):
+            return self.runtime.run(self.validate(x))
+        return self.runtime.run_named(self.validate_all(x), self._out_names[:1])[self._out_names[0]]
 
     def predict(self, x: Any) -> Prediction:
+        """Classify one input: the fast path for single-input models; any bundle whose task is
+        classify (multi-input too, given a mapping of inputs)."""
         t0 = time.perf_counter()
         try:
-            a = self.validate(x)
+            if self._fast:
+                out = self.runtime.run(self.validate(x) if not isinstance(x, Mapping)
+                                       else self.validate_all(x)[self.inputs[0].feed])
+            else:
+                feeds = self.validate_all(x)
+                out = self.runtime.run_named(feeds, self._out_names[:1])[self._out_names[0]]
         except InputError:
             self.errors += 1
             raise
-        out = self.runtime.run(a)
+        return self._classified(out, t0)
+
+    def _classified(self, out: np.ndarray, t0: float) -> Prediction:
         head = self._head
         if head is not None:
             probs = _softmax1(head_forward(head, out.reshape(1, -1))[0])
@@ -134,11 +264,39 @@ class InferenceEngine:
         name = self.labels[label] if label < len(self.labels) else None
         return Prediction(label, name, conf, probs, ent, out, ms)
 
+    def answer(self, inputs: Mapping[str, Any] | Any) -> Answer:
+        """Serve one request for the bundle's task. InputError for a bad input; anything else the
+        runtime or the outputs raise is the caller's ``internal`` error."""
+        if self.task == "classify":
+            pred = self.predict(inputs)
+            k = int(self.task_params.get("top_k", DEFAULT_TOP_K))
+            result = {"task": "classify", "label": pred.label, "label_name": pred.label_name,
+                      "confidence": round(pred.confidence, 5), "entropy": round(pred.entropy, 5),
+                      "top_k": top_k(pred.probabilities, self.labels, k)}
+            return Answer(result, pred, pred.latency_ms)
+        t0 = time.perf_counter()
+        try:
+            feeds = self.validate_all(inputs)
+        except InputError:
+            self.errors += 1
+            raise
+        got = self.runtime.run_named(feeds, self._out_names)
+        outs = {name: got[rt] for name, rt in self.outputs}
+        head = self._head
+        if head is not None and self.task in ("regress", "embed"):
+            name = self.outputs[0][0]
+            outs[name] = head_forward(head, np.asarray(outs[name], dtype=np.float32).reshape(1, -1))[0]
+        result = {"task": self.task, **shape_answer(self.task, outs, self.task_params, self.labels)}
+        ms = (time.perf_counter() - t0) * 1000.0
+        self.hist.record(ms)
+        self.count += 1
+        return Answer(result, None, ms)
+
     def metrics(self) -> dict[str, Any]:
         m = self.bundle.manifest
         elapsed = max(1e-9, time.monotonic() - self._t0)
         h = self.hist.summary()
-        return {"name": m.name, "version": m.version, "runtime": self.runtime.name,
+        return {"name": m.name, "version": m.version, "runtime": self.runtime.name, "task": self.task,
                 "head_version": self.head_version, "inferences": self.count, "input_errors": self.errors,
                 "latency_ms": {k: h[k] for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")},
                 "throughput_per_s": round(self.count / elapsed, 3),

@@ -27,11 +27,18 @@ class IOInfo:
 
 
 class Runtime(Protocol):
+    """``run`` is the single-input, first-output fast path (the digits MLP: one dict, one list);
+    ``run_named`` feeds every input by name and returns the named outputs (multi-IO models)."""
+
     name: str
     input: IOInfo
     output: IOInfo
+    inputs: tuple[IOInfo, ...]
+    outputs: tuple[IOInfo, ...]
 
     def run(self, x: np.ndarray) -> np.ndarray: ...
+
+    def run_named(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]: ...
 
 
 class OnnxRuntime:
@@ -53,15 +60,19 @@ class OnnxRuntime:
             self.session = ort.InferenceSession(str(path), so, providers=wanted)
         except Exception as exc:  # noqa: BLE001 - ORT raises its own exception types
             raise ValueError(f"ONNX Runtime cannot load {path.name}: {exc}") from None
-        i, o = self.session.get_inputs()[0], self.session.get_outputs()[0]
-        self.input = IOInfo(i.name, tuple(d if isinstance(d, int) else None for d in i.shape), _ort_dtype(i.type))
-        self.output = IOInfo(o.name, tuple(d if isinstance(d, int) else None for d in o.shape), _ort_dtype(o.type))
+        info = lambda t: IOInfo(t.name, tuple(d if isinstance(d, int) else None for d in t.shape), _ort_dtype(t.type))
+        self.inputs = tuple(info(t) for t in self.session.get_inputs())
+        self.outputs = tuple(info(t) for t in self.session.get_outputs())
+        self.input, self.output = self.inputs[0], self.outputs[0]
         self._run = self.session.run
-        self._out = [o.name]
+        self._out = [self.output.name]
         self.providers = wanted
 
     def run(self, x: np.ndarray) -> np.ndarray:
         return self._run(self._out, {self.input.name: x})[0]
+
+    def run_named(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        return dict(zip(outputs, self._run(outputs, feeds)))
 
 
 def _ort_dtype(t: str) -> str:
@@ -99,27 +110,51 @@ class LiteRtRuntime:
             self.interp.allocate_tensors()
         except (ValueError, RuntimeError) as exc:
             raise ValueError(f"LiteRT cannot load {path.name}: {exc}") from None
-        i, o = self.interp.get_input_details()[0], self.interp.get_output_details()[0]
+        ins, outs = self.interp.get_input_details(), self.interp.get_output_details()
+        info = lambda d: IOInfo(d["name"], tuple(int(v) for v in d["shape"]), np.dtype(d["dtype"]).name)
+        self.inputs, self.outputs = tuple(info(d) for d in ins), tuple(info(d) for d in outs)
+        self.input, self.output = self.inputs[0], self.outputs[0]
+        self._in = {d["name"]: (d["index"], d["dtype"], d.get("quantization", (0.0, 0))) for d in ins}
+        self._outd = {d["name"]: (d["index"], d.get("quantization", (0.0, 0))) for d in outs}
+        i, o = ins[0], outs[0]
         self._in_idx, self._out_idx = i["index"], o["index"]
         self._in_dtype = i["dtype"]
         self._in_q = i.get("quantization", (0.0, 0))
         self._out_q = o.get("quantization", (0.0, 0))
-        self.input = IOInfo(i["name"], tuple(int(d) for d in i["shape"]), np.dtype(i["dtype"]).name)
-        self.output = IOInfo(o["name"], tuple(int(d) for d in o["shape"]), np.dtype(o["dtype"]).name)
         self._set, self._invoke, self._get = self.interp.set_tensor, self.interp.invoke, self.interp.get_tensor
 
-    def run(self, x: np.ndarray) -> np.ndarray:
-        scale, zero = self._in_q
-        if self._in_dtype in (np.int8, np.uint8) and scale:
-            info = np.iinfo(self._in_dtype)
-            x = np.clip(np.round(x / scale + zero), info.min, info.max).astype(self._in_dtype)
-        self._set(self._in_idx, x)
-        self._invoke()
-        y = self._get(self._out_idx)
-        oscale, ozero = self._out_q
-        if y.dtype in (np.int8, np.uint8) and oscale:
-            y = (y.astype(np.float32) - ozero) * oscale
+    @staticmethod
+    def _quantize(x: np.ndarray, dtype: Any, q: tuple[float, int]) -> np.ndarray:
+        """A float input for an int8/uint8 tensor is quantized with the tensor's scale; an input
+        already in the tensor's integer dtype (a uint8 image) is passed as it is."""
+        scale, zero = q
+        if dtype in (np.int8, np.uint8) and scale and x.dtype != dtype:
+            info = np.iinfo(dtype)
+            return np.clip(np.round(x / scale + zero), info.min, info.max).astype(dtype)
+        return x if x.dtype == dtype else x.astype(dtype)
+
+    @staticmethod
+    def _dequantize(y: np.ndarray, q: tuple[float, int]) -> np.ndarray:
+        scale, zero = q
+        if y.dtype in (np.int8, np.uint8) and scale:
+            return (y.astype(np.float32) - zero) * scale
         return y
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        self._set(self._in_idx, self._quantize(x, self._in_dtype, self._in_q))
+        self._invoke()
+        return self._dequantize(self._get(self._out_idx), self._out_q)
+
+    def run_named(self, feeds: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        for name, x in feeds.items():
+            idx, dtype, q = self._in[name]
+            self._set(idx, self._quantize(x, dtype, q))
+        self._invoke()
+        out = {}
+        for name in outputs:
+            idx, q = self._outd[name]
+            out[name] = self._dequantize(self._get(idx), q)   # get_tensor copies: safe past the next invoke
+        return out
 
 
 #: file suffix → (runtime name, module that must be importable, factory)

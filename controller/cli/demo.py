@@ -109,6 +109,12 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
     cfg = parse_config({"mqtt": {"broker": broker, "topic_root": root, "protocol": protocol},
                         "registry": {"path": str(work / "controller.db")},
                         "security": {"signing_key": str(work / "controller.pem")}}, "demo")
+    if embedded is None:
+        reason = _unreachable(cfg)
+        if reason:   # before any agent starts: a dead broker would otherwise show devices=0 for the whole run
+            print(f"error: cannot use broker {broker}: {reason}", file=sys.stderr)
+            shutil.rmtree(work, ignore_errors=True)
+            return 1
     procs: list[subprocess.Popen] = []
     logs = []
     model_toml = ""
@@ -155,6 +161,22 @@ def run_demo(*, agents: int = 3, broker: str | None = None, duration: float | No
               file=out)
     shutil.rmtree(work, ignore_errors=True)
     return 0 if summary["online_at_end"] == agents else 1
+
+
+def _unreachable(cfg, timeout: float = 10.0) -> str | None:
+    """None if the broker accepts a connection with the demo's settings, else why not."""
+    from protocol.config_loader import ConfigError
+    from protocol.mqttlink import try_connect
+
+    from ..link import make_link
+
+    async def go() -> str | None:
+        try:
+            return await try_connect(make_link(cfg, f"demo-probe-{os.getpid()}"), timeout)
+        except ConfigError as exc:
+            return str(exc)
+
+    return asyncio.run(go())
 
 
 class DemoRollout:

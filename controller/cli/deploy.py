@@ -15,7 +15,8 @@ from typing import Any
 
 import click
 
-from .params import DEVICE_ID, DURATION, FRACTION, TAG
+from .select import ids_of, pick, selection_options
+from .params import DEVICE_ID, DURATION, POSITIVE_DURATION, FRACTION, TAG
 
 
 def _store(ctx: click.Context):
@@ -33,72 +34,51 @@ def _store(ctx: click.Context):
         raise click.ClickException(str(exc)) from None
 
 
-def select_devices(ctx: click.Context, store: Any, to: str | None, group: str | None, tag: str | None,
+def select_devices(ctx: click.Context, store: Any, to: Any, group: str | None, tag: str | None,
                    all_: bool) -> list[Any]:
-    """Registry devices picked by id list, group, tag or all; online ones first."""
-    from protocol.topics import InvalidId, validate_id
-
-    if sum(x is not None and x is not False for x in (to, group, tag, all_ or None)) != 1:
-        raise click.UsageError("pick the devices with exactly one of --to, --group, --tag or --all")
-    devs = {d.id: d for d in ctx.obj.registry().devices()}
-    if to is not None:
-        ids = [i.strip() for i in to.split(",") if i.strip()]
-        for i in ids:
-            try:
-                validate_id(i)
-            except InvalidId as exc:
-                raise click.BadParameter(str(exc), param_hint="--to") from None
-        unknown = [i for i in ids if i not in devs]
-        if unknown:
-            raise click.BadParameter(f"unknown device(s): {', '.join(unknown)}", param_hint="--to")
-        picked = [devs[i] for i in ids]
-    elif group is not None:
-        picked = [d for d in devs.values() if d.group == group]
-    elif tag is not None:
-        picked = [devs[i] for i in store.devices_with_tag(tag) if i in devs]
-    else:
-        picked = list(devs.values())
-    if not picked:
-        raise click.ClickException("no device matches")
-    return sorted(picked, key=lambda d: (not d.online, d.id))
+    """Registry devices picked by id list, group, tag or all; online ones first (``select.pick``)."""
+    return pick(ctx.obj.registry(), to, group, tag, all_, store.devices_with_tag)
 
 
 def _policy_options(f):
     for opt in reversed([
-        click.option("--to", default=None, help="device ids, comma-separated"),
-        click.option("--group", default=None, help="every device of this group"),
-        click.option("--tag", default=None, help="every device with this tag (fleetctl device tag)"),
-        click.option("--all", "all_", is_flag=True, help="every known device"),
         click.option("--canary", default="10%", show_default=True, type=FRACTION, help="share of devices in the first wave"),
         click.option("--batch", default=0, show_default=True, type=click.IntRange(0),
                      help="devices per wave after the canary (0 = all the rest at once)"),
         click.option("--max-failures", default=0, show_default=True, type=click.IntRange(0),
                      help="abort and roll the rollout back when more devices fail"),
-        click.option("--wave-timeout", default="10m", show_default=True, type=DURATION,
+        click.option("--wave-timeout", default="10m", show_default=True, type=POSITIVE_DURATION,
                      help="an online device that has not finished by then counts as failed"),
+        click.option("--soak", default="60s", show_default=True, type=DURATION,
+                     help="a finished wave counts as healthy only after this long on the new version; fleet "
+                          "confidence, error rate and latency are gathered over it (0 = no soak)"),
         click.option("--max-confidence-drop", default=None, type=click.FloatRange(0, 1),
                      help="abort when the updated devices' live mean confidence falls by more"),
         click.option("--max-accuracy-drop", default=None, type=click.FloatRange(0, 1),
                      help="abort when the updated devices' shadow-evaluation accuracy falls by more, on average"),
         click.option("--wait/--no-wait", default=False, help="follow the rollout until it ends"),
-        click.option("--timeout", "wait_timeout", default="30m", show_default=True, type=DURATION, help="with --wait: give up after"),
+        click.option("--timeout", "wait_timeout", default="30m", show_default=True, type=POSITIVE_DURATION,
+                     help="with --wait: give up after"),
         click.option("--json", "as_json", is_flag=True),
     ]):
         f = opt(f)
     return f
 
 
-def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: list[Any], canary: float, batch: int,
-            max_failures: int, wave_timeout: float, max_confidence_drop: float | None, selector: dict[str, Any],
-            kind: str = "ro", max_accuracy_drop: float | None = None, artifact_id: str | None = None) -> str:
-    from ..rollouts.policy import RolloutConfigError, RolloutPolicy, plan_waves
+def _policy(**kw: Any) -> Any:
+    """The rollout policy, checked before anything is stored (a bad value creates nothing)."""
+    from ..rollouts.policy import RolloutConfigError, RolloutPolicy
 
     try:
-        policy = RolloutPolicy(canary=canary, batch=batch, max_failures=max_failures,
-                               wave_timeout_s=wave_timeout, max_confidence_drop=max_confidence_drop,
-                               max_accuracy_drop=max_accuracy_drop)
+        return RolloutPolicy(**kw)
     except RolloutConfigError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _create(store: Any, version: str, sha: str, devices: list[Any], policy: Any, selector: dict[str, Any],
+            kind: str = "ro", artifact_id: str | None = None) -> str:
+    from ..rollouts.policy import plan_waves
+
     waves = plan_waves([d.id for d in devices], policy.canary, policy.batch)
     current = {}
     for d in devices:
@@ -113,16 +93,22 @@ def _create(ctx: click.Context, store: Any, version: str, sha: str, devices: lis
 @click.argument("artifact", type=click.Path(exists=True))
 @click.option("--from", "bases", multiple=True, type=click.Path(exists=True, file_okay=False),
               help="a bundle devices may run now, so head-only patches can be made from it (repeatable)")
+@selection_options
 @_policy_options
 @click.pass_context
-def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | None, group: str | None,
+def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: tuple[str, ...], group: str | None,
            tag: str | None, all_: bool, canary: float, batch: int, max_failures: int, wave_timeout: float,
-           max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: float,
+           soak: float, max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: float,
            as_json: bool) -> None:
     """Roll a bundle directory or a patch file out to devices, canary first."""
     from protocol.patch import PatchError
 
+    # every flag and the device selection are checked before the artifact or the rollout is stored
+    policy = _policy(canary=canary, batch=batch, max_failures=max_failures, wave_timeout_s=wave_timeout,
+                     max_confidence_drop=max_confidence_drop, max_accuracy_drop=max_accuracy_drop,
+                     soak_s=soak)
     store = _store(ctx)
+    devices = select_devices(ctx, store, to, group, tag, all_)
     try:
         for b in bases:
             store.add_bundle(b)
@@ -132,13 +118,11 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: str | 
     if art.quarantined is not None:
         raise click.ClickException(f"{artifact}: artifact {art.id[:12]} is quarantined, it is never offered again "
                                    f"({art.quarantine_reason})")
-    devices = select_devices(ctx, store, to, group, tag, all_)
     if art.kind == "bundle" and not ctx.obj.cfg().security.signing_key:
         click.echo("warning: no --signing-key: fleetctl serve must have one to make patches from a bundle",
                    err=True)
-    rid = _create(ctx, store, art.version, art.bundle_sha256, devices, canary, batch, max_failures, wave_timeout,
-                  max_confidence_drop, {"to": to, "group": group, "tag": tag, "all": all_, "artifact": art.id},
-                  max_accuracy_drop=max_accuracy_drop, artifact_id=art.id)
+    rid = _create(store, art.version, art.bundle_sha256, devices, policy,
+                  {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "artifact": art.id}, artifact_id=art.id)
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
@@ -169,6 +153,7 @@ def rollout_json(store: Any, r: Any) -> dict[str, Any]:
     return {"rollout_id": r.id, "status": r.status, "version": r.version, "bundle_sha256": r.bundle_sha256,
             "created": r.created, "finished": r.finished, "wave": r.wave, "waves": r.waves, "reason": r.reason,
             "policy": r.policy, "selector": r.selector, "figures": r.figures, "counts": counts,
+            "soak_started": r.soak_started, "paused_at": r.paused_at, "keep_updated": r.keep_updated,
             "devices": [{"device": s.device_id, "wave": s.wave, "status": s.status, "reason": s.reason,
                          "from_version": s.from_version, "conf_before": s.conf_before, "conf_after": s.conf_after,
                          "acc_before": s.acc_before, "acc_after": s.acc_after}
@@ -191,7 +176,7 @@ def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
             if fin > done:
                 bar.update(fin - done)
                 done = fin
-            if r.status != "running":
+            if r.status in ("done", "aborted"):   # paused or aborting: still going
                 break
             time.sleep(0.3)
     r = store.rollout(rid)
@@ -201,17 +186,26 @@ def _follow(store: Any, rid: str, timeout: float, as_json: bool) -> None:
     else:
         _print(out)
     if r.status != "done":
+        if r.status not in ("done", "aborted"):
+            click.echo(f"{rid}: still {r.status} after --timeout {timeout:g}s (fleetctl rollout status {rid})",
+                       err=True)
         sys.exit(1)
 
 
 def _print(s: dict[str, Any]) -> None:
-    from ..table import render
+    from ..table import fmt, render
 
     click.echo(f"{s['rollout_id']}: {s['status']}  {s['version']}  wave {s['wave'] + 1}/{s['waves']}"
                + (f"  ({s['reason']})" if s["reason"] else ""))
-    click.echo(render(["DEVICE", "WAVE", "STATUS", "FROM", "REASON"],
-                      [[d["device"], d["wave"] + 1, d["status"], d["from_version"] or "-", (d["reason"] or "")[:70]]
-                       for d in s["devices"]]))
+    click.echo(render(["DEVICE", "WAVE", "STATUS", "FROM", "CONF BEFORE", "CONF AFTER", "REASON"],
+                      [[d["device"], d["wave"] + 1, d["status"], d["from_version"] or "-", d["conf_before"],
+                        d["conf_after"], (d["reason"] or "")[:70]] for d in s["devices"]]))
+    fleet = (s.get("figures") or {}).get("fleet") or {}
+    if fleet.get("devices"):
+        click.echo(f"fleet on {s['version']}: {fleet['devices']} device(s), {fleet.get('inferences', 0)} inferences, "
+                   f"mean confidence {fmt(fleet.get('mean_confidence'))}, error rate {fmt(fleet.get('error_rate'))}, "
+                   f"p95 {fmt(fleet.get('p95_latency_ms'))} ms"
+                   + (f"; soaking, {fmt(s['figures']['soak_left_s'])} s left" if "soak_left_s" in s["figures"] else ""))
     for a in s.get("quarantined") or []:
         mine = " (this rollout's artifact)" if s.get("artifact") and s["artifact"]["id"] == a["id"] else ""
         click.echo(f"quarantined: {a['kind']} {a['id'][:12]} for {a['version']}{mine}: {a['quarantine_reason']}")
@@ -257,18 +251,37 @@ def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
 
 
 @click.command()
-@click.option("--to", "to_version", required=True, help="the version to return to")
-@click.option("--devices", "to", default=None, help="device ids, comma-separated")
-@click.option("--group", default=None)
-@click.option("--tag", default=None)
-@click.option("--all", "all_", is_flag=True)
-@click.option("--wait/--no-wait", default=False)
-@click.option("--timeout", "wait_timeout", default="10m", show_default=True, type=DURATION)
+@click.option("--version", "to_version", default=None, help="the version to return to")
+@click.option("--to", default=None, help="device ids, comma-separated (before 0.2: the version; see below)")
+@click.option("--devices", "devices_old", default=None, hidden=True, help="deprecated spelling of --to IDS")
+@click.option("--group", default=None, help="every device of this group")
+@click.option("--tag", default=None, help="every device with this tag")
+@click.option("--all", "all_", is_flag=True, help="every known device")
+@click.option("--wait/--no-wait", default=False, help="follow the rollback until it ends")
+@click.option("--timeout", "wait_timeout", default="10m", show_default=True, type=POSITIVE_DURATION,
+              help="with --wait: give up after")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | None, tag: str | None, all_: bool,
-             wait: bool, wait_timeout: float, as_json: bool) -> None:
-    """Send devices back to VERSION (kept on the device, or shipped again from the artifact store)."""
+def rollback(ctx: click.Context, to_version: str | None, to: str | None, devices_old: str | None, group: str | None,
+             tag: str | None, all_: bool, wait: bool, wait_timeout: float, as_json: bool) -> None:
+    """Send devices back to --version (kept on the device, or shipped again from the artifact store).
+
+    Devices are picked as for deploy: --to IDS, --group, --tag or --all. The old spellings
+    `rollback --to VERSION --devices IDS|--group G|--tag T|--all` still work (with a warning)
+    where they cannot be confused: no --version, and the devices picked by another option."""
+    others = sum(x is not None and x is not False for x in (group, tag, all_ or None))
+    if devices_old is None and to_version is None and to is not None and others == 1:
+        click.echo("warning: `rollback --to VERSION` is deprecated: use --version VERSION (--to picks devices)",
+                   err=True)
+        to_version, to = to, None
+    if devices_old is not None:
+        if to_version is not None or to is None:
+            raise click.UsageError("--devices is the old spelling of --to: use --version VERSION --to IDS")
+        click.echo("warning: `rollback --to VERSION --devices IDS` is deprecated: use --version VERSION --to IDS",
+                   err=True)
+        to_version, to = to, devices_old
+    if to_version is None:
+        raise click.UsageError("give the version to return to with --version")
     store = _store(ctx)
     devices = select_devices(ctx, store, to, group, tag, all_)
     sha = None
@@ -281,21 +294,76 @@ def rollback(ctx: click.Context, to_version: str, to: str | None, group: str | N
                 sha = sha or i.get("bundle_sha256")
     if not sha:
         raise click.ClickException(f"version {to_version!r} is neither in the artifact store nor kept on those devices")
-    rid = _create(ctx, store, to_version, sha, devices, 0.0, 0, len(devices), 600.0, None,
-                  {"to": to, "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
+    policy = _policy(canary=0.0, batch=0, max_failures=len(devices), wave_timeout_s=600.0)
+    rid = _create(store, to_version, sha, devices, policy,
+                  {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "rollback": True}, kind="rb")
     _report_created(store, rid, to_version, len(devices), as_json, wait)
     if wait:
         _follow(store, rid, wait_timeout, as_json)
+
+
+def _control(ctx: click.Context, rollout_id: str, as_json: bool, act: Any, verb: str, allowed: str) -> None:
+    store = _store(ctx)
+    r = store.rollout(rollout_id)
+    if r is None:
+        raise click.ClickException(f"no rollout {rollout_id!r}")
+    if not act(store):
+        raise click.ClickException(f"{rollout_id} is {r.status}: only a {allowed} rollout can be {verb}")
+    r = store.rollout(rollout_id)
+    if as_json:
+        click.echo(json.dumps(rollout_json(store, r), indent=2))
+    else:
+        click.echo(f"{rollout_id}: {r.status}" + (f" ({r.reason})" if r.status == "aborting" else ""))
+
+
+@rollout.command("pause")
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_pause(ctx: click.Context, rollout_id: str, as_json: bool) -> None:
+    """Hold ROLLOUT_ID: no further wave starts; devices already released finish their update.
+
+    The wave timeout and the soak stop counting while paused; `rollout resume` carries on."""
+    _control(ctx, rollout_id, as_json, lambda st: st.pause(rollout_id), "paused", "running")
+
+
+@rollout.command("resume")
+@click.argument("rollout_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_resume(ctx: click.Context, rollout_id: str, as_json: bool) -> None:
+    """Carry on with a paused ROLLOUT_ID where it stopped."""
+    _control(ctx, rollout_id, as_json, lambda st: st.resume(rollout_id), "resumed", "paused")
+
+
+@rollout.command("abort")
+@click.argument("rollout_id")
+@click.option("--keep-updated", is_flag=True,
+              help="leave devices that already applied the new version on it (default: send them back)")
+@click.option("--reason", default="aborted by the operator", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def rollout_abort(ctx: click.Context, rollout_id: str, keep_updated: bool, reason: str, as_json: bool) -> None:
+    """Stop ROLLOUT_ID: no further wave; devices not yet released keep their version (skipped);
+    devices released or updated are sent back to the version they ran before, unless --keep-updated
+    (then only those still mid-update go back). Recorded at once; `fleetctl serve` carries it out."""
+    _control(ctx, rollout_id, as_json, lambda st: st.request_abort(rollout_id, reason, keep_updated), "aborted",
+             "running or paused")
 
 
 @click.command("tag")
 @click.argument("device_id", type=DEVICE_ID)
 @click.argument("tags", nargs=-1, required=True, type=TAG)
 @click.option("--remove", is_flag=True, help="remove these tags instead")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def tag(ctx: click.Context, device_id: str, tags: tuple[str, ...], remove: bool) -> None:
+def tag(ctx: click.Context, device_id: str, tags: tuple[str, ...], remove: bool, as_json: bool) -> None:
     """Tag a device (deploy --tag T targets every device with tag T)."""
     store = _store(ctx)
     for t in tags:
         store.tag(device_id, t, remove=remove)
-    click.echo(f"{device_id}: {', '.join(store.tags(device_id).get(device_id, [])) or 'no tags'}")
+    now = store.tags(device_id).get(device_id, [])
+    if as_json:
+        click.echo(json.dumps({"device": device_id, "tags": now}))
+    else:
+        click.echo(f"{device_id}: {', '.join(now) or 'no tags'}")

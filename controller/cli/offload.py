@@ -11,6 +11,7 @@ import click
 from protocol.lifecycle import run_until_stopped
 
 from .params import DEVICE_ID, DeviceId
+from .select import selection_options, target_ids
 
 
 @click.group()
@@ -19,29 +20,32 @@ def offload() -> None:
 
 
 @offload.command("set")
-@click.option("--group", default=None, help="devices of this group (default: every device in the registry)")
-@click.option("--device", "devices", multiple=True, type=DEVICE_ID, help="a device id (repeatable)")
+@selection_options
+@click.option("--device", "devices_old", multiple=True, type=DEVICE_ID, hidden=True,
+              help="deprecated spelling of --to")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=None, help="offload below this confidence")
 @click.option("--mode", type=click.Choice(["features", "raw"]), default=None)
 @click.option("--deadline", "deadline_ms", type=click.FloatRange(1, 600000), default=None, help="milliseconds")
 @click.option("--enable/--disable", "enabled", default=None)
 @click.option("--timeout", default=5.0, show_default=True, type=click.FloatRange(0.1, 600))
+@click.option("--json", "as_json", is_flag=True, help="the replies as JSON")
 @click.pass_context
-def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], threshold: float | None, mode: str | None,
-         deadline_ms: float | None, enabled: bool | None, timeout: float) -> None:
-    """Push an offload policy to devices (signed commands; each device answers)."""
+def set_(ctx: click.Context, to: tuple[str, ...], group: str | None, tag: str | None, all_: bool,
+         devices_old: tuple[str, ...], threshold: float | None, mode: str | None, deadline_ms: float | None,
+         enabled: bool | None, timeout: float, as_json: bool) -> None:
+    """Push an offload policy to devices (signed commands; each device answers).
+
+    Pick the devices with --to IDS, --group G, --tag T or --all (online ones are sent to)."""
     args: dict[str, Any] = {k: v for k, v in {"threshold": threshold, "mode": mode, "deadline_ms": deadline_ms,
                                               "enabled": enabled}.items() if v is not None}
     if not args:
         raise click.UsageError("nothing to set: give --threshold, --mode, --deadline or --enable/--disable")
+    if devices_old:
+        click.echo("warning: `offload set --device ID` is deprecated: use --to ID", err=True)
+        to = tuple(to) + tuple(devices_old)
     c = ctx.obj
     cfg = c.cfg()
-    targets = list(devices)
-    if not targets:
-        reg = c.registry()
-        targets = [d.id for d in reg.devices() if d.online and (group is None or d.group == group)]
-    if not targets:
-        raise click.ClickException("no online device matches")
+    targets = target_ids(c, to, group, tag, all_, online_only=True)
 
     async def go() -> dict[str, Any]:
         from ..client import FleetClient, FleetClientError
@@ -59,7 +63,17 @@ def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], thresh
         return out
 
     replies = asyncio.run(go())
-    click.echo(json.dumps(replies, indent=2))
+    if as_json:
+        click.echo(json.dumps(replies, indent=2))
+    else:
+        from ..table import render
+
+        rows = []
+        for dev, r in replies.items():
+            res = r.get("result") if isinstance(r.get("result"), dict) else {}
+            rows.append([dev, "ok" if r.get("ok") else "failed", res.get("enabled"), res.get("threshold"),
+                         res.get("mode"), res.get("deadline_ms"), "" if r.get("ok") else r.get("error")])
+        click.echo(render(["DEVICE", "RESULT", "ON", "THRESH", "MODE", "DEADLINE MS", "ERROR"], rows))
     if not all(r.get("ok") for r in replies.values()):
         sys.exit(1)
 
@@ -69,7 +83,7 @@ def set_(ctx: click.Context, group: str | None, devices: tuple[str, ...], thresh
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
     """Fleet-wide offload figures from the devices' telemetry."""
-    from ..table import render
+    from ..table import fmt, render
 
     reg = ctx.obj.registry()
     rows, total = [], {"requests": 0, "offloaded": 0, "timeouts": 0, "bytes_sent": 0}
@@ -90,7 +104,8 @@ def status(ctx: click.Context, as_json: bool) -> None:
         return
     click.echo(render(["DEVICE", "ON", "THRESH", "MODE", "REQUESTS", "RATE", "P50 MS", "P95 MS", "TIMEOUTS",
                        "AGREE", "BYTES"], rows) if rows else "no offload telemetry yet")
-    click.echo(f"fleet: {fleet}")
+    click.echo(f"fleet: {total['requests']} requests, {total['offloaded']} offloaded (rate {fmt(fleet['offload_rate'])}), "
+               f"{total['timeouts']} timeouts, {total['bytes_sent']} bytes sent")
 
 
 @click.command("offload-worker")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Any
+from typing import Any, Callable
 
 import click
 
@@ -19,19 +19,28 @@ _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 
 
 class Duration(click.ParamType):
-    """``30s``, ``500ms``, ``5m``, ``1h`` or plain seconds (``90``, ``1.5``) → float seconds."""
+    """``30s``, ``500ms``, ``5m``, ``1h`` or plain seconds (``90``, ``1.5``) → float seconds.
+
+    ``positive=True`` refuses zero: a timeout or deadline of 0 s would give up before anything ran."""
 
     name = "duration"
+
+    def __init__(self, positive: bool = False) -> None:
+        self.positive = positive
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             if value < 0:
                 self.fail(f"{value!r} is negative", param, ctx)
-            return float(value)
-        m = _DURATION_RE.fullmatch(str(value))
-        if not m:
-            self.fail(f"{value!r} is not a duration like 60s, 500ms, 2m or 1h", param, ctx)
-        return float(m.group(1)) * _UNITS[m.group(2) or "s"]
+            seconds = float(value)
+        else:
+            m = _DURATION_RE.fullmatch(str(value))
+            if not m:
+                self.fail(f"{value!r} is not a duration like 60s, 500ms, 2m or 1h", param, ctx)
+            seconds = float(m.group(1)) * _UNITS[m.group(2) or "s"]
+        if self.positive and seconds <= 0:
+            self.fail(f"{value!r} must be longer than 0 s", param, ctx)
+        return seconds
 
 
 class Fraction(click.ParamType):
@@ -81,6 +90,25 @@ class KeyValue(click.ParamType):
         return k.strip(), parse_value(v)
 
 
+def checked_settings(what: str, check: Callable[[dict[str, Any]], Any]) -> Callable[..., dict[str, Any]]:
+    """A click callback for a ``multiple=True`` KEY_VALUE option: the pairs as a dict, checked now by
+    ``check`` (the validator the consumer itself runs later), so a bad key or value fails at parse
+    time, naming the flag and the value, before anything is created."""
+
+    def callback(ctx: click.Context, param: click.Parameter, value: tuple[tuple[str, Any], ...]) -> dict[str, Any]:
+        d = dict(value)
+        if d:
+            try:
+                check(d)
+            except (TypeError, ValueError) as exc:
+                given = " ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in value)
+                raise click.BadParameter(f"{given}: {exc}", ctx, param) from None
+        return d
+
+    callback.__doc__ = f"Check {what} settings at parse time."
+    return callback
+
+
 class DeviceId(click.ParamType):
     """An id that is a safe topic level, checked exactly as ``protocol.topics`` checks it."""
 
@@ -114,6 +142,7 @@ class BrokerUrl(click.ParamType):
 BROKER_URL = BrokerUrl()
 BROKER_HELP = "broker URL, mqtt://host:port (overrides config)"
 DURATION = Duration()
+POSITIVE_DURATION = Duration(positive=True)
 FRACTION = Fraction()
 KEY_VALUE = KeyValue()
 DEVICE_ID = DeviceId()

@@ -27,6 +27,10 @@ def make(old_bundle: str, new_bundle: str, out: str, key_path: str, full: bool, 
     from protocol.patch import PatchError, make_patch
     from protocol.signing import SignatureError, load_private
 
+    parent = Path(out).resolve().parent
+    if not parent.is_dir():
+        # not created for you: a typo in a path should not leave directories behind
+        raise click.BadParameter(f"directory {parent} does not exist (create it first)", param_hint="OUT")
     try:
         key = load_private(key_path)
         data, pm = make_patch(None if full else old_bundle, new_bundle, key)
@@ -35,8 +39,12 @@ def make(old_bundle: str, new_bundle: str, out: str, key_path: str, full: bool, 
     except FileNotFoundError as exc:
         raise click.ClickException(f"{exc.filename}: no such file") from None
     tmp = Path(out).with_name(f".{Path(out).name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, out)
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, out)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
     summary = {"out": out, "bytes": len(data), "base": pm["base"], "target": pm["target"],
                "files": sorted(pm["files"]), "unchanged": pm["unchanged"], "key_id": pm["signature"]["key_id"]}
     if as_json:

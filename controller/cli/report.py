@@ -1,7 +1,9 @@
-"""``fleetctl report rounds --png FILE``: accuracy, loss and uplink bytes per round (matplotlib extra)."""
+"""``fleetctl report rounds [--png FILE] [--json]``: accuracy, loss and uplink bytes per round
+(a table; ``--json``; a chart with the matplotlib extra)."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
@@ -27,8 +29,15 @@ def rounds(ctx: click.Context, run_id: str | None, png: str | None, as_json: boo
     s = _run_json(store, runs[0].id)
     rows = [{"round": r["round"], "status": r["status"], **{k: (r["metrics"] or {}).get(k) for k in
             ("accuracy", "mean_train_loss", "uplink_bytes", "received", "dp_epsilon")}} for r in s["rounds"]]
-    if as_json or not png:
+    if as_json:
         click.echo(json.dumps({"run_id": s["run_id"], "rounds": rows}, indent=2))
+    elif not png:
+        from ..table import render
+
+        click.echo(f"{s['run_id']}: {s['status']} ({s['config'].get('mode')} {s['config'].get('strategy')})")
+        click.echo(render(["ROUND", "STATUS", "ACCURACY", "LOSS", "UPLINK B", "UPDATES", "EPSILON"],
+                          [[r["round"], r["status"], r["accuracy"], r["mean_train_loss"], r["uplink_bytes"],
+                            r["received"], r["dp_epsilon"]] for r in rows]))
     if png:
         try:
             import matplotlib
@@ -37,15 +46,29 @@ def rounds(ctx: click.Context, run_id: str | None, png: str | None, as_json: boo
             import matplotlib.pyplot as plt
         except ImportError:
             raise click.ClickException("PNG reports need matplotlib: pip install 'edgefleet[report]'") from None
-        x = [r["round"] for r in rows]
-        fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
-        for ax, key, title in zip(axes, ("accuracy", "mean_train_loss", "uplink_bytes"),
-                                  ("global head accuracy", "mean client train loss", "uplink bytes")):
-            ax.plot(x, [r[key] if r[key] is not None else float("nan") for r in rows], marker="o")
-            ax.set_title(title)
-            ax.set_xlabel("round")
-            ax.grid(alpha=0.3)
-        fig.suptitle(f"{s['run_id']} ({s['config'].get('mode')} {s['config'].get('strategy')})")
-        fig.tight_layout()
-        fig.savefig(png, dpi=110)
+        fig = chart(plt, rows, f"{s['run_id']} ({s['config'].get('mode')} {s['config'].get('strategy')})")
+        try:
+            fig.savefig(png, dpi=110)
+        except OSError as exc:
+            raise click.ClickException(f"cannot write {png}: {exc.strerror or exc}") from None
         click.echo(f"wrote {png}", err=True)
+
+
+def chart(plt: Any, rows: list[dict[str, Any]], title: str) -> Any:
+    """The three per-round panels (accuracy, loss, uplink bytes) as a matplotlib figure."""
+    x = [r["round"] for r in rows]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.5))
+    for ax, key, name in zip(axes, ("accuracy", "mean_train_loss", "uplink_bytes"),
+                             ("global head accuracy", "mean client train loss", "uplink bytes")):
+        ax.plot(x, [r[key] if r[key] is not None else float("nan") for r in rows], marker="o")
+        ax.set_title(name)
+        ax.set_xlabel("round")
+        ax.grid(alpha=0.3)
+        ax.ticklabel_format(axis="y", useOffset=False, style="plain")
+        if key == "uplink_bytes":
+            # from 0: equal byte counts every round must look flat, not a ±1 byte zoom
+            top = max([r[key] for r in rows if r[key] is not None] or [0])
+            ax.set_ylim(0, top * 1.15 if top else 1)
+    fig.suptitle(title)
+    fig.tight_layout()
+    return fig

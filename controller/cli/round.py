@@ -16,7 +16,7 @@ from typing import Any
 import click
 import numpy as np
 
-from .params import DURATION, FRACTION, KEY_VALUE
+from .params import DURATION, FRACTION, KEY_VALUE, POSITIVE_DURATION, checked_settings
 
 
 def load_head(path: str) -> dict[str, np.ndarray]:
@@ -29,6 +29,13 @@ def load_head(path: str) -> dict[str, np.ndarray]:
         raise click.BadParameter(f"cannot read a head from {f}: {exc}", param_hint="--bundle") from None
     if not head or not all(k.startswith("dense") for k in head):
         raise click.BadParameter(f"{f} holds no dense{{i}}.weight/bias tensors", param_hint="--bundle")
+    if p.is_dir() and (p / "manifest.json").exists():   # only the layers the bundle declares trainable
+        from protocol.layers import LayerError, federated, trainable_tensors
+
+        try:
+            head = federated(head, trainable_tensors(json.loads((p / "manifest.json").read_text()), head))
+        except (LayerError, ValueError) as exc:
+            raise click.BadParameter(f"{p}: {exc}", param_hint="--bundle") from None
     return head
 
 
@@ -61,12 +68,50 @@ def _store(ctx: click.Context, create: bool):
     path = cfg.db_path
     if not create and cfg.db_is_sqlite and not os.path.exists(path):
         raise click.ClickException(f"no registry at {path} (is `fleetctl serve` running with this --db?)")
+    if create and cfg.db_is_sqlite and not Path(path).resolve().parent.is_dir():
+        raise click.ClickException(f"no directory for the registry {path} (is --db right?)")
     from ..db import DatabaseUnavailable
 
     try:
         return RoundStore.open(path)
     except DatabaseUnavailable as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _only_devices(ctx: click.Context, to: tuple[str, ...], tag: str | None) -> tuple[str, ...] | None:
+    """``--to`` ids (checked as topic levels) or the devices tagged ``--tag`` now; None: any device."""
+    from .select import ids_of
+
+    ids = ids_of(to)
+    if ids is not None:
+        from protocol.topics import InvalidId, validate_id
+
+        for i in ids:
+            try:
+                validate_id(i)
+            except InvalidId as exc:
+                raise click.BadParameter(str(exc), param_hint="--to") from None
+        return tuple(dict.fromkeys(ids))
+    if tag is None:
+        return None
+    from .select import tags_reader
+
+    devs = tuple(tags_reader(ctx.obj.registry())(tag))
+    if not devs:
+        raise click.BadParameter(f"no device has tag {tag!r}", param_hint="--tag")
+    return devs
+
+
+def _check_compress(d: dict[str, Any]) -> None:
+    from protocol.compression import Compressor
+
+    Compressor.from_config(d)   # what every device runs on the task's settings
+
+
+def _check_dp(d: dict[str, Any]) -> None:
+    from ..fl.privacy import DPConfig
+
+    DPConfig.from_dict(d)   # what the service's DP wrapper runs
 
 
 @click.group()
@@ -77,7 +122,7 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @round.command("start")
 @click.option("--bundle", required=True, help="bundle dir (or head .npz) holding the initial global head")
 @click.option("--strategy", default="fedavg", show_default=True, help="fedavg, fedprox, fedadam, fedyogi, median, "
-              "trimmed_mean, krum, multikrum, fedbuff")
+              "trimmed_mean, krum, multikrum, fedbuff, fedavgm, scaffold")
 @click.option("--strategy-param", "sparams", multiple=True, type=KEY_VALUE, help="KEY=VALUE for the strategy")
 @click.option("--clients", default=10, show_default=True, type=click.IntRange(1, 100000))
 @click.option("--min-clients", default=None, type=click.IntRange(1, 100000), help="quorum (default: half)")
@@ -91,12 +136,21 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 @click.option("--async", "is_async", is_flag=True, help="buffered asynchronous mode (FedBuff)")
 @click.option("--buffer", default=2, show_default=True, type=click.IntRange(1, 100000), help="async: updates per version")
 @click.option("--max-staleness", default=4, show_default=True, type=click.IntRange(0, 1000))
-@click.option("--compress", "compress", multiple=True, type=KEY_VALUE, help="KEY=VALUE compression option sent to devices, "
-              "e.g. topk=0.1 int8=true zstd=true")
-@click.option("--dp", "dp", multiple=True, type=KEY_VALUE, help="KEY=VALUE differential privacy, e.g. clip=1.0 noise=0.8")
+@click.option("--secagg", "secagg", multiple=True, type=KEY_VALUE, help="KEY=VALUE secure aggregation "
+              "(devices mask their updates; the controller sees only the sum), e.g. max_dropout=0.3 stage_s=15")
+@click.option("--compress", "compress", multiple=True, type=KEY_VALUE, callback=checked_settings("compression", _check_compress),
+              help="KEY=VALUE compression option sent to devices: topk=FRACTION int8=BOOL zstd=BOOL "
+              "error_feedback=BOOL level=1..22, e.g. topk=0.1 int8=true")
+@click.option("--dp", "dp", multiple=True, type=KEY_VALUE, callback=checked_settings("dp", _check_dp),
+              help="KEY=VALUE differential privacy: clip, noise, delta, sample_rate, e.g. clip=1.0 noise=0.8")
 @click.option("--group", default=None, help="only devices of this group")
+@click.option("--to", "to", multiple=True, help="only these device ids (comma-separated or repeated)")
+@click.option("--tag", default=None, help="only devices with this tag (fleetctl device tag)")
+@click.option("--all", "all_", is_flag=True, help="any eligible device (the default)")
 @click.option("--max-update-norm", default=1e4, show_default=True, type=click.FloatRange(0, min_open=True))
 @click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--start-timeout", default="120s", show_default=True, type=POSITIVE_DURATION,
+              help="fail the run when no round can start for this long (too few eligible devices)")
 @click.option("--max-cpu", default=90.0, show_default=True, type=click.FloatRange(0, 100),
               help="devices whose CPU is busier than this (percent) are not selected")
 @click.option("--deploy", is_flag=True, help="when the run is done, roll its head out as a new version of --bundle "
@@ -109,12 +163,16 @@ def round() -> None:  # noqa: A001 - the command is called "round"
 def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[str, Any], ...], clients: int,
           min_clients: int | None, n_rounds: int, deadline: float, steps: int, lr: float, batch_size: int,
           prox_mu: float, min_samples: int, is_async: bool, buffer: int, max_staleness: int,
-          compress: tuple[tuple[str, Any], ...], dp: tuple[tuple[str, Any], ...], group: str | None, max_update_norm: float, seed: int,
-          max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
+          secagg: tuple[tuple[str, Any], ...], compress: dict[str, Any], dp: dict[str, Any], group: str | None,
+          to: tuple[str, ...], tag: str | None, all_: bool, max_update_norm: float, seed: int,
+          start_timeout: float, max_cpu: float, deploy: bool, deploy_canary: float, deploy_max_failures: int, wait: bool,
           as_json: bool) -> None:
     """Start a federated run (fleetctl serve executes it)."""
     from ..fl.engine import RunConfig, RunConfigError
 
+    if sum(bool(x) for x in (to, group, tag, all_)) > 1:
+        raise click.UsageError("pick the devices with at most one of --to, --group, --tag or --all")
+    only = _only_devices(ctx, to, tag)
     head = load_head(bundle)
     try:
         cfg = RunConfig(strategy=strategy, strategy_params=dict(sparams), rounds=n_rounds,
@@ -122,8 +180,8 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
                         min_clients=min_clients or max(1, clients // 2), deadline_s=deadline,
                         local_steps=steps, lr=lr, batch_size=batch_size, prox_mu=prox_mu, min_samples=min_samples,
                         max_update_norm=max_update_norm, compression=dict(compress),
-                        dp=dict(dp) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
-                        group=group, seed=seed, max_cpu_percent=max_cpu,
+                        dp=dict(dp) or None, secagg=dict(secagg) or None, buffer=min(buffer, clients), max_staleness=max_staleness,
+                        group=group, devices=only, seed=seed, max_cpu_percent=max_cpu, start_timeout_s=start_timeout,
                         deploy=_deploy_spec(bundle, deploy_canary, deploy_max_failures) if deploy else None)
     except RunConfigError as exc:
         raise click.UsageError(str(exc)) from None
@@ -151,7 +209,7 @@ def start(ctx: click.Context, bundle: str, strategy: str, sparams: tuple[tuple[s
 
 
 #: ``round start --wait`` exits 0 only when the run reached its rounds (2 is click's usage error)
-EXIT_CODES = {"done": 0, "failed": 1, "cancelled": 1, "partial": 3}
+EXIT_CODES = {"done": 0, "failed": 1, "cancelled": 1, "partial": 3, "stopped": 4}
 
 
 def _deploy_spec(bundle: str, canary: float, max_failures: int) -> dict[str, Any]:
@@ -160,10 +218,14 @@ def _deploy_spec(bundle: str, canary: float, max_failures: int) -> dict[str, Any
     return {"bundle": str(Path(bundle).resolve()), "canary": canary, "max_failures": max_failures}
 
 
+#: ``round start --wait``: the same "waiting" line again at most this often (a changed one at once)
+WAITING_EVERY_S = 10.0
+
+
 def _follow(store, run_id: str, as_json: bool) -> None:
     from ..fl.engine import TERMINAL
 
-    last = None
+    said, said_at = None, 0.0
     with click.progressbar(length=store.run(run_id).config["rounds"], label="rounds", file=sys.stderr,
                            show_pos=True) as bar:
         done = 0
@@ -175,12 +237,16 @@ def _follow(store, run_id: str, as_json: bool) -> None:
                 done = len(finished)
             if run.status in TERMINAL:
                 break
-            if last != (run.status, run.round_no):
-                last = (run.status, run.round_no)
+            now = time.monotonic()
+            if run.waiting and (run.waiting != said or now - said_at >= WAITING_EVERY_S):
+                click.echo(f"\nwaiting for devices: {run.waiting}", err=True)
+                said, said_at = run.waiting, now
             time.sleep(0.3)
     summary = _run_json(store, run_id)
     if as_json:
         click.echo(json.dumps(summary, indent=2))
+        if summary["error"]:
+            click.echo(f"{run_id}: {summary['status']}: {summary['error']}", err=True)
     else:
         _print_history(summary)
     sys.exit(EXIT_CODES.get(summary["status"], 1))
@@ -197,7 +263,7 @@ def _run_json(store, run_id: str) -> dict[str, Any]:
                        "updates": [{"device": u.device_id, "accepted": u.accepted, "reason": u.reason,
                                     "num_samples": u.num_samples, "base_version": u.base_version,
                                     "meta": u.meta} for u in ups]})
-    return {"run_id": run.id, "status": run.status, "error": run.error, "config": run.config,
+    return {"run_id": run.id, "status": run.status, "error": run.error, "waiting": run.waiting, "config": run.config,
             "round": run.round_no, "global_version": run.global_version, "created": run.created, "rounds": rounds}
 
 
@@ -205,7 +271,8 @@ def _print_history(s: dict[str, Any]) -> None:
     from ..table import render
 
     click.echo(f"{s['run_id']}: {s['status']}  version {s['global_version']}"
-               + (f"  error: {s['error']}" if s["error"] else ""))
+               + (f"  error: {s['error']}" if s["error"] else "")
+               + (f"\n  waiting for devices: {s['waiting']}" if s.get("waiting") else ""))
     rows = []
     for r in s["rounds"]:
         m = r["metrics"] or {}
@@ -232,6 +299,27 @@ def status(ctx: click.Context, run_id: str | None, as_json: bool) -> None:
     click.echo(json.dumps(s, indent=2) if as_json else "")
     if not as_json:
         _print_history(s)
+
+
+@round.command("stop")
+@click.argument("run_id")
+@click.option("--reason", default="stopped by the operator", show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def stop(ctx: click.Context, run_id: str, reason: str, as_json: bool) -> None:
+    """End RUN_ID now: status `stopped`, its open round closes unaggregated; rounds already
+    aggregated (and the global head) are kept. Updates arriving later are refused."""
+    store = _store(ctx, create=False)
+    run = store.run(run_id)
+    if run is None:
+        raise click.ClickException(f"no run {run_id!r}")
+    if not store.stop_run(run_id, reason):
+        raise click.ClickException(f"{run_id} is {run.status}: only a pending or running run can be stopped")
+    s = _run_json(store, run_id)
+    if as_json:
+        click.echo(json.dumps(s, indent=2))
+    else:
+        click.echo(f"{run_id}: stopped at round {s['round']}, global version {s['global_version']}")
 
 
 @round.command("history")

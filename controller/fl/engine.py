@@ -23,15 +23,16 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from .secure import SECAGG_ID
 from .store import RoundStore, UpdateRow
-from .selection import ClientInfo, Selection, SelectionPolicy, select
+from .selection import why_waiting, ClientInfo, Selection, SelectionPolicy, select
 from .strategies import FitFailure, FitResult, Strategy, UpdateRejected, validate_update
 
 Head = dict[str, np.ndarray]
 
 
 #: a run in one of these states is over
-TERMINAL = ("done", "partial", "failed", "cancelled")
+TERMINAL = ("done", "partial", "failed", "cancelled", "stopped")   # stopped: ``fleetctl round stop``
 #: after the controller's link came back, how long the broker may take to hand over what it queued
 SETTLE_S = 2.0
 
@@ -61,12 +62,14 @@ class RunConfig:
     buffer: int = 2
     max_staleness: int = 4
     group: str | None = None
+    devices: tuple[str, ...] | None = None   # only these device ids (round start --to/--tag), None: any
     seed: int = 0
     start_timeout_s: float = 120.0
     eval_file: str | None = None      # npz of backbone features + labels: accuracy of each new head
     max_cpu_percent: float = 90.0     # devices busier than this are not selected
     deploy: Mapping[str, Any] | None = None   # {"bundle": dir, "canary": f, "max_failures": n}: roll the
                                               # final global head out as a new bundle version (rollouts)
+    secagg: Mapping[str, Any] | None = None   # {"max_dropout": f, "stage_s": s}: secure aggregation (secure.py)
 
     def __post_init__(self) -> None:
         def need(cond: bool, msg: str) -> None:
@@ -82,6 +85,13 @@ class RunConfig:
         need(self.max_update_norm > 0, "max_update_norm must be > 0")
         need(1 <= self.buffer <= self.clients, "async buffer must be 1..clients")
         need(self.max_staleness >= 0, "max_staleness must be >= 0")
+        try:
+            from .secure import SecAggConfig, check_composes
+
+            check_composes(self.strategy, self.compression, SecAggConfig.from_dict(self.secagg))
+        except ValueError as exc:
+            raise RunConfigError(str(exc)) from None
+        need(self.secagg is None or self.mode == "sync", "secure aggregation needs sync rounds")
         need(self.deploy is None or (isinstance(self.deploy, Mapping) and isinstance(self.deploy.get("bundle"), str)),
              "deploy needs the bundle directory the run's head belongs to")
 
@@ -98,6 +108,7 @@ class RunConfig:
 
     def policy(self) -> SelectionPolicy:
         return SelectionPolicy(clients=self.clients, min_samples=self.min_samples, group=self.group,
+                               devices=tuple(self.devices) if self.devices is not None else None,
                                max_cpu_percent=self.max_cpu_percent,
                                deadline_s=self.deadline_s, local_steps=self.local_steps, batch_size=self.batch_size)
 
@@ -138,6 +149,8 @@ class RoundEngine:
         self.evaluate = evaluate
         self.rng = random.Random(self.cfg.seed + run.round_no)
         self.started_waiting: float | None = None
+        #: rounds whose secure-aggregation session is still running: not closed on their deadline
+        self.hold: set[int] = set()
 
     # -- helpers -----------------------------------------------------------
     @property
@@ -153,8 +166,13 @@ class RoundEngine:
         base: dict[str, Any] = {"run_id": self.run_id, "base_version": version, "lr": c.lr,
                                 "batch_size": c.batch_size, "optimizer": c.optimizer, "prox_mu": c.prox_mu,
                                 "deadline_ts": deadline, "compression": dict(c.compression)}
+        if c.secagg:
+            base["secagg"] = {"session": f"{self.run_id}#{round_no}"}
         cfgs = self.strategy.configure(round_no, list(devices), base)
-        return [Task(d, round_no, {**cfgs[d], "round": round_no, "steps": steps.get(d, c.local_steps)}, head)
+        if head:   # the strategy's stored state (SCAFFOLD's control variate) goes out with the head
+            self.strategy.load_state(self.run.strategy_state or {})
+        tensors = self.strategy.task_tensors(head) if head else head
+        return [Task(d, round_no, {**cfgs[d], "round": round_no, "steps": steps.get(d, c.local_steps)}, tensors)
                 for d in devices]
 
     def _note_sizing(self, round_no: int, sel: Selection) -> None:
@@ -192,7 +210,9 @@ class RoundEngine:
             # Only answers close a round early; looking offline (a last will, a broker restart, the
             # controller's own outage) never does: the deadline is the deadline.
             answered = {u.device_id for u in self.store.updates(self.run_id, cur.round_no)}
-            waiting = [d for d in cur.selected if d not in answered]
+            waiting = [] if SECAGG_ID in answered else [d for d in cur.selected if d not in answered]
+            if cur.round_no in self.hold and waiting:
+                return self._unsent(cur, run.global_version), outcomes
             if not waiting or (now >= cur.deadline and self._hearing(now, link_up_since)):
                 online = {c.device_id for c in clients if c.online}
                 outcomes.append(self._close_sync(cur, now, early=not waiting,
@@ -209,12 +229,16 @@ class RoundEngine:
         if len(sel.selected) < self.cfg.min_clients:
             if self.started_waiting is None:
                 self.started_waiting = now
+            why = why_waiting(sel, self.cfg.min_clients)
             if now - self.started_waiting > self.cfg.start_timeout_s:
-                self.store.update_run(self.run_id, status="failed",
-                                      error=f"only {len(sel.selected)} eligible clients "
-                                            f"(need {self.cfg.min_clients}): {dict(sel.excluded)}")
+                self.store.update_run(self.run_id, status="failed", waiting=None,
+                                      error=f"no round could start in {self.cfg.start_timeout_s:g}s: {why}")
+            elif why != run.waiting:
+                self.store.update_run(self.run_id, waiting=why)   # `round start --wait` shows it
             return [], outcomes
         self.started_waiting = None
+        if run.waiting is not None:
+            self.store.update_run(self.run_id, waiting=None)
         round_no = run.round_no + 1
         deadline = now + self.cfg.deadline_s
         self.store.start_round(self.run_id, round_no, now, deadline, sel.selected, sel.steps)
@@ -249,13 +273,18 @@ class RoundEngine:
                                    "duration_s": round(now - cur.started, 3),
                                    "closed": "all selected devices answered" if early else "deadline"}
         metrics.update(_update_metrics(ups))
-        if len(ups) < self.cfg.min_clients:
+        n_ok = sum(int(u.meta.get("secagg_clients", 1)) for u in ups)
+        for u in ups:
+            metrics.update({k: v for k, v in u.meta.items() if k.startswith("secagg_")})
+        if n_ok < self.cfg.min_clients:
             when = ("every selected device answered before the deadline" if early else "by the deadline")
-            metrics["reason"] = (f"quorum not met: {len(ups)} of {self.cfg.min_clients} accepted updates"
+            metrics["reason"] = (f"quorum not met: {n_ok} of {self.cfg.min_clients} accepted updates"
                                  + ("; " if early else " ") + when)
             self.store.finish_round(self.run_id, cur.round_no, "failed", metrics)
             return RoundOutcome(cur.round_no, "failed", metrics)
         got = {u.device_id for u in all_ups}
+        if SECAGG_ID in got:   # one securely aggregated update stands for every survivor
+            got |= set(cur.selected) - set(ups[0].meta.get("secagg_dropped", ())) if ups else set()
         failures = [FitFailure(u.device_id, u.reason or "rejected") for u in all_ups if not u.accepted]
         failures += [FitFailure(d, "no update by the deadline" + (" (offline at the deadline)" if d in gone else ""))
                      for d in cur.selected if d not in got]
@@ -287,10 +316,28 @@ class RoundEngine:
         if "dp_epsilon" in state:
             metrics["dp_epsilon"], metrics["dp_delta"] = state["dp_epsilon"], state.get("dp_delta")
         # one transaction: a crash never leaves a new version with its round still open (aggregated twice)
-        self.store.aggregate_round(self.run_id, round_no, new_head, version, state, metrics)
+        if not self.store.aggregate_round(self.run_id, round_no, new_head, version, state, metrics):
+            return RoundOutcome(round_no, "stopped", {**metrics, "reason": "the run was stopped"})
         return RoundOutcome(round_no, "aggregated", metrics, version)
 
     # -- updates -----------------------------------------------------------
+    def on_secure_result(self, now: float, round_no: int, mean: Head | None, num_samples: float,
+                         meta: Mapping[str, Any], error: str | None = None) -> Verdict:
+        """A secure session's outcome: the one aggregated update of the round (or why there is none)."""
+        self.hold.discard(round_no)
+        run = self.run
+        cur = self.store.round(self.run_id, round_no)
+        if run is None or cur is None or cur.status != "running":
+            return Verdict(False, "round is not open")
+        if mean is None:
+            self.store.note_round(self.run_id, round_no, {"secagg_error": error})
+            return Verdict(False, error or "secure aggregation failed")
+        if not all(np.all(np.isfinite(v)) for v in mean.values()):
+            return self._record(round_no, SECAGG_ID, now, False, "secure sum is not finite", 0, run.global_version,
+                                dict(meta), None)
+        return self._record(round_no, SECAGG_ID, now, True, "accepted", max(1, int(round(num_samples))),
+                            run.global_version, dict(meta), mean)
+
     def on_update(self, now: float, device_id: str, round_no: int, base_version: int, num_samples: int,
                   delta: Head | None, meta: Mapping[str, Any], sent_ts: float | None = None) -> Verdict:
         """The verdict on one update. ``sent_ts``: when the device sent it (its envelope); it matters only
@@ -325,7 +372,7 @@ class RoundEngine:
             return self._record(round_no, device_id, now, False, f"num_samples must be > 0, got {num_samples!r}",
                                 0, base_version, meta, None)
         try:
-            validate_update(delta, self.run.head or {}, max_norm=self.cfg.max_update_norm)
+            validate_update(delta, self.strategy.expected_update(self.run.head or {}), max_norm=self.cfg.max_update_norm)
         except UpdateRejected as exc:
             return self._record(round_no, device_id, now, False, exc.reason, num_samples, base_version, meta, None)
         return self._record(round_no, device_id, now, True, "accepted", num_samples, base_version, meta, delta)
@@ -366,6 +413,9 @@ class RoundEngine:
             return [], []
         sel = select(clients, self.cfg.policy(), self.rng, exclude=sorted(busy))
         devices = sel.selected[:room]
+        why = why_waiting(sel, 1) if not devices and not busy else None   # nobody is training: say why
+        if why != run.waiting:
+            self.store.update_run(self.run_id, waiting=why)
         self._note_sizing(cur.round_no, Selection(devices, sel.steps, sel.excluded,
                                                   {d: w for d, w in sel.lowered.items() if d in devices}))
         return self._tasks(cur.round_no, devices, sel.steps, run.global_version, now + self.cfg.deadline_s,

@@ -197,6 +197,12 @@ class DPFixedClipping(Strategy):
         return {c: {**cfg, "dp": {"clip": self.cfg.clip}}
                 for c, cfg in self.inner.configure(round_no, clients, base).items()}
 
+    def task_tensors(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        return self.inner.task_tensors(global_head)
+
+    def expected_update(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        return self.inner.expected_update(global_head)
+
     def select(self, results: Sequence[FitResult]) -> list[FitResult]:
         return self.inner.select([replace(r, update=clip_update(r.update, self.cfg.clip)) for r in results])
 

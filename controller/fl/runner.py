@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from protocol import fl as fl_msgs  # noqa: F401 - registers the fl.* kinds
+from protocol import secagg_wire  # noqa: F401 - registers fl.secagg
 from protocol.binary import Frame, decode_frame
 from protocol.envelope import DecodeError
 from protocol.mqttlink import Message
@@ -33,6 +34,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from ..lease import Leases
     from ..registry import Registry
     from ..rollouts.store import RolloutStore
+    from .secure import SecureRound
     from .strategies import Strategy
 
 log = logging.getLogger("fleetctl.rounds")
@@ -118,6 +120,8 @@ class RoundRunner:
         self._in_flight: dict[tuple[str, str, int, str], float] = {}
         self._link_up_since: float | None = None
         self._acks_checked = False
+        #: (run, round) -> its secure-aggregation session (secure.py); in memory only
+        self.secure: dict[tuple[str, int], "SecureRound"] = {}
 
     def engine(self, run_id: str) -> RoundEngine:
         eng = self.engines.get(run_id)
@@ -191,6 +195,8 @@ class RoundRunner:
                 self.store.update_run(run.id, status="failed", error=str(exc))
                 continue
             before = run.round_no
+            if run.config.get("secagg"):
+                self._drive_secure(eng, now, link_up_since is not None)
             tasks, outcomes = eng.step(now, self.clients(now), link_up_since)
             for o in outcomes:
                 failpoint("fl.round.closed")
@@ -205,6 +211,54 @@ class RoundRunner:
                 failpoint("fl.round.opened")
             for t in tasks:
                 self._send_task(eng, t, now)
+
+    def _drive_secure(self, eng: RoundEngine, now: float, connected: bool) -> None:
+        """Open the running round's session, close its due stage (sending the next stage's messages),
+        and hand its result to the engine."""
+        from .secure import SecAggConfig, SecureRound
+
+        run = eng.run
+        cur = self.store.round(run.id, run.round_no) if run.round_no else None
+        if cur is None or cur.status != "running":
+            return
+        key = (run.id, cur.round_no)
+        sess = self.secure.get(key)
+        if sess is None:
+            sess = SecureRound(run.id, cur.round_no, tuple(cur.selected), {k: v.shape for k, v in run.head.items()},
+                               SecAggConfig.from_dict(run.config["secagg"]), cur.deadline)
+            self.secure[key] = sess
+            eng.hold.add(cur.round_no)
+        if not connected:
+            return
+        for device_id, body in sess.poll(now):
+            if self.channel.send(device_id, "fl.secagg", body):
+                from protocol.secagg_wire import size_of_body
+
+                sess.bytes_out += size_of_body(body)
+        if sess.ready(now):
+            del self.secure[key]
+            try:
+                mean, n, meta = sess.result()
+            except Exception as exc:  # noqa: BLE001 - SecAggError: the session could not finish
+                log.warning("round %s/%d: secure aggregation failed: %s", run.id, cur.round_no, exc)
+                eng.on_secure_result(now, cur.round_no, None, 0, {}, error=str(exc))
+                return
+            log.info("round %s/%d: securely aggregated %d updates (%d dropped)", run.id, cur.round_no,
+                     meta["secagg_clients"], len(meta["secagg_dropped"]))
+            eng.on_secure_result(now, cur.round_no, mean, n, meta)
+
+    def on_secagg_message(self, device_id: str, frame: Frame, size: int, topic: str) -> None:
+        b = frame.envelope.body
+        sess = next((s for s in self.secure.values() if s.session == b.get("session")), None)
+        why = "no secure session " + repr(b.get("session")) if sess is None else sess.on_message(
+            device_id, b, frame.tensors, size)
+        if why is not None:
+            self.reject("secagg_refused", topic, why)
+            log.warning("secure aggregation message from %s refused: %s", device_id, why)
+            self.channel.send(device_id, "fl.secagg", {"stage": "refused", "session": str(b.get("session")),
+                                                       "reason": why})
+            return
+        self.tick(time.time())   # the stage may be complete now
 
     def _send_task(self, eng: RoundEngine, task, now: float) -> None:
         """Publish a task; the store says "sent" only when the broker acknowledged it (its PUBACK)."""
@@ -253,9 +307,13 @@ class RoundRunner:
             base = rollouts.add_bundle(dep["bundle"])
             version = f"{base.version}+fl.{run.id[-4:]}.{run.global_version}"
             out = Path(rollouts.artifacts_dir) / "derived" / f"{run.id}-v{run.global_version}"
-            derive_bundle(base.path, out, version, run.head)
+            from protocol.bundle import load_bundle
+            from protocol.layers import merge
+
+            full = load_bundle(base.path).head or {}
+            derive_bundle(base.path, out, version, merge(full, run.head))   # the run carries the trainable layers
             art = rollouts.add_bundle(out)
-        except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:
+        except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:  # LayerError too
             log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
             return None
         devices = [d for d in self.registry.devices()
@@ -278,10 +336,11 @@ class RoundRunner:
         run = self.store.run(run_id)
         if run is None or not run.head:
             return 0
-        group = run.config.get("group")
+        group, only = run.config.get("group"), run.config.get("devices")
         sent = 0
         for d in self.registry.devices():
-            if not d.online or (group and d.group != group) or "learning" not in (d.telemetry or {}):
+            if not d.online or (group and d.group != group) or (only is not None and d.id not in only) \
+                    or "learning" not in (d.telemetry or {}):
                 continue
             if self.channel.send_frame(d.id, "fl.head", {"run_id": run_id, "version": version}, tensors=run.head):
                 sent += 1
@@ -295,6 +354,9 @@ class RoundRunner:
             self.reject(exc.reason, msg.topic, str(exc))
             return
         env = frame.envelope
+        if env.kind == "fl.secagg":
+            self.on_secagg_message(device_id, frame, len(msg.payload), msg.topic)
+            return
         if env.kind != "fl.update":
             self.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on an update topic")
             return
@@ -306,8 +368,11 @@ class RoundRunner:
         if not self.owns(run.id, time.time(), renew=False):
             self.counts["not_owner"] += 1   # the owner got it too; the device sends it again until fl.ack
             return
+        if run.status == "stopped":
+            self._ack(device_id, b, False, f"run {run.id} was stopped: {run.error or 'by the operator'}")
+            return
         try:
-            delta = decompress_update(frame, run.head or {})
+            delta = decompress_update(frame, self.engine(run.id).strategy.expected_update(run.head or {}))
         except (ValueError, KeyError) as exc:
             self._ack(device_id, b, False, f"cannot decode update: {exc}")
             return

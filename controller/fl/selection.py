@@ -40,6 +40,7 @@ class SelectionPolicy:
     max_cpu_percent: float = 90.0
     max_silence_s: float = 120.0
     group: str | None = None
+    devices: tuple[str, ...] | None = None   # round start --to/--tag: only these ids
     deadline_s: float = 60.0
     local_steps: int = 20             # asked of every device; only ever lowered to fit the deadline
     min_steps: int = 1
@@ -61,6 +62,8 @@ def eligible(c: ClientInfo, p: SelectionPolicy) -> str | None:
         return "offline"
     if p.group is not None and c.group != p.group:
         return f"not in group {p.group}"
+    if p.devices is not None and c.device_id not in p.devices:
+        return "not picked (--to/--tag)"
     if c.last_seen_age_s > p.max_silence_s:
         return f"silent for {c.last_seen_age_s:.0f}s"
     if c.labelled_samples < p.min_samples:
@@ -110,3 +113,22 @@ def select(clients: Sequence[ClientInfo], p: SelectionPolicy, rng: random.Random
     sized = {c.device_id: size_task(c, p) for c in chosen}
     return Selection(tuple(c.device_id for c in chosen), {d: n for d, (n, _) in sized.items()}, excluded,
                      {d: why for d, (_, why) in sized.items() if why})
+
+
+def why_waiting(sel: Selection, need: int, limit: int = 6) -> str:
+    """One line for an operator: how many devices are eligible against the quorum, and why the
+    others are not, grouped by reason (``busy (cpu > 90%) on 2: pi-1, pi-2; offline on 1: pi-3``)."""
+    import re
+
+    groups: dict[str, list[str]] = {}
+    for dev, why in sorted(sel.excluded.items()):
+        if why == "not drawn this round":
+            continue
+        key = re.sub(r"(cpu|silent for) [\d.]+%?s? ?", r"\1 ", why).replace("  ", " ")
+        groups.setdefault(key, []).append(dev)
+    parts = []
+    for why, devs in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        shown = ", ".join(devs[:limit]) + (f" +{len(devs) - limit}" if len(devs) > limit else "")
+        parts.append(f"{why} on {len(devs)}: {shown}")
+    head = f"{len(sel.selected)} of {need} devices needed are eligible"
+    return head + ("; " + "; ".join(parts) if parts else "; no device is known yet")

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..db import Database, as_database, baseline, connect, migrate, transaction
+from ..db import Database, add_missing_columns, as_database, baseline, connect, migrate, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS fl_runs(
@@ -33,7 +33,11 @@ CREATE TABLE IF NOT EXISTS fl_updates(
 #: columns older files lack
 ADD_COLUMNS = {"fl_updates": {"acked": "INTEGER NOT NULL DEFAULT 0"}}
 #: versioned migrations of the round tables (controller/db.py ``migrate``); 1 is the baseline
-MIGRATIONS = [baseline(SCHEMA, ADD_COLUMNS)]
+MIGRATIONS = [
+    baseline(SCHEMA, ADD_COLUMNS),
+    # 2: why no round can start now, for `round start --wait` (issue 17)
+    lambda db: add_missing_columns(db, {"fl_runs": {"waiting": "TEXT"}}),
+]
 
 
 def pack_head(head: Mapping[str, np.ndarray]) -> bytes:
@@ -58,6 +62,7 @@ class RunRow:
     head: dict[str, np.ndarray] | None
     strategy_state: dict[str, Any] | None
     error: str | None
+    waiting: str | None = None   # why no round can start now (no device eligible, and why), for `round start --wait`
 
 
 @dataclass(frozen=True)
@@ -110,9 +115,9 @@ class RoundStore:
 
     def _run(self, r: tuple) -> RunRow:
         return RunRow(r[0], r[1], r[2], json.loads(r[3]), r[4], r[5], unpack_head(r[6]) if r[6] else None,
-                      json.loads(r[7]) if r[7] else None, r[8])
+                      json.loads(r[7]) if r[7] else None, r[8], r[9])
 
-    _RUN = "id, created, status, config, round_no, global_version, head, strategy_state, error"
+    _RUN = "id, created, status, config, round_no, global_version, head, strategy_state, error, waiting"
 
     def run(self, run_id: str) -> RunRow | None:
         r = self.db.execute(f"SELECT {self._RUN} FROM fl_runs WHERE id=?", (run_id,)).fetchone()
@@ -138,7 +143,8 @@ class RoundStore:
             args.append(v)
         cols.append("updated=?")
         args.append(time.time())
-        self.db.execute(f"UPDATE fl_runs SET {', '.join(cols)} WHERE id=?", args + [run_id])
+        # an operator's stop is final: the runner's later writes (done, failed…) never undo it
+        self.db.execute(f"UPDATE fl_runs SET {', '.join(cols)} WHERE id=? AND status != 'stopped'", args + [run_id])
         self.db.commit()
 
     # -- rounds ------------------------------------------------------------
@@ -163,16 +169,33 @@ class RoundStore:
             self.db.execute("UPDATE fl_runs SET round_no=?, updated=? WHERE id=?", (round_no, time.time(), run_id))
 
     def aggregate_round(self, run_id: str, round_no: int, head: Mapping[str, np.ndarray], version: int,
-                        strategy_state: Mapping[str, Any], metrics: Mapping[str, Any]) -> None:
+                        strategy_state: Mapping[str, Any], metrics: Mapping[str, Any]) -> bool:
         """The new global head and its round's close, in one transaction: a crash never leaves a new
         version whose round is still open (a restart would aggregate it again)."""
         row = self.round(run_id, round_no)
         merged = {**((row.metrics or {}) if row else {}), **metrics}
         with transaction(self.db):
-            self.db.execute("UPDATE fl_runs SET head=?, global_version=?, strategy_state=?, updated=? WHERE id=?",
-                            (pack_head(head), version, json.dumps(dict(strategy_state)), time.time(), run_id))
+            # a run stopped meanwhile (``round stop``, another connection) is never aggregated again
+            if self.db.execute("UPDATE fl_runs SET head=?, global_version=?, strategy_state=?, updated=? "
+                               "WHERE id=? AND status IN ('pending', 'running')",
+                               (pack_head(head), version, json.dumps(dict(strategy_state)), time.time(),
+                                run_id)).rowcount == 0:
+                return False
             self.db.execute("UPDATE fl_rounds SET status='aggregated', finished=?, metrics=? "
                             "WHERE run_id=? AND round_no=?", (time.time(), json.dumps(merged), run_id, round_no))
+        return True
+
+    def stop_run(self, run_id: str, reason: str) -> bool:
+        """End a pending or running run now (``round stop``): the run and its open round become
+        ``stopped`` in one transaction; nothing aggregates after it. False: it had already ended."""
+        now = time.time()
+        with transaction(self.db):
+            if self.db.execute("UPDATE fl_runs SET status='stopped', error=?, updated=? WHERE id=? "
+                               "AND status IN ('pending', 'running')", (reason, now, run_id)).rowcount == 0:
+                return False
+            self.db.execute("UPDATE fl_rounds SET status='stopped', finished=? WHERE run_id=? AND status='running'",
+                            (now, run_id))
+        return True
 
     def mark_task_sent(self, run_id: str, round_no: int, device_id: str) -> None:
         row = self.round(run_id, round_no)
@@ -200,8 +223,8 @@ class RoundStore:
         """Close a round; what ``note_round`` recorded while it ran is kept."""
         row = self.round(run_id, round_no)
         merged = {**((row.metrics or {}) if row else {}), **metrics}
-        self.db.execute("UPDATE fl_rounds SET status=?, finished=?, metrics=? WHERE run_id=? AND round_no=?",
-                        (status, time.time(), json.dumps(merged), run_id, round_no))
+        self.db.execute("UPDATE fl_rounds SET status=?, finished=?, metrics=? WHERE run_id=? AND round_no=? "
+                        "AND status != 'stopped'", (status, time.time(), json.dumps(merged), run_id, round_no))
         self.db.commit()
 
     def _round(self, r: tuple) -> RoundRow:

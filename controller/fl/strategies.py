@@ -108,6 +108,14 @@ class Strategy:
         """One task config per selected client: the runner's base settings plus the strategy's."""
         return {c: {**(base or {}), **self.task_config, "round": round_no} for c in clients}
 
+    def task_tensors(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        """The tensors every task carries: the global head (SCAFFOLD adds its control variate)."""
+        return dict(global_head)
+
+    def expected_update(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        """What an update must look like (names and shapes): the global head's, by default."""
+        return dict(global_head)
+
     # -- decide: the next model ------------------------------------------------------------
     def select(self, results: Sequence[FitResult]) -> list[FitResult]:
         """Which results take part (all, by default)."""
@@ -195,40 +203,63 @@ class FedProx(FedAvg):
 
 class FedOpt(FedAvg):
     """Server optimizers on the pseudo-gradient (the averaged delta), Reddi et al. 2021:
-    m ← β1 m + (1−β1) Δ;  v ← second_moment(v, Δ);  w ← w + η m / (√v + τ), with v₀ = τ²."""
+    m ← β1 m + (1−β1) Δ;  v ← second_moment(v, Δ);  w ← w + η m / (√v + τ), with v₀ = τ².
+
+    ``bias_correction``: Adam's (Kingma & Ba 2015) m̂ = m/(1−β1ᵗ), v̂ = v/(1−β2ᵗ), w ← w + η m̂/(√v̂ + τ),
+    v₀ = 0 — without it the first rounds' steps are (1−β1) times too small. ``flower``: exactly
+    what ``flwr.server.strategy.FedAdam`` computes (v₀ = 0, and its step
+    η·√(1−β2^(t+1))/(1−β1^(t+1)) · m/(√v + τ), t the 1-based round) — for comparisons."""
 
     def __init__(self, eta: float = 0.1, beta1: float = 0.9, beta2: float = 0.99, tau: float = 1e-3,
-                 staleness: str = "sqrt") -> None:
+                 staleness: str = "sqrt", bias_correction: bool = False, flower: bool = False) -> None:
         super().__init__(staleness)
         if eta <= 0 or not 0 <= beta1 < 1 or not 0 <= beta2 < 1 or tau <= 0:
             raise ValueError("FedOpt needs eta > 0, 0 <= beta1, beta2 < 1, tau > 0")
+        if not isinstance(bias_correction, bool) or not isinstance(flower, bool):
+            raise ValueError("bias_correction and flower must be true or false")
+        if bias_correction and flower:
+            raise ValueError("give bias_correction or flower, not both (flower has its own correction)")
         self.eta, self.beta1, self.beta2, self.tau = eta, beta1, beta2, tau
+        self.bias_correction, self.flower = bias_correction, flower
         self.m: dict[str, np.ndarray] = {}
         self.v: dict[str, np.ndarray] = {}
+        self.t = 0
 
     def second_moment(self, v: np.ndarray, d: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
     def apply(self, global_head: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Head:
         out = {}
+        self.t += 1
+        t = self.t
+        v0 = 0.0 if (self.bias_correction or self.flower) else self.tau ** 2
         for k, g in global_head.items():
             d = np.asarray(delta[k], np.float64)
-            m = self.m.get(k, np.zeros_like(d))
-            v = self.v.get(k, np.full_like(d, self.tau ** 2))
+            m = np.asarray(self.m.get(k, np.zeros_like(d)), np.float64)
+            v = np.asarray(self.v.get(k, np.full_like(d, v0)), np.float64)
             if m.shape != d.shape:  # the head changed shape (a new bundle): restart the optimizer
-                m, v = np.zeros_like(d), np.full_like(d, self.tau ** 2)
+                m, v = np.zeros_like(d), np.full_like(d, v0)
             m = self.beta1 * m + (1 - self.beta1) * d
             v = self.second_moment(v, d)
             self.m[k], self.v[k] = m.astype(np.float32), v.astype(np.float32)
-            out[k] = (np.asarray(g, np.float32) + self.eta * m / (np.sqrt(v) + self.tau)).astype(np.float32)
+            if self.flower:
+                eta_t = self.eta * math.sqrt(1 - self.beta2 ** (t + 1.0)) / (1 - self.beta1 ** (t + 1.0))
+                step = eta_t * m / (np.sqrt(v) + self.tau)
+            elif self.bias_correction:
+                step = self.eta * (m / (1 - self.beta1 ** t)) / (np.sqrt(v / (1 - self.beta2 ** t)) + self.tau)
+            else:
+                step = self.eta * m / (np.sqrt(v) + self.tau)
+            out[k] = (np.asarray(g, np.float64) + step).astype(np.float32)
         return out
 
     def to_state(self) -> dict[str, Any]:
-        return {"m": {k: v.tolist() for k, v in self.m.items()}, "v": {k: v.tolist() for k, v in self.v.items()}}
+        return {"m": {k: v.tolist() for k, v in self.m.items()}, "v": {k: v.tolist() for k, v in self.v.items()},
+                "t": self.t}
 
     def load_state(self, state: Mapping[str, Any]) -> None:
         self.m = {k: np.asarray(v, np.float32) for k, v in (state.get("m") or {}).items()}
         self.v = {k: np.asarray(v, np.float32) for k, v in (state.get("v") or {}).items()}
+        self.t = int(state.get("t") or (1 if self.m else 0))
 
 
 class FedAdam(FedOpt):
@@ -328,8 +359,121 @@ class FedBuff(FedAvg):
         return self.eta * super().dp_sensitivity(results)
 
 
+# -- non-IID: strategies that change the *server* step ----------------------------------------
+# * FedAvgM — Hsu, Qi & Brown 2019, "Measuring the effects of non-identical data distribution"
+# (and Cheng et al. 2023, "Momentum benefits non-IID federated learning simply and provably"):
+# server momentum on the averaged delta Δ, v ← β v + Δ; w ← w + η v. Flower's ``FedAvgM``
+# writes the same step with the pseudo-gradient −Δ.
+# * SCAFFOLD — Karimireddy et al. 2020, Algorithm 1 with option II. The server keeps a control
+# variate c per federated tensor; the task carries it (``task_tensors``: ``cv.<name>``); the
+# client corrects every local gradient by (c − cᵢ), then sends its model delta Δyᵢ *and* its
+# control-variate delta Δcᵢ (``cv.<name>`` tensors in the same update). The server steps
+# x ← x + η_g · mean(Δy) and c ← c + |S|/N · mean(Δc), N the fleet size (``num_clients``, or
+# the number of distinct devices seen so far when 0). Each client's own cᵢ lives on the device
+# (``agent.learning.scaffold``), across rounds and restarts.
+
+CV = "cv."   # tensor-name prefix of control variates on the wire
+
+
+class FedAvgM(FedAvg):
+    """Sample-weighted mean, then server momentum: v ← β v + Δ;  w ← w + η v."""
+
+    name = "fedavgm"
+
+    def __init__(self, eta: float = 1.0, beta: float = 0.9, staleness: str = "sqrt") -> None:
+        super().__init__(staleness)
+        if eta <= 0 or not 0 <= beta < 1:
+            raise ValueError("FedAvgM needs eta > 0 and 0 <= beta < 1")
+        self.eta, self.beta = eta, beta
+        self.v: dict[str, np.ndarray] = {}
+
+    def apply(self, global_head: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Head:
+        out = {}
+        for k, g in global_head.items():
+            d = np.asarray(delta[k], np.float64)
+            v = np.asarray(self.v.get(k, np.zeros_like(d)), np.float64)
+            if v.shape != d.shape:   # a new head shape: restart the momentum
+                v = np.zeros_like(d)
+            v = self.beta * v + d
+            self.v[k] = v.astype(np.float32)
+            out[k] = (np.asarray(g, np.float64) + self.eta * v).astype(np.float32)
+        return out
+
+    def dp_sensitivity(self, results: Sequence[FitResult]) -> float:
+        return self.eta * super().dp_sensitivity(results)
+
+    def to_state(self) -> dict[str, Any]:
+        return {"v": {k: v.tolist() for k, v in self.v.items()}}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.v = {k: np.asarray(v, np.float32) for k, v in (state.get("v") or {}).items()}
+
+
+class Scaffold(FedAvg):
+    """SCAFFOLD's server (option II): uniform means of Δy and Δc over the round's clients."""
+
+    name = "scaffold"
+
+    def __init__(self, eta: float = 1.0, num_clients: int = 0) -> None:
+        super().__init__("constant")
+        if eta <= 0 or not isinstance(num_clients, int) or num_clients < 0:
+            raise ValueError("SCAFFOLD needs eta > 0 and num_clients >= 0 (0: the devices seen so far)")
+        self.eta, self.num_clients = eta, num_clients
+        self.c: dict[str, np.ndarray] = {}
+        self.seen: set[str] = set()
+        self.task_config = {"scaffold": True}
+
+    # -- what travels ----------------------------------------------------------------------
+    def control(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        """The server control variate c (zeros until the first round aggregated)."""
+        return {k: (self.c[k] if k in self.c and self.c[k].shape == np.shape(v)
+                    else np.zeros(np.shape(v), np.float32)) for k, v in global_head.items()}
+
+    def task_tensors(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        return {**{k: np.asarray(v, np.float32) for k, v in global_head.items()},
+                **{CV + k: v for k, v in self.control(global_head).items()}}
+
+    def expected_update(self, global_head: Mapping[str, np.ndarray]) -> Head:
+        return self.task_tensors(global_head)
+
+    # -- decide ----------------------------------------------------------------------------
+    def combine(self, results: Sequence[FitResult]) -> dict[str, np.ndarray]:
+        ys = [{k: v for k, v in r.update.items() if not k.startswith(CV)} for r in results]
+        cs = [{k[len(CV):]: v for k, v in r.update.items() if k.startswith(CV)} for r in results]
+        if any(set(c) != set(y) for c, y in zip(cs, ys)):
+            raise ValueError("a SCAFFOLD update must carry a control-variate delta for every tensor")
+        ones = [1.0] * len(results)
+        dy = agg.weighted_average(ys, ones)
+        dc = agg.weighted_average(cs, ones)
+        self.seen.update(r.client_id for r in results if r.client_id)
+        n_total = self.num_clients or max(len(self.seen), len(results))
+        frac = min(1.0, len(results) / n_total)
+        for k, v in dc.items():
+            old = self.c.get(k)
+            base = old.astype(np.float64) if old is not None and old.shape == v.shape else np.zeros(v.shape)
+            self.c[k] = (base + frac * v.astype(np.float64)).astype(np.float32)
+        return {k: (self.eta * v.astype(np.float64)).astype(np.float32) for k, v in dy.items()}
+
+    def apply(self, global_head: Mapping[str, np.ndarray], delta: Mapping[str, np.ndarray]) -> Head:
+        return {k: (np.asarray(global_head[k], np.float32) + delta[k]).astype(np.float32)
+                for k in global_head if not k.startswith(CV)}
+
+    def dp_sensitivity(self, results: Sequence[FitResult]) -> float:
+        return self.eta / max(1, len(results))
+
+    # -- state -----------------------------------------------------------------------------
+    def to_state(self) -> dict[str, Any]:
+        return {"c": {k: v.tolist() for k, v in self.c.items()}, "seen": sorted(self.seen)}
+
+    def load_state(self, state: Mapping[str, Any]) -> None:
+        self.c = {k: np.asarray(v, np.float32) for k, v in (state.get("c") or {}).items()}
+        self.seen = set(state.get("seen") or ())
+
+
 STRATEGIES: dict[str, type[Strategy]] = {c.name: c for c in (FedAvg, FedProx, FedAdam, FedYogi, Median, TrimmedMean,
-                                                               Krum, MultiKrum, FedBuff)}
+                                                               Krum, MultiKrum, FedBuff, FedAvgM, Scaffold)}
+
+
 
 
 def make(name: str, **params: Any) -> Strategy:

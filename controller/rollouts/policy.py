@@ -16,7 +16,11 @@ Rules, in the order they are applied on every tick:
    canary must have at least one device ``applied`` to open the next wave; a canary that
    reaches its timeout with none aborts. Offline devices never hold a wave back: their
    desired version is set, and they update when they return.
-5. The last wave finished → ``done``.
+5. Soak: a finished wave counts as healthy only ``soak_s`` after it finished (``soak_started``,
+   persisted by the runner). Rules 2 and 3 keep running over the soak on the updated devices'
+   live telemetry, so a device whose model degrades after "applied" stops the rollout before
+   the next wave. The wave timeout does not cut a soak short.
+6. The last wave finished and soaked → ``done``.
 
 Abort means: every device of the rollout is sent back to the version it ran before
 (the runner sets its desired bundle back), and unreleased waves are skipped.
@@ -64,6 +68,7 @@ class RolloutPolicy:
     max_confidence_drop: float | None = None
     max_accuracy_drop: float | None = None
     min_metric_devices: int = 1
+    soak_s: float = 0.0     # 0: a finished wave counts at once (registries made before soaking)
 
     def __post_init__(self) -> None:
         if not (0 <= self.canary < 1):
@@ -74,6 +79,8 @@ class RolloutPolicy:
             raise RolloutConfigError("max_failures must be >= 0")
         if not self.wave_timeout_s > 0:
             raise RolloutConfigError("wave_timeout_s must be > 0")
+        if not 0 <= self.soak_s <= 7 * 86400:
+            raise RolloutConfigError("soak_s must be 0 s .. 7 days")
         for name in ("max_confidence_drop", "max_accuracy_drop"):
             v = getattr(self, name)
             if v is not None and not (0 <= v <= 1):
@@ -82,7 +89,8 @@ class RolloutPolicy:
     def to_dict(self) -> dict[str, Any]:
         return {"canary": self.canary, "batch": self.batch, "max_failures": self.max_failures,
                 "wave_timeout_s": self.wave_timeout_s, "max_confidence_drop": self.max_confidence_drop,
-                "max_accuracy_drop": self.max_accuracy_drop, "min_metric_devices": self.min_metric_devices}
+                "max_accuracy_drop": self.max_accuracy_drop, "min_metric_devices": self.min_metric_devices,
+                "soak_s": self.soak_s}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RolloutPolicy":
@@ -120,7 +128,7 @@ class Slot:
 
 @dataclass(frozen=True)
 class Decision:
-    action: str                      # none | release | abort | done
+    action: str                      # none | soak | release | abort | done
     wave: int = 0                    # the wave to release
     reason: str = ""
     timed_out: tuple[str, ...] = ()  # devices to mark 'timeout'
@@ -128,8 +136,9 @@ class Decision:
 
 
 def decide(now: float, policy: RolloutPolicy, wave: int, wave_started: float, n_waves: int,
-           slots: Sequence[Slot]) -> Decision:
-    """What to do next for a running rollout whose wave ``wave`` opened at ``wave_started``."""
+           slots: Sequence[Slot], soak_started: float | None = None) -> Decision:
+    """What to do next for a running rollout whose wave ``wave`` opened at ``wave_started`` (and
+    finished, starting its soak, at ``soak_started``). ``soak``: persist ``now`` as the soak's start."""
     released = [s for s in slots if s.wave <= wave]
     current = [s for s in slots if s.wave == wave]
     timed_out: tuple[str, ...] = ()
@@ -160,6 +169,32 @@ def decide(now: float, policy: RolloutPolicy, wave: int, wave_started: float, n_
         if timed_out or now - wave_started >= policy.wave_timeout_s:
             return Decision("abort", wave, "no canary device completed the update", timed_out, figures)
         return Decision("none", wave, "waiting for a canary device to come online", timed_out, figures)
+    if policy.soak_s > 0:
+        if soak_started is None:
+            return Decision("soak", wave, f"wave {wave} finished; soaking {policy.soak_s:g} s", timed_out, figures)
+        left = policy.soak_s - (now - soak_started)
+        if left > 0:
+            figures["soak_left_s"] = round(left, 1)
+            return Decision("none", wave, f"wave {wave} soaking, {left:.0f} s left", timed_out, figures)
     if wave + 1 < n_waves:
         return Decision("release", wave + 1, f"wave {wave} finished", timed_out, figures)
     return Decision("done", wave, "every wave finished", timed_out, figures)
+
+
+def fleet_metrics(models: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Fleet figures over the updated devices' live model telemetry (what each device reported for the
+    new version since it started serving it): mean confidence, input error rate, p95 latency."""
+    ms = [m for m in models if isinstance(m, Mapping)]
+    n = sum(int(m.get("inferences") or 0) for m in ms)
+    errs = sum(int(m.get("input_errors") or 0) for m in ms)
+    confs = [float(m["mean_confidence"]) for m in ms if isinstance(m.get("mean_confidence"), (int, float))]
+    p95 = [float(m["latency_ms"]["p95_ms"]) for m in ms if isinstance(m.get("latency_ms"), Mapping)
+           and isinstance(m["latency_ms"].get("p95_ms"), (int, float))]
+    out: dict[str, Any] = {"devices": len(ms), "inferences": n}
+    if confs:
+        out["mean_confidence"] = round(sum(confs) / len(confs), 5)
+    if n + errs:
+        out["error_rate"] = round(errs / (n + errs), 5)
+    if p95:
+        out["p95_latency_ms"] = round(max(p95), 3)
+    return out

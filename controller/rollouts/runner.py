@@ -34,7 +34,7 @@ from protocol.mqttlink import Message
 from protocol.patch import version_key
 
 from .store import Artifact, Desired, RolloutRow, RolloutStore
-from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide, is_integrity_refusal
+from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide, fleet_metrics, is_integrity_refusal
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..channel import ControlChannel
@@ -136,11 +136,12 @@ class RolloutRunner:
                 tokens -= self._send_chunk(*item)
 
     def tick(self, now: float) -> None:
-        running = self.store.rollouts(status="running")
-        self.counts["running"] = len(running)
+        self.counts["running"] = len(self.store.rollouts(status="running"))
         if not self.owns(now):
             return
-        for r in running:
+        for r in self.store.rollouts(status="aborting"):   # an operator's abort, persisted by the CLI
+            self.abort(r, r.reason or "aborted by the operator", r.figures, now, keep_updated=r.keep_updated)
+        for r in self.store.rollouts(status="running"):
             self.advance(r, now)
         self.reconcile(time.monotonic())
         self.registry.commit()
@@ -152,35 +153,54 @@ class RolloutRunner:
             self.release(r, 0, now)
             return
         devices = {d.id: d for d in self.registry.devices()}
-        slots = []
+        slots, models = [], []
         for s in self.store.slots(r.id):
             dev = devices.get(s.device_id)
             after = s.conf_after
-            if s.status == "applied" and after is None:
-                after = live_confidence(dev, r.version)
-                if after is not None:
+            if s.status == "applied":
+                # the device's running mean over the new version, refreshed every tick of the wave and
+                # its soak: the fleet gate judges what the devices saw since they switched
+                live = live_confidence(dev, r.version)
+                if live is not None and live != after:
+                    after = live
                     self.store.update_slot(r.id, s.device_id, conf_after=after)
+                m = ((dev.telemetry or {}).get("model") if dev else None) or {}
+                if isinstance(m, dict) and m.get("version") == r.version:
+                    models.append(m)
             slots.append(Slot(s.device_id, s.wave, s.status, bool(dev and dev.online), s.conf_before, after,
                               s.acc_before, s.acc_after))
-        d = decide(now, policy, r.wave, r.wave_started or now, r.waves, slots)
+        d = decide(now, policy, r.wave, r.wave_started or now, r.waves, slots, r.soak_started)
+        figures = {**d.figures, "fleet": fleet_metrics(models)}
         for dev_id in d.timed_out:
             self.store.update_slot(r.id, dev_id, status="timeout", reason="did not finish within the wave timeout")
             self._send_back(r, dev_id)
         if d.action == "release":
             self.release(r, d.wave, now)
+        elif d.action == "soak":
+            log.info("rollout %s: %s", r.id, d.reason)
+            self.store.update_rollout(r.id, expect=("running",), soak_started=now, figures=figures)
         elif d.action == "abort":
-            log.warning("rollout %s aborted: %s", r.id, d.reason)
-            for s in self.store.slots(r.id):
-                if s.status == "pending":
-                    self.store.update_slot(r.id, s.device_id, status="skipped", reason="rollout aborted")
-                else:
-                    self._send_back(r, s.device_id)
-            self.store.update_rollout(r.id, status="aborted", reason=d.reason, figures=d.figures, finished=now)
+            self.abort(r, d.reason, figures, now)
         elif d.action == "done":
-            log.info("rollout %s done: %s", r.id, d.figures)
-            self.store.update_rollout(r.id, status="done", reason=d.reason, figures=d.figures, finished=now)
-        elif d.figures != r.figures:
-            self.store.update_rollout(r.id, figures=d.figures)
+            log.info("rollout %s done: %s", r.id, figures)
+            self.store.update_rollout(r.id, expect=("running",), status="done", reason=d.reason, figures=figures,
+                                      finished=now)
+        elif figures != r.figures:
+            self.store.update_rollout(r.id, figures=figures)
+
+    def abort(self, r: RolloutRow, reason: str, figures: dict[str, Any], now: float,
+              keep_updated: bool = False) -> None:
+        """Stop the waves: unreleased devices are skipped; released ones go back to the version they ran
+        before, except (``keep_updated``, an operator's choice) those that already applied it. Each step
+        is idempotent, so an abort cut by a restart is finished by the next tick."""
+        log.warning("rollout %s aborted: %s", r.id, reason)
+        for s in self.store.slots(r.id):
+            if s.status == "pending":
+                self.store.update_slot(r.id, s.device_id, status="skipped", reason="rollout aborted")
+            elif not (keep_updated and s.status == "applied"):
+                self._send_back(r, s.device_id)
+        self.store.update_rollout(r.id, expect=("running", "aborting"), status="aborted", reason=reason,
+                                  figures=figures, finished=now)
 
     def release(self, r: RolloutRow, wave: int, now: float) -> None:
         devices = {d.id: d for d in self.registry.devices()}
@@ -196,7 +216,7 @@ class RolloutRunner:
                     self.store.update_slot(prev_rid, s.device_id, status="superseded", reason=f"superseded by {r.id}")
             self.store.update_slot(r.id, s.device_id, status="released", conf_before=live_confidence(dev))
             self.set_desired(s.device_id, r.bundle_sha256, r.version, r.id)
-        self.store.update_rollout(r.id, wave=wave, wave_started=now)
+        self.store.update_rollout(r.id, wave=wave, wave_started=now, soak_started=None)
         log.info("rollout %s: wave %d of %d released", r.id, wave + 1, r.waves)
 
     def _send_back(self, r: RolloutRow, device_id: str) -> None:

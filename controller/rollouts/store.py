@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..db import Database, as_database, baseline, connect, end_read, has_table, migrate, transaction
+from ..db import Database, add_missing_columns, as_database, baseline, connect, end_read, has_table, migrate, transaction
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS artifacts(
@@ -50,7 +50,13 @@ ADD_COLUMNS = {"rollout_devices": {"acc_before": "REAL", "acc_after": "REAL"},
                "artifacts": {"made_from": "TEXT", "quarantined": "REAL", "quarantine_reason": "TEXT"},
                "rollouts": {"artifact_id": "TEXT"}}
 #: versioned migrations of the rollout tables (controller/db.py ``migrate``); 1 is the baseline
-MIGRATIONS = [baseline(SCHEMA, ADD_COLUMNS)]
+MIGRATIONS = [
+    baseline(SCHEMA, ADD_COLUMNS),
+    # 2: operator control and soaking (issue 17): when the current wave's soak began, when it was
+    # paused, and an abort that keeps devices that already applied the new version
+    lambda db: add_missing_columns(db, {"rollouts": {"soak_started": "REAL", "paused_at": "REAL",
+                                                     "keep_updated": "INTEGER"}}),
+]
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,7 @@ _A = "id, kind, name, version, bundle_sha256, base_sha256, path, size, made_from
 class RolloutRow:
     id: str
     created: float
-    status: str            # running | done | aborted
+    status: str            # running | paused | aborting | done | aborted
     version: str
     bundle_sha256: str
     policy: dict[str, Any]
@@ -94,6 +100,9 @@ class RolloutRow:
     figures: dict[str, Any]
     finished: float | None
     artifact_id: str | None = None   # the artifact it was made from (None: rollbacks, older registries)
+    soak_started: float | None = None   # when the current wave finished and its soak began
+    paused_at: float | None = None
+    keep_updated: bool = False          # an operator's abort that leaves applied devices on the new version
 
 
 @dataclass(frozen=True)
@@ -251,14 +260,16 @@ class RolloutStore:
                                     (rid, d, w, "pending", sha, ver, now))
 
     _R = ("id, created, status, version, bundle_sha256, policy, selector, waves, wave, wave_started, reason, "
-          "figures, finished, artifact_id")
+          "figures, finished, artifact_id, soak_started, paused_at, keep_updated")
 
     def _rollout(self, r: Iterable[Any]) -> RolloutRow:
-        (id_, created, status, version, sha, policy, selector, waves, wave, ws, reason, figures, fin, aid) = r
+        (id_, created, status, version, sha, policy, selector, waves, wave, ws, reason, figures, fin, aid,
+         soak, paused, keep) = r
         selector = json.loads(selector)
         return RolloutRow(id_, created, status, version, sha, json.loads(policy), selector, waves, wave,
                           ws, reason, json.loads(figures) if figures else {}, fin,
-                          aid or selector.get("artifact"))   # deploys before the column: the selector has it
+                          aid or selector.get("artifact"),   # deploys before the column: the selector has it
+                          soak, paused, bool(keep))
 
     def rollout(self, rid: str) -> RolloutRow | None:
         r = self.db.execute(f"SELECT {self._R} FROM rollouts WHERE id=?", (rid,)).fetchone()
@@ -273,12 +284,43 @@ class RolloutStore:
         args.append(limit)
         return [self._rollout(r) for r in self.db.execute(q, args)]
 
-    def update_rollout(self, rid: str, **fields: Any) -> None:
+    def update_rollout(self, rid: str, expect: tuple[str, ...] | None = None, **fields: Any) -> bool:
+        """Set fields; with ``expect``, only while the rollout's status is one of those (the runner's
+        writes never undo an operator's pause or abort made meanwhile). True when a row changed."""
         if "figures" in fields:
             fields["figures"] = json.dumps(fields["figures"])
         fields["updated"] = time.time()
         cols = ", ".join(f"{k}=?" for k in fields)
-        self.db.execute(f"UPDATE rollouts SET {cols} WHERE id=?", (*fields.values(), rid))
+        q, args = f"UPDATE rollouts SET {cols} WHERE id=?", [*fields.values(), rid]
+        if expect:
+            q += f" AND status IN ({','.join('?' * len(expect))})"
+            args += list(expect)
+        return self.db.execute(q, args).rowcount > 0
+
+    # -- operator control: persisted before anything acts on it (the runner reads it every tick) --
+    def pause(self, rid: str, now: float | None = None) -> bool:
+        """Hold the rollout: no wave is released, no wave timeout or soak runs out while paused."""
+        with transaction(self.db):
+            return self.db.execute("UPDATE rollouts SET status='paused', paused_at=?, updated=? "
+                                   "WHERE id=? AND status='running'",
+                                   (now or time.time(), time.time(), rid)).rowcount > 0
+
+    def resume(self, rid: str, now: float | None = None) -> bool:
+        """Carry on where it was paused: the wave's clocks (timeout, soak) move on by the pause."""
+        now = now or time.time()
+        with transaction(self.db):
+            return self.db.execute(
+                "UPDATE rollouts SET status='running', wave_started=wave_started + (? - paused_at), "
+                "soak_started=soak_started + (? - paused_at), paused_at=NULL, updated=? "
+                "WHERE id=? AND status='paused'", (now, now, time.time(), rid)).rowcount > 0
+
+    def request_abort(self, rid: str, reason: str, keep_updated: bool = False) -> bool:
+        """Mark the rollout ``aborting``; ``fleetctl serve`` carries the abort out (and again after a
+        restart, until it is ``aborted``)."""
+        with transaction(self.db):
+            return self.db.execute("UPDATE rollouts SET status='aborting', reason=?, keep_updated=?, updated=? "
+                                   "WHERE id=? AND status IN ('running', 'paused')",
+                                   (reason, 1 if keep_updated else 0, time.time(), rid)).rowcount > 0
 
     def slots(self, rid: str) -> list[SlotRow]:
         return [SlotRow(*r) for r in self.db.execute(

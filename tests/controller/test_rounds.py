@@ -231,7 +231,8 @@ def test_the_runner_sends_what_the_strategy_configures(store):
                 reject=lambda *a: None).tick(1e12)
     [(topic, payload)] = sent
     body = decode_frame(payload).envelope.body
-    assert topic == Topics().cmd("a") and body["prox_mu"] == 0.1 and body["steps"] == 20
+    # fl.task is a binary frame: it travels on the bin topic (cmd carries only JSON)
+    assert topic == Topics().bin("a") and body["prox_mu"] == 0.1 and body["steps"] == 20
 
 
 def test_steps_asked_stay_on_a_fast_device_and_lowering_is_recorded(store):

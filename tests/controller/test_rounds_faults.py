@@ -184,7 +184,7 @@ def test_a_task_is_marked_sent_only_when_the_broker_acknowledged_it(store):
     store.create_run("r1", RunConfig(rounds=1, clients=2, min_clients=2, deadline_s=60).to_dict(), G)
     runner = runner_for(store, broker)
     runner.tick(1e12)
-    assert sorted(t for t, _, _ in broker.frames("fl.task")) == [Topics().cmd("a"), Topics().cmd("b")]
+    assert sorted(t for t, _, _ in broker.frames("fl.task")) == [Topics().bin("a"), Topics().bin("b")]
     assert store.round("r1", 1).tasks_sent == frozenset()      # handed to paho is not sent
     runner.tick(1e12 + 0.5)
     assert len(broker.frames("fl.task")) == 2                   # in flight: not published twice
@@ -194,7 +194,7 @@ def test_a_task_is_marked_sent_only_when_the_broker_acknowledged_it(store):
     fb.set_result(False)                                        # the link went down before the PUBACK
     runner.tick(1e12 + 1)
     again = [t for t, _, _ in broker.frames("fl.task")]
-    assert len(again) == 3 and again[-1] == Topics().cmd("b")  # re-sent, because it was not acknowledged
+    assert len(again) == 3 and again[-1] == Topics().bin("b")  # re-sent, because it was not acknowledged
     broker.frames("fl.task")[-1][2].set_result(True)
     assert store.round("r1", 1).tasks_sent == frozenset({"a", "b"})
 

@@ -97,7 +97,7 @@ def test_inputs_are_never_mutated_and_fast_average_matches():
 
 def test_registry_of_strategies():
     assert set(STRATEGIES) == {"fedavg", "fedprox", "fedadam", "fedyogi", "median", "trimmed_mean", "krum",
-                               "multikrum", "fedbuff"}
+                               "multikrum", "fedbuff", "fedavgm", "scaffold"}
     with pytest.raises(KeyError, match="unknown strategy"):
         make("fedmagic")
     with pytest.raises(ValueError, match="bad parameters"):

@@ -9,7 +9,8 @@ from pathlib import Path
 from .waiting import Probe, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1"}
+# FLEETCTL_DEPLOY_SOAK: rollouts in tests soak only where a test asks for it (``deploy --soak``)
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONUNBUFFERED": "1", "FLEETCTL_DEPLOY_SOAK": "0s"}
 
 
 def agent_config(tmp: Path, dev: str, broker: str, interval: float = 0.3, extra: str = "") -> Path:

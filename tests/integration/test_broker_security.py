@@ -40,12 +40,10 @@ def start_broker(tmp_path: Path, auth: str = "mtls"):
     init_ca(other)
     issue_client(other, "pi-a")
     port = free_port()
-    text = (CONF / "mosquitto.conf").read_text()
+    # the conf.d snippet, behind what Debian's main file would set (a log file; no persistence here)
+    text = f"log_dest file {tmp_path / 'mosquitto.log'}\n" + (CONF / "edgefleet.conf").read_text()
     text = (text.replace("listener 8883", f"listener {port} 127.0.0.1")
-            .replace("/etc/mosquitto/edgefleet/", f"{pki}/")
-            .replace("persistence true", "persistence false")
-            .replace("log_dest syslog", f"log_dest file {tmp_path / 'mosquitto.log'}")
-            .replace("persistence_location /var/lib/mosquitto/", ""))
+            .replace("/etc/mosquitto/edgefleet/", f"{pki}/"))
     if auth == "password":
         text = (text.replace("\nrequire_certificate true\nuse_identity_as_username true\n", "\n")
                 .replace("#require_certificate false", "require_certificate false")
@@ -170,7 +168,7 @@ def test_mtls_acl_and_controller_only_commands(tmp_path, tls_broker):
                      what="pi-a over mTLS")
         assert d.telemetry["link"]["connects"] == 1
         # the controller can command the device
-        ping = subprocess.run([sys.executable, "-m", "controller.cli", "--config", str(ctl_cfg), "cmd", "pi-a", "ping"],
+        ping = subprocess.run([sys.executable, "-m", "controller.cli", "--config", str(ctl_cfg), "cmd", "pi-a", "ping", "--json"],
                               capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=30)
         assert ping.returncode == 0, ping.stdout + ping.stderr
         assert json.loads(ping.stdout)["result"]["pong"] is True

@@ -87,7 +87,7 @@ def test_no_client_pushes_another_off_and_the_cli_has_its_own_identity(tmp_path,
         assert connected_as(tmp_path, "controller") == 1
 
         # 3. the CLI under its own certificate: commands and a live follow while serve stays connected
-        ping = fleetctl(cli_cfg, "cmd", "pi-a", "ping")
+        ping = fleetctl(cli_cfg, "cmd", "pi-a", "ping", "--json")
         assert ping.returncode == 0, ping.stdout + ping.stderr
         assert json.loads(ping.stdout)["result"]["pong"] is True
         follow = subprocess.Popen([sys.executable, "-m", "controller.cli", "--config", str(cli_cfg), "telemetry",

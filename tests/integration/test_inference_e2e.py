@@ -34,15 +34,17 @@ def test_agent_serves_int8_onnx_and_litert_over_mqtt(tmp_path, mosquitto, exampl
         # request/response on both runtimes; a bad request gets a clear error, the next one works
         for dev in ("onnx-1", "tfl-1"):
             wait_for(lambda: (v := device(db, dev)) and v.online, what=f"{dev} online")
-            good = fleetctl("--broker", mosquitto.url, "infer", dev, "--npy", str(tmp_path / "x.npy"), "--row", "3")
+            good = fleetctl("--broker", mosquitto.url, "infer", dev, "--npy", str(tmp_path / "x.npy"), "--row", "3",
+                            "--json")
             assert good.returncode == 0, good.stdout + good.stderr
             r = json.loads(good.stdout)["result"]
             assert r["label"] == int(y[3]) and r["path"] == "local" and 0 < r["confidence"] <= 1
-            bad = fleetctl("--broker", mosquitto.url, "infer", dev, "--x", "[1, 2, 3]")
+            bad = fleetctl("--broker", mosquitto.url, "infer", dev, "--x", "[1, 2, 3]", "--json")
             assert bad.returncode == 1 and "shape" in json.loads(bad.stdout)["error"]
-            nan = fleetctl("--broker", mosquitto.url, "infer", dev, "--x", json.dumps([99.0] * 64))
+            nan = fleetctl("--broker", mosquitto.url, "infer", dev, "--x", json.dumps([99.0] * 64), "--json")
             assert nan.returncode == 1 and "outside the model's range" in json.loads(nan.stdout)["error"]
-            again = fleetctl("--broker", mosquitto.url, "infer", dev, "--npy", str(tmp_path / "x.npy"), "--row", "4")
+            again = fleetctl("--broker", mosquitto.url, "infer", dev, "--npy", str(tmp_path / "x.npy"), "--row", "4",
+                             "--json")
             assert again.returncode == 0 and json.loads(again.stdout)["result"]["label"] == int(y[4])
 
         # streaming replay → per-interval summaries with real accuracy
@@ -69,7 +71,7 @@ def test_bad_bundle_is_refused_and_the_agent_keeps_running(tmp_path, mosquitto, 
     try:
         add_agent("bad-1", extra=f'[model]\nbundle = "{bad}"\n')
         wait_for(lambda: (v := device(db, "bad-1")) and v.online, what="bad-1 online without a model")
-        out = fleetctl("--broker", mosquitto.url, "infer", "bad-1", "--x", json.dumps([0.0] * 64))
+        out = fleetctl("--broker", mosquitto.url, "infer", "bad-1", "--x", json.dumps([0.0] * 64), "--json")
         assert out.returncode == 1 and "no model loaded" in json.loads(out.stdout)["error"]
         from controller.registry import Registry
 

@@ -44,7 +44,7 @@ def test_agent_learns_from_drifted_labelled_stream_and_persists(tmp_path, mosqui
 
         # feedback: label an earlier unlabelled request later; an unknown id is refused
         reply = json.loads(fleetctl("--broker", mosquitto.url, "infer", "learn-1", "--npy",
-                                    str(tmp_path / "xte.npy"), "--row", "0").stdout)
+                                    str(tmp_path / "xte.npy"), "--row", "0", "--json").stdout)
         assert reply["ok"]
         before = device(db, "learn-1").telemetry["learning"]["labelled"]
         ok = _feedback(mosquitto, reply["request_id"], int(yte[0]))
@@ -63,7 +63,7 @@ def test_agent_learns_from_drifted_labelled_stream_and_persists(tmp_path, mosqui
         right = 0
         for i in range(20):
             r = json.loads(fleetctl("--broker", mosquitto.url, "infer", "learn-1", "--npy", str(tmp_path / "xte.npy"),
-                                    "--row", str(i)).stdout)
+                                    "--row", str(i), "--json").stdout)
             right += r["result"]["label"] == int(yte[i])
         assert right >= 19
     finally:
@@ -73,5 +73,5 @@ def test_agent_learns_from_drifted_labelled_stream_and_persists(tmp_path, mosqui
 
 
 def _feedback(mosquitto, request_id: str, label: int) -> dict:
-    out = fleetctl("--broker", mosquitto.url, "feedback", "learn-1", request_id, str(label))
+    out = fleetctl("--broker", mosquitto.url, "feedback", "learn-1", request_id, str(label), "--json")
     return json.loads(out.stdout)

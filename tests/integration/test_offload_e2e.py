@@ -19,7 +19,7 @@ def worker(url, bundle, wid, log):
 
 
 def infer(url, dev, npy, row):
-    out = fleetctl("--broker", url, "infer", dev, "--npy", str(npy), "--row", str(row))
+    out = fleetctl("--broker", url, "infer", dev, "--npy", str(npy), "--row", str(row), "--json")
     assert out.returncode == 0, out.stdout + out.stderr
     return json.loads(out.stdout)["result"]
 
@@ -47,7 +47,7 @@ def test_low_confidence_goes_to_the_workers_and_falls_back_when_they_die(tmp_pat
         assert {r["worker"] for r in results} == {"w0", "w1"}, "two workers share the load"
         assert all("local" in r and r["remote_ms"] > 0 for r in results)
         # raw mode goes to the worker's full model
-        out = fleetctl("--broker", mosquitto.url, "offload", "set", "--device", "off-1", "--mode", "raw")
+        out = fleetctl("--broker", mosquitto.url, "offload", "set", "--to", "off-1", "--mode", "raw")
         assert out.returncode == 0, out.stdout + out.stderr
         r = infer(mosquitto.url, "off-1", tmp_path / "x.npy", 3)
         assert r["path"] == "remote" and r["label"] == int(y[3])
@@ -68,11 +68,11 @@ def test_low_confidence_goes_to_the_workers_and_falls_back_when_they_die(tmp_pat
         assert json.loads(st.stdout)["devices"]["off-1"]["timeouts"] >= 1
 
         # a confident answer stays local (threshold 0.5)
-        assert fleetctl("--broker", mosquitto.url, "offload", "set", "--device", "off-1", "--threshold",
+        assert fleetctl("--broker", mosquitto.url, "offload", "set", "--to", "off-1", "--threshold",
                         "0.5").returncode == 0
         r = infer(mosquitto.url, "off-1", tmp_path / "x.npy", 7)
         assert r["path"] == "local"
-        bad = fleetctl("--broker", mosquitto.url, "offload", "set", "--device", "off-1", "--deadline", "0")
+        bad = fleetctl("--broker", mosquitto.url, "offload", "set", "--to", "off-1", "--deadline", "0")
         assert bad.returncode == 2
     finally:
         for w in workers:

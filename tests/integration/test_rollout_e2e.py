@@ -196,7 +196,7 @@ def test_canary_rollout_health_rollback_and_abort(signed_fleet, tmp_path, exampl
     assert [x["status"] for x in listing] == ["aborted", "aborted", "aborted", "done"]
 
     # 4. fleetctl rollback --to: a1 and a2 (tag line-a) go back to 1.0.0, kept on the devices
-    out = ctl("rollback", "--to", "1.0.0", "--tag", "line-a", "--wait", "--json", "--timeout", "60s")
+    out = ctl("rollback", "--version", "1.0.0", "--tag", "line-a", "--wait", "--json", "--timeout", "60s")
     assert out.returncode == 0, out.stdout + out.stderr
     for d in ("a1", "a2"):
         wait_for(lambda: model_of(db, d).get("version") == "1.0.0", timeout=30, what=f"{d} on 1.0.0")

@@ -60,7 +60,7 @@ def test_device_appears_telemetry_lands_and_sigterm_goes_offline(any_fleet, tmp_
     show = fleetctl("--db", str(db), "device", "show", "pi-1", "--json")
     assert json.loads(show.stdout)["id"] == "pi-1"
 
-    ping = fleetctl("--broker", url, "cmd", "pi-1", "ping")
+    ping = fleetctl("--broker", url, "cmd", "pi-1", "ping", "--json")
     assert ping.returncode == 0, ping.stderr
     assert json.loads(ping.stdout)["result"]["pong"] is True
 
@@ -127,7 +127,7 @@ def test_home_assistant_discovery_and_reannounce(fleet, mosquitto):
     first = wait_for(lambda: len(configs()) >= 9 and configs(), what="discovery configs")
     cpu = json.loads(next(p for t, p, _ in first if t.endswith("/cpu/config")))
     assert cpu["state_topic"] == "edgefleet/v1/dev/pi-4/telemetry"
-    assert cpu["availability_topic"] == "edgefleet/v1/dev/pi-4/state"
+    assert [a["topic"] for a in cpu["availability"]] == ["edgefleet/v1/dev/pi-4/state"]
     n = len(configs())
     probe.publish("homeassistant/status", b"online")
     wait_for(lambda: len(configs()) >= 2 * n, what="re-announce on HA birth")
@@ -180,14 +180,16 @@ def test_commands_must_be_signed_when_a_key_is_trusted(tmp_path, mosquitto):
     try:
         add_agent("pi-s", extra=f'[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
         wait_for(lambda: (x := device(db, "pi-s")) and x.online, what="pi-s online")
-        unsigned = fleetctl("--broker", mosquitto.url, "cmd", "pi-s", "ping")
+        unsigned = fleetctl("--broker", mosquitto.url, "cmd", "pi-s", "ping", "--json")
         assert unsigned.returncode == 1
         assert "unsigned command" in json.loads(unsigned.stdout)["error"]
         other = tmp_path / "other"
         fleetctl("keys", "init", "--dir", str(other))
-        wrong = fleetctl("--broker", mosquitto.url, "--signing-key", str(other / "controller.pem"), "cmd", "pi-s", "ping")
+        wrong = fleetctl("--broker", mosquitto.url, "--signing-key", str(other / "controller.pem"), "cmd", "pi-s", "ping",
+                         "--json")
         assert wrong.returncode == 1 and "not trusted" in json.loads(wrong.stdout)["error"]
-        signed = fleetctl("--broker", mosquitto.url, "--signing-key", str(keys / "controller.pem"), "cmd", "pi-s", "ping")
+        signed = fleetctl("--broker", mosquitto.url, "--signing-key", str(keys / "controller.pem"), "cmd", "pi-s", "ping",
+                          "--json")
         assert signed.returncode == 0, signed.stdout + signed.stderr
         assert json.loads(signed.stdout)["result"]["pong"] is True
         refused = lambda: [e for e in Registry(db, readonly=True).events("pi-s") if e["event"] == "command.refused"]
@@ -205,7 +207,7 @@ def test_bad_trusted_key_is_a_config_error(tmp_path, mosquitto):
     cfg = agent_config(tmp_path, "pi-k", mosquitto.url, extra=f'[security]\ntrusted_keys = ["{bad}"]\n')
     p = subprocess.run([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)], capture_output=True,
                        text=True, env=ENV, cwd=ROOT, timeout=30)
-    assert p.returncode == 2
+    assert p.returncode == 78      # EX_CONFIG: the unit's RestartPreventExitStatus, no restart loop
     assert "security.trusted_keys" in p.stderr
 
 

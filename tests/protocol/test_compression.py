@@ -103,10 +103,11 @@ def test_head_delta_stage_and_reported_ratio():
     assert c.last.wire_bytes == 11 + 8 * 2 + raw and c.last.ratio == pytest.approx(raw / (11 + 16 + raw))
     c2 = Compressor(topk=0.1, int8=True, zstd=False)
     blob = c2.encode_head(local, glob)
-    # ceil(0.1 * 640) = 64 and ceil(0.1 * 10) = 1 values kept: uint16 index + int8 value each,
-    # after the 27-byte header (11 + 8 per tensor)
-    assert c2.last.kept == 64 + 1 and c2.last.wire_bytes == len(blob) == 27 + 3 * 65
-    assert c2.last.ratio == pytest.approx(2600 / 222)
+    # ceil(0.1 * 640) = 64 and ceil(0.1 * 10) = 1 values kept, after the 27-byte header (11 + 8 per
+    # tensor): the 640-value tensor's indices as an 80-byte bitmap (< 64 uint16 indices) + 64 int8
+    # values; the 10-value tensor's one uint16 index (its 2-byte bitmap is not smaller) + 1 value
+    assert c2.last.kept == 64 + 1 and c2.last.wire_bytes == len(blob) == 27 + (80 + 64) + (2 + 1)
+    assert c2.last.ratio == pytest.approx(2600 / 174)
     with pytest.raises(ValueError, match="local tensors"):
         c.encode_head({"x": np.zeros(3)}, glob)
 
@@ -129,3 +130,26 @@ def test_residual_of_another_shape_is_not_applied():
     small = {"dense0.weight": np.ones((8, 10), np.float32), "dense0.bias": np.ones(10, np.float32)}
     back = decode_update(c.encode(small), {k: v.shape for k, v in small.items()})
     assert np.count_nonzero(back["dense0.weight"]) == 8 and set(back["dense0.weight"][back["dense0.weight"] != 0]) == {1.0}
+
+
+def test_bitmap_indices_round_trip_and_refuse_bad_bitmaps():
+    from protocol.compression import uses_bitmap
+
+    rng = np.random.default_rng(3)
+    delta = {"w": rng.normal(size=(40, 50)).astype(np.float32)}
+    c = Compressor(topk=0.25, int8=False, zstd=False, error_feedback=False)
+    blob = c.encode(delta)
+    assert uses_bitmap(500, 2000) and len(blob) == 11 + 8 + 250 + 4 * 500
+    out = decode_update(blob, {"w": (40, 50)})
+    kept = np.abs(delta["w"]) >= np.sort(np.abs(delta["w"]).ravel())[-500]
+    np.testing.assert_array_equal(out["w"][kept], delta["w"][kept])
+    assert np.count_nonzero(out["w"]) == 500
+    flipped = bytearray(blob)
+    flipped[11 + 8] ^= 0xFF                     # marks no longer match the header's count
+    with pytest.raises(CompressionError):
+        decode_update(bytes(flipped), {"w": (40, 50)})
+    small = Compressor(topk=0.5, int8=True, zstd=False, error_feedback=False)
+    b2 = bytearray(small.encode({"v": np.arange(1, 13, dtype=np.float32)}))   # 12 values: a 2-byte bitmap
+    b2[11 + 8 + 1] |= 0x80                      # a padding bit beyond value 12
+    with pytest.raises(CompressionError, match="padding|marks"):
+        decode_update(bytes(b2), {"v": (12,)})

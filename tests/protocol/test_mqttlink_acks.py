@@ -64,3 +64,20 @@ def test_stopping_the_link_fails_what_was_never_acknowledged(mosquitto):
         return await asyncio.wait_for(fut, 5)
 
     assert asyncio.run(main()) is False
+
+
+def test_every_link_socket_has_tcp_nodelay(mosquitto):
+    """Nagle + the broker's delayed ACK cost ~40 ms per request/response hop (issue 16): our paho
+    socket must have TCP_NODELAY set (it was 0 before on_socket_open set it)."""
+    import socket
+
+    async def main():
+        link = link_for(mosquitto, "nodelay-test")
+        await link.start()
+        assert await link.wait_connected(30)
+        sock = link._client.socket()
+        flag = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        await link.stop()
+        return flag
+
+    assert asyncio.run(main()) != 0

@@ -92,8 +92,7 @@ def test_with_manual_ack_what_was_not_stored_comes_again(mosquitto):
         assert await first.publish_and_wait("other/x", b"x", 1, timeout=30)
         pub.publish("keep/a", b"not-stored", qos=1).wait_for_publish(30)
         m2 = await next_on(first, "keep/a")
-        first._client.loop_stop()                             # dies before storing m2: no PUBACK, no DISCONNECT
-        first._client.socket().close()
+        first.kill()                                          # dies before storing m2: no PUBACK, no DISCONNECT
         second = link()
         await second.start()
         assert await second.wait_connected(30)

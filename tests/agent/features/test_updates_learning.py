@@ -240,7 +240,7 @@ def learning(tmp_path, example_bundle):
 def test_learning_declares_its_commands_and_kinds_only_with_a_trainable_head(learning, tmp_path):
     ctx, serving, a = learning
     assert {"learn.start", "learn.stop", "learn.now", "learn.status"} == set(a.commands())
-    assert set(a.request_kinds()) == {"feedback"} and set(a.control_kinds()) == {"fl.task", "fl.ack", "fl.head"}
+    assert set(a.request_kinds()) == {"feedback"} and set(a.control_kinds()) == {"fl.task", "fl.ack", "fl.head", "fl.secagg"}
     bare = Adaptation(FakeContext(state={"dir": str(tmp_path / "b")}), Serving(FakeContext()))
     bare.start()                                            # nothing served: nothing declared
     assert bare.commands() == {} and bare.control_kinds() == {} and bare.tasks() == []
