@@ -27,13 +27,20 @@ class ControllerSection:
     offload_auto_tune: bool = False   # adjust devices' offload thresholds from worker load (offload_tuning.py)
     offload_tune_interval_s: float = 30.0
     rollout_max_bytes_per_s: int = 0  # cap on model chunks sent, all devices together (0 = no cap)
+    #: this replica's name when several `fleetctl serve` share one fleet (MQTT 5 shared subscriptions,
+    #: leases in the registry: controller/lease.py); empty = the only controller
+    replica: str = ""
+    lease_ttl_s: float = 10.0   # a dead replica's rounds and rollouts are taken over after this long
     telemetry_interval_s: float = 10.0   # the controller's own figures on ctl/telemetry and in the registry
 
     def __post_init__(self) -> None:
         try:
             validate_id(self.id, "controller.id")
+            if self.replica:
+                validate_id(self.replica, "controller.replica")
         except InvalidId as exc:
             raise ConfigError(str(exc)) from None
+        check(1.0 <= self.lease_ttl_s <= 600, "controller.lease_ttl_s", "must be 1..600 s")
         check(self.offline_after_s >= 0, "controller.offline_after_s", "must be >= 0")
         check(self.telemetry_interval_s >= 0.1, "controller.telemetry_interval_s", "must be >= 0.1")
         check(self.rollout_max_bytes_per_s == 0 or self.rollout_max_bytes_per_s >= 4096,
@@ -71,6 +78,18 @@ class RegistrySection:
             parse_url(self.url or self.path or "x")
         except ValueError as exc:
             raise ConfigError(f"registry.url: {exc}") from None
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    """The Prometheus endpoint of `fleetctl serve` (controller/metrics.py): off unless ``port`` is set."""
+
+    port: int = 0
+    host: str = "127.0.0.1"
+
+    def __post_init__(self) -> None:
+        check(0 <= self.port <= 65535, "metrics.port", f"must be 0 (off) or a TCP port, got {self.port}")
+        check(bool(self.host), "metrics.host", "must not be empty")
 
 
 @dataclass(frozen=True)
@@ -122,6 +141,7 @@ class ControllerConfig:
     security: SecuritySection = field(default_factory=SecuritySection)
     cli: CliSection = field(default_factory=CliSection)
     provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
     source: str = ""
 
     @property

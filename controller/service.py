@@ -6,6 +6,13 @@ registry's ``rejects`` table, and ingestion goes on. Valid ones are stored in ba
 registry writer (controller/ingest.py), which acknowledges each MQTT message only once the batch
 holding it committed. The controller's own figures go out on ``ctl/telemetry`` and into the
 registry for ``fleetctl status``.
+
+Replicas (``[controller] replica``): several services share one fleet. Telemetry and results
+come through MQTT 5 shared subscriptions (``$share/edgefleet-ctl/…``: the broker hands each
+message to one replica); states, events and the devices' data topics (federated updates,
+chunk requests) reach every replica, and only the owner of a run or of the rollouts (a lease,
+controller/lease.py) acts on them. On a broker that speaks only MQTT 3.1.1 there are no shared
+subscriptions: a replica refuses to run there, and says so.
 """
 from __future__ import annotations
 
@@ -27,7 +34,9 @@ from .config import ControllerConfig
 from .fl.runner import RoundRunner
 from .fl.store import RoundStore
 from .ingest import IngestWriter, Item, WriterSettings
+from .lease import Leases
 from .link import make_link
+from .metrics import make_metrics
 from .offload.tuning import adjust_threshold
 from .provisioning.service_hook import make_provisioner
 from .registry import Registry, WriteResult
@@ -40,10 +49,22 @@ log = logging.getLogger("fleetctl.serve")
 LEAF_KINDS = {"state": ("state",), "telemetry": ("telemetry",), "events": ("event",), "reply": ("reply",),
               "results": ("result",)}
 
+#: the shared-subscription group every replica joins (MQTT 5 ``$share/<group>/<filter>``)
+SHARE_GROUP = "edgefleet-ctl"
+#: leaves each message of which one replica takes; the rest reach every replica
+SHARED_LEAVES = ("telemetry", "results")
+
+
+class ReplicaRefused(RuntimeError):
+    """This replica cannot share the fleet here (a 3.1.1-only broker has no shared subscriptions)."""
+
 
 class ControllerService:
-    def __init__(self, cfg: ControllerConfig, registry: Registry | None = None) -> None:
+    def __init__(self, cfg: ControllerConfig, registry: Registry | None = None, *,
+                 metrics_port: int | None = None) -> None:
         self.cfg = cfg
+        self.replica = cfg.controller.replica
+        self.owner = f"{cfg.controller.id}-{self.replica}" if self.replica else cfg.controller.id
         self.topics = Topics(cfg.mqtt.topic_root)
         self.registry = registry or open_registry(cfg)
         self.writer: IngestWriter | None = None
@@ -58,12 +79,53 @@ class ControllerService:
                                       publish_acked=self._publish_acked)
         # the runners get what they use, never the service itself
         rollout_store = RolloutStore(self.registry.db, cfg.artifacts_dir)
-        self.rollouts = RolloutRunner(self.channel, self.registry, rollout_store, cfg, self.reject)
+        self.leases = Leases(self.registry.db, self.owner, cfg.controller.lease_ttl_s)
+        self.rollouts = RolloutRunner(self.channel, self.registry, rollout_store, cfg, self.reject,
+                                      leases=self.leases)
         self.listeners.append(self.rollouts.on_message)
         self.rounds = RoundRunner(self.channel, self.registry, RoundStore(self.registry.db), rollout_store, cfg,
-                                  self.reject)
+                                  self.reject, leases=self.leases)
         self.provisioning = make_provisioner(cfg, self.registry.db, self.topics, self._publish, self.channel.command,
                                              self.reject)
+        self.fatal: str | None = None
+        self._stop: asyncio.Event | None = None
+        self.online: set[str] = set()
+        self.known = 0
+        self._stamps: dict[int, float] = {}
+        self.metrics_port = cfg.metrics.port if metrics_port is None else metrics_port
+        self.metrics = make_metrics(cfg.metrics, metrics_port, gauges={
+            "edgefleet_devices_online": lambda: len(self.online),
+            "edgefleet_devices_known": lambda: self.known,
+            "edgefleet_inbound_queue": lambda: (self.link.messages.qsize() if self.link else 0)
+            + (self.writer.pending if self.writer else 0),
+            "edgefleet_rounds_running": lambda: self.rounds.counts.get("running", 0),
+            "edgefleet_rollouts_running": lambda: self.rollouts.counts.get("running", 0),
+            "edgefleet_leases_held": lambda: len(self.leases.held()),
+            "edgefleet_mqtt_connected": lambda: 1 if self.link is not None and self.link.connected.is_set() else 0,
+        }, counters={
+            "edgefleet_dropped": lambda: sum(self.writer.shed.values()) if self.writer else 0,
+            "edgefleet_round_tasks_sent": lambda: self.rounds.counts["tasks_sent"],
+            "edgefleet_round_updates": lambda: self.rounds.counts["updates"],
+            "edgefleet_rollout_chunks_sent": lambda: self.rollouts.counts["chunks_sent"],
+        })
+
+    def subscriptions(self) -> list[tuple[str, int]]:
+        """What this service subscribes to: with replicas, the shared leaves through ``$share``."""
+        subs = []
+        for leaf in ("state", "telemetry", "events", "results"):
+            flt = self.topics.all_devices(leaf)
+            if self.replica and leaf in SHARED_LEAVES:
+                flt = f"$share/{SHARE_GROUP}/{flt}"
+            subs.append((flt, 1))
+        subs.append((f"{self.topics.base}/dev/+/data/#", 1))
+        subs.append((f"{self.topics.base}/offload/workers/+", 0))
+        subs += self.provisioning.subscriptions() if self.provisioning else []
+        return subs
+
+    @property
+    def ctl_state_topic(self) -> str:
+        """Replicas each keep their own retained state (and last will) under ``ctl/state/<replica>``."""
+        return f"{self.topics.ctl_state}/{self.replica}" if self.replica else self.topics.ctl_state
 
     def _publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False) -> bool:
         return self.link is not None and self.link.publish(topic, payload, qos, retain)
@@ -76,20 +138,40 @@ class ControllerService:
         return self.link.publish_acked(topic, payload, qos, retain)
 
     def _ctl_state(self, status: str) -> bytes:
-        return encode(Envelope(kind="ctl.state", sender=self.cfg.controller.id, body={"status": status}))
+        body: dict[str, Any] = {"status": status}
+        if self.replica:
+            body["replica"] = self.replica
+        return encode(Envelope(kind="ctl.state", sender=self.cfg.controller.id, body=body))
 
     async def _on_connect(self) -> None:
-        if self.link:
-            self.link.publish(self.topics.ctl_state, self._ctl_state("online"), 1, True)
+        if not self.link:
+            return
+        if self.replica and not self.link.is_v5:
+            self.fatal = (f"controller.replica is {self.replica!r}, but the broker {self.cfg.mqtt.broker} speaks "
+                          "MQTT 3.1.1 only: replicas share the fleet through MQTT 5 shared subscriptions. "
+                          "Run one controller (no controller.replica) on this broker, or use an MQTT 5 broker")
+            log.error("%s", self.fatal)
+            if self._stop is not None:
+                self._stop.set()
+            return
+        self.link.publish(self.ctl_state_topic, self._ctl_state("online"), 1, True)
 
     async def run(self, stop: asyncio.Event, ready: Callable[[], None] | None = None) -> None:
-        subs = [(self.topics.all_devices(leaf), 1) for leaf in ("state", "telemetry", "events", "results")]
-        subs.append((f"{self.topics.base}/dev/+/data/#", 1))
-        subs.append((f"{self.topics.base}/offload/workers/+", 0))
-        subs += self.provisioning.subscriptions() if self.provisioning else []
-        self.link = make_link(self.cfg, f"{self.cfg.controller.id}-serve",
-                              will=Will(self.topics.ctl_state, self._ctl_state("offline")),
-                              subscriptions=subs, on_connect=self._on_connect, persistent=True, manual_ack=True)
+        self._stop = stop
+        if self.replica and self.cfg.mqtt.protocol == "3.1.1":
+            self.fatal = (f"controller.replica is {self.replica!r} but mqtt.protocol is 3.1.1: replicas need "
+                          "MQTT 5 shared subscriptions (set mqtt.protocol to auto or 5, or run one controller)")
+            log.error("%s", self.fatal)
+            raise ReplicaRefused(self.fatal)
+        client_id = f"{self.cfg.controller.id}-serve" + (f"-{self.replica}" if self.replica else "")
+        self.link = make_link(self.cfg, client_id, will=Will(self.ctl_state_topic, self._ctl_state("offline")),
+                              subscriptions=self.subscriptions(), on_connect=self._on_connect, persistent=True,
+                              manual_ack=True)
+        devs = self.registry.devices()
+        self.known = len(devs)
+        self.online = {d.id for d in devs if d.online}
+        if self.metrics.enabled:
+            self.metrics_port = self.metrics.serve(self.cfg.metrics.host, self.metrics_port)
         reg_url = self.registry.path
         self.writer = IngestWriter(lambda: open_registry(self.cfg, reg_url), self._committed,
                                    WriterSettings(batch_max=self.cfg.registry.batch_max,
@@ -109,8 +191,8 @@ class ControllerService:
         try:
             await stop.wait()
         finally:
-            if self.link.connected.is_set():
-                await self.link.publish_and_wait(self.topics.ctl_state, self._ctl_state("offline"), 1, True, 1.0)
+            if self.link.connected.is_set() and not self.fatal:
+                await self.link.publish_and_wait(self.ctl_state_topic, self._ctl_state("offline"), 1, True, 1.0)
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
@@ -118,6 +200,11 @@ class ControllerService:
             self.writer.set_meta(self._stats_key, self.figures())
             await self.writer.stop()   # commits and acknowledges what it holds, while the link is up
             await self.link.stop()
+            self._commit_own()
+            self.leases.release_all()
+            self.metrics.close()
+        if self.fatal:
+            raise ReplicaRefused(self.fatal)
 
     async def _pump(self) -> None:
         assert self.link is not None and self.writer is not None
@@ -147,13 +234,21 @@ class ControllerService:
     def _committed(self, msgs: list[Message], result: WriteResult) -> None:
         """The writer committed a batch: acknowledge its messages (in order), count duplicates."""
         self.counts["duplicates"] += result.duplicates
+        if self.metrics.enabled:
+            now, stamps = time.time(), self._stamps
+            self.metrics.lags([now - stamps.pop(id(m)) for m in msgs if id(m) in stamps])
+            w = self.writer.write_ms if self.writer else None
+            self.metrics.commit(w[-1] / 1000 if w else 0.0, len(msgs))
         if self.link is not None:
             for m in msgs:   # acknowledged only once stored: a crash before this and the broker re-sends
                 self.link.ack(m)
 
     def _safe_classify(self, msg: Message) -> Item | None:
         try:
-            return self.classify(msg)
+            item = self.classify(msg)
+            if item is not None and self.metrics.enabled:
+                self._stamps[id(msg)] = item[1].ts    # the ingest lag, observed once it is committed
+            return item
         except Exception:  # noqa: BLE001 - our bug; survive and count
             log.exception("internal error ingesting %s", msg.topic)
             self.reject("internal_error", msg.topic, "internal error")
@@ -194,10 +289,12 @@ class ControllerService:
         while True:
             await asyncio.sleep(max(1.0, limit / 4) if limit else 60)
             now = time.time()
-            if limit:
+            self._commit_own()     # the lease write commits this connection: nothing half-done in it
+            if limit and self.leases.holds("sweeper", now):
                 for dev, last_seen in self.registry.silent_online(now - limit):
                     log.info("device %s silent for %.0fs: marking offline", dev, now - last_seen)
                     self.registry.mark_offline(dev, now)
+                    self.online.discard(dev)
             # age retention for devices that went quiet (the writer prunes the others as they send)
             try:
                 cursor, _ = self.registry.prune_slice(cursor, 100, now)
@@ -207,6 +304,7 @@ class ControllerService:
 
     def reject(self, reason: str, topic: str, detail: str) -> None:
         self.counts["rejected"] += 1
+        self.metrics.reject(reason)
         if self.writer is not None:
             self.writer.reject(reason)
         else:
@@ -218,7 +316,7 @@ class ControllerService:
         last: dict[str, tuple[int, int, int]] = {}
         while True:
             await asyncio.sleep(self.cfg.controller.offload_tune_interval_s)
-            if not self.cfg.controller.offload_auto_tune or self.link is None:
+            if not self.cfg.controller.offload_auto_tune or self.link is None or not self.leases.holds("offload-tuner"):
                 continue
             now = time.time()
             utils = [w["utilisation"] for w in self.workers.values() if now - w.get("_seen", 0) < 120]
@@ -296,6 +394,14 @@ class ControllerService:
             self.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} does not belong on /{leaf}")
             return None
         self.counts[leaf] += 1
+        self.metrics.message(leaf)
+        if leaf == "state":
+            if env.body.get("status") == "online":
+                if env.sender not in self.online:
+                    self.online.add(env.sender)
+                    self.known = max(self.known, len(self.online))
+            else:
+                self.online.discard(env.sender)
         for fn in self.listeners:
             fn(leaf, env)
         if leaf == "telemetry":

@@ -32,6 +32,9 @@ TREE_VERSION = "v1"
 
 # Device/group ids: a wildcard or separator in an id defeats broker ACL patterns.
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+# the same set as a whole-string match: letters, digits and ._:- exclude every case the checks below
+# name (wildcards, separators, control characters, '$'), and fullmatch does not let "\n" end it
+_ID_FULL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,63}").fullmatch
 
 DEVICE_LEAVES = ("state", "telemetry", "events", "cmd", "bin", "req", "reply", "data", "results")
 # the leaves that may carry binary frames (protocol/binary.py); every other leaf is JSON only, so a
@@ -45,6 +48,8 @@ class InvalidId(ValueError):
 
 def validate_id(value: object, what: str = "device id") -> str:
     """Return ``value`` if it is a safe topic level, else raise InvalidId with the reason."""
+    if type(value) is str and _ID_FULL(value):   # the common case, once per message on the ingest path
+        return value
     if not isinstance(value, str):
         raise InvalidId(f"{what} must be a string, got {type(value).__name__}")
     if not value:

@@ -39,12 +39,23 @@ def instance_lock_path(cfg: ControllerConfig) -> str | None:
 
 @click.command()
 @click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]))
-@click.option("--replica", is_flag=True,
-              help="run beside another `serve` on the same registry (deliberate replicas: shared subscriptions)")
+@click.option("--metrics-port", type=click.IntRange(0, 65535), default=None,
+              help="serve Prometheus metrics on this port ([metrics] host, loopback by default; off unless set)")
+@click.option("--replica", default=None, metavar="NAME",
+              help="run as replica NAME beside other `serve` on the same registry (config controller.replica; "
+                   "MQTT 5 shared subscriptions, leases: docs/scale.md)")
 @pass_ctx
-def serve(c: Ctx, log_level: str, replica: bool) -> None:
+def serve(c: Ctx, log_level: str, metrics_port: int | None, replica: str | None) -> None:
     """Run the controller service until SIGTERM/SIGINT."""
     cfg = c.cfg()
+    if replica is not None:
+        from dataclasses import replace
+
+        try:
+            cfg = replace(cfg, controller=replace(cfg.controller, replica=replica))
+        except ConfigError as exc:
+            raise click.BadParameter(str(exc), param_hint="--replica") from None
+    replica = cfg.controller.replica or None
     _check_signing_key(cfg.security.signing_key)
     setup_logging(log_level)
     lock = None
@@ -55,13 +66,13 @@ def serve(c: Ctx, log_level: str, replica: bool) -> None:
             lock.acquire()
         except LockHeld as exc:
             click.echo(f"error: {exc}: another `fleetctl serve` runs on this registry (stop it, or pass "
-                       "--replica to run a deliberate second replica)", err=True)
+                       "--replica NAME to run a deliberate second replica)", err=True)
             sys.exit(EX_CONFIG)
         except OSError as exc:
             click.echo(f"error: registry {cfg.db_path}: cannot create its lock {where}: {exc.strerror or exc}", err=True)
             sys.exit(EX_CONFIG)
     try:
-        code = asyncio.run(run_until_stopped(lambda stop: _serve(cfg, stop), logger=log))
+        code = asyncio.run(run_until_stopped(lambda stop: _serve(cfg, stop, metrics_port), logger=log))
     finally:
         if lock is not None:
             lock.release()
@@ -82,18 +93,23 @@ def _check_signing_key(path: str | None) -> None:
         sys.exit(2)
 
 
-async def _serve(cfg: ControllerConfig, stop: asyncio.Event) -> int:
+async def _serve(cfg: ControllerConfig, stop: asyncio.Event, metrics_port: int | None = None) -> int:
     from ..registry import RegistryError
-    from ..service import ControllerService
+    from ..service import ControllerService, ReplicaRefused
 
     try:
-        svc = ControllerService(cfg)
+        svc = ControllerService(cfg, metrics_port=metrics_port)
         from ..db import parse_url
 
         log.info("registry %s, broker %s", parse_url(cfg.db_path).display(), cfg.mqtt.broker)
         await svc.run(stop)
     except ConfigError as exc:
         log.error("config error: %s", exc)
+        return EX_CONFIG
+    except ReplicaRefused:
+        return EX_CONFIG     # logged with its reason by the service
+    except OSError as exc:   # e.g. the metrics port is taken
+        log.error("cannot start: %s", exc)
         return EX_CONFIG
     except RegistryError as exc:   # e.g. the PostgreSQL server is not reachable at start
         log.error("registry: %s", exc)

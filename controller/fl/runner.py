@@ -31,6 +31,7 @@ from .selection import ClientInfo
 if TYPE_CHECKING:  # pragma: no cover
     from ..channel import ControlChannel
     from ..config import ControllerConfig
+    from ..lease import Leases
     from ..registry import Registry
     from ..rollouts.store import RolloutStore
     from .secure import SecureRound
@@ -104,13 +105,17 @@ def decompress_update(frame: Frame, global_head: dict[str, np.ndarray]) -> dict[
 class RoundRunner:
     def __init__(self, channel: "ControlChannel", registry: "Registry", store: RoundStore, rollouts: "RolloutStore",
                  cfg: "ControllerConfig", reject: Callable[[str, str, str], None], tick_s: float = 0.5,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, leases: "Leases | None" = None) -> None:
         self.channel, self.registry, self.rollouts, self.cfg, self.reject = channel, registry, rollouts, cfg, reject
         self.clock = clock
         self.store = store
         self.engines: dict[str, RoundEngine] = {}
         self.tick_s = tick_s
-        self.counts: dict[str, int] = {"tasks_sent": 0, "updates": 0, "rejected_updates": 0}
+        self.counts: dict[str, int] = {"tasks_sent": 0, "updates": 0, "rejected_updates": 0, "not_owner": 0,
+                                       "running": 0}
+        #: each run has one owner among the replicas (controller/lease.py); None: we are the only one
+        self.leases = leases
+        self._epochs: dict[str, int] = {}
         #: (run, round, device) of a task or ack published and not acknowledged yet -> when published
         self._in_flight: dict[tuple[str, str, int, str], float] = {}
         self._link_up_since: float | None = None
@@ -126,6 +131,32 @@ class RoundRunner:
             eng = RoundEngine(run_id, self.store, strategy_for(cfg), evaluator_for(cfg))
             self.engines[run_id] = eng
         return eng
+
+    def owns(self, run_id: str, now: float, renew: bool = True) -> bool:
+        """Whether this replica is the run's owner now (taking the lease when it is free or expired).
+        A lease taken anew (first tick, or over from a dead replica) drops what we cached of the run:
+        the store is the truth, and the acks the last owner never saw acknowledged are sent again.
+        ``renew=False`` (message handlers): only what the last tick took, no database write."""
+        if self.leases is None:
+            return True
+        name = f"fl:{run_id}"
+        epoch = self.leases.hold(name, now) if renew else self.leases.cached(name, now)
+        if not renew and epoch is None:
+            return False
+        if epoch is None:
+            if self._epochs.pop(run_id, None) is not None:
+                self._forget(run_id)
+            return False
+        if self._epochs.get(run_id) != epoch:
+            self._forget(run_id)
+            self._epochs[run_id] = epoch
+            self._acks_checked = False
+        return True
+
+    def _forget(self, run_id: str) -> None:
+        self.engines.pop(run_id, None)
+        for key in [k for k in self._in_flight if k[1] == run_id]:
+            del self._in_flight[key]
 
     def clients(self, now: float) -> list[ClientInfo]:
         return [ClientInfo.from_registry(d, now) for d in self.registry.devices()]
@@ -151,6 +182,8 @@ class RoundRunner:
         self.registry.commit()
         link_up_since = self._link_state(now)
         runs = self.store.runs(status=("pending", "running"))
+        self.counts["running"] = len(runs)
+        runs = [r for r in runs if self.owns(r.id, now)]
         if link_up_since is not None and not self._acks_checked:
             self._acks_checked = True
             self._resend_acks(tuple(r.id for r in runs))
@@ -341,6 +374,9 @@ class RoundRunner:
         run = self.store.run(b["run_id"])
         if run is None:
             self._ack(device_id, b, False, f"unknown run {b['run_id']!r}")
+            return
+        if not self.owns(run.id, time.time(), renew=False):
+            self.counts["not_owner"] += 1   # the owner got it too; the device sends it again until fl.ack
             return
         if run.status == "stopped":
             self._ack(device_id, b, False, f"run {run.id} was stopped: {run.error or 'by the operator'}")

@@ -39,12 +39,14 @@ from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide, fleet_metrics, i
 if TYPE_CHECKING:  # pragma: no cover
     from ..channel import ControlChannel
     from ..config import ControllerConfig
+    from ..lease import Leases
     from ..registry import Device, Registry
 
 log = logging.getLogger("fleetctl.rollouts")
 
 MIN_CHUNK = 64 * 1024
 MAX_CHUNKS_PER_TRANSFER = 2048
+LEASE = "rollouts"
 IN_PROGRESS = ("released", "offered", "downloading", "received", "verified", "staged", "healthy")
 
 
@@ -72,7 +74,7 @@ def live_confidence(dev: "Device | None", version: str | None = None, min_infere
 class RolloutRunner:
     def __init__(self, channel: "ControlChannel", registry: "Registry", store: RolloutStore, cfg: "ControllerConfig",
                  reject: Callable[[str, str, str], None], reoffer_s: float = 30.0,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time, leases: "Leases | None" = None) -> None:
         self.channel, self.registry, self.store, self.reject, self.clock = channel, registry, store, reject, clock
         self.max_message_bytes = cfg.mqtt.max_message_bytes
         self.reoffer_s = reoffer_s
@@ -84,6 +86,27 @@ class RolloutRunner:
         self.rate = cfg.controller.rollout_max_bytes_per_s
         self._queue: deque[tuple[str, Artifact, int]] = deque()   # (device, artifact, chunk) waiting for the cap
         self._queued: set[tuple[str, Artifact, int]] = set()
+        #: the rollouts have one owner among the replicas (controller/lease.py); None: we are the only one
+        self.leases = leases
+        self._epoch: int | None = None
+
+    def owns(self, now: float | None = None, renew: bool = True) -> bool:
+        """Whether this replica runs the rollouts now. A lease taken anew forgets the offer and want
+        timers and the chunk queue (reconcile re-offers from the store; devices re-ask for chunks).
+        ``renew=False`` (message handlers): only what the last tick took, no database write."""
+        if self.leases is None:
+            return True
+        now = self.clock() if now is None else now
+        if not renew:
+            return self.leases.cached(LEASE, now) is not None and self._epoch is not None
+        epoch = self.leases.hold(LEASE, now)
+        if epoch != self._epoch:
+            self.last_offer.clear()
+            self.last_want.clear()
+            self._queue.clear()
+            self._queued.clear()
+            self._epoch = epoch
+        return epoch is not None
 
     # -- loop ----------------------------------------------------------------
     async def run(self) -> None:
@@ -113,6 +136,9 @@ class RolloutRunner:
                 tokens -= self._send_chunk(*item)
 
     def tick(self, now: float) -> None:
+        self.counts["running"] = len(self.store.rollouts(status="running"))
+        if not self.owns(now):
+            return
         for r in self.store.rollouts(status="aborting"):   # an operator's abort, persisted by the CLI
             self.abort(r, r.reason or "aborted by the operator", r.figures, now, keep_updated=r.keep_updated)
         for r in self.store.rollouts(status="running"):
@@ -337,6 +363,8 @@ class RolloutRunner:
 
     # -- inbound ----------------------------------------------------------------
     def on_message(self, leaf: str, env: Envelope) -> None:
+        if leaf not in ("state", "events") or not self.owns(renew=False):
+            return
         if leaf == "state" and env.body.get("status") == "online":
             self.last_offer.pop(env.sender, None)   # a (re)connect: reconcile it at once
             if env.sender not in self.desired_announced:
@@ -391,7 +419,11 @@ class RolloutRunner:
         log.warning("artifact %s (%s %s) quarantined: %s", art.id[:12], art.kind, art.version, reason)
 
     def on_want(self, device_id: str, msg: Message) -> None:
-        """``xfer.want`` from a device: send it the chunks it lacks of the artifact it was offered."""
+        """``xfer.want`` from a device: send it the chunks it lacks of the artifact it was offered
+        (by the owner of the rollouts only: every replica hears the want, one answers it)."""
+        if not self.owns(renew=False):
+            self.counts["not_owner"] += 1
+            return
         try:
             env = env_mod.decode(msg.payload, max_bytes=self.max_message_bytes, expect_sender=device_id)
         except DecodeError as exc:

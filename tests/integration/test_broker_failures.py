@@ -57,7 +57,7 @@ def test_dead_broker_is_reported_and_ready_waits_for_the_connection(tmp_path):
         assert f"registry {db} is already in use by pid {serve.pid}" in second.stderr
         assert "--replica" in second.stderr and "Traceback" not in second.stderr
         replica = subprocess.Popen([sys.executable, "-m", "controller.cli", "--broker", f"mqtt://127.0.0.1:{port}",
-                                    "--db", str(db), "serve", "--replica"], env=ENV, cwd=ROOT,
+                                    "--db", str(db), "serve", "--replica", "r2"], env=ENV, cwd=ROOT,
                                    stdout=subprocess.DEVNULL, stderr=open(tmp_path / "replica.log", "wb"))
         try:
             wait_for(lambda: "cannot connect" in _read(tmp_path / "replica.log") or replica.poll() is not None,
