@@ -20,6 +20,8 @@ DEVICE_COMMANDS = {
     "offload.status": "offload figures",
     "learn.start|stop|now|status": "on-device learning (when [learning] is on)",
     "mcu.push|status": "the MCU bridge (when [mcu] is configured)",
+    "logs.get|follow": "the board's recent log records (fleetctl logs DEVICE [--follow])",
+    "cert.install|refused": "certificate rotation answers from the controller (sent by fleetctl serve)",
 }
 
 

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sqlite3
 import time
 
 from tests.helpers.broker import Mosquitto
@@ -14,12 +13,16 @@ INTERVAL_S = 0.2   # telemetry: 75 samples produced while the broker is down
 
 
 def rows(db, table: str, dev: str) -> list[tuple[str, dict]]:
-    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    """(message id, body) of every stored telemetry sample or event of ``dev``, oldest first (read
+    through the registry: telemetry bodies are stored compressed)."""
+    from controller.registry import Registry
+
+    reg = Registry(db, readonly=True)
     try:
-        return [(r[0], json.loads(r[1])) for r in con.execute(
-            f"SELECT msg_id, body FROM {table} WHERE device_id=? ORDER BY ts", (dev,))]
+        got = reg.telemetry(dev, limit=100_000) if table == "telemetry" else reg.events(dev, limit=100_000)
+        return [(r["id"], r["body"]) for r in got]
     finally:
-        con.close()
+        reg.close()
 
 
 def test_every_sample_and_event_produced_during_an_outage_arrives_exactly_once(tmp_path):
