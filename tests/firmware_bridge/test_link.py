@@ -12,7 +12,7 @@ from firmware_bridge.link import Link
 
 VECTORS = Path(__file__).resolve().parents[2] / "firmware_bridge" / "vectors" / "v1.json"
 # thousands by default; a dedicated run goes further: EDGEFLEET_FUZZ=100000 (as tests/fuzz does)
-FUZZ_N = max(3000, int(os.environ.get("EDGEFLEET_FUZZ", "0")))
+FUZZ_N = max(1000, int(os.environ.get("EDGEFLEET_FUZZ", "0")))
 
 MSGS = [
     (MsgType.HELLO, {"device_id": "mcu-1", "firmware": "1.2.3", "max_frame": 512, "samples_per_frame": 64,

@@ -79,7 +79,7 @@ json_values = st.recursive(st.none() | st.booleans() | st.integers() | st.floats
                            max_leaves=10)
 
 
-@settings(max_examples=1500, deadline=None)
+@settings(max_examples=400, deadline=None)
 @given(st.dictionaries(st.sampled_from(["schema", "kind", "id", "sender", "ts", "body", "reply_to", "corr"]),
                        json_values))
 def test_random_objects_only_ever_raise_decode_error(obj):
