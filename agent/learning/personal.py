@@ -10,16 +10,12 @@ refused with the reason, and the board personalizes afresh from the next global 
 from __future__ import annotations
 
 from dataclasses import dataclass
-import hashlib
-import io
-import json
-import os
 from pathlib import Path
 from typing import Mapping
-import zipfile
 
 import numpy as np
 
+from . import boundstate
 from .trainer import HeadTrainer, TrainConfig, accuracy
 
 Head = dict[str, np.ndarray]
@@ -64,14 +60,6 @@ def personalize(global_head: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndar
     return (mine if c.serve == "personal" else {k: np.asarray(v, np.float32) for k, v in global_head.items()}), c
 
 
-def _digest(arrays: Mapping[str, np.ndarray], bundle_id: str) -> str:
-    h = hashlib.sha256(bundle_id.encode())
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k], np.float32)
-        h.update(k.encode() + b"\0" + json.dumps(list(a.shape)).encode() + a.tobytes())
-    return h.hexdigest()
-
-
 class PersonalStore:
     """The board's personal last layer for one bundle."""
 
@@ -80,17 +68,7 @@ class PersonalStore:
         self.bundle_id = bundle_id
 
     def save(self, layer: Mapping[str, np.ndarray]) -> None:
-        arrays = {k: np.asarray(v, np.float32) for k, v in layer.items()}
-        meta = {"bundle_id": self.bundle_id, "sha256": _digest(arrays, self.bundle_id)}
-        buf = io.BytesIO()
-        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **{f"p/{k}": v for k, v in arrays.items()})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{FILE}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        boundstate.write(self.path, layer, self.bundle_id, "p/")
 
     def load(self, head: Mapping[str, np.ndarray]) -> Head | None:
         """The stored personal layer fitted to ``head`` (None when there is none); raises
@@ -98,16 +76,9 @@ class PersonalStore:
         if not self.path.exists():
             return None
         try:
-            with np.load(self.path, allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
-                arrays = {k[2:]: np.asarray(z[k], np.float32) for k in z.files if k.startswith("p/")}
-        except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
-            raise PersonalHeadError(f"{FILE} unreadable: {exc}") from None
-        other = meta.get("bundle_id") if isinstance(meta, dict) else None
-        if other != self.bundle_id:
-            raise PersonalHeadError(f"{FILE} is a personal head for bundle {other}, not {self.bundle_id}")
-        if meta.get("sha256") != _digest(arrays, self.bundle_id):
-            raise PersonalHeadError(f"{FILE}: checksum mismatch (corrupt)")
+            arrays = boundstate.read(self.path, self.bundle_id, "p/")
+        except boundstate.BoundStateError as exc:
+            raise PersonalHeadError(str(exc)) from None
         last = last_layer(head)
         want = {k: tuple(np.shape(v)) for k, v in head.items() if k.startswith(last + ".")}
         if {k: tuple(v.shape) for k, v in arrays.items()} != want:

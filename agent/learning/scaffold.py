@@ -14,15 +14,12 @@ local steps move at η/(1−β) each, so that is the η to give ``new_control``.
 """
 from __future__ import annotations
 
-import hashlib
-import io
-import json
-import os
-import zipfile
 from pathlib import Path
 from typing import Mapping
 
 import numpy as np
+
+from . import boundstate
 
 Head = dict[str, np.ndarray]
 CV = "cv."
@@ -68,14 +65,6 @@ def update_tensors(x: Mapping[str, np.ndarray], y: Mapping[str, np.ndarray], dci
     return out
 
 
-def _digest(arrays: Mapping[str, np.ndarray], bundle_id: str) -> str:
-    h = hashlib.sha256(bundle_id.encode())
-    for k in sorted(arrays):
-        a = np.ascontiguousarray(arrays[k], np.float32)
-        h.update(k.encode() + b"\0" + json.dumps(list(a.shape)).encode() + a.tobytes())
-    return h.hexdigest()
-
-
 class ControlStore:
     """cᵢ of this device for one bundle, on disk."""
 
@@ -89,16 +78,9 @@ class ControlStore:
         if not self.path.exists():
             return {k: np.zeros(s, np.float32) for k, s in shapes.items()}
         try:
-            with np.load(self.path, allow_pickle=False) as z:
-                meta = json.loads(bytes(z["meta"]).decode())
-                arrays = {k[3:]: np.asarray(z[k], np.float32) for k in z.files if k.startswith("ci/")}
-        except (OSError, ValueError, KeyError, EOFError, UnicodeDecodeError, zipfile.BadZipFile) as exc:
-            raise ScaffoldStateError(f"{self.path.name} unreadable: {exc}") from None
-        if not isinstance(meta, dict) or meta.get("bundle_id") != self.bundle_id:
-            raise ScaffoldStateError(f"{self.path.name} is for bundle {meta.get('bundle_id') if isinstance(meta, dict) else '?'}"
-                                     f", not {self.bundle_id}")
-        if meta.get("sha256") != _digest(arrays, self.bundle_id):
-            raise ScaffoldStateError(f"{self.path.name}: checksum mismatch (corrupt)")
+            arrays = boundstate.read(self.path, self.bundle_id, "ci/")
+        except boundstate.BoundStateError as exc:
+            raise ScaffoldStateError(str(exc)) from None
         if {k: tuple(v.shape) for k, v in arrays.items()} != {k: tuple(s) for k, s in shapes.items()}:
             raise ScaffoldStateError(f"{self.path.name}: tensors {sorted(arrays)} do not match the head")
         if not all(np.all(np.isfinite(v)) for v in arrays.values()):
@@ -113,15 +95,4 @@ class ControlStore:
             return {k: np.zeros(s, np.float32) for k, s in shapes.items()}, str(exc)
 
     def save(self, ci: Mapping[str, np.ndarray]) -> None:
-        arrays = {k: np.asarray(v, np.float32) for k, v in ci.items()}
-        meta = {"bundle_id": self.bundle_id, "sha256": _digest(arrays, self.bundle_id)}
-        buf = io.BytesIO()
-        np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
-                 **{f"ci/{k}": v for k, v in arrays.items()})
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{FILE}.tmp-{os.getpid()}")
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
+        boundstate.write(self.path, ci, self.bundle_id, "ci/")
