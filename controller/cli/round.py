@@ -81,17 +81,10 @@ def _store(ctx: click.Context, create: bool):
 
 def _only_devices(ctx: click.Context, to: tuple[str, ...], tag: str | None) -> tuple[str, ...] | None:
     """``--to`` ids (checked as topic levels) or the devices tagged ``--tag`` now; None: any device."""
-    from .select import ids_of
+    from .select import checked_ids
 
-    ids = ids_of(to)
+    ids = checked_ids(to)
     if ids is not None:
-        from protocol.topics import InvalidId, validate_id
-
-        for i in ids:
-            try:
-                validate_id(i)
-            except InvalidId as exc:
-                raise click.BadParameter(str(exc), param_hint="--to") from None
         return tuple(dict.fromkeys(ids))
     if tag is None:
         return None

@@ -44,6 +44,19 @@ def commands_epilog() -> str:
             + "\n".join(lines))
 
 
+def checked_ids(to: tuple[str, ...]) -> list[str] | None:
+    """The ``--to`` ids, each checked as a topic level (None when --to was not given)."""
+    from protocol.topics import InvalidId, validate_id
+
+    ids = ids_of(to)
+    for i in ids or ():
+        try:
+            validate_id(i)
+        except InvalidId as exc:
+            raise click.BadParameter(str(exc), param_hint="--to") from None
+    return ids
+
+
 def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
     """``--to``, ``--group``, ``--tag``, ``--all`` (passed as ``to``, ``group``, ``tag``, ``all_``)."""
     for opt in reversed([
@@ -68,18 +81,11 @@ def pick(reg: Any, to: tuple[str, ...] | str | None, group: str | None, tag: str
          tagged: Callable[[str], list[str]] | None = None) -> list[Any]:
     """Registry devices picked by exactly one selector; online ones first. ``tagged(tag)``: device ids
     with that tag (the rollout store's tags; none before the first ``device tag``)."""
-    from protocol.topics import InvalidId, validate_id
-
-    ids = ids_of(to)
+    ids = checked_ids(to)
     if sum(x is not None and x is not False for x in (ids, group, tag, all_ or None)) != 1:
         raise click.UsageError("pick the devices with exactly one of --to, --group, --tag or --all")
     devs = {d.id: d for d in reg.devices()}
     if ids is not None:
-        for i in ids:
-            try:
-                validate_id(i)
-            except InvalidId as exc:
-                raise click.BadParameter(str(exc), param_hint="--to") from None
         unknown = [i for i in ids if i not in devs]
         if unknown:
             raise click.BadParameter(f"unknown device(s): {', '.join(unknown)}", param_hint="--to")
