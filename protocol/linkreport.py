@@ -58,6 +58,11 @@ def describe_socket_error(line: str, during_connect: bool = False) -> str:
                              "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED")):
         alert = line.rsplit("]", 1)[-1].split("(_ssl", 1)[0].strip() or line
         return f"TLS: the broker refused our client certificate ({alert})"
+    if during_connect and "EOF OCCURRED IN VIOLATION OF PROTOCOL" in up:
+        # TLS 1.3: the server checks our certificate after the client's side of the handshake is
+        # done; whether its alert reaches us before the close is a race, so an EOF here means the same
+        return ("TLS: the broker refused our client certificate (it closed the TLS session during "
+                "connect without an alert)")
     what = "connection lost during connect" if during_connect else "connection lost"
     return line.replace("failed to receive on socket", what).replace("timeout on socket", "connection timed out")
 

@@ -242,6 +242,9 @@ class DemoRollout:
                 "seconds": round((self.finished or time.monotonic()) - self.started, 2) if self.started else None}
 
 
+STARTUP_GRACE_S = 60.0
+
+
 async def _run(stop: asyncio.Event, cfg, procs, duration, live, as_json, embedded, demo_rollout=None) -> dict[str, Any]:
     from ..service import ControllerService
 
@@ -253,15 +256,23 @@ async def _run(stop: asyncio.Event, cfg, procs, duration, live, as_json, embedde
     snapshot: list = []
     pings: dict[str, Any] = {}
     ping_task = asyncio.create_task(_ping_all(cfg, svc, pings), name="demo-ping")
+    fleet_t0: float | None = None
     try:
         while not stop.is_set():
             try:
                 await asyncio.wait_for(stop.wait(), 1.0)
             except asyncio.TimeoutError:
                 pass
-            elapsed = time.monotonic() - started
             svc.registry.commit()
             snapshot = svc.registry.devices()
+            now = time.monotonic()
+            # the demo's clock (--duration, the rollout's moment) starts once every agent is online,
+            # so a slow start (a loaded machine, a cold import) does not eat the run; at most
+            # STARTUP_GRACE_S is spent waiting for them
+            if fleet_t0 is None and (sum(1 for d in snapshot if d.online) >= len(procs)
+                                     or now - started > STARTUP_GRACE_S):
+                fleet_t0 = now
+            elapsed = now - fleet_t0 if fleet_t0 is not None else 0.0
             extra = ""
             if demo_rollout is not None:
                 demo_rollout.maybe_start(svc, elapsed, len(procs))
