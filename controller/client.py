@@ -112,21 +112,23 @@ class FleetClient:
     async def infer(self, device_id: str, x: Any, label: int | None = None, timeout: float = 5.0,
                     deadline_ms: float | None = None) -> dict[str, Any]:
         """Inference request/response on the device's request topic."""
+        env = self._infer_envelope(device_id, {"x": x}, label, deadline_ms)
+        return await self.request(device_id, self.topics.req(device_id), env, timeout)
+
+    def _infer_envelope(self, device_id: str, body: dict[str, Any], label: int | None = None,
+                        deadline_ms: float | None = None) -> Envelope:
+        """An ``infer.request`` to ``device_id`` whose reply comes back to this client."""
         validate_id(device_id)
-        body: dict[str, Any] = {"x": x}
         if label is not None:
             body["label"] = label
         if deadline_ms is not None:
             body["deadline_ms"] = deadline_ms
-        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body=body,
-                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
-        return await self.request(device_id, self.topics.req(device_id), env, timeout)
+        return Envelope(kind="infer.request", sender=self.cfg.controller.id, body=body,
+                        reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
 
     async def infer_inputs(self, device_id: str, inputs: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
         """JSON inference for a multi-input model: ``inputs`` maps input names to (nested) lists."""
-        validate_id(device_id)
-        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body={"inputs": inputs},
-                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        env = self._infer_envelope(device_id, {"inputs": inputs})
         return await self.request(device_id, self.topics.req(device_id), env, timeout)
 
     async def infer_tensors(self, device_id: str, tensors: dict[str, Any], label: int | None = None,
@@ -136,14 +138,7 @@ class FleetClient:
         a 224x224x3 uint8 image is 147 KiB on the wire instead of ~600 KiB of JSON."""
         from protocol.binary import encode_frame
 
-        validate_id(device_id)
-        body: dict[str, Any] = {}
-        if label is not None:
-            body["label"] = label
-        if deadline_ms is not None:
-            body["deadline_ms"] = deadline_ms
-        env = Envelope(kind="infer.request", sender=self.cfg.controller.id, body=body,
-                       reply_to=self.topics.reply(device_id, self.client_id), corr=new_id())
+        env = self._infer_envelope(device_id, {}, label, deadline_ms)
         return await self.request(device_id, self.topics.req(device_id), env, timeout,
                                   payload=encode_frame(env, tensors, compress=compress))
 
