@@ -35,7 +35,7 @@ from urllib.parse import urlsplit, unquote
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 
 from . import linkreport
 
@@ -225,6 +225,76 @@ def tls_config_error(t: TlsFiles, exc: BaseException) -> "Exception":
     return ConfigError(f"mqtt TLS files ({names}): {getattr(exc, 'reason', None) or exc}")
 
 
+class _FastProperties(Properties):
+    """paho's MQTT 5 ``Properties`` with its name scans replaced by dict look-ups.
+
+    Stock paho builds two tables per instance and, for every attribute set or unpacked, scans its
+    27 names calling ``str.replace`` on each (~100 µs to decode a request's four properties,
+    ~30 µs for an empty PUBACK's — several times the rest of a request/response on a small board).
+    Same tables (shared, read-only), same checks and errors (anything unusual goes to paho's own
+    code), same wire format; paho's own ``unpack``/``pack``/``readProperty`` run unchanged on top.
+    Installed as the class paho's decoder instantiates (``_install_fast_properties``)."""
+
+    _TEMPLATE = Properties(PacketTypes.PUBLISH)
+    types = _TEMPLATE.types
+    names = _TEMPLATE.names
+    properties = _TEMPLATE.properties
+    _IDENT = {n.replace(" ", ""): i for n, i in names.items()}
+    _NAME = {i: n for n, i in names.items()}
+    _MULTI = frozenset(n for n, i in _IDENT.items() if i in (11, 38))
+    #: the values paho range-checks (outside them, paho's own __setattr__ raises its error)
+    _RANGES = {"ReceiveMaximum": (1, 65535), "TopicAlias": (1, 65535), "TopicAliasMaximum": (0, 65535),
+               "MaximumPacketSize": (1, 268435455), "SubscriptionIdentifier": (1, 268435455),
+               "RequestResponseInformation": (0, 1), "RequestProblemInformation": (0, 1),
+               "PayloadFormatIndicator": (0, 1)}
+
+    def __init__(self, packetType: int) -> None:  # noqa: N803 - paho's name
+        object.__setattr__(self, "packetType", packetType)
+
+    def getIdentFromName(self, compressedName: str) -> int:  # noqa: N802,N803
+        return self._IDENT.get(compressedName.replace(" ", ""), -1)
+
+    def getNameFromIdent(self, identifier: int) -> str | None:  # noqa: N802
+        return self._NAME.get(identifier)
+
+    def allowsMultiple(self, compressedName: str) -> bool:  # noqa: N802,N803
+        return compressedName.replace(" ", "") in self._MULTI
+
+    def __setattr__(self, name: str, value: object) -> None:
+        name = name.replace(" ", "")
+        ident = self._IDENT.get(name)
+        bounds = self._RANGES.get(name)
+        if (ident is None or name in self._MULTI or self.packetType not in self.properties[ident][1]
+                or (bounds is not None and not (type(value) is int and bounds[0] <= value <= bounds[1]))):
+            Properties.__setattr__(self, name, value)   # paho's checks and its error messages
+        else:
+            object.__setattr__(self, name, value)
+
+    def clear(self) -> None:
+        for name in [k for k in self.__dict__ if k in self._IDENT]:
+            delattr(self, name)
+
+    def isEmpty(self) -> bool:  # noqa: N802
+        return not any(k in self._IDENT for k in self.__dict__)
+
+
+def _install_fast_properties() -> bool:
+    """Let paho's packet decoder (and its QoS 0 on_publish) build ``_FastProperties``. Only on the
+    paho 2.x layout this was written against (``paho.mqtt._packet``); elsewhere paho stays as is."""
+    try:
+        from paho.mqtt import _packet
+    except ImportError:
+        return False
+    if getattr(_packet, "Properties", None) is not Properties or getattr(mqtt, "Properties", None) is not Properties:
+        return False
+    _packet.Properties = _FastProperties    # type: ignore[attr-defined]
+    mqtt.Properties = _FastProperties       # type: ignore[attr-defined,misc]
+    return True
+
+
+FAST_PROPERTIES = _install_fast_properties()
+
+
 # MQTT 5 content types of what we publish (docs/protocol.md): JSON envelopes are UTF-8 text
 # (payload format indicator 1); binary frames (protocol/binary.py, magic b"EF") are not.
 CONTENT_JSON = "application/json"
@@ -252,8 +322,75 @@ def _content_props(kind: str) -> Properties:
     return props
 
 
-_CONTENT_PROPS = {k: _content_props(k) for k in ("json", "frame")}
-_CONTENT_PROPS["other"] = None  # type: ignore[assignment]
+
+
+class _PackedProps(Properties):
+    """PUBLISH properties whose wire form is computed once: paho's ``Properties`` validates every
+    attribute by scanning its name table and packs by scanning it again (~40 µs a request/response
+    publish on a small board). Built from a validated paho template (same tables, same attributes,
+    so ``str()``/``json()`` still work); ``pack()`` returns the bytes paho's own ``writeProperty``
+    wrote."""
+
+    def pack(self) -> bytes:
+        return self.__dict__["_packed"]
+
+
+_BINARY = Properties(PacketTypes.PUBLISH).types.index("Binary Data")
+_REPLY_PROPS: dict[tuple[str, str | None], tuple[Properties, bytes]] = {}
+
+
+def _reply_props(kind: str, response_topic: str | None, correlation: bytes | None) -> Properties:
+    """Content type + response topic + correlation data, packed without paho's per-message scans."""
+    key = (kind, response_topic)
+    hit = _REPLY_PROPS.get(key)
+    if hit is None:
+        tpl = _content_props(kind)          # validated by paho, once per (kind, response topic)
+        if response_topic:
+            tpl.ResponseTopic = response_topic
+        if len(_REPLY_PROPS) >= 256:        # reply topics are few per link; a bound all the same
+            _REPLY_PROPS.clear()
+        hit = _REPLY_PROPS[key] = (tpl, _props_body(tpl))
+    tpl, body = hit
+    if not correlation:
+        return _packed_props(tpl, body)
+    return _packed_props(tpl, body + tpl.writeProperty(9, _BINARY, correlation), CorrelationData=correlation)
+
+
+def _packed_props(tpl: Properties, body: bytes, **more: object) -> Properties:
+    props = Properties.__new__(_PackedProps)
+    d = props.__dict__
+    d.update(tpl.__dict__)                  # packetType, the shared name/type tables, the attributes
+    d.update(more)
+    d["_packed"] = VariableByteIntegers.encode(len(body)) + body
+    return props
+
+
+def _props_body(props: Properties) -> bytes:
+    """The packed properties without their length prefix."""
+    packed = props.pack()
+    n = 1
+    while packed[n - 1] & 0x80:             # the variable byte integer's continuation bit
+        n += 1
+    return packed[n:]
+
+
+#: the content type alone (no request/response): shared, never mutated, packed once
+_CONTENT_PROPS: dict[str, Properties | None] = {
+    k: _packed_props(_content_props(k), _props_body(_content_props(k))) for k in ("json", "frame")}
+_CONTENT_PROPS["other"] = None
+
+
+class _PahoErrors(logging.Logger):
+    """paho's logger for one link: ERROR and above only (``isEnabledFor`` stops the rest before any
+    formatting), each handed to the link's ``_cb_log`` (why a socket failed)."""
+
+    def __init__(self, link: "MqttLink") -> None:
+        super().__init__(f"{__name__}.paho", logging.ERROR)
+        self.propagate = False
+        self._link = link
+
+    def handle(self, record: logging.LogRecord) -> None:
+        self._link._cb_log(None, None, mqtt.MQTT_LOG_ERR, record.getMessage())
 
 
 class MqttLink:
@@ -328,6 +465,10 @@ class MqttLink:
         self._loop_thread: int | None = None
         self._misc_task: asyncio.Future | None = None
         self._paused = False
+        self._reading = False        # inside loop_read: what paho queues is written when it returns
+        self._flush_soon = False     # a _flush is scheduled
+        self._writer_on = False      # the socket is in the selector for writing
+        self._paho_log = _PahoErrors(self)
 
     @classmethod
     def from_settings(cls, settings: MqttSettings, client_id: str, **kw: object) -> "MqttLink":
@@ -378,7 +519,9 @@ class MqttLink:
         c.on_socket_register_write = self._cb_want_write
         c.on_socket_unregister_write = self._cb_done_writing
         c.on_connect_fail = self._cb_connect_fail
-        c.on_log = self._cb_log
+        # paho's errors through a logger, not on_log: on_log makes paho %-format a debug line (with
+        # str(Properties)) for every packet in and out; a logger at ERROR formats only errors
+        c.enable_logger(self._paho_log)
         c.on_subscribe = self._cb_subscribe
         self._client = c
         self.messages.on_room = self._resume_reading  # type: ignore[attr-defined]
@@ -440,7 +583,13 @@ class MqttLink:
     def _read(self, c: mqtt.Client) -> None:
         if c is not self._client:
             return
-        c.loop_read()
+        self._reading = True
+        try:
+            c.loop_read()
+        finally:
+            self._reading = False
+        if c.want_write():
+            self._flush(c)                        # PUBACKs (and whatever the read queued) go out now
         sock = c.socket()
         if sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
             self._loop.call_soon(self._read, c)  # type: ignore[union-attr]  # decrypted bytes epoll cannot see
@@ -449,17 +598,42 @@ class MqttLink:
         if c is self._client:
             c.loop_write()
 
+    def _flush(self, c: mqtt.Client) -> None:
+        """Write what paho queued, now, on the loop thread: a small packet goes straight into the
+        socket (no selector registration, no extra loop turn); only a write the socket cannot take
+        whole waits for the selector to say it drained."""
+        self._flush_soon = False
+        if c is not self._client or c.socket() is None:
+            return
+        c.loop_write()
+        if c.want_write() and not self._writer_on:
+            self._add_writer(c, c.socket())
+
     def _cb_want_write(self, client, userdata, sock) -> None:
-        self._in_loop(self._add_writer, client, sock)
+        if not self._on_loop_thread():
+            self._post(self._add_writer, client, sock)   # the connect executor: CONNECT via the selector
+        elif not self._reading and not self._flush_soon and self._loop is not None:
+            # queued by a publish, the keepalive or a disconnect: written once the caller returns
+            # (publish() writes at once; this catches the rest, once per loop turn)
+            self._flush_soon = True
+            self._loop.call_soon(self._flush_scheduled, client)
+
+    def _flush_scheduled(self, c: mqtt.Client) -> None:
+        if self._flush_soon:                  # not already written by publish() or a read
+            self._flush(c)
 
     def _add_writer(self, client: mqtt.Client, sock) -> None:
         if client is self._client and client.socket() is sock and self._loop is not None:
+            self._writer_on = True
             self._loop.add_writer(sock, self._write, client)
 
     def _cb_done_writing(self, client, userdata, sock) -> None:
         self._in_loop(self._remove_writer, sock)
 
     def _remove_writer(self, sock) -> None:
+        if not self._writer_on:
+            return
+        self._writer_on = False
         if self._loop is not None and not self._loop.is_closed():
             try:
                 self._loop.remove_writer(sock)
@@ -475,6 +649,7 @@ class MqttLink:
         # synchronous on the loop thread: the fd must leave the selector before it is closed
         if self._loop is None or self._loop.is_closed():
             return
+        self._writer_on = False
         try:
             self._loop.remove_reader(sock)
             self._loop.remove_writer(sock)
@@ -778,12 +953,7 @@ class MqttLink:
         kind = content_kind(payload)
         if not (response_topic or correlation):
             return _CONTENT_PROPS[kind]   # shared, never mutated: no allocation per message
-        props = _content_props(kind)
-        if response_topic:
-            props.ResponseTopic = response_topic
-        if correlation:
-            props.CorrelationData = correlation
-        return props
+        return _reply_props(kind, response_topic, correlation)
 
     def publish(self, topic: str, payload: bytes, qos: int = 0, retain: bool = False, *,
                 response_topic: str | None = None, correlation: bytes | None = None) -> bool:
@@ -796,7 +966,13 @@ class MqttLink:
         if qos and info.rc == mqtt.MQTT_ERR_SUCCESS:
             self._unacked.add(info.mid)
             self._track(info.mid, topic)
+        self._write_now(c)
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def _write_now(self, c: mqtt.Client) -> None:
+        """After a publish on the loop thread: onto the wire before the caller awaits anything."""
+        if self._flush_soon and not self._reading and not self._writer_on and self._on_loop_thread():
+            self._flush(c)
 
     def _track(self, mid: int, topic: str) -> None:
         if len(self._mids) > 20000:    # acks that never came (a dropped session): forget the oldest
@@ -822,6 +998,7 @@ class MqttLink:
             return fut
         self._pending[info.mid] = fut
         self._track(info.mid, topic)
+        self._write_now(c)
         fut.add_done_callback(lambda f, mid=info.mid: self._pending.pop(mid, None) if f.cancelled() else None)
         return fut
 
