@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.config_loader import ConfigError, build, check, load_toml
-from protocol.mqttlink import MqttSettings
+from protocol.mqttconf import MqttSettings
 from protocol.topics import InvalidId, validate_id
 
 __all__ = ["ControllerConfig", "ConfigError", "load_config", "default_db_path"]

@@ -12,7 +12,7 @@ import socket
 import ssl
 from dataclasses import dataclass
 
-from protocol.mqttlink import BrokerAddress, TlsFiles
+from protocol.mqttconf import BrokerAddress, TlsFiles
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.config_loader import ConfigError, build, check, load_toml, one_of
-from protocol.mqttlink import MqttSettings
+from protocol.mqttconf import MqttSettings
 from protocol.topics import InvalidId, validate_id, validate_root
 
 __all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]

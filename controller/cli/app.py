@@ -1,4 +1,4 @@
-"""The root ``fleetctl`` group: global options, and every command group registered explicitly.
+"""The root ``fleetctl`` group: global options, and every command, loaded when it runs (cli/lazy.py).
 
 Global options (also from the environment, click's auto_envvar_prefix):
 ``--broker`` / FLEETCTL_BROKER, ``--config`` / FLEETCTL_CONFIG, ``--registry`` / FLEETCTL_REGISTRY
@@ -11,27 +11,73 @@ from __future__ import annotations
 
 import click
 
-from .audit_cmd import audit
-from .certs import certs
 from .context import Ctx
-from .demo import demo
-from .deploy import deploy, rollback, rollout, tag
-from .devices import cmd, device, devices, feedback_cmd, infer_cmd, telemetry
-from .keys import keys
-from .lineage import lineage
-from .logs import logs
-from .model import model
-from .offload import offload, offload_worker
-from .patch import patch
-from .provision import devices_group
-from .report import report
+from .lazy import Lazy, LazyGroup
 from .params import BROKER_HELP, BROKER_URL
-from .round import round  # noqa: A004 - the command group is called "round"
-from .serve import serve
-from .status import status
+
+_C = "controller.cli."
+#: every command, imported only when it runs (the summaries are what ``fleetctl --help`` lists)
+COMMANDS: dict[str, Lazy] = {
+    "serve": Lazy(_C + "serve:serve", "Run the controller service until SIGTERM/SIGINT."),
+    "devices": Lazy(_C + "app:_devices", "List devices: id, online, last seen, model, key metrics."),
+    "status": Lazy(_C + "status:status",
+                   "The controller: devices online, messages in, stored, duplicates, rejects, shed."),
+    "device": Lazy(_C + "app:_device", "One device."),
+    "telemetry": Lazy(_C + "devices:telemetry", "Recent telemetry from the registry, or live with --follow."),
+    "cmd": Lazy(_C + "devices:cmd",
+                "Send COMMAND to DEVICE_ID (or to --to/--group/--tag/--all) and print the replies."),
+    "infer": Lazy(_C + "devices:infer_cmd",
+                  "Ask DEVICE_ID for one inference (request/response over MQTT; tensors as a binary frame)."),
+    "feedback": Lazy(_C + "devices:feedback_cmd",
+                     "Label an earlier inference REQUEST_ID on DEVICE_ID (on-device learning uses it)."),
+    "demo": Lazy(_C + "demo:demo", "Embedded broker + controller + N agents, with the fleet shown live."),
+    "deploy": Lazy(_C + "deploy:deploy", "Roll a bundle directory or a patch file out to devices, canary first."),
+    "rollout": Lazy(_C + "deploy:rollout", "Model rollouts: status and history."),
+    "rollback": Lazy(_C + "deploy:rollback", "Send devices back to --version (kept on the device, or shipped "
+                                             "again from the artifact store)."),
+    "round": Lazy(_C + "round:round", "Federated rounds: start, status, history."),
+    "report": Lazy(_C + "report:report", "Reports (PNG needs: pip install 'edgefleet[report]')."),
+    "offload": Lazy(_C + "offload:offload", "Offload policy on devices, and fleet-wide offload figures."),
+    "offload-worker": Lazy(_C + "offload:offload_worker",
+                           "Serve offloaded requests with BUNDLE (workers share one subscription)."),
+    "model": Lazy(_C + "app:_model",
+                  "Model bundles: import, inspect, build-example, quantize, split, set-backbone, add-data."),
+    "patch": Lazy(_C + "patch:patch", "Signed model patches (only what changed between two bundle versions)."),
+    "keys": Lazy(_C + "keys:keys", "Signing keys (Ed25519): agents trust the public key in their config."),
+    "certs": Lazy(_C + "certs:certs", "TLS certificates for the broker (mTLS: the cert's CN is the device id)."),
+    "audit": Lazy(_C + "audit_cmd:audit",
+                  "Every operator action that changed the fleet: when, who (signing key / certificate), what."),
+    "logs": Lazy(_C + "logs:logs", "A board's recent log records (from its own ring), and live with --follow."),
+}
 
 
-@click.group(context_settings={"auto_envvar_prefix": "FLEETCTL", "help_option_names": ["-h", "--help"]})
+def _devices() -> click.Command:
+    from .devices import devices
+    from .provision import devices_group
+
+    return devices_group(devices)
+
+
+def _device() -> click.Command:
+    from .deploy import tag
+    from .devices import device
+
+    if "tag" not in device.commands:
+        device.add_command(tag)
+    return device
+
+
+def _model() -> click.Command:
+    from .lineage import lineage
+    from .model import model
+
+    if "lineage" not in model.commands:
+        model.add_command(lineage)
+    return model
+
+
+@click.group(cls=LazyGroup, lazy=COMMANDS,
+             context_settings={"auto_envvar_prefix": "FLEETCTL", "help_option_names": ["-h", "--help"]})
 @click.option("--config", type=click.Path(dir_okay=False), default=None, help="controller TOML config")
 @click.option("--broker", default=None, type=BROKER_URL, help=BROKER_HELP)
 @click.option("--registry", "registry_url", default=None, metavar="URL", envvar="FLEETCTL_REGISTRY",
@@ -48,32 +94,6 @@ def cli(ctx: click.Context, config: str | None, broker: str | None, registry_url
     if registry_url and db and registry_url != db:
         raise click.UsageError("--registry and --db name two registries: give one")
     ctx.obj = Ctx(config, broker, registry_url or db, topic_root, signing_key)
-
-
-device.add_command(tag)
-model.add_command(lineage)
-cli.add_command(serve)
-cli.add_command(devices_group(devices))
-cli.add_command(status)
-cli.add_command(device)
-cli.add_command(telemetry)
-cli.add_command(cmd)
-cli.add_command(infer_cmd)
-cli.add_command(feedback_cmd)
-cli.add_command(demo)
-cli.add_command(deploy)
-cli.add_command(rollout)
-cli.add_command(rollback)
-cli.add_command(round)
-cli.add_command(report)
-cli.add_command(offload)
-cli.add_command(offload_worker)
-cli.add_command(model)
-cli.add_command(patch)
-cli.add_command(keys)
-cli.add_command(certs)
-cli.add_command(audit)
-cli.add_command(logs)
 
 
 def main() -> None:

@@ -130,7 +130,7 @@ class BrokerUrl(click.ParamType):
     name = "url"
 
     def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> str:
-        from protocol.mqttlink import BrokerUrlError, parse_broker_url
+        from protocol.mqttconf import BrokerUrlError, parse_broker_url
 
         try:
             parse_broker_url(value)
