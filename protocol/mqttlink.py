@@ -211,6 +211,50 @@ _CONTENT_PROPS: dict[str, Properties | None] = {
 _CONTENT_PROPS["other"] = None
 
 
+class _Client(mqtt.Client):
+    """paho's client reading the socket 64 KiB at a time.
+
+    Stock paho reads a packet with three or more ``recv`` calls (the command byte, each length
+    byte, the rest), and ``loop_read`` takes one packet per call: a burst of telemetry cost one
+    selector wake-up and ~4 system calls per message. Here one ``recv`` fills a buffer that paho's
+    parser then reads from, and the link's ``_read`` keeps calling ``loop_read`` while it holds
+    bytes (as for a TLS socket's decrypted ``pending()``); the buffer belongs to one socket and
+    is dropped with it."""
+
+    READ_SIZE = 65536
+
+    def __init__(self, *args: object, **kw: object) -> None:
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
+        self._rbuf = b""
+        self._rpos = 0
+        self._rsock: object = None
+
+    def buffered(self) -> bool:
+        """Bytes read from the socket that paho has not parsed yet."""
+        return self._rpos < len(self._rbuf) and self._rsock is self._sock
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if self._rsock is not self._sock:                  # a new connection: nothing carries over
+            self._rbuf, self._rpos, self._rsock = b"", 0, self._sock
+        if self._rpos >= len(self._rbuf):
+            data = super()._sock_recv(max(bufsize, self.READ_SIZE))   # BlockingIOError etc. as paho's
+            if len(data) <= bufsize:
+                return data                               # all of it asked for (or EOF): no copy kept
+            self._rbuf, self._rpos = data, 0
+        end = self._rpos + bufsize
+        out = self._rbuf[self._rpos:end]
+        self._rpos = min(end, len(self._rbuf))
+        return out
+
+    def _sock_close(self) -> None:
+        self._rbuf, self._rpos, self._rsock = b"", 0, None
+        super()._sock_close()
+
+
+#: paho 2.x reads through ``Client._sock_recv``; another layout keeps paho's own reads
+_CLIENT = _Client if callable(getattr(mqtt.Client, "_sock_recv", None)) else mqtt.Client
+
+
 class _PahoErrors(logging.Logger):
     """paho's logger for one link: ERROR and above only (``isEnabledFor`` stops the rest before any
     formatting), each handed to the link's ``_cb_log`` (why a socket failed)."""
@@ -319,7 +363,7 @@ class MqttLink:
 
     def _start_client(self) -> None:
         proto = mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311
-        c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto,
+        c = _CLIENT(CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=proto,
                         clean_session=None if self._v5 else not self.persistent, manual_ack=self.manual_ack)
         if self.broker.username:
             c.username_pw_set(self.broker.username, self.broker.password)
@@ -417,13 +461,21 @@ class MqttLink:
         self._reading = True
         try:
             c.loop_read()
+            # what one recv brought (up to 64 KiB: a burst of messages) is parsed now, not one
+            # packet per selector turn; at most 256 packets before the other tasks get a turn
+            for _ in range(255):
+                if self._paused or c.socket() is None or not (isinstance(c, _Client) and c.buffered()):
+                    break
+                c.loop_read()
         finally:
             self._reading = False
         if c.want_write():
             self._flush(c)                        # PUBACKs (and whatever the read queued) go out now
         sock = c.socket()
-        if sock is not None and isinstance(sock, ssl.SSLSocket) and sock.pending() and not self._paused:
-            self._loop.call_soon(self._read, c)  # type: ignore[union-attr]  # decrypted bytes epoll cannot see
+        if sock is None or self._paused:
+            return
+        if (isinstance(c, _Client) and c.buffered()) or (isinstance(sock, ssl.SSLSocket) and sock.pending()):
+            self._loop.call_soon(self._read, c)  # type: ignore[union-attr]  # bytes epoll cannot see
 
     def _write(self, c: mqtt.Client) -> None:
         if c is self._client:
