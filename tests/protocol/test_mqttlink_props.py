@@ -92,3 +92,41 @@ def test_paho_errors_reach_the_link_and_debug_lines_are_not_formatted():
     assert link._socket_error is None
     log.log(logging.ERROR, "failed to receive on socket: %s", "[Errno 104] Connection reset by peer")
     assert link._socket_error is not None and "Errno 104" in link._socket_error[1]
+
+
+def test_buffered_reads_serve_paho_the_same_bytes_and_drop_them_with_the_socket():
+    """One recv fills the buffer; paho's small reads come out of it in order; a new socket starts
+    empty (no byte of the old connection is parsed on the new one)."""
+    import socket
+
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    from protocol.mqttlink import _Client
+
+    c = _Client(CallbackAPIVersion.VERSION2, client_id="t")
+    a, b = socket.socketpair()
+    try:
+        b.setblocking(False)
+        c._sock = b
+        a.sendall(b"\x30\x05hello" * 3)
+        got = [c._sock_recv(1), c._sock_recv(1), c._sock_recv(5)]
+        assert got == [b"\x30", b"\x05", b"hello"] and c.buffered()
+        assert c._sock_recv(100) == b"\x30\x05hello" * 2 and not c.buffered()
+        with pytest.raises(BlockingIOError):
+            c._sock_recv(1)                      # nothing left anywhere: paho's "try again"
+        a.sendall(b"stale")
+        assert c._sock_recv(1) == b"s" and c.buffered()
+        a2, b2 = socket.socketpair()
+        try:
+            b2.setblocking(False)
+            c._sock = b2                         # a reconnect: the old socket's bytes are not ours
+            assert not c.buffered()
+            a2.sendall(b"new")
+            assert c._sock_recv(3) == b"new"
+        finally:
+            a2.close()
+            b2.close()
+    finally:
+        c._sock = None
+        a.close()
+        b.close()
