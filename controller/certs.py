@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from protocol.topics import validate_id
 from protocol.atomicfile import write_atomic
+from protocol.topics import validate_id
 
 
 class CertError(ValueError):

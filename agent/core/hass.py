@@ -19,8 +19,8 @@ import json
 from pathlib import Path
 from typing import Any, Iterable
 
-from protocol.topics import Topics
 from protocol.atomicfile import write_atomic
+from protocol.topics import Topics
 
 NUMERIC, TEXT = "numeric", "text"
 

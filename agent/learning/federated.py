@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 import numpy as np
 
 from protocol import fl as fl_msgs  # noqa: F401 - registers fl.* kinds
+from protocol.atomicfile import write_atomic
 from protocol.binary import Frame, encode_frame
 from protocol.envelope import Envelope
 from protocol.mqttlink import Message
-from protocol.atomicfile import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..core.context import AgentContext
