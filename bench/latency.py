@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,7 +32,30 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 logging.disable(logging.WARNING)
 
-from controller.modeltools.example import build_example, digits_split  # noqa: E402
+
+
+def example_bundle(epochs: int) -> tuple[Path, list]:
+    """The example digits bundle and 64 test rows, built once per version of the code that makes
+    them (cached under the temp dir: building it under load took most of a quick run)."""
+    import hashlib
+
+    src = b"".join((ROOT / f).read_bytes() for f in ("controller/modeltools/example.py", "controller/modeltools/mlp.py",
+                                                       "controller/modeltools/onnx_export.py", "protocol/bundle.py"))
+    key = hashlib.sha256(src + str(epochs).encode()).hexdigest()[:16]
+    cache = Path(tempfile.gettempdir()) / "edgefleet-latency-cache" / key
+    if not (cache / "x.npy").exists():
+        from controller.modeltools.example import build_example, digits_split
+
+        tmp = Path(tempfile.mkdtemp(prefix="latency-cache-"))
+        build_example(tmp / "small", "small", epochs=epochs)
+        _, _, xte, _ = digits_split(0)
+        np.save(tmp / "x.npy", xte[:64])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            tmp.rename(cache)                     # atomic: a half-built cache is never seen
+        except OSError:                           # another run got there first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return cache / "small", [row.tolist() for row in np.load(cache / "x.npy")]
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -102,6 +126,7 @@ async def through_client(port: int, n: int, x: list) -> dict[str, list[float]]:
                 try:
                     r = await fc.infer(dev, x[0], timeout=2)
                     if r.get("ok") and (dev != "off-1" or r["result"].get("path") == "remote"):
+                        print(f"{dev} serving", file=sys.stderr)
                         break
                 except Exception:  # noqa: BLE001 - not up yet
                     pass
@@ -125,23 +150,28 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="fewer requests (< 60 s)")
     a = ap.parse_args()
     n = 60 if a.quick else 1000
+    t_start = time.monotonic()
+    phase = lambda what: print(f"[{time.monotonic() - t_start:6.1f} s] {what}", file=sys.stderr)  # noqa: E731
     work = Path(tempfile.mkdtemp(prefix="bench-latency-"))
     print(f"work dir {work}", file=sys.stderr)
     broker, port = start_mosquitto(work)
     procs: list[subprocess.Popen] = []
     try:
-        build_example(work / "small", "small", epochs=5 if a.quick else 30)
-        _, _, xte, _ = digits_split(0)
-        x = [row.tolist() for row in xte[:64]]
-        procs.append(agent_proc(work, "lat-1", port, work / "small"))
-        procs.append(agent_proc(work, "off-1", port, work / "small",
+        cached, x = example_bundle(5 if a.quick else 30)
+        bundle = work / "small"
+        shutil.copytree(cached, bundle)           # the agents' own copy: the cache stays as built
+        procs.append(agent_proc(work, "lat-1", port, bundle))
+        procs.append(agent_proc(work, "off-1", port, bundle,
                                 '[offload]\nenabled = true\nthreshold = 1.0\nmode = "raw"\ndeadline_ms = 5000\n'))
         procs.append(subprocess.Popen([sys.executable, "-m", "controller.cli", "--broker", f"mqtt://127.0.0.1:{port}",
-                                       "offload-worker", "--bundle", str(work / "small"), "--id", "w1"],
+                                       "offload-worker", "--bundle", str(bundle), "--id", "w1"],
                                       cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "worker.log", "wb")))
+        phase("bundle built, agents and worker starting")
         req_size = len(json.dumps({"x": x[0]}))
         raw = raw_echo(port, n, 300)
+        phase("raw echo measured")
         got = asyncio.run(through_client(port, n, x))
+        phase("requests through FleetClient measured")
         raw_after = raw_echo(port, n // 2, 300)          # the machine may have changed: both ends of the run
         raw_all = raw + raw_after
         raw50, raw99 = pct(raw_all, 50), pct(raw_all, 99)
