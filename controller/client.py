@@ -54,6 +54,9 @@ class FleetClient:
                                       connected=self.link.connected.is_set)
         self._pump: asyncio.Task | None = None
         self.extra: asyncio.Queue[Message] = asyncio.Queue()
+        self._reply_prefix = f"{self.topics.base}/dev/"
+        self._reply_suffix = f"/reply/{self.client_id}"
+        self.link.dispatch = self._on_reply   # replies resolve their request as they are read
 
     async def __aenter__(self) -> "FleetClient":
         await self.link.start()
@@ -87,19 +90,28 @@ class FleetClient:
             self._pump.cancel()
         await self.link.stop()
 
+    def _on_reply(self, msg: Message) -> bool:
+        """A reply to one of our requests: resolve its future now (True); anything else goes
+        through the link's queue to ``_run``. A reply that does not decode is dropped, as before."""
+        t = msg.topic
+        if not (t.startswith(self._reply_prefix) and t.endswith(self._reply_suffix)):
+            return False
+        parsed = self.topics.parse(t)
+        if not (parsed and parsed[1] == "reply" and parsed[2] == (self.client_id,)):
+            return False
+        try:
+            env = env_mod.decode(msg.payload, expect_sender=parsed[0])
+        except DecodeError:
+            return True
+        fut = self._pending.pop(env.corr or "", None)
+        if fut and not fut.done():
+            fut.set_result(env)
+        return True
+
     async def _run(self) -> None:
         while True:
             msg = await self.link.messages.get()
-            parsed = self.topics.parse(msg.topic)
-            if parsed and parsed[1] == "reply" and parsed[2] == (self.client_id,):
-                try:
-                    env = env_mod.decode(msg.payload, expect_sender=parsed[0])
-                except DecodeError:
-                    continue
-                fut = self._pending.pop(env.corr or "", None)
-                if fut and not fut.done():
-                    fut.set_result(env)
-            else:
+            if not self._on_reply(msg):        # (replies queued before dispatch was set)
                 self.extra.put_nowait(msg)
 
     async def command(self, device_id: str, command: str, args: dict[str, Any] | None = None,

@@ -344,6 +344,10 @@ class MqttLink:
         self._flush_soon = False     # a _flush is scheduled
         self._writer_on = False      # the socket is in the selector for writing
         self._paho_log = _PahoErrors(self)
+        #: optional ``dispatch(msg) -> bool`` run as each message is parsed (on the loop thread):
+        #: True = handled, not queued. For what needs no flow control (replies a caller awaits):
+        #: one loop turn and one task switch less than the queue.
+        self.dispatch: Callable[[Message], bool] | None = None
 
     @classmethod
     def from_settings(cls, settings: MqttSettings, client_id: str, **kw: object) -> "MqttLink":
@@ -469,8 +473,11 @@ class MqttLink:
                 c.loop_read()
         finally:
             self._reading = False
-        if c.want_write():
-            self._flush(c)                        # PUBACKs (and whatever the read queued) go out now
+        if c.want_write() and not self._flush_soon:
+            # PUBACKs go out this loop turn, after the consumers that the read woke: a reply they
+            # publish at once shares the write (one send, one broker wake-up, not two)
+            self._flush_soon = True
+            self._loop.call_soon(self._flush_scheduled, c)  # type: ignore[union-attr]
         sock = c.socket()
         if sock is None or self._paused:
             return
@@ -684,6 +691,13 @@ class MqttLink:
             corr = getattr(props, "CorrelationData", None)
             ctype = getattr(props, "ContentType", None)
         msg = Message(m.topic, bytes(m.payload), m.qos, bool(m.retain), rt, corr, m.mid if m.qos else 0, ctype)
+        take = self.dispatch
+        if take is not None:
+            try:
+                if take(msg):
+                    return                      # handled on the spot (a reply a caller awaits)
+            except Exception:  # noqa: BLE001 - the consumer's bug must not break paho's read
+                log.exception("message dispatch failed on %s; queued instead", msg.topic)
         if not self.messages.offer(msg):  # type: ignore[attr-defined]
             self._pause_reading()               # the consumer is behind: stop reading until it catches up
 
