@@ -59,8 +59,6 @@ class SimBoard:
     against the offer's manifest, reports ``applied`` and announces the new bundle."""
 
     def __init__(self, dev: str, site: str, port: int, bundle: dict[str, Any], window: int = 32) -> None:
-        from agent.updates.transfer import Transfer  # noqa: F401 - the same window logic as a board
-
         self.dev, self.site, self.port, self.model = dev, site, port, dict(bundle)
         self.t = Topics()
         self.window = window

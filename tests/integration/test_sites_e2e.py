@@ -114,7 +114,6 @@ def test_contract_across_the_bridge(tier):
     assert out.returncode == 0, out.stdout + out.stderr
     assert json.loads(out.stdout)["replies"]["c1"]["ok"] is True
     # MQTT 5 properties cross both ways: response topic, correlation data, content type, user properties
-    import paho.mqtt.client as mqtt
     from paho.mqtt.properties import Properties
     from paho.mqtt.packettypes import PacketTypes
 
