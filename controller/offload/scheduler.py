@@ -122,11 +122,13 @@ class EdfScheduler:
 
     def steal(self, n: int, thief_service_ms: float, transfer_ms: float, now: float) -> list[Task]:
         """Up to ``n`` queued tasks for an idle peer: taken from the back (latest start here),
-        only those the thief can finish in time, and never the one this worker serves next."""
+        only those the thief can finish in time, and never the one this worker serves next (when
+        it is serving one, the head of the queue may go too)."""
         out: list[Task] = []
         need = (transfer_ms + thief_service_ms + self.reply_ms) / 1000.0
         i = len(self.queue) - 1
-        while i >= 1 and len(out) < n:
+        first = 0 if self.busy_until is not None else 1
+        while i >= first and len(out) < n:
             t = self.queue[i]
             if now + need <= t.deadline:
                 out.append(self.queue.pop(i))

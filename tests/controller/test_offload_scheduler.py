@@ -100,3 +100,11 @@ def test_service_estimate_tracks_mean_and_tail():
     assert e.mean == pytest.approx(50.0, rel=0.01) and e.tail >= e.mean
     with pytest.raises(ValueError):
         EdfScheduler(0)
+
+
+def test_a_busy_worker_may_give_away_its_whole_queue():
+    s = sched(service_ms=10.0)
+    s.offer("run", 1.0, 0.0)
+    s.offer("q", 1.0, 0.0)
+    t, _ = s.next(0.0)                                    # serving "run": "q" waits behind it
+    assert t.key == "run" and [x.key for x in s.steal(4, 10.0, 5.0, 0.0)] == ["q"]
