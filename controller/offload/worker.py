@@ -281,8 +281,10 @@ class OffloadWorker:
         for d in drops:
             p: Pending = d.task.item
             self.dropped[d.code] = self.dropped.get(d.code, 0) + 1
+            now = time.monotonic()
             self._reply(p.frame_env, p.reply_to, p.correlation,
-                        self._error(d.code, d.reason, queue_ms=round(self.sched.queue_ms(time.monotonic()), 3)))
+                        self._error(d.code, d.reason, queue_ms=round(self.sched.queue_ms(now), 3),
+                                    wait_ms=round((now - d.task.arrived) * 1000.0, 3)))
 
     def _reply(self, env: Envelope, reply_to: str, correlation: bytes | None, body: dict[str, Any]) -> None:
         out = Envelope(kind="offload.reply", sender=self.id, body=body, corr=env.corr or env.id)
