@@ -5,12 +5,14 @@ The board keeps one view per worker from two sources: the worker's retained ``of
 dies) and the board's own measurements (each reply's round trip split into network, queue
 wait and service). Expected completion for a new request on worker *w*::
 
-    net(w) + k·dev(w)  +  max(queue estimate reported by w (aged), in-flight to w × service(w))
-                       +  service tail(w)
+    net(w) + k·dev_net(w)  +  max(queue estimate reported by w (aged), in-flight to w × service(w))
+                           +  service(w) + dev_service(w)
 
 A worker slowed 5× shows it in the next replies' ``service_ms`` (and in its status), so the
-board moves away within a few requests; a timeout benches the worker for ``fail_s``; a late or
-dropped reply still teaches its latency. ``choose`` returns the worker with the earliest
+board moves away within a few requests; two timeouts in a row bench the worker for ``fail_s``
+(a dead worker's status is cleared by its will anyway); a late or dropped reply still teaches
+its latency. With no new sample, a worker's network estimate ages back toward the best seen
+(half-life ``age_s``), so one bad moment does not keep a worker avoided for ever. ``choose`` returns the worker with the earliest
 expected completion that fits the time left, or None and why (the board answers locally).
 Compatibility (cascade workers): raw input only to workers that accept raw with the same input
 size; features only to workers that list the board's split hash.
@@ -47,7 +49,10 @@ class WorkerView:
     queue_at: float = 0.0            # when that estimate arrived
     service: Ewma = field(default_factory=lambda: Ewma(0.5))
     net: Ewma = field(default_factory=lambda: Ewma(0.3))
+    net_best: float | None = None
+    net_at: float = 0.0
     inflight: int = 0
+    consecutive_timeouts: int = 0
     failed_until: float = 0.0
     ok: int = 0
     dropped: int = 0
@@ -64,8 +69,9 @@ class Route:
 
 class WorkerRouter:
     def __init__(self, k: float = 2.0, stale_s: float = 10.0, fail_s: float = 3.0,
-                 default_net_ms: float = 3.0) -> None:
+                 default_net_ms: float = 3.0, age_s: float = 1.0) -> None:
         self.k, self.stale_s, self.fail_s, self.default_net_ms = k, stale_s, fail_s, default_net_ms
+        self.age_s = age_s
         self.workers: dict[str, WorkerView] = {}
 
     # -- inputs ---------------------------------------------------------------------
@@ -107,7 +113,12 @@ class WorkerRouter:
             w.dropped += 1
         if late:
             w.late += 1
-        w.net.observe(max(0.0, rtt_ms - svc - wait))
+        else:
+            w.consecutive_timeouts = 0
+        net = max(0.0, rtt_ms - svc - wait)
+        w.net.observe(net)
+        w.net_best = net if w.net_best is None else min(w.net_best, net)
+        w.net_at = now
         if isinstance(body.get("queue_ms"), (int, float)):
             w.queue_ms, w.queue_at = float(body["queue_ms"]), now
 
@@ -117,7 +128,9 @@ class WorkerRouter:
             return
         w.inflight = max(0, w.inflight - 1)
         w.timeouts += 1
-        w.failed_until = now + self.fail_s
+        w.consecutive_timeouts += 1
+        if w.consecutive_timeouts >= 2:
+            w.failed_until = now + self.fail_s
 
     # -- decisions --------------------------------------------------------------------
     def known(self, now: float) -> bool:
@@ -125,9 +138,13 @@ class WorkerRouter:
 
     def expected_ms(self, wid: str, now: float) -> float:
         w = self.workers[wid]
-        net = self.default_net_ms if w.net.mean is None else w.net.mean + self.k * w.net.dev
+        if w.net.mean is None or w.net_best is None:
+            net = self.default_net_ms
+        else:
+            f = 0.5 ** (max(0.0, now - w.net_at) / self.age_s)
+            net = w.net_best + (w.net.mean - w.net_best) * f + self.k * w.net.dev * f
         svc = w.service.mean if w.service.mean is not None else 5.0
-        svc_tail = svc + self.k * w.service.dev
+        svc_tail = svc + w.service.dev
         reported = max(0.0, w.queue_ms - (now - w.queue_at) * 1000.0)
         return net + max(reported, w.inflight * svc) + svc_tail
 

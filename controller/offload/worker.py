@@ -209,6 +209,7 @@ class OffloadWorker:
         finally:
             for t in tasks:
                 t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
             self.link.publish(self.status_topic, b"", 1, True)
             await self.link.stop()
             self._pool.shutdown(wait=False, cancel_futures=True)

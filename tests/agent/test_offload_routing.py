@@ -56,8 +56,9 @@ def test_in_flight_requests_count_until_the_status_catches_up():
 
 def test_a_timeout_benches_the_worker_and_a_cleared_status_removes_it():
     r = router(status("w1"), status("w2"))
-    r.on_sent("w1")
-    r.on_timeout("w1", 1.0)
+    for _ in range(2):                                    # one timeout is a sample; two in a row bench it
+        r.on_sent("w1")
+        r.on_timeout("w1", 1.0)
     assert r.choose("raw", None, 64, 100.0, 1.5)[0].worker == "w2"
     r.on_status("w2", None, 1.6)
     assert r.choose("raw", None, 64, 100.0, 1.7) == (None, "every compatible worker timed out recently")
@@ -72,7 +73,16 @@ def test_an_old_worker_status_is_not_routable_and_late_replies_still_teach():
     r.on_sent("w1")
     r.on_timeout("w1", 0.0)
     r.on_reply("w1", 400.0, {"ok": True, "service_ms": 390.0, "wait_ms": 0.0}, 0.5, late=True)
-    assert r.workers["w1"].late == 1 and r.workers["w1"].inflight == 0 and r.expected_ms("w1", 5.0) > 300
+    assert r.workers["w1"].late == 1 and r.workers["w1"].inflight == 0 and r.expected_ms("w1", 0.5) > 300
+
+
+def test_a_bad_moment_ages_out_without_new_samples():
+    r = router(status("w1"))
+    r.on_sent("w1")
+    r.on_reply("w1", 6.0, {"ok": True, "service_ms": 5.0}, 0.0)
+    r.on_sent("w1")
+    r.on_reply("w1", 300.0, {"ok": True, "service_ms": 5.0}, 0.0)   # the network stalled once
+    assert r.expected_ms("w1", 0.0) > 100 and r.expected_ms("w1", 10.0) < 20
 
 
 def test_decide_uses_the_route_or_the_reason_there_is_none():
