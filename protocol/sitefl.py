@@ -31,6 +31,9 @@ Head = dict[str, np.ndarray]
 
 MIN_MARGIN_S = 2.0
 MARGIN_FRACTION = 0.1
+#: a round's tasks reach a site one by one: "every tasked board answered" counts only once no new
+#: task has come for this long (a task later still makes a late board, whose update is forwarded)
+TASK_SETTLE_S = 1.5
 
 
 def site_deadline(round_deadline: float, seen_at: float) -> float:
@@ -102,6 +105,15 @@ class SiteRound:
     state: str = "collecting"
     sent_contributors: tuple[str, ...] = ()
     reason: str = ""
+    last_task_at: float = 0.0
+
+    def tasked_board(self, board: str, now: float) -> bool:
+        """A task for ``board`` was seen; True if it is new."""
+        if board in self.tasked:
+            return False
+        self.tasked.add(board)
+        self.last_task_at = now
+        return True
 
     @property
     def key(self) -> str:
@@ -125,11 +137,12 @@ class SiteRound:
         return "hold"
 
     def due(self, now: float, local: set[str]) -> bool:
-        """Send now? Every tasked board that is at this site has answered, or the site deadline."""
+        """Send now? Every tasked board that is at this site has answered (and no task came for
+        ``TASK_SETTLE_S``), or the site deadline."""
         if self.state != "collecting" or not self.pending_updates():
             return False
         waiting = {b for b in self.tasked if b in local} - set(self.updates) - self.excluded
-        return not waiting or now >= self.send_by
+        return (not waiting and now - self.last_task_at >= TASK_SETTLE_S) or now >= self.send_by
 
     def pending_updates(self) -> list[BoardUpdate]:
         return [u for b, u in sorted(self.updates.items()) if b not in self.excluded]

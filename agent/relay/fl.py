@@ -186,8 +186,7 @@ class FederatedRelay:
             self._count("rounds")
             self.ctx.log.info("relay fl: round %s, %s", key,
                               f"aggregating by {weighting}" if weighting else "forwarding every update")
-        if parsed[0] not in r.tasked:
-            r.tasked.add(parsed[0])
+        if r.tasked_board(parsed[0], time.time()):
             self._save(r)
         self._status()
 

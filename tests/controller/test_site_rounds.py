@@ -105,7 +105,10 @@ def test_combine_refuses_what_it_cannot_sum():
 
 
 def test_site_round_state_machine():
-    r = SiteRound("r1", 1, 0, deadline=100.0, seen_at=0.0, weighting="samples", tasked={"a", "b", "x"})
+    r = SiteRound("r1", 1, 0, deadline=100.0, seen_at=0.0, weighting="samples")
+    for x in ("a", "b", "x"):
+        assert r.tasked_board(x, 0.0)
+    assert not r.tasked_board("a", 1.0)
     assert site_deadline(100.0, 0.0) == 90.0 and site_deadline(10.0, 5.0) == 8.0   # 10 %, at least 2 s
     assert r.accepts("a", {"encoding": "raw", "base_version": 0}) == "hold"
     r.updates["a"] = BoardUpdate("a", 10, A)
@@ -113,6 +116,7 @@ def test_site_round_state_machine():
     assert r.accepts("b", {"encoding": "raw", "base_version": 3}) == "forward"   # not the round's base
     assert not r.due(50.0, local={"a", "b"})          # b (at this site) still training
     assert r.due(50.0, local={"a"})                   # x and b elsewhere: everyone local answered
+    assert r.tasked_board("y", 49.5) and not r.due(50.0, local={"a"})   # a task just came: settle first
     assert r.due(90.0, local={"a", "b"})              # the site deadline: b is a dropout
     r.updates["b"] = BoardUpdate("b", 30, B)
     agg = r.build()

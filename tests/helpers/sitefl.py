@@ -118,13 +118,18 @@ class SimBoard:
                 self._unacked.pop((env.body["run_id"], int(env.body["round"])), None)
 
     def _resender(self) -> None:
-        last_tel = time.monotonic()
-        while not self._stop.wait(self.resend_s):
-            if time.monotonic() - last_tel > 10 and self.client is not None:   # stay "recently seen"
-                last_tel = time.monotonic()
+        last_tel = last_send = time.monotonic()
+        while not self._stop.wait(0.2):   # resend_s may change while it runs
+            now = time.monotonic()
+            if now - last_tel > 10 and self.client is not None:   # stay "recently seen"
+                last_tel = now
                 self.client.publish(f"{T}/dev/{self.dev}/telemetry", encode(Envelope(
-                    kind="telemetry", sender=self.dev, body={"seq": int(time.time()), "interval_s": 5, "cpu_percent": 1.0,
+                    kind="telemetry", sender=self.dev, body={"seq": int(time.time()), "interval_s": 5,
+                                                             "cpu_percent": 1.0,
                                                              "learning": {"labelled_samples": self.samples}})), 1)
+            if now - last_send < self.resend_s:
+                continue
+            last_send = now
             with self._lock:
                 items = list(self._unacked.values())
             for payload in items:
@@ -167,7 +172,9 @@ async def _relay_main(relay_id: str, site: str, site_url: str, upstream_url: str
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     log = logging.getLogger("relay")
-    site_link = MqttLink(f"{relay_id}-site", parse_broker_url(site_url), min_backoff=0.2, max_backoff=1.0)
+    # persistent on both legs: what boards publish while the relay is down waits for it at the site broker
+    site_link = MqttLink(f"{relay_id}-site", parse_broker_url(site_url), min_backoff=0.2, max_backoff=1.0,
+                         persistent=True)
     up_link = MqttLink(relay_id, parse_broker_url(upstream_url), min_backoff=0.2, max_backoff=1.0, persistent=True)
     routes: dict[int, list] = {id(site_link): [], id(up_link): []}
 
@@ -204,7 +211,9 @@ async def _relay_main(relay_id: str, site: str, site_url: str, upstream_url: str
     print("RELAY READY", flush=True)
     while True:
         await asyncio.sleep(1.0)
-        (Path(state) / "counters.json").write_text(json.dumps(dict(counters)))
+        tmp = Path(state) / "counters.json.tmp"
+        tmp.write_text(json.dumps(dict(counters)))
+        os.replace(tmp, Path(state) / "counters.json")
 
 
 if __name__ == "__main__":
