@@ -142,6 +142,10 @@ class BridgeSettings:
     key: str = ""
     keepalive_s: int = 30
     restart_timeout: tuple[int, int] = (2, 30)   # Mosquitto's jittered back-off: base, cap (s)
+    #: the site's boards: when given, the per-board downlink rules (``dev/+/…`` in) name each board
+    #: instead of ``+``, so no other site's commands and chunks cross this uplink (regenerate the
+    #: config and restart the site broker when boards join or leave the site)
+    boards: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         try:
@@ -165,6 +169,11 @@ class BridgeSettings:
             raise ValueError("keepalive must be 5..3600 s")
         if not (1 <= self.restart_timeout[0] <= self.restart_timeout[1]):
             raise ValueError("restart timeout must be 1 <= base <= cap")
+        for b in self.boards:
+            try:
+                validate_id(b, "board id")
+            except InvalidId as exc:
+                raise ValueError(str(exc)) from None
 
     @property
     def connection(self) -> str:
@@ -209,5 +218,29 @@ def bridge_config(s: BridgeSettings, rules: list[BridgeRule] | None = None) -> s
         if r.direction == "local":
             lines.append(f"# stays on the site: {r.topic(s.root, s.site)}")
             continue
+        if r.direction == "in" and s.boards and r.pattern.startswith("dev/+/"):
+            for b in s.boards:
+                lines.append(f"topic {r.topic(s.root, s.site).replace('/dev/+/', f'/dev/{b}/', 1)} in {r.qos}")
+            continue
         lines.append(f"topic {r.topic(s.root, s.site)} {r.direction} {r.qos}")
     return "\n".join(lines) + "\n"
+
+
+# -- the relay's one message kind of its own -----------------------------------------------------
+def _check_unavailable(body: dict) -> None:
+    from .envelope import DecodeError, _req
+
+    tid = _req(body, "transfer_id", str)
+    if not (0 < len(tid) <= 64):
+        raise DecodeError("field", "must be 1-64 chars", "body.transfer_id")
+    _req(body, "reason", str)
+
+
+def _register() -> None:
+    from .envelope import register_kind
+
+    #: relay → board (site-local): "I cannot serve this transfer, ask the centre" (with the reason)
+    register_kind("xfer.unavailable", _check_unavailable)
+
+
+_register()

@@ -69,8 +69,7 @@ class CountingProxy:
         self.port = port or free_port()
         self.up = 0      # client -> target (site -> centre)
         self.down = 0    # target -> client (centre -> site)
-        self.up_packets = MqttPacketCounter()
-        self.down_packets = MqttPacketCounter()
+        self._counters: list[tuple[MqttPacketCounter, MqttPacketCounter]] = []   # per connection: up, down
         self.connections = 0
         self._lock = threading.Lock()
         self._cut = False
@@ -102,6 +101,11 @@ class CountingProxy:
             return
         self.connections += 1
         self._writers |= {writer, twriter}
+        # one packet counter per direction per connection (MQTT connections start and end on packet
+        # boundaries, so every count is of whole packets)
+        up_c, down_c = MqttPacketCounter(), MqttPacketCounter()
+        with self._lock:
+            self._counters.append((up_c, down_c))
 
         async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
             try:
@@ -112,10 +116,10 @@ class CountingProxy:
                     with self._lock:
                         if up:
                             self.up += len(data)
-                            self.up_packets.feed(data)
+                            up_c.feed(data)
                         else:
                             self.down += len(data)
-                            self.down_packets.feed(data)
+                            down_c.feed(data)
                     dst.write(data)
                     await dst.drain()
             except (OSError, ConnectionError, ValueError):
@@ -123,17 +127,16 @@ class CountingProxy:
             finally:
                 dst.close()
 
-        # one counter per direction across all connections: a packet split at a connection's end
-        # cannot happen (MQTT connections start and end on packet boundaries), so the sums stay whole
         await asyncio.gather(pump(reader, twriter, True), pump(treader, writer, False))
         self._writers -= {writer, twriter}
 
     def snapshot(self) -> dict[str, int]:
         with self._lock:
-            return {"up": self.up, "down": self.down, "up_publishes": self.up_packets.publishes,
-                    "down_publishes": self.down_packets.publishes,
-                    "up_publish_bytes": self.up_packets.publish_bytes,
-                    "down_publish_bytes": self.down_packets.publish_bytes}
+            return {"up": self.up, "down": self.down,
+                    "up_publishes": sum(u.publishes for u, _ in self._counters),
+                    "down_publishes": sum(d.publishes for _, d in self._counters),
+                    "up_publish_bytes": sum(u.publish_bytes for u, _ in self._counters),
+                    "down_publish_bytes": sum(d.publish_bytes for _, d in self._counters)}
 
     def cut(self) -> None:
         """The uplink goes down: every connection drops, new ones are refused."""
@@ -188,6 +191,8 @@ class SiteTier:
     counted: bool = True
     root: str = "edgefleet"
     restart_timeout: tuple[int, int] = (1, 2)
+    #: site -> its boards: the bridge's downlink names each board (BridgeSettings.boards)
+    boards: dict[str, list[str]] = field(default_factory=dict)
     centre: Mosquitto | None = None
     sites: dict[str, Site] = field(default_factory=dict)
 
@@ -205,7 +210,8 @@ class SiteTier:
         proxy = CountingProxy(self.centre.port).start() if self.counted else None
         centre = f"127.0.0.1:{proxy.port if proxy else self.centre.port}"
         conf = bridge_config(BridgeSettings(site=name, centre=centre, root=self.root, keepalive_s=5,
-                                            restart_timeout=self.restart_timeout))
+                                            restart_timeout=self.restart_timeout,
+                                            boards=tuple(self.boards.get(name, ()))))
         sdir = self.workdir / f"site-{name}"
         sdir.mkdir(parents=True, exist_ok=True)
         broker = Mosquitto(sdir, extra_conf=conf).start()
