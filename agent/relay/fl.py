@@ -279,9 +279,12 @@ class FederatedRelay:
                               len(agg.contributors), agg.num_samples, len(payload))
         else:
             payload = (self._rdir(r.key) / "site.frame").read_bytes()
-        self.last_sent[r.key] = now
         if self.ctx.upstream.publish(self.ctx.topics.data(self.ctx.relay_id, "fl"), payload, 1):
+            self.last_sent[r.key] = now
             self._count("site_updates_sent")
+        else:   # the uplink is down: try again at every tick until it is back
+            self.last_sent[r.key] = -float("inf")
+            self._count("site_update_deferred")
         self._status()
 
     def tick(self, now: float) -> None:

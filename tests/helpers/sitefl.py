@@ -5,13 +5,11 @@ has labelled data, and on each ``fl.task`` a seeded delta (``fl.update``, raw) s
 ``resend_s`` until the controller's ``fl.ack`` — the agent's own promise. It remembers every delta
 it sent, so a test computes the flat FedAvg by hand. ``move(port)`` reconnects it at another site.
 
-``start_relay`` runs the relay's fl component in its own process (``python -m tests.helpers.sitefl``)
-with a site link and an upstream link: killable with SIGKILL at any point.
+``start_relay`` runs the real relay role (``edge-agent run``, ``[relay]``, only its fl component) in its
+own process: killable with SIGKILL at any point.
 """
 from __future__ import annotations
 
-import asyncio
-import json
 import os
 import subprocess
 import sys
@@ -152,69 +150,13 @@ def flat_fedavg(boards: list[SimBoard], run_id: str, round_no: int, only: set[st
 
 
 def start_relay(tmp: Path, relay_id: str, site: str, site_url: str, upstream_url: str,
-                log: Path | None = None, resend_s: float = 3.0) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1", "RELAY_RESEND_S": str(resend_s)}
-    args = [sys.executable, "-m", "tests.helpers.sitefl", relay_id, site, site_url, upstream_url,
-            str(tmp / f"relay-{site}")]
-    return subprocess.Popen(args, stdout=open(log or tmp / f"relay-{site}.log", "ab"), stderr=subprocess.STDOUT,
+                log: Path | None = None) -> subprocess.Popen:
+    """The real relay role (``edge-agent run`` with ``[relay]``), running only its fl component."""
+    cfg = tmp / f"{relay_id}.toml"
+    cfg.write_text(f'[device]\nid = "{relay_id}"\nsite = "{site}"\n[mqtt]\nbroker = "{site_url}"\nkeepalive = 5\n'
+                   f'min_backoff_s = 0.2\nmax_backoff_s = 1.0\n[state]\ndir = "{tmp / ("relay-" + site)}"\n'
+                   f'[relay]\nenabled = true\nupstream = "{upstream_url}"\nretry_s = 1.0\ncomponents = ["fl"]\n')
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, "-m", "agent.cli", "run", "--config", str(cfg)],
+                            stdout=open(log or tmp / f"relay-{site}.log", "ab"), stderr=subprocess.STDOUT,
                             env=env, cwd=ROOT)
-
-
-async def _relay_main(relay_id: str, site: str, site_url: str, upstream_url: str, state: str) -> None:
-    """The fl component on two real links, routed like the relay service routes (every matching filter)."""
-    import logging
-    from collections import Counter
-
-    from agent.relay import RelayContext
-    from agent.relay.fl import FederatedRelay
-    from protocol.mqttlink import MqttLink, parse_broker_url
-    from protocol.topics import Topics
-
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    log = logging.getLogger("relay")
-    # persistent on both legs: what boards publish while the relay is down waits for it at the site broker
-    site_link = MqttLink(f"{relay_id}-site", parse_broker_url(site_url), min_backoff=0.2, max_backoff=1.0,
-                         persistent=True)
-    up_link = MqttLink(relay_id, parse_broker_url(upstream_url), min_backoff=0.2, max_backoff=1.0, persistent=True)
-    routes: dict[int, list] = {id(site_link): [], id(up_link): []}
-
-    def adder(link):
-        def add(flt, handler):
-            routes[id(link)].append((flt, handler))
-            link.subscribe(flt, 1)
-        return add
-
-    from paho.mqtt.client import topic_matches_sub
-
-    async def route(link):
-        while True:
-            msg = await link.messages.get()
-            for flt, h in routes[id(link)]:
-                if topic_matches_sub(flt, msg.topic):
-                    try:
-                        await h(msg)
-                    except Exception:  # noqa: BLE001
-                        log.exception("handler %s failed", flt)
-
-    counters: Counter = Counter()
-    ctx = RelayContext(site_name=site, relay_id=relay_id, topics=Topics("edgefleet"), site=site_link,
-                       upstream=up_link, state_dir=Path(state), log=log, counters=counters,
-                       on_site=adder(site_link), on_upstream=adder(up_link))
-    Path(state).mkdir(parents=True, exist_ok=True)
-    await site_link.start()
-    await up_link.start()
-    comp = FederatedRelay(resend_s=float(os.environ.get("RELAY_RESEND_S", "3")))
-    tasks = [asyncio.create_task(route(site_link)), asyncio.create_task(route(up_link)),
-             asyncio.create_task(comp.run(ctx))]
-    await site_link.wait_connected(30)
-    await up_link.wait_connected(30)
-    print("RELAY READY", flush=True)
-    while True:
-        await asyncio.sleep(1.0)
-        tmp = Path(state) / "counters.json.tmp"
-        tmp.write_text(json.dumps(dict(counters)))
-        os.replace(tmp, Path(state) / "counters.json")
-
-
-if __name__ == "__main__":
-    asyncio.run(_relay_main(*sys.argv[1:6]))
