@@ -231,3 +231,28 @@ def test_board_moving_between_sites_mid_round_counts_once(fleet):
             fleet.boards[b].gate = None
         b3.move(fleet.tier.sites["s1"].port)
         b3.resend_s = 2.0
+
+
+def test_a_real_agent_behind_a_relay_is_aggregated_and_acked(fleet):
+    """A real edge-agent at site s2 trains on its own data: its update stays on the site (the relay's
+    one site update carries it), and the controller's ack reaches it down the bridge."""
+    from tests.helpers.fleet import agent_config, start_agent
+    from tests.helpers.learning import agent_extra, ready, shards
+
+    (x, y), = shards(fleet.tmp, 1)
+    cfg = agent_config(fleet.tmp, "real-1", fleet.tier.sites["s2"].url, extra=agent_extra(fleet.bundle, x, y))
+    agent = start_agent(cfg, fleet.tmp / "real-1.log")
+    try:
+        ready(fleet.db, "real-1")
+        run_id = fleet.run("--to", "real-1,b4,b5", "--clients", "3", "--min-clients", "3", "--deadline", "60s",
+                           "--steps", "20")
+        run = fleet.wait_run(run_id)
+        assert run.status == "done", fleet.store().round(run_id, 1).metrics
+        m = fleet.store().round(run_id, 1).metrics
+        assert m["sites"]["s2"]["boards"] == ["b4", "b5", "real-1"] and m["received"] == 3
+        assert [t for t, _ in fleet.fl_messages(run_id)] == ["relay-s2"]   # one message up, from the relay
+        from controller.registry import Registry
+        wait_for(lambda: [e for e in Registry(fleet.db, readonly=True).events("real-1")
+                          if e["event"] == "fl.update_accepted"], timeout=30, what="the agent's update acked")
+    finally:
+        stop(agent)
