@@ -229,3 +229,33 @@ def test_robust_strategy_refuses_site_updates_and_tasks_do_not_offer_it(store):
     assert all("site_agg" not in t.body for t in tasks)
     v = site_up(eng, 1.0, ["a", "b"])
     assert not v.accepted and "cannot be pre-aggregated" in v.reason
+
+
+@pytest.mark.parametrize("patch,where", [
+    ({"contributors": {}}, "body.contributors"), ({"contributors": {"a": 0}}, "body.contributors"),
+    ({"contributors": {"a": True}}, "body.contributors"), ({"num_samples": 11}, "body.num_samples"),
+    ({"weighting": "median"}, "body.weighting")])
+def test_site_update_frames_with_bad_bodies_are_refused_naming_the_field(patch, where):
+    from protocol.binary import decode_frame, encode_frame
+    from protocol.envelope import DecodeError, Envelope
+
+    body = {"run_id": "r1", "round": 1, "base_version": 0, "num_samples": 10, "site": "S", "weighting": "samples",
+            "contributors": {"a": 10}, "encoding": "raw", **patch}
+    payload = encode_frame(Envelope(kind="fl.site_update", sender="relay-s", body=body), A)
+    with pytest.raises(DecodeError) as exc:
+        decode_frame(payload, expect_sender="relay-s")
+    assert where in str(exc.value)
+
+
+def test_a_controller_restarted_after_recording_answers_the_relays_resend_the_same(store):
+    """Killed between recording a site update and acking it: the new engine over the same store gives
+    the relay's resend the recorded verdict and the boards to ack — nothing counted twice."""
+    eng, _ = run(store)
+    assert site_up(eng, 1.0, ["a", "b"]).accepted
+    again = RoundEngine("r1", store, st.FedAvg())
+    v = site_up(again, 2.0, ["a", "b"])
+    assert v.accepted and v.duplicate and v.boards == ("a", "b")
+    assert sorted(u.device_id for u in store.updates("r1", 1)) == ["a", "b", "relay-s"]
+    assert {d for d, *_ in store.unacked(("r1",))} == {"a", "b", "relay-s"}   # their acks are resent
+    other = site_up(again, 2.5, ["a"])    # a different set from the same relay in the same round
+    assert not other.accepted and "already sent" in other.reason
