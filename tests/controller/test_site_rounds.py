@@ -256,6 +256,6 @@ def test_a_controller_restarted_after_recording_answers_the_relays_resend_the_sa
     v = site_up(again, 2.0, ["a", "b"])
     assert v.accepted and v.duplicate and v.boards == ("a", "b")
     assert sorted(u.device_id for u in store.updates("r1", 1)) == ["a", "b", "relay-s"]
-    assert {d for d, *_ in store.unacked(("r1",))} == {"a", "b", "relay-s"}   # their acks are resent
+    assert {d for _, d, *_ in store.unacked(("r1",))} == {"a", "b", "relay-s"}   # their acks are resent
     other = site_up(again, 2.5, ["a"])    # a different set from the same relay in the same round
     assert not other.accepted and "already sent" in other.reason
