@@ -13,7 +13,6 @@ from collections import Counter
 from dataclasses import replace
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -27,6 +26,7 @@ from protocol.mqttlink import Message
 from ..core.context import AgentContext, CommandError, Feature, Subscription
 from ..serving.histogram import LatencyHistogram
 from .policy import LOCAL, LOCAL_LOW, OFFLOAD, OffloadPolicy, RttEstimator, decide
+from protocol.atomicfile import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..serving.inference import InferenceEngine, Prediction
@@ -106,11 +106,8 @@ class Offloader(Feature):
             raise ValueError(f"unknown offload settings {sorted(bad)}; known: {sorted(allowed)}")
         new = replace(self.policy, **changes)  # validates in __post_init__
         self.policy = new
-        tmp = self.state_file.with_suffix(".tmp")
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({k: getattr(new, k) for k in ("enabled", "threshold", "mode", "deadline_ms",
-                                                                 "margin_ms", "rtt_k")}))
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps({k: getattr(new, k) for k in (
+            "enabled", "threshold", "mode", "deadline_ms", "margin_ms", "rtt_k")}))
         return new
 
     def telemetry(self) -> dict[str, Any]:
