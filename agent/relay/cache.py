@@ -14,6 +14,8 @@ import os
 import time
 from pathlib import Path
 
+from protocol.atomicfile import write_atomic
+
 
 class ChunkCache:
     def __init__(self, directory: Path, max_bytes: int) -> None:
@@ -62,14 +64,7 @@ class ChunkCache:
         if sha in self._lru:
             self._lru.move_to_end(sha)
             return True
-        p = self._path(sha)
-        p.parent.mkdir(parents=True, exist_ok=True)
-        tmp = p.parent / f".{sha}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, p)
+        write_atomic(self._path(sha), data)   # a dot-named temporary, then the rename
         self._lru[sha] = len(data)
         self.bytes += len(data)
         self._evict(keep=sha)

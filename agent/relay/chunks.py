@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 from protocol import envelope as env_mod
+from protocol.atomicfile import write_atomic
 from protocol.binary import decode_frame, encode_frame, is_frame
 from protocol.chunks import ChunkError, ChunkManifest
 from protocol.envelope import DecodeError, Envelope, encode
@@ -95,9 +95,7 @@ class ChunkRelay:
             return
         self.manifests[tid] = m
         if persist and self.mdir is not None:
-            tmp = self.mdir / f".{_safe(tid)}.tmp"
-            tmp.write_text(json.dumps(m.to_dict()))
-            os.replace(tmp, self.mdir / f"{_safe(tid)}.json")
+            write_atomic(self.mdir / f"{_safe(tid)}.json", json.dumps(m.to_dict()))
         have = {i for i, h in enumerate(m.chunk_sha256) if h in self.cache}
         if len(have) < m.count:
             self.pulls[tid] = Transfer(m, window=min(8, self.window), retry_s=self.retry_s, have=have,

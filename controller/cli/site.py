@@ -63,11 +63,10 @@ def bridge_config_cmd(c: Ctx, site_name: str, centre: str, tls_ca: str, cert: st
     if output is None:
         click.echo(text, nl=False)
         return
-    out = Path(output)
-    tmp = out.with_name(f".{out.name}.tmp")
+    from protocol.atomicfile import write_atomic
+
     try:
-        tmp.write_text(text)
-        os.replace(tmp, out)
+        write_atomic(Path(output), text)
     except OSError as exc:
         raise click.ClickException(f"{output}: {exc.strerror or exc}") from None
     click.echo(f"wrote the bridge for site {site_name} to {output}", err=True)
