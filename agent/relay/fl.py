@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from protocol import envelope as env_mod
+from protocol.atomicfile import write_atomic
 from protocol import fl as fl_msgs  # noqa: F401 - registers fl.* kinds
 from protocol.binary import decode_frame, encode_frame, is_frame
 from protocol.envelope import DecodeError, Envelope
@@ -50,16 +50,6 @@ if TYPE_CHECKING:  # pragma: no cover
 RESEND_S = 10.0
 #: a round's files are removed this long after its deadline
 KEEP_S = 300.0
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class FederatedRelay:
@@ -114,7 +104,7 @@ class FederatedRelay:
                "seen_at": r.seen_at, "weighting": r.weighting, "tasked": sorted(r.tasked),
                "excluded": sorted(r.excluded), "state": r.state, "sent_contributors": list(r.sent_contributors),
                "shapes": {k: list(v) for k, v in self.shapes.get(r.key, {}).items()}}
-        _write_atomic(self._rdir(r.key) / "round.json", json.dumps(doc).encode())
+        write_atomic(self._rdir(r.key) / "round.json", json.dumps(doc).encode())
 
     def _restore(self) -> None:
         """Rounds and held updates from disk (a relay restart loses nothing it held)."""
@@ -245,7 +235,7 @@ class FederatedRelay:
                 self.ctx.log.warning("relay fl: update of %s for %s not aggregated (%s): forwarded", board, r.key, held)
             self._forward(r.key, board, msg.payload)
             return
-        _write_atomic(self._rdir(r.key) / "updates" / f"{board}.frame", msg.payload)   # on disk before it counts
+        write_atomic(self._rdir(r.key) / "updates" / f"{board}.frame", msg.payload)   # on disk before it counts
         r.updates[board] = held
         self.payloads[r.key][board] = msg.payload
         self._count("updates_held")
@@ -273,7 +263,7 @@ class FederatedRelay:
             if agg.train_loss is not None:
                 body["train_loss"] = round(agg.train_loss, 6)
             payload = encode_frame(Envelope(kind="fl.site_update", sender=self.ctx.relay_id, body=body), agg.mean)
-            _write_atomic(self._rdir(r.key) / "site.frame", payload)
+            write_atomic(self._rdir(r.key) / "site.frame", payload)
             self._save(r)
             self.ctx.log.info("relay fl: round %s: one update for %d boards (%d samples), %d bytes", r.key,
                               len(agg.contributors), agg.num_samples, len(payload))
