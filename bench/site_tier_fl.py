@@ -15,7 +15,9 @@ Counted at each proxy, site → centre: whole MQTT PUBLISH packets (fixed header
 payload) whose topic is an ``…/data/fl`` one — QoS 1 retransmissions included. Figures:
 ``fl_updates_per_site_per_round`` (goal 1), ``fl_uplink_bytes_per_site_per_round_site`` /
 ``…_flat`` and their ratio, ``site_vs_flat_max_abs_diff`` between the two runs' global heads (≤ 1e-6).
-``measure()`` is what ``bench/site_tier.py`` calls; run alone, the last line is one JSON object.
+``run()`` is what ``bench/site_tier.py`` calls (``measure()`` with its sizes); run alone, the last line is
+one JSON object. The proxies' per-connection packet counters are swapped for one that also counts
+``…/data/fl`` publishes (``FlPacketCounter``) before the tiers start.
 """
 from __future__ import annotations
 
@@ -82,7 +84,8 @@ class FlatTier(SiteTier):
 
         proxy = CountingProxy(self.centre.port).start()
         conf = bridge_config(BridgeSettings(site=name, centre=f"127.0.0.1:{proxy.port}", root=self.root,
-                                            keepalive_s=5, restart_timeout=self.restart_timeout),
+                                            keepalive_s=5, restart_timeout=self.restart_timeout,
+                                            boards=tuple(self.boards.get(name, ()))),
                              rules_without_relay_fl())
         sdir = self.workdir / f"site-{name}"
         sdir.mkdir(parents=True, exist_ok=True)
@@ -101,7 +104,9 @@ def _one(workdir: Path, bundle: Path, sites: list[str], per_site: int, rounds: i
 
     workdir.mkdir(parents=True, exist_ok=True)
     sites_mod.MqttPacketCounter = FlPacketCounter   # each proxy connection's counter also counts data/fl
-    tier = (SiteTier if relay else FlatTier)(workdir, sites).start()
+    names = {s: [f"{s}-b{j}" for j in range(per_site)] for s in sites}
+    # per-board downlink rules (what bench/site_tier.py uses): a site hears only its own boards' tasks
+    tier = (SiteTier if relay else FlatTier)(workdir, sites, boards=names).start()
     procs, boards = [], []
     try:
         db = workdir / "registry.db"
@@ -112,8 +117,8 @@ def _one(workdir: Path, bundle: Path, sites: list[str], per_site: int, rounds: i
                 procs.append(start_relay(workdir, f"relay-{s}", s, tier.sites[s].url, tier.sites[s].uplink_url))
                 wait_for(lambda s=s: (d := device(db, f"relay-{s}")) and d.online, timeout=60, what=f"relay {s}")
         for si, s in enumerate(sites):
-            for j in range(per_site):
-                boards.append(SimBoard(tier.sites[s].port, f"{s}-b{j}", samples=20 + 7 * j + si, seed=100 * si + j,
+            for j, name in enumerate(names[s]):
+                boards.append(SimBoard(tier.sites[s].port, name, samples=20 + 7 * j + si, seed=100 * si + j,
                                        resend_s=15.0))
         for b in boards:
             wait_for(lambda b=b: (d := device(db, b.dev)) and d.online and d.telemetry, timeout=60,
@@ -183,6 +188,13 @@ def measure(workdir: Path | None = None, quick: bool = False, per_site: int | No
         "fl_received_per_round": {"site": site["received"], "flat": flat["received"]},
         "fl_wall_ratio_site_vs_flat": round(site["wall_s"] / flat["wall_s"], 3) if flat["wall_s"] else None,
     }
+
+
+def run(topology: object = None, quick: bool = False) -> dict:
+    """What ``bench/site_tier.py`` merges into its JSON line. Its topology is not reused: its simulated
+    boards speak the update protocol only, and FL needs two tiers of its own (site and flat) that see
+    the same seeded updates; so this builds its own, smaller under ``--quick`` (3 boards, 1 round)."""
+    return measure(quick=quick, per_site=3 if quick else None, rounds=1 if quick else None)
 
 
 def main() -> None:
