@@ -256,3 +256,24 @@ def test_a_real_agent_behind_a_relay_is_aggregated_and_acked(fleet):
                           if e["event"] == "fl.update_accepted"], timeout=30, what="the agent's update acked")
     finally:
         stop(agent)
+
+
+def test_a_board_that_drops_out_is_its_own_dropout_not_the_sites(fleet):
+    """b2 never answers: relay s1 sends b1 and b3 at the site deadline (the round's minus 2 s), the
+    round closes at its deadline with b2 the one failure, and the result is the flat mean of the rest."""
+    never = threading.Event()
+    fleet.boards["b2"].gate = never
+    try:
+        run_id = fleet.run("--clients", "5", "--min-clients", "4", "--deadline", "10s")
+        run = fleet.wait_run(run_id)
+        assert run.status == "done", fleet.store().round(run_id, 1).metrics
+        m = fleet.store().round(run_id, 1).metrics
+        assert m["sites"]["s1"]["boards"] == ["b1", "b3"] and m["received"] == 4 and m["closed"] == "deadline"
+        assert [f["device"] for f in m["failures"]] == ["b2"]
+        assert_flat(fleet, run_id, only={"b1", "b3", "b4", "b5"})
+        never.set()   # its late update is forwarded and refused as late: its own verdict
+        wait_for(lambda: any(a["run_id"] == run_id and not a["accepted"] for a in fleet.boards["b2"].acks),
+                 timeout=30, what="b2's late update refused with its own verdict")
+    finally:
+        never.set()
+        fleet.boards["b2"].gate = None
