@@ -234,8 +234,9 @@ def test_board_moving_between_sites_mid_round_counts_once(fleet):
 
 
 def test_a_real_agent_behind_a_relay_is_aggregated_and_acked(fleet):
-    """A real edge-agent at site s2 trains on its own data: its update stays on the site (the relay's
-    one site update carries it), and the controller's ack reaches it down the bridge."""
+    """A real edge-agent at site s2 trains on its own data and sends a compressed update: it stays on
+    the site (the relay decompresses it; its one site update carries it), and the controller's ack
+    reaches the agent down the bridge."""
     from tests.helpers.fleet import agent_config, start_agent
     from tests.helpers.learning import agent_extra, ready, shards
 
@@ -244,8 +245,9 @@ def test_a_real_agent_behind_a_relay_is_aggregated_and_acked(fleet):
     agent = start_agent(cfg, fleet.tmp / "real-1.log")
     try:
         ready(fleet.db, "real-1")
+        # compressed (top-k + int8 + zstd): the relay decompresses it to sum it
         run_id = fleet.run("--to", "real-1,b4,b5", "--clients", "3", "--min-clients", "3", "--deadline", "60s",
-                           "--steps", "20")
+                           "--steps", "20", "--compress", "topk=0.2", "--compress", "int8=true")
         run = fleet.wait_run(run_id)
         assert run.status == "done", fleet.store().round(run_id, 1).metrics
         m = fleet.store().round(run_id, 1).metrics
