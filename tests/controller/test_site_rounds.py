@@ -259,3 +259,19 @@ def test_a_controller_restarted_after_recording_answers_the_relays_resend_the_sa
     assert {d for _, d, *_ in store.unacked(("r1",))} == {"a", "b", "relay-s"}   # their acks are resent
     other = site_up(again, 2.5, ["a"])    # a different set from the same relay in the same round
     assert not other.accepted and "already sent" in other.reason
+
+
+def test_round_history_shows_what_each_site_update_stood_for(tmp_path):
+    from click.testing import CliRunner
+
+    from controller.cli import cli
+
+    db = tmp_path / "registry.db"
+    store = RoundStore(connect(str(db)))
+    eng, _ = run(store)
+    assert site_up(eng, 1.0, ["a", "b"]).accepted and eng.on_update(1.5, "c", 1, 0, 20, C, {}).accepted
+    eng.step(11.0, [ClientInfo(x, True, 100) for x in "abcd"])
+    store.db.commit()
+    out = CliRunner().invoke(cli, ["--db", str(db), "round", "status", "r1"])
+    assert out.exit_code == 0, out.output
+    assert "round 1 site S (relay relay-s): 2 boards (a, b), 40 samples, 99 B" in out.output
