@@ -119,7 +119,7 @@ def _one(workdir: Path, bundle: Path, sites: list[str], per_site: int, rounds: i
         for si, s in enumerate(sites):
             for j, name in enumerate(names[s]):
                 boards.append(SimBoard(tier.sites[s].port, name, samples=20 + 7 * j + si, seed=100 * si + j,
-                                       resend_s=15.0))
+                                       resend_s=15.0, site=s))
         for b in boards:
             wait_for(lambda b=b: (d := device(db, b.dev)) and d.online and d.telemetry, timeout=60,
                      what=f"{b.dev} registered")

@@ -91,8 +91,9 @@ class SiteRound:
     """One round at one relay. ``weighting`` None: the task did not allow pre-aggregation, so every
     update is forwarded on arrival. States: ``collecting`` → ``sent`` (awaiting the controller's
     ``fl.ack``) → ``done``; a refusal naming boards (``exclude``) goes back to ``collecting`` without
-    them; any other refusal ends in ``forward`` (each board's own update goes up, so each board
-    gets the controller's own verdict)."""
+    them (and those boards' own updates go up: counted elsewhere, the controller answers them as
+    duplicates; not members of this site, it decides them on their own); any other refusal ends in
+    ``forward`` (each board's own update goes up, so each board gets the controller's own verdict)."""
     run_id: str
     round_no: int
     base_version: int

@@ -13,8 +13,9 @@ bridge does not carry that topic (``protocol.sites``: ``local``), this component
   ``fl.site_update`` upstream (float64 sum, float32 mean, total weight, contributors) over its own
   upstream link, again until the controller's ``fl.ack``. The controller acks each counted board
   itself (down the bridge): the relay holds no keys and speaks for no board.
-* the controller refuses it naming boards already counted (direct, or via another site: a board
-  that moved): it sends again without them; any other refusal, or a round without ``site_agg``
+* the controller refuses it naming boards (``exclude``: already counted — direct, or via another
+  site, a board that moved — or not registered at this site): it sends again without them and
+  forwards their own updates (the controller decides each); any other refusal, or a round without ``site_agg``
   (robust strategies, secure aggregation), or an update late for the site: each board's message
   goes up as it came, so each board gets the controller's own verdict.
 
@@ -317,6 +318,9 @@ class FederatedRelay:
             self.ctx.log.warning("relay fl: site update for %s refused (%s): %s", r.key, b.get("reason"),
                                  {"rebuild": "sending again without " + ", ".join(b.get("exclude") or ()),
                                   "forward": "forwarding each board's update", "done": "nothing left to send"}[what])
+        for board in r.excluded:   # not counted through us: each goes up as it came, the controller decides it
+            if board in self.payloads.get(r.key, {}) and board not in self.forwarded.get(r.key, set()):
+                self._forward(r.key, board, self.payloads[r.key][board])
         if what == "rebuild":
             self._send(r, time.time())
         self.tick(time.time())

@@ -355,13 +355,18 @@ class RoundEngine:
 
     def on_site_update(self, now: float, relay_id: str, round_no: int, base_version: int, site: str,
                        weighting: str, contributors: Mapping[str, int], mean: Head | None,
-                       meta: Mapping[str, Any], sent_ts: float | None = None) -> Verdict:
+                       meta: Mapping[str, Any], sent_ts: float | None = None,
+                       members: Mapping[str, str | None] | None = None) -> Verdict:
         """The verdict on a site's aggregate of its boards' updates. Accepted: it is stored with one
         row per board, in one transaction, so each board counts once towards the quorum and a later
         direct update of one of them gets "accepted" as a duplicate. Refused because some boards were
         already counted (direct, or through another site): nothing is stored and ``exclude`` names them,
         so the relay sends again without them. Other refusals are not stored either (the relay then
-        forwards each board's own update, and each board gets its own verdict)."""
+        forwards each board's own update, and each board gets its own verdict).
+
+        ``members`` (device id -> its site in the registry; the relay's entry is its site only if the
+        registry knows it as a relay): a site update counts only from its site's relay, and only for
+        boards registered at that site — others are ``exclude``d (the relay forwards their own updates)."""
         run = self.run
         recorded = self.store.update_row(self.run_id, round_no, relay_id)
         if recorded is not None:
@@ -386,9 +391,14 @@ class RoundEngine:
             return Verdict(False, "late: the round's deadline has passed")
         if base_version != run.global_version:
             return Verdict(False, f"base version {base_version} != global {run.global_version}")
+        if members is not None and members.get(relay_id) != site:
+            return Verdict(False, f"{relay_id} is not registered as the relay of site {site!r}")
         stray = sorted(b for b in contributors if b not in cur.selected)
         if stray:
             return Verdict(False, f"no task in round {round_no} for {', '.join(stray)}", exclude=tuple(stray))
+        foreign = sorted(b for b in contributors if members is not None and members.get(b) != site)
+        if foreign:
+            return Verdict(False, f"not registered at site {site!r}: {', '.join(foreign)}", exclude=tuple(foreign))
         if relay_id in contributors or relay_id in cur.selected:
             return Verdict(False, f"relay {relay_id} cannot also be a contributor of its own site update")
         if mean is None:

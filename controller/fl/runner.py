@@ -406,6 +406,15 @@ class RoundRunner:
         self._ack(device_id, b, verdict.accepted, verdict.reason)
         self.tick(time.time())  # close the round now if this was the last update
 
+    def site_members(self, relay_id: str, boards) -> dict[str, str | None]:
+        """The registry's sites of a relay (only if its state says ``role = relay``) and of boards."""
+        def site_of(dev_id: str, relay: bool = False) -> str | None:
+            d = self.registry.device(dev_id)
+            if d is None or (relay and (d.state or {}).get("role") != "relay"):
+                return None
+            return d.site
+        return {relay_id: site_of(relay_id, True), **{b: site_of(b) for b in boards}}
+
     def on_site_update(self, relay_id: str, frame: Frame, size: int) -> None:
         """A site relay's one update for its boards (``protocol.sitefl``): the relay gets the verdict
         (with ``exclude``: the boards to leave out and send again); each board it counted gets its own
@@ -424,7 +433,7 @@ class RoundRunner:
         failpoint("fl.update.received")
         verdict = eng.on_site_update(time.time(), relay_id, b["round"], b["base_version"], b["site"],
                                      b["weighting"], b["contributors"], mean, meta,
-                                     sent_ts=frame.envelope.ts)
+                                     sent_ts=frame.envelope.ts, members=self.site_members(relay_id, b["contributors"]))
         failpoint("fl.update.recorded")
         self.counts["site_updates"] = self.counts.get("site_updates", 0) + 1
         if not verdict.accepted:

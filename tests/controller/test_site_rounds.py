@@ -224,6 +224,19 @@ def test_site_update_refusals_say_why_and_store_nothing(store, case, why):
     assert store.updates("r1", 1) == []
 
 
+def test_site_update_counts_only_from_its_sites_relay_and_for_its_members(store):
+    eng, _ = run(store)
+    agg = combine([BoardUpdate("a", 10, A), BoardUpdate("b", 30, B)], "samples")
+    args = dict(now=1.0, relay_id="relay-s", round_no=1, base_version=0, site="S", weighting="samples",
+                contributors=agg.contributors, mean=agg.mean, meta={})
+    v = eng.on_site_update(**args, members={"relay-s": None, "a": "S", "b": "S"})     # not a known relay
+    assert not v.accepted and "not registered as the relay" in v.reason
+    v = eng.on_site_update(**args, members={"relay-s": "S", "a": "S", "b": "T"})      # b is at site T
+    assert not v.accepted and v.exclude == ("b",) and "not registered at site" in v.reason
+    assert store.updates("r1", 1) == []
+    assert eng.on_site_update(**args, members={"relay-s": "S", "a": "S", "b": "S"}).accepted
+
+
 def test_robust_strategy_refuses_site_updates_and_tasks_do_not_offer_it(store):
     eng, tasks = run(store, strategy="median")
     assert all("site_agg" not in t.body for t in tasks)

@@ -27,8 +27,9 @@ T = "edgefleet/v1"
 
 
 class SimBoard:
-    def __init__(self, port: int, dev: str, samples: int = 100, seed: int = 0, resend_s: float = 2.0) -> None:
-        self.dev, self.samples, self.seed, self.resend_s = dev, samples, seed, resend_s
+    def __init__(self, port: int, dev: str, samples: int = 100, seed: int = 0, resend_s: float = 2.0,
+                 site: str | None = None) -> None:
+        self.dev, self.samples, self.seed, self.resend_s, self.site = dev, samples, seed, resend_s, site
         #: while set to an unset Event, the board "trains": it answers a task once the event is set
         self.gate: threading.Event | None = None
         self.sent: dict[tuple[str, int], dict[str, np.ndarray]] = {}
@@ -52,7 +53,8 @@ class SimBoard:
         def on_connect(client, userdata, flags, rc, props=None):
             client.subscribe([(f"{T}/dev/{self.dev}/cmd", 1), (f"{T}/dev/{self.dev}/bin", 1)])
             client.publish(f"{T}/dev/{self.dev}/state", encode(Envelope(
-                kind="state", sender=self.dev, body={"status": "online", "group": "default"})), 1, retain=True)
+                kind="state", sender=self.dev, body={"status": "online", "group": "default",
+                                                     **({"site": self.site} if self.site else {})})), 1, retain=True)
             client.publish(f"{T}/dev/{self.dev}/telemetry", encode(Envelope(
                 kind="telemetry", sender=self.dev, body={"seq": 1, "interval_s": 5, "cpu_percent": 1.0,
                                                          "learning": {"labelled_samples": self.samples}})), 1)
@@ -67,13 +69,14 @@ class SimBoard:
             raise TimeoutError(f"{self.dev} could not connect")
         self.client = c
 
-    def move(self, port: int) -> None:
-        """The board leaves its site (its will says offline there) and joins the site at ``port``."""
+    def move(self, port: int, site: str | None = None) -> None:
+        """The board leaves its site (its will says offline there) and joins ``site`` at ``port``."""
         old = self.client
         old.publish(f"{T}/dev/{self.dev}/state", encode(Envelope(kind="state", sender=self.dev,
                                                                  body={"status": "offline"})), 1, retain=True)
         old.disconnect()
         old.loop_stop()
+        self.site = site
         self.connect(port)
 
     def delta_for(self, run_id: str, round_no: int, shapes: dict) -> dict[str, np.ndarray]:

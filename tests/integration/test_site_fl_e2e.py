@@ -34,7 +34,7 @@ class Fleet:
         self.ctl = start_controller(self.tier.centre.url, self.db, tmp / "controller.log")
         controller_online(self.tier.centre.port)
         self.relays = {s: self.start_relay(s) for s in BOARDS}
-        self.boards = {b: SimBoard(self.tier.sites[s].port, b, n, seed=i)
+        self.boards = {b: SimBoard(self.tier.sites[s].port, b, n, seed=i, site=s)
                        for i, (s, bs) in enumerate(BOARDS.items()) for b, n in bs.items()}
         for b in self.boards:
             wait_for(lambda b=b: (d := device(self.db, b)) and d.online and d.telemetry, timeout=30,
@@ -210,7 +210,7 @@ def test_board_moving_between_sites_mid_round_counts_once(fleet):
         d2 = fleet.tmp / "relay-s2" / "fl" / f"{run_id}#1" / "updates"
         wait_for(lambda: (d1 / "b3.frame").exists(), timeout=40, what="relay s1 holds b3")
         b3.resend_s = 1.0
-        b3.move(fleet.tier.sites["s2"].port)
+        b3.move(fleet.tier.sites["s2"].port, "s2")
         wait_for(lambda: (d2 / "b3.frame").exists(), timeout=40, what="relay s2 holds b3 too")
         gate2.set()
         gate1.set()
@@ -229,7 +229,7 @@ def test_board_moving_between_sites_mid_round_counts_once(fleet):
     finally:
         for b in ("b1", "b2", "b4", "b5"):
             fleet.boards[b].gate = None
-        b3.move(fleet.tier.sites["s1"].port)
+        b3.move(fleet.tier.sites["s1"].port, "s1")
         b3.resend_s = 2.0
 
 
@@ -242,6 +242,7 @@ def test_a_real_agent_behind_a_relay_is_aggregated_and_acked(fleet):
 
     (x, y), = shards(fleet.tmp, 1)
     cfg = agent_config(fleet.tmp, "real-1", fleet.tier.sites["s2"].url, extra=agent_extra(fleet.bundle, x, y))
+    cfg.write_text(cfg.read_text().replace('id = "real-1"\n', 'id = "real-1"\nsite = "s2"\n', 1))
     agent = start_agent(cfg, fleet.tmp / "real-1.log")
     try:
         ready(fleet.db, "real-1")
