@@ -344,11 +344,14 @@ def rollout(topo: Topology, bundle: Path, timeout: float) -> tuple[float, dict[s
     out = topo.ctl("deploy", str(bundle), "--from", str(topo.v1), "--all", "--by-site", "--soak", "0s", "--wait",
                    "--json", "--timeout", f"{int(timeout)}s", timeout=timeout + 60)
     seconds = time.monotonic() - t0
-    if out.returncode != 0:
-        raise SystemExit(f"site_tier: the rollout failed: {out.stdout[-2000:]} {out.stderr[-2000:]}")
-    r = json.loads(out.stdout)
+    try:
+        r = json.loads(out.stdout)
+    except ValueError:
+        raise SystemExit(f"site_tier: the rollout failed: {out.stdout[-2000:]} {out.stderr[-2000:]}") from None
     if r["status"] != "done":
-        raise SystemExit(f"site_tier: rollout {r['rollout_id']} ended {r['status']}: {r.get('reason')}")
+        bad = {d["device"]: (d["status"], d["reason"]) for d in r["devices"] if d["status"] != "applied"}
+        raise SystemExit(f"site_tier: rollout {r['rollout_id']} ended {r['status']}: {r.get('reason')}; {bad} "
+                         f"(logs in {topo.tmp})")
     after = topo.counts()
     down = {s: after[s]["down_publish_bytes"] - before[s]["down_publish_bytes"] for s in after}
     # the patch's bytes, as the boards reported them in their ``applied`` events
@@ -405,9 +408,11 @@ def main() -> None:
             fig.update(mod.run(topo, args.quick))
         fig["wall_s"] = round(time.monotonic() - t_start, 1)
         fig["load"] = os.getloadavg()[0]
-    finally:
+    except BaseException:
         topo.stop()
-        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    topo.stop()
+    shutil.rmtree(tmp, ignore_errors=True)
     for k, v in fig.items():
         print(f"{k:>30}: {v}", file=sys.stderr)
     print(json.dumps(fig))

@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from .. import audit
-from .select import ids_of, pick, selection_options, site_selected
+from .select import site_callback, ids_of, pick, selection_options, site_selected
 from .params import DEVICE_ID, DURATION, POSITIVE_DURATION, FRACTION, TAG
 
 
@@ -268,6 +268,8 @@ def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.option("--devices", "devices_old", default=None, hidden=True, help="deprecated spelling of --to IDS")
 @click.option("--group", default=None, help="every device of this group")
 @click.option("--tag", default=None, help="every device with this tag")
+@click.option("--site", default=None, expose_value=False, callback=site_callback,
+              help="every device behind this site")
 @click.option("--all", "all_", is_flag=True, help="every known device")
 @click.option("--wait/--no-wait", default=False, help="follow the rollback until it ends")
 @click.option("--timeout", "wait_timeout", default="10m", show_default=True, type=POSITIVE_DURATION,

@@ -63,7 +63,7 @@ def checked_ids(to: tuple[str, ...]) -> list[str] | None:
 SITE_KEY = "select.site"
 
 
-def _site_option(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+def site_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     if value is not None:
         from protocol.topics import InvalidId, validate_id
 
@@ -88,7 +88,7 @@ def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--to", "to", multiple=True, help="device ids, comma-separated or repeated"),
         click.option("--group", default=None, help="every device of this group"),
         click.option("--tag", default=None, help="every device with this tag (fleetctl device tag)"),
-        click.option("--site", default=None, expose_value=False, callback=_site_option,
+        click.option("--site", default=None, expose_value=False, callback=site_callback,
                      help="every device behind this site (its agent config's device.site)"),
         click.option("--all", "all_", is_flag=True, help="every known device"),
     ]):
