@@ -112,7 +112,7 @@ class RoundRunner:
         self.engines: dict[str, RoundEngine] = {}
         self.tick_s = tick_s
         self.counts: dict[str, int] = {"tasks_sent": 0, "updates": 0, "rejected_updates": 0, "not_owner": 0,
-                                       "running": 0}
+                                       "running": 0, "site_updates": 0}
         #: each run has one owner among the replicas (controller/lease.py); None: we are the only one
         self.leases = leases
         self._epochs: dict[str, int] = {}
@@ -435,7 +435,7 @@ class RoundRunner:
                                      b["weighting"], b["contributors"], mean, meta,
                                      sent_ts=frame.envelope.ts, members=self.site_members(relay_id, b["contributors"]))
         failpoint("fl.update.recorded")
-        self.counts["site_updates"] = self.counts.get("site_updates", 0) + 1
+        self.counts["site_updates"] += 1
         if not verdict.accepted:
             self.counts["rejected_updates"] += 1
             log.warning("site update from %s (%s) for %s/%d refused: %s", relay_id, b["site"], run.id, b["round"],
