@@ -58,7 +58,8 @@ class ChunkRelay:
         self.manifests: dict[str, ChunkManifest] = {}
         self.pulls: dict[str, Transfer] = {}
         self.waiting: dict[str, dict[int, set[str]]] = {}     # tid -> chunk -> boards waiting for it
-        self.unknown: dict[tuple[str, str], float] = {}       # (board, tid) -> first asked
+        #: wants for transfers not learnt yet: (board, tid) -> (first asked, chunks); served once learnt
+        self.unknown: dict[tuple[str, str], tuple[float, set[int]]] = {}
         self.boards: set[str] = set()                         # boards seen on the site broker
         self.ctx: RelayContext | None = None
         self.mdir: Path | None = None
@@ -101,6 +102,10 @@ class ChunkRelay:
             self.pulls[tid] = Transfer(m, window=min(8, self.window), retry_s=self.retry_s, have=have,
                                        max_window=self.window)
             self._count("transfers_learnt")
+        for (board, t2), (_, chunks) in list(self.unknown.items()):   # asked before the offer reached us
+            if t2 == tid:
+                del self.unknown[(board, t2)]
+                self._want(board, m, sorted(chunks))
         while len(self.manifests) > MAX_MANIFESTS:
             old = next(iter(self.manifests))
             self.manifests.pop(old)
@@ -156,18 +161,27 @@ class ChunkRelay:
         tid = env.body["transfer_id"]
         m = self.manifests.get(tid)
         if m is None:
-            self.unknown.setdefault((board, tid), time.monotonic())
+            since, chunks = self.unknown.get((board, tid), (time.monotonic(), set()))
+            if len(self.unknown) < 10000:
+                self.unknown[(board, tid)] = (since, chunks | set(env.body["chunks"]))
             return
+        self._want(board, m, env.body["chunks"])
+
+    def _want(self, board: str, m: ChunkManifest, chunks: list[int]) -> None:
+        tid = m.transfer_id
         self._count("wants")
-        for i in env.body["chunks"]:
+        for i in chunks:
             if not (0 <= i < m.count):
                 continue
             if not self._serve(board, m, i):
                 self.waiting.setdefault(tid, {}).setdefault(i, set()).add(board)
-                if tid not in self.pulls:   # evicted or found corrupt since: fetch it again
+                t = self.pulls.get(tid)
+                if t is None:   # evicted or found corrupt since: fetch it again
                     have = {j for j, h in enumerate(m.chunk_sha256) if h in self.cache}
                     self.pulls[tid] = Transfer(m, window=min(8, self.window), retry_s=self.retry_s, have=have,
                                                max_window=self.window)
+                elif i in t.have and m.chunk_sha256[i] not in self.cache:
+                    t.have.discard(i)   # pulled once, gone since (evicted, or rotten on disk)
 
     def _serve(self, board: str, m: ChunkManifest, i: int) -> bool:
         assert self.ctx is not None
@@ -245,10 +259,8 @@ class ChunkRelay:
     def tick(self, now: float) -> None:
         for tid in list(self.pulls):
             self._ask(tid)
-        for (board, tid), since in list(self.unknown.items()):
-            if tid in self.manifests:
-                del self.unknown[(board, tid)]
-            elif now - since >= UNKNOWN_GRACE_S:
+        for (board, tid), (since, _) in list(self.unknown.items()):
+            if now - since >= UNKNOWN_GRACE_S:
                 del self.unknown[(board, tid)]
                 self._unavailable(board, tid, "the relay has not seen the offer of this transfer")
         if self.ctx is not None:
