@@ -52,8 +52,9 @@ RULES: list[BridgeRule] = [
     BridgeRule("dev/+/results", "out", 1, "inference results and summaries"),
     BridgeRule("dev/+/reply/#", "out", 1, "replies to requests made at the centre (FleetClient, fleetctl): "
                "request/response across the bridge; MQTT 5 correlation data and response topic cross"),
-    BridgeRule("dev/+/data/#", "out", 1, "binary payloads up: federated updates, tensors, and chunk requests "
-               "(xfer.want) of boards that fetch from the centre (no relay, or their relay is gone)"),
+    BridgeRule("dev/+/data/xfer", "out", 1, "chunk requests (xfer.want) of boards that fetch from the centre "
+               "(no relay, or their relay is gone)"),
+    BridgeRule("dev/+/data/cert", "out", 1, "certificate renewal requests"),
     BridgeRule("offload/req", "out", 1, "offload requests to the workers at the centre"),
     BridgeRule("site/{site}/relay/status", "out", 1, "the relay's retained status (cache figures, what it "
                "serves) for the centre's dashboards"),
@@ -72,9 +73,23 @@ RULES: list[BridgeRule] = [
                "served on the site, never on the uplink"),
     BridgeRule("site/{site}/relay/chunk/+", "local", 1, "chunks the relay serves to each board (unsigned "
                "frames; each board checks every chunk against the hash in the offer the controller signed)"),
+    BridgeRule("dev/+/data/fl", "local", 1, "boards' federated updates (and secure-aggregation messages) go "
+               "to the site relay's fl component (agent/relay/fl.py): it sends ONE fl.site_update per round "
+               "over its own upstream link when the round's strategy can be pre-aggregated, else forwards "
+               "each message as it came; a site without a relay's fl component uses FL_DIRECT_RULE"),
     BridgeRule("site/{site}/relay/state", "local", 1, "the relay's retained online/offline (its last will): "
                "how a board knows whether to ask the relay or the centre"),
 ]
+
+#: for a site with no relay fl component: boards' federated updates cross the bridge one by one
+FL_DIRECT_RULE = BridgeRule("dev/+/data/fl", "out", 1, "federated updates straight to the centre (no relay "
+                            "aggregates this site's rounds)")
+
+
+def rules_without_relay_fl(rules: list[BridgeRule] | None = None) -> list[BridgeRule]:
+    """The table for a site whose relay does not run the fl component (or that has no relay)."""
+    return [FL_DIRECT_RULE if r.pattern == "dev/+/data/fl" else r for r in (RULES if rules is None else rules)]
+
 
 _CLIENT_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
