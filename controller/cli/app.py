@@ -31,7 +31,8 @@ COMMANDS: dict[str, Lazy] = {
     "feedback": Lazy(_C + "devices:feedback_cmd",
                      "Label an earlier inference REQUEST_ID on DEVICE_ID (on-device learning uses it)."),
     "demo": Lazy(_C + "demo:demo", "Embedded broker + controller + N agents, with the fleet shown live."),
-    "deploy": Lazy(_C + "deploy:deploy", "Roll a bundle directory or a patch file out to devices, canary first."),
+    "deploy": Lazy(_C + "deploy:deploy", "Roll a bundle directory or a patch file out to devices, canary first "
+                                         "(--by-site: by site)."),
     "rollout": Lazy(_C + "deploy:rollout", "Model rollouts: status and history."),
     "rollback": Lazy(_C + "deploy:rollback", "Send devices back to --version (kept on the device, or shipped "
                                              "again from the artifact store)."),
@@ -39,7 +40,8 @@ COMMANDS: dict[str, Lazy] = {
     "report": Lazy(_C + "report:report", "Reports (PNG needs: pip install 'edgefleet[report]')."),
     "offload": Lazy(_C + "offload:offload", "Offload policy on devices, and fleet-wide offload figures."),
     "offload-worker": Lazy(_C + "offload:offload_worker",
-                           "Serve offloaded requests with BUNDLE (workers share one subscription)."),
+                           "Serve offloaded requests with BUNDLE: deadline-ordered, hopeless requests refused "
+                           "at once."),
     "model": Lazy(_C + "app:_model",
                   "Model bundles: import, inspect, build-example, quantize, split, set-backbone, add-data."),
     "patch": Lazy(_C + "patch:patch", "Signed model patches (only what changed between two bundle versions)."),
@@ -48,6 +50,8 @@ COMMANDS: dict[str, Lazy] = {
     "audit": Lazy(_C + "audit_cmd:audit",
                   "Every operator action that changed the fleet: when, who (signing key / certificate), what."),
     "logs": Lazy(_C + "logs:logs", "A board's recent log records (from its own ring), and live with --follow."),
+    "site": Lazy(_C + "site:site", "Sites: a Mosquitto per site bridged to the centre, a relay on its gateway "
+                                   "(docs/sites.md)."),
 }
 
 
