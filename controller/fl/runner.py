@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import signal
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -26,6 +24,7 @@ from protocol.mqttlink import Message
 
 from .store import RoundStore
 from .engine import RoundEngine, RunConfig
+from ..failpoints import failpoint  # noqa: F401 - tests and the engine call it by this name
 from .selection import ClientInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,10 +53,6 @@ FAILPOINTS = (
 )
 
 
-def failpoint(name: str) -> None:
-    """SIGKILL this process at ``name`` when EDGEFLEET_FAILPOINT says so (tests of crash safety)."""
-    if os.environ.get("EDGEFLEET_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 #: a task or ack in flight longer than this (its PUBACK never came) is published again
 RESEND_AFTER_S = 30.0

@@ -49,10 +49,11 @@ def broker(tmp_path_factory):
     b.stop()
 
 
-def start_replica(tmp, url, registry, name, failpoint=None):
+def start_replica(tmp, url, registry, name, failpoint=None, controller="", extra=""):
+    """``fleetctl serve`` as replica ``name`` (``controller``: more [controller] keys; ``extra``: more sections)."""
     cfg = tmp / f"{name}.toml"
-    cfg.write_text(f'[controller]\nreplica = "{name}"\nlease_ttl_s = {TTL}\n[mqtt]\nbroker = "{url}"\n'
-                   f'[registry]\nurl = "{registry}"\nartifacts_dir = "{tmp / "artifacts"}"\n')
+    cfg.write_text(f'[controller]\nreplica = "{name}"\nlease_ttl_s = {TTL}\n{controller}[mqtt]\nbroker = "{url}"\n'
+                   f'[registry]\nurl = "{registry}"\nartifacts_dir = "{tmp / "artifacts"}"\n{extra}')
     env = {**ENV, **({"EDGEFLEET_FAILPOINT": failpoint} if failpoint else {})}
     log = tmp / f"{name}.log"
     p = subprocess.Popen([sys.executable, "-m", "controller.cli", "--config", str(cfg), "serve"],
@@ -63,14 +64,16 @@ def start_replica(tmp, url, registry, name, failpoint=None):
 class Replicas:
     """The chain of replicas: their processes, logs and when each came online (its retained state)."""
 
-    def __init__(self, tmp, broker, registry):
+    def __init__(self, tmp, broker, registry, controller="", extra=""):
         self.tmp, self.broker, self.registry = tmp, broker, registry
+        self.controller, self.extra = controller, extra
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, object] = {}
         self.probe = Probe(broker.port, subscribe=(f"{BASE}/ctl/state/+",)).wait_subscribed()
 
     def start(self, name, failpoint=None):
-        self.procs[name], self.logs[name] = start_replica(self.tmp, self.broker.url, self.registry, name, failpoint)
+        self.procs[name], self.logs[name] = start_replica(self.tmp, self.broker.url, self.registry, name, failpoint,
+                                                          self.controller, self.extra)
 
     def online_at(self, name, timeout=60.0) -> float:
         """Block until replica ``name`` published its online state; when (monotonic) we saw it."""
@@ -193,5 +196,92 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
     finally:
         for d in devs:
             d.close()
+        wire.close()
+        reps.close()
+
+
+def chunks_on_wire(probe) -> Counter:
+    """(transfer, chunk index) -> how many xfer.chunk frames the broker delivered."""
+    out: Counter = Counter()
+    for _, payload, _ in probe.seen(lambda t, p: t.endswith("/bin") and is_frame(p)):
+        f = decode_frame(payload)
+        if f.envelope.kind == "xfer.chunk":
+            out[(f.envelope.body["transfer_id"], int(f.envelope.body["index"]))] += 1
+    return out
+
+
+def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broker, postgres_server,
+                                                                    example_bundle):
+    """A chain over controller/rollouts/runner.py's FAILPOINTS on PostgreSQL, one real agent and a
+    many-chunk, paced transfer: each kill is taken over within the bound, the agent ends on the new
+    version, the rollout done, and no chunk is on the wire twice."""
+    from controller.rollouts.runner import FAILPOINTS as RO_STEPS
+    from tests.helpers.fleet import agent_config, start_agent
+    from tests.integration.test_rollout_e2e import with_extra_file
+
+    registry = postgres_server.create_database("takeover_ro")
+    keys = tmp_path / "keys"
+    assert fleetctl("keys", "init", "--dir", str(keys)).returncode == 0
+    v1 = example_bundle[0]
+    v2 = with_extra_file(v1, tmp_path / "v2", "2.0.0", 1_000_000)     # 16+ chunks of 64 KiB
+    steps = list(RO_STEPS)
+    names = [f"o{k}" for k in range(len(steps) + 1)]
+    # paced, so that the transfer spans a kill; signed, as every rollout is
+    reps = Replicas(tmp_path, broker, registry, controller="rollout_max_bytes_per_s = 250000\n",
+                    extra=f'[security]\nsigning_key = "{keys / "controller.pem"}"\n')
+    launch = reps.start
+    wire = Probe(broker.port, subscribe=(f"{BASE}/dev/+/bin", f"{BASE}/dev/+/data/#")).wait_subscribed()
+    agent = None
+    takeovers: list[tuple[str, float]] = []
+
+    def model_of(dev):
+        d = registry_device(registry, dev)
+        return ((d.state or {}).get("model") or {}) if d and d.online else {}
+
+    try:
+        launch(names[0], steps[0])
+        reps.online_at(names[0])
+        wait_for(lambda: (x := lease(registry, "rollouts")) and x[0] == f"controller-{names[0]}", timeout=60,
+                 what="the rollouts lease taken")
+        cfg = agent_config(tmp_path, "ra-1", broker.url, interval=0.5,
+                           extra=f'[model]\nbundle = "{v1}"\ntransfer_retry_s = 1.0\n'
+                                 f'[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n')
+        agent = start_agent(cfg, tmp_path / "ra-1.log")
+        wait_for(lambda: model_of("ra-1").get("version") == "1.0.0", timeout=60, what="ra-1 on 1.0.0")
+        launch(names[1], steps[1])
+        standby_up = reps.online_at(names[1])
+        out = fleetctl("--config", str(tmp_path / f"{names[1]}.toml"), "deploy", str(v2), "--to", "ra-1",
+                       "--canary", "0", "--json", timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        for k, step in enumerate(steps):
+            owner, nxt = names[k], names[k + 1]
+            rc = reps.procs[owner].wait(120)
+            died = time.monotonic()
+            assert rc == -9, f"{owner} did not die at {step}: {reps.tail(owner)}"
+            wait_for(lambda: (x := lease(registry, "rollouts")) and x[0] == f"controller-{nxt}",
+                     timeout=TAKEOVER_BOUND_S + 60, what=f"{nxt} taking over after the kill at {step}")
+            takeovers.append((step, time.monotonic() - max(died, standby_up)))
+            if k + 2 < len(names):
+                launch(names[k + 2], steps[k + 2] if k + 2 < len(steps) else None)
+                standby_up = reps.online_at(names[k + 2])
+        print("rollout takeover seconds per step:", {s: round(t, 2) for s, t in takeovers})
+        assert all(t <= TAKEOVER_BOUND_S for _, t in takeovers), takeovers
+        wait_for(lambda: model_of("ra-1").get("version") == "2.0.0", timeout=90, what="ra-1 on 2.0.0")
+        st = wait_for(lambda: (j := json.loads(fleetctl("--config", str(tmp_path / f"{names[-1]}.toml"), "rollout",
+                                                         "status", "--json").stdout)) and j["status"] == "done" and j,
+                      timeout=60, what="the rollout done")
+        assert [d["device"] for d in st["devices"]] == ["ra-1"], st
+        assert lease(registry, "rollouts") == (f"controller-{names[-1]}", len(steps) + 1)
+        chunks = chunks_on_wire(wire)
+        assert chunks, "no chunk on the wire"
+        n = max(i for _, i in chunks) + 1
+        assert len({t for t, _ in chunks}) == 1 and n >= 8, chunks
+        twice = {k: c for k, c in chunks.items() if c != 1}
+        assert not twice, f"chunks served more than once (or never): {twice} of {n}"
+        assert sorted(i for _, i in chunks) == list(range(n))
+        assert agent.poll() is None
+    finally:
+        if agent is not None:
+            stop(agent)
         wire.close()
         reps.close()
