@@ -40,6 +40,12 @@ TTL = 3.0
 #: a takeover is the lease's TTL plus a tick; this bound holds on a loaded 2-core machine
 TAKEOVER_BOUND_S = TTL + 12.0
 BASE = "edgefleet/v1"
+#: the round step after whose kill the broker is restarted too, before the standby takes over
+RESTART_BROKER_AT = "fl.update.received"
+#: a step is skipped in a round when it is not needed there (an update that arrives before the new
+#: owner re-sent its task marks the task sent), so the chain's steps can spread over a few rounds;
+#: the rounds after the last kill show the steady state (exactly one task per device)
+ROUNDS = 4
 
 
 @pytest.fixture(scope="module")
@@ -133,6 +139,7 @@ def tasks_on_wire(probe) -> Counter:
     return out
 
 
+@pytest.mark.timeout(400)
 def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broker, postgres_server,
                                                                   example_bundle):
     """A chain over all of controller/fl/runner.py's FAILPOINTS on PostgreSQL: each kill is taken
@@ -153,46 +160,78 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
                      timeout=60, what=f"{d.dev} online")
         out = fleetctl("--broker", broker.url, "--registry", registry, "round", "start", "--bundle",
                        str(example_bundle[0]), "--no-wait", "--json", "--max-cpu", "100", "--clients", "2",
-                       "--min-clients", "2", "--rounds", "2", "--deadline", "120s", "--steps", "5", timeout=60)
+                       "--min-clients", "2", "--rounds", str(ROUNDS), "--deadline", "120s", "--steps", "5", timeout=60)
         assert out.returncode == 0, out.stderr
         run_id = json.loads(out.stdout)["run_id"]
         lname = f"fl:{run_id}"
         reps.start(names[1], steps[1])
         standby_up = reps.online_at(names[1])
+        rs = round_store(registry)
+
+        def run_now():
+            r = rs.run(run_id)
+            rs.db.commit()     # no transaction left open: a starting replica's migrations must not wait on it
+            return r
+        last_kill_round = 0
         for k, step in enumerate(steps):
             owner, nxt = names[k], names[k + 1]
-            rc = reps.procs[owner].wait(120)
+            wait_for(lambda: reps.procs[owner].poll() is not None or run_now().status != "running",
+                     timeout=120, what=f"{owner} to reach {step}")
+            rc = reps.procs[owner].wait(30)
             died = time.monotonic()
-            assert rc == -9, f"{owner} did not die at {step}: {reps.tail(owner)}"
-            wait_for(lambda: (x := lease(registry, lname)) and x[0] == f"controller-{nxt}",
+            assert rc == -9, f"{owner} did not die at {step} (run {run_now().status}): {reps.tail(owner)}"
+            last_kill_round = run_now().round_no
+            if step == RESTART_BROKER_AT:
+                # systemctl restart mosquitto during the takeover: every client drops; persistence keeps
+                # the sessions and their queued QoS 1 messages
+                broker.stop()
+                broker.start()
+                died = time.monotonic()
+            # a run that ended at this kill (its last round closed) has nothing to take over: the
+            # rollouts lease, which every replica takes, marks the standby's takeover then
+            wait_for(lambda: ((x := lease(registry, lname)) and x[0] == f"controller-{nxt}") or
+                     (run_now().status != "running" and (x := lease(registry, "rollouts"))
+                      and x[0] == f"controller-{nxt}"),
                      timeout=TAKEOVER_BOUND_S + 60, what=f"{nxt} taking over after the kill at {step}")
             took = time.monotonic() - max(died, standby_up)
-            takeovers.append((step, took))
+            takeovers.append((step + ("" if standby_up < died else " (standby came up after the kill)"), took))
             if k + 2 < len(names):
                 reps.start(names[k + 2], steps[k + 2] if k + 2 < len(steps) else None)
                 standby_up = reps.online_at(names[k + 2])
-        print("takeover seconds per step:", {s: round(t, 2) for s, t in takeovers})
+        print("takeover seconds per step:", {s: round(t, 2) for s, t in takeovers}, "last kill in round",
+              last_kill_round)
         assert all(t <= TAKEOVER_BOUND_S for _, t in takeovers), takeovers
-        rs = round_store(registry)
-        run = wait_for(lambda: (r := rs.run(run_id)) and r.status in ("done", "failed", "partial") and r,
+        run = wait_for(lambda: (r := run_now()) and r.status in ("done", "failed", "partial") and r,
                        timeout=120, what="the run to end")
-        assert run.status == "done" and run.global_version == 2, (run.status, run.error, reps.tail(names[-1]))
-        # one owner change per kill: the epoch counts them
-        assert lease(registry, lname) == (f"controller-{names[-1]}", len(steps) + 1)
-        for r in (1, 2):
+        assert run.status == "done" and run.global_version == ROUNDS, (run.status, run.error, reps.tail(names[-1]))
+        # one owner change per kill (the epoch counts them); the last owner is the chain's end, or the
+        # one before when the run ended at the last kill
+        final = lease(registry, lname)
+        assert final in ((f"controller-{names[-1]}", len(steps) + 1), (f"controller-{names[-2]}", len(steps))), final
+        for r in range(1, ROUNDS + 1):
             rnd = rs.round(run_id, r)
             assert rnd.status == "aggregated" and sorted(rnd.tasks_sent) == ["tk-0", "tk-1"], rnd
             ups = rs.updates(run_id, r)
             # no update lost, none recorded twice
             assert sorted(u.device_id for u in ups) == ["tk-0", "tk-1"] and all(u.accepted for u in ups), ups
+        # the probe misses what came while the broker was down (it may only undercount); the devices'
+        # persistent sessions get everything: both are bounded. Only a kill between a task's publish
+        # and its "sent" mark (fl.task.published / fl.task.acked) may put it on the wire again, once
+        # per device; the rounds after the last kill have exactly one task per device
         wire_tasks = tasks_on_wire(wire)
         window_kills = sum(1 for s in steps if s in ("fl.task.published", "fl.task.acked"))
+        extra = 0
         for d in devs:
-            assert d.trained() == [f"{run_id}#1", f"{run_id}#2"]       # each round trained once
-            assert 1 <= wire_tasks[(d.dev, 1)] <= 1 + window_kills, wire_tasks
-            assert wire_tasks[(d.dev, 2)] == 1, wire_tasks             # no kill in round 2: exactly once
-            wait_for(lambda d=d: {(a["round"], a["accepted"]) for a in d.acks} == {(1, True), (2, True)},
-                     timeout=60, what=f"{d.dev}: both updates acknowledged")
+            assert d.trained() == sorted(f"{run_id}#{r}" for r in range(1, ROUNDS + 1))   # each round once
+            got = Counter(int(t["round"]) for t in d.tasks)
+            for r in range(1, ROUNDS + 1):
+                assert got[r] >= 1 and wire_tasks[(d.dev, r)] <= got[r], (d.dev, r, got, wire_tasks)
+                if r > last_kill_round:
+                    assert got[r] == 1, (d.dev, r, got)
+                extra += got[r] - 1
+            wait_for(lambda d=d: {(a["round"], a["accepted"]) for a in d.acks} == {(r, True) for r in range(1, ROUNDS + 1)},
+                     timeout=60, what=f"{d.dev}: every update acknowledged")
+        assert extra <= window_kills * len(devs), (extra, window_kills)
     finally:
         for d in devs:
             d.close()
@@ -210,6 +249,7 @@ def chunks_on_wire(probe) -> Counter:
     return out
 
 
+@pytest.mark.timeout(400)
 def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broker, postgres_server,
                                                                     example_bundle):
     """A chain over controller/rollouts/runner.py's FAILPOINTS on PostgreSQL, one real agent and a
@@ -260,7 +300,8 @@ def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, bro
             assert rc == -9, f"{owner} did not die at {step}: {reps.tail(owner)}"
             wait_for(lambda: (x := lease(registry, "rollouts")) and x[0] == f"controller-{nxt}",
                      timeout=TAKEOVER_BOUND_S + 60, what=f"{nxt} taking over after the kill at {step}")
-            takeovers.append((step, time.monotonic() - max(died, standby_up)))
+            takeovers.append((step + ("" if standby_up < died else " (standby came up after the kill)"),
+                              time.monotonic() - max(died, standby_up)))
             if k + 2 < len(names):
                 launch(names[k + 2], steps[k + 2] if k + 2 < len(steps) else None)
                 standby_up = reps.online_at(names[k + 2])
