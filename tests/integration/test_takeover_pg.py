@@ -250,6 +250,25 @@ def chunks_on_wire(probe) -> Counter:
 
 
 @pytest.mark.timeout(400)
+def wire_log(probe) -> list[str]:
+    """The transfer as the broker delivered it, in order: wants (asked chunks), chunks, offers."""
+    from protocol.envelope import decode
+
+    out = []
+    for topic, payload, _ in probe.seen():
+        if is_frame(payload):
+            f = decode_frame(payload)
+            if f.envelope.kind == "xfer.chunk":
+                out.append(f"c{f.envelope.body['index']}")
+        elif "/data/" in topic:
+            env = decode(payload)
+            if env.kind == "xfer.want":
+                out.append(f"want{env.body['chunks']}")
+        elif topic.endswith("/cmd") and b"model.offer" in payload:
+            out.append("offer")
+    return out
+
+
 def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broker, postgres_server,
                                                                     example_bundle):
     """A chain over controller/rollouts/runner.py's FAILPOINTS on PostgreSQL, one real agent and a
@@ -270,7 +289,8 @@ def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, bro
     reps = Replicas(tmp_path, broker, registry, controller="rollout_max_bytes_per_s = 250000\n",
                     extra=f'[security]\nsigning_key = "{keys / "controller.pem"}"\n')
     launch = reps.start
-    wire = Probe(broker.port, subscribe=(f"{BASE}/dev/+/bin", f"{BASE}/dev/+/data/#")).wait_subscribed()
+    wire = Probe(broker.port, subscribe=(f"{BASE}/dev/+/bin", f"{BASE}/dev/+/data/#",
+                                         f"{BASE}/dev/+/cmd")).wait_subscribed()
     agent = None
     takeovers: list[tuple[str, float]] = []
 
@@ -318,7 +338,7 @@ def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, bro
         n = max(i for _, i in chunks) + 1
         assert len({t for t, _ in chunks}) == 1 and n >= 8, chunks
         twice = {k: c for k, c in chunks.items() if c != 1}
-        assert not twice, f"chunks served more than once (or never): {twice} of {n}"
+        assert not twice, f"chunks served more than once (or never): {twice} of {n}; wire: {wire_log(wire)}"
         assert sorted(i for _, i in chunks) == list(range(n))
         assert agent.poll() is None
     finally:

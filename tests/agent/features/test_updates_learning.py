@@ -66,8 +66,8 @@ def fleet(tmp_path, example_bundle):
     return ctx, serving, up, v1, v2, key
 
 
-def offer_for(v1, v2, data, **extra):
-    man = make_manifest("t-1", data, 4096)
+def offer_for(v1, v2, data, chunk_size=4096, **extra):
+    man = make_manifest("t-1", data, chunk_size)
     body = {"rollout_id": "r1", "target": {"version": json.loads((v2 / "manifest.json").read_text())["version"],
                                            "bundle_sha256": bundle_id(v2)},
             "base": {"version": "1.0.0", "bundle_sha256": bundle_id(v1)}, "transfer": man.to_dict(), **extra}
@@ -273,3 +273,30 @@ def test_a_global_head_of_the_wrong_shape_is_refused_and_the_serving_head_stays(
     asyncio.run(a.on_global_head(good, Message(CMD, b"")))
     assert ctx.named("fl.head_applied")[0]["version"] == 2
     assert all(np.allclose(serving.engine.head[k], v + 1) for k, v in before.items())
+
+
+def test_a_repeated_offer_does_not_ask_again_for_chunks_in_flight(fleet):
+    """A new rollout owner (a replica's takeover, a restarted controller) offers the same transfer
+    again. The chunks already asked for may still be on their way (the dead owner sent them, the
+    broker holds them): asking again at once would have them served twice. They are asked again only
+    when their request times out, as any lost chunk is (issue 14: no chunk served twice)."""
+    ctx, serving, up, v1, v2, key = fleet
+    data, _ = make_patch(v1, v2, key, deltas=False)
+    man, offer = offer_for(v1, v2, data, chunk_size=1024)
+    assert man.count >= 3
+
+    async def main():
+        await up.on_offer(offer, Message(CMD, b""))
+        first = [i for p in ctx.on("/data/xfer") for i in p.body["chunks"]]
+        await up.on_chunk(chunk(man, data, first[0]), Message(CMD, b""))
+        n = len(ctx.on("/data/xfer"))
+        await up.on_offer(offer, Message(CMD, b""))          # the same transfer, offered again
+        again = [i for p in ctx.on("/data/xfer")[n:] for i in p.body["chunks"]]
+        assert not set(again) & set(first[1:]), (first, again)
+        for i in up.active.transfer.inflight:                   # their requests time out: asked again
+            up.active.transfer.inflight[i] = -1e9
+        up._ask()
+        later = [i for p in ctx.on("/data/xfer")[n:] for i in p.body["chunks"]]
+        assert later and set(later) <= set(first[1:]), (first, later)   # (the window shrinks after a loss)
+
+    asyncio.run(main())
