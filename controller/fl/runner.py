@@ -56,6 +56,8 @@ FAILPOINTS = (
 
 #: a task or ack in flight longer than this (its PUBACK never came) is published again
 RESEND_AFTER_S = 30.0
+#: how often done runs are looked at for a deploy that a crash or a dead replica left undone
+DEPLOY_CHECK_S = 5.0
 
 
 def strategy_for(cfg: RunConfig) -> "Strategy":
@@ -117,6 +119,7 @@ class RoundRunner:
         self._acks_checked = False
         #: (run, round) -> its secure-aggregation session (secure.py); in memory only
         self.secure: dict[tuple[str, int], "SecureRound"] = {}
+        self._deploys_checked = -math.inf
 
     def engine(self, run_id: str) -> RoundEngine:
         eng = self.engines.get(run_id)
@@ -206,6 +209,20 @@ class RoundRunner:
                 failpoint("fl.round.opened")
             for t in tasks:
                 self._send_task(eng, t, now)
+        if now - self._deploys_checked >= DEPLOY_CHECK_S:
+            self._deploys_checked = now
+            self._finish_deploys(now)
+
+    def _finish_deploys(self, now: float) -> None:
+        """A run that ended ``done`` with ``--deploy`` and no rollout yet: its owner died (or the
+        controller was killed) between closing the last round and deploying. The run is no longer
+        pending or running, so the loop above never sees it: deploy it here, under its lease."""
+        for run in self.store.runs(status=("done",), limit=20):
+            dep = run.config.get("deploy")
+            if not dep or dep.get("rollout_id") or dep.get("error") or not self.owns(run.id, now):
+                continue
+            log.info("run %s: done but not deployed (its owner stopped in between): deploying now", run.id)
+            self.deploy_result(run)
 
     def _drive_secure(self, eng: RoundEngine, now: float, connected: bool) -> None:
         """Open the running round's session, close its due stage (sending the next stage's messages),
@@ -311,6 +328,7 @@ class RoundRunner:
             art = rollouts.add_bundle(out)
         except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:  # LayerError too
             log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
+            self.store.set_config(run.id, {**run.config, "deploy": {**dep, "error": str(exc)}})   # said once
             return None
         devices = [d for d in self.registry.devices()
                    if ((d.state or {}).get("model") or {}).get("bundle_sha256") == base.bundle_sha256]

@@ -346,3 +346,55 @@ def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, bro
             stop(agent)
         wire.close()
         reps.close()
+
+
+@pytest.mark.timeout(300)
+def test_a_deploy_run_whose_owner_dies_as_it_closes_the_last_round_is_deployed_by_the_next(
+        tmp_path, broker, postgres_server, example_bundle):
+    """``round start --deploy``: the owner SIGKILLed right after the last round closed (the run is
+    ``done`` in the store, the head not yet made a bundle nor rolled out). The run is no longer
+    running, so no tick of the standby looked at it: the deploy was lost. Now the standby finds the
+    done, undeployed run and deploys it, once."""
+    registry = postgres_server.create_database("takeover_dep")
+    keys = tmp_path / "keys"
+    assert fleetctl("keys", "init", "--dir", str(keys)).returncode == 0
+    reps = Replicas(tmp_path, broker, registry, extra=f'[security]\nsigning_key = "{keys / "controller.pem"}"\n')
+    devs: list[FakeDevice] = []
+    try:
+        reps.start("d0", "fl.round.closed")
+        reps.online_at("d0")
+        devs = [FakeDevice(broker.port, f"dp-{i}") for i in range(2)]
+        for d in devs:
+            wait_for(lambda d=d: (x := registry_device(registry, d.dev)) and x.online and x.telemetry,
+                     timeout=60, what=f"{d.dev} online")
+        out = fleetctl("--config", str(tmp_path / "d0.toml"), "round", "start", "--bundle", str(example_bundle[0]),
+                       "--no-wait", "--json", "--max-cpu", "100", "--clients", "2", "--min-clients", "2",
+                       "--rounds", "1", "--deadline", "120s", "--steps", "5", "--deploy", timeout=60)
+        assert out.returncode == 0, out.stderr
+        run_id = json.loads(out.stdout)["run_id"]
+        wait_for(lambda: lease(registry, f"fl:{run_id}"), timeout=60, what="the run's lease taken")
+        assert lease(registry, f"fl:{run_id}")[0] == "controller-d0"
+        reps.start("d1")            # the standby: up once d0 owns the run
+        assert reps.procs["d0"].wait(120) == -9, reps.tail("d0")
+        rs = round_store(registry)
+
+        def deployed():
+            r = rs.run(run_id)
+            rs.db.commit()
+            return r is not None and r.status == "done" and (r.config.get("deploy") or {}).get("rollout_id") and r
+        run = wait_for(deployed, timeout=TAKEOVER_BOUND_S + 30, interval=0.2, what="the done run deployed by d1")
+        assert run.config["deploy"]["rollout_id"] == f"fl-{run_id[4:]}" and "error" not in run.config["deploy"]
+        assert "done but not deployed" in reps.tail("d1", 20000)
+        # the derived bundle is stored once, as the rollouts' artifact
+        from controller.db import connect
+
+        db = connect(registry, readonly=True)
+        try:
+            versions = [r[0] for r in db.execute("SELECT version FROM artifacts WHERE kind='bundle'")]
+        finally:
+            db.close()
+        assert versions.count(f"1.0.0+fl.{run_id[-4:]}.1") == 1, versions
+    finally:
+        for d in devs:
+            d.close()
+        reps.close()
