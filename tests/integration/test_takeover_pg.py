@@ -12,10 +12,10 @@ What is counted on the wire (a probe subscriber on every device topic):
 
 * no update lost: every device's update of every round is recorded once, accepted, and aggregated;
 * no task trained twice: each device trains each round once; a task is on the wire more than once
-  only where the dead owner had handed it to the broker and the store did not yet say "sent"
-  (``fl.task.published`` / ``fl.task.acked``): the new owner cannot know whether the broker got it
-  and sends it again, and the device dedupes it by (run, round). A round with no kill in that window
-  has exactly one task per device on the wire;
+  only where the dead owner had handed it to the broker and the store did not yet say "sent" (a
+  kill at ``fl.task.published`` / ``acked`` / ``marked``, for that device's task or the other's
+  still unmarked one): the new owner cannot know whether the broker got it and sends it again, and
+  the device dedupes it by (run, round). A round after the last kill has exactly one task per device;
 * rollouts: no chunk served twice — each (transfer, chunk) is on the wire once per time the device
   asked for it, and an agent never asks again for a chunk it holds.
 """
@@ -215,11 +215,12 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
             # no update lost, none recorded twice
             assert sorted(u.device_id for u in ups) == ["tk-0", "tk-1"] and all(u.accepted for u in ups), ups
         # the probe misses what came while the broker was down (it may only undercount); the devices'
-        # persistent sessions get everything: both are bounded. Only a kill between a task's publish
-        # and its "sent" mark (fl.task.published / fl.task.acked) may put it on the wire again, once
-        # per device; the rounds after the last kill have exactly one task per device
+        # persistent sessions get everything: both are bounded. Only a kill while a task is between
+        # its publish and its "sent" mark may put it on the wire again: the kills at the task steps
+        # (one device's task at that step, the other's maybe still unmarked), at most once per device
+        # each; the rounds after the last kill have exactly one task per device
         wire_tasks = tasks_on_wire(wire)
-        window_kills = sum(1 for s in steps if s in ("fl.task.published", "fl.task.acked"))
+        window_kills = sum(1 for s in steps if s in ("fl.task.published", "fl.task.acked", "fl.task.marked"))
         extra = 0
         for d in devs:
             assert d.trained() == sorted(f"{run_id}#{r}" for r in range(1, ROUNDS + 1))   # each round once
