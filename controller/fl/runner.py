@@ -76,18 +76,26 @@ def strategy_for(cfg: RunConfig) -> "Strategy":
 
 
 def evaluator_for(cfg: RunConfig):
-    """Accuracy of a head on the run's held-out features (computed once at ``round start``)."""
+    """Accuracy of a head on the run's held-out features (computed once at ``round start``). A run
+    over chosen layers carries only those: the eval file holds the bundle's whole head
+    (``head__<tensor>``), and the run's layers are put on its frozen ones before the forward pass."""
     if not cfg.eval_file:
         return None
+    prefix = "head__"
     try:
         with np.load(cfg.eval_file, allow_pickle=False) as z:
             feats, labels = z["features"].astype(np.float32), z["y"].astype(np.int64)
+            full = {k[len(prefix):]: z[k].astype(np.float32) for k in z.files if k.startswith(prefix)}
     except (OSError, KeyError, ValueError) as exc:
         log.warning("run evaluation disabled: %s", exc)
         return None
     from protocol.bundle import head_forward
+    from protocol.layers import merge
 
-    return lambda head: float((head_forward(head, feats).argmax(1) == labels).mean())
+    def evaluate(head) -> float:
+        whole = merge(full, head) if full and set(head) != set(full) else head
+        return float((head_forward(whole, feats).argmax(1) == labels).mean())
+    return evaluate
 
 
 def decompress_update(frame: Frame, global_head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
