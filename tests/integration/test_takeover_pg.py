@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 
@@ -68,29 +69,77 @@ def start_replica(tmp, url, registry, name, failpoint=None, controller="", extra
 
 
 class Replicas:
-    """The chain of replicas: their processes, logs and when each came online (its retained state)."""
+    """The chain of replicas: their processes and logs, when each came online (its retained state,
+    seen by a probe) and when each died (a thread per process), and every change of owner of the
+    leases (a thread reading the lease table every 0.1 s) — so the takeover times are measured from
+    the events themselves, not from when the test's loop got round to looking."""
 
     def __init__(self, tmp, broker, registry, controller="", extra=""):
         self.tmp, self.broker, self.registry = tmp, broker, registry
         self.controller, self.extra = controller, extra
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs: dict[str, object] = {}
+        self.died: dict[str, float] = {}
+        self.online: dict[str, float] = {}
+        self.owners: dict[str, list[tuple[float, str]]] = {}     # lease -> [(when, new owner)]
+        self._stop = threading.Event()
+        self._onl = threading.Lock()
         self.probe = Probe(broker.port, subscribe=(f"{BASE}/ctl/state/+",)).wait_subscribed()
+        self.probe.client.message_callback_add(f"{BASE}/ctl/state/+", self._on_state)
+        self._leases = threading.Thread(target=self._watch_leases, daemon=True)
+        self._leases.start()
+
+    def _on_state(self, client, userdata, m):
+        self.probe._on_message(client, userdata, m)
+        if b'"online"' in m.payload:
+            with self._onl:
+                self.online.setdefault(m.topic.rsplit("/", 1)[1], time.monotonic())
+
+    def _watch_leases(self):
+        from controller.db import connect
+
+        db = None
+        while not self._stop.wait(0.1):
+            try:
+                db = db or connect(self.registry, readonly=True)
+                rows = db.execute("SELECT name, owner FROM leases").fetchall() if db.has_table("leases") else []
+                db.commit()
+            except Exception:  # noqa: BLE001 - the table appears with the first replica
+                db = None
+                continue
+            now = time.monotonic()
+            for name, owner in rows:
+                log = self.owners.setdefault(name, [])
+                if not log or log[-1][1] != owner:
+                    log.append((now, owner))
 
     def start(self, name, failpoint=None):
         self.procs[name], self.logs[name] = start_replica(self.tmp, self.broker.url, self.registry, name, failpoint,
                                                           self.controller, self.extra)
+        p = self.procs[name]
+        threading.Thread(target=lambda: (p.wait(), self.died.setdefault(name, time.monotonic())),
+                         daemon=True).start()
 
     def online_at(self, name, timeout=60.0) -> float:
-        """Block until replica ``name`` published its online state; when (monotonic) we saw it."""
+        """Block until replica ``name`` published its online state; when (monotonic) it was seen."""
         topic = f"{BASE}/ctl/state/{name}"
         self.probe.wait(lambda t, p: t == topic and b'"online"' in p, timeout=timeout, what=f"{name} online")
-        return time.monotonic()
+        with self._onl:
+            return self.online.setdefault(name, time.monotonic())
+
+    def takeover_s(self, dead, nxt, leases, after=None) -> tuple[float, bool]:
+        """(seconds from ``dead``'s death — or ``nxt``'s start when that came later, or ``after`` — to
+        the first of ``leases`` naming ``nxt``, whether ``nxt`` was up before the death)."""
+        t0 = max(self.died[dead], after or 0.0)
+        t = min(w for name in leases for w, o in self.owners.get(name, []) if o == f"controller-{nxt}" and w >= t0)
+        ready = self.online[nxt] <= self.died[dead]
+        return t - max(t0, self.online[nxt]), ready
 
     def tail(self, name, n=3000) -> str:
         return self.logs[name].read_text()[-n:]
 
     def close(self):
+        self._stop.set()
         self.probe.close()
         for p in self.procs.values():
             stop(p)
@@ -129,6 +178,30 @@ def registry_device(registry, dev):
         reg.close()
 
 
+def register(broker, registry, devs, timeout=60.0):
+    """Wait until the registry has each fake device online with telemetry. A replica announces
+    itself online just before its shared subscriptions are confirmed, and a fake device sends its
+    telemetry once, at connect: it is sent again here (as an agent does every interval) until stored."""
+    from protocol.envelope import Envelope, encode
+
+    pub = Probe(broker.port)
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            missing = [d.dev for d in devs if not ((x := registry_device(registry, d.dev)) and x.online and x.telemetry)]
+            if not missing:
+                return
+            assert time.monotonic() < deadline, f"devices {missing} not registered with telemetry in {timeout}s"
+            for dev in missing:
+                tel = Envelope(kind="telemetry", sender=dev, body={"seq": int(time.time() * 1000), "interval_s": 1,
+                                                                   "cpu_percent": 1.0,
+                                                                   "learning": {"labelled_samples": 500}})
+                pub.publish(f"{BASE}/dev/{dev}/telemetry", encode(tel))
+            time.sleep(0.5)   # the writer thread's commit, then look again (an event wait on another process's DB)
+    finally:
+        pub.close()
+
+
 def tasks_on_wire(probe) -> Counter:
     """(device, round) -> how many fl.task frames the broker delivered for it."""
     out: Counter = Counter()
@@ -155,9 +228,7 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
         reps.start(names[0], steps[0])
         reps.online_at(names[0])
         devs = [FakeDevice(broker.port, f"tk-{i}") for i in range(2)]
-        for d in devs:
-            wait_for(lambda d=d: (x := registry_device(registry, d.dev)) and x.online and x.telemetry,
-                     timeout=60, what=f"{d.dev} online")
+        register(broker, registry, devs)
         out = fleetctl("--broker", broker.url, "--registry", registry, "round", "start", "--bundle",
                        str(example_bundle[0]), "--no-wait", "--json", "--max-cpu", "100", "--clients", "2",
                        "--min-clients", "2", "--rounds", str(ROUNDS), "--deadline", "120s", "--steps", "5", timeout=60)
@@ -165,7 +236,7 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
         run_id = json.loads(out.stdout)["run_id"]
         lname = f"fl:{run_id}"
         reps.start(names[1], steps[1])
-        standby_up = reps.online_at(names[1])
+        reps.online_at(names[1])
         rs = round_store(registry)
 
         def run_now():
@@ -178,26 +249,28 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
             wait_for(lambda: reps.procs[owner].poll() is not None or run_now().status != "running",
                      timeout=120, what=f"{owner} to reach {step}")
             rc = reps.procs[owner].wait(30)
-            died = time.monotonic()
             assert rc == -9, f"{owner} did not die at {step} (run {run_now().status}): {reps.tail(owner)}"
             last_kill_round = run_now().round_no
+            back = None
             if step == RESTART_BROKER_AT:
                 # systemctl restart mosquitto during the takeover: every client drops; persistence keeps
-                # the sessions and their queued QoS 1 messages
+                # the sessions and their queued QoS 1 messages (measured from when it is back)
                 broker.stop()
                 broker.start()
-                died = time.monotonic()
+                back = time.monotonic()
             # a run that ended at this kill (its last round closed) has nothing to take over: the
             # rollouts lease, which every replica takes, marks the standby's takeover then
             wait_for(lambda: ((x := lease(registry, lname)) and x[0] == f"controller-{nxt}") or
                      (run_now().status != "running" and (x := lease(registry, "rollouts"))
                       and x[0] == f"controller-{nxt}"),
                      timeout=TAKEOVER_BOUND_S + 60, what=f"{nxt} taking over after the kill at {step}")
-            took = time.monotonic() - max(died, standby_up)
-            takeovers.append((step + ("" if standby_up < died else " (standby came up after the kill)"), took))
+            wait_for(lambda: reps.died.get(owner), timeout=10, what=f"{owner}'s death recorded")
+            took, ready = reps.takeover_s(owner, nxt, (lname, "rollouts") if run_now().status != "running"
+                                          else (lname,), after=back)
+            takeovers.append((step + ("" if ready else " (standby up after the kill)"), took))
             if k + 2 < len(names):
                 reps.start(names[k + 2], steps[k + 2] if k + 2 < len(steps) else None)
-                standby_up = reps.online_at(names[k + 2])
+                reps.online_at(names[k + 2])
         print("takeover seconds per step:", {s: round(t, 2) for s, t in takeovers}, "last kill in round",
               last_kill_round)
         assert all(t <= TAKEOVER_BOUND_S for _, t in takeovers), takeovers
@@ -310,22 +383,22 @@ def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, bro
         agent = start_agent(cfg, tmp_path / "ra-1.log")
         wait_for(lambda: model_of("ra-1").get("version") == "1.0.0", timeout=60, what="ra-1 on 1.0.0")
         launch(names[1], steps[1])
-        standby_up = reps.online_at(names[1])
+        reps.online_at(names[1])
         out = fleetctl("--config", str(tmp_path / f"{names[1]}.toml"), "deploy", str(v2), "--to", "ra-1",
                        "--canary", "0", "--json", timeout=120)
         assert out.returncode == 0, out.stdout + out.stderr
         for k, step in enumerate(steps):
             owner, nxt = names[k], names[k + 1]
             rc = reps.procs[owner].wait(120)
-            died = time.monotonic()
             assert rc == -9, f"{owner} did not die at {step}: {reps.tail(owner)}"
             wait_for(lambda: (x := lease(registry, "rollouts")) and x[0] == f"controller-{nxt}",
                      timeout=TAKEOVER_BOUND_S + 60, what=f"{nxt} taking over after the kill at {step}")
-            takeovers.append((step + ("" if standby_up < died else " (standby came up after the kill)"),
-                              time.monotonic() - max(died, standby_up)))
+            wait_for(lambda: reps.died.get(owner), timeout=10, what=f"{owner}'s death recorded")
+            took, ready = reps.takeover_s(owner, nxt, ("rollouts",))
+            takeovers.append((step + ("" if ready else " (standby up after the kill)"), took))
             if k + 2 < len(names):
                 launch(names[k + 2], steps[k + 2] if k + 2 < len(steps) else None)
-                standby_up = reps.online_at(names[k + 2])
+                reps.online_at(names[k + 2])
         print("rollout takeover seconds per step:", {s: round(t, 2) for s, t in takeovers})
         assert all(t <= TAKEOVER_BOUND_S for _, t in takeovers), takeovers
         wait_for(lambda: model_of("ra-1").get("version") == "2.0.0", timeout=90, what="ra-1 on 2.0.0")
@@ -365,9 +438,7 @@ def test_a_deploy_run_whose_owner_dies_as_it_closes_the_last_round_is_deployed_b
         reps.start("d0", "fl.round.closed")
         reps.online_at("d0")
         devs = [FakeDevice(broker.port, f"dp-{i}") for i in range(2)]
-        for d in devs:
-            wait_for(lambda d=d: (x := registry_device(registry, d.dev)) and x.online and x.telemetry,
-                     timeout=60, what=f"{d.dev} online")
+        register(broker, registry, devs)
         out = fleetctl("--config", str(tmp_path / "d0.toml"), "round", "start", "--bundle", str(example_bundle[0]),
                        "--no-wait", "--json", "--max-cpu", "100", "--clients", "2", "--min-clients", "2",
                        "--rounds", "1", "--deadline", "120s", "--steps", "5", "--deploy", timeout=60)
