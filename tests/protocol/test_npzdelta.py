@@ -30,15 +30,18 @@ def _bundle(d, version, head, src):
 
 
 def _two_layer_base(src, d):
-    """The example bundle with a two-layer head (64 -> 32 -> 10) that federates ``dense1`` only."""
+    """The example bundle with a two-layer head that federates ``dense1`` only and keeps the trained
+    head's predictions (so it passes the bundle's health gate): dense0 = [I, -I], dense1 = [W; -W],
+    since relu(x)·W + relu(-x)·(-W) = x·W."""
     from protocol.bundle import load_head, write_manifest
 
-    feat = load_head(src / "head.npz")["dense0.weight"].shape[0]
-    rng = np.random.default_rng(0)
-    head = {"dense0.weight": rng.normal(0, 0.3, (feat, 32)).astype(np.float32),
-            "dense0.bias": np.zeros(32, np.float32),
-            "dense1.weight": rng.normal(0, 0.3, (32, 10)).astype(np.float32),
-            "dense1.bias": np.zeros(10, np.float32)}
+    one = load_head(src / "head.npz")
+    w, b = one["dense0.weight"].astype(np.float64), one["dense0.bias"]
+    q, _ = np.linalg.qr(np.random.default_rng(0).normal(size=(w.shape[0], w.shape[0])))   # a dense body
+    head = {"dense0.weight": np.concatenate([q, -q], 1).astype(np.float32),
+            "dense0.bias": np.zeros(2 * w.shape[0], np.float32),
+            "dense1.weight": np.concatenate([q.T @ w, -(q.T @ w)], 0).astype(np.float32),
+            "dense1.bias": b.astype(np.float32)}
     _bundle(d, "1.0.1", head, src)
     m = json.loads((d / "manifest.json").read_text())
     m["trainable"] = ["dense1"]

@@ -300,3 +300,45 @@ def test_a_repeated_offer_does_not_ask_again_for_chunks_in_flight(fleet):
         assert later and set(later) <= set(first[1:]), (first, later)   # (the window shrinks after a loss)
 
     asyncio.run(main())
+
+
+def test_a_patch_of_the_federated_layers_is_applied_on_the_board(tmp_path, example_bundle):
+    """Issue 20: a run over chosen layers (``trainable: ["dense1"]``) ships as a patch of those
+    tensors only; the board rebuilds head.npz from its own copy, checks it against the signed
+    manifest, installs it through the gate. The bytes, measured against the whole-file patch."""
+    from controller.modeltools.example import derive_bundle
+    from protocol.bundle import load_head
+    from tests.protocol.test_npzdelta import _two_layer_base
+
+    a, head = _two_layer_base(example_bundle[0], tmp_path / "a")
+    b = derive_bundle(a, tmp_path / "b", "1.1.0", {**head, "dense1.weight": head["dense1.weight"] * 0.8,
+                                                    "dense1.bias": head["dense1.bias"] + 0.05})
+    key = generate()
+    save_keypair(key, tmp_path / "k.pem", tmp_path / "k.pub")
+    ctx = FakeContext(state={"dir": str(tmp_path / "state")}, model={"bundle": str(a)},
+                      security={"trusted_keys": [str(tmp_path / "k.pub")]})
+    serving = Serving(ctx)
+    serving.start()
+    up = Updater(ctx, serving)
+    up.start()
+    data, pm = make_patch(a, b, key)
+    whole, _ = make_patch(a, b, key, deltas=False)
+    assert sorted(pm["files"]["head.npz"]["delta"]["changed"]) == ["dense1.bias", "dense1.weight"]
+    assert len(data) * 2 < len(whole), (len(data), len(whole))
+    man = make_manifest("t-1", data, 4096)
+    body = {"rollout_id": "r1", "target": {"version": "1.1.0", "bundle_sha256": bundle_id(b)},
+            "base": {"version": "1.0.1", "bundle_sha256": bundle_id(a)}, "transfer": man.to_dict()}
+
+    async def main():
+        await up.on_offer(Envelope(kind="model.offer", sender="controller", body=body), Message(CMD, b""))
+        for i in range(man.count):
+            await up.on_chunk(chunk(man, data, i), Message(CMD, b""))
+
+    asyncio.run(main())
+    assert statuses(ctx)[-1] == "applied", ctx.named("model.update")
+    assert serving.engine.bundle.manifest.version == "1.1.0"
+    installed = serving.store.current
+    assert (installed / "head.npz").read_bytes() == (b / "head.npz").read_bytes()
+    got = load_head(installed / "head.npz")
+    assert np.array_equal(got["dense0.weight"], head["dense0.weight"])          # the frozen body kept
+    assert np.allclose(got["dense1.weight"], head["dense1.weight"] * 0.8)       # the federated layer new
