@@ -84,6 +84,7 @@ class Replicas:
         self.owners: dict[str, list[tuple[float, str]]] = {}     # lease -> [(when, new owner)]
         self._stop = threading.Event()
         self._onl = threading.Lock()
+        self.watch_errors: list[str] = []
         self.probe = Probe(broker.port, subscribe=(f"{BASE}/ctl/state/+",)).wait_subscribed()
         self.probe.client.message_callback_add(f"{BASE}/ctl/state/+", self._on_state)
         self._leases = threading.Thread(target=self._watch_leases, daemon=True)
@@ -98,14 +99,15 @@ class Replicas:
     def _watch_leases(self):
         from controller.db import connect
 
-        db = None
         while not self._stop.wait(0.1):
             try:
-                db = db or connect(self.registry, readonly=True)
-                rows = db.execute("SELECT name, owner FROM leases").fetchall() if db.has_table("leases") else []
-                db.commit()
-            except Exception:  # noqa: BLE001 - the table appears with the first replica
-                db = None
+                db = connect(self.registry, readonly=True)      # fresh: no snapshot, no lock held between reads
+                try:
+                    rows = [tuple(r) for r in db.execute("SELECT name, owner FROM leases").fetchall()]
+                finally:
+                    db.close()
+            except Exception as exc:  # noqa: BLE001 - the table appears with the first replica
+                self.watch_errors.append(repr(exc))
                 continue
             now = time.monotonic()
             for name, owner in rows:
@@ -127,13 +129,17 @@ class Replicas:
         with self._onl:
             return self.online.setdefault(name, time.monotonic())
 
-    def takeover_s(self, dead, nxt, leases, after=None) -> tuple[float, bool]:
-        """(seconds from ``dead``'s death — or ``nxt``'s start when that came later, or ``after`` — to
-        the first of ``leases`` naming ``nxt``, whether ``nxt`` was up before the death)."""
-        t0 = max(self.died[dead], after or 0.0)
-        t = min(w for name in leases for w, o in self.owners.get(name, []) if o == f"controller-{nxt}" and w >= t0)
-        ready = self.online[nxt] <= self.died[dead]
-        return t - max(t0, self.online[nxt]), ready
+    def takeover_s(self, dead, nxt, leases, timeout=20.0) -> tuple[float, bool]:
+        """(seconds from ``dead``'s death — or ``nxt``'s start when that came later — to the first of
+        ``leases`` naming ``nxt``; whether ``nxt`` was up before the death). 0 when ``nxt`` held it
+        already: the dead one had stalled past its TTL (a loaded machine) and lost it before dying."""
+        def first():
+            seen = [w for name in leases for w, o in self.owners.get(name, []) if o == f"controller-{nxt}"]
+            return min(seen) if seen else None
+        t = wait_for(first, timeout=timeout, what=f"the lease watcher seeing {nxt} own {leases} "
+                                                   f"(errors: {self.watch_errors[-2:]})")
+        died, up = self.died[dead], self.online[nxt]
+        return max(0.0, t - max(died, up)), up <= died
 
     def tail(self, name, n=3000) -> str:
         return self.logs[name].read_text()[-n:]
@@ -251,22 +257,24 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
             rc = reps.procs[owner].wait(30)
             assert rc == -9, f"{owner} did not die at {step} (run {run_now().status}): {reps.tail(owner)}"
             last_kill_round = run_now().round_no
-            back = None
             if step == RESTART_BROKER_AT:
                 # systemctl restart mosquitto during the takeover: every client drops; persistence keeps
-                # the sessions and their queued QoS 1 messages (measured from when it is back)
+                # the sessions and their queued QoS 1 messages (the lease is in the database: the standby
+                # may take it over while the broker is down, and carries on once it is back)
                 broker.stop()
                 broker.start()
-                back = time.monotonic()
             # a run that ended at this kill (its last round closed) has nothing to take over: the
             # rollouts lease, which every replica takes, marks the standby's takeover then
-            wait_for(lambda: ((x := lease(registry, lname)) and x[0] == f"controller-{nxt}") or
-                     (run_now().status != "running" and (x := lease(registry, "rollouts"))
-                      and x[0] == f"controller-{nxt}"),
-                     timeout=TAKEOVER_BOUND_S + 60, what=f"{nxt} taking over after the kill at {step}")
+            def took_over():
+                if (x := lease(registry, lname)) and x[0] == f"controller-{nxt}":
+                    return (lname,)
+                if run_now().status != "running" and (x := lease(registry, "rollouts")) and x[0] == f"controller-{nxt}":
+                    return ("rollouts",)
+                return None
+            which = wait_for(took_over, timeout=TAKEOVER_BOUND_S + 60,
+                             what=f"{nxt} taking over after the kill at {step}")
             wait_for(lambda: reps.died.get(owner), timeout=10, what=f"{owner}'s death recorded")
-            took, ready = reps.takeover_s(owner, nxt, (lname, "rollouts") if run_now().status != "running"
-                                          else (lname,), after=back)
+            took, ready = reps.takeover_s(owner, nxt, which)
             takeovers.append((step + ("" if ready else " (standby up after the kill)"), took))
             if k + 2 < len(names):
                 reps.start(names[k + 2], steps[k + 2] if k + 2 < len(steps) else None)
