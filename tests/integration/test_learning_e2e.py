@@ -78,7 +78,7 @@ async def _infer_rows(url: str, rows) -> list[dict]:
     from controller.config import parse_config
 
     async with FleetClient(parse_config({"mqtt": {"broker": url}})) as fc:
-        return [await fc.infer_tensors("learn-1", {"x": np.ascontiguousarray(r, np.float32)}, timeout=10)
+        return [await fc.infer_tensors("learn-1", {"x": np.ascontiguousarray(r, np.float32)}, timeout=30)
                 for r in rows]
 
 

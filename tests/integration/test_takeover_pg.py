@@ -273,7 +273,7 @@ def test_round_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, broke
                 return None
             which = wait_for(took_over, timeout=TAKEOVER_BOUND_S + 60,
                              what=f"{nxt} taking over after the kill at {step}")
-            wait_for(lambda: reps.died.get(owner), timeout=10, what=f"{owner}'s death recorded")
+            wait_for(lambda: reps.died.get(owner), timeout=30, what=f"{owner}'s death recorded")
             took, ready = reps.takeover_s(owner, nxt, which)
             takeovers.append((step + ("" if ready else " (standby up after the kill)"), took))
             if k + 2 < len(names):
@@ -401,7 +401,7 @@ def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, bro
             assert rc == -9, f"{owner} did not die at {step}: {reps.tail(owner)}"
             wait_for(lambda: (x := lease(registry, "rollouts")) and x[0] == f"controller-{nxt}",
                      timeout=TAKEOVER_BOUND_S + 60, what=f"{nxt} taking over after the kill at {step}")
-            wait_for(lambda: reps.died.get(owner), timeout=10, what=f"{owner}'s death recorded")
+            wait_for(lambda: reps.died.get(owner), timeout=30, what=f"{owner}'s death recorded")
             took, ready = reps.takeover_s(owner, nxt, ("rollouts",))
             takeovers.append((step + ("" if ready else " (standby up after the kill)"), took))
             if k + 2 < len(names):
