@@ -36,13 +36,18 @@ def _readable(path: str, what: str) -> str:
                    "dev/+/… (no other site's commands or chunks cross this uplink; regenerate when boards "
                    "join the site)")
 @click.option("--board", "boards", multiple=True, help="a board of the site (repeatable; like --boards-from-registry)")
+@click.option("--relay-fl", is_flag=True,
+              help="the site's relay runs the fl component: boards' federated updates stay on the site and the "
+                   "relay sends one aggregate per round (without it they cross the bridge one by one — a site "
+                   "with no relay must not use this, or its updates reach nobody)")
 @click.option("-o", "--output", "output", default=None, type=click.Path(dir_okay=False),
               help="write here (atomically) instead of printing; e.g. /etc/mosquitto/conf.d/edgefleet-bridge.conf")
 @pass_ctx
 def bridge_config_cmd(c: Ctx, site_name: str, centre: str, tls_ca: str, cert: str, key_file: str,
-                      boards_from_registry: bool, boards: tuple[str, ...], output: str | None) -> None:
+                      boards_from_registry: bool, boards: tuple[str, ...], relay_fl: bool,
+                      output: str | None) -> None:
     """The Mosquitto bridge section for SITE's broker: what goes up, what comes down, what stays."""
-    from protocol.sites import BridgeSettings, bridge_config
+    from protocol.sites import BridgeSettings, bridge_config, rules_without_relay_fl
 
     _readable(tls_ca, "--tls-ca")
     _readable(cert, "--cert")
@@ -59,7 +64,7 @@ def bridge_config_cmd(c: Ctx, site_name: str, centre: str, tls_ca: str, cert: st
                                   cert=cert, key=key_file, boards=tuple(dict.fromkeys(names)))
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    text = bridge_config(settings)
+    text = bridge_config(settings, None if relay_fl else rules_without_relay_fl())
     if output is None:
         click.echo(text, nl=False)
         return

@@ -100,3 +100,19 @@ def test_packet_counter_counts_whole_packets_fed_any_way():
     c = MqttPacketCounter()
     c.feed(stream[:-1])
     assert c.publishes == 1   # the last one is not whole yet
+
+
+def test_bridge_config_cli_keeps_federated_updates_crossing_unless_the_relay_aggregates(tmp_path):
+    """Without a relay fl component the boards' updates must cross the bridge: the default used to
+    keep ``dev/+/data/fl`` on the site, so a site without a relay lost every federated update."""
+    from click.testing import CliRunner
+
+    from controller.cli.app import cli
+
+    plain = CliRunner().invoke(cli, ["site", "bridge-config", "farm-1"])
+    assert plain.exit_code == 0, plain.output
+    assert "topic edgefleet/v1/dev/+/data/fl out 1" in plain.output.splitlines()
+    relay = CliRunner().invoke(cli, ["site", "bridge-config", "farm-1", "--relay-fl"])
+    assert relay.exit_code == 0, relay.output
+    assert "topic edgefleet/v1/dev/+/data/fl out 1" not in relay.output.splitlines()
+    assert "# stays on the site: edgefleet/v1/dev/+/data/fl" in relay.output
