@@ -101,3 +101,25 @@ def make_plain_bundle(out: Path, model: Path, version: str = "1.0.0", name: str 
                          "labels": [str(i) for i in range(10)],
                          "files": {model.name: {"role": "backbone"}}})
     return out
+
+
+def cached_cnn(seed: int = 0, epochs: int = 8, n_train: int = 4000) -> tuple[Path, dict]:
+    """The shapes CNN bundle (``controller/modeltools/cnn.py``, ~1-2 min of numpy training) from
+    the cache; keyed by its parameters and the source of cnn.py and protocol/bundle.py only (the
+    exit and bottleneck tools built on top of it are cheap and run in the tests)."""
+    import protocol.bundle
+    from controller.modeltools import cnn
+
+    params = dict(seed=seed, epochs=epochs, n_train=n_train)
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for mod in (cnn, protocol.bundle):
+        h.update(Path(inspect.getfile(mod)).read_bytes())
+    h.update(json.dumps({k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}).encode())
+    entry = cache_root() / "bundles" / f"shapes-cnn-{h.hexdigest()[:20]}"
+    if not (entry / "report.json").exists():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (entry / "report.json").exists():
+                _build(entry, cnn.build_cnn, params)
+    return entry / "bundle", json.loads((entry / "report.json").read_text())
