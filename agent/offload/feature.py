@@ -56,6 +56,8 @@ class Offloader(Feature):
         self.queue_hint_ms = 0.0
         self.pending: dict[str, asyncio.Future] = {}
         self.stats: Counter[str] = Counter()
+        #: workers' refusals by reason code (split_mismatch, decoder_mismatch, ...)
+        self.refusals: Counter[str] = Counter()
         self.remote_hist = LatencyHistogram()
         self.last_attempt = 0.0
         self.probe_interval_s = 5.0
@@ -125,7 +127,8 @@ class Offloader(Feature):
                 "remote_latency_ms": {k: h[k] for k in ("p50_ms", "p95_ms", "p99_ms")},
                 "rtt_ms": None if self.rtt.srtt is None else round(self.rtt.srtt, 3),
                 "agreement": round(s["agree"] / judged, 4) if judged else None,
-                "duplicate_replies": s["duplicate_reply"], "unknown_replies": s["unknown_reply"]}
+                "duplicate_replies": s["duplicate_reply"], "unknown_replies": s["unknown_reply"],
+                "refusals": dict(self.refusals)}
 
     # -- per request ---------------------------------------------------------
     async def resolve(self, pred: "Prediction", x: Any, local: dict[str, Any],
@@ -154,7 +157,16 @@ class Offloader(Feature):
             return {**local, "path": "local_fallback", "offload_error": "no model loaded"}
         body: dict[str, Any] = {"mode": self.policy.mode, "deadline_ts": time.time() + remaining,
                                 "model": engine.bundle.manifest.name}
-        if self.policy.mode == "features":
+        compress = False
+        exits = getattr(engine, "exits", None)
+        if self.policy.mode == "features" and exits is not None:
+            # from an exit, or the bottleneck code at the cut (agent/serving/exits.py)
+            tensor, extra, compress = exits.offload_tensor(pred)
+            body.update(extra)
+            if "split" not in extra:
+                b = engine.bundle
+                body["backbone_sha256"] = b.manifest.files[b.manifest.file("backbone")].sha256
+        elif self.policy.mode == "features":
             f = np.asarray(pred.features, np.float32).reshape(-1)
             top = float(f.max()) if f.size else 0.0
             scale = top / 255.0 if top > 0 else 1.0
@@ -165,7 +177,7 @@ class Offloader(Feature):
             tensor = np.asarray(x, np.float32)
         env = Envelope(kind="offload.request", sender=self.ctx.device_id, body=body, reply_to=self.reply_topic,
                        corr=corr)
-        payload = encode_frame(env, {"x": tensor})
+        payload = encode_frame(env, {"x": tensor}, compress=compress)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pending[corr] = fut
         self.last_attempt = time.monotonic()
@@ -192,7 +204,11 @@ class Offloader(Feature):
         if not reply.get("ok"):
             self.stats["remote_error"] += 1
             self.stats["fallback"] += 1
-            return {**local, "path": "local_fallback", "offload_error": reply.get("error")}
+            reason = reply.get("reason")
+            if isinstance(reason, str):
+                self.refusals[reason[:40]] += 1
+            return {**local, "path": "local_fallback", "offload_error": reply.get("error"),
+                    **({"offload_reason": reason} if isinstance(reason, str) else {})}
         self.queue_hint_ms = float(reply.get("queue_ms") or 0.0)
         self.stats["remote_ok"] += 1
         self.stats["agree" if int(reply["label"]) == local["label"] else "disagree"] += 1

@@ -155,11 +155,11 @@ class ExitRunner:
         conf = float(probs[label])
         ent = float(-np.dot(probs, np.log(np.maximum(probs, 1e-30))))
         ms = (time.perf_counter() - t0) * 1000.0
-        eng.hist.record(ms)
-        eng.count += 1
-        eng._conf_sum += conf
-        eng._ent_sum += ent
-        if resume is None:
+        if resume is None:   # a stop for a possible offload is not an answer (resume() counts it)
+            eng.hist.record(ms)
+            eng.count += 1
+            eng._conf_sum += conf
+            eng._ent_sum += ent
             self.answered[k] += 1
             self.saved_ms[k] += sum(self._mean_ms(j) for j in range(k + 1, len(self.specs) + 1))
         name = eng.labels[label] if label < len(eng.labels) else None
@@ -182,8 +182,7 @@ class ExitRunner:
             code = self.encoder.run(np.asarray(tensors[c], np.float32))
             bn = self.bottleneck
             assert bn is not None
-            return code, {"split": self.tags[c], "exit": c, "codec": bn.codec, "bottleneck": bn.id,
-                          "scale": bn.scale}, True
+            return code, {"split": self.tags[c], "exit": c, "codec": bn.codec, "bottleneck": bn.id}, True
         f = np.asarray(pred.features, np.float32)
         top = float(f.max()) if f.size else 0.0
         scale = top / 255.0 if top > 0 else 1.0

@@ -210,6 +210,14 @@ class CnnReport:
         return asdict(self)
 
 
+def write_data(path: str | Path, n: int = 8000, seed: int = 7) -> Path:
+    """An unlabelled-use data file (x uint8 images, y labels) for training exit heads and
+    bottlenecks (``--data``): other images than the model's training and eval sets."""
+    x, y = make_shapes(n, seed)
+    np.savez(path, x=x, y=y)
+    return Path(path)
+
+
 def shapes_split(seed: int = 0, n_train: int = 4000, n_test: int = 2000):
     xtr, ytr = make_shapes(n_train, seed)
     xte, yte = make_shapes(n_test, seed + 1000)
@@ -218,8 +226,7 @@ def shapes_split(seed: int = 0, n_train: int = 4000, n_test: int = 2000):
 
 def build_cnn(out: str | Path, seed: int = 0, epochs: int = 8, n_train: int = 4000, version: str = "1.0.0",
               name: str = "shapes") -> CnnReport:
-    """Train the CNN and write a bundle (fp32 backbone + head + reference + eval + data.npz, the
-    bundle's own calibration set that exit heads and bottlenecks are trained on)."""
+    """Train the CNN and write a bundle (fp32 backbone + head + reference + eval set)."""
     from protocol.bundle import head_bytes, load_bundle, softmax, write_manifest
 
     out = Path(out)
@@ -237,7 +244,6 @@ def build_cnn(out: str | Path, seed: int = 0, epochs: int = 8, n_train: int = 40
     ref_x = xte[:16]
     np.savez(tmp / "reference.npz", x=ref_x, probs=softmax(forward(p, to_nchw(ref_x))[0]).astype(np.float32))
     np.savez(tmp / "eval.npz", x=xte[:1000], y=yte[:1000])
-    np.savez(tmp / "data.npz", x=xtr[:3000], y=ytr[:3000])
     eval_acc = float((forward(p, to_nchw(xte[:1000]))[0].argmax(1) == yte[:1000]).mean())
     manifest = {
         "name": name, "version": version, "parent_version": None, "created": round(time.time(), 3),
@@ -245,8 +251,7 @@ def build_cnn(out: str | Path, seed: int = 0, epochs: int = 8, n_train: int = 40
         "features": {"name": "features", "shape": [None, LAYERS[-1][1]], "dtype": "float32"},
         "labels": list(SHAPES),
         "files": {"backbone.onnx": {"role": "backbone"}, "head.npz": {"role": "head"},
-                  "reference.npz": {"role": "reference"}, "eval.npz": {"role": "eval"},
-                  "data.npz": {"role": "other"}},
+                  "reference.npz": {"role": "reference"}, "eval.npz": {"role": "eval"}},
         "metrics": {"fp32_accuracy": round(acc, 4), "train_seconds": round(secs, 1), "epochs": epochs,
                     "dataset": f"synthetic shapes (controller/modeltools/cnn.py), seed {seed}, {n_train} train"},
         "reference": {"file": "reference.npz", "min_agreement": 1.0, "max_prob_diff": 0.05},

@@ -156,18 +156,35 @@ def train_distilled(f: np.ndarray, teacher: np.ndarray, epochs: int = 150, lr: f
     return head
 
 
-def pick_threshold(probs: np.ndarray, teacher_label: np.ndarray, agreement: float) -> float:
-    """The lowest confidence at which the exit agrees with the full model on ``agreement`` of the
-    samples it would answer (1.0 = never exit when no threshold reaches it)."""
-    conf, lab = probs.max(1), probs.argmax(1)
-    order = np.argsort(-conf)
-    agree = np.cumsum(lab[order] == teacher_label[order]) / np.arange(1, len(order) + 1)
-    ok = np.nonzero(agree >= agreement)[0]
-    # the longest prefix (most confident first) that still agrees well enough, with a few samples
-    good = [k for k in ok if k >= 9]
-    if not good:
-        return 1.0
-    return float(min(1.0, max(0.5, conf[order][max(good)])))
+def pick_thresholds(exit_probs: Sequence[np.ndarray], teacher_label: np.ndarray, compute: Sequence[float],
+                    agreement: float, grid: Sequence[float] | None = None) -> list[float]:
+    """Per-exit thresholds that save the most compute while the answers (first confident exit,
+    else the full model) still agree with the full model on ``agreement`` of the samples (pure;
+    an exhaustive search over a grid; 1.0 = the exit never answers)."""
+    import itertools
+
+    g = list(grid) if grid is not None else [0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99,
+                                            0.995, 0.999, 1.0]
+    conf = [p.max(1) for p in exit_probs]
+    lab = [p.argmax(1) for p in exit_probs]
+    agree = [lb == teacher_label for lb in lab]
+    n = len(teacher_label)
+    best, best_saved = [1.0] * len(exit_probs), 0.0
+    for combo in itertools.product(g, repeat=len(exit_probs)):
+        left = np.ones(n, bool)
+        ok = np.zeros(n, bool)
+        spent = np.zeros(n)
+        for k, t in enumerate(combo):
+            hit = left & (conf[k] >= t) if t < 1.0 else np.zeros(n, bool)
+            ok |= hit & agree[k]
+            spent[hit] = compute[k]
+            left &= ~hit
+        ok |= left
+        spent[left] = 1.0
+        saved = 1.0 - float(spent.mean())
+        if ok.mean() >= agreement and saved > best_saved:
+            best, best_saved = list(combo), saved
+    return [float(t) for t in best]
 
 
 def simulate(exit_probs: Sequence[np.ndarray], final_probs: np.ndarray, thresholds: Sequence[float],
@@ -195,10 +212,6 @@ def _bundle_data(b: Bundle, data: str | Path | None) -> np.ndarray:
             if "x" not in z.files:
                 raise ExitError(f"{p.name}: no array 'x'")
             return z["x"]
-    for name in ("data.npz",):
-        if (b.path / name).exists():
-            with np.load(b.path / name, allow_pickle=False) as z:
-                return z["x"]
     ev = b.npz("eval")
     if ev is None:
         raise ExitError("no data to train exit heads on: pass --data (x [n, ...]) or add an eval set")
@@ -206,8 +219,8 @@ def _bundle_data(b: Bundle, data: str | Path | None) -> np.ndarray:
 
 
 def add_exits(bundle_dir: str | Path, tensors: Sequence[str], out: str | Path, data: str | Path | None = None,
-              agreement: float = 0.995, pool: int = 2, thresholds: Sequence[float] | None = None,
-              hidden: int = 0) -> dict[str, Any]:
+              agreement: float = 0.992, pool: int = 4, thresholds: Sequence[float] | None = None,
+              hidden: int = 64) -> dict[str, Any]:
     """A copy of the bundle at ``out`` with early exits at ``tensors`` (in model order)."""
     src = load_bundle(bundle_dir)
     m = src.manifest
@@ -239,7 +252,7 @@ def add_exits(bundle_dir: str | Path, tensors: Sequence[str], out: str | Path, d
         rng = np.random.default_rng(0)
         idx = rng.permutation(len(x))
         tr, va = idx[: len(x) * 3 // 4], idx[len(x) * 3 // 4:]
-        heads, probs_va, thr = [], [], []
+        heads, probs_va = [], []
         for k, t in enumerate(tensors):
             if outs[k].ndim == 4 and (outs[k].shape[2] % pool or outs[k].shape[3] % pool):
                 raise ExitError(f"exit tensor {t!r} {list(outs[k].shape[1:])} is not divisible by pool {pool}")
@@ -248,7 +261,8 @@ def add_exits(bundle_dir: str | Path, tensors: Sequence[str], out: str | Path, d
             heads.append(h)
             pv = softmax(head_forward(h, f[va]))
             probs_va.append(pv)
-            thr.append(float(thresholds[k]) if thresholds else pick_threshold(pv, full[va].argmax(1), agreement))
+        thr = [float(t) for t in thresholds] if thresholds else \
+            pick_thresholds(probs_va, full[va].argmax(1), compute, agreement)
         for k, h in enumerate(heads):
             (tmp / f"exit{k}.npz").write_bytes(head_bytes(h))
         man = json.loads((tmp / "manifest.json").read_text())

@@ -26,6 +26,7 @@ from protocol.topics import Topics
 
 from ..config import ControllerConfig
 from ..link import make_link
+from .tail import TailModel, TailRefused
 
 log = logging.getLogger("fleetctl.offload")
 
@@ -43,8 +44,15 @@ class OffloadModel:
         self.backbone_sha = bundle.manifest.files[bundle.manifest.file("backbone")].sha256
         self.head = bundle.head
         self.feat_dim = int(bundle.head["dense0.weight"].shape[0]) if bundle.head else None
+        # features from an exit or through a bottleneck: the segments after it (controller/offload/tail.py)
+        self.tail = TailModel(bundle, threads) if bundle.manifest.exits else None
 
     def answer(self, mode: str, x: np.ndarray, body: dict[str, Any]) -> tuple[int, float]:
+        if mode == "features" and ("split" in body or "codec" in body):
+            if self.tail is None:
+                raise TailRefused("split_mismatch", "features from an exit or bottleneck; this worker's bundle has "
+                                                    "no exits")
+            return self.tail.answer(x, body)
         if mode == "features":
             if self.head is None:
                 raise ValueError("this worker's bundle has no head to run over features")
@@ -156,7 +164,8 @@ class OffloadWorker:
                 self.served += 1
             except ValueError as exc:
                 self.errors += 1
-                body = {"ok": False, "error": str(exc), "worker": self.id}
+                body = {"ok": False, "error": str(exc), "worker": self.id,
+                        **({"reason": exc.reason} if isinstance(exc, TailRefused) else {})}
         out = Envelope(kind="offload.reply", sender=self.id, body=body, corr=env.corr or env.id)
         if self.link is not None:
             self.link.publish(reply_to, encode(out), 1, correlation=correlation)
