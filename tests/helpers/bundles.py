@@ -123,3 +123,43 @@ def cached_cnn(seed: int = 0, epochs: int = 8, n_train: int = 4000) -> tuple[Pat
             if not (entry / "report.json").exists():
                 _build(entry, cnn.build_cnn, params)
     return entry / "bundle", json.loads((entry / "report.json").read_text())
+
+
+def cached_exit_bundles() -> dict[str, Path]:
+    """Bundles on top of the shapes CNN, built once per source version (~20 s):
+
+    * ``exits`` — exits at block1, block2, block3 (distilled heads, thresholds searched),
+    * ``pair_a`` / ``pair_b`` — ``exits`` plus a bottleneck at block2 (ratio 0.16), two
+      trainings (seeds 0 and 1): the same split, two different encoder/decoder pairs,
+    * ``other_split`` — exits at block1 and block3 (exit 1 is another tensor: another split),
+    * ``data`` — the images the exit heads and bottlenecks are trained on."""
+    import protocol.bundle
+    import protocol.exits
+    from controller.modeltools import bottleneck, cnn, exits
+
+    src, _ = cached_cnn()
+    h = hashlib.sha256(str(src).encode())
+    for mod in (cnn, exits, bottleneck, protocol.bundle, protocol.exits):
+        h.update(Path(inspect.getfile(mod)).read_bytes())
+    entry = cache_root() / "bundles" / f"shapes-exits-{h.hexdigest()[:20]}"
+    names = ("exits", "pair_a", "pair_b", "other_split")
+    if not (entry / "done").exists():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (entry / "done").exists():
+                work = entry.with_name(f".{entry.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                try:
+                    work.mkdir(parents=True)
+                    data = cnn.write_data(work / "data.npz", n=3000)
+                    exits.add_exits(src, ["block1", "block2", "block3"], work / "exits", data=data)
+                    for name, seed in (("pair_a", 0), ("pair_b", 1)):
+                        bottleneck.add_bottleneck(work / "exits", work / name, 0.16, data=data, at="block2",
+                                                  epochs=6, seed=seed, max_drop=0.05)
+                    exits.add_exits(src, ["block1", "block3"], work / "other_split", data=data, hidden=0,
+                                    thresholds=[0.99, 0.9])
+                    (work / "done").write_text("ok")
+                    os.rename(work, entry)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+    return {**{n: entry / n for n in names}, "data": entry / "data.npz"}
