@@ -134,9 +134,9 @@ class ExitRunner:
                 continue
             probs = _softmax(head_forward(head, exit_features(h, self.specs[k].pool))[0])
             conf = float(probs.max())
-            if conf >= self.thresholds[k] or k == stop:
+            if (conf >= self.thresholds[k] and self.thresholds[k] < 1.0) or k == stop:
                 resume = None
-                if conf < self.thresholds[k]:
+                if not (conf >= self.thresholds[k] and self.thresholds[k] < 1.0):
                     self.stopped_at_cut += 1
                     resume = (lambda h=h, t=tensors, k=k: self._from(k + 1, h, t, time.perf_counter(), None))
                 pred = self._exit_prediction(probs, h, t0, k, tensors, resume)

@@ -73,6 +73,9 @@ def cut_segments(backbone: Path, input_names: Sequence[str], tensors: Sequence[s
     shapes = _shapes(model)
     produced = {o for n in model.graph.node for o in n.output}
     for t in tensors:
+        if t == final or t in input_names:
+            raise ExitError(f"exit tensor {t!r} is the backbone's {'output' if t == final else 'input'}: "
+                            "an exit sits inside the backbone")
         if t not in produced:
             raise ExitError(f"exit tensor {t!r} is not produced by any node of {backbone.name}")
         s = shapes.get(t)
@@ -195,7 +198,7 @@ def simulate(exit_probs: Sequence[np.ndarray], final_probs: np.ndarray, threshol
     taken = np.full(n, len(exit_probs))
     label = final_probs.argmax(1).copy()
     for k in range(len(exit_probs) - 1, -1, -1):
-        hit = exit_probs[k].max(1) >= thresholds[k]
+        hit = exit_probs[k].max(1) >= thresholds[k] if thresholds[k] < 1.0 else np.zeros(n, bool)
         taken[hit] = k
         label[hit] = exit_probs[k][hit].argmax(1)
     spent = np.array(list(compute) + [1.0])[taken]
