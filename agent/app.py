@@ -437,10 +437,18 @@ class Agent:
                 self.counters.reject("internal_error")
 
     # -- routing -----------------------------------------------------------
+    def _wildcard_sub(self, topic: str) -> Subscription | None:
+        """A feature's subscription with ``+``/``#`` (e.g. every offload worker's status)."""
+        parts = topic.split("/")
+        for flt, sub in self.subscriptions.items():
+            if ("+" in flt or "#" in flt) and _topic_matches(flt.split("/"), parts):
+                return sub
+        return None
+
     async def handle_message(self, msg: Message) -> None:
         """Route one inbound message: a feature's own topic, the controller channel or the request topic."""
         self.counters.received(msg.topic, len(msg.payload))
-        sub = self.subscriptions.get(msg.topic)
+        sub = self.subscriptions.get(msg.topic) or self._wildcard_sub(msg.topic)
         if sub is not None:
             await sub.handler(msg)
             return
@@ -568,3 +576,12 @@ class Agent:
     def _cmd_telemetry_now(self, args: dict[str, Any], env: Envelope) -> dict[str, Any]:
         self._telemetry_now.set()
         return {"scheduled": True}
+
+
+def _topic_matches(flt: list[str], parts: list[str]) -> bool:
+    for i, f in enumerate(flt):
+        if f == "#":
+            return True
+        if i >= len(parts) or f not in ("+", parts[i]):
+            return False
+    return len(flt) == len(parts)

@@ -71,7 +71,11 @@ def expected_remote_ms(rtt: RttEstimator, policy: OffloadPolicy, queue_hint_ms: 
 
 
 def decide(confidence: float, local_latency_ms: float, policy: OffloadPolicy, rtt: RttEstimator,
-           link_up: bool, deadline_ms: float | None = None, queue_hint_ms: float = 0.0) -> Decision:
+           link_up: bool, deadline_ms: float | None = None, queue_hint_ms: float = 0.0,
+           routed_ms: float | None = None, no_route: str | None = None) -> Decision:
+    """``routed_ms``/``no_route``: the per-worker router's answer when workers are known
+    (agent/offload/routing.py) — its expected completion, or why no worker fits; otherwise the
+    shared-subscription estimate (one RTT estimator for all workers) is used."""
     deadline = policy.deadline_ms if deadline_ms is None else deadline_ms
     if not policy.enabled:
         return Decision(LOCAL, "offload disabled")
@@ -80,7 +84,9 @@ def decide(confidence: float, local_latency_ms: float, policy: OffloadPolicy, rt
     if not link_up:
         return Decision(LOCAL_LOW, "link down")
     remaining = deadline - local_latency_ms - policy.margin_ms
-    exp = expected_remote_ms(rtt, policy, queue_hint_ms)
+    if no_route is not None:
+        return Decision(LOCAL_LOW, no_route)
+    exp = routed_ms if routed_ms is not None else expected_remote_ms(rtt, policy, queue_hint_ms)
     if exp is None:
         # no measurement yet: try once if there is any room at all; the timeout falls back locally
         if remaining > 0:

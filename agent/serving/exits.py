@@ -191,6 +191,13 @@ class ExitRunner:
             return q.reshape(-1), {"scale": scale}, False
         return q, {"split": self.tags[k], "exit": k, "scale": scale}, False
 
+    def routing_split(self, pred: "Prediction") -> str:
+        """What ``offload_tensor`` will send, as workers advertise it (``accepts.splits``)."""
+        if self.cut is not None and self.encoder is not None and self.bottleneck is not None:
+            return f"{self.tags[self.cut]}+{self.bottleneck.id}"
+        k = len(self.specs) if pred.exit is None else pred.exit
+        return self.tags[k] if k < len(self.specs) else self.backbone_sha
+
     # -- telemetry -----------------------------------------------------------------------------
     def observe(self, pred: "Prediction", label: Any) -> None:
         """A labelled request (``label`` in the request, or a labelled source sample)."""

@@ -112,18 +112,34 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.option("--bundle", required=True, type=click.Path(exists=True, file_okay=False), help="the larger model")
 @click.option("--id", "worker_id", default=None, type=DeviceId("worker id"), help="worker id (default: host and pid)")
 @click.option("--threads", default=1, show_default=True, type=click.IntRange(1, 64))
+@click.option("--queue", "capacity", default=64, show_default=True, type=click.IntRange(1, 100000),
+              help="bound of the deadline-ordered queue; past it requests are refused with code 'busy'")
+@click.option("--steal/--no-steal", default=True, show_default=True,
+              help="when idle, ask the busiest compatible peer for queued work it would finish late")
+@click.option("--status-interval", "status_interval_s", default=2.0, show_default=True,
+              type=click.FloatRange(0.1, 3600), help="seconds between status heartbeats (also sent on queue changes)")
+@click.option("--emulate-service-ms", default=0.0, show_default=True, type=click.FloatRange(0, 60000),
+              help="pad each request's service time to this (capacity tests with a small model)")
+@click.option("--slowdown", default=1.0, show_default=True, type=click.FloatRange(1, 1000),
+              help="multiply every service time (fault injection: a slow worker)")
 @click.pass_context
-def offload_worker(ctx: click.Context, bundle: str, worker_id: str | None, threads: int) -> None:
-    """Serve offloaded requests with BUNDLE (workers share one subscription)."""
+def offload_worker(ctx: click.Context, bundle: str, worker_id: str | None, threads: int, capacity: int, steal: bool,
+                   status_interval_s: float, emulate_service_ms: float, slowdown: float) -> None:
+    """Serve offloaded requests with BUNDLE: deadline-ordered, hopeless requests refused at once.
+
+    Workers share one subscription (old boards) and each has its own topic that boards route to
+    by the worker's retained status (queue estimate, accepted inputs)."""
     import logging
 
     from protocol.bundle import BundleError
 
-    from ..offload.worker import OffloadWorker
+    from ..offload.worker import OffloadWorker, WorkerOptions
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        w = OffloadWorker(ctx.obj.cfg(), bundle, worker_id, threads)
+        w = OffloadWorker(ctx.obj.cfg(), bundle, worker_id, threads,
+                          WorkerOptions(capacity=capacity, steal=steal, status_interval_s=status_interval_s,
+                                        emulate_service_ms=emulate_service_ms, slowdown=slowdown))
     except (BundleError, ValueError) as exc:
         raise click.ClickException(f"cannot serve {bundle}: {exc}") from None
 

@@ -10,7 +10,12 @@ reason code, so the board answers locally and counts it:
 
 * ``split_mismatch`` — features from another backbone or cut (another split version),
 * ``decoder_mismatch`` — a code from another encoder than this worker's decoder was trained with,
-* ``bad_shape`` — the tensor does not have the shape the decoder or segment takes.
+* ``bad_input`` — the tensor does not have the shape the decoder or segment takes.
+
+The worker advertises what it computes in its status (``accepts.splits``): ``split`` for plain
+exit features and ``split+pair`` for bottleneck codes, so a board routes codes only to a worker
+with the matching decoder; the refusals catch what still arrives (a stale route, an unrouted
+request).
 """
 from __future__ import annotations
 
@@ -24,11 +29,11 @@ from protocol.exits import split_tag
 
 
 class TailRefused(ValueError):
-    """A feature request this worker will not compute; ``reason`` is the reply's code."""
+    """A feature request this worker will not compute; ``code`` is the reply's reason code."""
 
-    def __init__(self, reason: str, message: str) -> None:
+    def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
-        self.reason = reason
+        self.code = code
 
 
 def _session(path: Path, threads: int) -> Any:
@@ -56,7 +61,15 @@ class TailModel:
         self.decoder = _session(bundle.path / m.bottleneck.decoder, threads) if m.bottleneck else None
         self.cut = next((k for k, e in enumerate(m.exits) if m.bottleneck and e.tensor == m.bottleneck.at), None)
 
-    def answer(self, x: np.ndarray, body: dict[str, Any]) -> tuple[int, float]:
+    def splits(self) -> list[str]:
+        """The splits this worker computes, as a board names them (``routing_split``)."""
+        out = list(self.tags)
+        if self.bottleneck is not None and self.cut is not None:
+            out.append(f"{self.tags[self.cut]}+{self.bottleneck.id}")
+        return out
+
+    def check(self, body: dict[str, Any]) -> int:
+        """The exit index of a request this worker can compute, or TailRefused (no tensor needed)."""
         k = body.get("exit")
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self.exits):
             raise TailRefused("split_mismatch", f"exit {k!r} is not one of this worker's {len(self.exits)} exit(s)")
@@ -71,16 +84,24 @@ class TailModel:
             if codec != bn.codec or body.get("bottleneck") != bn.id:
                 raise TailRefused("decoder_mismatch", f"code from encoder pair {body.get('bottleneck')!r}; this "
                                                       f"worker's decoder is pair {bn.id!r}")
+        return k
+
+    def answer(self, x: np.ndarray, body: dict[str, Any]) -> tuple[int, float]:
+        k = self.check(body)
+        codec = body.get("codec")
+        if codec is not None:
+            bn = self.bottleneck
+            assert bn is not None and self.decoder is not None
             code = x if x.ndim == 4 else x.reshape((1,) + tuple(x.shape))
             if code.dtype != np.int8 or tuple(code.shape[1:]) != tuple(bn.code_shape):
-                raise TailRefused("bad_shape", f"code {code.dtype.name} {list(code.shape)}; the decoder takes int8 "
+                raise TailRefused("bad_input", f"code {code.dtype.name} {list(code.shape)}; the decoder takes int8 "
                                                f"[N, {', '.join(map(str, bn.code_shape))}]")
             h = self.decoder.run(None, {"code": code})[0]
         else:
             name, shape = self.seg_in[k + 1]
             want = tuple(int(d) for d in shape[1:] if isinstance(d, int))
             if int(np.prod(want)) != x.size or len(want) != len(shape) - 1:
-                raise TailRefused("bad_shape", f"features have {x.size} values; exit {k}'s tensor is {list(want)}")
+                raise TailRefused("bad_input", f"features have {x.size} values; exit {k}'s tensor is {list(want)}")
             h = x.astype(np.float32).reshape((1,) + want) * np.float32(body["scale"])
         for s, (name, _) in zip(self.segments[k + 1:], self.seg_in[k + 1:]):
             h = s.run(None, {name: h})[0]

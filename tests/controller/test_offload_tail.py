@@ -6,8 +6,7 @@ import numpy as np
 import pytest
 
 from agent.serving.inference import InferenceEngine
-from controller.offload.tail import TailRefused
-from controller.offload.worker import OffloadModel
+from controller.offload.worker import OffloadModel, Refused
 from protocol.binary import decode_frame, encode_frame
 from protocol.bundle import load_bundle
 from protocol.envelope import Envelope
@@ -56,16 +55,20 @@ def test_another_pair_another_split_a_plain_bundle_are_refused_with_their_reason
     cases = (("pair_b", "decoder_mismatch"), ("other_split", "split_mismatch"), ("exits", "decoder_mismatch"))
     for name, reason in cases:
         w = OffloadModel(load_bundle(built[name]))
-        with pytest.raises(TailRefused) as ei:
+        with pytest.raises(Refused) as ei:
             w.answer("features", x, body)
-        assert ei.value.reason == reason, (name, str(ei.value))
+        assert ei.value.code == reason, (name, str(ei.value))
     w = OffloadModel(load_bundle(built["pair_a"]))
-    with pytest.raises(TailRefused, match="decoder takes int8") as ei:
+    # what the status advertises: a board routes codes of pair A only to this worker
+    assert f"{body['split']}+{body['bottleneck']}" in w.accepts()["splits"]
+    assert f"{body['split']}+{body['bottleneck']}" not in OffloadModel(load_bundle(built["pair_b"])).accepts()["splits"]
+    assert e.exits.routing_split(stopped[0][1]) == f"{body['split']}+{body['bottleneck']}"
+    with pytest.raises(Refused, match="decoder takes int8") as ei:
         w.answer("features", x[:, :4], body)
-    assert ei.value.reason == "bad_shape"
-    with pytest.raises(TailRefused) as ei:
+    assert ei.value.code == "bad_input"
+    with pytest.raises(Refused) as ei:
         w.answer("features", x, {**body, "exit": 7})
-    assert ei.value.reason == "split_mismatch"
+    assert ei.value.code == "split_mismatch"
 
 
 def test_features_from_an_exit_without_a_bottleneck_run_the_segments_after_it(built):
