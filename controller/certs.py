@@ -7,10 +7,8 @@ rename.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import ipaddress
-import os
 import re
 from pathlib import Path
 
@@ -19,6 +17,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from protocol.atomicfile import write_atomic
 from protocol.topics import validate_id
 
 
@@ -27,27 +26,8 @@ class CertError(ValueError):
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:
-    """Atomic rename of a fully written, fsynced file created with ``mode`` (a key is never
-    readable by others, not even for a moment, whatever the umask or a stale temp file)."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        os.fchmod(fd, mode)
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    """A key is never readable by others, not even for a moment (see protocol.atomicfile)."""
+    write_atomic(path, data, mode, dir_mode=0o700)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:

@@ -18,11 +18,11 @@ from dataclasses import dataclass, field
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
 
 import numpy as np
+from .atomicfile import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from .exits import BottleneckSpec, ExitSpec
@@ -325,12 +325,7 @@ def save_head_atomic(path: str | Path, head: Mapping[str, np.ndarray]) -> None:
     """Write a head by temp file + fsync + rename: a reader sees the old or the new, never half."""
     p = Path(path)
     data = head_bytes(check_head(head))
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, p)
+    write_atomic(p, data)
 
 
 def head_forward(head: Mapping[str, np.ndarray], features: np.ndarray) -> np.ndarray:
@@ -357,6 +352,4 @@ def write_manifest(bundle_dir: str | Path, manifest: dict[str, Any]) -> None:
         e["sha256"] = _sha256(p / name)
         e["size"] = (p / name).stat().st_size
     parse_manifest(manifest)
-    tmp = p / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True))
-    os.replace(tmp, p / MANIFEST)
+    write_atomic(p / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))

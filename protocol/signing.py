@@ -10,13 +10,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from .atomicfile import write_atomic
 
 SIG_FIELD = "signature"
 
@@ -39,24 +39,12 @@ def generate() -> Ed25519PrivateKey:
     return Ed25519PrivateKey.generate()
 
 
-def _atomic_write(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-
-
 def save_keypair(key: Ed25519PrivateKey, private_path: str | Path, public_path: str | Path) -> None:
     priv = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
     pub = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-    Path(private_path).parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(Path(private_path), priv, 0o600)
-    _atomic_write(Path(public_path), pub, 0o644)
+    write_atomic(private_path, priv, 0o600)
+    write_atomic(public_path, pub, 0o644)
 
 
 def load_private(path: str | Path) -> Ed25519PrivateKey:

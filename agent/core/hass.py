@@ -16,10 +16,10 @@ retained config, which is how HA removes an entity.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from protocol.atomicfile import write_atomic
 from protocol.topics import Topics
 
 NUMERIC, TEXT = "numeric", "text"
@@ -245,9 +245,6 @@ class Announced:
 
     def _save(self) -> None:
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(f".{self.path.name}.tmp")
-            tmp.write_text(json.dumps(sorted(self.topics)))
-            os.replace(tmp, self.path)
+            write_atomic(self.path, json.dumps(sorted(self.topics)))
         except OSError:
             pass  # the state dir is unwritable: the agent reports that elsewhere; HA still works

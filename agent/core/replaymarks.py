@@ -8,9 +8,9 @@ this module only reads and writes.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+from protocol.atomicfile import write_atomic
 
 
 class MarksFile:
@@ -33,14 +33,4 @@ class MarksFile:
         return marks, None
 
     def save(self, marks: dict[str, dict[str, Any]]) -> None:
-        tmp = self.path.with_name(f".{self.path.name}.tmp")
-        with open(tmp, "w") as fh:
-            json.dump(marks, fh, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.path)
-        fd = os.open(self.path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_atomic(self.path, json.dumps(marks, sort_keys=True))

@@ -9,12 +9,12 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 from pathlib import Path
 from typing import Mapping
 import zipfile
 
 import numpy as np
+from protocol.atomicfile import write_atomic
 
 
 class BoundStateError(ValueError):
@@ -35,13 +35,7 @@ def write(path: Path, arrays: Mapping[str, np.ndarray], bundle_id: str, prefix: 
     buf = io.BytesIO()
     np.savez(buf, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8),
              **{f"{prefix}{k}": v for k, v in arrays.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as fh:
-        fh.write(buf.getbuffer())
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    write_atomic(path, buf.getbuffer())
 
 
 def read(path: Path, bundle_id: str, prefix: str) -> dict[str, np.ndarray]:

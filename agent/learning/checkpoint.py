@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+from protocol.atomicfile import write_atomic
 
 FILE = "checkpoint.npz"
 MAX_BYTES = 256 << 20
@@ -25,17 +25,6 @@ MAX_BYTES = 256 << 20
 
 class CheckpointError(ValueError):
     """The checkpoint is missing, unreadable or inconsistent (the learner then starts fresh)."""
-
-
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def write_checkpoint(directory: str | Path, head: Mapping[str, np.ndarray], meta: Mapping[str, Any],
@@ -51,17 +40,7 @@ def write_checkpoint(directory: str | Path, head: Mapping[str, np.ndarray], meta
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     path = d / FILE
-    tmp = d / f".{FILE}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as fh:
-            fh.write(buf.getbuffer())
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(d)
+    write_atomic(path, buf.getbuffer())
     return path
 
 

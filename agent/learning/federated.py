@@ -16,7 +16,6 @@ from dataclasses import dataclass
 import json
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping, Protocol
 import numpy as np
 
 from protocol import fl as fl_msgs  # noqa: F401 - registers fl.* kinds
+from protocol.atomicfile import write_atomic
 from protocol.binary import Frame, encode_frame
 from protocol.envelope import Envelope
 from protocol.mqttlink import Message
@@ -118,10 +118,7 @@ class Participant:
             return {}
 
     def _save(self) -> None:
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(self.done))
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps(self.done))
 
     def telemetry(self) -> dict[str, Any]:
         return {"labelled_samples": self.trainer.labelled_count(), "samples_per_s": self.last_samples_per_s,

@@ -19,13 +19,13 @@ from collections import Counter, OrderedDict
 from dataclasses import replace
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
+from protocol.atomicfile import write_atomic
 from protocol.binary import encode_frame
 from protocol.envelope import Envelope, new_id
 from protocol.mqttlink import Message
@@ -136,11 +136,8 @@ class Offloader(Feature):
             raise ValueError(f"unknown offload settings {sorted(bad)}; known: {sorted(allowed)}")
         new = replace(self.policy, **changes)  # validates in __post_init__
         self.policy = new
-        tmp = self.state_file.with_suffix(".tmp")
-        self.state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({k: getattr(new, k) for k in ("enabled", "threshold", "mode", "deadline_ms",
-                                                                 "margin_ms", "rtt_k")}))
-        os.replace(tmp, self.state_file)
+        write_atomic(self.state_file, json.dumps({k: getattr(new, k) for k in (
+            "enabled", "threshold", "mode", "deadline_ms", "margin_ms", "rtt_k")}))
         return new
 
     def telemetry(self) -> dict[str, Any]:

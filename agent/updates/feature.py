@@ -18,7 +18,6 @@ import asyncio
 from dataclasses import dataclass
 import json
 import logging
-import os
 import shutil
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from ..core.context import AgentContext, Feature
 from .modelstore import failpoint
 from .states import IDLE, KEPT_SWITCH, UpdateState, UpdateStateError
 from .transfer import PartFile, Transfer
+from protocol.atomicfile import write_atomic
 
 if TYPE_CHECKING:  # pragma: no cover
     from .modelstore import ModelStore
@@ -303,9 +303,7 @@ class Updater(Feature):
             return
         d = self.dir / _safe_tid(manifest.transfer_id)
         d.mkdir(parents=True, exist_ok=True)
-        tmp = d / ".offer.json.tmp"
-        tmp.write_text(json.dumps(offer))
-        os.replace(tmp, d / "offer.json")
+        write_atomic(d / "offer.json", json.dumps(offer))
         part = PartFile(d, manifest)
         t = self._transfer(manifest, part.held())
         self.active = Active(offer, t, part, time.time(), len(t.have))
@@ -462,9 +460,7 @@ class Updater(Feature):
                                   reason="no MCU attached to this board; the files stay in the bundle (mcu.push)")
             return ""
         label = f"{manifest.get('name')} {manifest['version']}"
-        tmp = self.mcu_pending.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"bundle_sha256": bundle_id(cur), "offer": offer}))
-        os.replace(tmp, self.mcu_pending)
+        write_atomic(self.mcu_pending, json.dumps({"bundle_sha256": bundle_id(cur), "offer": offer}))
         failpoint("mcu_push")
         for name in changed:
             ok, why = await mcu.push_file(name, (cur / name).read_bytes(), label)

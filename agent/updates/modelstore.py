@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterable
 
 from protocol.patch import (PatchError, VerifiedPatch, bundle_id, parse_patch, read_manifest, sha256_file,
                             verify_patch, version_key)
+from protocol.atomicfile import sync_dir
 
 #: raises with the reason when a staged bundle is not healthy; returns its figures (latency, agreement...)
 HealthCheck = Callable[[Path], "dict[str, Any] | None"]
@@ -50,14 +51,6 @@ INSTALL_FAILPOINTS = ("staging", "staged", "gate", "healthy", "renamed", "before
 def failpoint(name: str) -> None:
     if os.environ.get("EDGEFLEET_FAILPOINT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_file(path: Path, data: bytes) -> None:
@@ -110,7 +103,7 @@ class ModelStore:
             pass
         os.symlink(target.name, tmp)
         os.replace(tmp, self.root / name)
-        _fsync_dir(self.root)
+        sync_dir(self.root)
 
     def versions(self) -> list[Path]:
         return sorted((p for p in self.root.glob("v-*") if p.is_dir()), key=lambda p: p.stat().st_mtime)
@@ -218,7 +211,7 @@ class ModelStore:
                         raise PatchError(f"{n}: installed copy does not match the target manifest")
                 failpoint("staging")
             _write_file(staging / "manifest.json", files["manifest.json"])
-            _fsync_dir(staging)
+            sync_dir(staging)
             steps.append("staged")
             failpoint("staged")
         except (PatchError, OSError) as exc:
@@ -239,7 +232,7 @@ class ModelStore:
             if final.exists():
                 shutil.rmtree(final)
             os.rename(staging, final)
-            _fsync_dir(self.root)
+            sync_dir(self.root)
             failpoint("renamed")
         except OSError as exc:
             shutil.rmtree(staging, ignore_errors=True)

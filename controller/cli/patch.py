@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from protocol.atomicfile import write_atomic
+
 from .. import audit
 
 
@@ -24,8 +26,6 @@ def patch() -> None:
 @click.option("--json", "as_json", is_flag=True)
 def make(old_bundle: str, new_bundle: str, out: str, key_path: str, full: bool, as_json: bool) -> None:
     """Write a patch taking OLD_BUNDLE to NEW_BUNDLE into OUT."""
-    import os
-
     from protocol.patch import PatchError, make_patch
     from protocol.signing import SignatureError, load_private
 
@@ -40,12 +40,9 @@ def make(old_bundle: str, new_bundle: str, out: str, key_path: str, full: bool, 
         raise click.ClickException(str(exc)) from None
     except FileNotFoundError as exc:
         raise click.ClickException(f"{exc.filename}: no such file") from None
-    tmp = Path(out).with_name(f".{Path(out).name}.tmp")
     try:
-        tmp.write_bytes(data)
-        os.replace(tmp, out)
+        write_atomic(out, data)
     except OSError as exc:
-        tmp.unlink(missing_ok=True)
         raise click.ClickException(f"cannot write {out}: {exc.strerror or exc}") from None
     audit.cli_hook("patch.make", pm["target"]["version"], key_id=pm["signature"]["key_id"], out=out)
     summary = {"out": out, "bytes": len(data), "base": pm["base"], "target": pm["target"],

@@ -81,8 +81,8 @@ def serve(c: Ctx, log_level: str, metrics_port: int | None, replica: str | None)
 
 
 def _check_signing_key(path: str | None) -> None:
-    """A missing or unreadable key: one line naming the file and what to run, exit 2 (before any
-    logging or connection: under systemd it is the whole journal entry)."""
+    """A missing or unreadable key: one line naming the file and what to run, exit EX_CONFIG (before
+    any logging or connection: under systemd it is the whole journal entry, and no restart loop)."""
     from ..channel import load_signing_key
 
     try:
@@ -90,7 +90,7 @@ def _check_signing_key(path: str | None) -> None:
     except ConfigError as exc:
         click.echo(f"fleetctl serve: {exc}; make a key pair with `fleetctl keys init --dir DIR` and pass "
                    f"--signing-key DIR/controller.pem (or set [security] signing_key)", err=True)
-        sys.exit(2)
+        sys.exit(EX_CONFIG)
 
 
 async def _serve(cfg: ControllerConfig, stop: asyncio.Event, metrics_port: int | None = None) -> int:

@@ -136,10 +136,12 @@ def test_cmd_help_lists_every_command_an_agent_declares():
     assert declared <= device_command_names(), declared - device_command_names()
 
 
-def test_serve_with_a_missing_signing_key_is_one_line_and_exit_2(tmp_path):
+def test_serve_with_a_missing_signing_key_is_one_line_and_ex_config(tmp_path):
+    """78 (EX_CONFIG) like every other config error: the unit's RestartPreventExitStatus=78 stops a
+    restart loop that could never succeed (it was 2, so systemd restarted it forever)."""
     out = CliRunner().invoke(cli, ["--db", str(tmp_path / "r.db"), "--broker", "mqtt://127.0.0.1:1",
                                    "--signing-key", str(tmp_path / "nope.pem"), "serve"])
-    assert out.exit_code == 2, out.output
+    assert out.exit_code == 78, out.output
     lines = out.output.strip().splitlines()
     assert len(lines) == 1 and "nope.pem" in lines[0] and "fleetctl keys init" in lines[0], out.output
     assert "Traceback" not in out.output

@@ -261,6 +261,19 @@ def test_acl_confines_each_device_and_only_the_controller_commands(tmp_path, aut
         assert worker.publish(f"{base}/dev/pi-b/reply/offload", b"answer") == "Success"
         assert worker.publish(f"{base}/dev/pi-b/cmd", b"no") == "Not authorized"
         wait_for(lambda: f"{base}/dev/pi-b/reply/offload" in b.topics(), what="the offload answer at pi-b")
+        # deadline scheduling: a device routes to one worker's own topic and reads the workers'
+        # status; a worker asks peers for work and forwards stolen work, and writes only its own status
+        worker.subscribe(f"{base}/offload/req/offload-1", f"{base}/offload/steal/offload-1")
+        b.subscribe(f"{base}/offload/workers/+")
+        assert b.publish(f"{base}/offload/req/offload-1", b"routed") == "Success"
+        wait_for(lambda: f"{base}/offload/req/offload-1" in worker.topics(), what="the routed request")
+        assert worker.publish(f"{base}/offload/workers/offload-1", b"status") == "Success"
+        wait_for(lambda: f"{base}/offload/workers/offload-1" in b.topics(), what="the worker status at pi-b")
+        assert worker.publish(f"{base}/offload/req/offload-2", b"stolen") == "Success"
+        assert worker.publish(f"{base}/offload/steal/offload-2", b"steal") == "Success"
+        assert worker.publish(f"{base}/offload/workers/offload-2", b"forged") == "Not authorized"
+        assert b.publish(f"{base}/offload/workers/offload-1", b"forged") == "Not authorized"
+        assert b.publish(f"{base}/offload/steal/offload-1", b"forged") == "Not authorized"
 
         time.sleep(0.3)
         with ctl._lock:

@@ -236,3 +236,31 @@ def test_a_worker_killed_mid_request_the_board_answers_locally_in_time(fleet, di
         one_answer_each(fleet["probe"], "sf")
     finally:
         stop(p)
+
+
+def test_an_idle_worker_steals_queued_work_from_a_busy_peer(fleet, digits_test):
+    """Six requests routed to one worker (300 ms each, 5 s budget): its idle peer takes some over,
+    and every request is answered exactly once, by one of them."""
+    x, _ = digits_test
+    url = fleet["broker"].url
+    ws = [InProcessWorker(url, fleet["large"], f"t{i}", emulate_service_ms=300) for i in range(2)]
+    probe = Probe(fleet["broker"].port, subscribe=(f"{BASE}/dev/tester/reply/steal",))
+    try:
+        workers_seen(fleet["probe"], ["t0", "t1"])
+        for i in range(6):
+            env = Envelope(kind="offload.request", sender="tester", corr=f"s{i}",
+                           reply_to=f"{BASE}/dev/tester/reply/steal",
+                           body={"mode": "raw", "deadline_ts": time.time() + 5, "budget_ms": 5000.0, "model": "digits"})
+            probe.client.publish(f"{BASE}/offload/req/t0", encode_frame(env, {"x": x[i]}), 1)
+        done = probe.wait(n=6, timeout=30, what="six answers")
+        bodies = {decode(p).corr: decode(p).body for t, p, _ in done}
+        assert sorted(bodies) == [f"s{i}" for i in range(6)] and all(b["ok"] for b in bodies.values())
+        thief = [b for b in bodies.values() if b["worker"] == "t1"]
+        assert thief and all(b["stolen_from"] == "t0" for b in thief)
+        assert ws[0].w.stolen["given"] == len(thief) == ws[1].w.stolen["taken"]
+        time.sleep(0.5)                                   # nothing answered twice
+        assert len(probe.seen()) == 6
+    finally:
+        probe.close()
+        for w in ws:
+            w.close()

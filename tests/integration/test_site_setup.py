@@ -43,7 +43,8 @@ include_dir /etc/mosquitto/conf.d
 
 #: the start-up warnings configs/mosquitto/README.md ("Start-up warnings") documents, and no others
 DOCUMENTED = [f"Warning: ACL pattern '{t}' does not contain '%c' or '%u'."
-              for t in ("edgefleet/v1/group/+/cmd", "edgefleet/v1/offload/req", "homeassistant/status")]
+              for t in ("edgefleet/v1/group/+/cmd", "edgefleet/v1/offload/req", "edgefleet/v1/offload/req/+",
+                        "edgefleet/v1/offload/workers/+", "homeassistant/status")]
 #: this test runs Mosquitto as root (its test directories are root's); a real install does not
 ROOT_ONLY = "Warning: Mosquitto should not be run as root/administrator."
 
