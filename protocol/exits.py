@@ -10,7 +10,7 @@ The backbone is also shipped cut at the exit tensors: segment ``i`` maps the pre
 tensor (the model input for ``i = 0``) to ``exits[i].tensor``; the last maps the last exit's
 tensor to the backbone's output. An exit head is a dense head (the ``head.npz`` format) over the
 exit tensor average-pooled to ``pool`` × ``pool`` and flattened (``exit_features``); a
-threshold of 1.0 means the exit never answers. ``compute`` is the fraction of the backbone's multiply-accumulates done once that exit is reached.
+threshold of 1.0 means the exit never answers. ``compute`` is the fraction of the backbone's multiply-accumulates done once that exit is reached, ``head_compute`` the exit head's own.
 
 A **bottleneck** sits at one exit's tensor::
 
@@ -42,6 +42,8 @@ class ExitSpec:
     order: int
     pool: int = 1
     compute: float | None = None
+    # the exit head's own multiply-accumulates, as a fraction of the backbone's
+    head_compute: float | None = None
 
 
 @dataclass(frozen=True)
@@ -101,11 +103,12 @@ def parse_exits(d: Mapping[str, Any], entries: Mapping[str, Any], task: str
             pool = e.get("pool", 1)
             if isinstance(pool, bool) or not isinstance(pool, int) or not 1 <= pool <= 16:
                 raise _err(f"{w}.pool", "must be an integer in [1, 16]")
-            comp = e.get("compute")
-            if comp is not None and (not _num(comp) or not 0 <= comp <= 1):
-                raise _err(f"{w}.compute", "must be a fraction in [0, 1]")
+            comp, hc = e.get("compute"), e.get("head_compute")
+            for key, v in (("compute", comp), ("head_compute", hc)):
+                if v is not None and (not _num(v) or not 0 <= v <= 1):
+                    raise _err(f"{w}.{key}", "must be a fraction in [0, 1]")
             exits.append(ExitSpec(t, _file(e.get("head"), entries, "exit_head", f"{w}.head"), float(thr), order,
-                                  pool, None if comp is None else float(comp)))
+                                  pool, None if comp is None else float(comp), None if hc is None else float(hc)))
         orders = [e.order for e in exits]
         if orders != sorted(orders) or len(set(orders)) != len(orders):
             raise _err("exits", f"must be listed in strictly increasing order, got orders {orders}")

@@ -160,7 +160,8 @@ def train_distilled(f: np.ndarray, teacher: np.ndarray, epochs: int = 150, lr: f
 
 
 def pick_thresholds(exit_probs: Sequence[np.ndarray], teacher_label: np.ndarray, compute: Sequence[float],
-                    agreement: float, grid: Sequence[float] | None = None) -> list[float]:
+                    agreement: float, grid: Sequence[float] | None = None,
+                    head_compute: Sequence[float] | None = None) -> list[float]:
     """Per-exit thresholds that save the most compute while the answers (first confident exit,
     else the full model) still agree with the full model on ``agreement`` of the samples (pure;
     an exhaustive search over a grid; 1.0 = the exit never answers)."""
@@ -172,6 +173,7 @@ def pick_thresholds(exit_probs: Sequence[np.ndarray], teacher_label: np.ndarray,
     lab = [p.argmax(1) for p in exit_probs]
     agree = [lb == teacher_label for lb in lab]
     n = len(teacher_label)
+    hc = np.cumsum(list(head_compute) if head_compute is not None else [0.0] * len(exit_probs))
     best, best_saved = [1.0] * len(exit_probs), 0.0
     for combo in itertools.product(g, repeat=len(exit_probs)):
         left = np.ones(n, bool)
@@ -180,10 +182,10 @@ def pick_thresholds(exit_probs: Sequence[np.ndarray], teacher_label: np.ndarray,
         for k, t in enumerate(combo):
             hit = left & (conf[k] >= t) if t < 1.0 else np.zeros(n, bool)
             ok |= hit & agree[k]
-            spent[hit] = compute[k]
+            spent[hit] = compute[k] + hc[k]
             left &= ~hit
         ok |= left
-        spent[left] = 1.0
+        spent[left] = 1.0 + hc[-1]
         saved = 1.0 - float(spent.mean())
         if ok.mean() >= agreement and saved > best_saved:
             best, best_saved = list(combo), saved
@@ -191,7 +193,7 @@ def pick_thresholds(exit_probs: Sequence[np.ndarray], teacher_label: np.ndarray,
 
 
 def simulate(exit_probs: Sequence[np.ndarray], final_probs: np.ndarray, thresholds: Sequence[float],
-             compute: Sequence[float]) -> dict[str, Any]:
+             compute: Sequence[float], head_compute: Sequence[float] | None = None) -> dict[str, Any]:
     """Which exit answers each sample (first confident one, else the full model), and the
     fraction of backbone compute not run (pure)."""
     n = len(final_probs)
@@ -201,7 +203,8 @@ def simulate(exit_probs: Sequence[np.ndarray], final_probs: np.ndarray, threshol
         hit = exit_probs[k].max(1) >= thresholds[k] if thresholds[k] < 1.0 else np.zeros(n, bool)
         taken[hit] = k
         label[hit] = exit_probs[k][hit].argmax(1)
-    spent = np.array(list(compute) + [1.0])[taken]
+    hc = np.cumsum(list(head_compute) if head_compute is not None else [0.0] * len(exit_probs))
+    spent = (np.array(list(compute) + [1.0]) + np.concatenate([hc, hc[-1:] if len(hc) else [0.0]]))[taken]
     return {"exit": taken, "label": label, "compute_saved": float(1.0 - spent.mean()),
             "rates": [float((taken == k).mean()) for k in range(len(exit_probs) + 1)]}
 
@@ -264,8 +267,10 @@ def add_exits(bundle_dir: str | Path, tensors: Sequence[str], out: str | Path, d
             heads.append(h)
             pv = softmax(head_forward(h, f[va]))
             probs_va.append(pv)
+        total_h = max(1, sum(costs))
+        head_c = [sum(int(np.prod(v.shape)) for n, v in h.items() if n.endswith(".weight")) / total_h for h in heads]
         thr = [float(t) for t in thresholds] if thresholds else \
-            pick_thresholds(probs_va, full[va].argmax(1), compute, agreement)
+            pick_thresholds(probs_va, full[va].argmax(1), compute, agreement, head_compute=head_c)
         for k, h in enumerate(heads):
             (tmp / f"exit{k}.npz").write_bytes(head_bytes(h))
         man = json.loads((tmp / "manifest.json").read_text())
@@ -274,10 +279,11 @@ def add_exits(bundle_dir: str | Path, tensors: Sequence[str], out: str | Path, d
         for k in range(len(tensors)):
             man["files"][f"exit{k}.npz"] = {"role": "exit_head"}
         man["exits"] = [{"tensor": t, "head": f"exit{k}.npz", "threshold": round(thr[k], 6), "order": k,
-                         "pool": pool if outs[k].ndim == 4 else 1, "compute": round(compute[k], 6)}
+                         "pool": pool if outs[k].ndim == 4 else 1, "compute": round(compute[k], 6),
+                         "head_compute": round(head_c[k], 6)}
                         for k, t in enumerate(tensors)]
         man["segments"] = files
-        sim = simulate(probs_va, full[va], thr, compute)
+        sim = simulate(probs_va, full[va], thr, compute, head_c)
         report: dict[str, Any] = {"tensors": list(tensors), "thresholds": [round(t, 4) for t in thr],
                                   "compute": [round(c, 4) for c in compute], "trained_on": int(len(tr)),
                                   "training": "distilled (soft targets of the full model)",
@@ -290,7 +296,7 @@ def add_exits(bundle_dir: str | Path, tensors: Sequence[str], out: str | Path, d
             ef = softmax(head_forward(src.head, eo[-1])) if src.head is not None else softmax(eo[-1])
             ep = [softmax(head_forward(h, exit_features(eo[k], pool if eo[k].ndim == 4 else 1)))
                   for k, h in enumerate(heads)]
-            es = simulate(ep, ef, thr, compute)
+            es = simulate(ep, ef, thr, compute, head_c)
             report.update(eval_accuracy_full=round(float((ef.argmax(1) == ev["y"]).mean()), 4),
                           eval_accuracy_exits=round(float((es["label"] == ev["y"]).mean()), 4),
                           eval_compute_saved=round(es["compute_saved"], 4),
