@@ -78,11 +78,13 @@ def exits_cmd(bundle: str, exits: tuple[str, ...], data: str | None, agreement: 
 @click.option("--at", "at", default=None, help="the exit tensor to cut at (default: the last exit)")
 @click.option("--epochs", type=int, default=10, show_default=True)
 @click.option("--max-drop", type=float, default=0.01, show_default=True, help="refuse a pair that loses more accuracy")
+@click.option("--levels", type=int, default=63, show_default=True,
+              help="int8 code levels used by the 99.9th percentile (fewer: smaller after zstd, less exact)")
 @click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--json", "as_json", is_flag=True)
 def bottleneck_cmd(bundle: str, ratio: float, data: str | None, at: str | None, epochs: int, max_drop: float,
-                   out: str, force: bool, as_json: bool) -> None:
+                   levels: int, out: str, force: bool, as_json: bool) -> None:
     """Train a bottleneck at the split (BottleFit): int8 encoder on the board, decoder on the worker."""
     from ..modeltools.bottleneck import BottleneckError, add_bottleneck
     from ..modeltools.quantize import quiet_ort
@@ -91,7 +93,8 @@ def bottleneck_cmd(bundle: str, ratio: float, data: str | None, at: str | None, 
         raise click.BadParameter(f"{epochs}: must be >= 1", param_hint="--epochs")
     try:
         with quiet_ort():
-            r = add_bottleneck(bundle, out, ratio, data=data, at=at, epochs=epochs, max_drop=max_drop, force=force)
+            r = add_bottleneck(bundle, out, ratio, data=data, at=at, epochs=epochs, max_drop=max_drop, force=force,
+                               levels=levels)
     except BottleneckError as exc:
         raise click.ClickException(str(exc)) from None
     if as_json:
