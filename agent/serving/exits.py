@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Callable, Mapping
 import numpy as np
 
 from protocol.bundle import head_forward, load_head
-from protocol.exits import exit_features, split_tag
+from protocol.exits import split_tag
 from protocol.verify import errors, io_of_runtime, verify_segments
 
 from .runtimes import OnnxRuntime
@@ -74,6 +74,19 @@ class ExitRunner:
                             e.tensor, exc)
                 head = None
             self.heads.append(head)
+        # average pooling as one matmul per exit ([H·W] → [p·p]): numpy's axis means cost more
+        # than this model's whole segments; same values as protocol.exits.exit_features
+        self._pool: list[np.ndarray | None] = []
+        for k, e in enumerate(self.specs):
+            shape = self.segments[k].output.shape
+            if len(shape) == 4 and shape[2] and shape[3]:
+                hh, ww, p = int(shape[2]), int(shape[3]), e.pool
+                rows = (np.arange(hh)[:, None] // (hh // p)) * p + (np.arange(ww)[None, :] // (ww // p))
+                pm = np.zeros((hh * ww, p * p), np.float32)
+                pm[np.arange(hh * ww), rows.reshape(-1)] = 1.0 / ((hh // p) * (ww // p))
+                self._pool.append(pm)
+            else:
+                self._pool.append(None)
         self.thresholds = [e.threshold for e in self.specs]
         self.compute = [e.compute for e in self.specs]
         sha = m.files[str(m.file("backbone"))].sha256
@@ -132,7 +145,9 @@ class ExitRunner:
             head = self.heads[k]
             if head is None:
                 continue
-            probs = _softmax(head_forward(head, exit_features(h, self.specs[k].pool))[0])
+            pm = self._pool[k]
+            f = h.reshape(1, -1) if pm is None else (h.reshape(h.shape[1], -1) @ pm).reshape(1, -1)
+            probs = _softmax(head_forward(head, f)[0])
             conf = float(probs.max())
             if (conf >= self.thresholds[k] and self.thresholds[k] < 1.0) or k == stop:
                 resume = None

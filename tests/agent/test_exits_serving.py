@@ -40,13 +40,13 @@ def test_exits_answer_early_run_later_segments_only_when_needed(built, eval_set)
     m = e.metrics()["early_exits"]
     rows = m["exits"]
     assert sum(r["answered"] for r in rows) == len(x) == e.count
-    assert rows[1]["answered"] > 0 and rows[-1]["tensor"] == "final"
+    assert rows[0]["answered"] > 0 and rows[-1]["tensor"] == "final"
     assert 0.2 < m["compute_saved"] < 1.0
     # later segments ran only for what no exit answered
-    assert e.exits.seg_runs[3] == rows[-1]["answered"] and e.exits.seg_runs[0] == len(x)
+    assert e.exits.seg_runs[2] == rows[-1]["answered"] and e.exits.seg_runs[0] == len(x)
     # what the full model answers is bit for bit the backbone's answer; early answers agree mostly
     for p, r in zip(preds, ref):
-        if p.exit == 3:
+        if p.exit == 2:
             assert p.label == r.label and abs(p.confidence - r.confidence) < 1e-5
     agree = np.mean([p.label == r.label for p, r in zip(preds, ref)])
     acc_e = np.mean([p.label == yi for p, yi in zip(preds, y)])
@@ -71,10 +71,10 @@ def test_stop_at_the_bottleneck_exit_resumes_to_the_same_answer(built, eval_set)
         want = plain.predict(xi)
         if p.resume is not None:
             stopped += 1
-            assert p.exit == 1 and p.confidence < e.exits.thresholds[1]
+            assert p.exit == 0 and p.confidence < e.exits.thresholds[0]
             code, extra, compress = e.exits.offload_tensor(p)
             assert code.dtype == np.int8 and code.shape == (1, 5, 8, 8) and compress
-            assert extra["codec"] == "int8+zstd" and extra["exit"] == 1 and "scale" not in extra
+            assert extra["codec"] == "int8+zstd" and extra["exit"] == 0 and "scale" not in extra
             p = p.resume()
         assert p.label == want.label and p.resume is None
     assert stopped > 0
@@ -99,7 +99,7 @@ def test_an_exit_head_that_does_not_load_is_disabled_and_the_bundle_still_serves
     b = _rewrite(built["exits"], tmp_path / "bad", bad_head)
     e = InferenceEngine(load_bundle(b))
     good = InferenceEngine(load_bundle(built["exits"]))
-    assert list(e.exits.disabled) == ["block2"] and "takes 3 features" in e.exits.disabled["block2"]
+    assert list(e.exits.disabled) == ["block3"] and "takes 3 features" in e.exits.disabled["block3"]
     preds = [e.predict(xi) for xi in x[:80]]
     assert all(p.exit != 1 for p in preds)
     m = e.metrics()["early_exits"]
@@ -122,3 +122,12 @@ def test_a_segment_that_does_not_chain_refuses_the_exits_and_serves_the_whole_ba
     assert e.exits is None and "segments[1]" in e.exits_error
     assert e.metrics()["early_exits_error"] == e.exits_error
     assert [e.predict(xi).label for xi in x[:20]] == [full.predict(xi).label for xi in x[:20]]
+
+
+def test_the_runner_pools_as_the_trainer_did(built):
+    from protocol.exits import exit_features
+
+    e = InferenceEngine(load_bundle(built["exits"]))
+    t = np.random.default_rng(0).uniform(0, 3, (1, 32, 8, 8)).astype(np.float32)
+    got = (t.reshape(32, -1) @ e.exits._pool[0]).reshape(1, -1)
+    assert np.allclose(got, exit_features(t, e.exits.specs[0].pool), atol=1e-6)

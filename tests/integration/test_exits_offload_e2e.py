@@ -118,9 +118,9 @@ def test_codes_reach_only_the_matching_decoder_and_every_mismatch_is_answered_wi
         # 4. the bundle whose first exit head does not load serves without it
         res2 = [r for r in asyncio.run(ask("bn-2", range(6)))]
         assert all(r["ok"] for r in res2) and sum(r["result"]["label"] == int(y[i]) for i, r in enumerate(res2)) >= 5
-        b2 = tel("bn-2", lambda b: '"disabled": {"block1"' in json.dumps(b))
+        b2 = tel("bn-2", lambda b: '"disabled": {"block2"' in json.dumps(b))
         assert "takes 5 features" in json.dumps(b2)
-        assert "exit 0 (block1) disabled" in (tmp_path / "bn-2.log").read_text()
+        assert "exit 0 (block2) disabled" in (tmp_path / "bn-2.log").read_text()
     finally:
         probe.close()
         for p in procs:
