@@ -134,6 +134,31 @@ def image_figures(quick: bool) -> dict:
             "exit_training": bm["exits"]["training"], "cnn_train_seconds": cnn_report.get("train_seconds")}
 
 
+def wait_workers(port: int, ids: list[str], timeout: float = 90.0) -> None:
+    """Until every worker's retained status is on the broker (start-up takes seconds when loaded)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    seen: set[str] = set()
+    ev = threading.Event()
+
+    def on_message(cl, u, m):
+        if m.payload:
+            seen.add(m.topic.rsplit("/", 1)[1])
+        if set(ids) <= seen:
+            ev.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"wait-{os.getpid()}", protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe("edgefleet/v1/offload/workers/+", 1)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    ev.wait(timeout)
+    c.loop_stop()
+    c.disconnect()
+    time.sleep(0.3)   # their subscriptions are made before the status goes out; a margin for the broker
+
+
 def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
     return start_mosquitto(work)
 
@@ -238,7 +263,7 @@ def main() -> None:
                                     "offload-worker", "--bundle", str(work / "large"), "--id", f"b{n}-{i}"],
                                    env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                   for i in range(n)]
-            time.sleep(3.0)
+            wait_workers(port, [f"b{n}-{i}" for i in range(n)])
             if n == 1:
                 _, rtt_ms = load(port, xd, min(2.0, secs), inflight=1)  # one at a time: the round trip
             rate, _ = load(port, xd, secs, inflight=32)

@@ -78,8 +78,8 @@ def _check_request(body: Mapping[str, Any]) -> None:
         # features from an exit / through a bottleneck name their split instead of the backbone
         if "split" in body:
             _req(body, "split", str)
-            k = _req(body, "exit", int)
-            if k < 0:
+            k = _req(body, "exit", int, optional=True)
+            if k is not None and k < 0:
                 raise DecodeError("field", "must be >= 0", "body.exit")
         else:
             _req(body, "backbone_sha256", str)

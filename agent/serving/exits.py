@@ -197,7 +197,8 @@ class ExitRunner:
             code = self.encoder.run(np.asarray(tensors[c], np.float32))
             bn = self.bottleneck
             assert bn is not None
-            return code, {"split": self.tags[c], "exit": c, "codec": bn.codec, "bottleneck": bn.id}, True
+            # no "exit": the split names the cut (every byte counts in a 320-value request)
+            return code, {"split": self.tags[c], "codec": bn.codec, "bottleneck": bn.id}, True
         f = np.asarray(pred.features, np.float32)
         top = float(f.max()) if f.size else 0.0
         scale = top / 255.0 if top > 0 else 1.0

@@ -71,6 +71,8 @@ class TailModel:
     def check(self, body: dict[str, Any]) -> int:
         """The exit index of a request this worker can compute, or TailRefused (no tensor needed)."""
         k = body.get("exit")
+        if k is None and body.get("split") in self.tags:   # the split names the exit
+            k = self.tags.index(body["split"])
         if isinstance(k, bool) or not isinstance(k, int) or not 0 <= k < len(self.exits):
             raise TailRefused("split_mismatch", f"exit {k!r} is not one of this worker's {len(self.exits)} exit(s)")
         if body.get("split") != self.tags[k]:

@@ -108,7 +108,7 @@ def test_offload_request_fields_for_exits_and_codes_are_additive():
     _check_request(old)
     _check_request({"mode": "features", "deadline_ts": 1.0, "model": "m", "split": "ab" * 8, "exit": 1,
                     "scale": 0.1})
-    _check_request({"mode": "features", "deadline_ts": 1.0, "model": "m", "split": "ab" * 8, "exit": 1,
+    _check_request({"mode": "features", "deadline_ts": 1.0, "model": "m", "split": "ab" * 8,   # exit: optional
                     "codec": "int8+zstd", "bottleneck": "cd" * 8})
     for bad, field in ((dict(codec="fp16", bottleneck="x"), "codec"), (dict(codec="int8+zstd"), "bottleneck"),
                        (dict(exit=-1, scale=0.1), "exit"), (dict(exit=True, scale=0.1), "exit"),
