@@ -212,6 +212,8 @@ class Agent:
 
     def state_body(self, status: str) -> dict[str, Any]:
         body: dict[str, Any] = {"status": status, "group": self.cfg.device.group}
+        if self.cfg.device.site:   # the site it is behind (docs/sites.md); the will says it too
+            body["site"] = self.cfg.device.site
         if status == "online":
             body["versions"] = {"agent": __version__, "protocol": env_mod.SCHEMA_VERSION}
             body["capabilities"] = sysinfo.capabilities(self.runtimes)

@@ -161,6 +161,12 @@ async def _serve(cfg: AgentConfig) -> int:
             except ClaimRefused as exc:
                 log.error("%s", exc)
                 return 3
+        if cfg.relay.enabled:   # the site gateway's role (agent/relay): no board features
+            from .relay.service import RelayService
+
+            notifier.status(f"relay for site {cfg.device.site}: connecting to {cfg.mqtt.broker}")
+            await RelayService(cfg).run(stop, ready=ready)
+            return 0
         agent = Agent(cfg)
         agent.notifier = notifier
         notifier.status(f"connecting to {cfg.mqtt.broker}")

@@ -86,6 +86,8 @@ MIGRATIONS = [
     _v3_device_columns,
     "CREATE TABLE IF NOT EXISTS body_dicts(dict_id INTEGER PRIMARY KEY, kind TEXT NOT NULL, created REAL NOT NULL, "
     "data BLOB NOT NULL)",
+    # the site a board reports being behind (docs/sites.md): rollouts wave by it, --site selects by it
+    "ALTER TABLE devices ADD COLUMN site TEXT",
 ]
 
 
@@ -122,6 +124,7 @@ class DeviceSummary(NamedTuple):
     last_seen: float
     model: str | None
     metrics: tuple[float | None, ...]
+    site: str | None = None
 
     def key_metrics(self) -> dict[str, Any]:
         return dict(zip(KEY_METRICS, self.metrics))
@@ -139,6 +142,7 @@ class Device:
     telemetry_raw: Any = field(repr=False)
     telemetry_ts: float | None
     codec: BodyCodec | None = field(default=None, repr=False, compare=False)
+    site: str | None = None
 
     @functools.cached_property
     def state(self) -> dict[str, Any] | None:
@@ -159,7 +163,7 @@ class Device:
     def to_json(self) -> dict[str, Any]:
         return {"id": self.id, "group": self.group, "online": self.online, "first_seen": self.first_seen,
                 "last_seen": self.last_seen, "status_changed": self.status_changed, "model": self.model,
-                "metrics": self.key_metrics(), "state": self.state, "telemetry": self.telemetry,
+                "metrics": self.key_metrics(), "site": self.site, "state": self.state, "telemetry": self.telemetry,
                 "telemetry_ts": self.telemetry_ts}
 
 
@@ -182,13 +186,15 @@ _DEVICE_TELEMETRY_UPSERT = (
       "THEN excluded.telemetry_ts ELSE devices.telemetry_ts END")
 
 _DEVICE_STATE_UPSERT = (
-    "INSERT INTO devices(id, first_seen, last_seen, online, status_changed, grp, state, model, bundle_sha256) "
-    "VALUES(?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
+    "INSERT INTO devices(id, first_seen, last_seen, online, status_changed, grp, state, model, bundle_sha256, site) "
+    "VALUES(?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET "
     "last_seen=CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen ELSE devices.last_seen END, "
     "online=excluded.online, status_changed=excluded.status_changed, grp=COALESCE(excluded.grp, devices.grp), "
     "state=CASE WHEN excluded.online=1 THEN excluded.state ELSE devices.state END, "
     "model=CASE WHEN excluded.online=1 THEN excluded.model ELSE devices.model END, "
-    "bundle_sha256=CASE WHEN excluded.online=1 THEN excluded.bundle_sha256 ELSE devices.bundle_sha256 END")
+    "bundle_sha256=CASE WHEN excluded.online=1 THEN excluded.bundle_sha256 ELSE devices.bundle_sha256 END, "
+    # an online state says where the board is now (no site: none); a will or offline keeps what was known
+    "site=CASE WHEN excluded.online=1 THEN excluded.site ELSE COALESCE(excluded.site, devices.site) END")
 
 _TOUCH = ("INSERT INTO devices(id, first_seen, last_seen) VALUES(?,?,?) ON CONFLICT(id) DO UPDATE SET "
           "last_seen=CASE WHEN excluded.last_seen > devices.last_seen THEN excluded.last_seen ELSE devices.last_seen END")
@@ -358,8 +364,10 @@ class Registry:
     def _state(self, env: Envelope, now: float) -> None:
         online = 1 if env.body.get("status") == "online" else 0
         body = dict(env.body)
+        site = body.get("site")
         self.db.execute(_DEVICE_STATE_UPSERT, (env.sender, now, now, online, now, env.body.get("group"),
-                                               dumps(body).decode(), _model(body), _bundle(body)))
+                                               dumps(body).decode(), _model(body), _bundle(body),
+                                               site if isinstance(site, str) else None))
 
     def _result(self, env: Envelope) -> None:
         """Keep the last results summary per device (dashboards subscribe for the stream)."""
@@ -441,10 +449,10 @@ class Registry:
 
     # -- reads -----------------------------------------------------------------
     def _device(self, row: Iterable[Any]) -> Device:
-        (id_, grp, online, first, last, changed, state, tel, tel_ts) = row
-        return Device(id_, grp, bool(online), first, last, changed, state, tel, tel_ts, self.codec)
+        (id_, grp, online, first, last, changed, state, tel, tel_ts, site) = row
+        return Device(id_, grp, bool(online), first, last, changed, state, tel, tel_ts, self.codec, site)
 
-    _DEV_COLS = "id, grp, online, first_seen, last_seen, status_changed, state, telemetry, telemetry_ts"
+    _DEV_COLS = "id, grp, online, first_seen, last_seen, status_changed, state, telemetry, telemetry_ts, site"
 
     def devices(self) -> list[Device]:
         """Every device with its state and last telemetry (decoded when first used)."""
@@ -452,8 +460,8 @@ class Registry:
 
     def summaries(self) -> list[DeviceSummary]:
         """What ``fleetctl devices`` shows, from columns only."""
-        return [DeviceSummary(r[0], r[1], bool(r[2]), r[3], r[4], r[5:9]) for r in self.db.execute(
-            "SELECT id, grp, online, last_seen, model, cpu_percent, mem_used_percent, rss_mb, temperature_c "
+        return [DeviceSummary(r[0], r[1], bool(r[2]), r[3], r[4], r[5:9], r[9]) for r in self.db.execute(
+            "SELECT id, grp, online, last_seen, model, cpu_percent, mem_used_percent, rss_mb, temperature_c, site "
             "FROM devices ORDER BY id")]
 
     def silent_online(self, before: float) -> list[tuple[str, float]]:

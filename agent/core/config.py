@@ -18,6 +18,8 @@ from protocol.config_loader import ConfigError, build, check, load_toml, one_of
 from protocol.mqttlink import MqttSettings
 from protocol.topics import InvalidId, validate_id, validate_root
 
+from ..relay import RelayConfig
+
 __all__ = ["AgentConfig", "ConfigError", "load_config", "parse_config"]
 
 
@@ -26,10 +28,12 @@ class DeviceSection:
     id: str = ""
     group: str = "default"
     location: str = ""
+    site: str = ""                   # the site (factory, farm, depot) whose broker the board is behind
 
     def __post_init__(self) -> None:
         check(bool(self.id), "device.id", "is required (a unique id per board, e.g. 'pi-07')")
-        for key, val in (("device.id", self.id), ("device.group", self.group)):
+        for key, val in (("device.id", self.id), ("device.group", self.group),
+                         *((("device.site", self.site),) if self.site else ())):
             try:
                 validate_id(val, key)
             except InvalidId as exc:
@@ -75,6 +79,7 @@ class ModelSection:
     max_transfer_bytes: int = 1 << 30   # largest patch this board accepts over the air
     transfer_window: int = 64        # most chunks asked for at once (the window adapts up to it)
     transfer_retry_s: float = 3.0    # ask again for a chunk not seen after this long
+    relay_stall_s: float = 15.0      # behind a site relay: no chunk from it this long -> ask the centre
     shadow_live_samples: int = 0     # >0: before switching, run the new version beside the old on this
     shadow_live_window_s: float = 30.0   # ... many live inputs (waiting up to this long for them)
     shadow_min_agreement: float = 0.9    # ... and refuse it when it agrees on fewer labels than this
@@ -84,6 +89,7 @@ class ModelSection:
         check(1 << 10 <= self.max_transfer_bytes <= 2 << 30, "model.max_transfer_bytes", "must be 1 KiB..2 GiB")
         check(1 <= self.transfer_window <= 64, "model.transfer_window", f"must be 1..64, got {self.transfer_window}")
         check(0.1 <= self.transfer_retry_s <= 600, "model.transfer_retry_s", "must be 0.1..600 s")
+        check(0.5 <= self.relay_stall_s <= 3600, "model.relay_stall_s", "must be 0.5..3600 s")
         check(0 <= self.shadow_live_samples <= 100000, "model.shadow_live_samples", "must be 0..100000")
         check(0 < self.shadow_live_window_s <= 86400, "model.shadow_live_window_s", "must be in (0, 86400]")
         check(0 <= self.shadow_min_agreement <= 1, "model.shadow_min_agreement", "must be in [0, 1]")
@@ -253,6 +259,7 @@ class AgentConfig:
     learning: LearningSection = field(default_factory=LearningSection)
     offload: OffloadSection = field(default_factory=OffloadSection)
     provisioning: ProvisioningSection = field(default_factory=ProvisioningSection)
+    relay: RelayConfig = field(default_factory=RelayConfig)   # the site-gateway role (agent/relay)
     source: str = ""  # where it was loaded from, for messages
 
     @property
@@ -264,6 +271,8 @@ def parse_config(table: dict[str, Any], source: str = "<dict>") -> AgentConfig:
     if "device" not in table:
         raise ConfigError("[device] section with id = \"...\" is required")
     cfg = build(AgentConfig, {k: v for k, v in table.items() if k != "source"})
+    check(not cfg.relay.enabled or bool(cfg.device.site), "device.site",
+          "is required when relay.enabled = true (the site this relay serves)")
     return replace(cfg, source=source)
 
 

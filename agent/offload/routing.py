@@ -99,11 +99,14 @@ class WorkerRouter:
 
     def on_reply(self, wid: str, rtt_ms: float, body: Mapping[str, Any], now: float, late: bool = False) -> None:
         """An answer (or an at-once drop) from ``wid`` ``rtt_ms`` after it was sent."""
-        w = self.workers.get(wid)
+        sent = self.workers.get(wid)
+        if sent is not None and not late:
+            sent.inflight = max(0, sent.inflight - 1)
+        # stolen work is answered by the thief: its latency belongs to the thief's view
+        by = body.get("worker")
+        w = self.workers.get(by) if isinstance(by, str) and by != wid else sent
         if w is None:
             return
-        if not late:
-            w.inflight = max(0, w.inflight - 1)
         svc = float(body.get("service_ms") or 0.0)
         wait = float(body.get("wait_ms") or 0.0)
         if body.get("ok"):

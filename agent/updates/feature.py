@@ -11,6 +11,14 @@ in the signed offer) and the health gate. Every step is a
 ``model.update`` event (status offered → downloading → received → verified → staged →
 healthy → applied, or failed / rolled_back with the reason) that dashboards and the
 controller's rollout runner read. Bad chunks and stray frames are counted and dropped.
+
+Behind a site relay (``device.site`` set, docs/sites.md) chunks are asked of the relay while its
+retained ``site/{site}/relay/state`` says online: wants go to ``site/{site}/relay/want/{id}``, its
+unsigned chunk frames arrive on ``site/{site}/relay/chunk/{id}`` and are held to exactly the same
+check as the controller's — the hash in the signed offer — so a relay is never trusted. The board
+asks the centre instead (``dev/{id}/data/xfer``, signed chunks on ``bin``) when the relay is
+offline (its will), says ``xfer.unavailable``, served 3 bad chunks, or sent nothing for
+``model.relay_stall_s``; for the rest of that transfer.
 """
 from __future__ import annotations
 
@@ -29,8 +37,9 @@ from protocol.chunks import ChunkError, ChunkManifest
 from protocol.envelope import Envelope, encode
 from protocol.mqttlink import Message
 from protocol.patch import PatchError, bundle_id
+from protocol.sites import relay_chunk_topic, relay_state_topic, relay_want_topic
 
-from ..core.context import AgentContext, Feature
+from ..core.context import AgentContext, Feature, Subscription
 from .modelstore import failpoint
 from .states import IDLE, KEPT_SWITCH, UpdateState, UpdateStateError
 from .transfer import PartFile, Transfer
@@ -49,6 +58,9 @@ class Active:
     part: PartFile
     started: float
     held_at_start: int = 0
+    via_relay: bool = True        # ask the site relay (while it is online) or the centre
+    relay_bad: int = 0            # chunks from the relay that failed the signed hash
+    relay_progress: float = 0.0   # monotonic time of the last relay chunk (or of switching to it)
 
     @property
     def tid(self) -> str:
@@ -103,6 +115,10 @@ class Updater(Feature):
         self.state = UpdateState()
         self._update_target: str | None = None
         self.trusted = self._load_trusted()
+        self.site = ctx.cfg.device.site
+        self.relay_online = False
+        self.relay_stall_s = getattr(mc, "relay_stall_s", 15.0)
+        self.stats.update({"relay_chunks": 0, "relay_bad_chunks": 0, "relay_fallbacks": 0})
 
     # -- declarations ----------------------------------------------------------
     def start(self) -> None:
@@ -110,6 +126,61 @@ class Updater(Feature):
 
     def control_kinds(self) -> dict[str, Any]:
         return {"model.offer": self.on_offer, "xfer.chunk": self.on_chunk}
+
+    def subscriptions(self) -> list[Subscription]:
+        if not self.site:
+            return []
+        root = self.ctx.topics.root
+        return [Subscription(relay_state_topic(root, self.site), 1, self.on_relay_state),
+                Subscription(relay_chunk_topic(root, self.site, self.ctx.device_id), 1, self.on_relay_message)]
+
+    # -- the site relay ------------------------------------------------------------
+    def _use_relay(self, a: Active) -> bool:
+        return bool(self.site) and self.relay_online and a.via_relay
+
+    def _fall_back(self, a: Active, why: str) -> None:
+        """The rest of this transfer comes from the centre (signed chunks through the bridge)."""
+        if not a.via_relay:
+            return
+        a.via_relay = False
+        self.stats["relay_fallbacks"] += 1
+        log.warning("transfer %s: asking the centre from now on: %s", a.tid, why)
+        self._ask(force=True)
+
+    async def on_relay_state(self, msg: Message) -> None:
+        from protocol import envelope as env_mod
+        from protocol.envelope import DecodeError
+
+        try:
+            env = env_mod.decode(msg.payload) if msg.payload else None
+        except DecodeError:
+            self.ctx.counters.reject("bad_relay_state")
+            return
+        was = self.relay_online
+        self.relay_online = bool(env is not None and env.body.get("status") == "online")
+        a = self.active
+        if a is None or self.applying or was == self.relay_online:
+            return
+        if self.relay_online:
+            a.relay_progress = time.monotonic()
+        else:
+            log.warning("transfer %s: the site relay went offline; asking the centre", a.tid)
+        self._ask(force=True)
+
+    async def on_relay_message(self, msg: Message) -> None:
+        decoded = self.ctx.decode(msg)
+        if decoded is None:
+            return
+        env, frame = decoded
+        a = self.active
+        if env.kind == "xfer.unavailable":
+            if a is not None and env.body.get("transfer_id") == a.tid:
+                self._fall_back(a, f"the relay cannot serve it ({env.body.get('reason')})")
+            return
+        if env.kind != "xfer.chunk" or frame is None:
+            self.ctx.counters.reject("unexpected_kind")
+            return
+        await self.on_chunk(frame, msg, via_relay=True)
 
     def tasks(self) -> list[tuple[str, Callable[[], Awaitable[None]]]]:
         return [("updates", self.run)]
@@ -170,6 +241,7 @@ class Updater(Feature):
             out["transfer"] = {"id": a.tid, "version": a.offer["target"]["version"], "have": len(t.have),
                                "chunks": t.count, "bytes": t.received_bytes, "total_bytes": t.manifest.total_size,
                                "rerequested": t.rerequested, "window": t.window,
+                               "source": "relay" if self._use_relay(a) else "centre",
                                "rto_s": round(t.rto, 3)}
         if self.last:
             out["last"] = self.last
@@ -237,7 +309,11 @@ class Updater(Feature):
             await self._apply()
         while True:
             await asyncio.sleep(min(0.5, self.retry_s / 2))
-            if self.active is not None and not self.applying:
+            a = self.active
+            if a is not None and not self.applying:
+                if self._use_relay(a) and a.transfer.inflight \
+                        and time.monotonic() - a.relay_progress > self.relay_stall_s:
+                    self._fall_back(a, f"no chunk from the relay for {self.relay_stall_s:g} s")
                 self._ask()
 
     # -- messages ------------------------------------------------------------
@@ -335,7 +411,7 @@ class Updater(Feature):
         finally:
             self.applying = False
 
-    async def on_chunk(self, frame: Frame, msg: Message) -> None:
+    async def on_chunk(self, frame: Frame, msg: Message, via_relay: bool = False) -> None:
         if not isinstance(frame, Frame):
             self.ctx.counters.reject("chunk_not_a_frame")
             return
@@ -350,8 +426,20 @@ class Updater(Feature):
         except ChunkError as exc:
             self.stats["bad_chunks"] += 1
             self.ctx.counters.reject("bad_chunk")
-            log.warning("transfer %s: refused %s", a.tid, exc)
+            log.warning("transfer %s: refused %s%s", a.tid, exc, " (from the site relay)" if via_relay else "")
+            if via_relay:
+                self.stats["relay_bad_chunks"] += 1
+                a.relay_bad += 1
+                # ask again at once (the relay re-checks its copy; the centre after 3)
+                a.transfer.inflight.pop(body.get("index"), None)   # type: ignore[arg-type]
+                if a.relay_bad >= 3:
+                    self._fall_back(a, f"{a.relay_bad} chunks from the relay failed the signed hash")
+                else:
+                    self._ask()
             return
+        if via_relay:
+            self.stats["relay_chunks"] += 1
+            a.relay_progress = time.monotonic()
         if new:
             try:
                 a.part.write(body["index"], frame.blob)
@@ -375,11 +463,16 @@ class Updater(Feature):
         want = a.transfer.wants(time.monotonic(), force=force)
         if not want:
             return
+        relay = self._use_relay(a)
+        topic = (relay_want_topic(self.ctx.topics.root, self.site, self.ctx.device_id) if relay
+                 else self.ctx.topics.data(self.ctx.device_id, ro.XFER_DATA_LEAF))
+        if relay and not a.relay_progress:
+            a.relay_progress = time.monotonic()
         for i in range(0, len(want), ro.MAX_WANT):
             body = {"transfer_id": a.tid, "chunks": want[i:i + ro.MAX_WANT], "have": len(a.transfer.have),
                     "total": a.transfer.count}
             env = Envelope(kind="xfer.want", sender=self.ctx.device_id, body=body)
-            if not self.ctx.publish(self.ctx.topics.data(self.ctx.device_id, ro.XFER_DATA_LEAF), encode(env), qos=1):
+            if not self.ctx.publish(topic, encode(env), qos=1):
                 # not connected: forget the in-flight marks, ask again on reconnect
                 a.transfer.inflight.clear()
                 return

@@ -28,6 +28,7 @@ from .report import report
 from .params import BROKER_HELP, BROKER_URL
 from .round import round  # noqa: A004 - the command group is called "round"
 from .serve import serve
+from .site import site
 from .status import status
 
 
@@ -74,6 +75,7 @@ cli.add_command(keys)
 cli.add_command(certs)
 cli.add_command(audit)
 cli.add_command(logs)
+cli.add_command(site)
 
 
 def main() -> None:

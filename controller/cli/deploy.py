@@ -16,7 +16,7 @@ from typing import Any
 import click
 
 from .. import audit
-from .select import ids_of, pick, selection_options
+from .select import site_callback, ids_of, pick, selection_options, site_selected
 from .params import DEVICE_ID, DURATION, POSITIVE_DURATION, FRACTION, TAG
 
 
@@ -46,6 +46,11 @@ def _policy_options(f):
         click.option("--canary", default="10%", show_default=True, type=FRACTION, help="share of devices in the first wave"),
         click.option("--batch", default=0, show_default=True, type=click.IntRange(0),
                      help="devices per wave after the canary (0 = all the rest at once)"),
+        click.option("--by-site", is_flag=True, default=False,
+                     help="waves by site: the canary is one board per site, then --sites-per-wave sites a "
+                          "wave (docs/sites.md); --canary 0 skips the canary, --batch does not apply"),
+        click.option("--sites-per-wave", default=1, show_default=True, type=click.IntRange(1),
+                     help="with --by-site: sites released together after the canary"),
         click.option("--max-failures", default=0, show_default=True, type=click.IntRange(0),
                      help="abort and roll the rollout back when more devices fail"),
         click.option("--wave-timeout", default="10m", show_default=True, type=POSITIVE_DURATION,
@@ -78,9 +83,13 @@ def _policy(**kw: Any) -> Any:
 
 def _create(store: Any, version: str, sha: str, devices: list[Any], policy: Any, selector: dict[str, Any],
             kind: str = "ro", artifact_id: str | None = None) -> str:
-    from ..rollouts.policy import plan_waves
+    from ..rollouts.policy import plan_site_waves, plan_waves
 
-    waves = plan_waves([d.id for d in devices], policy.canary, policy.batch)
+    if getattr(policy, "by_site", False):
+        waves = plan_site_waves([(d.id, getattr(d, "site", None)) for d in devices], policy.sites_per_wave,
+                                canary=policy.canary > 0)
+    else:
+        waves = plan_waves([d.id for d in devices], policy.canary, policy.batch)
     current = {}
     for d in devices:
         m = (d.state or {}).get("model") or {}
@@ -100,14 +109,14 @@ def _create(store: Any, version: str, sha: str, devices: list[Any], policy: Any,
 def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: tuple[str, ...], group: str | None,
            tag: str | None, all_: bool, canary: float, batch: int, max_failures: int, wave_timeout: float,
            soak: float, max_confidence_drop: float | None, max_accuracy_drop: float | None, wait: bool, wait_timeout: float,
-           as_json: bool) -> None:
-    """Roll a bundle directory or a patch file out to devices, canary first."""
+           as_json: bool, by_site: bool = False, sites_per_wave: int = 1) -> None:
+    """Roll a bundle directory or a patch file out to devices, canary first (--by-site: by site)."""
     from protocol.patch import PatchError
 
     # every flag and the device selection are checked before the artifact or the rollout is stored
     policy = _policy(canary=canary, batch=batch, max_failures=max_failures, wave_timeout_s=wave_timeout,
                      max_confidence_drop=max_confidence_drop, max_accuracy_drop=max_accuracy_drop,
-                     soak_s=soak)
+                     soak_s=soak, by_site=by_site, sites_per_wave=sites_per_wave)
     store = _store(ctx)
     devices = select_devices(ctx, store, to, group, tag, all_)
     try:
@@ -123,7 +132,8 @@ def deploy(ctx: click.Context, artifact: str, bases: tuple[str, ...], to: tuple[
         click.echo("warning: no --signing-key: fleetctl serve must have one to make patches from a bundle",
                    err=True)
     rid = _create(store, art.version, art.bundle_sha256, devices, policy,
-                  {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "artifact": art.id}, artifact_id=art.id)
+                  {"to": ids_of(to), "group": group, "tag": tag, "all": all_, "artifact": art.id,
+                   **({"site": site_selected()} if site_selected() else {})}, artifact_id=art.id)
     audit.cli_hook("deploy", art.version, rollout=rid, artifact=art.id, devices=[d.id for d in devices])
     _report_created(store, rid, art.version, len(devices), as_json, wait)
     if wait:
@@ -258,6 +268,8 @@ def rollout_list(ctx: click.Context, limit: int, as_json: bool) -> None:
 @click.option("--devices", "devices_old", default=None, hidden=True, help="deprecated spelling of --to IDS")
 @click.option("--group", default=None, help="every device of this group")
 @click.option("--tag", default=None, help="every device with this tag")
+@click.option("--site", default=None, expose_value=False, callback=site_callback,
+              help="every device behind this site")
 @click.option("--all", "all_", is_flag=True, help="every known device")
 @click.option("--wait/--no-wait", default=False, help="follow the rollback until it ends")
 @click.option("--timeout", "wait_timeout", default="10m", show_default=True, type=POSITIVE_DURATION,

@@ -28,7 +28,7 @@ def device_rows(devs: list, desired: dict[str, str] | None = None,
                 certs: dict[str, float] | None = None) -> tuple[list[str], list[list[Any]]]:
     from .provision import expiry_note
 
-    headers = ["DEVICE", "GROUP", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C", "CERT"]
+    headers = ["DEVICE", "GROUP", "SITE", "ONLINE", "LAST SEEN", "MODEL", "CPU%", "MEM%", "RSS MB", "TEMP C", "CERT"]
     rows = []
     for d in devs:
         m = d.key_metrics()
@@ -36,7 +36,7 @@ def device_rows(devs: list, desired: dict[str, str] | None = None,
         want = (desired or {}).get(d.id)
         if want and model and not model.endswith("@" + want):
             model = f"{model} -> {want}"
-        rows.append([d.id, d.group, d.online, age(d.last_seen), model, m["cpu_percent"],
+        rows.append([d.id, d.group, getattr(d, "site", None), d.online, age(d.last_seen), model, m["cpu_percent"],
                      m["mem_used_percent"], m["rss_mb"], m["temperature_c"],
                      expiry_note((certs or {}).get(d.id))])
     return headers, rows
@@ -68,7 +68,7 @@ def devices(c: Ctx, as_json: bool) -> None:
 
 
 def _device_summary(d: Any) -> dict[str, Any]:
-    return {"id": d.id, "group": d.group, "online": d.online, "last_seen": d.last_seen,
+    return {"id": d.id, "group": d.group, "site": getattr(d, "site", None), "online": d.online, "last_seen": d.last_seen,
             "model": d.model, "metrics": d.key_metrics()}
 
 
@@ -212,10 +212,13 @@ def cmd(c: Ctx, words: tuple[str, ...], to: tuple[str, ...], group: str | None, 
     if len(words) > 2:
         raise click.UsageError(f"too many arguments: {' '.join(words)} (give [DEVICE_ID] COMMAND)")
     target, command = (None, words[0]) if len(words) == 1 else words
-    if target is None and not (to or group or tag or all_):
-        raise click.UsageError("give DEVICE_ID COMMAND, or COMMAND with --to/--group/--tag/--all")
+    from .select import site_selected
+
+    site = site_selected()
+    if target is None and not (to or group or tag or all_ or site):
+        raise click.UsageError("give DEVICE_ID COMMAND, or COMMAND with --to/--group/--tag/--site/--all")
     if target is not None:
-        if to or group or tag or all_:
+        if to or group or tag or all_ or site:
             raise click.UsageError("give DEVICE_ID or one of --to/--group/--tag/--all, not both")
         try:
             targets = [validate_id(target)]

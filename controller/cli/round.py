@@ -278,6 +278,10 @@ def _print_history(s: dict[str, Any]) -> None:
     if rows:
         click.echo(render(["ROUND", "STATUS", "SELECTED", "UPDATES", "REJECTED", "ACCURACY", "LOSS", "UPLINK B",
                            "EPSILON", "SECONDS", "NOTE"], rows))
+    for r in s["rounds"]:   # site aggregation (docs/sites.md): what each site's one update stood for
+        for site, v in sorted(((r["metrics"] or {}).get("sites") or {}).items()):
+            click.echo(f"  round {r['round']} site {site} (relay {v['relay']}): {len(v['boards'])} boards "
+                       f"({', '.join(v['boards'])}), {v['samples']} samples, {v['bytes']} B")
 
 
 @round.command("status")

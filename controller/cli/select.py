@@ -1,5 +1,8 @@
 """One way to pick devices for every ``fleetctl`` command that acts on several of them:
-``--to ID[,ID…]`` (repeatable) / ``--group G`` / ``--tag T`` / ``--all`` — exactly one.
+``--to ID[,ID…]`` (repeatable) / ``--group G`` / ``--tag T`` / ``--site S`` / ``--all`` — exactly one.
+
+``--site`` is read from the click context (``site_selected``), so commands that take the selection
+options need no extra parameter for it.
 
 deploy, rollback, offload set and cmd use it; ids are checked as topic levels and against the
 registry at parse time of the command, before anything is sent or stored.
@@ -57,12 +60,36 @@ def checked_ids(to: tuple[str, ...]) -> list[str] | None:
     return ids
 
 
+SITE_KEY = "select.site"
+
+
+def site_callback(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if value is not None:
+        from protocol.topics import InvalidId, validate_id
+
+        try:
+            validate_id(value, "site")
+        except InvalidId as exc:
+            raise click.BadParameter(str(exc), param_hint="--site") from None
+        ctx.meta[SITE_KEY] = value
+    return value
+
+
+def site_selected() -> str | None:
+    """The ``--site`` of the running command (None when not given or outside click)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx.meta.get(SITE_KEY) if ctx is not None else None
+
+
 def selection_options(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``--to``, ``--group``, ``--tag``, ``--all`` (passed as ``to``, ``group``, ``tag``, ``all_``)."""
+    """``--to``, ``--group``, ``--tag``, ``--all`` (passed as ``to``, ``group``, ``tag``, ``all_``) and
+    ``--site`` (kept in the click context: ``site_selected()``)."""
     for opt in reversed([
         click.option("--to", "to", multiple=True, help="device ids, comma-separated or repeated"),
         click.option("--group", default=None, help="every device of this group"),
         click.option("--tag", default=None, help="every device with this tag (fleetctl device tag)"),
+        click.option("--site", default=None, expose_value=False, callback=site_callback,
+                     help="every device behind this site (its agent config's device.site)"),
         click.option("--all", "all_", is_flag=True, help="every known device"),
     ]):
         f = opt(f)
@@ -78,22 +105,28 @@ def ids_of(to: tuple[str, ...] | str | None) -> list[str] | None:
 
 
 def pick(reg: Any, to: tuple[str, ...] | str | None, group: str | None, tag: str | None, all_: bool,
-         tagged: Callable[[str], list[str]] | None = None) -> list[Any]:
+         tagged: Callable[[str], list[str]] | None = None, site: str | None = None) -> list[Any]:
     """Registry devices picked by exactly one selector; online ones first. ``tagged(tag)``: device ids
     with that tag (the rollout store's tags; none before the first ``device tag``)."""
     ids = checked_ids(to)
-    if sum(x is not None and x is not False for x in (ids, group, tag, all_ or None)) != 1:
-        raise click.UsageError("pick the devices with exactly one of --to, --group, --tag or --all")
+    site = site if site is not None else site_selected()
+    if sum(x is not None and x is not False for x in (ids, group, tag, site, all_ or None)) != 1:
+        raise click.UsageError("pick the devices with exactly one of --to, --group, --tag, --site or --all")
     devs = {d.id: d for d in reg.devices()}
     if ids is not None:
         unknown = [i for i in ids if i not in devs]
         if unknown:
             raise click.BadParameter(f"unknown device(s): {', '.join(unknown)}", param_hint="--to")
         picked = [devs[i] for i in dict.fromkeys(ids)]
-    elif group is not None:
+        return sorted(picked, key=lambda d: (not d.online, d.id))
+    # a site relay (agent/relay) is a gateway, not a board: only --to picks it
+    devs = {i: d for i, d in devs.items() if ((d.state or {}).get("role") != "relay")}
+    if group is not None:
         picked = [d for d in devs.values() if d.group == group]
     elif tag is not None:
         picked = [devs[i] for i in (tagged(tag) if tagged else []) if i in devs]
+    elif site is not None:
+        picked = [d for d in devs.values() if getattr(d, "site", None) == site]
     else:
         picked = list(devs.values())
     if not picked:
@@ -116,7 +149,7 @@ def target_ids(c: Any, to: tuple[str, ...] | str | None, group: str | None, tag:
     from protocol.topics import InvalidId, validate_id
 
     ids = ids_of(to)
-    if ids is not None and not (group or tag or all_):
+    if ids is not None and not (group or tag or all_ or site_selected()):
         for i in ids:
             try:
                 validate_id(i)

@@ -126,6 +126,13 @@ class Verdict:
     accepted: bool
     reason: str
     duplicate: bool = False         # the answer recorded for an update already received
+    exclude: tuple[str, ...] = ()   # a site update: boards already counted (send again without them)
+    boards: tuple[str, ...] = ()    # a site update accepted: the boards it counted
+
+
+def is_site_row(u: UpdateRow) -> bool:
+    """The row of a site's aggregate (its tensors; its boards have rows of their own, ``via_site``)."""
+    return bool(u.meta.get("site_update"))
 
 
 @dataclass(frozen=True)
@@ -168,6 +175,8 @@ class RoundEngine:
                                 "deadline_ts": deadline, "compression": dict(c.compression)}
         if c.secagg:
             base["secagg"] = {"session": f"{self.run_id}#{round_no}"}
+        elif c.mode == "sync" and self.strategy.site_weighting:
+            base["site_agg"] = self.strategy.site_weighting   # a site relay may pre-aggregate (sitefl)
         cfgs = self.strategy.configure(round_no, list(devices), base)
         if head:   # the strategy's stored state (SCAFFOLD's control variate) goes out with the head
             self.strategy.load_state(self.run.strategy_state or {})
@@ -269,11 +278,16 @@ class RoundEngine:
     def _close_sync(self, cur, now: float, early: bool, gone: list[str]) -> RoundOutcome:
         all_ups = self.store.updates(self.run_id, cur.round_no)
         ups = [u for u in all_ups if u.accepted]
-        metrics: dict[str, Any] = {"selected": len(cur.selected), "received": len(ups), "dropped": gone,
+        boards = [u for u in ups if not is_site_row(u)]        # direct updates and boards counted via a site
+        carriers = [u for u in ups if u.update is not None]    # what holds tensors: direct updates and sites
+        metrics: dict[str, Any] = {"selected": len(cur.selected), "received": len(boards), "dropped": gone,
                                    "duration_s": round(now - cur.started, 3),
                                    "closed": "all selected devices answered" if early else "deadline"}
-        metrics.update(_update_metrics(ups))
-        n_ok = sum(int(u.meta.get("secagg_clients", 1)) for u in ups)
+        metrics.update(_update_metrics([u for u in ups if not u.meta.get("via_site")]))
+        sites = _site_metrics(ups)
+        if sites:
+            metrics["sites"] = sites
+        n_ok = sum(int(u.meta.get("secagg_clients", 1)) for u in boards)
         for u in ups:
             metrics.update({k: v for k, v in u.meta.items() if k.startswith("secagg_")})
         if n_ok < self.cfg.min_clients:
@@ -288,8 +302,9 @@ class RoundEngine:
         failures = [FitFailure(u.device_id, u.reason or "rejected") for u in all_ups if not u.accepted]
         failures += [FitFailure(d, "no update by the deadline" + (" (offline at the deadline)" if d in gone else ""))
                      for d in cur.selected if d not in got]
-        return self._apply(cur.round_no, [FitResult(u.update, u.num_samples, 0, u.device_id) for u in ups],
-                           failures, metrics)
+        results = [FitResult(u.update, u.num_samples, 0, u.device_id,
+                             dict(u.meta["contributors"]) if is_site_row(u) else None) for u in carriers]
+        return self._apply(cur.round_no, results, failures, metrics)
 
     def _apply(self, round_no: int, results: list[FitResult], failures: list[FitFailure],
                metrics: dict[str, Any]) -> RoundOutcome:
@@ -337,6 +352,73 @@ class RoundEngine:
                                 dict(meta), None)
         return self._record(round_no, SECAGG_ID, now, True, "accepted", max(1, int(round(num_samples))),
                             run.global_version, dict(meta), mean)
+
+    def on_site_update(self, now: float, relay_id: str, round_no: int, base_version: int, site: str,
+                       weighting: str, contributors: Mapping[str, int], mean: Head | None,
+                       meta: Mapping[str, Any], sent_ts: float | None = None,
+                       members: Mapping[str, str | None] | None = None) -> Verdict:
+        """The verdict on a site's aggregate of its boards' updates. Accepted: it is stored with one
+        row per board, in one transaction, so each board counts once towards the quorum and a later
+        direct update of one of them gets "accepted" as a duplicate. Refused because some boards were
+        already counted (direct, or through another site): nothing is stored and ``exclude`` names them,
+        so the relay sends again without them. Other refusals are not stored either (the relay then
+        forwards each board's own update, and each board gets its own verdict).
+
+        ``members`` (device id -> its site in the registry; the relay's entry is its site only if the
+        registry knows it as a relay): a site update counts only from its site's relay, and only for
+        boards registered at that site — others are ``exclude``d (the relay forwards their own updates)."""
+        run = self.run
+        recorded = self.store.update_row(self.run_id, round_no, relay_id)
+        if recorded is not None:
+            if is_site_row(recorded) and sorted(recorded.meta["contributors"]) == sorted(contributors):
+                return Verdict(recorded.accepted, recorded.reason or "accepted", duplicate=True,
+                               boards=tuple(sorted(contributors)))
+            return Verdict(False, f"{relay_id} already sent an update for round {round_no}")
+        if run is None or run.status != "running":
+            return Verdict(False, "run is not running")
+        if self.cfg.mode != "sync" or self.cfg.secagg:
+            return Verdict(False, "site aggregation needs a sync round without secure aggregation")
+        want = self.strategy.site_weighting
+        if want is None:
+            return Verdict(False, f"strategy {self.cfg.strategy} cannot be pre-aggregated at a site: "
+                                  f"forward every board's update")
+        if weighting != want:
+            return Verdict(False, f"site weighting {weighting!r} != {want!r} for {self.cfg.strategy}")
+        cur = self.store.round(self.run_id, round_no)
+        if cur is None or cur.status != "running":
+            return Verdict(False, f"round {round_no} is not open")
+        if not (now <= cur.deadline or (sent_ts is not None and sent_ts <= cur.deadline)):
+            return Verdict(False, "late: the round's deadline has passed")
+        if base_version != run.global_version:
+            return Verdict(False, f"base version {base_version} != global {run.global_version}")
+        if members is not None and members.get(relay_id) != site:
+            return Verdict(False, f"{relay_id} is not registered as the relay of site {site!r}")
+        stray = sorted(b for b in contributors if b not in cur.selected)
+        if stray:
+            return Verdict(False, f"no task in round {round_no} for {', '.join(stray)}", exclude=tuple(stray))
+        foreign = sorted(b for b in contributors if members is not None and members.get(b) != site)
+        if foreign:
+            return Verdict(False, f"not registered at site {site!r}: {', '.join(foreign)}", exclude=tuple(foreign))
+        if relay_id in contributors or relay_id in cur.selected:
+            return Verdict(False, f"relay {relay_id} cannot also be a contributor of its own site update")
+        if mean is None:
+            return Verdict(False, "no update tensors")
+        try:
+            validate_update(mean, self.strategy.expected_update(run.head or {}), max_norm=self.cfg.max_update_norm)
+        except UpdateRejected as exc:
+            return Verdict(False, exc.reason)
+        total = int(sum(contributors.values()))
+        site_meta = {**dict(meta), "site_update": True, "site": site, "contributors": dict(contributors)}
+        board_rows = [UpdateRow(b, now, True, None, int(n), base_version, {"via_site": site, "via": relay_id}, None)
+                      for b, n in sorted(contributors.items())]
+        counted = self.store.add_site_update(self.run_id, round_no, UpdateRow(
+            relay_id, now, True, None, total, base_version, site_meta, dict(mean)), board_rows)
+        if counted:
+            return Verdict(False, f"already counted in round {round_no}: {', '.join(counted)}",
+                           exclude=tuple(b for b in counted if b != relay_id))
+        for b in contributors:   # an answer proves the task arrived
+            self.store.mark_task_sent(self.run_id, round_no, b)
+        return Verdict(True, "accepted", boards=tuple(sorted(contributors)))
 
     def on_update(self, now: float, device_id: str, round_no: int, base_version: int, num_samples: int,
                   delta: Head | None, meta: Mapping[str, Any], sent_ts: float | None = None) -> Verdict:
@@ -468,6 +550,13 @@ class RoundEngine:
         else:
             self._finish_run()
         return out
+
+
+def _site_metrics(ups: list[UpdateRow]) -> dict[str, Any]:
+    """Per site: the relay, the boards its one update stood for, their samples and its bytes."""
+    return {str(u.meta["site"]): {"relay": u.device_id, "boards": sorted(u.meta["contributors"]),
+                                  "samples": int(u.num_samples), "bytes": int(u.meta.get("bytes", 0))}
+            for u in ups if is_site_row(u)}
 
 
 def _update_metrics(ups: list[UpdateRow]) -> dict[str, Any]:

@@ -192,6 +192,12 @@ class DPFixedClipping(Strategy):
     def accept_failures(self) -> bool:  # type: ignore[override]
         return self.inner.accept_failures
 
+    @property
+    def site_weighting(self) -> str | None:  # type: ignore[override]
+        """The inner strategy's: boards clip their own updates, so a site's mean of clipped updates
+        is within the clip too (the server's clip leaves it as it is); noise goes on once, here."""
+        return self.inner.site_weighting
+
     def configure(self, round_no: int, clients: Sequence[str], base: Mapping[str, Any] | None = None
                   ) -> dict[str, dict[str, Any]]:
         return {c: {**cfg, "dp": {"clip": self.cfg.clip}}

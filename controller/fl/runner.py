@@ -112,7 +112,7 @@ class RoundRunner:
         self.engines: dict[str, RoundEngine] = {}
         self.tick_s = tick_s
         self.counts: dict[str, int] = {"tasks_sent": 0, "updates": 0, "rejected_updates": 0, "not_owner": 0,
-                                       "running": 0}
+                                       "running": 0, "site_updates": 0}
         #: each run has one owner among the replicas (controller/lease.py); None: we are the only one
         self.leases = leases
         self._epochs: dict[str, int] = {}
@@ -335,7 +335,8 @@ class RoundRunner:
     def lineage_of(self, run) -> dict:
         """A federated result's lineage: the run, its aggregated rounds, who took part, how, and DP."""
         rounds = [r for r in self.store.rounds(run.id) if r.status == "aggregated"] or self.store.rounds(run.id)
-        devices = sorted({u.device_id for r in rounds for u in self.store.updates(run.id, r.round_no) if u.accepted})
+        devices = sorted({u.device_id for r in rounds for u in self.store.updates(run.id, r.round_no)
+                          if u.accepted and not u.meta.get("site_update")})   # a site's boards, not its relay
         last = next((r.metrics for r in reversed(rounds) if r.metrics and "dp_epsilon" in r.metrics), None)
         return {"kind": "federated", "run_id": run.id, "rounds": [r.round_no for r in rounds], "devices": devices,
                 "n_devices": len(devices), "strategy": str(run.config.get("strategy", "?")),
@@ -366,6 +367,9 @@ class RoundRunner:
         env = frame.envelope
         if env.kind == "fl.secagg":
             self.on_secagg_message(device_id, frame, len(msg.payload), msg.topic)
+            return
+        if env.kind == "fl.site_update":
+            self.on_site_update(device_id, frame, len(msg.payload))
             return
         if env.kind != "fl.update":
             self.reject("kind_topic_mismatch", msg.topic, f"kind {env.kind!r} on an update topic")
@@ -402,12 +406,57 @@ class RoundRunner:
         self._ack(device_id, b, verdict.accepted, verdict.reason)
         self.tick(time.time())  # close the round now if this was the last update
 
-    def _ack(self, device_id: str, body: dict, accepted: bool, reason: str) -> None:
+    def site_members(self, relay_id: str, boards) -> dict[str, str | None]:
+        """The registry's sites of a relay (only if its state says ``role = relay``) and of boards."""
+        def site_of(dev_id: str, relay: bool = False) -> str | None:
+            d = self.registry.device(dev_id)
+            if d is None or (relay and (d.state or {}).get("role") != "relay"):
+                return None
+            return d.site
+        return {relay_id: site_of(relay_id, True), **{b: site_of(b) for b in boards}}
+
+    def on_site_update(self, relay_id: str, frame: Frame, size: int) -> None:
+        """A site relay's one update for its boards (``protocol.sitefl``): the relay gets the verdict
+        (with ``exclude``: the boards to leave out and send again); each board it counted gets its own
+        ``fl.ack`` from us, so a board's promise ("sent" = acknowledged by the controller) holds."""
+        b = frame.envelope.body
+        run = self.store.run(b["run_id"])
+        if run is None:
+            self._ack(relay_id, b, False, f"unknown run {b['run_id']!r}")
+            return
+        if not self.owns(run.id, time.time(), renew=False):
+            self.counts["not_owner"] += 1
+            return
+        eng = self.engine(run.id)
+        mean = {k: np.asarray(v, np.float32) for k, v in frame.tensors.items()} if frame.tensors else None
+        meta = {"bytes": size, **({"train_loss": b["train_loss"]} if "train_loss" in b else {})}
+        failpoint("fl.update.received")
+        verdict = eng.on_site_update(time.time(), relay_id, b["round"], b["base_version"], b["site"],
+                                     b["weighting"], b["contributors"], mean, meta,
+                                     sent_ts=frame.envelope.ts, members=self.site_members(relay_id, b["contributors"]))
+        failpoint("fl.update.recorded")
+        self.counts["site_updates"] += 1
+        if not verdict.accepted:
+            self.counts["rejected_updates"] += 1
+            log.warning("site update from %s (%s) for %s/%d refused: %s", relay_id, b["site"], run.id, b["round"],
+                        verdict.reason)
+        else:
+            log.info("site update from %s (%s) for %s/%d: %d boards, %d samples", relay_id, b["site"], run.id,
+                     b["round"], len(verdict.boards), b["num_samples"])
+        self._ack(relay_id, b, verdict.accepted, verdict.reason, exclude=verdict.exclude)
+        if verdict.accepted:
+            for board in verdict.boards:
+                self._ack(board, b, True, f"accepted via site {b['site']}")
+        self.tick(time.time())
+
+    def _ack(self, device_id: str, body: dict, accepted: bool, reason: str, exclude: tuple[str, ...] = ()) -> None:
         """``fl.ack``; once the broker acknowledged it the store says so, so a restarted controller
         sends again only the acks a crash lost."""
         run_id, round_no = str(body.get("run_id")), int(body.get("round", 0))
-        fut = self.channel.send_acked(device_id, "fl.ack", {"run_id": run_id, "round": round_no,
-                                                            "accepted": accepted, "reason": reason})
+        ack = {"run_id": run_id, "round": round_no, "accepted": accepted, "reason": reason}
+        if exclude:
+            ack["exclude"] = list(exclude)
+        fut = self.channel.send_acked(device_id, "fl.ack", ack)
         failpoint("fl.ack.published")
         store = self.store
 

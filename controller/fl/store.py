@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import io
 import json
 import time
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -253,6 +253,25 @@ class RoundStore:
              json.dumps(u.meta), pack_head(u.update) if u.update is not None else None))
         self.db.commit()
         return cur.rowcount == 1
+
+    def add_site_update(self, run_id: str, round_no: int, site: UpdateRow, boards: Sequence[UpdateRow]) -> list[str]:
+        """A site's aggregate and one row per board it stands for, in one transaction: all or nothing.
+        Returns the boards that already had a row (nothing is written then): a board counts once,
+        whether it came direct or through a site; [] = stored."""
+        with transaction(self.db):
+            ids = [b.device_id for b in boards] + [site.device_id]
+            rows = self.db.execute(
+                f"SELECT device_id FROM fl_updates WHERE run_id=? AND round_no=? AND device_id IN "
+                f"({','.join('?' * len(ids))})", [run_id, round_no, *ids]).fetchall()
+            if rows:
+                return sorted(r[0] for r in rows)
+            for u in (site, *boards):
+                self.db.execute(
+                    "INSERT INTO fl_updates(run_id, round_no, device_id, received, accepted, reason, num_samples, "
+                    "base_version, meta, update_blob) VALUES(?,?,?,?,?,?,?,?,?,?)",
+                    (run_id, round_no, u.device_id, u.received, int(u.accepted), u.reason, u.num_samples,
+                     u.base_version, json.dumps(u.meta), pack_head(u.update) if u.update is not None else None))
+        return []
 
     def update_row(self, run_id: str, round_no: int, device_id: str, task_round: bool = False) -> UpdateRow | None:
         """The update recorded from ``device_id`` for ``round_no`` (``task_round``: async, where an update

@@ -25,6 +25,8 @@ from typing import Any, Mapping, Sequence, Union
 
 import numpy as np
 
+from protocol.fl import SITE_WEIGHTINGS  # noqa: F401 - re-exported: one list, on the wire
+
 from . import aggregate as agg
 
 Head = dict[str, np.ndarray]
@@ -37,6 +39,12 @@ class FitResult:
     num_samples: int
     staleness: int = 0                 # global versions between the client's base and now
     client_id: str = ""
+    #: a site's pre-aggregated update (``update`` = the mean over these boards): board -> its samples
+    contributors: Mapping[str, int] | None = None
+
+    def boards(self) -> int:
+        """How many boards this result stands for (1, or a site's contributors)."""
+        return len(self.contributors) if self.contributors else 1
 
 
 AnyResult = Union[FitResult, Result]
@@ -95,8 +103,18 @@ def as_fit_result(r: AnyResult) -> FitResult:
     return FitResult(u, int(n), int(s))
 
 
+#: how a site relay may pre-aggregate a strategy's updates (``Strategy.site_weighting``):
+#: "samples": the sample-weighted mean with the site's total samples as its weight (FedAvg family:
+#: Σ_s N_s·mean_s / Σ_s N_s is the flat weighted mean exactly); "uniform": the plain mean with the
+#: number of boards as its weight (SCAFFOLD's uniform means of Δy and Δc); None: never — every
+#: board's update goes up on its own (robust aggregators need each update; async FedBuff weighs
+#: each by its own staleness)
+
+
 class Strategy:
     name = "base"
+    #: whether (and how) a site relay may combine its boards' updates into one (see SITE_WEIGHTINGS)
+    site_weighting: str | None = None
     #: settings every client's task carries (e.g. FedProx's mu)
     task_config: dict[str, Any] = {}
     #: False: any failure in the round means no new model (Flower's ``accept_failures``)
@@ -171,6 +189,8 @@ class FedAvg(Strategy):
     """Sample-weighted mean of the updates (McMahan et al. 2017), stale ones discounted."""
 
     name = "fedavg"
+    #: the server step (plain, momentum, Adam/Yogi) acts on the mean, so a partial weighted sum is exact
+    site_weighting = "samples"
 
     def __init__(self, staleness: str = "sqrt") -> None:
         agg.staleness_weight(0, staleness)  # validates the name
@@ -183,8 +203,10 @@ class FedAvg(Strategy):
         return agg.fast_weighted_average([r.update for r in results], self.weights(results))
 
     def dp_sensitivity(self, results: Sequence[FitResult]) -> float:
-        """A weighted mean moves by at most the largest weight share times one update's norm."""
-        w = self.weights(results)
+        """A weighted mean moves by at most the largest weight share *of one board* times one
+        update's norm (a site's aggregate is many boards: its contributors' weights count)."""
+        w = [n * agg.staleness_weight(r.staleness, self.staleness)
+             for r in results for n in (r.contributors.values() if r.contributors else (r.num_samples,))]
         return max(w) / sum(w)
 
 
@@ -336,6 +358,7 @@ class FedBuff(FedAvg):
     ``buffer_size`` left there is no new model yet."""
 
     name = "fedbuff"
+    site_weighting = None   # each update weighed by its own staleness, and it runs async
 
     def __init__(self, eta: float = 1.0, staleness: str = "sqrt", buffer_size: int = 1,
                  max_staleness: int | None = None) -> None:
@@ -413,6 +436,9 @@ class Scaffold(FedAvg):
     """SCAFFOLD's server (option II): uniform means of Δy and Δc over the round's clients."""
 
     name = "scaffold"
+    #: Δy and Δc are uniform means over the round's boards: a site sends their mean over its boards
+    #: with the board count as weight (Σ_s k_s·mean_s / Σ_s k_s is the flat mean), |S| counts boards
+    site_weighting = "uniform"
 
     def __init__(self, eta: float = 1.0, num_clients: int = 0) -> None:
         super().__init__("constant")
@@ -442,12 +468,14 @@ class Scaffold(FedAvg):
         cs = [{k[len(CV):]: v for k, v in r.update.items() if k.startswith(CV)} for r in results]
         if any(set(c) != set(y) for c, y in zip(cs, ys)):
             raise ValueError("a SCAFFOLD update must carry a control-variate delta for every tensor")
-        ones = [1.0] * len(results)
+        ones = [float(r.boards()) for r in results]   # a site's mean stands for its boards
         dy = agg.weighted_average(ys, ones)
         dc = agg.weighted_average(cs, ones)
-        self.seen.update(r.client_id for r in results if r.client_id)
-        n_total = self.num_clients or max(len(self.seen), len(results))
-        frac = min(1.0, len(results) / n_total)
+        n_boards = int(sum(ones))
+        for r in results:
+            self.seen.update(r.contributors or ((r.client_id,) if r.client_id else ()))
+        n_total = self.num_clients or max(len(self.seen), n_boards)
+        frac = min(1.0, n_boards / n_total)
         for k, v in dc.items():
             old = self.c.get(k)
             base = old.astype(np.float64) if old is not None and old.shape == v.shape else np.zeros(v.shape)
@@ -459,7 +487,7 @@ class Scaffold(FedAvg):
                 for k in global_head if not k.startswith(CV)}
 
     def dp_sensitivity(self, results: Sequence[FitResult]) -> float:
-        return self.eta / max(1, len(results))
+        return self.eta / max(1, sum(r.boards() for r in results))
 
     # -- state -----------------------------------------------------------------------------
     def to_state(self) -> dict[str, Any]:

@@ -4,6 +4,10 @@ Rules, in the order they are applied on every tick:
 
 1. A rollout's devices are cut into waves: the canary (``ceil(canary * n)`` devices, at
    least one when ``canary > 0``), then the rest in waves of ``batch`` (0 = all at once).
+   ``by_site`` (SwarmSync's hierarchy, docs/sites.md): the canary is one board per site, then
+   the sites follow ``sites_per_wave`` at a time, each wave every remaining board of its sites
+   (so a site's relay pulls a patch once, for the canary, and serves the rest of the site from
+   its cache); boards with no site count as one site of their own.
 2. Failures (a device reported ``failed`` or ``rolled_back``, or stayed online but did
    not finish within ``wave_timeout_s``) are counted over every released wave. More than
    ``max_failures`` aborts the rollout.
@@ -69,6 +73,8 @@ class RolloutPolicy:
     max_accuracy_drop: float | None = None
     min_metric_devices: int = 1
     soak_s: float = 0.0     # 0: a finished wave counts at once (registries made before soaking)
+    by_site: bool = False   # waves by site: canary = one board per site, then sites_per_wave sites a wave
+    sites_per_wave: int = 1
 
     def __post_init__(self) -> None:
         if not (0 <= self.canary < 1):
@@ -81,6 +87,8 @@ class RolloutPolicy:
             raise RolloutConfigError("wave_timeout_s must be > 0")
         if not 0 <= self.soak_s <= 7 * 86400:
             raise RolloutConfigError("soak_s must be 0 s .. 7 days")
+        if not isinstance(self.sites_per_wave, int) or self.sites_per_wave < 1:
+            raise RolloutConfigError("sites_per_wave must be an integer >= 1")
         for name in ("max_confidence_drop", "max_accuracy_drop"):
             v = getattr(self, name)
             if v is not None and not (0 <= v <= 1):
@@ -90,7 +98,7 @@ class RolloutPolicy:
         return {"canary": self.canary, "batch": self.batch, "max_failures": self.max_failures,
                 "wave_timeout_s": self.wave_timeout_s, "max_confidence_drop": self.max_confidence_drop,
                 "max_accuracy_drop": self.max_accuracy_drop, "min_metric_devices": self.min_metric_devices,
-                "soak_s": self.soak_s}
+                "soak_s": self.soak_s, "by_site": self.by_site, "sites_per_wave": self.sites_per_wave}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "RolloutPolicy":
@@ -110,6 +118,38 @@ def plan_waves(devices: Sequence[str], canary: float, batch: int = 0) -> list[li
         devs = devs[n:]
     size = batch or len(devs)
     waves.extend(devs[i:i + size] for i in range(0, len(devs), size))
+    return waves
+
+
+def plan_site_waves(devices: Sequence[tuple[str, str | None]], sites_per_wave: int = 1,
+                    canary: bool = True) -> list[list[str]]:
+    """``(device, site)`` pairs cut into waves by site: the canary takes the first board of every site
+    (only of sites with more than one board when a site is all there is), then the sites follow in
+    the order first seen, ``sites_per_wave`` at a time, each wave every remaining board of them."""
+    by_site: dict[str | None, list[str]] = {}
+    seen: set[str] = set()
+    for dev, site in devices:
+        if dev in seen:
+            continue
+        seen.add(dev)
+        by_site.setdefault(site, []).append(dev)
+    if not by_site:
+        return []
+    waves: list[list[str]] = []
+    rest = {s: list(d) for s, d in by_site.items()}
+    if canary and len(seen) > 1:
+        first = [d[0] for d in rest.values()]
+        if len(first) == len(seen):   # one board per site: the canary is the first site's
+            first = first[:1]
+        waves.append(first)
+        for s in rest:
+            if rest[s] and rest[s][0] in first:
+                rest[s] = rest[s][1:]
+    order = [s for s in rest if rest[s]]
+    for i in range(0, len(order), sites_per_wave):
+        wave = [d for s in order[i:i + sites_per_wave] for d in rest[s]]
+        if wave:
+            waves.append(wave)
     return waves
 
 

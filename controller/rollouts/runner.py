@@ -9,7 +9,8 @@ It owns the I/O; ``rollouts.py`` decides. Every half second it
   again when nothing has moved for ``reoffer_s``. The desired version lives here, not in
   a retained command, so a device that was away gets exactly what is wanted *now*;
 * serves ``xfer.want`` requests with signed ``xfer.chunk`` frames, only for the artifact
-  that device was offered.
+  that device was offered — or, for a site relay (its state says ``role = "relay"``), for an
+  artifact some board of its site is to get (docs/sites.md: the relay pulls it once for the site).
 
 Artifacts are chosen per device, never a quarantined one (``pick_artifact``): the rollout's
 own patch when it fits the device's bundle, else a patch made from two stored bundles (signed
@@ -89,6 +90,7 @@ class RolloutRunner:
         #: the rollouts have one owner among the replicas (controller/lease.py); None: we are the only one
         self.leases = leases
         self._epoch: int | None = None
+        self._relay_ok: dict[tuple[str, str], tuple[bool, float]] = {}
 
     def owns(self, now: float | None = None, renew: bool = True) -> bool:
         """Whether this replica runs the rollouts now. A lease taken anew forgets the offer and want
@@ -439,7 +441,8 @@ class RolloutRunner:
             self.reject("quarantined_artifact", msg.topic, f"{device_id} asked for transfer {tid!r}, whose "
                                                                 "artifact is quarantined")
             return
-        if art is None or not want or want[0].bundle_sha256 != art.bundle_sha256:
+        if (art is None or not want or want[0].bundle_sha256 != art.bundle_sha256) \
+                and not (art is not None and self._relay_may_fetch(device_id, art)):
             self.reject("unknown_transfer", msg.topic, f"{device_id} asked for transfer {tid!r}, "
                                                             "which it was not offered")
             return
@@ -454,6 +457,26 @@ class RolloutRunner:
             elif (device_id, art, i) not in self._queued and len(self._queue) < 100_000:
                 self._queue.append((device_id, art, i))
                 self._queued.add((device_id, art, i))
+
+    def _relay_may_fetch(self, device_id: str, art: Artifact) -> bool:
+        """A site relay may pull an artifact that a board of its site is wanted to install (the
+        relay's answer is cached for a few seconds: a pull asks thousands of times)."""
+        key = (device_id, art.bundle_sha256)
+        now = time.monotonic()
+        hit = self._relay_ok.get(key)
+        if hit is not None and now - hit[1] < 5.0:
+            return hit[0]
+        dev = self.registry.device(device_id)
+        ok = False
+        if dev is not None and (dev.state or {}).get("role") == "relay" and getattr(dev, "site", None):
+            wanted = {d.device_id for d in self.store.desired() if d.bundle_sha256 == art.bundle_sha256}
+            ok = any(getattr(self.registry.device(i), "site", None) == dev.site for i in wanted)
+        if len(self._relay_ok) > 1000:
+            self._relay_ok.clear()
+        self._relay_ok[key] = (ok, now)
+        if ok:
+            self.counts["relay_wants"] += 1
+        return ok
 
     def _send_chunk(self, device_id: str, art: Artifact, i: int) -> int:
         """One signed chunk frame to the device; returns the bytes sent (0 when it could not be)."""

@@ -90,3 +90,11 @@ def test_decide_uses_the_route_or_the_reason_there_is_none():
     assert decide(0.5, 2.0, p, RttEstimator(), True, routed_ms=20.0).path == OFFLOAD
     d = decide(0.5, 2.0, p, RttEstimator(), True, no_route="no worker accepts raw input")
     assert d.path == LOCAL_LOW and d.reason == "no worker accepts raw input"
+
+
+def test_a_stolen_request_answered_by_the_thief_teaches_the_thief():
+    r = router(status("victim"), status("thief"))
+    r.on_sent("victim")
+    r.on_reply("victim", 50.0, {"ok": True, "worker": "thief", "service_ms": 30.0, "stolen_from": "victim"}, 0.0)
+    assert r.workers["victim"].inflight == 0 and r.workers["victim"].ok == 0
+    assert r.workers["thief"].ok == 1 and r.workers["thief"].service.mean > 5.0
