@@ -272,7 +272,11 @@ def main() -> None:
             for w in ws:
                 w.terminate()
             for w in ws:
-                w.wait(5)
+                try:
+                    w.wait(30)
+                except subprocess.TimeoutExpired:   # a loaded machine: do not leave it behind
+                    w.kill()
+                    w.wait()
     finally:
         broker.terminate()
         broker.wait(5)
