@@ -239,11 +239,13 @@ class ExitRunner:
                          "time_saved_ms": round(self.saved_ms[k], 3)})
         # backbone MACs up to the exit + every enabled exit head evaluated on the way
         heads = np.cumsum([(e.head_compute or 0.0) if h is not None else 0.0 for e, h in zip(self.specs, self.heads)])
-        frac = [c if c is not None else 1.0 for c in self.compute] + [1.0]
-        frac = [f + float(heads[min(k, len(heads) - 1)]) for k, f in enumerate(frac)]
+        bb = [c if c is not None else 1.0 for c in self.compute] + [1.0]
+        frac = [f + float(heads[min(k, len(heads) - 1)]) for k, f in enumerate(bb)]
         spent = sum(a * f for a, f in zip(self.answered, frac))
+        bb_spent = sum(a * f for a, f in zip(self.answered, bb))
         out: dict[str, Any] = {"exits": rows, "disabled": dict(self.disabled),
                                "compute_saved": round(1.0 - spent / total, 4) if sum(self.answered) else None,
+                               "backbone_saved": round(1.0 - bb_spent / total, 4) if sum(self.answered) else None,
                                "time_saved_ms": round(sum(self.saved_ms), 3),
                                "stopped_for_offload": self.stopped_at_cut}
         if self.bottleneck is not None:
