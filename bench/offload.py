@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -115,7 +114,8 @@ def image_figures(quick: bool) -> dict:
     print(f"image model: shapes CNN 32x32x3 uint8, fp32 accuracy {acc_full:.4f} ({len(x)} eval images; "
           f"bundles ready in {build_s:.1f} s)")
     print(f"early exits: accuracy {acc_exit:.4f} ({(acc_full - acc_exit) * 100:+.2f} pts), backbone MACs not run "
-          f"{em['backbone_saved']:.1%} ({em['compute_saved']:.1%} net of the exit heads), time not spent {1 - t_exit / t_plain:.1%}, answered per exit "
+          f"{em['backbone_saved']:.1%} ({em['compute_saved']:.1%} net of the exit heads), time not spent "
+          f"{1 - t_exit / t_plain:.1%}, answered per exit "
           f"{[r['rate'] for r in em['exits']]}")
     print(f"bottleneck at {bn.at}: {bn.channels} channels int8 + zstd; request {np.mean(feat_sizes):.0f} B vs raw "
           f"{np.mean(raw_sizes):.0f} B on the wire; accuracy through decoder + tail {acc_bn:.4f}")

@@ -10,7 +10,8 @@ The backbone is also shipped cut at the exit tensors: segment ``i`` maps the pre
 tensor (the model input for ``i = 0``) to ``exits[i].tensor``; the last maps the last exit's
 tensor to the backbone's output. An exit head is a dense head (the ``head.npz`` format) over the
 exit tensor average-pooled to ``pool`` × ``pool`` and flattened (``exit_features``); a
-threshold of 1.0 means the exit never answers. ``compute`` is the fraction of the backbone's multiply-accumulates done once that exit is reached, ``head_compute`` the exit head's own.
+threshold of 1.0 means the exit never answers. ``compute`` is the fraction of the backbone's
+multiply-accumulates done once that exit is reached, ``head_compute`` the exit head's own.
 
 A **bottleneck** sits at one exit's tensor::
 
