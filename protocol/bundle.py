@@ -19,13 +19,12 @@ import hashlib
 import io
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import Any, Mapping
 
 import numpy as np
-from .atomicfile import write_atomic
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .exits import BottleneckSpec, ExitSpec
+from .atomicfile import write_atomic
+from .exits import BottleneckSpec, ExitsError, ExitSpec, parse_exits
 
 MANIFEST = "manifest.json"
 # "mcu": a model (or any blob) for the board's sensor MCU, pushed over the firmware bridge when
@@ -96,9 +95,9 @@ class Manifest:
     task_params: Mapping[str, Any] = field(default_factory=dict)
     # early exits in order, the segment files (len(exits) + 1) and the bottleneck at one exit's
     # tensor (protocol/exits.py); () / None for a bundle without them
-    exits: tuple["ExitSpec", ...] = ()
+    exits: tuple[ExitSpec, ...] = ()
     segments: tuple[str, ...] = ()
-    bottleneck: "BottleneckSpec | None" = None
+    bottleneck: BottleneckSpec | None = None
 
     def file(self, role: str) -> str | None:
         for name, e in self.files.items():
@@ -198,9 +197,10 @@ def parse_manifest(d: Any) -> Manifest:
     parent = d.get("parent_version")
     if parent is not None and not isinstance(parent, str):
         raise _err("parent_version", "must be a string or null")
-    from .exits import parse_exits
-
-    exits, segments, bottleneck = parse_exits(d, entries, task)
+    try:
+        exits, segments, bottleneck = parse_exits(d, entries, task)
+    except ExitsError as exc:
+        raise BundleError(str(exc)) from None
     return Manifest(d["name"], d["version"], inp, feats, tuple(labels), entries, parent, d.get("created"),
                     d.get("metrics") or {}, d.get("reference"), d.get("eval"), d,
                     inputs, outputs, task, task_params, exits, segments, bottleneck)

@@ -60,10 +60,13 @@ class BottleneckSpec:
     code_shape: tuple[int, ...] = ()
 
 
-def _err(where: str, msg: str):
-    from .bundle import BundleError
+class ExitsError(ValueError):
+    """Bad exit/bottleneck fields; ``protocol.bundle`` re-raises it as its BundleError (this module
+    imports nothing of the bundle's: no import circle)."""
 
-    return BundleError(f"manifest {where}: {msg}")
+
+def _err(where: str, msg: str) -> ExitsError:
+    return ExitsError(f"manifest {where}: {msg}")
 
 
 def _file(name: Any, entries: Mapping[str, Any], role: str, where: str) -> str:
@@ -80,7 +83,7 @@ def _num(v: Any) -> bool:
 
 def parse_exits(d: Mapping[str, Any], entries: Mapping[str, Any], task: str
                 ) -> tuple[tuple[ExitSpec, ...], tuple[str, ...], BottleneckSpec | None]:
-    """The exits, segments and bottleneck of a manifest dict (pure); BundleError naming the field."""
+    """The exits, segments and bottleneck of a manifest dict (pure); ExitsError naming the field."""
     raw = d.get("exits")
     exits: list[ExitSpec] = []
     if raw is not None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import replace
 import logging
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -29,9 +29,6 @@ from protocol.exits import split_tag
 from protocol.verify import errors, io_of_runtime, verify_segments
 
 from .runtimes import OnnxRuntime
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .inference import InferenceEngine, Prediction
 
 log = logging.getLogger("edge_agent.serving")
 
@@ -42,7 +39,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 class ExitRunner:
-    def __init__(self, engine: "InferenceEngine", threads: int = 1, providers: list[str] | None = None) -> None:
+    def __init__(self, engine: Any, prediction: type, threads: int = 1, providers: list[str] | None = None) -> None:
+        """``engine``: the InferenceEngine (its runtime, validation and counters); ``prediction``:
+        its Prediction class (passed in: this module does not import the engine's)."""
+        self._prediction = prediction
         b = engine.bundle
         m = b.manifest
         self.engine = engine
@@ -126,7 +126,7 @@ class ExitRunner:
     def _mean_ms(self, k: int) -> float:
         return self.seg_ms[k] / self.seg_runs[k] if self.seg_runs[k] else 0.0
 
-    def predict(self, x: Any) -> "Prediction":
+    def predict(self, x: Any) -> Any:
         eng = self.engine
         t0 = time.perf_counter()
         try:
@@ -137,7 +137,7 @@ class ExitRunner:
         stop = self.cut if self.cut is not None and self.stop_at_cut() else None
         return self._from(0, feed, (), t0, stop)
 
-    def _from(self, start: int, h: np.ndarray, tensors: tuple, t0: float, stop: int | None) -> "Prediction":
+    def _from(self, start: int, h: np.ndarray, tensors: tuple, t0: float, stop: int | None) -> Any:
         n = len(self.specs)
         for k in range(start, n):
             h = self._seg(k, h)
@@ -162,9 +162,7 @@ class ExitRunner:
         return replace(pred, exit=n, tensors=tensors)
 
     def _exit_prediction(self, probs: np.ndarray, h: np.ndarray, t0: float, k: int, tensors: tuple,
-                         resume: Callable[[], "Prediction"] | None) -> "Prediction":
-        from .inference import Prediction
-
+                         resume: Callable[[], Any] | None) -> Any:
         eng = self.engine
         label = int(probs.argmax())
         conf = float(probs[label])
@@ -178,10 +176,10 @@ class ExitRunner:
             self.answered[k] += 1
             self.saved_ms[k] += sum(self._mean_ms(j) for j in range(k + 1, len(self.specs) + 1))
         name = eng.labels[label] if label < len(eng.labels) else None
-        return Prediction(label, name, conf, probs, ent, h, ms, exit=k, tensors=tensors, resume=resume)
+        return self._prediction(label, name, conf, probs, ent, h, ms, exit=k, tensors=tensors, resume=resume)
 
     # -- offload -------------------------------------------------------------------------------
-    def offload_tensor(self, pred: "Prediction") -> tuple[np.ndarray, dict[str, Any], bool]:
+    def offload_tensor(self, pred: Any) -> tuple[np.ndarray, dict[str, Any], bool]:
         """What an offloaded request carries for this prediction: the bottleneck code at the cut
         (running the segments up to it if the answer came earlier), else the tensor of the exit
         that answered as uint8 with a scale. Returns (tensor, body fields, compress)."""
@@ -207,7 +205,7 @@ class ExitRunner:
             return q.reshape(-1), {"scale": scale}, False
         return q, {"split": self.tags[k], "exit": k, "scale": scale}, False
 
-    def routing_split(self, pred: "Prediction") -> str:
+    def routing_split(self, pred: Any) -> str:
         """What ``offload_tensor`` will send, as workers advertise it (``accepts.splits``)."""
         if self.cut is not None and self.encoder is not None and self.bottleneck is not None:
             return f"{self.tags[self.cut]}+{self.bottleneck.id}"
@@ -215,7 +213,7 @@ class ExitRunner:
         return self.tags[k] if k < len(self.specs) else self.backbone_sha
 
     # -- telemetry -----------------------------------------------------------------------------
-    def observe(self, pred: "Prediction", label: Any) -> None:
+    def observe(self, pred: Any, label: Any) -> None:
         """A labelled request (``label`` in the request, or a labelled source sample)."""
         if pred.exit is None or label is None or pred.resume is not None:
             return

@@ -199,7 +199,7 @@ class InferenceEngine:
             from .exits import ExitRunner
 
             try:
-                self.exits = ExitRunner(self, threads, providers)
+                self.exits = ExitRunner(self, Prediction, threads, providers)
                 self.predict = self.exits.predict  # type: ignore[method-assign]
             except ValueError as exc:
                 self.exits_error = str(exc)[:500]
