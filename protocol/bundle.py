@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import hashlib
-import io
 import json
 from pathlib import Path
 from typing import Any, Mapping
@@ -316,9 +315,11 @@ def load_head(path: str | Path) -> dict[str, np.ndarray]:
 
 
 def head_bytes(head: Mapping[str, np.ndarray]) -> bytes:
-    buf = io.BytesIO()
-    np.savez(buf, **{k: np.asarray(v, np.float32) for k, v in head.items()})
-    return buf.getvalue()
+    """A head as a canonical ``.npz`` (same tensors, same bytes): patches can then ship only the
+    tensors that changed and the board rebuild the file bit for bit (protocol/npzdelta.py)."""
+    from .npzdelta import npz_bytes
+
+    return npz_bytes({k: np.asarray(v, np.float32) for k, v in head.items()})
 
 
 def save_head_atomic(path: str | Path, head: Mapping[str, np.ndarray]) -> None:

@@ -33,6 +33,8 @@ from .signing import SignatureError, sign, verify
 
 MAGIC = b"EFP1"
 FORMAT = "edgefleet-patch/1"
+#: a patch with array-level deltas (protocol/npzdelta.py): an older board refuses it by its format
+FORMAT_DELTA = "edgefleet-patch/2"
 MAX_MANIFEST = 1024 * 1024
 MAX_PAYLOAD = 2 * 1024 * 1024 * 1024
 _HDR = struct.Struct("<4sI")
@@ -86,9 +88,13 @@ def version_key(v: str) -> tuple:
 
 
 def make_patch(old_dir: str | Path | None, new_dir: str | Path, key: Ed25519PrivateKey,
-               level: int = 10) -> tuple[bytes, dict[str, Any]]:
-    """Build a signed patch from ``old_dir`` (None: a full bundle) to ``new_dir``."""
+               level: int = 10, deltas: bool = True) -> tuple[bytes, dict[str, Any]]:
+    """Build a signed patch from ``old_dir`` (None: a full bundle) to ``new_dir``. With ``deltas``, a
+    changed ``.npz`` (a head, its reference outputs) whose old version the base holds travels as
+    the arrays that changed (protocol/npzdelta.py): a run over chosen layers ships those layers."""
     import zstandard
+
+    from .npzdelta import make_delta
 
     new_dir = Path(new_dir)
     new_m = read_manifest(new_dir)
@@ -113,13 +119,21 @@ def make_patch(old_dir: str | Path | None, new_dir: str | Path, key: Ed25519Priv
             if old_hashes.get(n) == digest:
                 unchanged.append(n)
                 continue
+            if deltas and old_dir is not None and n.endswith(".npz") and n in old_hashes:
+                made = make_delta((Path(old_dir) / n).read_bytes(), data)
+                if made is not None:
+                    data, info = made
+                    files[n] = {"sha256": digest, "size": len(data), "offset": offset, "delta": info}
+                    chunks.append(data)
+                    offset += len(data)
+                    continue
         files[n] = {"sha256": digest, "size": len(data), "offset": offset}
         chunks.append(data)
         offset += len(data)
     raw = b"".join(chunks)
     payload = zstandard.ZstdCompressor(level=level).compress(raw)
     pm = {
-        "format": FORMAT, "name": new_m.get("name"), "created": round(time.time(), 3),
+        "format": FORMAT_DELTA if any("delta" in f for f in files.values()) else FORMAT, "name": new_m.get("name"), "created": round(time.time(), 3),
         "base": base,
         "target": {"version": new_m["version"], "bundle_sha256": hashlib.sha256((new_dir / "manifest.json")
                                                                               .read_bytes()).hexdigest()},
@@ -131,6 +145,18 @@ def make_patch(old_dir: str | Path | None, new_dir: str | Path, key: Ed25519Priv
     pm = sign(pm, key)
     mb = json.dumps(pm, sort_keys=True, separators=(",", ":")).encode()
     return _HDR.pack(MAGIC, len(mb)) + mb + payload, pm
+
+
+def _rebuild(name: str, blob: bytes, delta: Any, current_dir: str | Path | None) -> bytes:
+    """A delta entry's file: the installed one with the patch's arrays put in (npzdelta.py)."""
+    from .npzdelta import DeltaError, apply_delta
+
+    if current_dir is None or not (Path(current_dir) / name).is_file():
+        raise PatchError(f"{name}: the patch carries changed arrays only, and no installed {name} to put them in")
+    try:
+        return apply_delta((Path(current_dir) / name).read_bytes(), blob, delta)
+    except DeltaError as exc:
+        raise PatchError(f"{name}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -160,7 +186,7 @@ def parse_patch(data: bytes) -> tuple[dict[str, Any], bytes]:
         pm = json.loads(data[_HDR.size:_HDR.size + mlen])
     except (UnicodeDecodeError, ValueError) as exc:
         raise PatchError(f"patch manifest is not JSON: {exc}") from None
-    if not isinstance(pm, dict) or pm.get("format") != FORMAT:
+    if not isinstance(pm, dict) or pm.get("format") not in (FORMAT, FORMAT_DELTA):
         raise PatchError(f"unsupported patch format {pm.get('format') if isinstance(pm, dict) else pm!r}")
     return pm, data[_HDR.size + mlen:]
 
@@ -210,8 +236,11 @@ def verify_patch(data: bytes, trusted: Iterable[Ed25519PublicKey], current_dir: 
         if off < 0 or size < 0 or off + size > len(raw):
             raise PatchError(f"{name}: bytes {off}..{off + size} outside the payload")
         blob = raw[off:off + size]
+        if "delta" in info:
+            blob = _rebuild(name, blob, info["delta"], current_dir)
         if hashlib.sha256(blob).hexdigest() != digest:
-            raise PatchError(f"{name}: SHA-256 mismatch")
+            raise PatchError(f"{name}: SHA-256 mismatch" + (" (rebuilt from the installed file and the patch's "
+                                                            "arrays)" if "delta" in info else ""))
         out[name] = blob
     if "manifest.json" not in out:
         raise PatchError("patch carries no manifest.json for the target bundle")

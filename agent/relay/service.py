@@ -117,7 +117,9 @@ class RelayService:
         rs = relay_state_topic(self.topics.root, self.site_name)
         self.site = MqttLink.from_settings(
             self.cfg.mqtt, f"{self.relay_id}", will=lambda: Will(rs, self._state("offline"), 1, True),
-            on_connect=self._on_site_connect)
+            # a persistent session: while the relay is down (killed, restarting) the site broker
+            # queues the boards' QoS 1 updates and chunk requests for it, instead of dropping them
+            on_connect=self._on_site_connect, persistent=True)
         up = parse_broker_url(self.cfg.relay.upstream)
         m = self.cfg.mqtt
         upstream_tls = m.tls_files() if up.tls else None

@@ -363,8 +363,12 @@ class Updater(Feature):
             return
         a = self.active
         if a is not None and a.tid == manifest.transfer_id:
-            a.offer = offer  # same bytes; a newer offer may carry another rollout id
-            self._ask(force=True)
+            # same bytes; a newer offer may carry another rollout id. Not a forced re-ask: the chunks
+            # asked for may still be on their way (a new rollout owner offers again after a takeover,
+            # and the dead one's last chunks can sit in the broker), so they are asked again only when
+            # their request times out, as a lost chunk is — never served twice
+            a.offer = offer
+            self._ask()
             return
         if a is not None:
             log.info("transfer %s replaced by %s", a.tid, manifest.transfer_id)

@@ -40,6 +40,10 @@ def load_head(path: str) -> dict[str, np.ndarray]:
     return head
 
 
+#: the eval file's copy of the bundle's whole head (controller/fl/runner.py ``evaluator_for``)
+FULL_HEAD_PREFIX = "head__"
+
+
 def _eval_features(bundle: str, out: Path) -> Path | None:
     """Backbone features of the bundle's eval set (ONNX backbones; needs the tools extra)."""
     p = Path(bundle)
@@ -55,10 +59,14 @@ def _eval_features(bundle: str, out: Path) -> Path | None:
             x, y = z["x"].astype(np.float32), z["y"]
         sess = ort.InferenceSession(str(p / bb), providers=["CPUExecutionProvider"])
         feats = sess.run(None, {sess.get_inputs()[0].name: x})[0]
-    except (OSError, ValueError, KeyError, StopIteration, ImportError):
+        head = next((n for n, e in m["files"].items() if e.get("role") == "head"), None)
+        with np.load(p / head, allow_pickle=False) as z:
+            # the whole head: a run over chosen layers carries only those, the evaluator puts them back
+            full = {f"{FULL_HEAD_PREFIX}{k}": z[k].astype(np.float32) for k in z.files}
+    except (OSError, ValueError, KeyError, StopIteration, ImportError, TypeError):
         return None
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(out, features=feats, y=y)
+    np.savez(out, features=feats, y=y, **full)
     return out
 
 

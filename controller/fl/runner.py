@@ -11,8 +11,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import os
-import signal
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -26,6 +24,7 @@ from protocol.mqttlink import Message
 
 from .store import RoundStore
 from .engine import RoundEngine, RunConfig
+from ..failpoints import failpoint  # noqa: F401 - tests and the engine call it by this name
 from .selection import ClientInfo
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -54,13 +53,11 @@ FAILPOINTS = (
 )
 
 
-def failpoint(name: str) -> None:
-    """SIGKILL this process at ``name`` when EDGEFLEET_FAILPOINT says so (tests of crash safety)."""
-    if os.environ.get("EDGEFLEET_FAILPOINT") == name:
-        os.kill(os.getpid(), signal.SIGKILL)
 
 #: a task or ack in flight longer than this (its PUBACK never came) is published again
 RESEND_AFTER_S = 30.0
+#: how often done runs are looked at for a deploy that a crash or a dead replica left undone
+DEPLOY_CHECK_S = 5.0
 
 
 def strategy_for(cfg: RunConfig) -> "Strategy":
@@ -79,18 +76,26 @@ def strategy_for(cfg: RunConfig) -> "Strategy":
 
 
 def evaluator_for(cfg: RunConfig):
-    """Accuracy of a head on the run's held-out features (computed once at ``round start``)."""
+    """Accuracy of a head on the run's held-out features (computed once at ``round start``). A run
+    over chosen layers carries only those: the eval file holds the bundle's whole head
+    (``head__<tensor>``), and the run's layers are put on its frozen ones before the forward pass."""
     if not cfg.eval_file:
         return None
+    prefix = "head__"
     try:
         with np.load(cfg.eval_file, allow_pickle=False) as z:
             feats, labels = z["features"].astype(np.float32), z["y"].astype(np.int64)
+            full = {k[len(prefix):]: z[k].astype(np.float32) for k in z.files if k.startswith(prefix)}
     except (OSError, KeyError, ValueError) as exc:
         log.warning("run evaluation disabled: %s", exc)
         return None
     from protocol.bundle import head_forward
+    from protocol.layers import merge
 
-    return lambda head: float((head_forward(head, feats).argmax(1) == labels).mean())
+    def evaluate(head) -> float:
+        whole = merge(full, head) if full and set(head) != set(full) else head
+        return float((head_forward(whole, feats).argmax(1) == labels).mean())
+    return evaluate
 
 
 def decompress_update(frame: Frame, global_head: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -122,6 +127,7 @@ class RoundRunner:
         self._acks_checked = False
         #: (run, round) -> its secure-aggregation session (secure.py); in memory only
         self.secure: dict[tuple[str, int], "SecureRound"] = {}
+        self._deploys_checked = -math.inf
 
     def engine(self, run_id: str) -> RoundEngine:
         eng = self.engines.get(run_id)
@@ -211,6 +217,20 @@ class RoundRunner:
                 failpoint("fl.round.opened")
             for t in tasks:
                 self._send_task(eng, t, now)
+        if now - self._deploys_checked >= DEPLOY_CHECK_S:
+            self._deploys_checked = now
+            self._finish_deploys(now)
+
+    def _finish_deploys(self, now: float) -> None:
+        """A run that ended ``done`` with ``--deploy`` and no rollout yet: its owner died (or the
+        controller was killed) between closing the last round and deploying. The run is no longer
+        pending or running, so the loop above never sees it: deploy it here, under its lease."""
+        for run in self.store.runs(status=("done",), limit=20):
+            dep = run.config.get("deploy")
+            if not dep or dep.get("rollout_id") or dep.get("error") or not self.owns(run.id, now):
+                continue
+            log.info("run %s: done but not deployed (its owner stopped in between): deploying now", run.id)
+            self.deploy_result(run)
 
     def _drive_secure(self, eng: RoundEngine, now: float, connected: bool) -> None:
         """Open the running round's session, close its due stage (sending the next stage's messages),
@@ -316,6 +336,7 @@ class RoundRunner:
             art = rollouts.add_bundle(out)
         except (ImportError, OSError, PatchError, ValueError, KeyError, StopIteration) as exc:  # LayerError too
             log.error("run %s: cannot make a bundle from its head: %s", run.id, exc)
+            self.store.set_config(run.id, {**run.config, "deploy": {**dep, "error": str(exc)}})   # said once
             return None
         devices = [d for d in self.registry.devices()
                    if ((d.state or {}).get("model") or {}).get("bundle_sha256") == base.bundle_sha256]

@@ -198,7 +198,11 @@ def derive_bundle(src: str | Path, out: str | Path, version: str, head: dict[str
         with np.load(tmp / ref_name, allow_pickle=False) as z:
             ref_x = z["x"]
         feats = _onnx_session(tmp / bb).run(None, {"input": ref_x.astype(np.float32)})[0]
-        np.savez(tmp / ref_name, x=ref_x, probs=softmax(head_forward(head, feats)).astype(np.float32))
+        from protocol.npzdelta import npz_bytes
+
+        # canonical bytes: a patch to this version carries the new probabilities only, not the inputs
+        (tmp / ref_name).write_bytes(npz_bytes({"x": ref_x, "probs": softmax(head_forward(head, feats))
+                                                .astype(np.float32)}))
     from protocol.lineage import validate
     from protocol.patch import bundle_id
 

@@ -34,6 +34,7 @@ from protocol.envelope import DecodeError, Envelope
 from protocol.mqttlink import Message
 from protocol.patch import version_key
 
+from ..failpoints import failpoint
 from .store import Artifact, Desired, RolloutRow, RolloutStore
 from .policy import FAILED, FINAL, RolloutPolicy, Slot, decide, fleet_metrics, is_integrity_refusal
 
@@ -49,6 +50,16 @@ MIN_CHUNK = 64 * 1024
 MAX_CHUNKS_PER_TRANSFER = 2048
 LEASE = "rollouts"
 IN_PROGRESS = ("released", "offered", "downloading", "received", "verified", "staged", "healthy")
+
+#: every step boundary of a rollout where a test may kill the controller (EDGEFLEET_FAILPOINT=name):
+#: each must be idempotent across a restart or a replica's takeover (tests/integration/test_takeover_pg.py)
+FAILPOINTS = (
+    "ro.wave.released",     # a wave's slots and desired versions written; not committed
+    "ro.offer.sent",        # a model.offer handed to paho; the slot does not say "offered" yet
+    "ro.chunk.sent",        # half of a transfer's chunks handed to paho by this process
+    "ro.slot.applied",      # a device reported the new version; its slot says "applied", not committed
+    "ro.done",              # the rollout says "done"; not committed
+)
 
 
 def chunk_size_for(total: int) -> int:
@@ -87,6 +98,7 @@ class RolloutRunner:
         self.rate = cfg.controller.rollout_max_bytes_per_s
         self._queue: deque[tuple[str, Artifact, int]] = deque()   # (device, artifact, chunk) waiting for the cap
         self._queued: set[tuple[str, Artifact, int]] = set()
+        self._sent_of: dict[str, int] = {}   # transfer -> chunks this process sent (the mid-transfer failpoint)
         #: the rollouts have one owner among the replicas (controller/lease.py); None: we are the only one
         self.leases = leases
         self._epoch: int | None = None
@@ -187,6 +199,7 @@ class RolloutRunner:
             log.info("rollout %s done: %s", r.id, figures)
             self.store.update_rollout(r.id, expect=("running",), status="done", reason=d.reason, figures=figures,
                                       finished=now)
+            failpoint("ro.done")
         elif figures != r.figures:
             self.store.update_rollout(r.id, figures=figures)
 
@@ -219,6 +232,7 @@ class RolloutRunner:
             self.store.update_slot(r.id, s.device_id, status="released", conf_before=live_confidence(dev))
             self.set_desired(s.device_id, r.bundle_sha256, r.version, r.id)
         self.store.update_rollout(r.id, wave=wave, wave_started=now, soak_started=None)
+        failpoint("ro.wave.released")
         log.info("rollout %s: wave %d of %d released", r.id, wave + 1, r.waves)
 
     def _send_back(self, r: RolloutRow, device_id: str) -> None:
@@ -265,6 +279,7 @@ class RolloutRunner:
             if have == d.bundle_sha256:
                 if slot is not None and slot.status in IN_PROGRESS and not d.rollout_id.endswith(":back"):
                     self.store.update_slot(rid, d.device_id, status="applied", reason="reported by the device")
+                    failpoint("ro.slot.applied")
                 continue
             if slot is not None and slot.status in FAILED and not d.rollout_id.endswith(":back"):
                 continue
@@ -303,6 +318,7 @@ class RolloutRunner:
                 "base": base, "transfer": manifest.to_dict(),
                 "allow_downgrade": bool(have_version) and version_key(d.version) <= version_key(str(have_version))}
         if self.channel.send(dev.id, "model.offer", body):
+            failpoint("ro.offer.sent")
             self.counts["offers"] += 1
             if slot is not None and slot.status == "released":
                 self.store.update_slot(rid, dev.id, status="offered", offered=self.clock())
@@ -405,6 +421,8 @@ class RolloutRunner:
                 and isinstance(b.get("current_accuracy"), (int, float)):
             extra = {"acc_before": float(b["current_accuracy"]), "acc_after": float(b["eval_accuracy"])}
         self.store.update_slot(rid, env.sender, status=status, reason=b.get("reason") or None, **extra)
+        if status == "applied":
+            failpoint("ro.slot.applied")
         if status in FAILED:
             r = self.store.rollout(rid)
             if r is not None:
@@ -486,5 +504,8 @@ class RolloutRunner:
         if self.channel.send_frame(device_id, "xfer.chunk", {"transfer_id": tid, "index": i}, blob=blob):
             self.counts["chunks_sent"] += 1
             self.counts["bytes_sent"] += len(blob)
+            self._sent_of[tid] = self._sent_of.get(tid, 0) + 1
+            if self._sent_of[tid] == max(1, manifest.count // 2):
+                failpoint("ro.chunk.sent")
             return len(blob)
         return 0

@@ -30,7 +30,7 @@ def start_controller(broker: str, db: Path, log: Path) -> subprocess.Popen:
                             stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=ENV, cwd=ROOT)
 
 
-def fleetctl(*args: str, timeout: float = 30, env: dict | None = None) -> subprocess.CompletedProcess:
+def fleetctl(*args: str, timeout: float = 120, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "controller.cli", *args], capture_output=True, text=True,
                           env={**ENV, **(env or {})}, cwd=ROOT, timeout=timeout)
 
@@ -61,8 +61,10 @@ def stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
-def controller_online(port: int, timeout: float = 15) -> None:
-    """Wait for the controller's retained ``online`` state (it is subscribed from then on)."""
+def controller_online(port: int, timeout: float = 60) -> None:
+    """Wait for the controller's retained ``online`` state (it is subscribed from then on). The bound is
+    generous: a controller imports numpy/onnx and opens its registry first, which takes 15 s and more
+    on a loaded 2-core machine (the wait returns the moment it is online)."""
     probe = Probe(port, subscribe=("edgefleet/v1/ctl/state",), protocol="3.1.1")
     try:
         wait_for(lambda: any(b'"online"' in p for _, p, _ in probe.seen()), timeout=timeout, what="controller online")

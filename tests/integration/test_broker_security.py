@@ -127,7 +127,7 @@ class TlsClient:
         """Publish at QoS 1 and return the broker's PUBACK reason ('Success', 'Not authorized')."""
         info = self.c.publish(topic, payload, 1)
         info.wait_for_publish(5)
-        return wait_for(lambda: self.acks.get(info.mid), timeout=5, what=f"PUBACK for {topic}")
+        return wait_for(lambda: self.acks.get(info.mid), timeout=30, what=f"PUBACK for {topic}")
 
     def subscribe(self, *topics: str) -> None:
         done = threading.Event()

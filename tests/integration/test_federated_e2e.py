@@ -36,7 +36,7 @@ def test_sync_round_completes_on_quorum_when_a_device_dies_mid_round(tmp_path, m
             ready(db, dev)
         run_id = start_run(mosquitto.url, db, bundle, "--clients", "3", "--min-clients", "2", "--rounds", "1",
                            "--deadline", "20s", "--steps", "60")
-        wait_for(lambda: (r := store(db).round(run_id, 1)) and "fl-2" in r.tasks_sent, timeout=15, what="tasks sent")
+        wait_for(lambda: (r := store(db).round(run_id, 1)) and "fl-2" in r.tasks_sent, timeout=60, what="tasks sent")
         agents["fl-2"].kill()   # dies while training (it trains slowly)
         run = wait_run(db, run_id)
         assert run.status == "done" and run.global_version == 1
@@ -142,7 +142,7 @@ def test_controller_killed_mid_round_resumes(tmp_path, mosquitto, example_bundle
             ready(db, f"rs-{i}")
         run_id = start_run(mosquitto.url, db, bundle, "--clients", "2", "--min-clients", "2", "--rounds", "2",
                            "--deadline", "40s", "--steps", "60")
-        wait_for(lambda: (r := store(db).round(run_id, 1)) and len(r.tasks_sent) == 2, timeout=15, what="tasks sent")
+        wait_for(lambda: (r := store(db).round(run_id, 1)) and len(r.tasks_sent) == 2, timeout=60, what="tasks sent")
         uploads = Probe(mosquitto.port, subscribe=("edgefleet/v1/dev/+/data/fl",)).wait_subscribed()
         controller = procs[0]
         controller.kill()

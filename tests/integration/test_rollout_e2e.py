@@ -63,7 +63,7 @@ def signed_fleet(tmp_path, mosquitto):
     procs = [start_signed_controller(mosquitto.url, db, keys / "controller.pem", tmp_path / "controller.log")]
     probe = Probe(mosquitto.port, subscribe=("edgefleet/v1/ctl/state",), protocol="3.1.1")
     try:
-        wait_for(lambda: any(b'"online"' in p for _, p, _ in probe.seen()), timeout=15, what="controller online")
+        wait_for(lambda: any(b'"online"' in p for _, p, _ in probe.seen()), timeout=60, what="controller online")
     finally:
         probe.close()
     trusted = f'[security]\ntrusted_keys = ["{keys / "controller.pub"}"]\n'

@@ -140,26 +140,31 @@ def test_robust_strategy_forwards_every_board_update(fleet):
 
 
 def test_relay_killed_after_collecting_keeps_what_it_held_on_disk(fleet):
-    """Two of site s1's boards answered and the relay held them; it is SIGKILLed, restarted; those two
-    never resend (their resend is far off), so only the relay's files can bring them back."""
+    """Two of site s1's boards answered and the relay held them; it is SIGKILLed; the third answers
+    while it is down; it is restarted. None of them resends (their resend is far off), so only the
+    relay's files bring the first two back, and only its persistent session on the site broker
+    (which queued the third's QoS 1 update for it) brings the third."""
     gate = threading.Event()
-    for b in ("b1", "b2"):
+    for b in ("b1", "b2", "b3"):
         fleet.boards[b].resend_s = 1000.0
     fleet.boards["b3"].gate = gate
+    site = Probe(fleet.tier.sites["s1"].port, subscribe=("edgefleet/v1/dev/b3/data/fl",)).wait_subscribed()
     try:
         run_id = fleet.run("--clients", "5", "--min-clients", "5", "--deadline", "90s")
         held = fleet.tmp / "relay-s1" / "fl" / f"{run_id}#1" / "updates"
         wait_for(lambda: held.is_dir() and {p.name for p in held.glob("*.frame")} == {"b1.frame", "b2.frame"},
                  timeout=40, what="relay s1 holds b1 and b2 on disk")
         fleet.kill_relay("s1")
-        fleet.relays["s1"] = fleet.start_relay("s1")
         gate.set()
+        site.wait(lambda t, p: t.endswith("/dev/b3/data/fl"), timeout=30, what="b3's update on the site broker")
+        fleet.relays["s1"] = fleet.start_relay("s1")
         run = fleet.wait_run(run_id)
         assert run.status == "done", fleet.store().round(run_id, 1).metrics
         m = fleet.store().round(run_id, 1).metrics
         assert m["sites"]["s1"]["boards"] == ["b1", "b2", "b3"] and m["received"] == 5
         assert_flat(fleet, run_id)
     finally:
+        site.close()
         fleet.boards["b3"].gate = None
         for b in ("b1", "b2", "b3"):
             fleet.boards[b].resend_s = 2.0

@@ -100,7 +100,7 @@ def test_contract_across_the_bridge(tier):
     # retained state crossed with its retain flag: a client that subscribes later at the centre gets it
     probe = Probe(tier.centre.port, subscribe=("edgefleet/v1/dev/b1/state",)).wait_subscribed()
     try:
-        st = probe.wait(lambda t, p: True, timeout=10, what="b1's retained state at the centre")[0]
+        st = probe.wait(lambda t, p: True, timeout=30, what="b1's retained state at the centre")[0]
         assert st[2] is True and json.loads(st[1])["body"]["site"] == "farm-1"
     finally:
         probe.close()
@@ -126,7 +126,7 @@ def test_contract_across_the_bridge(tier):
         props.ResponseTopic, props.CorrelationData = "edgefleet/v1/dev/b1/reply/x", b"corr-1"
         props.ContentType, props.UserProperty = "application/json", [("k", "v")]
         centre.client.publish("edgefleet/v1/dev/b1/req", b"{}", 1, properties=props).wait_for_publish(5)
-        wait_for(lambda: got, timeout=10, what="the request at the site")
+        wait_for(lambda: got, timeout=30, what="the request at the site")
         p = got[0].properties
         assert (p.ResponseTopic, p.CorrelationData, p.ContentType) == ("edgefleet/v1/dev/b1/reply/x", b"corr-1",
                                                                        "application/json")

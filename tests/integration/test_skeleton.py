@@ -78,7 +78,7 @@ def test_kill9_goes_offline_via_last_will(any_fleet, tmp_path):
     probe_state = device(db, "pi-9").status_changed
     agent.kill()
     agent.wait()
-    d = wait_for(lambda: (x := device(db, "pi-9")) and not x.online and x, timeout=15, what="last will")
+    d = wait_for(lambda: (x := device(db, "pi-9")) and not x.online and x, timeout=60, what="last will")
     assert d.status_changed > probe_state
 
 

@@ -66,8 +66,8 @@ def fleet(tmp_path, example_bundle):
     return ctx, serving, up, v1, v2, key
 
 
-def offer_for(v1, v2, data, **extra):
-    man = make_manifest("t-1", data, 4096)
+def offer_for(v1, v2, data, chunk_size=4096, **extra):
+    man = make_manifest("t-1", data, chunk_size)
     body = {"rollout_id": "r1", "target": {"version": json.loads((v2 / "manifest.json").read_text())["version"],
                                            "bundle_sha256": bundle_id(v2)},
             "base": {"version": "1.0.0", "bundle_sha256": bundle_id(v1)}, "transfer": man.to_dict(), **extra}
@@ -273,3 +273,72 @@ def test_a_global_head_of_the_wrong_shape_is_refused_and_the_serving_head_stays(
     asyncio.run(a.on_global_head(good, Message(CMD, b"")))
     assert ctx.named("fl.head_applied")[0]["version"] == 2
     assert all(np.allclose(serving.engine.head[k], v + 1) for k, v in before.items())
+
+
+def test_a_repeated_offer_does_not_ask_again_for_chunks_in_flight(fleet):
+    """A new rollout owner (a replica's takeover, a restarted controller) offers the same transfer
+    again. The chunks already asked for may still be on their way (the dead owner sent them, the
+    broker holds them): asking again at once would have them served twice. They are asked again only
+    when their request times out, as any lost chunk is (issue 14: no chunk served twice)."""
+    ctx, serving, up, v1, v2, key = fleet
+    data, _ = make_patch(v1, v2, key, deltas=False)
+    man, offer = offer_for(v1, v2, data, chunk_size=1024)
+    assert man.count >= 3
+
+    async def main():
+        await up.on_offer(offer, Message(CMD, b""))
+        first = [i for p in ctx.on("/data/xfer") for i in p.body["chunks"]]
+        await up.on_chunk(chunk(man, data, first[0]), Message(CMD, b""))
+        n = len(ctx.on("/data/xfer"))
+        await up.on_offer(offer, Message(CMD, b""))          # the same transfer, offered again
+        again = [i for p in ctx.on("/data/xfer")[n:] for i in p.body["chunks"]]
+        assert not set(again) & set(first[1:]), (first, again)
+        for i in up.active.transfer.inflight:                   # their requests time out: asked again
+            up.active.transfer.inflight[i] = -1e9
+        up._ask()
+        later = [i for p in ctx.on("/data/xfer")[n:] for i in p.body["chunks"]]
+        assert later and set(later) <= set(first[1:]), (first, later)   # (the window shrinks after a loss)
+
+    asyncio.run(main())
+
+
+def test_a_patch_of_the_federated_layers_is_applied_on_the_board(tmp_path, example_bundle):
+    """Issue 20: a run over chosen layers (``trainable: ["dense1"]``) ships as a patch of those
+    tensors only; the board rebuilds head.npz from its own copy, checks it against the signed
+    manifest, installs it through the gate. The bytes, measured against the whole-file patch."""
+    from controller.modeltools.example import derive_bundle
+    from protocol.bundle import load_head
+    from tests.protocol.test_npzdelta import _two_layer_base
+
+    a, head = _two_layer_base(example_bundle[0], tmp_path / "a")
+    b = derive_bundle(a, tmp_path / "b", "1.1.0", {**head, "dense1.weight": head["dense1.weight"] * 0.8,
+                                                    "dense1.bias": head["dense1.bias"] + 0.05})
+    key = generate()
+    save_keypair(key, tmp_path / "k.pem", tmp_path / "k.pub")
+    ctx = FakeContext(state={"dir": str(tmp_path / "state")}, model={"bundle": str(a)},
+                      security={"trusted_keys": [str(tmp_path / "k.pub")]})
+    serving = Serving(ctx)
+    serving.start()
+    up = Updater(ctx, serving)
+    up.start()
+    data, pm = make_patch(a, b, key)
+    whole, _ = make_patch(a, b, key, deltas=False)
+    assert sorted(pm["files"]["head.npz"]["delta"]["changed"]) == ["dense1.bias", "dense1.weight"]
+    assert len(data) * 2 < len(whole), (len(data), len(whole))
+    man = make_manifest("t-1", data, 4096)
+    body = {"rollout_id": "r1", "target": {"version": "1.1.0", "bundle_sha256": bundle_id(b)},
+            "base": {"version": "1.0.1", "bundle_sha256": bundle_id(a)}, "transfer": man.to_dict()}
+
+    async def main():
+        await up.on_offer(Envelope(kind="model.offer", sender="controller", body=body), Message(CMD, b""))
+        for i in range(man.count):
+            await up.on_chunk(chunk(man, data, i), Message(CMD, b""))
+
+    asyncio.run(main())
+    assert statuses(ctx)[-1] == "applied", ctx.named("model.update")
+    assert serving.engine.bundle.manifest.version == "1.1.0"
+    installed = serving.store.current
+    assert (installed / "head.npz").read_bytes() == (b / "head.npz").read_bytes()
+    got = load_head(installed / "head.npz")
+    assert np.array_equal(got["dense0.weight"], head["dense0.weight"])          # the frozen body kept
+    assert np.allclose(got["dense1.weight"], head["dense1.weight"] * 0.8)       # the federated layer new
