@@ -1,5 +1,9 @@
 """Offload benchmark: accuracy and latency of local-only, always-offload and the policy at
-several thresholds; bytes of features vs raw input; worker throughput with 1, 2 and 4 workers.
+several thresholds; worker throughput with 1, 2 and 4 workers (the digits MLP); on an image
+model (the shapes CNN, controller/modeltools/cnn.py): early exits (compute saved, accuracy
+drop) and the learned bottleneck at the split (whole feature request vs whole raw request on
+the wire, accuracy drop through the worker's decoder + tail); deadline scheduling across
+workers (bench/offload_sched.py).
 
 Real parts: the example bundle (device) and the large bundle (worker) built here, a real
 Mosquitto on a free loopback port, real ``fleetctl offload-worker`` processes on an MQTT 5
@@ -15,7 +19,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -24,6 +27,7 @@ import time
 from pathlib import Path
 
 from brokers import start_mosquitto  # noqa: E402 - bench/ is on sys.path when run as a script
+from offload_sched import deadline_figures  # noqa: E402 - sched21's deadline scheduling figures
 
 import numpy as np
 
@@ -37,6 +41,125 @@ from controller.offload.worker import OffloadModel  # noqa: E402
 from protocol.binary import encode_frame  # noqa: E402
 from protocol.bundle import load_bundle  # noqa: E402
 from protocol.envelope import Envelope, decode  # noqa: E402
+
+
+def mqtt_publish_bytes(topic: str, payload: bytes, response_topic: str, correlation: bytes) -> int:
+    """One whole MQTT 5 PUBLISH (QoS 1) as it goes on the wire: fixed header, topic, packet id,
+    properties (response topic, correlation data) and payload."""
+    props = (1 + 2 + len(response_topic.encode())) + (1 + 2 + len(correlation))
+    rest = 2 + len(topic.encode()) + 2 + _varint_len(props) + props + len(payload)
+    return 1 + _varint_len(rest) + rest
+
+
+def _varint_len(n: int) -> int:
+    k = 1
+    while n >= 128:
+        n >>= 7
+        k += 1
+    return k
+
+
+def image_figures(quick: bool) -> dict:
+    """Early exits and the bottleneck on the shapes CNN, through the agent's and the worker's code."""
+    from agent.serving.inference import InferenceEngine as Engine
+    from protocol.binary import decode_frame
+    from protocol.envelope import new_id
+    from protocol.offload import worker_req_topic
+    from tests.helpers.bundles import cached_cnn, cached_exit_bundles
+
+    t0 = time.perf_counter()
+    plain_dir, cnn_report = cached_cnn()
+    built = cached_exit_bundles(8000)
+    build_s = time.perf_counter() - t0
+    plain = Engine(load_bundle(plain_dir))
+    exits = Engine(load_bundle(built["pair_a"]))
+    worker = OffloadModel(load_bundle(built["pair_a"]))
+    with np.load(built["pair_a"] / "eval.npz") as z:
+        x, y = z["x"], z["y"]
+    if quick:
+        x, y = x[:500], y[:500]
+    # early exits vs the whole model, same inputs, same process, interleaved
+    t_plain = t_exit = 0.0
+    full, early = [], []
+    for xi in x:
+        a = time.perf_counter()
+        full.append(plain.predict(xi))
+        b = time.perf_counter()
+        early.append(exits.predict(xi))
+        t_exit += time.perf_counter() - b
+        t_plain += b - a
+    acc_full = float(np.mean([p.label == yi for p, yi in zip(full, y)]))
+    acc_exit = float(np.mean([p.label == yi for p, yi in zip(early, y)]))
+    em = exits.metrics()["early_exits"]
+    # the bottleneck: every request as the board would offload it at the cut, answered by the worker
+    topic, reply = worker_req_topic("edgefleet/v1", "w-a"), "edgefleet/v1/dev/pi-07/reply/offload"
+    feat_sizes, raw_sizes, remote = [], [], []
+    for xi, p in zip(x, early):
+        code, extra, compress = exits.exits.offload_tensor(p)
+        corr = new_id()
+        body = {"mode": "features", "deadline_ts": time.time() + 0.2, "budget_ms": 200.0, "model": "shapes", **extra}
+        env = Envelope(kind="offload.request", sender="pi-07", body=body, reply_to=reply, corr=corr)
+        frame = encode_frame(env, {"x": code}, compress=compress)
+        raw_env = Envelope(kind="offload.request", sender="pi-07", reply_to=reply, corr=corr,
+                           body={"mode": "raw", "deadline_ts": body["deadline_ts"], "budget_ms": 200.0,
+                                 "model": "shapes"})
+        raw = encode_frame(raw_env, {"x": xi})
+        feat_sizes.append(mqtt_publish_bytes(topic, frame, reply, corr.encode()))
+        raw_sizes.append(mqtt_publish_bytes(topic, raw, reply, corr.encode()))
+        d = decode_frame(frame)
+        remote.append(worker.answer("features", d.tensors["x"], dict(d.envelope.body))[0])
+    acc_bn = float(np.mean(np.array(remote) == y))
+    bn = load_bundle(built["pair_a"]).manifest.bottleneck
+    bm = json.loads((built["pair_a"] / "manifest.json").read_text())["metrics"]
+    print(f"image model: shapes CNN 32x32x3 uint8, fp32 accuracy {acc_full:.4f} ({len(x)} eval images; "
+          f"bundles ready in {build_s:.1f} s)")
+    print(f"early exits: accuracy {acc_exit:.4f} ({(acc_full - acc_exit) * 100:+.2f} pts), backbone MACs not run "
+          f"{em['backbone_saved']:.1%} ({em['compute_saved']:.1%} net of the exit heads), time not spent "
+          f"{1 - t_exit / t_plain:.1%}, answered per exit "
+          f"{[r['rate'] for r in em['exits']]}")
+    print(f"bottleneck at {bn.at}: {bn.channels} channels int8 + zstd; request {np.mean(feat_sizes):.0f} B vs raw "
+          f"{np.mean(raw_sizes):.0f} B on the wire; accuracy through decoder + tail {acc_bn:.4f}")
+    return {"feature_bytes_ratio": round(float(np.mean(feat_sizes)) / float(np.mean(raw_sizes)), 4),
+            "request_bytes_features": round(float(np.mean(feat_sizes)), 1),
+            "request_bytes_raw": round(float(np.mean(raw_sizes)), 1),
+            "bottleneck_acc_drop_pts": round((acc_full - acc_bn) * 100, 3),
+            # the backbone's multiply-accumulates not run (the issue's definition), and net of the
+            # exit heads' own MACs (every enabled head up to the answering exit)
+            "early_exit_compute_saved": em["backbone_saved"],
+            "early_exit_net_compute_saved": em["compute_saved"],
+            "early_exit_time_saved": round(1 - t_exit / t_plain, 4),
+            "early_exit_acc_drop_pts": round((acc_full - acc_exit) * 100, 3),
+            "image_accuracy_full": round(acc_full, 4), "image_accuracy_exits": round(acc_exit, 4),
+            "image_accuracy_bottleneck": round(acc_bn, 4), "image_eval_samples": int(len(x)),
+            "early_exit_rates": [r["rate"] for r in em["exits"]],
+            "bottleneck": {"at": bn.at, "channels": bn.channels, "ratio": bn.ratio, "epochs": bm["bottleneck"]["epochs"],
+                           "train_seconds": bm["bottleneck"]["train_seconds"], "training": bm["bottleneck"]["training"]},
+            "exit_training": bm["exits"]["training"], "cnn_train_seconds": cnn_report.get("train_seconds")}
+
+
+def wait_workers(port: int, ids: list[str], timeout: float = 90.0) -> None:
+    """Until every worker's retained status is on the broker (start-up takes seconds when loaded)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.enums import CallbackAPIVersion
+
+    seen: set[str] = set()
+    ev = threading.Event()
+
+    def on_message(cl, u, m):
+        if m.payload:
+            seen.add(m.topic.rsplit("/", 1)[1])
+        if set(ids) <= seen:
+            ev.set()
+
+    c = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=f"wait-{os.getpid()}", protocol=mqtt.MQTTv5)
+    c.on_message = on_message
+    c.on_connect = lambda cl, u, f, rc, p=None: cl.subscribe("edgefleet/v1/offload/workers/+", 1)
+    c.connect("127.0.0.1", port)
+    c.loop_start()
+    ev.wait(timeout)
+    c.loop_stop()
+    c.disconnect()
+    time.sleep(0.3)   # their subscriptions are made before the status goes out; a margin for the broker
 
 
 def start_broker(work: Path) -> tuple[subprocess.Popen, int]:
@@ -105,7 +228,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     a = ap.parse_args()
-    secs = 3.0 if a.quick else 8.0
+    secs = 2.0 if a.quick else 8.0
+    t_bench = time.perf_counter()
+    img = image_figures(a.quick)
     work = Path(tempfile.mkdtemp(prefix="edgefleet-offload-"))
     build_example(work / "small", "small", epochs=30)
     build_example(work / "large", "large", epochs=30)
@@ -141,7 +266,7 @@ def main() -> None:
                                     "offload-worker", "--bundle", str(work / "large"), "--id", f"b{n}-{i}"],
                                    env=env_vars, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
                   for i in range(n)]
-            time.sleep(3.0)
+            wait_workers(port, [f"b{n}-{i}" for i in range(n)])
             if n == 1:
                 _, rtt_ms = load(port, xd, min(2.0, secs), inflight=1)  # one at a time: the round trip
             rate, _ = load(port, xd, secs, inflight=32)
@@ -150,7 +275,11 @@ def main() -> None:
             for w in ws:
                 w.terminate()
             for w in ws:
-                w.wait(5)
+                try:
+                    w.wait(30)
+                except subprocess.TimeoutExpired:   # a loaded machine: do not leave it behind
+                    w.kill()
+                    w.wait()
     finally:
         broker.terminate()
         broker.wait(5)
@@ -169,12 +298,17 @@ def main() -> None:
     fig.update(local_accuracy=curve[0]["accuracy"], always_offload_accuracy=curve[-1]["accuracy"],
                policy_threshold=0.9, policy_accuracy=pick["accuracy"], offload_rate=pick["offload_rate"],
                local_latency_ms=round(local_ms, 4), offload_rtt_ms=round(rtt_ms, 3), curve=curve,
-               feature_bytes_ratio=round(feat_b / raw_b, 3), feature_payload_ratio=round(payload_ratio, 3),
-               request_bytes_raw=raw_b, request_bytes_features=feat_b,
+               digits_feature_bytes_ratio=round(feat_b / raw_b, 3), digits_feature_payload_ratio=round(payload_ratio, 3),
+               digits_request_bytes_raw=raw_b, digits_request_bytes_features=feat_b,
                throughput_1_2_4_workers=[tput[1], tput[2], tput[4]], cores=os.cpu_count())
     print(f"request bytes: features {feat_b} B vs raw {raw_b} B (ratio {feat_b / raw_b:.2f}; payload alone "
           f"{payload_ratio:.2f}); round trip {rtt_ms:.2f} ms")
     shutil.rmtree(work, ignore_errors=True)
+    fig.update(img)
+    dl = deadline_figures(a.quick)
+    fig.update(deadline_met_fraction=dl["deadline_met_fraction"], deadline_met_naive=dl["deadline_met_naive"],
+               deadline=dl)
+    fig.update(wall_s=round(time.perf_counter() - t_bench, 1), loadavg_1m=round(os.getloadavg()[0], 2))
     print(json.dumps(fig))
 
 

@@ -21,12 +21,18 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
 from .atomicfile import write_atomic
+from .exits import BottleneckSpec, ExitsError, ExitSpec, parse_exits
 
 MANIFEST = "manifest.json"
 # "mcu": a model (or any blob) for the board's sensor MCU, pushed over the firmware bridge when
 # the version that carries it is applied (agent/updates/feature.py); the MCU's answer decides the update
-ROLES = ("backbone", "head", "reference", "eval", "labels", "other", "mcu")
+ROLES = ("backbone", "head", "reference", "eval", "labels", "other", "mcu",
+         # early exits and the learned bottleneck (protocol/exits.py): the backbone cut into
+         # segments at the exit tensors, one small head per exit, the board's encoder and the
+         # worker's decoder at the split
+         "segment", "exit_head", "encoder", "decoder")
 DTYPES = ("float32", "float16", "int8", "uint8", "int32", "int64")
 # what a bundle's outputs mean, and so how the agent shapes its answer (agent/serving):
 # classify: top-k with label names; regress: values; detect: boxes, scores, classes above a
@@ -86,6 +92,11 @@ class Manifest:
     # task-specific settings, e.g. detect: {"boxes": NAME, "scores": NAME, "classes": NAME,
     # "threshold": 0.5}; classify: {"top_k": 5}
     task_params: Mapping[str, Any] = field(default_factory=dict)
+    # early exits in order, the segment files (len(exits) + 1) and the bottleneck at one exit's
+    # tensor (protocol/exits.py); () / None for a bundle without them
+    exits: tuple[ExitSpec, ...] = ()
+    segments: tuple[str, ...] = ()
+    bottleneck: BottleneckSpec | None = None
 
     def file(self, role: str) -> str | None:
         for name, e in self.files.items():
@@ -185,9 +196,13 @@ def parse_manifest(d: Any) -> Manifest:
     parent = d.get("parent_version")
     if parent is not None and not isinstance(parent, str):
         raise _err("parent_version", "must be a string or null")
+    try:
+        exits, segments, bottleneck = parse_exits(d, entries, task)
+    except ExitsError as exc:
+        raise BundleError(str(exc)) from None
     return Manifest(d["name"], d["version"], inp, feats, tuple(labels), entries, parent, d.get("created"),
                     d.get("metrics") or {}, d.get("reference"), d.get("eval"), d,
-                    inputs, outputs, task, task_params)
+                    inputs, outputs, task, task_params, exits, segments, bottleneck)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,12 @@
 * ``offload.request`` — binary frame, device → ``{root}/v1/offload/req``; tensor ``x`` holds the
   backbone features (split computing; uint8-quantized with ``scale``) or the raw input (float32);
   ``reply_to`` inside the device's own subtree, ``corr`` to match the answer.
-* ``offload.reply`` — JSON, worker → the request's ``reply_to``.
+  Additive (protocol/exits.py): ``split`` (backbone + cut tensor, 16 hex) and ``exit`` (which
+  exit's tensor ``x`` is) replace ``backbone_sha256`` for features sent from an exit; with
+  ``codec: "int8+zstd"`` and ``bottleneck`` (the encoder/decoder pair id) ``x`` is the int8
+  bottleneck code and the frame's payload is zstd-compressed.
+* ``offload.reply`` — JSON, worker → the request's ``reply_to``; a refusal carries ``code``
+  (``split_mismatch``, ``decoder_mismatch`` for exit/bottleneck features that do not match).
 * ``offload.status`` — JSON, retained, worker → ``{root}/v1/offload/workers/{worker}``.
 
 Workers subscribe to ``$share/{group}/{root}/v1/offload/req`` (MQTT 5), so N workers split the
@@ -46,7 +51,10 @@ DROP_DEADLINE = "deadline"          # cannot finish before the deadline: answer 
 DROP_BUSY = "busy"                  # the worker's bounded queue is full
 REFUSED_INCOMPATIBLE = "incompatible"   # mode/split/input this worker does not accept
 REFUSED_BAD_INPUT = "bad_input"
-REPLY_CODES = (DROP_DEADLINE, DROP_BUSY, REFUSED_INCOMPATIBLE, REFUSED_BAD_INPUT, "error")
+REFUSED_SPLIT = "split_mismatch"        # features from another backbone/cut (another split version)
+REFUSED_DECODER = "decoder_mismatch"    # a bottleneck code from another encoder/decoder pair
+REPLY_CODES = (DROP_DEADLINE, DROP_BUSY, REFUSED_INCOMPATIBLE, REFUSED_BAD_INPUT, REFUSED_SPLIT, REFUSED_DECODER,
+               "error")
 
 
 def _opt_num(body: Mapping[str, Any], key: str, positive: bool = False) -> None:
@@ -67,10 +75,22 @@ def _check_request(body: Mapping[str, Any]) -> None:
     _opt_num(body, "budget_ms", positive=True)
     _req(body, "model", str)
     if mode == "features":
-        _req(body, "backbone_sha256", str)
-        s = _req(body, "scale", (int, float))
-        if not s > 0:
-            raise DecodeError("field", "must be > 0", "body.scale")
+        # features from an exit / through a bottleneck name their split instead of the backbone
+        if "split" in body:
+            _req(body, "split", str)
+            k = _req(body, "exit", int, optional=True)
+            if k is not None and k < 0:
+                raise DecodeError("field", "must be >= 0", "body.exit")
+        else:
+            _req(body, "backbone_sha256", str)
+        if body.get("codec") is not None:   # the code's scale is the bottleneck pair's own
+            if body["codec"] not in ("int8+zstd",):
+                raise DecodeError("field", f"unknown codec {body['codec']!r}", "body.codec")
+            _req(body, "bottleneck", str)
+        else:
+            s = _req(body, "scale", (int, float))
+            if not s > 0:
+                raise DecodeError("field", "must be > 0", "body.scale")
 
 
 def _check_reply(body: Mapping[str, Any]) -> None:

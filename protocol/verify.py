@@ -199,3 +199,28 @@ def io_of_runtime(rt: Any) -> tuple[list[ModelIO], list[ModelIO]]:
     outs = getattr(rt, "outputs", None) or [rt.output]
     conv = lambda xs: [ModelIO(x.name, tuple(x.shape), str(x.dtype)) for x in xs]  # noqa: E731
     return conv(ins), conv(outs)
+
+
+def verify_segments(manifest: Manifest, segment_io: Sequence[tuple[Sequence[ModelIO], Sequence[ModelIO]]],
+                    backbone_outputs: Sequence[ModelIO]) -> list[Problem]:
+    """The segment chain of a bundle with early exits (pure): segment 0 takes the model's inputs,
+    segment i > 0 takes exit i-1's tensor, segment i gives exit i's tensor and the last gives the
+    backbone's first output — so running them in turn is running the backbone."""
+    problems: list[Problem] = []
+    exits = manifest.exits
+    if len(segment_io) != len(exits) + 1:
+        return [Problem("error", "segments", f"{len(segment_io)} segment(s) for {len(exits)} exit(s)")]
+    model_in = [s.name for s in (manifest.inputs or (manifest.input,))]
+    final = backbone_outputs[0].name if backbone_outputs else None
+    for i, (ins, outs) in enumerate(segment_io):
+        want_in = model_in if i == 0 else [exits[i - 1].tensor]
+        want_out = exits[i].tensor if i < len(exits) else final
+        got_in = [m.name for m in ins]
+        if i == 0 and len(got_in) == len(want_in) == 1:
+            pass   # old manifests name the input freely: matched by position, as the backbone is
+        elif got_in != want_in:
+            problems.append(Problem("error", f"segments[{i}]", f"takes {got_in}; expected {want_in}"))
+        if [m.name for m in outs] != [want_out]:
+            problems.append(Problem("error", f"segments[{i}]", f"gives {[m.name for m in outs]}; expected "
+                                                               f"[{want_out!r}]"))
+    return problems

@@ -69,6 +69,8 @@ class Offloader(Feature):
         self.expired: OrderedDict[str, tuple[str | None, float]] = OrderedDict()
         self.answered: OrderedDict[str, None] = OrderedDict()
         self.stats: Counter[str] = Counter()
+        #: workers' refusals by reason code (split_mismatch, decoder_mismatch, ...)
+        self.refusals: Counter[str] = Counter()
         self.remote_hist = LatencyHistogram()
         self.last_attempt = 0.0
         self.probe_interval_s = 5.0
@@ -153,7 +155,8 @@ class Offloader(Feature):
                 "duplicate_replies": s["duplicate_reply"], "unknown_replies": s["unknown_reply"],
                 "routed": s["routed"], "answered_remote": s["remote_ok"], "dropped_by_worker": s["dropped_by_worker"],
                 "local_after_remote": s["fallback"], "late_replies": s["late_reply"],
-                "no_worker_fits": s["no_worker_fits"], "workers": self.router.summary(time.monotonic())}
+                "no_worker_fits": s["no_worker_fits"], "workers": self.router.summary(time.monotonic()),
+                "refusals": dict(self.refusals)}
 
     # -- per request ---------------------------------------------------------
     async def resolve(self, pred: "Prediction", x: Any, local: dict[str, Any],
@@ -166,7 +169,7 @@ class Offloader(Feature):
         deadline_v = deadline_ms if deadline_ms is not None else self.policy.deadline_ms
         route, no_route = None, None
         if up and engine is not None and self.router.known(t_start) and self.policy.enabled:
-            split = self._split(engine) if self.policy.mode == "features" else None
+            split = self._split(engine, pred) if self.policy.mode == "features" else None
             size = None if self.policy.mode == "features" else int(np.asarray(x).size)
             remaining_ms = deadline_v - pred.latency_ms - self.policy.margin_ms
             route, why = self.router.choose(self.policy.mode, split, size, remaining_ms, t_start)
@@ -197,7 +200,16 @@ class Offloader(Feature):
         body: dict[str, Any] = {"mode": self.policy.mode, "deadline_ts": time.time() + left,
                                 "budget_ms": round(max(0.001, left * 1000.0), 3),
                                 "model": engine.bundle.manifest.name}
-        if self.policy.mode == "features":
+        compress = False
+        exits = getattr(engine, "exits", None)
+        if self.policy.mode == "features" and exits is not None:
+            # from an exit, or the bottleneck code at the cut (agent/serving/exits.py)
+            tensor, extra, compress = exits.offload_tensor(pred)
+            body.update(extra)
+            if "split" not in extra:
+                b = engine.bundle
+                body["backbone_sha256"] = b.manifest.files[b.manifest.file("backbone")].sha256
+        elif self.policy.mode == "features":
             f = np.asarray(pred.features, np.float32).reshape(-1)
             top = float(f.max()) if f.size else 0.0
             scale = top / 255.0 if top > 0 else 1.0
@@ -207,7 +219,7 @@ class Offloader(Feature):
             tensor = np.asarray(x, np.float32)
         env = Envelope(kind="offload.request", sender=self.ctx.device_id, body=body, reply_to=self.reply_topic,
                        corr=corr)
-        payload = encode_frame(env, {"x": tensor})
+        payload = encode_frame(env, {"x": tensor}, compress=compress)
         fut: asyncio.Future = asyncio.get_running_loop().create_future()
         self.pending[corr] = fut
         self.last_attempt = time.monotonic()
@@ -249,6 +261,8 @@ class Offloader(Feature):
                 self.stats["dropped_by_worker"] += 1
             else:
                 self.stats["remote_error"] += 1
+                if isinstance(reply.get("code"), str):   # incompatible, split_mismatch, decoder_mismatch, ...
+                    self.refusals[reply["code"][:40]] += 1
             self.stats["fallback"] += 1
             return {**local, "path": "local_fallback", "offload_error": reply.get("error"),
                     "offload_code": reply.get("code"), "worker": reply.get("worker")}
@@ -262,7 +276,12 @@ class Offloader(Feature):
                 "remote_ms": round(rtt_ms, 3), "local": {"label": local["label"], "confidence": local["confidence"]}}
 
     @staticmethod
-    def _split(engine: "InferenceEngine") -> str:
+    def _split(engine: "InferenceEngine", pred: "Prediction | None" = None) -> str:
+        """The split a worker must serve for these features: the backbone, or (early exits) the
+        exit's split / the bottleneck's split + pair (agent/serving/exits.py)."""
+        exits = getattr(engine, "exits", None)
+        if exits is not None and pred is not None:
+            return exits.routing_split(pred)
         b = engine.bundle
         return b.manifest.files[b.manifest.file("backbone")].sha256
 

@@ -71,6 +71,34 @@ class Serving(Feature):
         self.source: Any = None
         #: called with (input, label) for every served prediction (agent.shadow collects live inputs)
         self.taps: list[Callable[[Any, int], None]] = []
+        self.observers.append(self._exit_observed)
+
+    # -- early exits (agent/serving/exits.py) ---------------------------------
+    def _offload_may_follow(self) -> bool:
+        r = self.resolver
+        return r is not None and r.enabled and getattr(getattr(r, "policy", None), "mode", None) == "features"
+
+    def _exit_observed(self, _id: str, pred: Prediction, label: int | None) -> None:
+        eng = self.engine
+        if eng is not None and eng.exits is not None and label is not None:
+            eng.exits.observe(pred, label)
+
+    async def _resolved(self, pred: Prediction, x: Any, result: dict[str, Any],
+                        deadline_ms: float | None = None, label: Any = None) -> dict[str, Any]:
+        """The resolver's answer; a request that stopped at the bottleneck's exit for a possible
+        offload and was not answered remotely is finished locally (its path and reason kept)."""
+        assert self.resolver is not None
+        out = await self.resolver.resolve(pred, x, result, deadline_ms)
+        if pred.resume is None or out.get("path") == "remote":
+            return out
+        full = pred.resume()
+        if label is not None and self.engine is not None and self.engine.exits is not None:
+            self.engine.exits.observe(full, label)
+        extra = {k: v for k, v in out.items() if k in ("path", "offload_error", "offload_reason", "low_confidence",
+                                                       "offload_skipped")}
+        body = prediction_body(full)
+        body["latency_ms"] = round(pred.latency_ms + full.latency_ms, 4)
+        return {**body, **extra}
 
     # -- declarations ------------------------------------------------------
     def commands(self) -> dict[str, Any]:
@@ -148,6 +176,8 @@ class Serving(Feature):
             log.error("cannot serve %s: %s", cur.name, exc)
             self.ctx.emit_event("model.refused", "error", dir=cur.name, reason=str(exc))
             return False
+        if engine.exits is not None:   # stop at the bottleneck's exit only when an offload may follow
+            engine.exits.stop_at_cut = self._offload_may_follow
         self.engine, self.load_error = engine, None
         try:
             from protocol.patch import bundle_id
@@ -302,7 +332,7 @@ class Serving(Feature):
             fn(env.corr or env.id, pred, label)
         result = prediction_body(pred)
         if self.resolver is not None:
-            result = await self.resolver.resolve(pred, x, result, env.body.get("deadline_ms"))
+            result = await self._resolved(pred, x, result, env.body.get("deadline_ms"), label)
         else:
             result = {**result, "path": "local"}
         result["task"], result["top_k"] = "classify", ans.result["top_k"]
@@ -323,7 +353,7 @@ class Serving(Feature):
                 fn(sample.id, pred, sample.label)
             result = prediction_body(pred)
             if self.resolver is not None and self.resolver.enabled:
-                result = await self.resolver.resolve(pred, sample.x, result)
+                result = await self._resolved(pred, sample.x, result, None, sample.label)
             for body in self.results.add(time.monotonic(), {**result, "id": sample.id}, sample.label):
                 env = Envelope(kind="result", sender=self.ctx.device_id, body=body)
                 if body["type"] == "summary":

@@ -7,10 +7,11 @@ inference always uses the last good head and never waits for training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+import logging
 import math
 import threading
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 
@@ -19,6 +20,8 @@ from protocol.bundle import Bundle, check_head, head_forward
 from .histogram import LatencyHistogram
 from .runtimes import Runtime, make_runtime
 from .tasks import DEFAULT_TOP_K, shape_answer, top_k
+
+log = logging.getLogger("edge_agent.serving")
 
 
 class InputError(ValueError):
@@ -40,6 +43,12 @@ class Prediction:
     entropy: float
     features: np.ndarray
     latency_ms: float
+    # early exits (agent/serving/exits.py): the exit that answered (len(exits) = the full model),
+    # the exit tensors computed so far, and, when the request stopped at the bottleneck's exit for
+    # a possible offload, what finishes it locally
+    exit: int | None = None
+    tensors: tuple = ()
+    resume: "Callable[[], Prediction] | None" = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +192,19 @@ class InferenceEngine:
         self._conf_sum = 0.0
         self._ent_sum = 0.0
         self._t0 = time.monotonic()
+        #: early exits, when the bundle declares them: ``predict`` then runs segment by segment
+        self.exits = None
+        self.exits_error: str | None = None
+        if m.exits:
+            from .exits import ExitRunner
+
+            try:
+                self.exits = ExitRunner(self, Prediction, threads, providers)
+                self.predict = self.exits.predict  # type: ignore[method-assign]
+            except ValueError as exc:
+                self.exits_error = str(exc)[:500]
+                log.warning("bundle %s %s: early exits refused, serving the whole backbone: %s", m.name,
+                            m.version, exc)
 
     # -- head ----------------------------------------------------------------
     @property
@@ -301,7 +323,9 @@ class InferenceEngine:
                 "latency_ms": {k: h[k] for k in ("p50_ms", "p95_ms", "p99_ms", "mean_ms")},
                 "throughput_per_s": round(self.count / elapsed, 3),
                 "mean_confidence": round(self._conf_sum / self.count, 5) if self.count else None,
-                "mean_entropy": round(self._ent_sum / self.count, 5) if self.count else None}
+                "mean_entropy": round(self._ent_sum / self.count, 5) if self.count else None,
+                **({"early_exits": self.exits.metrics()} if self.exits is not None else {}),
+                **({"early_exits_error": self.exits_error} if self.exits_error else {})}
 
 
 def entropy_of(probs: np.ndarray) -> float:

@@ -9,7 +9,102 @@ import click
 
 @click.group()
 def model() -> None:
-    """Model bundles: import, inspect, build-example, quantize, split, set-backbone, add-data."""
+    """Model bundles: import, inspect, build-example, quantize, split, exits, bottleneck, set-backbone, add-data."""
+
+
+def _with_exits(bundle: str, exits: tuple[str, ...], data: str | None, echo: bool = True) -> None:
+    """``--exit`` on split/import: the bundle just written gets its early exits in place."""
+    from ..modeltools.exits import ExitError, add_exits
+    from ..modeltools.quantize import quiet_ort
+
+    try:
+        with quiet_ort():
+            r = add_exits(bundle, list(exits), bundle, data=data)
+    except ExitError as exc:
+        raise click.ClickException(f"--exit: {exc}") from None
+    if echo:
+        _echo_exits(bundle, r)
+
+
+def _echo_exits(out: str, r: dict) -> None:
+    click.echo(f"{out}: exits at {', '.join(r['tensors'])}; thresholds {r['thresholds']}; heads {r['training']} "
+               f"on {r['trained_on']} samples")
+    if "eval_accuracy_exits" in r:
+        click.echo(f"  eval: accuracy {r['eval_accuracy_full']:.2%} (full) → {r['eval_accuracy_exits']:.2%} "
+                   f"(exits), compute saved {r['eval_compute_saved']:.1%}, answered per exit {r['eval_exit_rates']}")
+    else:
+        click.echo(f"  held-out: agreement with the full model {r['heldout_agreement']:.2%}, compute saved "
+                   f"{r['heldout_compute_saved']:.1%}")
+
+
+@model.command("exits")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--exit", "exits", multiple=True, required=True, help="an exit tensor (repeatable, in model order)")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="inputs to distil the exit heads on (.npz with x, or .npy); default: the bundle's eval set")
+@click.option("--agreement", type=float, default=0.992, show_default=True,
+              help="answers must agree with the full model this often (held-out quarter of the data)")
+@click.option("--pool", type=int, default=4, show_default=True, help="an exit head sees its tensor pooled to N×N")
+@click.option("--threshold", "thresholds", type=float, multiple=True, help="fixed thresholds, one per exit")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def exits_cmd(bundle: str, exits: tuple[str, ...], data: str | None, agreement: float, pool: int,
+              thresholds: tuple[float, ...], out: str, as_json: bool) -> None:
+    """Add early exits: cut the backbone at each --exit tensor, distil a small head per exit."""
+    from ..modeltools.exits import ExitError, add_exits
+    from ..modeltools.quantize import quiet_ort
+
+    if thresholds and len(thresholds) != len(exits):
+        raise click.BadParameter(f"{len(thresholds)} threshold(s) for {len(exits)} exit(s)", param_hint="--threshold")
+    if not 0 < agreement <= 1:
+        raise click.BadParameter(f"{agreement}: must be in (0, 1]", param_hint="--agreement")
+    try:
+        with quiet_ort():
+            r = add_exits(bundle, list(exits), out, data=data, agreement=agreement, pool=pool,
+                          thresholds=list(thresholds) or None)
+    except ExitError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(r, indent=2))
+        return
+    _echo_exits(out, r)
+
+
+@model.command("bottleneck")
+@click.argument("bundle", type=click.Path(exists=True, file_okay=False))
+@click.option("--ratio", type=float, required=True, help="channels kept at the cut (0.16 of 32 → 5)")
+@click.option("--data", type=click.Path(exists=True, dir_okay=False),
+              help="inputs to train on (.npz with x, or .npy); default: the bundle's eval set")
+@click.option("--at", "at", default=None, help="the exit tensor to cut at (default: the last exit)")
+@click.option("--epochs", type=int, default=10, show_default=True)
+@click.option("--max-drop", type=float, default=0.01, show_default=True, help="refuse a pair that loses more accuracy")
+@click.option("--levels", type=int, default=63, show_default=True,
+              help="int8 code levels used by the 99.9th percentile (fewer: smaller after zstd, less exact)")
+@click.option("-o", "--out", required=True, type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="replace OUT if it exists")
+@click.option("--json", "as_json", is_flag=True)
+def bottleneck_cmd(bundle: str, ratio: float, data: str | None, at: str | None, epochs: int, max_drop: float,
+                   levels: int, out: str, force: bool, as_json: bool) -> None:
+    """Train a bottleneck at the split (BottleFit): int8 encoder on the board, decoder on the worker."""
+    from ..modeltools.bottleneck import BottleneckError, add_bottleneck
+    from ..modeltools.quantize import quiet_ort
+
+    if epochs < 1:
+        raise click.BadParameter(f"{epochs}: must be >= 1", param_hint="--epochs")
+    try:
+        with quiet_ort():
+            r = add_bottleneck(bundle, out, ratio, data=data, at=at, epochs=epochs, max_drop=max_drop, force=force,
+                               levels=levels)
+    except BottleneckError as exc:
+        raise click.ClickException(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(r.to_dict(), indent=2))
+        return
+    acc = (f"accuracy {r.accuracy_full:.2%} → {r.accuracy_bottleneck:.2%} ({r.drop_pts:+.2f} pts lost), "
+           if r.accuracy_full is not None else "")
+    click.echo(f"{out}: bottleneck at {r.at}: {r.channels} channels (ratio {r.ratio}), code {r.code_bytes} B int8 "
+               f"vs {r.tensor_bytes_fp32} B fp32; {acc}agreement {r.agreement:.2%}; {r.epochs} epochs in "
+               f"{r.train_seconds:.1f} s ({r.training})")
 
 
 @model.command("build-example")
@@ -101,8 +196,10 @@ def quantize(model_path: str, calibration: str | None, dynamic: bool, out: str) 
 @click.option("--version", "version", default="1.0.0", show_default=True)
 @click.option("--input-min", type=float, default=None)
 @click.option("--input-max", type=float, default=None)
+@click.option("--exit", "exits", multiple=True, help="an early-exit tensor (repeatable; see `model exits`)")
+@click.option("--exit-data", type=click.Path(exists=True, dir_okay=False), help="inputs to distil the exit heads on")
 def split(model_path: str, at: str, out: str, name: str | None, version: str, input_min: float | None,
-          input_max: float | None) -> None:
+          input_max: float | None, exits: tuple[str, ...], exit_data: str | None) -> None:
     """Cut a single ONNX graph into backbone + head bundle at tensor --at."""
     from ..modeltools.split import SplitError, split_model
 
@@ -111,6 +208,8 @@ def split(model_path: str, at: str, out: str, name: str | None, version: str, in
     except SplitError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{out}: backbone.onnx + head.npz (cut at {at})")
+    if exits:
+        _with_exits(out, exits, exit_data)
 
 
 @model.command()
@@ -218,10 +317,12 @@ def _inspect_file(path: str, input_shape: str | None, as_json: bool) -> None:
 @click.option("--no-quantize", is_flag=True, help="keep the backbone fp32")
 @click.option("--force", is_flag=True, help="replace OUT if it exists")
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--exit", "exits", multiple=True,
+              help="an early-exit tensor (repeatable); heads distilled on --calibration (see `model exits`)")
 def import_cmd(model_path: str, out: str, name: str | None, version: str, task: str, labels_file: str | None,
                input_shape: str | None, cut: str | None, calibration: str | None, eval_: str | None,
                input_min: float | None, input_max: float | None, task_params: tuple[str, ...], max_drop: float,
-               no_quantize: bool, force: bool, as_json: bool) -> None:
+               no_quantize: bool, force: bool, as_json: bool, exits: tuple[str, ...]) -> None:
     """Turn an ONNX or TFLite export into a verified bundle (normalise, cut, quantize, compare, verify)."""
     from ..modeltools.importer import ModelImportError, ImportOptions, import_model, read_labels
     from ..modeltools.normalize import ModelError, parse_shape
@@ -242,6 +343,8 @@ def import_cmd(model_path: str, out: str, name: str | None, version: str, task: 
             rep = import_model(model_path, out, opt)
     except (ModelImportError, ModelError) as exc:
         raise click.ClickException(str(exc)) from None
+    if exits:
+        _with_exits(out, exits, calibration or eval_, echo=not as_json)
     if as_json:
         click.echo(json.dumps(rep.to_dict(), indent=2))
         return

@@ -32,12 +32,13 @@ from protocol.binary import decode_frame, encode_frame
 from protocol.bundle import Bundle, head_forward, load_bundle, softmax
 from protocol.envelope import DecodeError, Envelope, decode, encode
 from protocol.mqttlink import Message, Will
-from protocol.offload import (DROP_BUSY, DROP_DEADLINE, REFUSED_BAD_INPUT, REFUSED_INCOMPATIBLE, shared,
+from protocol.offload import (DROP_BUSY, DROP_DEADLINE, REFUSED_BAD_INPUT, REFUSED_INCOMPATIBLE, REFUSED_SPLIT, shared,
                               steal_topic, worker_req_topic, worker_status_topic)
 from protocol.topics import Topics
 
 from ..config import ControllerConfig
 from ..link import make_link
+from .tail import TailModel, TailRefused
 from .scheduler import Drop, EdfScheduler, ServiceEstimate, Task
 
 log = logging.getLogger("fleetctl.offload")
@@ -70,6 +71,10 @@ class OffloadModel:
         modes = set(declared) if declared is not None else {"raw", "features"}
         self.accepts_raw = "raw" in modes
         self.splits = [self.backbone_sha] if "features" in modes and self.head is not None else []
+        # features from an exit or through a bottleneck: the segments after it (controller/offload/tail.py)
+        self.tail = TailModel(bundle, threads) if bundle.manifest.exits else None
+        if self.tail is not None and "features" in modes:
+            self.splits += self.tail.splits()
 
     def accepts(self) -> dict[str, Any]:
         """What the status advertises: raw input (and its shape) and the feature splits served."""
@@ -77,7 +82,14 @@ class OffloadModel:
                 "input_shape": list(self.bundle.manifest.input.shape)}
 
     def check(self, mode: str, body: dict[str, Any]) -> None:
-        if mode == "features":
+        if mode == "features" and ("split" in body or "codec" in body):
+            if self.tail is None:
+                raise Refused(REFUSED_SPLIT, "features from an exit or a bottleneck; this worker's bundle has no exits")
+            try:
+                self.tail.check(body)
+            except TailRefused as exc:
+                raise Refused(exc.code, str(exc)) from None
+        elif mode == "features":
             if self.head is None:
                 raise Refused(REFUSED_INCOMPATIBLE, "this worker's bundle has no head to run over features")
             if body.get("backbone_sha256") not in self.splits:
@@ -87,6 +99,13 @@ class OffloadModel:
             raise Refused(REFUSED_INCOMPATIBLE, "this worker does not accept raw input")
 
     def answer(self, mode: str, x: np.ndarray, body: dict[str, Any]) -> tuple[int, float]:
+        if mode == "features" and ("split" in body or "codec" in body):
+            self.check(mode, body)
+            assert self.tail is not None
+            try:
+                return self.tail.answer(x, body)
+            except TailRefused as exc:
+                raise Refused(exc.code, str(exc)) from None
         if mode == "features":
             self.check(mode, body)
             f = x.astype(np.float32).reshape(1, -1) * np.float32(body["scale"])

@@ -101,3 +101,68 @@ def make_plain_bundle(out: Path, model: Path, version: str = "1.0.0", name: str 
                          "labels": [str(i) for i in range(10)],
                          "files": {model.name: {"role": "backbone"}}})
     return out
+
+
+def cached_cnn(seed: int = 0, epochs: int = 8, n_train: int = 4000) -> tuple[Path, dict]:
+    """The shapes CNN bundle (``controller/modeltools/cnn.py``, ~1-2 min of numpy training) from
+    the cache; keyed by its parameters and the source of cnn.py and protocol/bundle.py only (the
+    exit and bottleneck tools built on top of it are cheap and run in the tests)."""
+    import protocol.bundle
+    from controller.modeltools import cnn
+
+    params = dict(seed=seed, epochs=epochs, n_train=n_train)
+    h = hashlib.sha256(json.dumps(params, sort_keys=True).encode())
+    for mod in (cnn, protocol.bundle):
+        h.update(Path(inspect.getfile(mod)).read_bytes())
+    h.update(json.dumps({k: os.environ.get(k) for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS")}).encode())
+    entry = cache_root() / "bundles" / f"shapes-cnn-{h.hexdigest()[:20]}"
+    if not (entry / "report.json").exists():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (entry / "report.json").exists():
+                _build(entry, cnn.build_cnn, params)
+    return entry / "bundle", json.loads((entry / "report.json").read_text())
+
+
+def cached_exit_bundles(n_data: int = 3000) -> dict[str, Path]:
+    """Bundles on top of the shapes CNN, built once per source version (~20 s):
+
+    * ``exits`` — exits at block2 and block3 (distilled heads, thresholds searched; an exit at
+      block1 never passes the agreement bound on this model and would only cost its head),
+    * ``pair_a`` / ``pair_b`` — ``exits`` plus a bottleneck at block2 (ratio 0.16), two
+      trainings (seeds 0 and 1): the same split, two different encoder/decoder pairs,
+    * ``other_split`` — exits at block1 and block3 (exit 0 is another tensor: another split),
+    * ``data`` — the ``n_data`` images the exit heads and bottlenecks are trained on (the tests
+      use 3000; bench/offload.py 8000, for better heads)."""
+    import protocol.bundle
+    import protocol.exits
+    from controller.modeltools import bottleneck, cnn, exits
+
+    src, _ = cached_cnn()
+    h = hashlib.sha256(f"{src}\0{n_data}".encode())
+    h.update(inspect.getsource(cached_exit_bundles).encode())     # what is built here (tensors, ratios)
+    for mod in (cnn, exits, bottleneck, protocol.bundle, protocol.exits):
+        h.update(Path(inspect.getfile(mod)).read_bytes())
+    entry = cache_root() / "bundles" / f"shapes-exits-{h.hexdigest()[:20]}"
+    names = ("exits", "pair_a", "pair_b", "other_split")
+    if not (entry / "done").exists():
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with open(entry.with_name(entry.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (entry / "done").exists():
+                work = entry.with_name(f".{entry.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}")
+                try:
+                    work.mkdir(parents=True)
+                    data = cnn.write_data(work / "data.npz", n=n_data)
+                    exits.add_exits(src, ["block2", "block3"], work / "exits", data=data)
+                    for name, seed in (("pair_a", 0), ("pair_b", 1)):
+                        bottleneck.add_bottleneck(work / "exits", work / name, 0.16, data=data, at="block2",
+                                                  epochs=10 if n_data > 3000 else 6, seed=seed, max_drop=0.05)
+                    exits.add_exits(src, ["block1", "block3"], work / "other_split", data=data, hidden=0,
+                                    thresholds=[0.99, 0.9])
+                    (work / "done").write_text("ok")
+                    os.rename(work, entry)
+                finally:
+                    shutil.rmtree(work, ignore_errors=True)
+    return {**{n: entry / n for n in names}, "data": entry / "data.npz"}
