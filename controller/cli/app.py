@@ -43,7 +43,8 @@ COMMANDS: dict[str, Lazy] = {
                            "Serve offloaded requests with BUNDLE: deadline-ordered, hopeless requests refused "
                            "at once."),
     "model": Lazy(_C + "app:_model",
-                  "Model bundles: import, inspect, build-example, quantize, split, set-backbone, add-data."),
+                  "Model bundles: import, inspect, build-example, quantize, split, exits, bottleneck, "
+                  "set-backbone, add-data."),
     "patch": Lazy(_C + "patch:patch", "Signed model patches (only what changed between two bundle versions)."),
     "keys": Lazy(_C + "keys:keys", "Signing keys (Ed25519): agents trust the public key in their config."),
     "certs": Lazy(_C + "certs:certs", "TLS certificates for the broker (mTLS: the cert's CN is the device id)."),
