@@ -86,7 +86,9 @@ def test_slow_inference_sheds_frames_by_policy_and_drop_oldest_answers_fresher_o
             return b, peak
 
         b, peak = run_with(sim, main)
-        assert peak == 8 and b.counters["dropped_backpressure"] >= 50, (policy, b.counters)
+        # bounded at its size; full (it shed frames only because it was). The 20 ms sampling of the
+        # depth may miss the moment it was full on a loaded machine, so the drops prove fullness.
+        assert peak <= 8 and b.counters["dropped_backpressure"] >= 50, (policy, peak, b.counters)
         assert 20 <= b.counters["replies"] <= 100
         steady = [r["lag"] for r in sim.state.replies[10:]]
         lags[policy] = sum(steady) / len(steady)
