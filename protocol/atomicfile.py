@@ -45,3 +45,23 @@ def write_atomic(path: str | Path, data: bytes | bytearray | memoryview | str, m
     os.close(fd)
     os.replace(tmp, path)
     sync_dir(path.parent)
+
+
+def replace_dir(new: str | Path, dest: str | Path) -> None:
+    """Put the fully written directory ``new`` at ``dest`` (same filesystem), replacing what was
+    there: the old tree is renamed aside first and removed last, so ``dest`` is never missing
+    its contents half-way (an rmtree-then-rename leaves a window with no bundle at all, and a
+    kill in it loses both)."""
+    import shutil
+
+    new, dest = Path(new), Path(dest)
+    if not dest.exists():
+        os.rename(new, dest)
+        sync_dir(dest.parent)
+        return
+    old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
+    shutil.rmtree(old, ignore_errors=True)
+    os.rename(dest, old)
+    os.rename(new, dest)
+    sync_dir(dest.parent)
+    shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.atomicfile import replace_dir
 from protocol.bundle import head_forward, load_bundle, softmax, write_manifest
 from protocol.exits import pair_id
 
@@ -225,9 +226,7 @@ def add_bottleneck(bundle_dir: str | Path, out: str | Path, ratio: float, data: 
         man.setdefault("metrics", {})["bottleneck"] = rep.to_dict()
         write_manifest(tmp, man)
         load_bundle(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return rep

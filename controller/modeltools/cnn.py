@@ -25,6 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from protocol.atomicfile import replace_dir
+
 SHAPES = ("disk", "square", "triangle", "plus", "ring", "diamond", "bar", "cross")
 #: (in channels, out channels, stride) of each 3x3 convolution, padding 1
 LAYERS = ((3, 16, 2), (16, 32, 2), (32, 32, 2), (32, 64, 1))
@@ -259,9 +261,7 @@ def build_cnn(out: str | Path, seed: int = 0, epochs: int = 8, n_train: int = 40
     }
     write_manifest(tmp, manifest)
     load_bundle(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return CnnReport(str(out), n_train, epochs, round(acc, 4), round(secs, 1))
 
 

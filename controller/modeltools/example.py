@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from protocol.atomicfile import replace_dir
 from protocol.bundle import head_bytes, load_bundle, softmax, write_manifest
 
 from .mlp import accuracy, forward, init_mlp, train_mlp
@@ -136,9 +137,7 @@ def build_example(out: str | Path, size: str = "small", seed: int = 0, epochs: i
         }
         write_manifest(tmp_out, manifest)
         load_bundle(tmp_out)  # never hand out a bundle we could not serve
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp_out, out)
+        replace_dir(tmp_out, out)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return BuildReport(str(out), size, fp32.stat().st_size if fp32.exists() else manifest["metrics"]["fp32_backbone_bytes"],
@@ -211,7 +210,5 @@ def derive_bundle(src: str | Path, out: str | Path, version: str, head: dict[str
              lineage=validate({"kind": "derived", **(lineage or {}), **parent}))
     write_manifest(tmp, m)
     load_bundle(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    replace_dir(tmp, out)
     return out

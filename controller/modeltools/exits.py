@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from protocol.atomicfile import replace_dir
 from protocol.bundle import Bundle, head_bytes, head_forward, load_bundle, softmax, write_manifest
 from protocol.exits import exit_features
 
@@ -304,9 +305,7 @@ def add_exits(bundle_dir: str | Path, tensors: Sequence[str], out: str | Path, d
         man.setdefault("metrics", {})["exits"] = report
         write_manifest(tmp, man)
         load_bundle(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        replace_dir(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return report

@@ -11,7 +11,6 @@ Nothing half-written is left at OUT: the bundle is built beside it and renamed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-import os
 from pathlib import Path
 import shutil
 import tempfile
@@ -19,6 +18,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from protocol.atomicfile import replace_dir
 from protocol.bundle import TASKS, head_bytes, head_forward, load_bundle, softmax, write_manifest
 from protocol.verify import errors, io_of_runtime, verify
 
@@ -351,15 +351,9 @@ def _workdir(out: Path) -> Path:
 
 
 def _place(bdir: Path, out: Path, force: bool) -> None:
-    if out.exists():
-        if not force:
-            raise ModelImportError(f"{out} exists (use --force to replace it)")
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        os.rename(bdir, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(bdir, out)
+    if out.exists() and not force:
+        raise ModelImportError(f"{out} exists (use --force to replace it)")
+    replace_dir(bdir, out)
 
 
 def deep_verify(bundle_dir: str | Path) -> list:

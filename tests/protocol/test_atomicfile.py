@@ -40,3 +40,20 @@ def test_failed_write_keeps_old_file_and_no_temp(tmp_path):
         write_atomic(p, 12345)  # type: ignore[arg-type]
     assert p.read_bytes() == b"{}"
     assert [x.name for x in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_replace_dir_swaps_whole_trees_and_leaves_nothing_aside(tmp_path):
+    from protocol.atomicfile import replace_dir
+
+    dest = tmp_path / "bundle"
+    a = tmp_path / ".a"
+    a.mkdir()
+    (a / "manifest.json").write_text("v1")
+    replace_dir(a, dest)
+    b = tmp_path / ".b"
+    b.mkdir()
+    (b / "manifest.json").write_text("v2")
+    (b / "head.npz").write_bytes(b"h")
+    replace_dir(b, dest)
+    assert (dest / "manifest.json").read_text() == "v2" and (dest / "head.npz").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]
