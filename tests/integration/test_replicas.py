@@ -168,9 +168,12 @@ def test_a_replica_killed_mid_round_is_taken_over(tmp_path, mosquitto, example_b
         for d in devs:
             assert d.trained() == [f"{run_id}#1"]     # trained once
             per_round = [sum(1 for t in d.tasks if t["round"] == r) for r in (1,)]
-            # only the step in flight at the kill is repeated: a task acknowledged but not yet marked sent
-            limit = [2] if failpoint == "fl.task.acked" else [1]
-            assert all(c <= lim for c, lim in zip(per_round, limit)), (failpoint, per_round)
+            # at most the one task in flight at the kill is repeated: one whose broker ack had come but
+            # whose "sent" mark was not yet committed. That window is not only fl.task.acked: on a slow
+            # machine one device's update can be recorded (the kill) before the other's mark commits.
+            # The device drops the repeat (it trained once, above); ruling the repeat out entirely
+            # needs a store write before each publish (issue 14, open).
+            assert all(c <= 2 for c in per_round), (failpoint, per_round)
             wait_for(lambda d=d: {(a_["round"], a_["accepted"]) for a_ in d.acks} == {(1, True)},
                      timeout=30, what=f"{d.dev}: its update acknowledged")
         assert "taken by controller-r2" in log_b.read_text()
