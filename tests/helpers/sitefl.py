@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -69,13 +70,19 @@ class SimBoard:
             raise TimeoutError(f"{self.dev} could not connect")
         self.client = c
 
-    def move(self, port: int, site: str | None = None) -> None:
-        """The board leaves its site (its will says offline there) and joins ``site`` at ``port``."""
+    def move(self, port: int, site: str | None = None, left: "Callable[[], None] | None" = None) -> None:
+        """The board leaves its site (its will says offline there) and joins ``site`` at ``port``.
+
+        ``left`` runs in between (e.g. wait until the centre saw it offline): the old site's
+        "offline" and the new site's "online" cross different bridges, so nothing orders them at
+        the centre (the registry does not order states by their timestamps yet)."""
         old = self.client
         old.publish(f"{T}/dev/{self.dev}/state", encode(Envelope(kind="state", sender=self.dev,
                                                                  body={"status": "offline"})), 1, retain=True)
         old.disconnect()
         old.loop_stop()
+        if left is not None:
+            left()
         self.site = site
         self.connect(port)
 

@@ -50,6 +50,9 @@ class Fleet:
                  what=f"relay {site} online at the centre")
         return p
 
+    def wait_offline(self, dev):
+        wait_for(lambda: (d := device(self.db, dev)) and not d.online, timeout=30, what=f"{dev} offline at the centre")
+
     def kill_relay(self, site):
         self.relays[site].send_signal(signal.SIGKILL)
         self.relays[site].wait()
@@ -218,7 +221,7 @@ def test_board_moving_between_sites_mid_round_counts_once(fleet):
         d2 = fleet.tmp / "relay-s2" / "fl" / f"{run_id}#1" / "updates"
         wait_for(lambda: (d1 / "b3.frame").exists(), timeout=40, what="relay s1 holds b3")
         b3.resend_s = 1.0
-        b3.move(fleet.tier.sites["s2"].port, "s2")
+        b3.move(fleet.tier.sites["s2"].port, "s2", left=lambda: fleet.wait_offline("b3"))
         wait_for(lambda: (d2 / "b3.frame").exists(), timeout=40, what="relay s2 holds b3 too")
         gate2.set()
         gate1.set()
@@ -240,7 +243,7 @@ def test_board_moving_between_sites_mid_round_counts_once(fleet):
     finally:
         for b in ("b1", "b2", "b4", "b5"):
             fleet.boards[b].gate = None
-        b3.move(fleet.tier.sites["s1"].port, "s1")
+        b3.move(fleet.tier.sites["s1"].port, "s1", left=lambda: fleet.wait_offline("b3"))
         b3.resend_s = 2.0
 
 
@@ -277,6 +280,8 @@ def test_a_board_that_drops_out_is_its_own_dropout_not_the_sites(fleet):
     round closes at its deadline with b2 the one failure, and the result is the flat mean of the rest."""
     never = threading.Event()
     fleet.boards["b2"].gate = never
+    for b in fleet.boards:
+        wait_for(lambda b=b: (d := device(fleet.db, b)) and d.online, timeout=30, what=f"{b} online at the centre")
     try:
         run_id = fleet.run("--clients", "5", "--min-clients", "4", "--deadline", "10s")
         run = fleet.wait_run(run_id)
