@@ -53,7 +53,7 @@ def test_postgres_restarted_under_load_loses_and_doubles_nothing(mosquitto, post
         # the fault: the server crashes and comes back (same port) while messages keep coming
         await asyncio.get_running_loop().run_in_executor(None, postgres_server.restart, "immediate")
         await asyncio.get_running_loop().run_in_executor(None, loader.join)
-        await until(lambda: svc.writer.stored["telemetry"] >= len(envs), 90, "every message stored")
+        await until(lambda: svc.writer.stored["telemetry"] >= len(envs), 180, "every message stored")
         # the same envelopes again (an agent's outbox replayed): duplicates, not rows
         for e in envs[:40]:
             pub.publish(f"{T}/{e.sender}/telemetry", encode(e))
