@@ -247,21 +247,6 @@ def _stop(p: subprocess.Popen) -> None:
             p.wait()
 
 
-def _registry_device(db: Path, dev: str) -> Any:
-    from controller.registry import Registry, RegistryError
-
-    if not db.exists():
-        return None
-    try:
-        reg = Registry(db, readonly=True)
-    except RegistryError:
-        return None
-    try:
-        return reg.device(dev)
-    finally:
-        reg.close()
-
-
 def wait_until(pred: Any, timeout: float, what: str) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -278,6 +263,7 @@ def build_topology(tmp: Path, n_per_site: int, real_per_site: int = 1, relays: b
     online on bundle 1.0.0 (the example digits bundle)."""
     from protocol.patch import bundle_id
     from tests.helpers.bundles import example_into
+    from tests.helpers.fleet import device as _device
     from tests.helpers.sites import SiteTier
 
     v1, _ = example_into(tmp / "digits-1.0.0", size="small", seed=0, epochs=30)
@@ -317,10 +303,10 @@ def build_topology(tmp: Path, n_per_site: int, real_per_site: int = 1, relays: b
                 asyncio.run_coroutine_threadsafe(sim.start(), loop).result(30)
     for s in sites:
         for b in boards[s]:
-            wait_until(lambda: (d := _registry_device(topo.db, b)) is not None and d.online
+            wait_until(lambda: (d := _device(topo.db, b)) is not None and d.online
                        and ((d.state or {}).get("model") or {}).get("version") == "1.0.0", 180, f"{b} online")
         if relays:
-            wait_until(lambda: (d := _registry_device(topo.db, f"relay-{s}")) is not None and d.online, 60,
+            wait_until(lambda: (d := _device(topo.db, f"relay-{s}")) is not None and d.online, 60,
                        f"relay-{s} online")
     return topo
 

@@ -35,11 +35,12 @@ def fleetctl(*args: str, timeout: float = 120, env: dict | None = None) -> subpr
                           env={**ENV, **(env or {})}, cwd=ROOT, timeout=timeout)
 
 
-def device(db: Path, dev: str):
-    """The registry's view of one device, or None (no registry yet, or not known)."""
+def device(db: "Path | str", dev: str):
+    """The registry's view of one device, or None (no registry yet, or not known). ``db``: a
+    SQLite path, or any registry URL (``postgresql://…``)."""
     from controller.registry import Registry, RegistryError
 
-    if not db.exists():
+    if isinstance(db, Path) and not db.exists():
         return None
     try:
         reg = Registry(db, readonly=True)

@@ -33,7 +33,7 @@ import pytest
 from controller.fl.runner import FAILPOINTS
 from protocol.binary import decode_frame, is_frame
 from tests.helpers.broker import Mosquitto
-from tests.helpers.fleet import ENV, ROOT, fleetctl, stop
+from tests.helpers.fleet import ENV, ROOT, device, fleetctl, stop
 from tests.helpers.waiting import Probe, wait_for
 from tests.integration.test_rounds_faults_e2e import FakeDevice
 
@@ -171,19 +171,6 @@ def round_store(registry):
     return RoundStore(connect(registry))
 
 
-def registry_device(registry, dev):
-    from controller.registry import Registry, RegistryError
-
-    try:
-        reg = Registry(registry, readonly=True)
-    except RegistryError:
-        return None
-    try:
-        return reg.device(dev)
-    finally:
-        reg.close()
-
-
 def register(broker, registry, devs, timeout=60.0):
     """Wait until the registry has each fake device online with telemetry. A replica announces
     itself online just before its shared subscriptions are confirmed, and a fake device sends its
@@ -194,7 +181,7 @@ def register(broker, registry, devs, timeout=60.0):
     deadline = time.monotonic() + timeout
     try:
         while True:
-            missing = [d.dev for d in devs if not ((x := registry_device(registry, d.dev)) and x.online and x.telemetry)]
+            missing = [d.dev for d in devs if not ((x := device(registry, d.dev)) and x.online and x.telemetry)]
             if not missing:
                 return
             assert time.monotonic() < deadline, f"devices {missing} not registered with telemetry in {timeout}s"
@@ -377,7 +364,7 @@ def test_rollout_owner_killed_at_every_step_boundary_is_taken_over(tmp_path, bro
     takeovers: list[tuple[str, float]] = []
 
     def model_of(dev):
-        d = registry_device(registry, dev)
+        d = device(registry, dev)
         return ((d.state or {}).get("model") or {}) if d and d.online else {}
 
     try:
